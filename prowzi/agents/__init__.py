@@ -1,0 +1,1 @@
+"""Stage agents and their result models."""

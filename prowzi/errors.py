@@ -1,0 +1,124 @@
+"""Prowzi's exceptions: one root users can catch, and a small taxonomy under it.
+
+Stage failures are classified as *transient* (retried with backoff) or *permanent* (never
+retried). Agents signal intent by raising :class:`TransientError` or :class:`PermanentError`;
+other exceptions are classified by :func:`is_transient`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ProwziError(Exception):
+    """Root of every error Prowzi raises on purpose."""
+
+
+class ConfigError(ProwziError, ValueError):
+    """A setting has an invalid value; the message names the setting or variable."""
+
+
+class InvalidInputError(ProwziError, ValueError):
+    """A user-supplied value (prompt, parameter, id) is unusable."""
+
+
+class InvalidIdentifierError(InvalidInputError):
+    """A session id, stage name or checkpoint id is not of the permitted form."""
+
+
+class CorpusError(ProwziError):
+    """The corpus directory is missing, unreadable or holds no usable document."""
+
+
+class TransientError(ProwziError):
+    """A failure worth retrying: rate limits, timeouts, flaky I/O."""
+
+
+class PermanentError(ProwziError):
+    """A failure that retrying cannot fix: bad input, a bug, a missing resource."""
+
+
+class StageTimeoutError(TransientError):
+    """A stage attempt exceeded ``stage_timeout_seconds``."""
+
+    def __init__(self, stage: str, timeout: float) -> None:
+        super().__init__(f"stage '{stage}' timed out after {timeout:g}s")
+        self.stage = stage
+        self.timeout = timeout
+
+
+class WorkflowFailedError(ProwziError):
+    """A stage failed for good; the run stopped after it. Completed stages are kept."""
+
+    def __init__(
+        self, session_id: str, stage: str, attempts: int, cause: BaseException
+    ) -> None:
+        super().__init__(
+            f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.session_id = session_id
+        self.stage = stage
+        self.attempts = attempts
+        self.cause = cause
+
+
+class CheckpointError(ProwziError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No checkpoint matches the requested id, session or stage."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint file failed verification and was not deserialised."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"checkpoint {path} refused: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class SessionLockedError(CheckpointError):
+    """Another process holds the session's writer lock."""
+
+
+class TelemetryError(ProwziError):
+    """A telemetry record is missing or unreadable."""
+
+
+class SessionNotFoundError(TelemetryError, LookupError):
+    """No telemetry exists for the requested session."""
+
+
+_PERMANENT_BUILTINS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    NotImplementedError,
+    AssertionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a stage failure is worth retrying.
+
+    Explicit classes win. Programming and validation errors (``ValueError``, ``TypeError``,
+    ``KeyError``, pydantic's ``ValidationError`` which subclasses ``ValueError``...) are
+    permanent. Everything else (I/O, connection, timeouts, unknown library errors) is
+    transient, as in Temporal and Prefect where retry is the default.
+    """
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, PermanentError | ProwziError):
+        return False
+    return not isinstance(exc, _PERMANENT_BUILTINS)
+
+
+def error_type(exc: BaseException) -> str:
+    """A closed-set label for an error: ``timeout``, ``transient`` or ``permanent``."""
+    if isinstance(exc, StageTimeoutError | TimeoutError):
+        return "timeout"
+    return "transient" if is_transient(exc) else "permanent"

@@ -1,0 +1,247 @@
+"""Typed workflow events and the bus that fans them out to sinks.
+
+Everything that observes a run (telemetry files, the live event log, Prometheus metrics, the
+user's progress callback, webhooks) is an :class:`EventSink`. A sink that raises is logged and
+counted; it never fails the workflow.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+log = logging.getLogger("prowzi.events")
+
+STAGE_STATUSES = ("started", "completed", "failed", "skipped", "retrying")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event. ``timestamp`` is seconds since the epoch (UTC)."""
+
+    kind: ClassVar[str] = "event"
+    session_id: str
+    timestamp: float
+
+    def as_record(self) -> dict[str, Any]:
+        """A JSON-ready dict with an ``event`` key naming the kind."""
+        record: dict[str, Any] = {"event": self.kind}
+        for f in fields(self):
+            record[f.name] = getattr(self, f.name)
+        return record
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowStarted(Event):
+    kind: ClassVar[str] = "workflow_started"
+    prompt: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[str, ...] = ()
+    trace_id: str | None = None
+    parent_session_id: str | None = None
+    resumed_from: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowCompleted(Event):
+    kind: ClassVar[str] = "workflow_completed"
+    duration_seconds: float
+    document_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowFailed(Event):
+    kind: ClassVar[str] = "workflow_failed"
+    duration_seconds: float
+    stage: str | None
+    error: str
+    error_type: str
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageEvent(Event):
+    stage: str
+    attempt: int = 1
+    trace_id: str | None = None
+    span_id: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.kind.removeprefix("stage_")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageStarted(StageEvent):
+    kind: ClassVar[str] = "stage_started"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageCompleted(StageEvent):
+    kind: ClassVar[str] = "stage_completed"
+    duration_seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRetrying(StageEvent):
+    kind: ClassVar[str] = "stage_retrying"
+    duration_seconds: float
+    error: str
+    error_type: str
+    delay_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageFailed(StageEvent):
+    kind: ClassVar[str] = "stage_failed"
+    duration_seconds: float
+    error: str
+    error_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageSkipped(StageEvent):
+    """A stage restored from a checkpoint instead of run."""
+
+    kind: ClassVar[str] = "stage_skipped"
+    reason: str = "restored from checkpoint"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint_saved"
+    stage: str
+    checkpoint_id: str
+    path: str
+    size_bytes: int
+    duration_seconds: float
+    completed_stages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointFailed(Event):
+    kind: ClassVar[str] = "checkpoint_failed"
+    stage: str
+    error: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        WorkflowStarted,
+        WorkflowCompleted,
+        WorkflowFailed,
+        StageStarted,
+        StageCompleted,
+        StageRetrying,
+        StageFailed,
+        StageSkipped,
+        CheckpointSaved,
+        CheckpointFailed,
+    )
+}
+
+
+def event_from_record(record: dict[str, Any]) -> Event:
+    """Rebuild an event from :meth:`Event.as_record` output (e.g. a line of an event log)."""
+    data = dict(record)
+    kind = data.pop("event", None)
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    for key in ("stages", "completed_stages"):
+        if key in data and isinstance(data[key], list):
+            data[key] = tuple(data[key])
+    return cls(**data)
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Observes events. ``handle`` may return an awaitable, which the bus awaits."""
+
+    name: str
+
+    def handle(self, event: Event) -> Awaitable[None] | None: ...
+
+
+SinkErrorHook = Callable[[str, BaseException], None]
+
+
+class EventBus:
+    """Fans each event out to every sink, in order, isolating their failures."""
+
+    __slots__ = ("_on_error", "errors", "sinks")
+
+    def __init__(
+        self, sinks: Iterable[EventSink] = (), on_error: SinkErrorHook | None = None
+    ) -> None:
+        self.sinks: list[EventSink] = list(sinks)
+        self.errors: dict[str, int] = {}
+        self._on_error = on_error
+
+    def add(self, sink: EventSink) -> None:
+        self.sinks.append(sink)
+
+    async def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            try:
+                result = sink.handle(event)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # a sink must never fail the run
+                self._sink_failed(sink, event, exc)
+
+    def _sink_failed(self, sink: EventSink, event: Event, exc: Exception) -> None:
+        name = getattr(sink, "name", type(sink).__name__)
+        self.errors[name] = self.errors.get(name, 0) + 1
+        log.warning("event sink %s failed on %s: %s: %s", name, event.kind, type(exc).__name__, exc)
+        if self._on_error is not None:
+            try:
+                self._on_error(name, exc)
+            except Exception:  # the error hook is telemetry too
+                log.exception("sink error hook failed")
+
+
+ProgressCallback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+
+
+def progress_payload(event: Event) -> tuple[str, dict[str, Any]] | None:
+    """The ``(stage, payload)`` a progress callback receives for an event.
+
+    Workflow-level events use the stage name ``"workflow"``.
+    """
+    record = event.as_record()
+    kind = record.pop("event")
+    if isinstance(event, StageEvent):
+        stage = record.pop("stage")
+        record["status"] = event.status
+        return stage, record
+    if isinstance(event, WorkflowStarted | WorkflowCompleted | WorkflowFailed):
+        record["status"] = kind.removeprefix("workflow_")
+        return "workflow", record
+    if isinstance(event, CheckpointSaved):
+        stage = record.pop("stage")
+        record["status"] = "checkpoint_saved"
+        return stage, record
+    return None
+
+
+class CallbackSink:
+    """Adapts a user's ``callback(stage, payload)``, sync or async, into a sink."""
+
+    name = "callback"
+
+    def __init__(self, callback: ProgressCallback) -> None:
+        self._callback = callback
+
+    def handle(self, event: Event) -> Awaitable[None] | None:
+        converted = progress_payload(event)
+        if converted is None:
+            return None
+        return self._callback(*converted)
