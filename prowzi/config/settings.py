@@ -57,6 +57,11 @@ class ProwziConfig(BaseSettings):
     corpus_dir: Path | None = Field(
         None, description="Directory of .md/.txt/.json/.jsonl documents; the sample if unset."
     )
+    agents: str | None = Field(
+        None,
+        description="Per-stage agent overrides: 'stage=module:factory,...'; the factory is "
+        "called with the config and returns the agent.",
+    )
     index_dir: Path | None = Field(
         None, description="Where the search index is kept; a cache directory if unset."
     )
