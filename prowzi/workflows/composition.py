@@ -1,0 +1,110 @@
+"""The composition root: the one place that decides which agents, sinks, stores and tracer a
+:class:`~prowzi.workflows.orchestrator.ProwziOrchestrator` built from a config gets."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from prowzi.agents.base import Agent
+from prowzi.errors import ConfigError, InvalidInputError
+from prowzi.workflows.events import EventSink
+from prowzi.workflows.stages import StageSpec
+from prowzi.workflows.tracing import RunTracer
+
+if TYPE_CHECKING:
+    from prowzi.config import ProwziConfig
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+
+def parse_agent_setting(value: str | None) -> dict[str, str]:
+    """``"search=pkg.mod:factory,writing=..."`` -> ``{"search": "pkg.mod:factory", ...}``."""
+    result: dict[str, str] = {}
+    if not value:
+        return result
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        stage, sep, target = item.partition("=")
+        if not sep or ":" not in target:
+            raise ConfigError(
+                f"invalid setting agents (PROWZI_AGENTS): {item!r} is not 'stage=module:factory'"
+            )
+        result[stage.strip()] = target.strip()
+    return result
+
+
+def _load_factory(target: str) -> Callable[[ProwziConfig], Agent]:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"invalid setting agents (PROWZI_AGENTS): cannot load {target!r}: {exc}"
+        ) from None
+    return cast("Callable[[ProwziConfig], Agent]", factory)
+
+
+def resolve_agents(
+    config: ProwziConfig, stages: Sequence[StageSpec], overrides: Mapping[str, Agent]
+) -> dict[str, Agent]:
+    """Agents per stage: explicit overrides, then ``config.agents``, then the defaults."""
+    names = {s.name for s in stages}
+    configured = parse_agent_setting(config.agents)
+    for source, keys in (("agents", overrides.keys()), ("PROWZI_AGENTS", configured.keys())):
+        unknown = sorted(set(keys) - names)
+        if unknown:
+            raise InvalidInputError(
+                f"{source} names unknown stage(s) {', '.join(unknown)}; "
+                f"stages are {', '.join(s.name for s in stages)}"
+            )
+    agents: dict[str, Agent] = {}
+    defaults: dict[str, Agent] | None = None
+    for spec in stages:
+        if spec.name in overrides:
+            agents[spec.name] = overrides[spec.name]
+        elif spec.name in configured:
+            agents[spec.name] = _load_factory(configured[spec.name])(config)
+        else:
+            if defaults is None:
+                from prowzi.agents import default_agents
+
+                defaults = default_agents(config)
+            if spec.name not in defaults:
+                raise InvalidInputError(f"no agent for stage '{spec.name}'")
+            agents[spec.name] = defaults[spec.name]
+    return agents
+
+
+def build_sinks(config: ProwziConfig) -> list[EventSink]:
+    """The sinks every run of this config feeds: the JSON telemetry and its event log."""
+    sinks: list[EventSink] = []
+    if config.enable_telemetry:
+        from prowzi.workflows.telemetry import TelemetryCollector
+
+        sinks.append(TelemetryCollector(output_dir=config.telemetry_dir))
+    return sinks
+
+
+def build_tracer() -> RunTracer:
+    """The tracer the standard ``OTEL_*`` variables ask for (a no-op when they ask for none)."""
+    from prowzi.observability.tracing import build_tracer as build
+
+    return build()
+
+
+def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    return CheckpointManager.from_config(config)
+
+
+def describe(value: Any) -> str:
+    """A short, one-line description of an exception for events and telemetry."""
+    text = str(value).strip().splitlines()
+    first = text[0] if text else ""
+    name = type(value).__name__
+    return f"{name}: {first}" if first else name

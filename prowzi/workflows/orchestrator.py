@@ -1,0 +1,751 @@
+"""The orchestrator: runs the stage table with retries, timeouts, checkpoints and events.
+
+A run walks the stage table in order. Each stage attempt runs inside its own span, under a
+per-stage timeout; transient failures are retried with exponential backoff and jitter,
+permanent ones are not. Every step is an event on one :class:`EventBus`; telemetry, metrics
+and the user's progress callback are sinks on it. Completed stages are checkpointed every
+``checkpoint_interval`` stages, at the end, and before the run stops for any reason (a stage
+that failed for good, cancellation, SIGINT/SIGTERM), so no completed stage is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from prowzi import __version__
+from prowzi.agents.base import Agent, RunParameters, StageContext
+from prowzi.agents.models import WorkflowState
+from prowzi.config import ProwziConfig, get_config
+from prowzi.errors import (
+    CheckpointError,
+    InvalidInputError,
+    StageTimeoutError,
+    WorkflowFailedError,
+    error_type,
+    is_transient,
+)
+from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
+from prowzi.workflows import composition
+from prowzi.workflows.events import (
+    CallbackSink,
+    CheckpointFailed,
+    CheckpointSaved,
+    EventBus,
+    EventSink,
+    ProgressCallback,
+    SinkErrorHook,
+    StageCompleted,
+    StageFailed,
+    StageRetrying,
+    StageSkipped,
+    StageStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowStarted,
+)
+from prowzi.workflows.stages import RESEARCH_STAGES, StageSpec
+from prowzi.workflows.tracing import RunSpan, RunTracer
+
+if TYPE_CHECKING:
+    from prowzi.workflows.checkpoint import CheckpointManager, WorkflowCheckpoint
+
+log = logging.getLogger("prowzi.orchestrator")
+
+PARAMETER_NAMES: tuple[str, ...] = tuple(RunParameters.model_fields)
+
+
+class ResearchResult(WorkflowState):
+    """What a run returns: every stage result, and ``metadata`` (``session_id`` and more)."""
+
+    metadata: dict[str, Any]
+
+    @property
+    def document(self) -> str:
+        """The final markdown document ("" if the writing stage never ran)."""
+        return self.draft.markdown if self.draft is not None else ""
+
+
+StageMode = Literal["run", "restore"]
+
+
+@dataclass(slots=True)
+class PlannedStage:
+    stage: str
+    mode: StageMode
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ResumePlan:
+    """What a resume would do, computed without running anything."""
+
+    source_session_id: str
+    checkpoint_id: str
+    session_id: str
+    fork: bool
+    complete: bool
+    changed_parameters: dict[str, tuple[Any, Any]]
+    stages: list[PlannedStage]
+
+    @property
+    def rerun(self) -> list[str]:
+        return [s.stage for s in self.stages if s.mode == "run"]
+
+    @property
+    def restored(self) -> list[str]:
+        return [s.stage for s in self.stages if s.mode == "restore"]
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: which stages are restored, which re-run, and why."""
+        lines = [f"resume {self.checkpoint_id}"]
+        if self.complete:
+            lines.append(f"session {self.source_session_id} is already complete; nothing to run")
+            return lines
+        if self.fork:
+            lines.append(f"forks new session {self.session_id} (parent {self.source_session_id})")
+        for name, (old, new) in self.changed_parameters.items():
+            lines.append(f"parameter {name}: {old!r} -> {new!r}")
+        for planned in self.stages:
+            if planned.mode == "restore":
+                lines.append(f"  {planned.stage}: restored from checkpoint")
+            else:
+                lines.append(f"  {planned.stage}: run ({'; '.join(planned.reasons)})")
+        return lines
+
+
+@dataclass(slots=True)
+class _Run:
+    session_id: str
+    params: RunParameters
+    state: WorkflowState
+    plan: list[PlannedStage]
+    callback: ProgressCallback | None
+    document_path: Path | None
+    completed: list[str] = field(default_factory=list)
+    parent_session_id: str | None = None
+    resumed_from: str | None = None
+    restored_from: dict[str, str] = field(default_factory=dict)
+    previous_hash: str | None = None
+    link_trace_id: str | None = None
+    link_span_id: str | None = None
+    force_checkpoints: bool = False
+
+
+class _StageFailure(Exception):
+    def __init__(self, stage: str, attempts: int, cause: BaseException) -> None:
+        super().__init__(stage)
+        self.stage = stage
+        self.attempts = attempts
+        self.cause = cause
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and is_transient(exc)
+
+
+class ProwziOrchestrator:
+    """Runs the research workflow.
+
+    ``agents`` replaces the agents of some stages (``{"search": my_agent}``); the defaults run
+    the rest. ``sinks`` adds event sinks (metrics, webhooks) beside the configured telemetry.
+    ``tracer``, ``checkpoint_manager`` and ``sleep`` are injectable for tests and services.
+    """
+
+    def __init__(
+        self,
+        config: ProwziConfig | None = None,
+        agents: Mapping[str, Agent] | None = None,
+        *,
+        sinks: Iterable[EventSink] = (),
+        tracer: RunTracer | None = None,
+        checkpoint_manager: CheckpointManager | None = None,
+        stages: Sequence[StageSpec] = RESEARCH_STAGES,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_sink_error: SinkErrorHook | None = None,
+    ) -> None:
+        self.config = config if config is not None else get_config()
+        self.stages: tuple[StageSpec, ...] = tuple(stages)
+        self._agent_overrides = dict(agents or {})
+        self._agents: dict[str, Agent] | None = None
+        self._extra_sinks = list(sinks)
+        self._tracer = tracer
+        self._checkpoints = checkpoint_manager
+        self._sleep = sleep
+        self._on_sink_error = on_sink_error
+        self._config_sinks: tuple[tuple[Any, ...], list[EventSink]] | None = None
+
+    # --- wiring -------------------------------------------------------------------------
+
+    @property
+    def agents(self) -> dict[str, Agent]:
+        if self._agents is None:
+            self._agents = composition.resolve_agents(
+                self.config, self.stages, self._agent_overrides
+            )
+        return self._agents
+
+    @property
+    def tracer(self) -> RunTracer:
+        if self._tracer is None:
+            self._tracer = composition.build_tracer()
+        return self._tracer
+
+    @property
+    def checkpoint_manager(self) -> CheckpointManager:
+        if self._checkpoints is None:
+            self._checkpoints = composition.build_checkpoint_manager(self.config)
+        return self._checkpoints
+
+    def _sinks(self) -> list[EventSink]:
+        key = (self.config.enable_telemetry, self.config.telemetry_dir)
+        if self._config_sinks is None or self._config_sinks[0] != key:
+            self._config_sinks = (key, composition.build_sinks(self.config))
+        return [*self._config_sinks[1], *self._extra_sinks]
+
+    def _parameters(self, **values: Any) -> RunParameters:
+        try:
+            return RunParameters(**values)
+        except ValidationError as exc:
+            raise InvalidInputError(_describe_parameter_error(exc)) from None
+
+    # --- public API ---------------------------------------------------------------------
+
+    async def run_research(
+        self,
+        prompt: str,
+        max_results_per_query: int = 15,
+        progress_callback: ProgressCallback | None = None,
+        *,
+        session_id: str | None = None,
+        document_path: Path | str | None = None,
+        corpus_dir: Path | str | None = None,
+    ) -> ResearchResult:
+        """Run every stage for ``prompt`` and return the result.
+
+        Raises :class:`InvalidInputError` for bad arguments and :class:`WorkflowFailedError`
+        when a stage fails for good (after checkpointing the stages that completed).
+        """
+        corpus = corpus_dir if corpus_dir is not None else self.config.corpus_dir
+        params = self._parameters(
+            prompt=prompt,
+            max_results_per_query=max_results_per_query,
+            corpus_dir=str(corpus) if corpus is not None else None,
+            relevance_threshold=self.config.relevance_threshold,
+            evaluation_threshold=self.config.evaluation_threshold,
+        )
+        sid = validate_session_id(session_id) if session_id is not None else new_session_id()
+        self.agents  # noqa: B018  (resolve agents before any event: a bad override fails fast)
+        run = _Run(
+            session_id=sid,
+            params=params,
+            state=WorkflowState(),
+            plan=[PlannedStage(s.name, "run", ["new run"]) for s in self.stages],
+            callback=progress_callback,
+            document_path=Path(document_path) if document_path is not None else None,
+        )
+        return await self._execute(run, lock=True)
+
+    def plan_resume(
+        self,
+        checkpoint_id: str,
+        *,
+        stage: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> ResumePlan:
+        """What :meth:`resume_from_checkpoint` would do with these arguments (a dry run)."""
+        plan, _ = self._plan(checkpoint_id, stage, {**(parameters or {}), **changes})
+        return plan
+
+    async def resume_from_checkpoint(
+        self,
+        checkpoint_id: str,
+        *,
+        stage: str | None = None,
+        progress_callback: ProgressCallback | None = None,
+        document_path: Path | str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> ResearchResult:
+        """Continue a session from its latest checkpoint, or from ``stage``'s (time travel).
+
+        ``checkpoint_id`` is a session id or ``"<session>_<stage>"``. Changed parameters (as
+        keywords such as ``max_results_per_query=30``, or a ``parameters`` mapping) fork a new
+        session that records its parent, and re-run only the stages whose inputs changed.
+        Resuming a completed session returns its result without re-running anything.
+        """
+        source_session, _ = split_checkpoint_id(checkpoint_id)
+        manager = self.checkpoint_manager
+        with manager.session_lock(source_session):
+            plan, checkpoint = self._plan(checkpoint_id, stage, {**(parameters or {}), **changes})
+            if plan.complete:
+                return self._result_from_checkpoint(checkpoint, plan)
+            self.agents  # noqa: B018
+            meta = checkpoint.metadata
+            params = self._parameters(
+                **{**meta.parameters, **{k: v[1] for k, v in plan.changed_parameters.items()}}
+            )
+            run = _Run(
+                session_id=plan.session_id,
+                params=params,
+                state=checkpoint.to_state(),
+                plan=plan.stages,
+                callback=progress_callback,
+                document_path=Path(document_path) if document_path is not None else None,
+                completed=[s.stage for s in plan.stages if s.mode == "restore"],
+                parent_session_id=meta.session_id if plan.fork else meta.parent_session_id,
+                resumed_from=meta.checkpoint_id,
+                restored_from={
+                    s.stage: meta.checkpoint_id for s in plan.stages if s.mode == "restore"
+                },
+                previous_hash=meta.payload_sha256 if plan.fork else None,
+                link_trace_id=meta.trace_id,
+                link_span_id=meta.span_id,
+                force_checkpoints=True,
+            )
+            # Resuming in place continues the session's own lock; a fork takes its own.
+            return await self._execute(run, lock=plan.fork)
+
+    # --- resume planning ----------------------------------------------------------------
+
+    def _plan(
+        self, checkpoint_id: str, stage: str | None, changes: Mapping[str, Any]
+    ) -> tuple[ResumePlan, WorkflowCheckpoint]:
+        unknown = sorted(set(changes) - set(PARAMETER_NAMES))
+        if unknown:
+            raise InvalidInputError(
+                f"unknown parameter(s) {', '.join(unknown)}; "
+                f"parameters are {', '.join(PARAMETER_NAMES)}"
+            )
+        session, named_stage = split_checkpoint_id(checkpoint_id)
+        if stage is not None and named_stage is not None and stage != named_stage:
+            raise InvalidInputError(
+                f"checkpoint id {checkpoint_id!r} names stage '{named_stage}', "
+                f"but stage '{stage}' was asked for"
+            )
+        wanted_stage = stage or named_stage
+        if wanted_stage is not None and wanted_stage not in {s.name for s in self.stages}:
+            raise InvalidInputError(f"unknown stage '{wanted_stage}'")
+        manager = self.checkpoint_manager
+        checkpoint = manager.load_checkpoint(session, stage=wanted_stage)
+        meta = checkpoint.metadata
+        old = self._parameters(**meta.parameters)
+        new = self._parameters(**{**meta.parameters, **changes})
+        changed = {
+            name: (getattr(old, name), getattr(new, name))
+            for name in PARAMETER_NAMES
+            if getattr(old, name) != getattr(new, name)
+        }
+        latest = manager.latest(session)
+        time_travel = latest is not None and latest.checkpoint_id != meta.checkpoint_id
+        fork = bool(changed) or time_travel
+
+        completed = set(meta.completed_stages)
+        dirty: set[str] = set()
+        stages: list[PlannedStage] = []
+        for spec in self.stages:
+            if spec.name in completed:
+                reasons = [f"parameter {p} changed" for p in spec.params if p in changed]
+                reasons += [f"input {f} is recomputed" for f in spec.reads if f in dirty]
+                if not reasons:
+                    stages.append(PlannedStage(spec.name, "restore"))
+                    continue
+            else:
+                reasons = ["not completed in the checkpoint"]
+            stages.append(PlannedStage(spec.name, "run", reasons))
+            dirty.update(spec.writes)
+        complete = not any(s.mode == "run" for s in stages)
+        plan = ResumePlan(
+            source_session_id=meta.session_id,
+            checkpoint_id=meta.checkpoint_id,
+            session_id=new_session_id() if fork and not complete else meta.session_id,
+            fork=fork and not complete,
+            complete=complete,
+            changed_parameters=changed,
+            stages=stages,
+        )
+        return plan, checkpoint
+
+    def _result_from_checkpoint(
+        self, checkpoint: WorkflowCheckpoint, plan: ResumePlan
+    ) -> ResearchResult:
+        meta = checkpoint.metadata
+        state = checkpoint.to_state()
+        return ResearchResult(
+            **{name: getattr(state, name) for name in WorkflowState.model_fields},
+            metadata={
+                "session_id": meta.session_id,
+                "already_complete": True,
+                "checkpoint_id": meta.checkpoint_id,
+                "completed_stages": list(meta.completed_stages),
+                "parent_session_id": meta.parent_session_id,
+                "resume_plan": plan.describe(),
+            },
+        )
+
+    # --- the stage loop -----------------------------------------------------------------
+
+    def _lock(
+        self, session_id: str, lock: bool, checkpointing: bool
+    ) -> AbstractContextManager[Any]:
+        if lock and checkpointing:
+            return self.checkpoint_manager.session_lock(session_id)
+        return nullcontext()
+
+    async def _execute(self, run: _Run, *, lock: bool) -> ResearchResult:
+        sinks = self._sinks()
+        if run.callback is not None:
+            sinks.append(CallbackSink(run.callback))
+        bus = EventBus(sinks, on_error=self._on_sink_error)
+        checkpointing = self.config.enable_checkpointing or run.force_checkpoints
+        interval = self.config.checkpoint_interval
+        started = time.perf_counter()
+        sid = run.session_id
+
+        with (
+            self._lock(sid, lock, checkpointing),
+            self.tracer.run(
+                sid,
+                prompt=run.params.prompt,
+                attributes={"prowzi.resumed": run.resumed_from is not None},
+                link_trace_id=run.link_trace_id,
+                link_span_id=run.link_span_id,
+            ) as run_span,
+        ):
+            await bus.emit(
+                WorkflowStarted(
+                    session_id=sid,
+                    timestamp=time.time(),
+                    prompt=run.params.prompt,
+                    parameters=run.params.model_dump(),
+                    stages=tuple(s.name for s in self.stages),
+                    trace_id=run_span.trace_id,
+                    parent_session_id=run.parent_session_id,
+                    resumed_from=run.resumed_from,
+                    metadata={"prowzi_version": __version__},
+                )
+            )
+            specs = {s.name: s for s in self.stages}
+            pending: list[str] = []  # completed stages not yet in a checkpoint
+            current: str | None = None
+            try:
+                for index, planned in enumerate(run.plan):
+                    spec = specs[planned.stage]
+                    if planned.mode == "restore":
+                        await bus.emit(
+                            StageSkipped(
+                                session_id=sid,
+                                timestamp=time.time(),
+                                stage=spec.name,
+                                details={"checkpoint": run.restored_from.get(spec.name)},
+                            )
+                        )
+                        continue
+                    current = spec.name
+                    updates = await self._run_stage(spec, run, bus, run_span)
+                    for name, value in updates.items():
+                        setattr(run.state, name, value)
+                    if spec.name not in run.completed:
+                        run.completed.append(spec.name)
+                    pending.append(spec.name)
+                    current = None
+                    last = index == len(run.plan) - 1
+                    due = checkpointing and (len(pending) >= interval or last)
+                    if due and await self._checkpoint(run, spec.name, bus, run_span):
+                        pending.clear()
+                if run.document_path is not None:
+                    _write_atomic(run.document_path, self._document(run))
+            except BaseException as exc:
+                if checkpointing and pending:
+                    # Save completed work before the run stops, whatever stopped it.
+                    await self._checkpoint(run, pending[-1], bus, run_span)
+                cancelled = not isinstance(exc, Exception)
+                cause = exc.cause if isinstance(exc, _StageFailure) else exc
+                failed_stage = exc.stage if isinstance(exc, _StageFailure) else current
+                run_span.record_failure(cause, "cancelled" if cancelled else error_type(cause))
+                await bus.emit(
+                    WorkflowFailed(
+                        session_id=sid,
+                        timestamp=time.time(),
+                        duration_seconds=time.perf_counter() - started,
+                        stage=failed_stage,
+                        error=composition.describe(cause),
+                        error_type="cancelled" if cancelled else error_type(cause),
+                        cancelled=cancelled,
+                    )
+                )
+                if isinstance(exc, _StageFailure):
+                    raise WorkflowFailedError(sid, exc.stage, exc.attempts, exc.cause) from (
+                        exc.cause
+                    )
+                raise
+            duration = time.perf_counter() - started
+            await bus.emit(
+                WorkflowCompleted(
+                    session_id=sid,
+                    timestamp=time.time(),
+                    duration_seconds=duration,
+                    document_path=str(run.document_path) if run.document_path else None,
+                )
+            )
+        metadata: dict[str, Any] = {
+            "session_id": sid,
+            "duration_seconds": duration,
+            "completed_stages": list(run.completed),
+            "parameters": run.params.model_dump(),
+            "trace_id": run_span.trace_id,
+            "parent_session_id": run.parent_session_id,
+            "resumed_from": run.resumed_from,
+            "restored_stages": sorted(run.restored_from),
+            "document_path": str(run.document_path) if run.document_path else None,
+        }
+        if bus.errors:
+            metadata["sink_errors"] = dict(bus.errors)
+        return ResearchResult(
+            **{name: getattr(run.state, name) for name in WorkflowState.model_fields},
+            metadata=metadata,
+        )
+
+    def _document(self, run: _Run) -> str:
+        return run.state.draft.markdown if run.state.draft is not None else ""
+
+    async def _checkpoint(self, run: _Run, stage: str, bus: EventBus, run_span: RunSpan) -> bool:
+        manager = self.checkpoint_manager
+        started = time.perf_counter()
+        try:
+            meta = await asyncio.to_thread(
+                manager.save,
+                session_id=run.session_id,
+                stage=stage,
+                state=run.state,
+                completed_stages=list(run.completed),
+                parameters=run.params,
+                parent_session_id=run.parent_session_id,
+                previous_hash=run.previous_hash,
+                trace_id=run_span.trace_id,
+                span_id=run_span.span_id,
+            )
+        except (CheckpointError, OSError) as exc:
+            log.error("checkpoint of %s after %s failed: %s", run.session_id, stage, exc)
+            await bus.emit(
+                CheckpointFailed(
+                    session_id=run.session_id,
+                    timestamp=time.time(),
+                    stage=stage,
+                    error=composition.describe(exc),
+                )
+            )
+            return False
+        run.previous_hash = None  # the chain now continues inside this session
+        await bus.emit(
+            CheckpointSaved(
+                session_id=run.session_id,
+                timestamp=time.time(),
+                stage=stage,
+                checkpoint_id=meta.checkpoint_id,
+                path=str(manager.checkpoint_dir / f"{meta.checkpoint_id}.pkl"),
+                size_bytes=meta.payload_size,
+                duration_seconds=time.perf_counter() - started,
+                completed_stages=tuple(meta.completed_stages),
+            )
+        )
+        return True
+
+    async def _run_stage(
+        self, spec: StageSpec, run: _Run, bus: EventBus, run_span: RunSpan
+    ) -> dict[str, Any]:
+        config = self.config
+        agent = self.agents[spec.name]
+        sid = run.session_id
+        # Facts about the latest failed attempt, for the retry and failure events.
+        last: dict[str, Any] = {"attempt": 0, "duration": 0.0, "trace": None, "span": None}
+
+        async def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            delay = state.next_action.sleep if state.next_action is not None else 0.0
+            kind = error_type(exc) if exc is not None else "transient"
+            await bus.emit(
+                StageRetrying(
+                    session_id=sid,
+                    timestamp=time.time(),
+                    stage=spec.name,
+                    attempt=state.attempt_number,
+                    duration_seconds=last["duration"],
+                    error=composition.describe(exc),
+                    error_type=kind,
+                    delay_seconds=delay,
+                    trace_id=last["trace"],
+                    span_id=last["span"],
+                )
+            )
+            run_span.add_event(
+                "prowzi.stage.retry",
+                {
+                    "prowzi.stage": spec.name,
+                    "prowzi.attempt": state.attempt_number,
+                    "prowzi.retry.delay_seconds": delay,
+                    "error.type": kind,
+                },
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(config.max_retries + 1),
+            wait=wait_exponential_jitter(
+                multiplier=config.retry_backoff_base,
+                max=config.retry_backoff_max,
+                jitter=config.retry_backoff_base,
+            ),
+            retry=retry_if_exception(_retryable),
+            before_sleep=before_sleep,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    last["attempt"] = number
+                    return await self._attempt(spec, agent, run, number, bus, run_span, last)
+        except Exception as exc:
+            await bus.emit(
+                StageFailed(
+                    session_id=sid,
+                    timestamp=time.time(),
+                    stage=spec.name,
+                    attempt=last["attempt"],
+                    duration_seconds=last["duration"],
+                    error=composition.describe(exc),
+                    error_type=error_type(exc),
+                    trace_id=last["trace"],
+                    span_id=last["span"],
+                )
+            )
+            raise _StageFailure(spec.name, last["attempt"], exc) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        spec: StageSpec,
+        agent: Agent,
+        run: _Run,
+        number: int,
+        bus: EventBus,
+        run_span: RunSpan,
+        last: dict[str, Any],
+    ) -> dict[str, Any]:
+        timeout = self.config.stage_timeout_seconds
+        with run_span.stage(spec.name, number) as span:
+            await bus.emit(
+                StageStarted(
+                    session_id=run.session_id,
+                    timestamp=time.time(),
+                    stage=spec.name,
+                    attempt=number,
+                    trace_id=span.trace_id,
+                    span_id=span.span_id,
+                )
+            )
+            ctx = StageContext(
+                session_id=run.session_id,
+                stage=spec.name,
+                attempt=number,
+                params=run.params,
+                state=run.state,
+                config=self.config,
+                observer=span,
+            )
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout) as scope:
+                    result = await agent(ctx)
+                updates = spec.unpack(result)
+            except Exception as exc:
+                last["duration"] = time.perf_counter() - t0
+                last["trace"], last["span"] = span.trace_id, span.span_id
+                failure: Exception = exc
+                if isinstance(exc, TimeoutError) and scope.expired():
+                    failure = StageTimeoutError(spec.name, timeout)
+                span.record_failure(failure, error_type(failure))
+                if failure is exc:
+                    raise
+                raise failure from None
+            duration = time.perf_counter() - t0
+            details = _details(result)
+            run.state.stage_metrics[spec.name] = {
+                "attempts": number,
+                "duration_seconds": duration,
+                "completed_at": datetime.now(UTC).isoformat(),
+            }
+            await bus.emit(
+                StageCompleted(
+                    session_id=run.session_id,
+                    timestamp=time.time(),
+                    stage=spec.name,
+                    attempt=number,
+                    duration_seconds=duration,
+                    details=details,
+                    trace_id=span.trace_id,
+                    span_id=span.span_id,
+                )
+            )
+            return updates
+
+
+def _details(result: BaseModel) -> dict[str, Any]:
+    method = getattr(result, "telemetry_details", None)
+    if callable(method):
+        details = method()
+        if isinstance(details, dict):
+            return details
+    return {}
+
+
+def _describe_parameter_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "parameters"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid run parameter " + "; ".join(parts)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "PlannedStage",
+    "ProwziOrchestrator",
+    "ResearchResult",
+    "ResumePlan",
+]

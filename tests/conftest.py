@@ -1,0 +1,19 @@
+"""Shared fixtures: every test runs in its own working directory with a clean PROWZI_ env."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith(("PROWZI_", "OTEL_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PROWZI_INDEX_DIR", str(tmp_path / ".index"))
+    monkeypatch.chdir(tmp_path)
+    yield
