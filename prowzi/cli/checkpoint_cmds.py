@@ -1,9 +1,162 @@
-"""Commands registered on the prowzi app (placeholder until implemented)."""
+"""``prowzi resume``, ``prowzi checkpoints`` and ``prowzi cleanup``."""
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from prowzi.cli._common import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    fail,
+    load_config,
+    run_async,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("resume")(resume)
+    app.command("checkpoints")(checkpoints)
+    app.command("cleanup")(cleanup)
+
+
+def _parse_sets(values: list[str]) -> dict[str, str]:
+    changes: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set expects key=value, got {item!r}", EXIT_USAGE)
+        changes[key.strip().replace("-", "_")] = value
+    return changes
+
+
+def resume(
+    checkpoint_id: Annotated[str, typer.Argument(help="A session id, or <session>_<stage>.")],
+    from_stage: Annotated[
+        str | None, typer.Option("--from-stage", help="Resume from this stage's checkpoint.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would run, and why; run nothing.")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Change a run parameter: key=value (forks a new session)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
+    ] = None,
+) -> None:
+    """Continue a session from its latest (or a named) checkpoint."""
+    config = load_config()
+    changes = _parse_sets(set_ or [])
+    with user_errors():
+        from prowzi.errors import WorkflowFailedError
+        from prowzi.workflows.orchestrator import ProwziOrchestrator
+
+        orchestrator = ProwziOrchestrator(config=config)
+        plan = orchestrator.plan_resume(checkpoint_id, stage=from_stage, parameters=changes)
+        for line in plan.describe():
+            typer.echo(line)
+        if dry_run:
+            return
+        if plan.complete:
+            return
+        document = output if output is not None else config.output_dir / f"{plan.session_id}.md"
+        try:
+            result = run_async(
+                orchestrator.resume_from_checkpoint(
+                    checkpoint_id, stage=from_stage, parameters=changes, document_path=document
+                )
+            )
+        except Interrupted as exc:
+            typer.echo(
+                f"interrupted: completed stages are checkpointed; "
+                f"continue with: prowzi resume {plan.session_id}",
+                err=True,
+            )
+            raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
+        except WorkflowFailedError as exc:
+            fail(f"{exc}; continue with: prowzi resume {plan.session_id}")
+        if result.metadata.get("already_complete"):
+            typer.echo(f"session {result.metadata['session_id']} is already complete")
+            return
+        typer.echo(f"Session: {result.metadata['session_id']}")
+        typer.echo(f"Document: {document}")
+
+
+def checkpoints(
+    session: Annotated[str | None, typer.Option(help="Only this session.")] = None,
+    stage: Annotated[str | None, typer.Option(help="Only this stage.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only checkpoints newer than this age, e.g. 2h or 7d.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List checkpoints, newest first."""
+    config = load_config()
+    with user_errors():
+        from datetime import UTC, datetime
+
+        import orjson
+
+        from prowzi.ids import validate_session_id, validate_stage_name
+        from prowzi.workflows.checkpoint import CheckpointManager
+
+        if session is not None:
+            validate_session_id(session)
+        if stage is not None:
+            validate_stage_name(stage)
+        cutoff = datetime.now(UTC) - parse_age(since) if since else None
+        manager = CheckpointManager.from_config(config)
+        rows = manager.list_checkpoints(session_id=session, stage=stage, since=cutoff)
+        for row in rows:
+            if as_json:
+                typer.echo(orjson.dumps(row, default=str).decode())
+            else:
+                created = row["created_at"]
+                stamp = created.isoformat() if hasattr(created, "isoformat") else str(created)
+                typer.echo(f"{row['checkpoint_id']:<48} {stamp}")
+        if not rows and not as_json:
+            typer.echo("no checkpoints", err=True)
+
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"``, ``"1w"`` -> a timedelta."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if not match:
+        fail(f"invalid age {text!r}: use a number and a unit, e.g. 30m, 12h, 7d", EXIT_USAGE)
+    value, unit = match.groups()
+    return timedelta(**{_UNITS[unit]: float(value)})
+
+
+def cleanup(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Delete checkpoints older than this, e.g. 7d.")
+    ],
+    keep_last: Annotated[
+        int, typer.Option("--keep-last", min=0, help="Always keep the N newest sessions.")
+    ] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
+) -> None:
+    """Delete old checkpoints. A running session's checkpoints are never deleted."""
+    age = parse_age(older_than)
+    config = load_config()
+    with user_errors():
+        from prowzi.workflows.checkpoint import CheckpointManager
+
+        manager = CheckpointManager.from_config(config)
+        removed: list[Any] = manager.cleanup(older_than=age, keep_last=keep_last, dry_run=dry_run)
+        verb = "would delete" if dry_run else "deleted"
+        for checkpoint_id in removed:
+            typer.echo(f"{verb} {checkpoint_id}")
+        typer.echo(f"{verb} {len(removed)} checkpoint(s)", err=True)

@@ -1,9 +1,180 @@
-"""Commands registered on the prowzi app (placeholder until implemented)."""
+"""``prowzi run``: turn a prompt into a cited document."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from prowzi.cli._common import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    fail,
+    load_config,
+    run_async,
+    user_errors,
+)
+
+if TYPE_CHECKING:
+    from prowzi.workflows.orchestrator import ResearchResult
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("run")(run)
+
+
+def run(
+    prompt: Annotated[
+        str,
+        typer.Argument(help="What to write, e.g. 'Write a research paper on quantum computing'."),
+    ],
+    max_results: Annotated[
+        int, typer.Option("--max-results", min=1, max=1000, help="Results per search query.")
+    ] = 15,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="Directory of .md/.txt/.json/.jsonl documents (default: the sample)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
+    ] = None,
+    enable_checkpoints: Annotated[
+        bool, typer.Option("--enable-checkpoints", help="Checkpoint after stages (resumable).")
+    ] = False,
+    session_id: Annotated[
+        str | None, typer.Option("--session-id", help="Use this session id instead of a new one.")
+    ] = None,
+    monitor: Annotated[bool, typer.Option("--monitor", help="Show the live monitor.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=0, max=65535, help="Serve /metrics while running."),
+    ] = None,
+    pushgateway: Annotated[
+        str | None,
+        typer.Option(
+            "--pushgateway", help="Push metrics here at the end (PROWZI_PUSHGATEWAY_URL)."
+        ),
+    ] = None,
+) -> None:
+    """Run the research workflow for PROMPT and write a cited markdown document."""
+    config = load_config()
+    with user_errors():
+        from prowzi.ids import new_session_id, validate_session_id
+
+        if not prompt.strip():
+            fail("the prompt is empty", 2)
+        if corpus is not None:
+            config.corpus_dir = corpus
+        if config.corpus_dir is not None:
+            from prowzi.agents.corpus import check_corpus
+
+            check_corpus(config.corpus_dir)
+        if enable_checkpoints:
+            config.enable_checkpointing = True
+        sid = validate_session_id(session_id) if session_id else new_session_id()
+        document = output if output is not None else config.output_dir / f"{sid}.md"
+        _execute(config, prompt, max_results, sid, document, monitor, metrics_port, pushgateway)
+
+
+def _execute(
+    config: Any,
+    prompt: str,
+    max_results: int,
+    sid: str,
+    document: Path,
+    monitor: bool,
+    metrics_port: int | None,
+    pushgateway: str | None,
+) -> None:
+    from prowzi.errors import WorkflowFailedError
+    from prowzi.workflows.orchestrator import ProwziOrchestrator
+
+    push_url = pushgateway or config.pushgateway_url
+    sinks: list[Any] = []
+    metrics = None
+    server = None
+    if metrics_port is not None or push_url:
+        from prowzi.observability.metrics import ProwziMetrics, serve_metrics
+
+        metrics = ProwziMetrics()
+        sinks.append(metrics)
+        if metrics_port is not None:
+            server = serve_metrics(metrics.registry, metrics_port)
+    orchestrator = ProwziOrchestrator(
+        config=config,
+        sinks=sinks,
+        on_sink_error=metrics.sink_error if metrics is not None else None,
+    )
+    callback = None
+    live = None
+    if monitor:
+        from prowzi.cli.monitor import live_monitor
+
+        callback, live = live_monitor(sid)
+    typer.echo(f"session: {sid}", err=True)
+    try:
+        coro = orchestrator.run_research(
+            prompt,
+            max_results_per_query=max_results,
+            progress_callback=callback,
+            session_id=sid,
+            document_path=document,
+        )
+        if live is not None:
+            with live:
+                result = run_async(coro)
+        else:
+            result = run_async(coro)
+    except Interrupted as exc:
+        _hint_resume(config, sid, "interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
+    except WorkflowFailedError as exc:
+        _hint_resume(config, sid, "failed")
+        fail(str(exc))
+    finally:
+        if metrics is not None and push_url:
+            from prowzi.observability.metrics import push_metrics
+
+            try:
+                push_metrics(metrics.registry, push_url)
+            except OSError as push_error:
+                typer.echo(f"warning: could not push metrics to {push_url}: {push_error}", err=True)
+        if server is not None:
+            server.close()
+    _summary(result, document)
+
+
+def _hint_resume(config: Any, sid: str, what: str) -> None:
+    if config.enable_checkpointing:
+        typer.echo(
+            f"{what}: completed stages are checkpointed; continue with: prowzi resume {sid}",
+            err=True,
+        )
+
+
+def _summary(result: ResearchResult, document: Path) -> None:
+    typer.echo(f"Session: {result.metadata['session_id']}")
+    if result.draft is not None:
+        typer.echo(
+            f"Document: {document} ({result.draft.word_count} words, "
+            f"{len(result.draft.references)} references)"
+        )
+    if result.search is not None and result.search.message:
+        typer.echo(f"Note: {result.search.message}")
+    if result.verification is not None:
+        typer.echo(
+            f"Sources: {len(result.verification.verified)} verified, "
+            f"{len(result.verification.rejected)} rejected"
+        )
+    if result.evaluation is not None:
+        initial = result.initial_evaluation
+        before = (
+            f" (first draft {initial.score:.2f})"
+            if initial and initial.score != result.evaluation.score
+            else ""
+        )
+        typer.echo(f"Evaluation: {result.evaluation.score:.2f}{before}")
+    if result.turnitin is not None:
+        typer.echo(f"Similarity: {result.turnitin.similarity_ratio:.1%}")
+    typer.echo(f"Duration: {result.metadata['duration_seconds']:.2f}s")
