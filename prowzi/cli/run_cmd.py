@@ -30,7 +30,7 @@ def run(
         typer.Argument(help="What to write, e.g. 'Write a research paper on quantum computing'."),
     ],
     max_results: Annotated[
-        int, typer.Option("--max-results", min=1, max=1000, help="Results per search query.")
+        int, typer.Option("--max-results", help="Results per search query (1-1000).")
     ] = 15,
     corpus: Annotated[
         Path | None,
@@ -64,6 +64,8 @@ def run(
 
         if not prompt.strip():
             fail("the prompt is empty", 2)
+        if not 1 <= max_results <= 1000:
+            fail(f"invalid --max-results {max_results}: use a number from 1 to 1000", 2)
         if corpus is not None:
             config.corpus_dir = corpus
         if config.corpus_dir is not None:

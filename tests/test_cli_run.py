@@ -1,0 +1,130 @@
+"""``prowzi run`` as a user runs it: a real process, real files, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROMPT = "Write a research paper on quantum computing"
+
+
+def prowzi(
+    *args: str, env: dict[str, str] | None = None, module: bool = False
+) -> subprocess.CompletedProcess[str]:
+    command = (
+        [sys.executable, "-m", "prowzi.cli.main"]
+        if module
+        else [str(Path(sys.executable).parent / "prowzi")]
+    )
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_run_writes_a_cited_document_offline(module: bool, tmp_path: Path) -> None:
+    proc = prowzi("run", PROMPT, module=module)
+    assert proc.returncode == 0, proc.stderr
+    session = re.search(r"Session: (\S+)", proc.stdout)
+    assert session is not None
+    document = tmp_path / f"{session.group(1)}.md"
+    text = document.read_text(encoding="utf-8")
+    assert "quantum" in text.lower()
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", text.split("## References")[0])}
+    listed = {
+        int(n)
+        for n in re.findall(
+            r"^\s*(?:\[(\d+)\]|(\d+)\.)", text.split("## References")[1], flags=re.MULTILINE
+        )
+        for n in n
+        if n
+    }
+    assert cited and cited <= listed
+    assert f"Document: {document.name}" in proc.stdout or str(document.name) in proc.stdout
+
+
+def test_run_with_output_and_own_corpus(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text(
+        "# Photosynthesis in algae\n\nAlgae convert light into chemical energy through "
+        "photosynthesis, producing oxygen and sugars in their chloroplasts.\n"
+    )
+    (corpus / "b.jsonl").write_text(
+        '{"title": "Algae biofuels", "abstract": "Algae can be grown for biofuel because '
+        'photosynthesis stores energy in lipids.", "authors": ["A. Writer"], "year": 2020, '
+        '"url": "https://example.org/algae"}\n'
+    )
+    out = tmp_path / "out" / "paper.md"
+    proc = prowzi(
+        "run",
+        "Write a report on photosynthesis in algae",
+        "--corpus",
+        str(corpus),
+        "--output",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "Algae" in text or "algae" in text
+    assert "## References" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("run", ""), ("prompt is empty",)),
+        (("run", "   "), ("prompt is empty",)),
+        (("run", PROMPT, "--max-results", "0"), ("--max-results 0",)),
+        (("run", PROMPT, "--max-results", "-5"), ("--max-results -5",)),
+        (("run", PROMPT, "--corpus", "does-not-exist"), ("does-not-exist",)),
+    ],
+)
+def test_bad_input_gets_a_one_line_error(args: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    proc = prowzi(*args)
+    assert_one_line_error(proc, *needles)
+    assert proc.returncode == 2
+    assert not list(Path.cwd().glob("*.md"))
+
+
+def test_corpus_without_readable_documents_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "image.png").write_bytes(b"\x89PNG")
+    proc = prowzi("run", PROMPT, "--corpus", str(empty))
+    assert_one_line_error(proc, str(empty))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROWZI_MAX_RETRIES", "abc"),
+        ("PROWZI_MAX_RETRIES", "-1"),
+        ("PROWZI_ENABLE_CHECKPOINTING", "perhaps"),
+        ("PROWZI_CHECKPOINT_INTERVAL", "0"),
+        ("PROWZI_STAGE_TIMEOUT_SECONDS", "0"),
+    ],
+)
+def test_invalid_environment_variable_is_named(variable: str, value: str) -> None:
+    proc = prowzi("run", PROMPT, env={variable: value})
+    assert_one_line_error(proc, variable)
+    assert proc.returncode == 2
