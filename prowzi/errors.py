@@ -50,9 +50,7 @@ class StageTimeoutError(TransientError):
 class WorkflowFailedError(ProwziError):
     """A stage failed for good; the run stopped after it. Completed stages are kept."""
 
-    def __init__(
-        self, session_id: str, stage: str, attempts: int, cause: BaseException
-    ) -> None:
+    def __init__(self, session_id: str, stage: str, attempts: int, cause: BaseException) -> None:
         super().__init__(
             f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: "
             f"{type(cause).__name__}: {cause}"
