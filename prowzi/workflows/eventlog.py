@@ -1,0 +1,290 @@
+"""The live event stream of a session: an append-only JSON-lines log.
+
+One line per event (:meth:`Event.as_record`), written to the OS as each event happens, so another
+process can follow a run while it is going. The writer fsyncs at stage boundaries (the telemetry
+collector says when). Each time a process opens the log for writing it first appends a header
+record, ``{"event": "log_opened", "v": 1, "pid": ..., "host": ...}``; readers use it to refuse a
+log written by a newer format and to tell which process is writing.
+
+A reader tolerates a partial last line while the log is being written (it waits for the rest);
+a complete line that is not a JSON object is corruption, reported with its line number.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from prowzi.errors import TelemetryError
+from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
+
+log = logging.getLogger("prowzi.telemetry")
+
+LOG_FORMAT_VERSION = 1
+HEADER_KIND = "log_opened"
+_READ_CHUNK = 1 << 16
+
+
+class EventLogBusyError(TelemetryError):
+    """Another writer (in this process or another) holds the session's event log."""
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One log line. Values JSON cannot hold (paths, sets...) are written as strings."""
+    return orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (a no-op where directories can't sync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class EventLogWriter:
+    """Appends records to one session's log; the only writer while it is open.
+
+    An exclusive ``flock`` on the file makes a second writer (a second collector on the same
+    directory, in this process or another) fail with :class:`EventLogBusyError` instead of
+    interleaving a second copy of the run. A partial last line left by a writer that crashed
+    mid-write is cut off before appending, so the log stays a sequence of whole lines.
+    """
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EventLogBusyError(
+                f"event log {path} is being written by another writer"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        try:
+            self._cut_partial_tail()
+            if created:
+                fsync_directory(path.parent)
+            self.append(
+                {
+                    "event": HEADER_KIND,
+                    "v": LOG_FORMAT_VERSION,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "timestamp": time.time(),
+                }
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _cut_partial_tail(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        start = max(0, size - _READ_CHUNK)
+        tail = os.pread(self._fd, size - start, start)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        while cut < 0 and start > 0:
+            start = max(0, start - _READ_CHUNK)
+            tail = os.pread(self._fd, size - start, start)
+            cut = tail.rfind(b"\n")
+        keep = start + cut + 1 if cut >= 0 else 0
+        log.warning(
+            "event log %s: dropping a partial last line of %d bytes", self.path, size - keep
+        )
+        os.ftruncate(self._fd, keep)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a line. It reaches the OS now; :meth:`sync` makes it durable."""
+        data = encode_record(record)
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def append_event(self, event: Event) -> None:
+        self.append(event.as_record())
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Release the file and its lock. Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LogHeader:
+    """Who opened the log for writing, and when."""
+
+    version: int
+    pid: int | None
+    host: str | None
+    timestamp: float | None
+
+
+class EventLogReader:
+    """Reads a session's log from an offset, remembering where it stopped.
+
+    :meth:`poll` returns the events of every complete line written since the last call and
+    leaves a partial last line for the next call, so it can follow a log while it is written.
+    Unknown event kinds (from a newer Prowzi of the same format version) are skipped.
+    """
+
+    __slots__ = ("_pending", "headers", "line_no", "offset", "path")
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self.offset = offset
+        self.line_no = 0
+        self.headers: list[LogHeader] = []
+        self._pending = b""
+
+    def poll(self) -> list[Event]:
+        """New events since the last call. Raises :class:`TelemetryError` on a corrupt line."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            raise TelemetryError(f"event log {self.path} does not exist") from None
+        except OSError as exc:
+            raise TelemetryError(f"cannot read event log {self.path}: {exc}") from None
+        if not data:
+            return []
+        self.offset += len(data)
+        buffer = self._pending + data
+        lines = buffer.split(b"\n")
+        self._pending = lines.pop()
+        events: list[Event] = []
+        for line in lines:
+            self.line_no += 1
+            event = self._decode(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of an unfinished last line read so far."""
+        return len(self._pending)
+
+    def read_all(self) -> list[Event]:
+        """Every event in a log that is no longer being written; a partial last line is an error."""
+        events = self.poll()
+        if self._pending:
+            raise TelemetryError(
+                f"event log {self.path} is corrupt: line {self.line_no + 1} is truncated "
+                f"({len(self._pending)} bytes without a newline)"
+            )
+        return events
+
+    def _decode(self, line: bytes) -> Event | None:
+        decoded = decode_line(line, f"event log {self.path} is corrupt: line {self.line_no}")
+        if isinstance(decoded, LogHeader):
+            self.headers.append(decoded)
+            return None
+        return decoded
+
+
+def decode_line(line: bytes, where: str) -> Event | LogHeader | None:
+    """One log line as an event, a header, or None (blank line, unknown event kind).
+
+    ``where`` prefixes the :class:`TelemetryError` raised for a corrupt line.
+    """
+    if not line.strip():
+        return None
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise TelemetryError(f"{where} is not JSON") from None
+    if not isinstance(record, dict):
+        raise TelemetryError(f"{where} is not a JSON object")
+    kind = record.get("event")
+    if kind == HEADER_KIND:
+        return _header(record, where)
+    if isinstance(kind, str) and kind not in EVENT_TYPES:
+        log.debug("%s: skipping unknown event kind %r", where, kind)
+        return None
+    try:
+        return event_from_record(record)
+    except (TypeError, ValueError) as exc:
+        raise TelemetryError(f"{where} is not a valid event: {exc}") from None
+
+
+def _header(record: dict[str, Any], where: str) -> LogHeader:
+    version = record.get("v")
+    if not isinstance(version, int):
+        raise TelemetryError(f"{where} is a log header without a version")
+    if version > LOG_FORMAT_VERSION:
+        raise TelemetryError(
+            f"{where} was written by a newer Prowzi (log format {version}, this one reads "
+            f"{LOG_FORMAT_VERSION}); upgrade to read it"
+        )
+    pid = record.get("pid")
+    host = record.get("host")
+    ts = record.get("timestamp")
+    return LogHeader(
+        version=version,
+        pid=pid if isinstance(pid, int) else None,
+        host=host if isinstance(host, str) else None,
+        timestamp=float(ts) if isinstance(ts, int | float) else None,
+    )
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every event of a finished log, strictly: any corrupt or truncated line is an error."""
+    return EventLogReader(path).read_all()
+
+
+def iter_events_lenient(path: Path) -> Iterator[Event]:
+    """Every readable event of a log, skipping corrupt lines (with a warning).
+
+    Used to resume recording a session whose log was damaged; readers that report to a person
+    use :func:`read_events`, which refuses a corrupt log.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    for line_no, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            decoded = decode_line(line, f"event log {path} is corrupt: line {line_no}")
+        except TelemetryError as exc:
+            log.warning("%s; skipped", exc)
+            continue
+        if isinstance(decoded, Event):
+            yield decoded

@@ -1,0 +1,966 @@
+"""Per-session telemetry: the event log, the session JSON file, and the readers of both.
+
+:class:`TelemetryCollector` is an event sink. For each session it keeps
+
+* ``<output_dir>/events/<session_id>.jsonl``: the live event stream (see
+  :mod:`prowzi.workflows.eventlog`), one line per event, written as the event happens;
+* ``<output_dir>/<session_id>.json``: the design document's session record, rewritten
+  atomically at stage boundaries and at completion. It is derivable from the event log, and
+  :meth:`TelemetryCollector.rebuild_session` derives it;
+* ``<output_dir>/.index.jsonl``: a small cache of per-session summaries so that
+  :meth:`~TelemetryCollector.list_sessions` need not parse thousands of files. The session
+  files are the truth: an index entry is used only while the file's size and mtime match it.
+
+Per event the collector appends one line to the log and updates its in-memory record; the
+snapshot file (and the log's fsync) is written by a background thread at stage boundaries, and
+synchronously at the end of the run so that a finished run's file is complete when the run
+returns. Every failure (unwritable directory, full disk) is logged and counted in
+:attr:`TelemetryCollector.errors`; none reaches the workflow.
+
+Stage records: a ``stage_started`` event opens a record with status ``started``; the outcome of
+that attempt (``completed``, ``retrying`` or ``failed``) replaces it in place. A finished run's
+``stages`` list therefore holds one record per attempt outcome, as in the design document: a
+``retrying`` record with its error, then the ``completed`` record of attempt 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
+from prowzi.ids import validate_session_id
+from prowzi.workflows.eventlog import (
+    EventLogBusyError,
+    EventLogReader,
+    EventLogWriter,
+    fsync_directory,
+    iter_events_lenient,
+)
+from prowzi.workflows.events import (
+    CheckpointFailed,
+    CheckpointSaved,
+    Event,
+    StageCompleted,
+    StageEvent,
+    StageFailed,
+    StageRetrying,
+    StageSkipped,
+    StageStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowStarted,
+)
+
+log = logging.getLogger("prowzi.telemetry")
+
+SESSION_FORMAT_VERSION = 1
+"""``metadata.format_version`` of the session files this module writes."""
+
+DEFAULT_STAGE_COUNT = 7
+SessionStatus = Literal["running", "completed", "failed", "corrupt"]
+SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "corrupt")
+
+_INDEX_NAME = ".index.jsonl"
+_EVENTS_DIR = "events"
+_IDLE_SECONDS = 2.0
+_PROMPT_IN_INDEX = 200
+
+
+# --- timestamps ---------------------------------------------------------------------------
+
+
+def format_timestamp(value: datetime | float) -> str:
+    """ISO-8601 UTC with a ``Z``, to the millisecond: ``2024-01-15T10:30:02.123Z``."""
+    dt = value if isinstance(value, datetime) else datetime.fromtimestamp(value, UTC)
+    dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(value: object) -> datetime:
+    """The inverse of :func:`format_timestamp`; accepts any ISO-8601 form with an offset."""
+    if not isinstance(value, str):
+        raise ValueError(f"timestamp {value!r} is not a string")
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no time zone")
+    return dt.astimezone(UTC)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _seconds(value: float) -> float:
+    return round(value, 6)
+
+
+# --- the records of the design document ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class StageMetrics:
+    """One stage attempt (or its outcome) in a session's ``stages`` list."""
+
+    stage: str
+    status: str  # started, completed, failed, skipped, retrying
+    attempt: int
+    duration_seconds: float
+    timestamp: datetime
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "stage": self.stage,
+            "status": self.status,
+            "attempt": self.attempt,
+            "duration_seconds": _seconds(self.duration_seconds),
+            "timestamp": format_timestamp(self.timestamp),
+            "details": self.details,
+        }
+        if self.error is not None:
+            record["error"] = self.error
+        return record
+
+    @classmethod
+    def from_dict(cls, data: object) -> StageMetrics:
+        if not isinstance(data, dict):
+            raise ValueError("a stage record is not an object")
+        details = data.get("details", {})
+        error = data.get("error")
+        if not isinstance(details, dict):
+            raise ValueError("a stage record's details is not an object")
+        if error is not None and not isinstance(error, str):
+            raise ValueError("a stage record's error is not a string")
+        return cls(
+            stage=_typed(data, "stage", str),
+            status=_typed(data, "status", str),
+            attempt=_typed(data, "attempt", int),
+            duration_seconds=float(_typed(data, "duration_seconds", int | float)),
+            timestamp=parse_timestamp(data.get("timestamp")),
+            details=details,
+            error=error,
+        )
+
+
+@dataclass(slots=True)
+class WorkflowMetrics:
+    """A session: what ran, when, how long, with what retries and failures."""
+
+    session_id: str
+    prompt: str
+    started_at: datetime
+    completed_at: datetime | None = None
+    total_duration_seconds: float = 0.0
+    stages: list[StageMetrics] = field(default_factory=list)
+    total_retries: int = 0
+    failed_stages: list[str] = field(default_factory=list)
+    success: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> SessionStatus:
+        """``running`` until a workflow completed/failed event is recorded (a run that was
+        killed stays ``running``; its event log tells how far it got)."""
+        if self.completed_at is None:
+            return "running"
+        return "completed" if self.success else "failed"
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The run's stages in order: the declared ones, then any others seen."""
+        declared = self.metadata.get("stages")
+        names = [s for s in declared if isinstance(s, str)] if isinstance(declared, list) else []
+        for record in self.stages:
+            if record.stage not in names:
+                names.append(record.stage)
+        return names
+
+    @property
+    def stage_total(self) -> int:
+        declared = self.metadata.get("stages")
+        return len(declared) if isinstance(declared, list) and declared else DEFAULT_STAGE_COUNT
+
+    def latest_by_stage(self) -> dict[str, StageMetrics]:
+        latest: dict[str, StageMetrics] = {}
+        for record in self.stages:
+            latest[record.stage] = record
+        return latest
+
+    @property
+    def completed_stage_count(self) -> int:
+        """Stages whose latest record is completed (or restored from a checkpoint)."""
+        return sum(
+            1 for r in self.latest_by_stage().values() if r.status in ("completed", "skipped")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The session file's content: the design document's keys, plus ``metadata``."""
+        return {
+            "session_id": self.session_id,
+            "prompt": self.prompt,
+            "started_at": format_timestamp(self.started_at),
+            "completed_at": (
+                format_timestamp(self.completed_at) if self.completed_at is not None else None
+            ),
+            "total_duration_seconds": _seconds(self.total_duration_seconds),
+            "total_retries": self.total_retries,
+            "failed_stages": list(self.failed_stages),
+            "success": self.success,
+            "stages": [s.to_dict() for s in self.stages],
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> WorkflowMetrics:
+        """Parse a session file's content; raises ``ValueError`` saying what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("the content is not a JSON object")
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+        version = metadata.get("format_version", SESSION_FORMAT_VERSION)
+        if isinstance(version, int) and version > SESSION_FORMAT_VERSION:
+            raise ValueError(
+                f"it was written by a newer Prowzi (format {version}, this one reads "
+                f"{SESSION_FORMAT_VERSION})"
+            )
+        stages = data.get("stages")
+        failed = data.get("failed_stages")
+        if not isinstance(stages, list):
+            raise ValueError("'stages' is missing or not a list")
+        if not isinstance(failed, list) or not all(isinstance(s, str) for s in failed):
+            raise ValueError("'failed_stages' is missing or not a list of names")
+        completed_at = data.get("completed_at")
+        return cls(
+            session_id=_typed(data, "session_id", str),
+            prompt=_typed(data, "prompt", str),
+            started_at=parse_timestamp(data.get("started_at")),
+            completed_at=None if completed_at is None else parse_timestamp(completed_at),
+            total_duration_seconds=float(_typed(data, "total_duration_seconds", int | float)),
+            stages=[StageMetrics.from_dict(s) for s in stages],
+            total_retries=_typed(data, "total_retries", int),
+            failed_stages=list(failed),
+            success=_typed(data, "success", bool),
+            metadata=metadata,
+        )
+
+
+def _typed(data: dict[str, Any], key: str, kind: Any) -> Any:
+    if key not in data:
+        raise ValueError(f"'{key}' is missing")
+    value = data[key]
+    # bool is an int to Python; a count or duration of true is still corrupt
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"'{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+class CorruptSessionError(TelemetryError):
+    """A session file exists but cannot be read as a session."""
+
+    def __init__(self, session_id: str, path: Path, reason: str, *, has_event_log: bool) -> None:
+        super().__init__(f"session file {path} is corrupt: {reason}")
+        self.session_id = session_id
+        self.path = path
+        self.reason = reason
+        self.has_event_log = has_event_log
+
+
+# --- events -> records ---------------------------------------------------------------------
+
+
+class SessionRecorder:
+    """Folds a session's events into its :class:`WorkflowMetrics`.
+
+    The collector, the rebuild from a log, and the monitor all use this one reducer, so the
+    file, the rebuilt file and the screen agree.
+    """
+
+    __slots__ = ("_base_duration", "_open", "_segment_start", "metrics", "session_id")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.metrics: WorkflowMetrics | None = None
+        self._open: dict[str, int] = {}
+        self._segment_start = 0.0
+        self._base_duration = 0.0
+
+    @classmethod
+    def from_events(cls, session_id: str, events: Iterable[Event]) -> SessionRecorder:
+        recorder = cls(session_id)
+        for event in events:
+            recorder.apply(event)
+        return recorder
+
+    def apply(self, event: Event) -> bool:
+        """Record one event. Returns whether it is a boundary (a snapshot is due)."""
+        if isinstance(event, WorkflowStarted):
+            self._started(event)
+            return True
+        metrics = self._ensure(event)
+        if not metrics.completed_at:
+            metrics.total_duration_seconds = self._base_duration + max(
+                0.0, event.timestamp - self._segment_start
+            )
+        if isinstance(event, StageEvent):
+            return self._stage(metrics, event)
+        if isinstance(event, WorkflowCompleted):
+            self._close_open(metrics, event.timestamp, "workflow completed")
+            metrics.completed_at = _utc(event.timestamp)
+            metrics.total_duration_seconds = self._base_duration + event.duration_seconds
+            metrics.success = True
+            metrics.metadata["document_path"] = event.document_path
+            return True
+        if isinstance(event, WorkflowFailed):
+            self._close_open(metrics, event.timestamp, event.error)
+            metrics.completed_at = _utc(event.timestamp)
+            metrics.total_duration_seconds = self._base_duration + event.duration_seconds
+            metrics.success = False
+            if event.stage and event.stage not in metrics.failed_stages:
+                metrics.failed_stages.append(event.stage)
+            metrics.metadata["error"] = event.error
+            metrics.metadata["error_type"] = event.error_type
+            metrics.metadata["cancelled"] = event.cancelled
+            return True
+        if isinstance(event, CheckpointSaved):
+            metrics.metadata["last_checkpoint"] = event.checkpoint_id
+            return False
+        if isinstance(event, CheckpointFailed):
+            failures = metrics.metadata.get("checkpoint_failures", 0)
+            metrics.metadata["checkpoint_failures"] = (
+                failures + 1 if isinstance(failures, int) else 1
+            )
+        return False
+
+    def _started(self, event: WorkflowStarted) -> None:
+        from prowzi import __version__
+
+        added = {
+            **event.metadata,
+            "format_version": SESSION_FORMAT_VERSION,
+            "prowzi_version": __version__,
+            "trace_id": event.trace_id,
+            "parameters": event.parameters,
+            "stages": list(event.stages),
+            "parent_session_id": event.parent_session_id,
+            "resumed_from": event.resumed_from,
+        }
+        metrics = self.metrics
+        if metrics is None:
+            self.metrics = WorkflowMetrics(
+                session_id=self.session_id,
+                prompt=event.prompt,
+                started_at=_utc(event.timestamp),
+                metadata={**added, "runs": 1, "document_path": None},
+            )
+            self._base_duration = 0.0
+        else:
+            # the same session run again (a resume): keep its history, reopen it
+            runs = metrics.metadata.get("runs", 1)
+            metrics.metadata.update(added)
+            metrics.metadata["runs"] = (runs if isinstance(runs, int) else 1) + 1
+            metrics.prompt = event.prompt or metrics.prompt
+            metrics.completed_at = None
+            metrics.success = False
+            self._base_duration = metrics.total_duration_seconds
+        self._segment_start = event.timestamp
+        self._open.clear()
+
+    def _ensure(self, event: Event) -> WorkflowMetrics:
+        # events of a run whose start was not seen (a listener attached late)
+        if self.metrics is None:
+            self.metrics = WorkflowMetrics(
+                session_id=self.session_id,
+                prompt="",
+                started_at=_utc(event.timestamp),
+                metadata={"format_version": SESSION_FORMAT_VERSION, "runs": 1},
+            )
+            self._segment_start = event.timestamp
+        return self.metrics
+
+    def _stage(self, metrics: WorkflowMetrics, event: StageEvent) -> bool:
+        when = _utc(event.timestamp)
+        if isinstance(event, StageStarted):
+            self._open[event.stage] = len(metrics.stages)
+            metrics.stages.append(StageMetrics(event.stage, "started", event.attempt, 0.0, when))
+            return False
+        if isinstance(event, StageSkipped):
+            metrics.stages.append(
+                StageMetrics(
+                    event.stage,
+                    "skipped",
+                    event.attempt,
+                    0.0,
+                    when,
+                    details={**event.details, "reason": event.reason},
+                )
+            )
+            return True
+        if isinstance(event, StageCompleted):
+            record = StageMetrics(
+                event.stage,
+                "completed",
+                event.attempt,
+                event.duration_seconds,
+                when,
+                details=dict(event.details),
+            )
+            if event.stage in metrics.failed_stages:
+                metrics.failed_stages.remove(event.stage)
+        elif isinstance(event, StageRetrying):
+            metrics.total_retries += 1
+            record = StageMetrics(
+                event.stage,
+                "retrying",
+                event.attempt,
+                event.duration_seconds,
+                when,
+                details={"error_type": event.error_type, "delay_seconds": event.delay_seconds},
+                error=event.error,
+            )
+        elif isinstance(event, StageFailed):
+            record = StageMetrics(
+                event.stage,
+                "failed",
+                event.attempt,
+                event.duration_seconds,
+                when,
+                details={"error_type": event.error_type},
+                error=event.error,
+            )
+            if event.stage not in metrics.failed_stages:
+                metrics.failed_stages.append(event.stage)
+        else:
+            return False
+        index = self._open.pop(event.stage, None)
+        if (
+            index is not None
+            and index < len(metrics.stages)
+            and metrics.stages[index].attempt == event.attempt
+        ):
+            metrics.stages[index] = record
+        else:
+            metrics.stages.append(record)
+        return True
+
+    def _close_open(self, metrics: WorkflowMetrics, ts: float, error: str) -> None:
+        # an attempt still open when the run ends was interrupted (cancelled, crashed stage loop)
+        for index in self._open.values():
+            if index < len(metrics.stages) and metrics.stages[index].status == "started":
+                record = metrics.stages[index]
+                record.status = "failed"
+                record.duration_seconds = max(0.0, ts - record.timestamp.timestamp())
+                record.error = error
+        self._open.clear()
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """One row of :meth:`TelemetryCollector.list_sessions`."""
+
+    session_id: str
+    status: SessionStatus
+    prompt: str = ""
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    total_duration_seconds: float = 0.0
+    total_retries: int = 0
+    stages_completed: int = 0
+    stages_total: int = DEFAULT_STAGE_COUNT
+    failed_stages: tuple[str, ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "status": self.status,
+            "prompt": self.prompt,
+            "started_at": format_timestamp(self.started_at) if self.started_at else None,
+            "completed_at": format_timestamp(self.completed_at) if self.completed_at else None,
+            "total_duration_seconds": _seconds(self.total_duration_seconds),
+            "total_retries": self.total_retries,
+            "stages_completed": self.stages_completed,
+            "stages_total": self.stages_total,
+            "failed_stages": list(self.failed_stages),
+            "error": self.error,
+        }
+
+
+def _index_entry(metrics: WorkflowMetrics, stat: os.stat_result) -> dict[str, Any]:
+    return {
+        "session_id": metrics.session_id,
+        "mtime_ns": stat.st_mtime_ns,
+        "size": stat.st_size,
+        "status": metrics.status,
+        "prompt": metrics.prompt[:_PROMPT_IN_INDEX],
+        "started": metrics.started_at.timestamp(),
+        "completed": metrics.completed_at.timestamp() if metrics.completed_at else None,
+        "duration": metrics.total_duration_seconds,
+        "retries": metrics.total_retries,
+        "done": metrics.completed_stage_count,
+        "total": metrics.stage_total,
+        "failed": metrics.failed_stages,
+    }
+
+
+def _corrupt_entry(session_id: str, stat: os.stat_result, reason: str) -> dict[str, Any]:
+    return {
+        "session_id": session_id,
+        "mtime_ns": stat.st_mtime_ns,
+        "size": stat.st_size,
+        "status": "corrupt",
+        "started": stat.st_mtime,
+        "error": reason,
+    }
+
+
+def _summary(entry: dict[str, Any]) -> SessionSummary:
+    completed = entry.get("completed")
+    started = entry.get("started")
+    return SessionSummary(
+        session_id=entry["session_id"],
+        status=entry["status"],
+        prompt=entry.get("prompt", ""),
+        started_at=_utc(started) if isinstance(started, int | float) else None,
+        completed_at=_utc(completed) if isinstance(completed, int | float) else None,
+        total_duration_seconds=entry.get("duration", 0.0),
+        total_retries=entry.get("retries", 0),
+        stages_completed=entry.get("done", 0),
+        stages_total=entry.get("total", DEFAULT_STAGE_COUNT),
+        failed_stages=tuple(entry.get("failed", ())),
+        error=entry.get("error"),
+    )
+
+
+def _valid_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("session_id"), str)
+        and isinstance(entry.get("mtime_ns"), int)
+        and isinstance(entry.get("size"), int)
+        and entry.get("status") in SESSION_STATUSES
+        and isinstance(entry.get("started"), int | float)
+    )
+
+
+# --- the collector ----------------------------------------------------------------------
+
+
+class _SessionState:
+    __slots__ = ("indexed", "lock", "log", "passive", "recorder", "session_id")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.indexed = False
+        self.recorder = SessionRecorder(session_id)
+        self.log: EventLogWriter | None = None
+        self.passive = False
+        self.lock = threading.Lock()
+
+
+class TelemetryCollector:
+    """Records sessions under ``output_dir`` and reads them back.
+
+    As a sink (``name = "telemetry"``) it never raises: failures are logged and counted in
+    :attr:`errors` (by operation in :attr:`error_counts`). Set ``background=False`` to write
+    snapshots in the caller's thread (deterministic tests); ``fsync=False`` skips fsyncs.
+    """
+
+    name = "telemetry"
+
+    def __init__(
+        self,
+        output_dir: Path | str = Path("./prowzi_telemetry"),
+        *,
+        background: bool = True,
+        fsync: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.errors = 0
+        self.error_counts: dict[str, int] = {}
+        self.last_error: str | None = None
+        self._background = background
+        self._fsync = fsync
+        self._sessions: dict[str, _SessionState] = {}
+        self._cond = threading.Condition()
+        self._dirty: dict[str, _SessionState] = {}
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._warned: set[str] = set()
+
+    # paths
+
+    def session_path(self, session_id: str) -> Path:
+        return self.output_dir / f"{validate_session_id(session_id)}.json"
+
+    def event_log_path(self, session_id: str) -> Path:
+        return self.output_dir / _EVENTS_DIR / f"{validate_session_id(session_id)}.jsonl"
+
+    @property
+    def index_path(self) -> Path:
+        return self.output_dir / _INDEX_NAME
+
+    # the sink
+
+    def handle(self, event: Event) -> None:
+        try:
+            state = self._sessions.get(event.session_id)
+            if state is None:
+                state = self._open_session(event.session_id)
+            if state.passive:
+                return
+            if state.log is not None:
+                try:
+                    state.log.append_event(event)
+                except OSError as exc:
+                    self._failed("event_log", state.session_id, exc)
+            with state.lock:
+                boundary = state.recorder.apply(event)
+            if isinstance(event, WorkflowCompleted | WorkflowFailed):
+                self._finish(state)
+            elif boundary:
+                self._schedule(state)
+        except Exception as exc:  # telemetry must never fail the run
+            self._failed("event", event.session_id, exc)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every scheduled snapshot is written. Returns False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._dirty and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Write what is pending and release every open log. Idempotent."""
+        self.flush()
+        for state in list(self._sessions.values()):
+            if not state.passive:
+                self._write_snapshot(state)
+            if state.log is not None:
+                state.log.close()
+        self._sessions.clear()
+
+    def __enter__(self) -> TelemetryCollector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open_session(self, session_id: str) -> _SessionState:
+        validate_session_id(session_id)
+        state = _SessionState(session_id)
+        path = self.event_log_path(session_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            existed = path.exists()
+            state.log = EventLogWriter(path)
+            if existed:
+                # the same session recorded before (a resume): continue its record
+                for old in iter_events_lenient(path):
+                    state.recorder.apply(old)
+        except EventLogBusyError:
+            log.info("session %s is already recorded by another writer; not recording", session_id)
+            state.passive = True
+        except OSError as exc:
+            self._failed("event_log", session_id, exc)
+        self._sessions[session_id] = state
+        return state
+
+    def _schedule(self, state: _SessionState) -> None:
+        if not self._background:
+            self._write_snapshot(state)
+            return
+        with self._cond:
+            self._dirty[state.session_id] = state
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run_writer, name="prowzi-telemetry", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run_writer(self) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: bool(self._dirty), _IDLE_SECONDS):
+                    self._thread = None
+                    return
+                session_id = next(iter(self._dirty))
+                state = self._dirty.pop(session_id)
+                self._busy = True
+            try:
+                self._write_snapshot(state)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _finish(self, state: _SessionState) -> None:
+        self.flush()
+        self._write_snapshot(state, index=True)
+        if state.log is not None:
+            state.log.close()
+        self._sessions.pop(state.session_id, None)
+
+    def _write_snapshot(self, state: _SessionState, *, index: bool | None = None) -> None:
+        with state.lock:
+            metrics = state.recorder.metrics
+            if metrics is None:
+                return
+            data = orjson.dumps(metrics.to_dict(), default=str, option=orjson.OPT_INDENT_2)
+        if state.log is not None and not state.log.closed and self._fsync:
+            try:
+                state.log.sync()
+            except OSError as exc:
+                self._failed("event_log", state.session_id, exc)
+        path = self.output_dir / f"{state.session_id}.json"
+        try:
+            self._atomic_write(path, data)
+        except OSError as exc:
+            self._failed("snapshot", state.session_id, exc)
+            return
+        # the index learns of a session when it starts and when it ends; in between the
+        # file's changed mtime tells list_sessions to read the file itself
+        if index or not state.indexed:
+            state.indexed = True
+            try:
+                self._append_index([_index_entry(metrics, path.stat())])
+            except OSError as exc:
+                self._failed("index", state.session_id, exc)
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self._fsync:
+            fsync_directory(path.parent)
+
+    def _failed(self, operation: str, session_id: str, exc: BaseException) -> None:
+        with self._cond:
+            self.errors += 1
+            self.error_counts[operation] = self.error_counts.get(operation, 0) + 1
+            self.last_error = f"{operation}: {type(exc).__name__}: {exc}"
+        key = f"{session_id}:{operation}"
+        if key in self._warned:
+            log.debug("telemetry %s failed for session %s: %s", operation, session_id, exc)
+        else:
+            self._warned.add(key)
+            log.warning(
+                "telemetry %s failed for session %s: %s: %s (the run goes on)",
+                operation,
+                session_id,
+                type(exc).__name__,
+                exc,
+            )
+
+    # readers
+
+    def load_session(self, session_id: str) -> WorkflowMetrics:
+        """The session's record. Derived from its event log if the file was never written.
+
+        Raises :class:`SessionNotFoundError` for an unknown session and
+        :class:`CorruptSessionError` for a file that is not a valid session.
+        """
+        path = self.session_path(session_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log_path = self.event_log_path(session_id)
+            if log_path.exists():
+                return self._derive(session_id, tolerate_partial=True)
+            raise SessionNotFoundError(
+                f"no telemetry for session {session_id!r} in {self.output_dir}"
+            ) from None
+        except OSError as exc:
+            raise TelemetryError(f"cannot read session file {path}: {exc}") from None
+        return self._parse(session_id, path, data)
+
+    def _parse(self, session_id: str, path: Path, data: bytes) -> WorkflowMetrics:
+        try:
+            metrics = WorkflowMetrics.from_dict(orjson.loads(data))
+        except orjson.JSONDecodeError as exc:
+            reason = "not JSON" if data.strip() else "empty"
+            if data.strip() and "unexpected end" in str(exc).lower():
+                reason = "truncated JSON"
+            raise self._corrupt(session_id, path, reason) from None
+        except ValueError as exc:
+            raise self._corrupt(session_id, path, str(exc)) from None
+        if metrics.session_id != session_id:
+            raise self._corrupt(session_id, path, f"it records session {metrics.session_id!r}")
+        return metrics
+
+    def _corrupt(self, session_id: str, path: Path, reason: str) -> CorruptSessionError:
+        return CorruptSessionError(
+            session_id, path, reason, has_event_log=self.event_log_path(session_id).exists()
+        )
+
+    def read_events(self, session_id: str, *, tolerate_partial: bool = False) -> list[Event]:
+        """The session's events from its log. A corrupt line is an error; so is a partial last
+        line unless ``tolerate_partial`` (a log still being written, or cut by a crash)."""
+        path = self.event_log_path(session_id)
+        if not path.exists():
+            if self.session_path(session_id).exists():
+                raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
+            raise SessionNotFoundError(
+                f"no telemetry for session {session_id!r} in {self.output_dir}"
+            )
+        reader = EventLogReader(path)
+        if not tolerate_partial:
+            return reader.read_all()
+        events = reader.poll()
+        if reader.partial_bytes:
+            log.warning("event log %s ends with a partial line; ignored", path)
+        return events
+
+    def follow(self, session_id: str) -> EventLogReader:
+        """A reader at the start of the session's log; call its ``poll()`` to follow it."""
+        path = self.event_log_path(session_id)
+        if not path.exists():
+            if self.session_path(session_id).exists():
+                raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
+            raise SessionNotFoundError(
+                f"no telemetry for session {session_id!r} in {self.output_dir}"
+            )
+        return EventLogReader(path)
+
+    def _derive(self, session_id: str, *, tolerate_partial: bool) -> WorkflowMetrics:
+        events = self.read_events(session_id, tolerate_partial=tolerate_partial)
+        metrics = SessionRecorder.from_events(session_id, events).metrics
+        if metrics is None:
+            raise TelemetryError(f"the event log of session {session_id!r} holds no events")
+        return metrics
+
+    def rebuild_session(self, session_id: str) -> WorkflowMetrics:
+        """Rewrite the session file from the event log (a partial last line is ignored)."""
+        metrics = self._derive(session_id, tolerate_partial=True)
+        path = self.session_path(session_id)
+        data = orjson.dumps(metrics.to_dict(), default=str, option=orjson.OPT_INDENT_2)
+        try:
+            self._atomic_write(path, data)
+            self._append_index([_index_entry(metrics, path.stat())])
+        except OSError as exc:
+            raise TelemetryError(f"cannot write session file {path}: {exc}") from None
+        return metrics
+
+    def list_sessions(
+        self, limit: int | None = 20, status: str | None = None
+    ) -> list[SessionSummary]:
+        """Sessions, newest first; unreadable files are listed with status ``corrupt``."""
+        if status is not None and status not in SESSION_STATUSES:
+            raise InvalidInputError(
+                f"unknown status {status!r}: use one of {', '.join(SESSION_STATUSES)}"
+            )
+        if limit is not None and limit < 0:
+            raise InvalidInputError(f"limit must not be negative (got {limit})")
+        cached, index_lines = self._read_index()
+        entries: list[dict[str, Any]] = []
+        fresh: list[dict[str, Any]] = []
+        for session_id, stat in self._scan():
+            entry = cached.get(session_id)
+            if (
+                entry is None
+                or entry["mtime_ns"] != stat.st_mtime_ns
+                or entry["size"] != stat.st_size
+            ):
+                entry = self._entry_from_file(session_id, stat)
+                fresh.append(entry)
+            entries.append(entry)
+        self._refresh_index(fresh, entries, index_lines)
+        if status is not None:
+            entries = [e for e in entries if e["status"] == status]
+        entries.sort(key=lambda e: (e["started"], e["session_id"]), reverse=True)
+        if limit is not None:
+            entries = entries[:limit]
+        return [_summary(e) for e in entries]
+
+    def _scan(self) -> Iterator[tuple[str, os.stat_result]]:
+        try:
+            it = os.scandir(self.output_dir)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TelemetryError(f"cannot list {self.output_dir}: {exc}") from None
+        with it:
+            for entry in it:
+                name = entry.name
+                if not name.endswith(".json") or name.startswith("."):
+                    continue
+                session_id = name[:-5]
+                try:
+                    validate_session_id(session_id)
+                    yield session_id, entry.stat()
+                except (TelemetryError, InvalidInputError, OSError):
+                    continue
+
+    def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
+        path = self.output_dir / f"{session_id}.json"
+        try:
+            metrics = self._parse(session_id, path, path.read_bytes())
+        except CorruptSessionError as exc:
+            return _corrupt_entry(session_id, stat, exc.reason)
+        except OSError as exc:
+            return _corrupt_entry(session_id, stat, f"unreadable: {exc}")
+        return _index_entry(metrics, stat)
+
+    def _read_index(self) -> tuple[dict[str, dict[str, Any]], int]:
+        try:
+            data = self.index_path.read_bytes()
+        except OSError:
+            return {}, 0
+        cached: dict[str, dict[str, Any]] = {}
+        lines = data.split(b"\n")
+        for line in lines:
+            if not line:
+                continue
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a cache line cut short; the file will be read instead
+            if _valid_entry(entry):
+                cached[entry["session_id"]] = entry
+        return cached, len(lines)
+
+    def _refresh_index(
+        self, fresh: list[dict[str, Any]], entries: list[dict[str, Any]], index_lines: int
+    ) -> None:
+        # best effort: a reader that cannot write the cache still lists correctly
+        try:
+            if index_lines + len(fresh) > 2 * len(entries) + 64:
+                data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
+                self._atomic_write(self.index_path, data)
+            elif fresh:
+                self._append_index(fresh)
+        except OSError as exc:
+            log.debug("cannot update the session index %s: %s", self.index_path, exc)
+
+    def _append_index(self, entries: list[dict[str, Any]]) -> None:
+        data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
