@@ -45,8 +45,12 @@ def run_two_stages_with_a_retry(tracer: OtelTracer) -> tuple[str | None, str | N
             span.record_failure(exc, error_type(exc))
         run.add_event(
             "prowzi.stage.retry",
-            {"prowzi.stage": "search", "prowzi.attempt": 1, "delay_seconds": 0.5,
-             "error.type": "transient"},
+            {
+                "prowzi.stage": "search",
+                "prowzi.attempt": 1,
+                "delay_seconds": 0.5,
+                "error.type": "transient",
+            },
         )
         with run.stage("search", 2) as span:
             span.set_attribute("prowzi.search.queries", ["qubits", "error correction"])
@@ -257,12 +261,22 @@ def test_an_endpoint_alone_selects_otlp() -> None:
     [
         ({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_SDK_DISABLED": "maybe"}, "OTEL_SDK_DISABLED"),
-        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "sometimes"},
-         "OTEL_TRACES_SAMPLER"),
-        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "traceidratio",
-          "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-         "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "sometimes"},
+            "OTEL_TRACES_SAMPLER",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_TRACES_SAMPLER": "traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "2",
+            },
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
     ],
 )
 def test_bad_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
@@ -280,3 +294,14 @@ def test_disabled_tracing_does_not_import_the_sdk() -> None:
         "assert not [m for m in sys.modules if m.startswith('opentelemetry.sdk')], 'sdk'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_recorded_as_cancelled_is_not_an_error(exporter: InMemorySpanExporter) -> None:
+    tracer = make_tracer(exporter)
+    with tracer.run(SESSION, prompt="p", attributes={}) as run:
+        run.record_failure(asyncio.CancelledError(), "cancelled")
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.UNSET
+    assert span.attributes is not None
+    assert span.attributes["prowzi.status"] == "cancelled"
+    assert "error.type" not in span.attributes

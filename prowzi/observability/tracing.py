@@ -84,11 +84,11 @@ def _hex_ids(span: Span) -> tuple[str | None, str | None]:
 class OtelStageSpan:
     """One stage attempt's span (``invoke_agent prowzi.<stage>``)."""
 
-    __slots__ = ("_failed", "_span", "span_id", "trace_id")
+    __slots__ = ("_status", "_span", "span_id", "trace_id")
 
     def __init__(self, span: Span) -> None:
         self._span = span
-        self._failed = False
+        self._status: str | None = None
         self.trace_id, self.span_id = _hex_ids(span)
 
     def set_attribute(self, key: str, value: AttributeValue | list[str]) -> None:
@@ -98,20 +98,19 @@ class OtelStageSpan:
         self._span.add_event(name, attributes)
 
     def record_failure(self, exc: BaseException, error_type: str) -> None:
-        _mark_failed(self._span, exc, error_type)
-        self._failed = True
+        self._status = _mark_failed(self._span, exc, error_type)
 
 
 class OtelRunSpan:
     """The root span of one run (``invoke_workflow prowzi.research``)."""
 
-    __slots__ = ("_failed", "_session_id", "_span", "_tracer", "span_id", "trace_id")
+    __slots__ = ("_status", "_session_id", "_span", "_tracer", "span_id", "trace_id")
 
     def __init__(self, tracer: Tracer, span: Span, session_id: str) -> None:
         self._tracer = tracer
         self._span = span
         self._session_id = session_id
-        self._failed = False
+        self._status: str | None = None
         self.trace_id, self.span_id = _hex_ids(span)
 
     @contextmanager
@@ -136,26 +135,31 @@ class OtelRunSpan:
             try:
                 yield wrapper
             except BaseException as exc:
-                _close_on_exception(span, exc, wrapper._failed)
+                _close_on_exception(span, exc, wrapper._status is not None)
                 raise
             else:
-                span.set_attribute("prowzi.status", "failed" if wrapper._failed else "completed")
+                span.set_attribute("prowzi.status", wrapper._status or "completed")
 
     def add_event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
         self._span.add_event(name, attributes)
 
     def record_failure(self, exc: BaseException, error_type: str) -> None:
-        _mark_failed(self._span, exc, error_type)
-        self._failed = True
+        self._status = _mark_failed(self._span, exc, error_type)
 
 
-def _mark_failed(span: Span, exc: BaseException, error_type: str) -> None:
+def _mark_failed(span: Span, exc: BaseException, error_type: str) -> str:
+    """Record a failure on ``span``; returns the ``prowzi.status`` it set."""
     from opentelemetry.trace import Status, StatusCode
 
+    if error_type == "cancelled" or isinstance(exc, asyncio.CancelledError):
+        # A cancelled run (user request, SIGTERM) is stopped, not broken: no error status.
+        span.set_attribute("prowzi.status", "cancelled")
+        return "cancelled"
     span.record_exception(exc)
     span.set_attribute("error.type", error_type)
     span.set_attribute("prowzi.status", "failed")
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:512]))
+    return "failed"
 
 
 def _close_on_exception(span: Span, exc: BaseException, failure_recorded: bool) -> None:
@@ -232,10 +236,10 @@ class OtelTracer:
             try:
                 yield wrapper
             except BaseException as exc:
-                _close_on_exception(span, exc, wrapper._failed)
+                _close_on_exception(span, exc, wrapper._status is not None)
                 raise
             else:
-                span.set_attribute("prowzi.status", "failed" if wrapper._failed else "completed")
+                span.set_attribute("prowzi.status", wrapper._status or "completed")
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.provider.force_flush(timeout_millis)
@@ -306,9 +310,7 @@ def _sampler(env: Mapping[str, str]) -> Sampler:
         except ValueError:
             rate = -1.0
         if not 0.0 <= rate <= 1.0:
-            raise ConfigError(
-                f"invalid {OTEL_TRACES_SAMPLER_ARG}={raw!r}: a ratio between 0 and 1"
-            )
+            raise ConfigError(f"invalid {OTEL_TRACES_SAMPLER_ARG}={raw!r}: a ratio between 0 and 1")
         ratio = sampling.TraceIdRatioBased(rate)
         return sampling.ParentBased(ratio) if name.startswith("parentbased") else ratio
     return {
@@ -324,9 +326,7 @@ def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
         protocol = env.get(var, "").strip()
         if protocol:
             if protocol != "http/protobuf":
-                raise ConfigError(
-                    f"invalid {var}={protocol!r}: only http/protobuf is supported"
-                )
+                raise ConfigError(f"invalid {var}={protocol!r}: only http/protobuf is supported")
             break
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
