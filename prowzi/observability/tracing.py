@@ -84,7 +84,7 @@ def _hex_ids(span: Span) -> tuple[str | None, str | None]:
 class OtelStageSpan:
     """One stage attempt's span (``invoke_agent prowzi.<stage>``)."""
 
-    __slots__ = ("_status", "_span", "span_id", "trace_id")
+    __slots__ = ("_span", "_status", "span_id", "trace_id")
 
     def __init__(self, span: Span) -> None:
         self._span = span
@@ -104,7 +104,7 @@ class OtelStageSpan:
 class OtelRunSpan:
     """The root span of one run (``invoke_workflow prowzi.research``)."""
 
-    __slots__ = ("_status", "_session_id", "_span", "_tracer", "span_id", "trace_id")
+    __slots__ = ("_session_id", "_span", "_status", "_tracer", "span_id", "trace_id")
 
     def __init__(self, tracer: Tracer, span: Span, session_id: str) -> None:
         self._tracer = tracer
