@@ -1,0 +1,54 @@
+"""Agent factories for tests that drive real ``prowzi`` processes through ``PROWZI_AGENTS``.
+
+``PROWZI_AGENTS="search=engine_agents:slow"`` (with ``tests/`` on ``PYTHONPATH``) wraps the
+default agent of a stage. Behaviour is tuned by environment variables so one factory serves
+many tests:
+
+- ``PROWZI_TEST_DELAY``: seconds each wrapped stage sleeps before running (default 0.3);
+- ``PROWZI_TEST_FAIL_MARKER``: a file; while it exists, ``failing`` raises a transient error;
+- ``PROWZI_TEST_PROGRESS``: a file to which ``slow`` appends each stage it completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from prowzi.agents import default_agents
+from prowzi.agents.base import Agent, StageContext
+from prowzi.config import ProwziConfig
+from prowzi.errors import TransientError
+
+
+def slow(config: ProwziConfig) -> Agent:
+    """Wraps every default agent it is named for: sleeps, then runs it."""
+    delay = float(os.environ.get("PROWZI_TEST_DELAY", "0.3"))
+    agents = default_agents(config)
+
+    progress = os.environ.get("PROWZI_TEST_PROGRESS")
+
+    async def agent(ctx: StageContext) -> BaseModel:
+        await asyncio.sleep(delay)
+        result = await agents[ctx.stage](ctx)
+        if progress:
+            with open(progress, "a", encoding="utf-8") as handle:
+                handle.write(ctx.stage + "\n")
+        return result
+
+    return agent
+
+
+def failing(config: ProwziConfig) -> Agent:
+    """Fails transiently while ``PROWZI_TEST_FAIL_MARKER`` names an existing file."""
+    agents = default_agents(config)
+    marker = os.environ.get("PROWZI_TEST_FAIL_MARKER")
+
+    async def agent(ctx: StageContext) -> BaseModel:
+        if marker and Path(marker).exists():
+            raise TransientError(f"injected failure in {ctx.stage}")
+        return await agents[ctx.stage](ctx)
+
+    return agent

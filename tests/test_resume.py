@@ -1,0 +1,221 @@
+"""Resume: continue, fork on changed parameters, time travel, dry run, completed sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from design_samples import reader_namespace, run_sample, sample
+from prowzi.workflows.checkpoint import CheckpointManager
+from pydantic import BaseModel
+
+from prowzi.agents.base import StageContext
+from prowzi.config import ProwziConfig
+from prowzi.errors import (
+    CheckpointNotFoundError,
+    InvalidInputError,
+    PermanentError,
+    WorkflowFailedError,
+)
+from prowzi.workflows import ProwziOrchestrator
+from prowzi.workflows.events import Event, StageCompleted, StageSkipped
+from prowzi.workflows.tracing import NullTracer
+
+PROMPT = "Write a research paper on quantum computing"
+STAGES = ["intent", "planning", "search", "verification", "writing", "evaluation", "turnitin"]
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def handle(self, event: Event) -> None:
+        self.events.append(event)
+
+
+async def broken_writer(ctx: StageContext) -> BaseModel:
+    raise PermanentError("the writer is broken")
+
+
+def make(
+    tmp_path: Path, agents: dict[str, Any] | None = None, **settings: Any
+) -> tuple[ProwziOrchestrator, Recorder]:
+    config = ProwziConfig(
+        enable_checkpointing=True,
+        checkpoint_dir=tmp_path / "checkpoints",
+        telemetry_dir=tmp_path / "telemetry",
+        **settings,
+    )
+    recorder = Recorder()
+    return ProwziOrchestrator(
+        config=config, agents=agents, sinks=[recorder], tracer=NullTracer()
+    ), recorder
+
+
+@pytest.fixture(scope="module")
+def reference_document(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("reference")
+    orch, _ = make(tmp)
+    return asyncio.run(orch.run_research(PROMPT)).document
+
+
+def failed_session(tmp_path: Path, **settings: Any) -> str:
+    orch, _ = make(tmp_path, {"writing": broken_writer}, **settings)
+    with pytest.raises(WorkflowFailedError) as info:
+        asyncio.run(orch.run_research(PROMPT, session_id="s-1"))
+    assert info.value.stage == "writing"
+    return "s-1"
+
+
+def test_resume_after_failure_restores_completed_stages_and_matches_uninterrupted_run(
+    tmp_path: Path, reference_document: str
+) -> None:
+    sid = failed_session(tmp_path)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    latest = manager.latest(sid)
+    assert latest is not None and latest.completed_stages == STAGES[:4]
+    orch, rec = make(tmp_path)
+    result = asyncio.run(orch.resume_from_checkpoint(checkpoint_id=sid))
+    assert result.metadata["session_id"] == sid
+    assert result.document == reference_document
+    skipped = [e for e in rec.events if isinstance(e, StageSkipped)]
+    assert [e.stage for e in skipped] == STAGES[:4]
+    assert all(e.details["checkpoint"] == f"{sid}_verification" for e in skipped)
+    ran = [e.stage for e in rec.events if isinstance(e, StageCompleted)]
+    assert ran == STAGES[4:]
+    manager.verify_chain(sid)
+
+
+def test_interval_above_one_still_saves_completed_stages_when_a_stage_fails(tmp_path: Path) -> None:
+    sid = failed_session(tmp_path, checkpoint_interval=3)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    stages = sorted(row["stage"] for row in manager.list_checkpoints(session_id=sid))
+    # interval 3 saves after search; verification completed later and is saved on failure
+    assert stages == ["search", "verification"]
+    assert manager.latest(sid).completed_stages == STAGES[:4]  # type: ignore[union-attr]
+
+
+def test_changed_parameter_forks_and_reruns_only_affected_stages(
+    tmp_path: Path,
+) -> None:
+    orch, _ = make(tmp_path)
+    first = asyncio.run(orch.run_research(PROMPT, session_id="base"))
+    plan = orch.plan_resume("base", relevance_threshold=0.5)
+    assert plan.fork and plan.session_id != "base"
+    assert plan.restored == ["intent", "planning", "search"]
+    assert plan.rerun == ["verification", "writing", "evaluation", "turnitin"]
+    reasons = {s.stage: s.reasons for s in plan.stages}
+    assert reasons["verification"] == ["parameter relevance_threshold changed"]
+    assert reasons["writing"] == ["input verification is recomputed"]
+    orch2, rec = make(tmp_path)
+    result = asyncio.run(orch2.resume_from_checkpoint("base", relevance_threshold=0.5))
+    child = result.metadata["session_id"]
+    assert child != "base" and result.metadata["parent_session_id"] == "base"
+    assert result.metadata["parameters"]["relevance_threshold"] == 0.5
+    assert [e.stage for e in rec.events if isinstance(e, StageCompleted)] == plan.rerun
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.latest(child).parent_session_id == "base"  # type: ignore[union-attr]
+    manager.verify_chain(child)
+    # the parent is untouched
+    assert manager.latest("base").completed_stages == STAGES  # type: ignore[union-attr]
+    assert first.document
+
+
+def test_max_results_change_reruns_from_search(tmp_path: Path) -> None:
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="base"))
+    plan = orch.plan_resume("base", parameters={"max_results_per_query": "3"})
+    assert plan.restored == ["intent", "planning"]
+    assert plan.changed_parameters == {"max_results_per_query": (15, 3)}
+
+
+def test_dry_run_plans_without_running_or_writing(tmp_path: Path) -> None:
+    sid = failed_session(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    orch, rec = make(tmp_path)
+    plan = orch.plan_resume(sid)
+    assert not plan.fork and plan.rerun == STAGES[4:]
+    text = "\n".join(plan.describe())
+    assert "writing: run (not completed in the checkpoint)" in text
+    assert "intent: restored from checkpoint" in text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert rec.events == []
+
+
+def test_resuming_a_completed_session_returns_its_result_without_rerunning(
+    tmp_path: Path, reference_document: str
+) -> None:
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="done"))
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    orch2, rec = make(tmp_path)
+    result = asyncio.run(orch2.resume_from_checkpoint("done"))
+    assert result.metadata["already_complete"] is True
+    assert result.document == reference_document
+    assert rec.events == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == files
+
+
+def test_time_travel_from_a_named_stage_forks(tmp_path: Path, reference_document: str) -> None:
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="tt"))
+    for checkpoint_id, stage in (("tt_search", None), ("tt", "search")):
+        plan = orch.plan_resume(checkpoint_id, stage=stage)
+        assert plan.fork and plan.restored == ["intent", "planning", "search"]
+    result = asyncio.run(orch.resume_from_checkpoint("tt_search"))
+    assert result.metadata["parent_session_id"] == "tt"
+    assert result.document == reference_document
+
+
+def test_bad_resume_requests_are_refused(tmp_path: Path) -> None:
+    orch, _ = make(tmp_path)
+    with pytest.raises(CheckpointNotFoundError):
+        orch.plan_resume("never-ran")
+    asyncio.run(orch.run_research(PROMPT, session_id="ok"))
+    with pytest.raises(InvalidInputError, match="unknown parameter"):
+        orch.plan_resume("ok", parameters={"colour": "red"})
+    with pytest.raises(InvalidInputError, match="max_results_per_query"):
+        orch.plan_resume("ok", max_results_per_query=0)
+    with pytest.raises(InvalidInputError):
+        orch.plan_resume("../ok")
+    with pytest.raises(InvalidInputError, match="unknown stage"):
+        orch.plan_resume("ok", stage="polishing")
+
+
+def test_checkpoint_interval_control_sample() -> None:
+    ns = reader_namespace()
+
+    async def session() -> None:
+        await run_sample(sample("Programmatic Configuration"), ns)
+        await run_sample(sample("Checkpoint Interval Control"), ns)
+        ns["result"] = await ns["orchestrator"].run_research(prompt=PROMPT)
+
+    asyncio.run(session())
+    assert ns["config"].checkpoint_interval == 2
+    sid = ns["result"].metadata["session_id"]
+    saved = sorted(p.stem.removeprefix(f"{sid}_") for p in Path("./my_checkpoints").glob("*.pkl"))
+    # every 2 stages, and always at the end
+    assert saved == sorted(["planning", "verification", "evaluation", "turnitin"])
+
+
+def test_resuming_from_checkpoint_sample() -> None:
+    # An interrupted session "abc123-def456" in the default checkpoint directory.
+    config = ProwziConfig(enable_checkpointing=True)
+    broken = ProwziOrchestrator(config=config, agents={"writing": broken_writer})
+    with pytest.raises(WorkflowFailedError):
+        asyncio.run(broken.run_research(PROMPT, session_id="abc123-def456"))
+    ns = reader_namespace()
+
+    async def session() -> None:
+        await run_sample(sample("1. Running Workflows with Checkpoints"), ns)
+        await run_sample(sample("2. Resuming from Checkpoint"), ns)
+
+    asyncio.run(session())
+    result = ns["result"]
+    assert result.metadata["session_id"] == "abc123-def456"
+    assert result.metadata["restored_stages"] == sorted(STAGES[:4])
+    assert "## References" in result.document
