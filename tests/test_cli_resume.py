@@ -1,0 +1,176 @@
+"""Real ``prowzi`` processes: signals save completed work; one writer per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prowzi.workflows.checkpoint import CheckpointManager
+from pydantic import BaseModel
+
+from prowzi.agents.base import StageContext
+from prowzi.config import ProwziConfig
+from prowzi.errors import PermanentError, WorkflowFailedError
+from prowzi.workflows import ProwziOrchestrator
+from prowzi.workflows.tracing import NullTracer
+
+TESTS = Path(__file__).resolve().parent
+PROWZI = str(Path(sys.executable).parent / "prowzi")
+ALL_SLOW = ",".join(
+    f"{s}=engine_agents:slow"
+    for s in ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
+)
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(TESTS),
+        "PROWZI_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "PROWZI_TELEMETRY_DIR": str(tmp_path / "telemetry"),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_completed_stages_then_resume_finishes(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    progress = tmp_path / "progress"
+    proc = subprocess.Popen(
+        [
+            PROWZI,
+            "run",
+            "Write a research paper on quantum computing",
+            "--enable-checkpoints",
+            "--session-id",
+            "sig",
+        ],
+        env=env(
+            tmp_path,
+            PROWZI_AGENTS=ALL_SLOW,
+            PROWZI_TEST_DELAY="0.3",
+            PROWZI_TEST_PROGRESS=str(progress),
+            PROWZI_CHECKPOINT_INTERVAL="10",  # nothing would be saved before the end...
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if progress.exists() and len(progress.read_text().split()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert "prowzi resume sig" in err
+    done = progress.read_text().split()
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    latest = manager.latest("sig")
+    # ...but the stages completed before the signal were saved on the way out
+    assert latest is not None and latest.completed_stages == done
+
+    resumed = subprocess.run(
+        [PROWZI, "resume", "sig"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "sig.md").read_text(encoding="utf-8").count("## References") == 1
+    manager.verify_chain("sig")
+
+
+async def _broken_writer(ctx: StageContext) -> BaseModel:
+    raise PermanentError("the writer is broken")
+
+
+def test_two_resumes_of_one_session_exactly_one_runs(tmp_path: Path) -> None:
+    config = ProwziConfig(
+        enable_checkpointing=True,
+        checkpoint_dir=tmp_path / "checkpoints",
+        telemetry_dir=tmp_path / "telemetry",
+    )
+    orch = ProwziOrchestrator(
+        config=config, agents={"writing": _broken_writer}, tracer=NullTracer()
+    )
+    with pytest.raises(WorkflowFailedError):
+        asyncio.run(orch.run_research("Write a research paper on AI safety", session_id="dup"))
+
+    slow = env(tmp_path, PROWZI_AGENTS=ALL_SLOW, PROWZI_TEST_DELAY="0.5")
+    procs = [
+        subprocess.Popen(
+            [PROWZI, "resume", "dup"],
+            env=slow,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for code, err in results if code != 0)
+    assert "Traceback" not in loser
+    assert "locked" in loser.lower() and "pid" in loser.lower(), loser
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    manager.verify_chain("dup")
+    assert manager.latest("dup").completed_stages[-1] == "turnitin"  # type: ignore[union-attr]
+
+
+def test_cli_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
+    config = ProwziConfig(
+        enable_checkpointing=True,
+        checkpoint_dir=tmp_path / "checkpoints",
+        telemetry_dir=tmp_path / "telemetry",
+    )
+    orch = ProwziOrchestrator(config=config, tracer=NullTracer())
+    asyncio.run(orch.run_research("Write a research paper on AI safety", session_id="plan"))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    proc = subprocess.run(
+        [PROWZI, "resume", "plan", "--dry-run", "--set", "max_results_per_query=4"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "parameter max_results_per_query: 15 -> 4" in proc.stdout
+    assert "search: run (parameter max_results_per_query changed)" in proc.stdout
+    assert "intent: restored from checkpoint" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+    bad = subprocess.run(
+        [PROWZI, "resume", "plan", "--set", "max_results_per_query=zero"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert (
+        bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    )
+    complete = subprocess.run(
+        [PROWZI, "resume", "plan"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert complete.returncode == 0 and "already complete" in complete.stdout
