@@ -69,7 +69,7 @@ def test_signal_saves_completed_stages_then_resume_finishes(
             break
         time.sleep(0.02)
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "Traceback" not in err
     assert "prowzi resume sig" in err
