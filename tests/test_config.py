@@ -1,0 +1,66 @@
+"""Configuration: precedence, validation on assignment, errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from prowzi.config import ProwziConfig, get_config
+from prowzi.errors import ConfigError
+
+
+def test_defaults_match_the_design_document() -> None:
+    config = ProwziConfig()
+    assert config.enable_checkpointing is False
+    assert config.checkpoint_dir == Path("./prowzi_checkpoints")
+    assert config.enable_telemetry is True
+    assert config.checkpoint_interval == 1
+
+
+def test_constructor_beats_environment_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROWZI_MAX_RETRIES", "5")
+    assert get_config().max_retries == 5
+    assert get_config(max_retries=1).max_retries == 1
+    monkeypatch.delenv("PROWZI_MAX_RETRIES")
+    assert get_config().max_retries == 3
+
+
+def test_environment_is_read_when_called_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = get_config()
+    monkeypatch.setenv("PROWZI_CHECKPOINT_INTERVAL", "4")
+    assert get_config().checkpoint_interval == 4 and first.checkpoint_interval == 1
+
+
+def test_assignment_is_validated() -> None:
+    config = ProwziConfig()
+    config.checkpoint_interval = 2
+    assert config.checkpoint_interval == 2
+    with pytest.raises(ValidationError, match="checkpoint_interval"):
+        config.checkpoint_interval = 0
+    with pytest.raises(ValidationError, match="max_retries"):
+        config.max_retries = -1
+    with pytest.raises(ValidationError):
+        config.no_such_setting = True  # type: ignore[attr-defined]
+    assert config.checkpoint_interval == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROWZI_MAX_RETRIES", "many"),
+        ("PROWZI_ENABLE_TELEMETRY", "sometimes"),
+        ("PROWZI_RETRY_BACKOFF_BASE", "-1"),
+        ("PROWZI_CHECKPOINT_COMPRESSION", "rar"),
+        ("PROWZI_CHECKPOINT_DIR", ""),
+    ],
+)
+def test_bad_variable_is_a_one_line_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        get_config()
+    message = str(info.value)
+    assert variable in message and "\n" not in message
