@@ -532,8 +532,9 @@ class ProwziOrchestrator:
         manager = self.checkpoint_manager
         started = time.perf_counter()
         try:
-            meta = await asyncio.to_thread(
-                manager.save,
+            # Synchronous on purpose: a cancellation (SIGTERM, a service cancel) cannot land
+            # in the middle of a save and leave the failure path racing a second one.
+            meta = manager.save(
                 session_id=run.session_id,
                 stage=stage,
                 state=run.state,
