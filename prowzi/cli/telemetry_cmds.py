@@ -1,9 +1,301 @@
-"""Commands registered on the prowzi app (placeholder until implemented)."""
+"""``prowzi sessions``, ``show``, ``monitor`` and ``replay``: reading recorded runs.
+
+Everything goes through :class:`~prowzi.workflows.telemetry.TelemetryCollector` on the
+configured ``telemetry_dir`` (``PROWZI_TELEMETRY_DIR``). rich and the telemetry modules are
+imported inside the commands, so ``prowzi --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from prowzi.cli._common import EXIT_USAGE, fail, load_config, user_errors
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from prowzi.workflows.telemetry import TelemetryCollector, WorkflowMetrics
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("sessions")(sessions)
+    app.command("show")(show)
+    app.command("monitor")(monitor)
+    app.command("replay")(replay)
+
+
+def _collector() -> TelemetryCollector:
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    return TelemetryCollector(load_config().telemetry_dir)
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _print_json(data: Any) -> None:
+    import orjson
+
+    sys.stdout.buffer.write(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+    return f"{seconds:.2f}s"
+
+
+def sessions(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="Show at most N.")] = 20,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only sessions with this status: running, completed, failed, corrupt."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead.")] = False,
+) -> None:
+    """List recorded sessions, newest first. Unreadable session files are marked corrupt."""
+    with user_errors():
+        rows = _collector().list_sessions(limit=limit, status=status)
+        if json_output:
+            _print_json([row.to_dict() for row in rows])
+            return
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        console = _console()
+        if not rows:
+            console.print("No sessions recorded" + (f" with status {status}." if status else "."))
+            return
+        styles = {"completed": "green", "failed": "red", "running": "cyan", "corrupt": "red"}
+        table = Table(
+            title=f"Sessions (newest first, {len(rows)} shown)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+            caption="Started is UTC." if rows else None,
+            caption_justify="left",
+        )
+        table.add_column("Session", no_wrap=True, min_width=max(len(r.session_id) for r in rows))
+        table.add_column("Status", no_wrap=True, min_width=9)
+        table.add_column("Started", no_wrap=True, min_width=11)
+        table.add_column("Duration", justify="right", no_wrap=True, min_width=8)
+        table.add_column("Stages", justify="right", no_wrap=True, min_width=6)
+        table.add_column("Retries", justify="right", no_wrap=True, min_width=7)
+        table.add_column("Prompt", overflow="ellipsis", no_wrap=True, ratio=1)
+        for row in rows:
+            started = row.started_at.strftime("%m-%d %H:%M") if row.started_at else ""
+            if row.status == "corrupt":
+                table.add_row(
+                    row.session_id,
+                    Text("corrupt", style="bold red"),
+                    started,
+                    "",
+                    "",
+                    "",
+                    Text(row.error or "unreadable", style="red"),
+                )
+                continue
+            table.add_row(
+                row.session_id,
+                Text(row.status, style=styles.get(row.status, "")),
+                started,
+                _duration(row.total_duration_seconds),
+                f"{row.stages_completed}/{row.stages_total}",
+                str(row.total_retries),
+                row.prompt,
+            )
+        console.print(table)
+
+
+def _load(collector: TelemetryCollector, session_id: str, rebuild: bool) -> WorkflowMetrics:
+    from prowzi.workflows.telemetry import CorruptSessionError
+
+    if rebuild:
+        return collector.rebuild_session(session_id)
+    try:
+        return collector.load_session(session_id)
+    except CorruptSessionError as exc:
+        hint = (
+            f"; rebuild it from its event log with: prowzi show {session_id} --rebuild"
+            if exc.has_event_log
+            else "; it has no event log to rebuild it from"
+        )
+        fail(f"{exc}{hint}")
+
+
+def _checkpoints(session_id: str) -> list[Path]:
+    # named by the checkpoint store's layout, <checkpoint_dir>/<session>_<stage>.pkl
+    directory = load_config().checkpoint_dir
+    try:
+        return sorted(directory.glob(f"{session_id}_*.pkl"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return []
+
+
+def show(
+    session_id: Annotated[str, typer.Argument(help="The session to show.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead.")] = False,
+    rebuild: Annotated[
+        bool,
+        typer.Option("--rebuild", help="Rewrite the session file from its event log first."),
+    ] = False,
+) -> None:
+    """Show a session: its stage attempts, errors, durations, checkpoints and document."""
+    with user_errors():
+        from prowzi.ids import validate_session_id
+
+        validate_session_id(session_id)
+        collector = _collector()
+        metrics = _load(collector, session_id, rebuild)
+        checkpoints = _checkpoints(session_id)
+        log_path = collector.event_log_path(session_id)
+        document = metrics.metadata.get("document_path")
+        if json_output:
+            _print_json(
+                {
+                    "status": metrics.status,
+                    "session": metrics.to_dict(),
+                    "checkpoints": [str(p) for p in checkpoints],
+                    "document_path": document,
+                    "event_log": str(log_path) if log_path.exists() else None,
+                }
+            )
+            return
+        _print_session(metrics, checkpoints, log_path if log_path.exists() else None)
+
+
+def _print_session(
+    metrics: WorkflowMetrics, checkpoints: list[Path], log_path: Path | None
+) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from prowzi.workflows.telemetry import format_timestamp
+
+    console = _console()
+    outcome = {"completed": "✓ completed", "failed": "✗ failed", "running": "… running"}
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column()
+    head.add_row("Session", metrics.session_id)
+    head.add_row("Status", outcome.get(metrics.status, metrics.status))
+    head.add_row("Prompt", metrics.prompt)
+    head.add_row("Started", format_timestamp(metrics.started_at))
+    completed = metrics.completed_at
+    head.add_row("Completed", format_timestamp(completed) if completed else "-")
+    head.add_row("Duration", _duration(metrics.total_duration_seconds))
+    head.add_row("Stages", f"{metrics.completed_stage_count}/{metrics.stage_total} completed")
+    head.add_row("Retries", str(metrics.total_retries))
+    head.add_row("Failed stages", ", ".join(metrics.failed_stages) or "-")
+    if metrics.metadata.get("error"):
+        head.add_row("Error", str(metrics.metadata["error"]))
+    head.add_row("Document", str(metrics.metadata.get("document_path") or "-"))
+    for key in ("trace_id", "parent_session_id", "resumed_from", "run_session_id"):
+        if metrics.metadata.get(key):
+            head.add_row(key.replace("_", " ").capitalize(), str(metrics.metadata[key]))
+    head.add_row("Event log", str(log_path) if log_path else "-")
+    console.print(head)
+
+    table = Table(title="Stage attempts", title_justify="left")
+    table.add_column("Stage", no_wrap=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Attempt", justify="right")
+    table.add_column("Duration", justify="right", no_wrap=True)
+    table.add_column("At (UTC)", no_wrap=True)
+    table.add_column("Details / error", overflow="fold", ratio=1)
+    styles = {"completed": "green", "failed": "red", "retrying": "yellow", "skipped": "blue"}
+    for record in metrics.stages:
+        info = (
+            Text(record.error or "", style="red")
+            if record.error
+            else Text(", ".join(f"{k}={v}" for k, v in record.details.items()))
+        )
+        table.add_row(
+            record.stage,
+            Text(record.status, style=styles.get(record.status, "cyan")),
+            str(record.attempt),
+            _duration(record.duration_seconds),
+            record.timestamp.strftime("%H:%M:%S.%f")[:-3],
+            info,
+        )
+    console.print(table)
+    console.print(Text("Checkpoints", style="bold"))
+    if not checkpoints:
+        console.print("  none")
+    for path in checkpoints:
+        console.print(f"  {path}")
+
+
+def monitor(
+    session_id: Annotated[str, typer.Argument(help="The session to watch.")],
+    poll: Annotated[
+        float, typer.Option("--poll", min=0.02, max=10.0, help="Seconds between log reads.")
+    ] = 0.2,
+) -> None:
+    """Attach to a session and follow it live until it ends (Ctrl-C detaches; the run goes
+    on). On a finished session, show its final state and exit."""
+    with user_errors():
+        from prowzi.cli.monitor import WorkflowMonitor, follow_session
+        from prowzi.ids import validate_session_id
+
+        validate_session_id(session_id)
+        collector = _collector()
+        console = _console()
+        view = WorkflowMonitor(session_id, console=console)
+        if not collector.event_log_path(session_id).exists():
+            # recorded without a log (or the log was removed): the file is all there is
+            view.show(collector.load_session(session_id))
+            console.print(view.render())
+            return
+        reader = collector.follow(session_id)
+        view.apply_all(reader.poll())
+        if view.finished:
+            console.print(view.render())
+            return
+        try:
+            with view:
+                follow_session(reader, view, poll_interval=poll)
+        except KeyboardInterrupt:
+            console.print("Detached; the run goes on.")
+
+
+def replay(
+    session_id: Annotated[str, typer.Argument(help="The session to play back.")],
+    speed: Annotated[
+        float, typer.Option("--speed", help="Playback speed: 2 is twice as fast as the run.")
+    ] = 1.0,
+) -> None:
+    """Play a recorded session's events back through the monitor."""
+    with user_errors():
+        from prowzi.cli.monitor import ReplayClock, WorkflowMonitor, replay_session
+        from prowzi.ids import validate_session_id
+
+        validate_session_id(session_id)
+        if not speed > 0:
+            fail(f"invalid --speed {speed:g}: use a number above 0", EXIT_USAGE)
+        events = _collector().read_events(session_id)
+        if not events:
+            fail(f"the event log of session {session_id!r} holds no events")
+        clock = ReplayClock(speed)
+        clock.at(events[0].timestamp)
+        view = WorkflowMonitor(
+            session_id, console=_console(), clock=clock, label=f"replay ×{speed:g}"
+        )
+        try:
+            with view:
+                replay_session(events, view, speed=speed, clock=clock)
+        except KeyboardInterrupt:
+            view.console.print("Replay stopped.")
