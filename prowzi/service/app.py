@@ -1,0 +1,436 @@
+"""The Prowzi HTTP API (FastAPI): start, list, inspect, follow, resume and cancel runs.
+
+No endpoint accepts a filesystem path: runs write where the service's configuration says.
+Session ids in URLs are validated with :mod:`prowzi.ids` before anything is looked up.
+Errors are JSON objects with a ``detail`` message: 400 for a malformed id, 404 for an unknown
+run, 409 for a request that does not fit the run's state, 413 for an oversized body, 422 for
+an invalid body, 429 when the queue is full, 503 while shutting down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prowzi import __version__
+from prowzi.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidIdentifierError,
+    InvalidInputError,
+    SessionNotFoundError,
+    TelemetryError,
+)
+from prowzi.ids import new_session_id, validate_session_id
+from prowzi.observability.metrics import ProwziMetrics, render
+from prowzi.service.journal import RUN_STATES, RunJournal
+from prowzi.service.runs import (
+    QueueFullError,
+    RunConflictError,
+    RunManager,
+    RunRecord,
+    ServiceUnavailableError,
+)
+from prowzi.workflows.events import EventSink
+
+if TYPE_CHECKING:
+    from prowzi.config import ProwziConfig
+    from prowzi.workflows.orchestrator import ProwziOrchestrator
+    from prowzi.workflows.telemetry import TelemetryCollector
+    from prowzi.workflows.tracing import RunTracer
+
+log = logging.getLogger("prowzi.service")
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class ServiceSettings:
+    """How the service runs; ``prowzi serve`` fills it from its options."""
+
+    max_concurrent: int = 2
+    max_queue: int = 100
+    resume_interrupted: bool = False
+    state_dir: Path = field(default_factory=lambda: Path("./prowzi_service"))
+    shutdown_timeout: float = 30.0
+    keepalive_seconds: float = 15.0
+
+
+# --- request and response bodies ------------------------------------------------------------
+
+
+class RunRequest(BaseModel):
+    """Start a run. Unknown fields (such as a path) are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=10_000, description="The research prompt.")
+    max_results_per_query: int = Field(15, ge=1, le=1000)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is blank")
+        return value.strip()
+
+
+class RunAccepted(BaseModel):
+    session_id: str
+    state: str
+    links: dict[str, str]
+
+
+class RunInfo(BaseModel):
+    session_id: str
+    state: str = Field(description=f"one of {', '.join(RUN_STATES)} or running (telemetry)")
+    prompt: str = ""
+    kind: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    trace_id: str | None = None
+    stages_completed: int | None = None
+    stages_total: int | None = None
+    telemetry: dict[str, Any] | None = Field(
+        None, description="The session's telemetry record (GET /runs/{id} only)."
+    )
+
+
+class RunList(BaseModel):
+    runs: list[RunInfo]
+
+
+def _links(session_id: str) -> dict[str, str]:
+    base = f"/runs/{session_id}"
+    return {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
+
+
+def _session(session_id: str) -> str:
+    return validate_session_id(session_id)
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+# --- the application ------------------------------------------------------------------------
+
+
+def create_app(
+    config: ProwziConfig,
+    settings: ServiceSettings | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer: RunTracer | None = None,
+    orchestrator_factory: Callable[[EventSink, ProwziMetrics], ProwziOrchestrator] | None = None,
+) -> FastAPI:
+    """The service for ``config``. Checkpointing is switched on: the service promises that a
+    run interrupted by a shutdown resumes where it stopped."""
+    settings = settings or ServiceSettings()
+    config.enable_checkpointing = True
+    metrics = ProwziMetrics(registry if registry is not None else CollectorRegistry())
+
+    def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
+        from prowzi.workflows.composition import build_tracer
+        from prowzi.workflows.orchestrator import ProwziOrchestrator
+
+        return ProwziOrchestrator(
+            config=config,
+            sinks=[metrics, sink],
+            tracer=tracer if tracer is not None else build_tracer(),
+            on_sink_error=metrics.sink_error,
+        )
+
+    factory = orchestrator_factory or default_factory
+    manager = RunManager(
+        lambda sink: factory(sink, metrics),
+        RunJournal(settings.state_dir),
+        metrics,
+        max_concurrent=settings.max_concurrent,
+        max_queue=settings.max_queue,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    telemetry_reader: list[TelemetryCollector] = []
+
+    def telemetry() -> TelemetryCollector:
+        if not telemetry_reader:
+            from prowzi.workflows.telemetry import TelemetryCollector
+
+            telemetry_reader.append(TelemetryCollector(output_dir=config.telemetry_dir))
+        return telemetry_reader[0]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
+        if interrupted:
+            log.warning(
+                "%d run(s) were interrupted by the last shutdown: %s%s",
+                len(interrupted),
+                ", ".join(interrupted),
+                "; resuming them"
+                if settings.resume_interrupted
+                else "; resume with POST /runs/{id}/resume or start with --resume-interrupted",
+            )
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app = FastAPI(
+        title="Prowzi",
+        version=__version__,
+        summary="Durable, observable research runs over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.manager = manager
+    app.state.metrics = metrics
+
+    # --- errors ---------------------------------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(
+            {"detail": "invalid request: " + "; ".join(problems), "errors": problems},
+            status_code=422,
+        )
+
+    @app.exception_handler(InvalidIdentifierError)
+    async def _bad_id(request: Request, exc: InvalidIdentifierError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        response: Response = await call_next(request)
+        return response
+
+    # --- runs -----------------------------------------------------------------------------
+
+    @app.post("/runs", status_code=202, response_model=RunAccepted, tags=["runs"])
+    async def start_run(body: RunRequest) -> Any:
+        """Queue a run; it starts as soon as a slot is free. Returns its session id."""
+        session_id = new_session_id()
+        try:
+            record = manager.submit(session_id, body.prompt, body.max_results_per_query)
+        except ServiceUnavailableError as exc:
+            return _error(503, str(exc), {"Retry-After": "30"})
+        except QueueFullError as exc:
+            return _error(429, str(exc), {"Retry-After": "10"})
+        return JSONResponse(
+            RunAccepted(
+                session_id=session_id, state=record.state, links=_links(session_id)
+            ).model_dump(),
+            status_code=202,
+            headers={"Location": f"/runs/{session_id}"},
+        )
+
+    @app.get("/runs", response_model=RunList, tags=["runs"])
+    async def list_runs(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        state: Annotated[
+            Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"] | None,
+            Query(),
+        ] = None,
+    ) -> RunList:
+        """This process's runs, then the sessions in telemetry, newest first."""
+        runs: dict[str, RunInfo] = {}
+        for record in sorted(
+            manager.records.values(), key=lambda r: r.entry.created_at, reverse=True
+        ):
+            runs[record.session_id] = RunInfo(**record.summary())
+        try:
+            sessions = telemetry().list_sessions(limit=limit)
+        except TelemetryError as exc:
+            log.warning("cannot list telemetry sessions: %s", exc)
+            sessions = []
+        for summary in sessions:
+            info = runs.get(summary.session_id)
+            if info is None:
+                data = summary.to_dict()
+                runs[summary.session_id] = RunInfo(
+                    session_id=summary.session_id,
+                    state=data["status"],
+                    prompt=summary.prompt,
+                    error=summary.error,
+                    stages_completed=summary.stages_completed,
+                    stages_total=summary.stages_total,
+                )
+            else:
+                info.stages_completed = summary.stages_completed
+                info.stages_total = summary.stages_total
+        selected = [r for r in runs.values() if state is None or r.state == state]
+        return RunList(runs=selected[:limit])
+
+    @app.get("/runs/{session_id}", response_model=RunInfo, tags=["runs"])
+    async def get_run(session_id: str) -> Any:
+        """A run's state and its telemetry record (stages, durations, retries, trace id)."""
+        sid = _session(session_id)
+        record = manager.records.get(sid)
+        info = RunInfo(**record.summary()) if record is not None else None
+        try:
+            metrics = telemetry().load_session(sid)
+        except SessionNotFoundError:
+            metrics = None
+        except TelemetryError as exc:
+            if info is None:
+                return _error(409, f"session {sid} has unreadable telemetry: {exc}")
+            metrics = None
+        if info is None and metrics is None:
+            return _error(404, f"no run or session {sid}")
+        if metrics is not None:
+            data = metrics.to_dict()
+            if info is None:
+                info = RunInfo(session_id=sid, state=metrics.status, prompt=metrics.prompt)
+            info.telemetry = data
+            info.stages_completed = metrics.completed_stage_count
+            info.stages_total = metrics.stage_total
+            if info.trace_id is None and isinstance(data["metadata"].get("trace_id"), str):
+                info.trace_id = data["metadata"]["trace_id"]
+        return info
+
+    @app.get(
+        "/runs/{session_id}/events",
+        tags=["runs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def run_events(
+        session_id: str,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """Server-Sent Events: the run's events so far, then live ones until it finishes.
+
+        Each message has ``id`` (a sequence number; send it back as ``Last-Event-ID`` to
+        resume a stream), ``event`` (the event kind) and ``data`` (the event as JSON). A
+        final ``end`` message carries the run's state. A run this process did not execute
+        replays its recorded event log.
+        """
+        sid = _session(session_id)
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        record = manager.records.get(sid)
+        if record is not None:
+            stream = _follow(manager, record, after, settings.keepalive_seconds)
+        else:
+            try:
+                events = telemetry().read_events(sid, tolerate_partial=True)
+            except SessionNotFoundError:
+                return _error(404, f"no run or session {sid}")
+            except TelemetryError as exc:
+                return _error(409, f"session {sid} has no readable event log: {exc}")
+            stream = _replay([e.as_record() for e in events], after)
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post(
+        "/runs/{session_id}/resume", status_code=202, response_model=RunAccepted, tags=["runs"]
+    )
+    async def resume_run(session_id: str) -> Any:
+        """Resume a session from its latest checkpoint (completed stages are not re-run)."""
+        sid = _session(session_id)
+        try:
+            record = await manager.resume(sid)
+        except ServiceUnavailableError as exc:
+            return _error(503, str(exc), {"Retry-After": "30"})
+        except QueueFullError as exc:
+            return _error(429, str(exc), {"Retry-After": "10"})
+        except CheckpointNotFoundError:
+            return _error(404, f"session {sid} has no checkpoint to resume from")
+        except RunConflictError as exc:
+            return _error(409, str(exc))
+        except (CheckpointError, InvalidInputError) as exc:
+            return _error(409, f"cannot resume session {sid}: {exc}")
+        return JSONResponse(
+            RunAccepted(session_id=sid, state=record.state, links=_links(sid)).model_dump(),
+            status_code=202,
+            headers={"Location": f"/runs/{sid}"},
+        )
+
+    @app.post(
+        "/runs/{session_id}/cancel", status_code=202, response_model=RunAccepted, tags=["runs"]
+    )
+    async def cancel_run(session_id: str) -> Any:
+        """Cancel a queued or running run; a running one checkpoints its completed stages."""
+        sid = _session(session_id)
+        try:
+            record = manager.cancel(sid)
+        except LookupError:
+            return _error(404, f"no run {sid} in this service")
+        except RunConflictError as exc:
+            return _error(409, str(exc))
+        return JSONResponse(
+            RunAccepted(session_id=sid, state=record.state, links=_links(sid)).model_dump(),
+            status_code=202,
+        )
+
+    # --- operations -----------------------------------------------------------------------
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics; OpenMetrics (with exemplars) when the scraper asks for it."""
+        body, content_type = render(metrics.registry, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> Any:
+        """Ready for new runs (503 while starting or shutting down)."""
+        if not manager.accepting:
+            return _error(503, "not accepting runs")
+        return {
+            "status": "ready",
+            "active_runs": manager.active,
+            "queued_runs": manager.queue_depth,
+        }
+
+    return app
+
+
+def _sse(seq: int | None, kind: str, data: dict[str, Any]) -> bytes:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+async def _follow(
+    manager: RunManager, record: RunRecord, after: int, keepalive: float
+) -> AsyncIterator[bytes]:
+    async for item in manager.follow(record, after, keepalive):
+        if item is None:
+            yield b": keepalive\n\n"
+        else:
+            yield _sse(*item)
+    yield _sse(
+        None, "end", {"session_id": record.session_id, "state": record.state, "error": record.error}
+    )
+
+
+async def _replay(records: list[dict[str, Any]], after: int) -> AsyncIterator[bytes]:
+    for seq, data in enumerate(records, start=1):
+        if seq > after:
+            yield _sse(seq, str(data.get("event", "event")), data)
+    yield _sse(None, "end", {"state": "replayed"})

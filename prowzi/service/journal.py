@@ -1,0 +1,140 @@
+"""The service's journal of accepted runs, so a restart knows which runs were interrupted.
+
+One small JSON file, replaced atomically on every change of a run's state. It lists each
+run's session id, state, kind and parameters (the prompt included: a run that never started
+must be re-runnable). Finished runs beyond the newest :data:`KEEP_FINISHED` are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from prowzi.ids import validate_session_id
+
+log = logging.getLogger("prowzi.service")
+
+JOURNAL_VERSION = 1
+KEEP_FINISHED = 500
+
+RunState = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+RUN_STATES: tuple[RunState, ...] = (
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+    "interrupted",
+)
+FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+RunKind = Literal["run", "resume"]
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    session_id: str
+    state: RunState
+    kind: RunKind
+    prompt: str
+    max_results_per_query: int
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JournalEntry:
+        if not isinstance(data, dict):
+            raise ValueError("entry is not an object")
+        state = data.get("state")
+        kind = data.get("kind")
+        if state not in RUN_STATES or kind not in ("run", "resume"):
+            raise ValueError(f"bad state {state!r} or kind {kind!r}")
+        prompt = data.get("prompt")
+        results = data.get("max_results_per_query")
+        created = data.get("created_at")
+        updated = data.get("updated_at")
+        if not isinstance(prompt, str) or not isinstance(results, int):
+            raise ValueError("bad prompt or max_results_per_query")
+        if not isinstance(created, int | float) or not isinstance(updated, int | float):
+            raise ValueError("bad timestamps")
+        return cls(
+            session_id=validate_session_id(data.get("session_id")),
+            state=state,
+            kind=kind,
+            prompt=prompt,
+            max_results_per_query=results,
+            created_at=float(created),
+            updated_at=float(updated),
+        )
+
+
+class RunJournal:
+    """Reads and atomically rewrites ``<state_dir>/runs.json``."""
+
+    def __init__(self, state_dir: Path, *, fsync: bool = True) -> None:
+        self.path = state_dir / "runs.json"
+        self._fsync = fsync
+
+    def load(self) -> dict[str, JournalEntry]:
+        """The journal's entries; an unreadable journal is logged and treated as empty."""
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable run journal %s: %s", self.path, exc)
+            return {}
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            log.error("ignoring run journal %s: not a journal", self.path)
+            return {}
+        version = data.get("version")
+        if not isinstance(version, int) or version > JOURNAL_VERSION:
+            log.error(
+                "ignoring run journal %s: format %r is newer than this Prowzi's (%d)",
+                self.path,
+                version,
+                JOURNAL_VERSION,
+            )
+            return {}
+        entries: dict[str, JournalEntry] = {}
+        for item in data["runs"]:
+            try:
+                entry = JournalEntry.from_dict(item)
+            except ValueError as exc:
+                log.warning("skipping a bad run journal entry: %s", exc)
+                continue
+            entries[entry.session_id] = entry
+        return entries
+
+    def save(self, entries: dict[str, JournalEntry]) -> None:
+        finished = sorted(
+            (e for e in entries.values() if e.state in FINISHED),
+            key=lambda e: e.updated_at,
+        )
+        dropped = {e.session_id for e in finished[: max(0, len(finished) - KEEP_FINISHED)]}
+        runs = [asdict(e) for e in entries.values() if e.session_id not in dropped]
+        for session_id in dropped:
+            del entries[session_id]
+        payload = json.dumps({"version": JOURNAL_VERSION, "runs": runs}).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".runs.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if self._fsync:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

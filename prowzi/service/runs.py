@@ -1,0 +1,373 @@
+"""Runs inside the service: a bounded number execute, the rest wait in a bounded queue.
+
+The :class:`RunManager` owns every run this process accepted: it starts them on one shared
+orchestrator, keeps each run's recent events for Server-Sent Events followers, journals states
+so a restart can find interrupted runs, and on shutdown cancels the runs in flight (the
+orchestrator checkpoints their completed stages as it unwinds) and marks them interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from prowzi.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ProwziError,
+    WorkflowFailedError,
+)
+from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
+from prowzi.workflows.events import Event, EventSink, WorkflowStarted
+
+if TYPE_CHECKING:
+    from prowzi.observability.metrics import ProwziMetrics
+    from prowzi.workflows.orchestrator import ProwziOrchestrator
+
+log = logging.getLogger("prowzi.service")
+
+EVENTS_KEPT = 5000
+"""Events kept per run for SSE replay (a run with every retry used stays far below this)."""
+
+
+class ServiceUnavailableError(ProwziError):
+    """The service is shutting down and accepts no new run."""
+
+
+class QueueFullError(ProwziError):
+    """Every run slot is busy and the queue is full."""
+
+
+class RunConflictError(ProwziError):
+    """The request does not fit the run's state (cancel a finished run, resume a live one)."""
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """One run (or resume) this process accepted."""
+
+    entry: JournalEntry
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    trace_id: str | None = None
+    events: deque[tuple[int, str, dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=EVENTS_KEPT)
+    )
+    next_seq: int = 1
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.entry.session_id
+
+    @property
+    def state(self) -> RunState:
+        return self.entry.state
+
+    @property
+    def done(self) -> bool:
+        return self.entry.state in FINISHED or self.entry.state == "interrupted"
+
+    def add_event(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((self.next_seq, kind, data))
+        self.next_seq += 1
+        self.notify()
+
+    def notify(self) -> None:
+        # Followers hold the previous Event; setting it wakes them, a fresh one waits again.
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "state": self.state,
+            "kind": self.entry.kind,
+            "prompt": self.entry.prompt,
+            "max_results_per_query": self.entry.max_results_per_query,
+            "created_at": self.entry.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "trace_id": self.trace_id,
+        }
+
+
+class _RouterSink:
+    """The service's event sink: hands each event to the run it belongs to."""
+
+    name = "service"
+
+    def __init__(self, manager: RunManager) -> None:
+        self._manager = manager
+
+    def handle(self, event: Event) -> None:
+        record = self._manager.records.get(event.session_id)
+        if record is None:
+            return
+        if isinstance(event, WorkflowStarted) and event.trace_id:
+            record.trace_id = event.trace_id
+        record.add_event(event.kind, event.as_record())
+
+
+class RunManager:
+    """Accepts, queues, runs, cancels, journals and recovers runs."""
+
+    def __init__(
+        self,
+        orchestrator_factory: Callable[[EventSink], ProwziOrchestrator],
+        journal: RunJournal,
+        metrics: ProwziMetrics,
+        *,
+        max_concurrent: int = 2,
+        max_queue: int = 100,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+        self.records: dict[str, RunRecord] = {}
+        self.accepting = False
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.shutdown_timeout = shutdown_timeout
+        self._journal = journal
+        self._metrics = metrics
+        self._sink = _RouterSink(self)
+        self._factory = orchestrator_factory
+        self._orchestrator: ProwziOrchestrator | None = None
+        self._pending: deque[RunRecord] = deque()
+        self._running: set[str] = set()
+        self._entries: dict[str, JournalEntry] = {}
+        self._shutting_down = False
+
+    @property
+    def orchestrator(self) -> ProwziOrchestrator:
+        if self._orchestrator is None:
+            self._orchestrator = self._factory(self._sink)
+        return self._orchestrator
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, *, resume_interrupted: bool) -> list[str]:
+        """Load the journal; mark runs it left unfinished as interrupted and, if asked,
+        resume them (or re-run those that never reached a checkpoint). Returns their ids."""
+        self._entries = self._journal.load()
+        interrupted = [e for e in self._entries.values() if e.state not in FINISHED]
+        for entry in interrupted:
+            entry.state = "interrupted"
+            entry.updated_at = time.time()
+            self.records[entry.session_id] = RunRecord(entry=entry)
+        self._save()
+        self.accepting = True
+        if resume_interrupted:
+            for entry in sorted(interrupted, key=lambda e: e.created_at):
+                await self._recover(entry)
+        return [e.session_id for e in interrupted]
+
+    async def _recover(self, entry: JournalEntry) -> None:
+        try:
+            plan = await asyncio.to_thread(self.orchestrator.plan_resume, entry.session_id)
+        except CheckpointNotFoundError:
+            # Interrupted before its first checkpoint: run it again from the start.
+            self._admit(entry.session_id, "run", entry.prompt, entry.max_results_per_query)
+            return
+        except (CheckpointError, ProwziError) as exc:
+            log.error("cannot resume interrupted run %s: %s", entry.session_id, exc)
+            self._set_state(self.records[entry.session_id], "failed", error=str(exc))
+            return
+        if plan.complete:
+            self._set_state(self.records[entry.session_id], "completed")
+            return
+        self._admit(entry.session_id, "resume", entry.prompt, entry.max_results_per_query)
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; interrupt queued runs; cancel running ones (they checkpoint)."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        self.accepting = False
+        while self._pending:
+            self._set_state(self._pending.popleft(), "interrupted")
+        self._update_gauges()
+        for session_id in list(self._running):
+            task = self.records[session_id].task
+            if task is not None:
+                task.cancel()
+
+    async def close(self) -> None:
+        """Shut down and wait (up to ``shutdown_timeout``) for cancelled runs to unwind."""
+        self.begin_shutdown()
+        tasks = [r.task for r in self.records.values() if r.task is not None and not r.task.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+            for task in pending:
+                log.error("a run did not stop within %.0fs of shutdown", self.shutdown_timeout)
+                task.cancel()
+
+    # --- requests -----------------------------------------------------------------------
+
+    def submit(self, session_id: str, prompt: str, max_results_per_query: int) -> RunRecord:
+        """Accept a new run; raises when shutting down or when the queue is full."""
+        self._check_capacity()
+        if session_id in self.records:
+            raise RunConflictError(f"session {session_id} already exists")
+        return self._admit(session_id, "run", prompt, max_results_per_query)
+
+    async def resume(self, session_id: str) -> RunRecord:
+        """Accept a resume of ``session_id`` from its latest checkpoint."""
+        self._check_capacity()
+        existing = self.records.get(session_id)
+        if existing is not None and not existing.done:
+            raise RunConflictError(f"session {session_id} is {existing.state}; nothing to resume")
+        plan = await asyncio.to_thread(self.orchestrator.plan_resume, session_id)
+        if plan.complete:
+            raise RunConflictError(f"session {session_id} is complete; nothing to resume")
+        prompt = existing.entry.prompt if existing is not None else ""
+        results = existing.entry.max_results_per_query if existing is not None else 15
+        return self._admit(session_id, "resume", prompt, results)
+
+    def cancel(self, session_id: str) -> RunRecord:
+        record = self.records.get(session_id)
+        if record is None:
+            raise LookupError(session_id)
+        if record.done:
+            raise RunConflictError(f"session {session_id} is {record.state}; nothing to cancel")
+        if record.state == "queued":
+            self._pending.remove(record)
+            self._set_state(record, "cancelled")
+            self._update_gauges()
+        elif record.task is not None:
+            record.task.cancel()
+        return record
+
+    def _check_capacity(self) -> None:
+        if not self.accepting:
+            raise ServiceUnavailableError("the service is shutting down; no new runs accepted")
+        if self.active >= self.max_concurrent and len(self._pending) >= self.max_queue:
+            raise QueueFullError(
+                f"all {self.max_concurrent} run slots are busy and {self.max_queue} runs "
+                "are queued; retry later"
+            )
+
+    # --- execution ----------------------------------------------------------------------
+
+    def _admit(self, session_id: str, kind: RunKind, prompt: str, results: int) -> RunRecord:
+        now = time.time()
+        record = self.records.get(session_id)
+        entry = JournalEntry(
+            session_id=session_id,
+            state="queued",
+            kind=kind,
+            prompt=prompt,
+            max_results_per_query=results,
+            created_at=record.entry.created_at if record is not None else now,
+            updated_at=now,
+        )
+        record = RunRecord(entry=entry)
+        self.records[session_id] = record
+        self._entries[session_id] = entry
+        self._pending.append(record)
+        self._save()
+        self._dispatch()
+        return record
+
+    def _dispatch(self) -> None:
+        while self._pending and len(self._running) < self.max_concurrent:
+            record = self._pending.popleft()
+            self._running.add(record.session_id)
+            record.started_at = time.time()
+            self._set_state(record, "running")
+            task = asyncio.get_running_loop().create_task(
+                self._execute(record), name=f"prowzi-run-{record.session_id}"
+            )
+            # Bookkeeping in a done callback also covers a task cancelled before it ran.
+            task.add_done_callback(partial(self._finished, record))
+            record.task = task
+        self._update_gauges()
+
+    async def _execute(self, record: RunRecord) -> None:
+        entry = record.entry
+        orchestrator = self.orchestrator
+        try:
+            if entry.kind == "run":
+                await orchestrator.run_research(
+                    entry.prompt,
+                    max_results_per_query=entry.max_results_per_query,
+                    session_id=entry.session_id,
+                )
+            else:
+                await orchestrator.resume_from_checkpoint(entry.session_id)
+            self._set_state(record, "completed")
+        except WorkflowFailedError as exc:
+            self._set_state(record, "failed", error=str(exc))
+        except Exception as exc:
+            log.exception("run %s failed", entry.session_id)
+            self._set_state(record, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _finished(self, record: RunRecord, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not record.done:
+            self._set_state(record, "interrupted" if self._shutting_down else "cancelled")
+        self._running.discard(record.session_id)
+        if not self._shutting_down:
+            self._dispatch()
+        self._update_gauges()
+
+    def _set_state(self, record: RunRecord, state: RunState, error: str | None = None) -> None:
+        record.entry.state = state
+        record.entry.updated_at = time.time()
+        if error is not None:
+            record.error = error
+        if record.done:
+            record.finished_at = record.entry.updated_at
+        self._entries[record.session_id] = record.entry
+        self._save()
+        record.notify()
+
+    def _save(self) -> None:
+        try:
+            self._journal.save(self._entries)
+        except OSError:
+            log.exception("cannot write the run journal %s", self._journal.path)
+
+    def _update_gauges(self) -> None:
+        self._metrics.queue_depth.set(len(self._pending))
+        self._metrics.active_runs.set(len(self._running))
+
+    # --- events -------------------------------------------------------------------------
+
+    async def follow(
+        self, record: RunRecord, after: int = 0, keepalive: float = 15.0
+    ) -> AsyncIterator[tuple[int, str, dict[str, Any]] | None]:
+        """The run's events with a sequence number above ``after``, then live ones, until
+        the run is finished. ``None`` is yielded after ``keepalive`` seconds of silence."""
+        last = after
+        while True:
+            changed = record.changed
+            fresh = [e for e in record.events if e[0] > last]
+            for item in fresh:
+                last = item[0]
+                yield item
+            if record.done and not fresh:
+                return
+            if fresh:
+                continue
+            try:
+                await asyncio.wait_for(changed.wait(), keepalive)
+            except TimeoutError:
+                yield None
