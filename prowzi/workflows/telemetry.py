@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,6 +73,7 @@ SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "corrupt"
 _INDEX_NAME = ".index.jsonl"
 _EVENTS_DIR = "events"
 _IDLE_SECONDS = 2.0
+_LOG_RETRY_SECONDS = 1.0
 _PROMPT_IN_INDEX = 200
 
 
@@ -560,11 +562,12 @@ def _valid_entry(entry: object) -> bool:
 
 
 class _SessionState:
-    __slots__ = ("indexed", "lock", "log", "passive", "recorder", "session_id")
+    __slots__ = ("indexed", "lock", "log", "log_retry_at", "passive", "recorder", "session_id")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self.indexed = False
+        self.log_retry_at = 0.0
         self.recorder = SessionRecorder(session_id)
         self.log: EventLogWriter | None = None
         self.passive = False
@@ -622,11 +625,17 @@ class TelemetryCollector:
                 state = self._open_session(event.session_id)
             if state.passive:
                 return
+            if state.log is None and time.monotonic() >= state.log_retry_at:
+                self._open_log(state)
             if state.log is not None:
                 try:
                     state.log.append_event(event)
                 except OSError as exc:
+                    # reopened later: opening cuts a partial line this write may have left
                     self._failed("event_log", state.session_id, exc)
+                    state.log.close()
+                    state.log = None
+                    state.log_retry_at = time.monotonic() + _LOG_RETRY_SECONDS
             with state.lock:
                 boundary = state.recorder.apply(event)
             if isinstance(event, WorkflowCompleted | WorkflowFailed):
@@ -660,22 +669,29 @@ class TelemetryCollector:
     def _open_session(self, session_id: str) -> _SessionState:
         validate_session_id(session_id)
         state = _SessionState(session_id)
-        path = self.event_log_path(session_id)
+        self._open_log(state, resume=True)
+        self._sessions[session_id] = state
+        return state
+
+    def _open_log(self, state: _SessionState, *, resume: bool = False) -> None:
+        path = self.event_log_path(state.session_id)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             existed = path.exists()
             state.log = EventLogWriter(path)
-            if existed:
+            if resume and existed:
                 # the same session recorded before (a resume): continue its record
                 for old in iter_events_lenient(path):
                     state.recorder.apply(old)
         except EventLogBusyError:
-            log.info("session %s is already recorded by another writer; not recording", session_id)
+            log.info(
+                "session %s is already recorded by another writer; not recording",
+                state.session_id,
+            )
             state.passive = True
         except OSError as exc:
-            self._failed("event_log", session_id, exc)
-        self._sessions[session_id] = state
-        return state
+            self._failed("event_log", state.session_id, exc)
+            state.log_retry_at = time.monotonic() + _LOG_RETRY_SECONDS
 
     def _schedule(self, state: _SessionState) -> None:
         if not self._background:

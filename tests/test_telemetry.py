@@ -1,0 +1,535 @@
+"""TelemetryCollector: session files, the event log, listing, rebuilding, and never failing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from telemetry_events import DOC_SESSION, STAGES, RunScript, doc_example_run
+
+from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
+from prowzi.workflows.eventlog import EventLogReader, EventLogWriter, read_events
+from prowzi.workflows.events import Event, EventBus, StageStarted, WorkflowStarted
+from prowzi.workflows.telemetry import (
+    CorruptSessionError,
+    StageMetrics,
+    TelemetryCollector,
+    WorkflowMetrics,
+)
+
+SCHEMA = json.loads(
+    (Path(__file__).parent / "schemas" / "telemetry_session.schema.json").read_text()
+)
+
+DOC_JSON_EXAMPLE = {
+    "session_id": "abc123-def456",
+    "prompt": "Write a research paper...",
+    "started_at": "2024-01-15T10:30:00Z",
+    "completed_at": "2024-01-15T10:45:30Z",
+    "total_duration_seconds": 930.5,
+    "total_retries": 3,
+    "failed_stages": [],
+    "success": True,
+    "stages": [
+        {
+            "stage": "intent",
+            "status": "completed",
+            "attempt": 1,
+            "duration_seconds": 2.3,
+            "timestamp": "2024-01-15T10:30:02Z",
+            "details": {"document_type": "research_paper", "field": "computer_science"},
+        },
+        {
+            "stage": "search",
+            "status": "retrying",
+            "attempt": 1,
+            "duration_seconds": 5.2,
+            "timestamp": "2024-01-15T10:30:15Z",
+            "error": "Rate limit exceeded",
+        },
+        {
+            "stage": "search",
+            "status": "completed",
+            "attempt": 2,
+            "duration_seconds": 8.1,
+            "timestamp": "2024-01-15T10:30:23Z",
+            "details": {"sources_count": 48},
+        },
+    ],
+}
+
+
+def record(collector: TelemetryCollector, events: list[Event]) -> None:
+    for event in events:
+        collector.handle(event)
+
+
+def session_file(directory: Path, session_id: str = DOC_SESSION) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((directory / f"{session_id}.json").read_text())
+    return data
+
+
+# --- the design document's promises -------------------------------------------------------
+
+
+def test_design_document_telemetry_export_sample_runs() -> None:
+    record(TelemetryCollector(Path("./telemetry")), doc_example_run().events)
+    exported: list[tuple[str, WorkflowMetrics]] = []
+
+    def export_to_prometheus(metrics: WorkflowMetrics) -> None:
+        exported.append(("prometheus", metrics))
+
+    def export_to_splunk(metrics: WorkflowMetrics) -> None:
+        exported.append(("splunk", metrics))
+
+    # --- verbatim from the design document ---
+    from prowzi.workflows.telemetry import TelemetryCollector as _TelemetryCollector
+
+    telemetry = _TelemetryCollector(output_dir=Path("./telemetry"))
+
+    # Load session metrics
+    metrics = telemetry.load_session("abc123-def456")
+
+    # Export to external system
+    export_to_prometheus(metrics)
+    export_to_splunk(metrics)
+    # --- end of sample ---
+
+    assert [name for name, _ in exported] == ["prometheus", "splunk"]
+    assert isinstance(metrics, WorkflowMetrics)
+    assert metrics.session_id == "abc123-def456" and metrics.success is True
+    assert all(isinstance(s, StageMetrics) for s in metrics.stages)
+
+
+def test_the_schema_accepts_the_design_documents_example() -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.validate(DOC_JSON_EXAMPLE, SCHEMA)
+
+
+def test_the_schema_refuses_keys_the_document_does_not_have() -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**DOC_JSON_EXAMPLE, "extra": 1}, SCHEMA)
+    bad_stage = {**DOC_JSON_EXAMPLE["stages"][0], "note": "x"}  # type: ignore[dict-item]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**DOC_JSON_EXAMPLE, "stages": [bad_stage]}, SCHEMA)
+
+
+def test_session_file_validates_field_for_field_against_the_schema(tmp_path: Path) -> None:
+    record(TelemetryCollector(tmp_path), doc_example_run().events)
+    data = session_file(tmp_path)
+    jsonschema.validate(data, SCHEMA)
+    assert list(data) == [
+        "session_id",
+        "prompt",
+        "started_at",
+        "completed_at",
+        "total_duration_seconds",
+        "total_retries",
+        "failed_stages",
+        "success",
+        "stages",
+        "metadata",
+    ]
+    for stage in data["stages"]:
+        assert list(stage)[:6] == [
+            "stage",
+            "status",
+            "attempt",
+            "duration_seconds",
+            "timestamp",
+            "details",
+        ]
+        assert ("error" in stage) == (stage["status"] in ("retrying", "failed"))
+    assert data["started_at"] == "2024-01-15T10:30:00.000Z"
+    assert all(s["timestamp"].endswith("Z") for s in data["stages"])
+
+
+def test_stage_records_reproduce_the_documents_retry_shape(tmp_path: Path) -> None:
+    record(TelemetryCollector(tmp_path), doc_example_run().events)
+    stages = session_file(tmp_path)["stages"]
+    search = [s for s in stages if s["stage"] == "search"]
+    assert [(s["status"], s["attempt"]) for s in search] == [("retrying", 1), ("completed", 2)]
+    assert search[0]["error"] == "Rate limit exceeded" and search[0]["duration_seconds"] == 5.2
+    assert search[1]["details"] == {"sources_count": 48} and search[1]["duration_seconds"] == 8.1
+    assert stages[0] == {
+        "stage": "intent",
+        "status": "completed",
+        "attempt": 1,
+        "duration_seconds": 2.3,
+        "timestamp": "2024-01-15T10:30:02.300Z",
+        "details": {"document_type": "research_paper", "field": "computer_science"},
+    }
+    assert [s["stage"] for s in stages if s["status"] == "completed"] == list(STAGES)
+
+
+def test_workflow_totals_and_metadata(tmp_path: Path) -> None:
+    run = doc_example_run()
+    record(TelemetryCollector(tmp_path), run.events)
+    data = session_file(tmp_path)
+    assert data["total_retries"] == 1
+    assert data["failed_stages"] == []
+    assert data["success"] is True
+    assert data["total_duration_seconds"] == pytest.approx(run.now - run.t0)
+    meta = data["metadata"]
+    assert meta["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert meta["parameters"]["max_results_per_query"] == 15
+    assert meta["document_path"] == "paper.md"
+    assert meta["format_version"] == 1 and meta["prowzi_version"]
+    assert meta["parent_session_id"] is None and meta["resumed_from"] is None
+
+
+def test_a_failed_run_records_the_failed_stage_and_error(tmp_path: Path) -> None:
+    run = RunScript("s-fail").start().stage("intent", 1.0)
+    run.retry("planning", 0.5, "flaky").fail_stage("planning", 0.5, "boom", attempt=2)
+    run.failed("planning", "boom")
+    record(TelemetryCollector(tmp_path), run.events)
+    data = session_file(tmp_path, "s-fail")
+    jsonschema.validate(data, SCHEMA)
+    assert data["success"] is False and data["completed_at"] is not None
+    assert data["failed_stages"] == ["planning"]
+    assert data["stages"][-1]["status"] == "failed" and data["stages"][-1]["error"] == "boom"
+    assert data["metadata"]["error"] == "boom"
+
+
+# --- when files are written -------------------------------------------------------------
+
+
+def test_the_session_file_is_written_at_stage_boundaries_not_per_event(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path, background=False)
+    run = RunScript("s-bound").start()
+    record(collector, run.events)
+    path = tmp_path / "s-bound.json"
+    first = path.read_bytes()
+    collector.handle(StageStarted(session_id="s-bound", timestamp=run.now, stage="intent"))
+    assert path.read_bytes() == first  # a start is not a boundary
+    run.stage("intent", 1.0)
+    collector.handle(run.events[-1])
+    assert [s["status"] for s in session_file(tmp_path, "s-bound")["stages"]] == ["completed"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_background_snapshots_are_written_after_a_flush(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path)
+    run = RunScript("s-bg").start().stage("intent", 1.0)
+    record(collector, run.events)
+    assert collector.flush(timeout=5)
+    assert session_file(tmp_path, "s-bg")["stages"][0]["status"] == "completed"
+    collector.close()
+
+
+def test_the_event_log_has_each_event_as_soon_as_it_is_handled(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path)
+    reader = None
+    for event in doc_example_run().events:
+        collector.handle(event)
+        if reader is None:
+            reader = collector.follow(DOC_SESSION)
+        assert reader.poll() == [event]
+
+
+def test_the_session_file_is_derivable_from_the_event_log(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path)
+    record(collector, doc_example_run().events)
+    original = session_file(tmp_path)
+    (tmp_path / f"{DOC_SESSION}.json").write_text("{broken")
+    rebuilt = collector.rebuild_session(DOC_SESSION)
+    assert rebuilt.to_dict() == original
+    assert session_file(tmp_path) == original
+
+
+def test_load_session_derives_from_the_log_when_the_file_is_missing(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path)
+    record(collector, doc_example_run().events)
+    (tmp_path / f"{DOC_SESSION}.json").unlink()
+    assert collector.load_session(DOC_SESSION).success is True
+
+
+def test_a_resumed_session_continues_its_record(tmp_path: Path) -> None:
+    run = RunScript("s-resume").start().stage("intent", 1.0)
+    run.fail_stage("planning", 1.0, "down").failed("planning", "down")
+    record(TelemetryCollector(tmp_path), run.events)
+    again = RunScript("s-resume", t0=run.now + 60).start().skip("intent")
+    again.stage("planning", 2.0).complete()
+    record(TelemetryCollector(tmp_path), again.events)
+    data = session_file(tmp_path, "s-resume")
+    assert data["success"] is True and data["failed_stages"] == []
+    assert data["metadata"]["runs"] == 2
+    assert [s["status"] for s in data["stages"]] == ["completed", "failed", "skipped", "completed"]
+    assert data["total_duration_seconds"] == pytest.approx(2.0 + 2.0)
+
+
+def test_a_second_writer_of_the_same_session_stays_passive(tmp_path: Path) -> None:
+    first = TelemetryCollector(tmp_path)
+    second = TelemetryCollector(tmp_path)
+    for event in doc_example_run().events:
+        first.handle(event)
+        second.handle(event)
+    events = read_events(first.event_log_path(DOC_SESSION))
+    assert len(events) == len(doc_example_run().events)
+    assert first.errors == second.errors == 0
+
+
+# --- the event log ------------------------------------------------------------------------
+
+
+def test_a_follower_waits_for_a_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    writer = EventLogWriter(path)
+    event = doc_example_run().events[0]
+    line = json.dumps(event.as_record()).encode() + b"\n"
+    reader = EventLogReader(path)
+    assert reader.poll() == []  # only the header so far
+    with open(path, "ab") as fh:
+        fh.write(line[:20])
+    assert reader.poll() == [] and reader.partial_bytes == 20
+    with open(path, "ab") as fh:
+        fh.write(line[20:])
+    assert reader.poll() == [event]
+    writer.close()
+
+
+def test_a_corrupt_line_is_reported_with_its_number(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"event": "log_opened", "v": 1}\nnot json\n')
+    with pytest.raises(TelemetryError, match="line 2 is not JSON"):
+        EventLogReader(path).poll()
+
+
+def test_a_truncated_last_line_is_corrupt_for_a_finished_log(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"event": "log_opened", "v": 1}\n{"event": "workflow_sta')
+    with pytest.raises(TelemetryError, match="line 2 is truncated"):
+        read_events(path)
+
+
+def test_a_log_from_a_newer_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"event": "log_opened", "v": 99}\n')
+    with pytest.raises(TelemetryError, match="newer Prowzi"):
+        read_events(path)
+
+
+def test_a_writer_cuts_a_partial_line_left_by_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    EventLogWriter(path).close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"event": "stage_sta')
+    writer = EventLogWriter(path)
+    writer.append_event(doc_example_run().events[0])
+    writer.close()
+    assert read_events(path) == [doc_example_run().events[0]]
+
+
+def test_unknown_event_kinds_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    started = doc_example_run().events[0]
+    path.write_text(
+        '{"event": "log_opened", "v": 1}\n{"event": "stage_progress", "x": 1}\n'
+        + json.dumps(started.as_record())
+        + "\n"
+    )
+    assert read_events(path) == [started]
+
+
+# --- reading sessions ---------------------------------------------------------------------
+
+
+def test_an_unknown_session_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(SessionNotFoundError, match="no telemetry for session 'nope'"):
+        TelemetryCollector(tmp_path).load_session("nope")
+
+
+def test_a_hostile_session_id_is_refused_before_any_path_is_built(tmp_path: Path) -> None:
+    collector = TelemetryCollector(tmp_path / "t")
+    with pytest.raises(InvalidInputError):
+        collector.load_session("../../etc/passwd")
+    event = WorkflowStarted(session_id="../escape", timestamp=0.0, prompt="x")
+    collector.handle(event)
+    assert collector.errors == 1
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('{"session_id": "bad", "prompt": ', "truncated JSON"),
+        ("hello", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"session_id": "bad"}', "'stages' is missing"),
+    ],
+)
+def test_a_corrupt_session_file_is_a_clear_error(tmp_path: Path, content: str, reason: str) -> None:
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(CorruptSessionError, match=reason):
+        TelemetryCollector(tmp_path).load_session("bad")
+
+
+def test_a_session_file_from_a_newer_format_is_refused(tmp_path: Path) -> None:
+    record(TelemetryCollector(tmp_path), doc_example_run().events)
+    data = session_file(tmp_path)
+    data["metadata"]["format_version"] = 7
+    (tmp_path / f"{DOC_SESSION}.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptSessionError, match="newer Prowzi"):
+        TelemetryCollector(tmp_path).load_session(DOC_SESSION)
+
+
+def _record_sessions(directory: Path, count: int) -> None:
+    collector = TelemetryCollector(directory, background=False, fsync=False)
+    for i in range(count):
+        run = RunScript(f"s{i:03d}", t0=1_700_000_000.0 + i * 100).start(prompt=f"topic {i}")
+        run.stage("intent", 1.0)
+        if i % 3 == 0:
+            run.failed("planning", "down")
+        elif i % 3 == 1:
+            run.complete()
+        record(collector, run.events)
+    collector.close()
+
+
+def test_list_sessions_is_newest_first_with_limit_and_status(tmp_path: Path) -> None:
+    _record_sessions(tmp_path, 9)
+    collector = TelemetryCollector(tmp_path)
+    assert [s.session_id for s in collector.list_sessions(limit=3)] == ["s008", "s007", "s006"]
+    assert {s.status for s in collector.list_sessions(limit=None)} == {
+        "running",
+        "completed",
+        "failed",
+    }
+    failed = collector.list_sessions(limit=None, status="failed")
+    assert [s.session_id for s in failed] == ["s006", "s003", "s000"]
+    assert failed[0].failed_stages == ("planning",) and failed[0].stages_completed == 1
+    with pytest.raises(InvalidInputError, match="unknown status"):
+        collector.list_sessions(status="weird")
+
+
+def test_list_sessions_marks_a_corrupt_file_and_lists_the_rest(tmp_path: Path) -> None:
+    _record_sessions(tmp_path, 3)
+    (tmp_path / "s001.json").write_text('{"session_id": "s001", "pro')
+    rows = {s.session_id: s for s in TelemetryCollector(tmp_path).list_sessions(limit=None)}
+    assert rows["s001"].status == "corrupt" and rows["s001"].error == "truncated JSON"
+    assert rows["s000"].status == "failed" and rows["s002"].status == "running"
+
+
+def test_the_index_is_a_cache_and_the_files_are_the_truth(tmp_path: Path) -> None:
+    _record_sessions(tmp_path, 4)
+    collector = TelemetryCollector(tmp_path)
+    assert collector.list_sessions(limit=None)[1].status == "running"  # s002, per the index
+    # the file changes behind the index's back: a rebuilt record, with another status
+    run = RunScript("s002", t0=1_700_000_000.0 + 200).start().stage("intent", 1.0).complete()
+    (tmp_path / "events" / "s002.jsonl").unlink()
+    record(TelemetryCollector(tmp_path, background=False), run.events)
+    rows = {s.session_id: s for s in collector.list_sessions(limit=None)}
+    assert rows["s002"].status == "completed"
+    # a garbled or missing index is rebuilt from the files
+    collector.index_path.write_text("garbage\n{}\n")
+    assert len(collector.list_sessions(limit=None)) == 4
+    collector.index_path.unlink()
+    assert len(collector.list_sessions(limit=None)) == 4
+    (tmp_path / "s000.json").unlink()
+    assert [s.session_id for s in collector.list_sessions(limit=None)] == ["s003", "s002", "s001"]
+
+
+def test_list_sessions_on_a_missing_directory_is_empty(tmp_path: Path) -> None:
+    assert TelemetryCollector(tmp_path / "nothing").list_sessions() == []
+
+
+# --- telemetry never breaks a run ---------------------------------------------------------
+
+
+def test_an_unwritable_directory_is_counted_not_raised(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    collector = TelemetryCollector(blocker / "telemetry")
+    record(collector, doc_example_run().events)
+    assert collector.errors > 0
+    assert collector.error_counts["event_log"] >= 1 and collector.error_counts["snapshot"] >= 1
+    assert collector.last_error is not None
+
+
+def test_a_full_disk_is_counted_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    collector = TelemetryCollector(tmp_path)
+    monkeypatch.setattr(EventLogWriter, "append", full)
+    monkeypatch.setattr(TelemetryCollector, "_atomic_write", full)
+    record(collector, doc_example_run().events)
+    assert collector.error_counts["event_log"] >= 1
+    assert collector.error_counts["snapshot"] >= 1
+    assert "No space left" in (collector.last_error or "")
+
+
+def test_recording_recovers_when_the_disk_has_room_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prowzi.workflows import telemetry
+
+    monkeypatch.setattr(telemetry, "_LOG_RETRY_SECONDS", 0.0)
+    real_append = EventLogWriter.append
+    full = {"on": True}
+
+    def append(self: EventLogWriter, record: dict[str, Any]) -> None:
+        if full["on"] and record.get("event") != "log_opened":
+            with open(self.path, "ab") as fh:
+                fh.write(b'{"event": "stage_')  # a write cut short by ENOSPC
+            raise OSError(28, "No space left on device")
+        real_append(self, record)
+
+    monkeypatch.setattr(EventLogWriter, "append", append)
+    collector = TelemetryCollector(tmp_path, background=False)
+    events = doc_example_run().events
+    record(collector, events[:3])
+    full["on"] = False
+    record(collector, events[3:])
+    assert collector.error_counts["event_log"] == 3
+    assert collector.load_session(DOC_SESSION).success is True
+    assert read_events(collector.event_log_path(DOC_SESSION)) == events[3:]
+
+
+def test_a_bus_with_failing_telemetry_still_delivers_every_event(tmp_path: Path) -> None:
+    class Raising:
+        name = "raising"
+
+        def handle(self, event: Event) -> None:
+            raise RuntimeError("sink bug")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    broken = TelemetryCollector(blocker)
+    good = TelemetryCollector(tmp_path / "good")
+    bus = EventBus([Raising(), broken, good])
+    events = doc_example_run().events
+
+    async def emit_all() -> None:
+        for event in events:
+            await bus.emit(event)
+
+    asyncio.run(emit_all())
+    assert bus.errors == {"raising": len(events)}
+    assert broken.errors > 0
+    assert good.load_session(DOC_SESSION).success is True
+
+
+def test_the_collector_is_an_event_sink_named_telemetry(tmp_path: Path) -> None:
+    from prowzi.workflows.events import EventSink
+
+    collector = TelemetryCollector(tmp_path)
+    assert isinstance(collector, EventSink) and collector.name == "telemetry"
+
+
+def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
+    _record_sessions(tmp_path, 3)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert sorted(os.listdir(tmp_path)) == [
+        ".index.jsonl",
+        "events",
+        "s000.json",
+        "s001.json",
+        "s002.json",
+    ]
