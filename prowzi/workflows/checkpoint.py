@@ -1,0 +1,777 @@
+"""Checkpoints: a verified, versioned, hash-chained snapshot of a run after a stage.
+
+Each checkpoint is two blobs in a :class:`~prowzi.workflows.storage.CheckpointStore` (by
+default files in ``checkpoint_dir``):
+
+``<session>_<stage>.pkl``
+    The checkpoint itself. Despite the name (kept from the design document, so existing
+    tooling and habits still find the files) it is **not a pickle**: pickle runs code while it
+    loads, and a checkpoint may come from anywhere. It is a small container::
+
+        MAGIC (8 bytes) | header length (4 bytes, big-endian) | header | body | [HMAC (32)]
+
+    The header is the :class:`CheckpointMetadata` as JSON. The body is the workflow state as
+    JSON (``model_dump`` of the pydantic models), optionally zlib-compressed, together with
+    the checkpoint id and the previous checkpoint's hash. The header records the body's size
+    and sha256, so the HMAC (present when a key is configured) covers the prefix only and the
+    body is hashed exactly once.
+
+``<session>_<stage>.json``
+    The same metadata, indented, for humans. It is derived from the ``.pkl`` header and never
+    trusted: a missing or stale one is rewritten on load, and one edited to name another
+    checkpoint (or to carry foreign keys) is refused.
+
+Loading verifies before it deserialises: container magic (a real pickle is refused without
+being touched), format version (newer: refused; older: migrated), size, sha256, HMAC when a key
+is configured, the file's identity (a checkpoint copied from another session is refused) and
+the link to the previous checkpoint. Only then is the body parsed, by pydantic, into Prowzi's
+own result models; any other shape is refused. Every refusal is a
+:class:`~prowzi.errors.CheckpointIntegrityError` naming the file.
+
+Each checkpoint's ``previous_hash`` is the ``payload_sha256`` of the checkpoint before it in
+the session (for a fork's first checkpoint, the parent's), which makes a session's checkpoints
+a hash chain that :meth:`CheckpointManager.verify_chain` walks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prowzi import __version__
+from prowzi.agents.base import RunParameters
+from prowzi.agents.models import (
+    EvaluationAgentResult,
+    IntentAnalysis,
+    ResearchPlan,
+    SearchAgentResult,
+    TurnitinAgentResult,
+    VerificationAgentResult,
+    WorkflowState,
+    WritingAgentResult,
+)
+from prowzi.errors import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    CheckpointNotFoundError,
+    InvalidInputError,
+    SessionLockedError,
+)
+from prowzi.ids import split_checkpoint_id, validate_session_id, validate_stage_name
+from prowzi.workflows.storage import BlobNotFoundError, CheckpointStore, LocalDirectoryStore
+
+if TYPE_CHECKING:
+    from prowzi.config import ProwziConfig
+
+__all__ = ["FORMAT_VERSION", "CheckpointManager", "CheckpointMetadata", "WorkflowCheckpoint"]
+
+log = logging.getLogger("prowzi.checkpoint")
+
+FORMAT_VERSION = 1
+"""The checkpoint format this Prowzi writes. Newer files are refused; older ones migrated."""
+
+MAGIC = b"\x89PROWZI\n"
+_LENGTH = struct.Struct(">I")
+_PREFIX = len(MAGIC) + _LENGTH.size
+_MAC_SIZE = 32
+_MAX_HEADER = 1 << 20
+_MAX_BODY = 1 << 30
+"""Upper bound on a decompressed body, so a crafted zlib stream cannot exhaust memory."""
+_HEAD_READ = 16384
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
+
+Compression = Literal["none", "zlib"]
+
+
+class CheckpointMetadata(BaseModel):
+    """What a checkpoint says about itself (the header of the ``.pkl``, the whole ``.json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint_id: str = Field(description='"<session>_<stage>"')
+    session_id: str
+    stage: str
+    completed_stages: list[str]
+    created_at: datetime = Field(description="UTC, timezone-aware.")
+    prompt: str
+    parameters: dict[str, Any] = Field(description="RunParameters.model_dump() of the run.")
+    prowzi_version: str
+    format_version: int
+    payload_size: int = Field(ge=0, description="Bytes of the body as stored.")
+    payload_sha256: str = Field(description="sha256 of the body as stored (hex).")
+    previous_hash: str | None = Field(
+        description="payload_sha256 of the previous checkpoint in this session's chain "
+        "(the parent's, for a fork's first checkpoint)."
+    )
+    compression: Compression
+    parent_session_id: str | None = None
+    signed: bool = Field(False, description="An HMAC-SHA256 trailer is present.")
+    trace_id: str | None = None
+    span_id: str | None = None
+
+
+class WorkflowCheckpoint(BaseModel):
+    """A loaded, verified checkpoint: its metadata and the workflow state it holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: CheckpointMetadata
+    intent: IntentAnalysis | None = None
+    plan: ResearchPlan | None = None
+    search: SearchAgentResult | None = None
+    verification: VerificationAgentResult | None = None
+    draft: WritingAgentResult | None = None
+    evaluation: EvaluationAgentResult | None = None
+    initial_evaluation: EvaluationAgentResult | None = None
+    turnitin: TurnitinAgentResult | None = None
+    stage_metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def to_state(self) -> WorkflowState:
+        return WorkflowState.model_construct(
+            **{name: getattr(self, name) for name in WorkflowState.model_fields}
+        )
+
+
+class _Body(BaseModel):
+    """The body's schema: the only shapes a checkpoint can make Prowzi build."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_id: str
+    previous_hash: str | None
+    state: WorkflowState
+
+
+Migration = Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
+"""Turns a (header, body) of format ``v`` (both plain JSON) into format ``v + 1``."""
+
+_MIGRATIONS: dict[int, Migration] = {}
+"""Format version ``v`` -> the migration to ``v + 1``. Empty while only version 1 exists."""
+
+
+def _session_of(name: str) -> tuple[str, str] | None:
+    """``"<session>_<stage>.pkl"`` -> (session, stage); None for any other blob name."""
+    if not name.endswith(".pkl"):
+        return None
+    try:
+        session, stage = split_checkpoint_id(name[:-4])
+    except InvalidInputError:
+        return None
+    return (session, stage) if stage is not None else None
+
+
+def _listed(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A stored header (JSON form) as a listing row, with ``created_at`` as a datetime."""
+    if "invalid" in meta:
+        return None
+    try:
+        row = dict(meta)
+        row["created_at"] = datetime.fromisoformat(row["created_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return row
+
+
+class CheckpointManager:
+    """Writes, verifies, lists and prunes checkpoints, and holds per-session writer locks."""
+
+    def __init__(
+        self,
+        checkpoint_dir: Path | str = Path("./prowzi_checkpoints"),
+        *,
+        key: bytes | str | None = None,
+        compression: Compression = "none",
+        fsync: bool = True,
+        store: CheckpointStore | None = None,
+    ) -> None:
+        if compression not in ("none", "zlib"):
+            raise ValueError(f"unknown checkpoint compression {compression!r}: use none or zlib")
+        if key is not None and not key:
+            raise ValueError("the checkpoint key is empty")
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.compression: Compression = compression
+        self.fsync = fsync
+        self.store: CheckpointStore = (
+            store if store is not None else LocalDirectoryStore(self.checkpoint_dir, fsync=fsync)
+        )
+        self._key = key.encode() if isinstance(key, str) else key
+        self._rows: dict[str, tuple[str, dict[str, Any] | None]] = {}
+
+    @classmethod
+    def from_config(cls, config: ProwziConfig) -> CheckpointManager:
+        """The manager the settings describe (``PROWZI_CHECKPOINT_DIR``, ``_KEY``, ...)."""
+        key = config.checkpoint_key.get_secret_value() if config.checkpoint_key else None
+        return cls(
+            config.checkpoint_dir,
+            key=key,
+            compression=config.checkpoint_compression,
+            fsync=config.checkpoint_fsync,
+        )
+
+    # --- writing ------------------------------------------------------------------------
+
+    def save(
+        self,
+        *,
+        session_id: str,
+        stage: str,
+        state: WorkflowState,
+        completed_stages: Sequence[str],
+        parameters: RunParameters,
+        parent_session_id: str | None = None,
+        previous_hash: str | None = None,
+        trace_id: str | None = None,
+        span_id: str | None = None,
+    ) -> CheckpointMetadata:
+        """Write the checkpoint ``<session>_<stage>`` durably and atomically.
+
+        ``previous_hash`` defaults to the hash of the session's checkpoint of the latest
+        earlier completed stage (in a plain run: the session's latest checkpoint), so a
+        re-run of a stage after time travel chains onto the stage before it.
+        """
+        validate_session_id(session_id)
+        validate_stage_name(stage)
+        completed = [validate_stage_name(s) for s in completed_stages]
+        if parent_session_id is not None:
+            validate_session_id(parent_session_id)
+        if previous_hash is not None and not _SHA256_RE.fullmatch(previous_hash):
+            raise InvalidInputError(f"invalid previous_hash {previous_hash!r}: not a sha256")
+        if previous_hash is None:
+            previous_hash = self._chain_head(session_id, stage, completed)
+
+        checkpoint_id = f"{session_id}_{stage}"
+        body = b"".join(
+            (
+                b'{"checkpoint_id":',
+                orjson.dumps(checkpoint_id),
+                b',"previous_hash":',
+                orjson.dumps(previous_hash),
+                b',"state":',
+                _dump_state(state),
+                b"}",
+            )
+        )
+        if self.compression == "zlib":
+            body = zlib.compress(body, 6)
+        metadata = CheckpointMetadata(
+            checkpoint_id=checkpoint_id,
+            session_id=session_id,
+            stage=stage,
+            completed_stages=completed,
+            created_at=datetime.now(UTC),
+            prompt=parameters.prompt,
+            parameters=parameters.model_dump(mode="json"),
+            prowzi_version=__version__,
+            format_version=FORMAT_VERSION,
+            payload_size=len(body),
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            previous_hash=previous_hash,
+            compression=self.compression,
+            parent_session_id=parent_session_id,
+            signed=self._key is not None,
+            trace_id=trace_id,
+            span_id=span_id,
+        )
+        header_doc = metadata.model_dump(mode="json")
+        header = orjson.dumps(header_doc)
+        prefix = MAGIC + _LENGTH.pack(len(header)) + header
+        parts = [prefix, body]
+        if self._key is not None:
+            parts.append(hmac.digest(self._key, prefix, "sha256"))
+        name = f"{checkpoint_id}.pkl"
+        try:
+            self.store.put(name, b"".join(parts), meta=header_doc, durable=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
+                f"{exc.strerror or exc}; the previous checkpoint is intact"
+            ) from exc
+        self._write_sidecar(checkpoint_id, header_doc)
+        return metadata
+
+    def _write_sidecar(self, checkpoint_id: str, header_doc: dict[str, Any]) -> None:
+        # Derived data: not fsynced, and a failure only costs a rewrite on the next load.
+        try:
+            self.store.put(
+                f"{checkpoint_id}.json",
+                orjson.dumps(header_doc, option=orjson.OPT_INDENT_2) + b"\n",
+                durable=False,
+            )
+        except OSError as exc:
+            log.warning("could not write the metadata of checkpoint %s: %s", checkpoint_id, exc)
+
+    def _chain_head(self, session_id: str, stage: str, completed: list[str]) -> str | None:
+        earlier = completed[: completed.index(stage)] if stage in completed else completed
+        for prior in reversed(earlier):
+            name = f"{session_id}_{prior}.pkl"
+            try:
+                header = self._read_header(name)
+            except BlobNotFoundError:
+                continue
+            except CheckpointIntegrityError as exc:
+                log.warning("not chaining onto a damaged checkpoint: %s", exc)
+                continue
+            sha = header.get("payload_sha256")
+            if isinstance(sha, str):
+                return sha
+        return None
+
+    # --- reading ------------------------------------------------------------------------
+
+    def load_checkpoint(self, checkpoint_id: str, stage: str | None = None) -> WorkflowCheckpoint:
+        """Verify, then load, a checkpoint.
+
+        ``checkpoint_id`` is ``"<session>_<stage>"`` or a bare session id (then the session's
+        latest checkpoint, or the one of ``stage`` when given).
+        """
+        session_id, named_stage = split_checkpoint_id(checkpoint_id)
+        if stage is not None:
+            validate_stage_name(stage)
+            if named_stage is not None and named_stage != stage:
+                raise InvalidInputError(
+                    f"checkpoint id {checkpoint_id!r} names stage {named_stage!r}, "
+                    f"but stage {stage!r} was asked for"
+                )
+        stage = stage or named_stage
+        if stage is None:
+            latest = self.latest(session_id)
+            if latest is None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for session {session_id} in {self._location()}"
+                )
+            stage = latest.stage
+        name = f"{session_id}_{stage}.pkl"
+        try:
+            raw = self.store.get(name)
+        except BlobNotFoundError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint {session_id}_{stage} in {self._location()}"
+            ) from None
+        metadata, header_doc, state = self._verified(name, raw, check_link=True)
+        self._check_sidecar(metadata, header_doc)
+        fields = {n: getattr(state, n) for n in WorkflowState.model_fields}
+        return WorkflowCheckpoint.model_construct(metadata=metadata, **fields)
+
+    def _location(self) -> str:
+        return str(self.checkpoint_dir)
+
+    def _read_header(self, name: str) -> dict[str, Any]:
+        raw = self.store.get(name, max_bytes=_HEAD_READ)
+        if len(raw) >= _PREFIX and raw[: len(MAGIC)] == MAGIC:
+            (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
+            if _PREFIX + length > len(raw) and length <= _MAX_HEADER:
+                raw = self.store.get(name, max_bytes=_PREFIX + length)
+        header, _ = self._parse_header(raw, self.store.describe(name))
+        return header
+
+    @staticmethod
+    def _parse_header(raw: bytes, where: str) -> tuple[dict[str, Any], int]:
+        if raw[: len(MAGIC)] != MAGIC:
+            hint = ""
+            if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c", b"]", b"}"):
+                hint = " (it looks like a pickle; Prowzi never unpickles checkpoint files)"
+            raise CheckpointIntegrityError(where, f"not a Prowzi checkpoint container{hint}")
+        if len(raw) < _PREFIX:
+            raise CheckpointIntegrityError(where, "truncated header")
+        (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
+        if length > _MAX_HEADER:
+            raise CheckpointIntegrityError(where, f"header of {length} bytes is implausible")
+        if len(raw) < _PREFIX + length:
+            raise CheckpointIntegrityError(where, "truncated header")
+        try:
+            header = orjson.loads(raw[_PREFIX : _PREFIX + length])
+        except orjson.JSONDecodeError as exc:
+            raise CheckpointIntegrityError(where, f"unreadable header: {exc}") from None
+        if not isinstance(header, dict):
+            raise CheckpointIntegrityError(where, "the header is not an object")
+        version = header.get("format_version")
+        if type(version) is not int:
+            raise CheckpointIntegrityError(where, "the header has no format version")
+        if version > FORMAT_VERSION:
+            raise CheckpointIntegrityError(
+                where,
+                f"written in checkpoint format {version} by a newer Prowzi; this Prowzi "
+                f"({__version__}) reads formats up to {FORMAT_VERSION}: upgrade Prowzi to load it",
+            )
+        missing = [v for v in range(version, FORMAT_VERSION) if v not in _MIGRATIONS]
+        if missing:
+            raise CheckpointIntegrityError(
+                where,
+                f"checkpoint format {version} is older than any this Prowzi can migrate "
+                f"(no migration from format {missing[0]})",
+            )
+        return header, length
+
+    def _verified(
+        self, name: str, raw: bytes, *, check_link: bool
+    ) -> tuple[CheckpointMetadata, dict[str, Any], WorkflowState]:
+        """Every check, then the body's deserialisation: (metadata, header JSON, state)."""
+        where = self.store.describe(name)
+        header, length = self._parse_header(raw, where)
+        signed = header.get("signed") is True
+        size, sha = header.get("payload_size"), header.get("payload_sha256")
+        if type(size) is not int or size < 0 or not isinstance(sha, str):
+            raise CheckpointIntegrityError(where, "the header lacks the payload's size or hash")
+        body_start = _PREFIX + length
+        expected = body_start + size + (_MAC_SIZE if signed else 0)
+        if len(raw) != expected:
+            problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
+            raise CheckpointIntegrityError(
+                where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
+            )
+        if self._key is not None:
+            if not signed:
+                raise CheckpointIntegrityError(
+                    where, "unsigned, and a checkpoint key is configured (PROWZI_CHECKPOINT_KEY)"
+                )
+            mac = hmac.digest(self._key, raw[:body_start], "sha256")
+            if not hmac.compare_digest(mac, raw[-_MAC_SIZE:]):
+                raise CheckpointIntegrityError(
+                    where, "HMAC signature mismatch: a different key, or the file was altered"
+                )
+        body = memoryview(raw)[body_start : body_start + size]
+        if hashlib.sha256(body).hexdigest() != sha:
+            raise CheckpointIntegrityError(where, "payload sha256 mismatch: corrupted or altered")
+
+        version = header["format_version"]
+        migrated_body: dict[str, Any] | None = None
+        if version < FORMAT_VERSION:
+            header, migrated_body = self._migrate(header, body, where)
+        try:
+            metadata = CheckpointMetadata.model_validate(header)
+        except ValidationError as exc:
+            raise CheckpointIntegrityError(where, f"invalid header: {_first_error(exc)}") from None
+        expected_session, expected_stage = name[:-4].rsplit("_", 1)
+        if (metadata.session_id, metadata.stage, metadata.checkpoint_id) != (
+            expected_session,
+            expected_stage,
+            name[:-4],
+        ):
+            raise CheckpointIntegrityError(
+                where,
+                f"it holds checkpoint {metadata.checkpoint_id!r} (session "
+                f"{metadata.session_id!r}), not {name[:-4]!r}: copied from another session?",
+            )
+        if check_link:
+            self._check_link(metadata, where)
+
+        try:
+            if migrated_body is not None:
+                parsed = _Body.model_validate(migrated_body)
+            else:
+                parsed = _Body.model_validate_json(self._decompress(metadata, body, where))
+        except ValidationError as exc:
+            raise CheckpointIntegrityError(
+                where, f"the payload is not a Prowzi workflow state: {_first_error(exc)}"
+            ) from None
+        if (parsed.checkpoint_id, parsed.previous_hash) != (
+            metadata.checkpoint_id,
+            metadata.previous_hash,
+        ):
+            raise CheckpointIntegrityError(
+                where, f"the payload belongs to checkpoint {parsed.checkpoint_id!r}"
+            )
+        return metadata, header, parsed.state
+
+    @staticmethod
+    def _decompress(metadata: CheckpointMetadata, body: memoryview, where: str) -> bytes:
+        if metadata.compression == "none":
+            return bytes(body)
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(body, _MAX_BODY)
+        except zlib.error as exc:
+            raise CheckpointIntegrityError(where, f"undecodable zlib payload: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise CheckpointIntegrityError(where, "the payload inflates beyond the size limit")
+        if not inflater.eof:
+            raise CheckpointIntegrityError(where, "truncated zlib payload")
+        return data
+
+    def _migrate(
+        self, header: dict[str, Any], body: memoryview, where: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        # The bytes are verified by now; parsing into plain JSON values builds no objects.
+        raw = bytes(body)
+        if header.get("compression") == "zlib":
+            inflater = zlib.decompressobj()
+            try:
+                raw = inflater.decompress(raw, _MAX_BODY)
+            except zlib.error as exc:
+                raise CheckpointIntegrityError(where, f"undecodable zlib payload: {exc}") from None
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise CheckpointIntegrityError(where, f"unreadable payload: {exc}") from None
+        if not isinstance(doc, dict):
+            raise CheckpointIntegrityError(where, "the payload is not an object")
+        version = header["format_version"]
+        while version < FORMAT_VERSION:
+            header, doc = _MIGRATIONS[version](dict(header), doc)
+            version += 1
+            header["format_version"] = version
+        return header, doc
+
+    def _check_link(self, metadata: CheckpointMetadata, where: str) -> None:
+        """The previous checkpoint must be present, unless this is the oldest one left."""
+        previous = metadata.previous_hash
+        if previous is None:
+            return
+        sessions = {metadata.session_id}
+        if metadata.parent_session_id is not None:
+            sessions.add(metadata.parent_session_id)
+        for fresh in (False, True):
+            rows = self._rows_now(fresh=fresh)
+            for name, row in rows.items():
+                if (
+                    row["payload_sha256"] == previous
+                    and row["session_id"] in sessions
+                    and (fresh or self.store.token(name) == self._rows[name][0])
+                ):
+                    return
+        older = any(
+            row["session_id"] == metadata.session_id and row["created_at"] < metadata.created_at
+            for row in rows.values()
+        )
+        if older:
+            raise CheckpointIntegrityError(
+                where,
+                f"hash chain broken: its previous checkpoint ({previous[:16]}...) is not in the "
+                "store; it was superseded by a re-run of an earlier stage, or a file was altered",
+            )
+
+    def _check_sidecar(self, metadata: CheckpointMetadata, header_doc: dict[str, Any]) -> None:
+        """Rewrite a missing or stale ``.json``; refuse one edited to point elsewhere."""
+        name = f"{metadata.checkpoint_id}.json"
+        try:
+            doc = orjson.loads(self.store.get(name))
+        except (BlobNotFoundError, orjson.JSONDecodeError):
+            doc = None
+        if doc == header_doc:
+            return
+        if isinstance(doc, dict):
+            foreign = sorted(set(doc) - set(CheckpointMetadata.model_fields))
+            moved = [k for k in _IDENTITY_KEYS if k in doc and doc[k] != header_doc[k]]
+            if foreign or moved:
+                if foreign:
+                    what = f"unknown keys {foreign}"
+                else:
+                    key = moved[0]
+                    what = f"{key} {doc[key]!r} where the payload says {header_doc[key]!r}"
+                raise CheckpointIntegrityError(
+                    self.store.describe(name),
+                    f"the metadata file was edited ({what}); it is derived from "
+                    f"{metadata.checkpoint_id}.pkl: delete it and it is regenerated",
+                )
+        self._write_sidecar(metadata.checkpoint_id, header_doc)
+
+    # --- listing ------------------------------------------------------------------------
+
+    def _rows_now(self, *, fresh: bool = True) -> dict[str, dict[str, Any]]:
+        """Listing rows of every readable checkpoint, by blob name."""
+        rows: dict[str, dict[str, Any]] = {}
+        known = self._rows
+        current: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        for blob in self.store.list(fresh=fresh):
+            if not blob.name.endswith(".pkl"):
+                continue
+            cached = known.get(blob.name)
+            if cached is not None and cached[0] == blob.token:
+                row = cached[1]
+            else:
+                meta = blob.meta if blob.meta is not None else self._index(blob.name, blob.token)
+                row = _listed(meta) if meta is not None else None
+            current[blob.name] = (blob.token, row)
+            if row is not None:
+                rows[blob.name] = row
+        self._rows = current
+        return rows
+
+    def _index(self, name: str, token: str) -> dict[str, Any] | None:
+        """Read a checkpoint's header for the index (the store could not vouch for its meta)."""
+        if _session_of(name) is None:
+            return None
+        try:
+            header = self._read_header(name)
+            metadata = CheckpointMetadata.model_validate(header)
+            if metadata.checkpoint_id != name[:-4]:
+                raise CheckpointIntegrityError(name, f"holds {metadata.checkpoint_id!r}")
+            meta = metadata.model_dump(mode="json")
+        except BlobNotFoundError:
+            return None
+        except (CheckpointIntegrityError, ValidationError) as exc:
+            log.warning("skipping unreadable checkpoint %s: %s", self.store.describe(name), exc)
+            meta = {"invalid": str(exc)}
+        self.store.remember(name, token, meta)
+        return meta
+
+    def list_checkpoints(
+        self,
+        session_id: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Checkpoints, newest first, as dicts of their metadata (``created_at`` a datetime).
+
+        Unreadable files are skipped (and logged); loading one says why it is refused.
+        """
+        if session_id is not None:
+            validate_session_id(session_id)
+        if stage is not None:
+            validate_stage_name(stage)
+        if since is not None:
+            since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
+        rows = self._rows_now().values()
+        selected = [
+            row
+            for row in rows
+            if (session_id is None or row["session_id"] == session_id)
+            and (stage is None or row["stage"] == stage)
+            and (since is None or row["created_at"] >= since)
+        ]
+        selected.sort(key=lambda row: row["created_at"], reverse=True)
+        return [dict(row) for row in selected]
+
+    def latest(self, session_id: str) -> CheckpointMetadata | None:
+        """The session's most recent checkpoint, or None."""
+        validate_session_id(session_id)
+        rows = [r for r in self._rows_now().values() if r["session_id"] == session_id]
+        if not rows:
+            return None
+        return CheckpointMetadata.model_validate(max(rows, key=lambda r: r["created_at"]))
+
+    def verify_chain(self, session_id: str) -> None:
+        """Verify every checkpoint of the session, and the chain from its latest back.
+
+        Checkpoints off that chain (left behind when a stage was re-run after time travel) are
+        verified individually. A chain may start late when older checkpoints were pruned.
+        """
+        validate_session_id(session_id)
+        names = sorted(name for name in self._rows_now() if name.startswith(f"{session_id}_"))
+        verified: list[CheckpointMetadata] = []
+        for name in names:
+            try:
+                raw = self.store.get(name)
+            except BlobNotFoundError:
+                continue
+            verified.append(self._verified(name, raw, check_link=False)[0])
+        if not verified:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for session {session_id} in {self._location()}"
+            )
+        by_hash = {m.payload_sha256: m for m in verified}
+        current = max(verified, key=lambda m: m.created_at)
+        seen: set[str] = set()
+        while current.previous_hash is not None:
+            seen.add(current.payload_sha256)
+            where = self.store.describe(f"{current.checkpoint_id}.pkl")
+            previous = by_hash.get(current.previous_hash)
+            if previous is None:
+                if current.parent_session_id is not None:
+                    break  # a fork's first checkpoint links into its parent session
+                if any(m.created_at < current.created_at for m in verified):
+                    raise CheckpointIntegrityError(
+                        where,
+                        f"hash chain broken: previous checkpoint {current.previous_hash[:16]}... "
+                        "is missing",
+                    )
+                break
+            if previous.payload_sha256 in seen or previous.created_at > current.created_at:
+                raise CheckpointIntegrityError(where, "hash chain out of order")
+            current = previous
+
+    # --- locks and cleanup --------------------------------------------------------------
+
+    def session_lock(self, session_id: str, timeout: float = 0) -> AbstractContextManager[None]:
+        """The session's writer lock; :class:`SessionLockedError` names the holder."""
+        return self.store.lock(validate_session_id(session_id), timeout)
+
+    def is_locked(self, session_id: str) -> bool:
+        return self.store.is_locked(validate_session_id(session_id))
+
+    def cleanup(
+        self, *, older_than: timedelta, keep_last: int = 0, dry_run: bool = False
+    ) -> list[str]:
+        """Delete sessions whose newest checkpoint is older than ``older_than``.
+
+        The ``keep_last`` most recent sessions are kept whatever their age, and a session
+        whose lock is held (a running workflow) is never touched. Orphaned ``.json`` files and
+        temporaries left by interrupted writes are removed too. Returns the deleted (or, with
+        ``dry_run``, the deletable) checkpoint ids.
+        """
+        if older_than < timedelta(0):
+            raise InvalidInputError("older_than must not be negative")
+        if keep_last < 0:
+            raise InvalidInputError("keep_last must not be negative")
+        cutoff = datetime.now(UTC) - older_than
+        rows = self._rows_now()
+        blobs = self.store.list(fresh=False)
+        newest: dict[str, datetime] = {}
+        names: dict[str, list[str]] = {}
+        for blob in blobs:
+            parsed = _session_of(blob.name)
+            if parsed is None:
+                continue
+            row = rows.get(blob.name)
+            when = row["created_at"] if row else datetime.fromtimestamp(blob.modified, UTC)
+            session = parsed[0]
+            newest[session] = max(newest.get(session, when), when)
+            names.setdefault(session, []).append(blob.name)
+        kept = set(sorted(newest, key=lambda s: newest[s], reverse=True)[:keep_last])
+        deleted: list[str] = []
+        for session, stamp in newest.items():
+            if session in kept or stamp >= cutoff:
+                continue
+            ids = [name[:-4] for name in names[session]]
+            if dry_run:
+                if not self.store.is_locked(session):
+                    deleted.extend(ids)
+                continue
+            try:
+                with self.store.lock(session, 0):
+                    for checkpoint_id in ids:
+                        self.store.delete(f"{checkpoint_id}.pkl")
+                        self.store.delete(f"{checkpoint_id}.json")
+            except SessionLockedError:
+                log.info("not cleaning up session %s: it is running", session)
+                continue
+            deleted.extend(ids)
+        if not dry_run:
+            self._remove_orphans(blobs, cutoff)
+            self.store.sweep_temporaries()
+        return sorted(deleted)
+
+    def _remove_orphans(self, blobs: Sequence[Any], cutoff: datetime) -> None:
+        present = {b.name for b in blobs}
+        for blob in blobs:
+            if not blob.name.endswith(".json") or f"{blob.name[:-5]}.pkl" in present:
+                continue
+            if datetime.fromtimestamp(blob.modified, UTC) < cutoff:
+                self.store.delete(blob.name)
+
+
+def _dump_state(state: WorkflowState) -> bytes:
+    try:
+        return orjson.dumps(state.model_dump())
+    except TypeError:
+        # stage_metrics may hold values orjson does not know; pydantic's encoder does.
+        return state.model_dump_json().encode()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{loc}: {err['msg']} ({exc.error_count()} error(s))"

@@ -1,0 +1,573 @@
+"""Checkpoint stores: atomic put/get/list/delete of named blobs, plus per-key writer locks.
+
+:class:`CheckpointManager` owns the checkpoint *format*; a store only keeps bytes. Two stores
+ship: :class:`LocalDirectoryStore` (the default, one file per blob) and :class:`InMemoryStore`
+(for tests). Both pass the same conformance suite (``tests/test_checkpoint_storage.py``); an
+object store (S3, Azure Blob) would implement the same interface.
+
+A store may remember a small ``meta`` dict per blob (as object stores keep user metadata), so
+listing does not have to read every blob. Meta is only a cache: when the store cannot vouch for
+it (a file changed behind its back) it reports ``meta=None`` and the caller reads the blob and
+hands the result back with :meth:`CheckpointStore.remember`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import filelock
+import orjson
+
+from prowzi.errors import InvalidIdentifierError, SessionLockedError
+
+log = logging.getLogger("prowzi.storage")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+TEMP_PREFIX = ".tmp."
+"""Temporary files start with this (and every hidden name is ignored by listings)."""
+
+_RACY_NS = 50_000_000
+"""How long after a directory's mtime a scan must start before the index may trust that mtime.
+
+Directory mtimes come from the kernel's coarse clock (one tick, at most 10 ms, behind the fine
+clock), so a change made in the same tick as a scan leaves the mtime unchanged. An index stamp
+taken less than this after the mtime is "racy" (as git calls it) and is re-checked by a scan.
+"""
+
+_INDEX_VERSION = 1
+
+
+def validate_blob_name(name: object) -> str:
+    """A blob name is one path component: no separators, no ``..``, no NUL, at most 255."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidIdentifierError(f"invalid blob name {name!r}")
+    return name
+
+
+class BlobNotFoundError(LookupError):
+    """No blob has this name."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    name: str
+    size: int
+    modified: float
+    """Seconds since the epoch of the last write."""
+    token: str
+    """Changes whenever the blob is replaced; equal tokens mean equal content."""
+    meta: dict[str, Any] | None
+    """What ``put`` or ``remember`` recorded for this very content, or None when unknown."""
+
+
+class CheckpointStore(ABC):
+    """Named blobs with atomic replacement, and writer locks keyed by session."""
+
+    @abstractmethod
+    def put(
+        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+    ) -> None:
+        """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
+
+        ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
+        """
+
+    @abstractmethod
+    def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        """The blob's bytes (the first ``max_bytes`` only, when given)."""
+
+    @abstractmethod
+    def list(self, *, fresh: bool = True) -> list[BlobInfo]:
+        """Every blob. ``fresh=False`` allows the store's last known view plus its own writes."""
+
+    @abstractmethod
+    def token(self, name: str) -> str | None:
+        """The blob's current token, or None when it does not exist."""
+
+    @abstractmethod
+    def delete(self, name: str) -> bool:
+        """Remove the blob; False when it did not exist."""
+
+    @abstractmethod
+    def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
+        """Cache ``meta`` for the blob's content identified by ``token``."""
+
+    @abstractmethod
+    def describe(self, name: str) -> str:
+        """Where the blob lives, for messages (a path or a URL)."""
+
+    @abstractmethod
+    def lock(self, key: str, timeout: float = 0) -> AbstractContextManager[None]:
+        """Hold the writer lock ``key``; raises :class:`SessionLockedError` naming the holder."""
+
+    @abstractmethod
+    def is_locked(self, key: str) -> bool:
+        """Whether anyone (this process included) holds the lock ``key``."""
+
+    def sweep_temporaries(self, max_age: float = 3600.0) -> builtins.list[str]:
+        """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
+        return []
+
+
+def _holder_description() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _describe_holder(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
+
+
+# --- in memory ------------------------------------------------------------------------------
+
+
+class InMemoryStore(CheckpointStore):
+    """A store in a dict, for tests. Locks are per store object (one process)."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, tuple[bytes, float, str, dict[str, Any] | None]] = {}
+        self._locks: dict[str, dict[str, Any]] = {}
+        self._mutex = threading.Lock()
+        self._counter = 0
+
+    def put(
+        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+    ) -> None:
+        validate_blob_name(name)
+        with self._mutex:
+            self._counter += 1
+            self._blobs[name] = (bytes(data), time.time(), f"m{self._counter}", meta)
+
+    def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        validate_blob_name(name)
+        with self._mutex:
+            entry = self._blobs.get(name)
+        if entry is None:
+            raise BlobNotFoundError(name)
+        return entry[0] if max_bytes is None else entry[0][:max_bytes]
+
+    def list(self, *, fresh: bool = True) -> list[BlobInfo]:
+        with self._mutex:
+            return [
+                BlobInfo(name, len(data), modified, token, meta)
+                for name, (data, modified, token, meta) in self._blobs.items()
+            ]
+
+    def token(self, name: str) -> str | None:
+        validate_blob_name(name)
+        entry = self._blobs.get(name)
+        return None if entry is None else entry[2]
+
+    def delete(self, name: str) -> bool:
+        validate_blob_name(name)
+        with self._mutex:
+            return self._blobs.pop(name, None) is not None
+
+    def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
+        with self._mutex:
+            entry = self._blobs.get(name)
+            if entry is not None and entry[2] == token:
+                self._blobs[name] = (entry[0], entry[1], token, meta)
+
+    def describe(self, name: str) -> str:
+        return f"memory://{name}"
+
+    @contextmanager
+    def _hold(self, key: str, timeout: float) -> Iterator[None]:
+        validate_blob_name(key)
+        deadline = time.monotonic() + max(timeout, 0)
+        while True:
+            with self._mutex:
+                holder = self._locks.get(key)
+                if holder is None:
+                    self._locks[key] = _holder_description()
+                    break
+            if time.monotonic() >= deadline:
+                raise SessionLockedError(f"session {key} is locked by {_describe_holder(holder)}")
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._locks.pop(key, None)
+
+    def lock(self, key: str, timeout: float = 0) -> AbstractContextManager[None]:
+        return self._hold(key, timeout)
+
+    def is_locked(self, key: str) -> bool:
+        validate_blob_name(key)
+        with self._mutex:
+            return key in self._locks
+
+
+# --- local directory ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    token: str
+    size: int
+    mtime_ns: int
+    meta: dict[str, Any] | None
+
+
+def _token(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class LocalDirectoryStore(CheckpointStore):
+    """One file per blob in ``root``; the files are the source of truth.
+
+    Writes: a temporary file in the same directory, flush, fsync, ``os.replace``, fsync of the
+    directory; the temporary is removed on failure. Hidden names (``.tmp.*``, ``.index``,
+    ``.locks``) are never listed.
+
+    Listing is served from an index in ``root/.index/manifest.jsonl``: an append-only log of the
+    meta recorded at each put, plus a stamp of the directory's mtime at the last full scan. A
+    listing trusts the log only while the directory's mtime still equals that stamp (and the
+    stamp is not racy); otherwise it rescans the directory, reusing cached meta for files whose
+    inode, size and mtime are unchanged, and compacts the log. Deleting or adding files by
+    hand therefore never confuses a listing. The index lives in a subdirectory so that writing
+    it does not itself change the mtime of ``root``.
+    """
+
+    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self._index_dir = self.root / ".index"
+        self._lock_dir = self.root / ".locks"
+        self._manifest = self._index_dir / "manifest.jsonl"
+        self._mutex = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._manifest_ino: int | None = None
+        self._offset = 0
+        self._manifest_broken = False
+
+    # blobs
+
+    def _path(self, name: str) -> Path:
+        return self.root / validate_blob_name(name)
+
+    def _ensure_dirs(self) -> None:
+        if not self._index_dir.is_dir():
+            self._index_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(
+        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+    ) -> None:
+        final = self._path(name)
+        self._ensure_dirs()
+        durable = durable and self.fsync
+        tmp = self.root / f"{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if durable:
+                    os.fdatasync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if durable:
+            self._fsync_dir(self.root)
+        entry = _Entry(_token(st), st.st_size, st.st_mtime_ns, meta)
+        with self._mutex:
+            self._entries[name] = entry
+            self._append([{"n": name, "t": entry.token, "s": entry.size, "mt": entry.mtime_ns,
+                           "m": meta}])
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as fh:
+                return fh.read() if max_bytes is None else fh.read(max_bytes)
+        except FileNotFoundError:
+            raise BlobNotFoundError(name) from None
+        except IsADirectoryError:
+            raise BlobNotFoundError(name) from None
+
+    def token(self, name: str) -> str | None:
+        try:
+            st = os.stat(self._path(name), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return _token(st) if stat.S_ISREG(st.st_mode) else None
+
+    def delete(self, name: str) -> bool:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        with self._mutex:
+            self._entries.pop(name, None)
+            self._append([{"n": name, "d": 1}])
+        return True
+
+    def describe(self, name: str) -> str:
+        return str(self._path(name))
+
+    def sweep_temporaries(self, max_age: float = 3600.0) -> list[str]:
+        removed: list[str] = []
+        cutoff = time.time() - max_age
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+        return removed
+
+    # index
+
+    @contextmanager
+    def _index_lock(self) -> Iterator[None]:
+        """Serialise index appends and rewrites across threads and processes."""
+        with self._mutex:
+            self._ensure_dirs()
+            fd = os.open(self._index_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        try:
+            with self._index_lock():
+                fd = os.open(self._manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                             | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, payload)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            # The index is a cache: a listing that cannot trust it rescans the directory.
+            log.warning("could not update the checkpoint index in %s: %s", self.root, exc)
+
+    def _read_manifest(self) -> None:
+        """Bring the in-memory index up to date with the manifest file (tail only if possible)."""
+        try:
+            fd = os.open(self._manifest, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._stamp, self._manifest_ino, self._offset = None, None, 0
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self._manifest_ino or st.st_size < self._offset:
+                self._entries, self._stamp, self._offset = {}, None, 0
+                self._manifest_broken = False
+                self._manifest_ino = st.st_ino
+            if st.st_size == self._offset:
+                return
+            os.lseek(fd, self._offset, os.SEEK_SET)
+            chunks = []
+            remaining = st.st_size - self._offset
+            while remaining > 0:
+                chunk = os.read(fd, remaining)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        for line in data[:end].splitlines():
+            self._apply(line)
+
+    def _apply(self, line: bytes) -> None:
+        try:
+            rec = orjson.loads(line)
+            if "stamp" in rec:
+                self._stamp = (int(rec["stamp"][0]), int(rec["stamp"][1]))
+            elif "index" in rec:
+                if rec["index"] != _INDEX_VERSION:
+                    self._manifest_broken = True
+            elif rec.get("d"):
+                self._entries.pop(rec["n"], None)
+            else:
+                self._entries[rec["n"]] = _Entry(rec["t"], rec["s"], rec["mt"], rec.get("m"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+            # A torn line (a crash mid-append): distrust the log until the next rescan.
+            self._manifest_broken = True
+
+    def _fresh(self, dir_mtime_ns: int) -> bool:
+        if self._manifest_broken or self._stamp is None:
+            return False
+        stamp_mtime, scanned_at = self._stamp
+        return stamp_mtime == dir_mtime_ns and scanned_at - stamp_mtime > _RACY_NS
+
+    def _snapshot(self) -> list[BlobInfo]:
+        return [
+            BlobInfo(name, e.size, e.mtime_ns / 1e9, e.token, e.meta)
+            for name, e in self._entries.items()
+        ]
+
+    def list(self, *, fresh: bool = True) -> list[BlobInfo]:
+        with self._mutex:
+            if not self.root.is_dir():
+                return []
+            if not fresh and self._manifest_ino is not None:
+                return self._snapshot()
+            with self._index_lock():
+                self._read_manifest()
+                scanned_at = time.time_ns()
+                dir_mtime = os.stat(self.root).st_mtime_ns
+                if self._fresh(dir_mtime):
+                    return self._snapshot()
+                self._rescan(dir_mtime, scanned_at)
+                return self._snapshot()
+
+    def _rescan(self, dir_mtime: int, scanned_at: int) -> None:
+        entries: dict[str, _Entry] = {}
+        for item in os.scandir(self.root):
+            if item.name.startswith(".") or not _NAME_RE.fullmatch(item.name):
+                continue
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            token = _token(st)
+            known = self._entries.get(item.name)
+            meta = known.meta if known is not None and known.token == token else None
+            entries[item.name] = _Entry(token, st.st_size, st.st_mtime_ns, meta)
+        self._entries = entries
+        self._stamp = (dir_mtime, scanned_at)
+        self._manifest_broken = False
+        self._write_manifest(self._stamp)
+
+    def _write_manifest(self, stamp: tuple[int, int]) -> None:
+        lines = [orjson.dumps({"index": _INDEX_VERSION})]
+        lines.extend(
+            orjson.dumps({"n": n, "t": e.token, "s": e.size, "mt": e.mtime_ns, "m": e.meta})
+            for n, e in self._entries.items()
+        )
+        lines.append(orjson.dumps({"stamp": list(stamp)}))
+        data = b"\n".join(lines) + b"\n"
+        tmp = self._index_dir / f"{TEMP_PREFIX}manifest.{secrets.token_hex(4)}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self._manifest)
+            st = os.stat(self._manifest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("could not rewrite the checkpoint index in %s: %s", self.root, exc)
+            self._manifest_ino, self._offset = None, 0
+            return
+        self._manifest_ino, self._offset = st.st_ino, len(data)
+
+    def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
+        with self._mutex:
+            entry = self._entries.get(name)
+            if entry is None or entry.token != token:
+                return
+            entry.meta = meta
+            self._append([{"n": name, "t": token, "s": entry.size, "mt": entry.mtime_ns,
+                           "m": meta}])
+
+    # locks
+
+    def _lock_paths(self, key: str) -> tuple[Path, Path]:
+        validate_blob_name(key)
+        return self._lock_dir / f"{key}.lock", self._lock_dir / f"{key}.owner"
+
+    def _holder(self, owner: Path) -> dict[str, Any] | None:
+        try:
+            info = orjson.loads(owner.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    @contextmanager
+    def _hold(self, key: str, timeout: float) -> Iterator[None]:
+        lock_path, owner = self._lock_paths(key)
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        # thread_local=False and a fresh object per call: a second holder in this very
+        # process is refused too (flock conflicts across open file descriptions).
+        lock = filelock.FileLock(lock_path, thread_local=False, preserve_lock_file=True)
+        try:
+            lock.acquire(timeout=max(timeout, 0), poll_interval=0.02)
+        except filelock.Timeout:
+            raise SessionLockedError(
+                f"session {key} is locked by {_describe_holder(self._holder(owner))}"
+            ) from None
+        try:
+            tmp = owner.with_name(f"{TEMP_PREFIX}{owner.name}.{secrets.token_hex(4)}")
+            tmp.write_bytes(orjson.dumps(_holder_description()))
+            os.replace(tmp, owner)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                owner.unlink()
+            lock.release()
+
+    def lock(self, key: str, timeout: float = 0) -> AbstractContextManager[None]:
+        return self._hold(key, timeout)
+
+    def is_locked(self, key: str) -> bool:
+        lock_path, _ = self._lock_paths(key)
+        if not lock_path.exists():
+            return False
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
