@@ -1,0 +1,340 @@
+"""``prowzi serve`` over real HTTP on loopback: start, list, get, follow (SSE), cancel, resume,
+bad requests, the queue, and SIGTERM with runs in flight followed by a resuming restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_service_support import subprocess_env
+
+from prowzi.testing import STAGES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """A ``prowzi serve`` subprocess in ``cwd``."""
+
+    def __init__(self, cwd: Path, *args: str, **env: str) -> None:
+        self.cwd = cwd
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = cwd / f"serve-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prowzi.cli.main",
+                "serve",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            cwd=cwd,
+            env=subprocess_env(**env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("prowzi serve did not start:\n" + self.log())
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            self.client.close()
+            self._log.close()
+        return code
+
+    def start_run(self, prompt: str = "quantum computing") -> str:
+        response = self.client.post("/runs", json={"prompt": prompt})
+        assert response.status_code == 202, response.text
+        return str(response.json()["session_id"])
+
+    def events(self, session_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:
+        """Follow the SSE stream to its end; each message as {id, event, data}."""
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        messages: list[dict[str, Any]] = []
+        current: dict[str, Any] = {}
+        with self.client.stream("GET", f"/runs/{session_id}/events", headers=headers) as r:
+            assert r.status_code == 200, r.read()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if not line:
+                    if current:
+                        messages.append(current)
+                    current = {}
+                elif line.startswith("id: "):
+                    current["id"] = int(line[4:])
+                elif line.startswith("event: "):
+                    current["event"] = line[7:]
+                elif line.startswith("data: "):
+                    current["data"] = json.loads(line[6:])
+        return messages
+
+    def wait_state(self, session_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.client.get(f"/runs/{session_id}").json()
+            if info.get("state") in states:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{session_id} stuck in {info.get('state')}: {info}")
+            time.sleep(0.05)
+
+    def wait_checkpoint(self, session_id: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not list((self.cwd / "prowzi_checkpoints").glob(f"{session_id}_*.json")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no checkpoint for {session_id}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path, PROWZI_TEST_DELAY="0.02", PROWZI_TEST_FLAKY_STAGE="search")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One service for the tests that only send requests that start nothing."""
+    svc = Service(tmp_path_factory.mktemp("shared"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def slow_service(tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path, "--max-concurrent", "1", "--max-queue", "1", PROWZI_TEST_DELAY="0.4")
+    yield svc
+    svc.stop()
+
+
+def test_a_run_is_accepted_listed_streamed_to_completion_and_inspected(
+    service: Service,
+) -> None:
+    response = service.client.post("/runs", json={"prompt": "quantum computing"})
+    assert response.status_code == 202
+    body = response.json()
+    sid = body["session_id"]
+    assert response.headers["location"] == f"/runs/{sid}"
+    assert body["links"]["events"] == f"/runs/{sid}/events"
+    assert sid in [r["session_id"] for r in service.client.get("/runs").json()["runs"]]
+
+    messages = service.events(sid)
+    kinds = [m["event"] for m in messages]
+    assert kinds[0] == "workflow_started"
+    assert kinds[-2:] == ["workflow_completed", "end"]
+    assert messages[-1]["data"]["state"] == "completed"
+    assert [m["id"] for m in messages[:-1]] == list(range(1, len(messages)))
+    completed = [m["data"]["stage"] for m in messages if m["event"] == "stage_completed"]
+    assert completed == list(STAGES)
+    assert "stage_retrying" in kinds  # the flaky search stage
+
+    # A reconnecting client resumes after the last id it saw.
+    tail = service.events(sid, last_event_id=messages[-3]["id"])
+    assert [m["event"] for m in tail] == ["workflow_completed", "end"]
+
+    info = service.client.get(f"/runs/{sid}").json()
+    assert info["state"] == "completed"
+    assert info["stages_completed"] == info["stages_total"] == 7
+    assert info["telemetry"]["success"] is True
+    assert info["telemetry"]["total_retries"] == 1
+    listed = service.client.get("/runs", params={"state": "completed"}).json()["runs"]
+    assert [r["session_id"] for r in listed] == [sid]
+
+
+def test_cancel_stops_a_run_after_checkpointing_and_resume_finishes_it(
+    slow_service: Service,
+) -> None:
+    svc = slow_service
+    sid = svc.start_run()
+    svc.wait_checkpoint(sid)
+    response = svc.client.post(f"/runs/{sid}/cancel")
+    assert response.status_code == 202
+    messages = svc.events(sid)
+    assert messages[-1]["data"]["state"] == "cancelled"
+    failed = [m for m in messages if m["event"] == "workflow_failed"]
+    assert failed and failed[0]["data"]["cancelled"] is True
+    saved = [m["data"]["stage"] for m in messages if m["event"] == "checkpoint_saved"]
+    assert saved
+
+    assert svc.client.post(f"/runs/{sid}/cancel").status_code == 409
+    response = svc.client.post(f"/runs/{sid}/resume")
+    assert response.status_code == 202, response.text
+    svc.wait_state(sid, "completed")
+    resumed = svc.events(sid)
+    skipped = [m["data"]["stage"] for m in resumed if m["event"] == "stage_skipped"]
+    assert skipped[: len(saved)] == list(STAGES[: len(skipped)])
+    assert set(saved) <= set(skipped)
+    assert resumed[-1]["data"]["state"] == "completed"
+    assert svc.client.post(f"/runs/{sid}/resume").status_code == 409  # already complete
+
+
+def test_the_queue_is_bounded_and_its_depth_is_a_metric(slow_service: Service) -> None:
+    svc = slow_service
+    running = svc.start_run("first")
+    queued = svc.start_run("second")
+    assert svc.client.get(f"/runs/{queued}").json()["state"] == "queued"
+    full = svc.client.post("/runs", json={"prompt": "third"})
+    assert full.status_code == 429
+    assert "queued" in full.json()["detail"]
+    assert full.headers["retry-after"]
+    ready = svc.client.get("/readyz").json()
+    assert ready == {"status": "ready", "active_runs": 1, "queued_runs": 1}
+    text = svc.client.get("/metrics").text
+    assert "prowzi_service_queue_depth 1.0" in text
+    assert "prowzi_service_active_runs 1.0" in text
+    # Cancelling a queued run removes it from the queue without running it.
+    assert svc.client.post(f"/runs/{queued}/cancel").status_code == 202
+    assert svc.client.get(f"/runs/{queued}").json()["state"] == "cancelled"
+    assert "prowzi_service_queue_depth 0.0" in svc.client.get("/metrics").text
+    svc.client.post(f"/runs/{running}/cancel")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("post", "/runs", {"prompt": ""}, 422, "prompt"),
+        ("post", "/runs", {"prompt": "   "}, 422, "blank"),
+        ("post", "/runs", {}, 422, "prompt: Field required"),
+        (
+            "post",
+            "/runs",
+            {"prompt": "p", "max_results_per_query": 0},
+            422,
+            "max_results_per_query",
+        ),
+        (
+            "post",
+            "/runs",
+            {"prompt": "p", "document_path": "/etc/passwd"},
+            422,
+            "document_path: Extra inputs are not permitted",
+        ),
+        ("post", "/runs", {"prompt": "p", "corpus_dir": "/"}, 422, "corpus_dir"),
+        ("post", "/runs", {"prompt": "x" * 10_001}, 422, "prompt"),
+        ("post", "/runs", {"prompt": "x" * 70_000}, 413, "larger than"),
+        ("get", "/runs/bad_id!", None, 400, "invalid session id"),
+        ("get", "/runs/%2E%2E", None, 400, "invalid session id"),
+        ("get", "/runs/%2E%2E%2Fetc/events", None, 404, "Not Found"),
+        ("get", "/runs/20990101-000000-deadbeef", None, 404, "no run or session"),
+        ("get", "/runs/20990101-000000-deadbeef/events", None, 404, "no run or session"),
+        ("post", "/runs/20990101-000000-deadbeef/resume", None, 404, "no checkpoint"),
+        ("post", "/runs/20990101-000000-deadbeef/cancel", None, 404, "no run"),
+        ("post", "/runs/a..b/cancel", None, 400, "invalid session id"),
+        ("get", "/runs?limit=0", None, 422, "limit"),
+        ("get", "/runs?state=bogus", None, 422, "state"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_clear_message(
+    shared_service: Service, method: str, path: str, body: Any, status: int, message: str
+) -> None:
+    response = shared_service.client.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_a_body_that_is_not_json_is_a_422(shared_service: Service) -> None:
+    response = shared_service.client.post(
+        "/runs", content=b"prompt=x", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "invalid request" in response.json()["detail"]
+
+
+def test_openapi_health_and_metrics(shared_service: Service) -> None:
+    service = shared_service
+    schema = service.client.get("/openapi.json").json()
+    for path in (
+        "/runs",
+        "/runs/{session_id}",
+        "/runs/{session_id}/events",
+        "/runs/{session_id}/resume",
+        "/runs/{session_id}/cancel",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in schema["paths"], path
+    props = schema["components"]["schemas"]["RunRequest"]["properties"]
+    assert set(props) == {"prompt", "max_results_per_query"}  # no path anywhere
+    assert service.client.get("/healthz").json() == {"status": "ok"}
+    response = service.client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+
+
+def test_sigterm_checkpoints_runs_in_flight_and_a_restart_resumes_them(
+    tmp_path: Path,
+) -> None:
+    first = Service(tmp_path, "--max-concurrent", "2", PROWZI_TEST_DELAY="0.4")
+    sids = [first.start_run("alpha"), first.start_run("beta")]
+    for sid in sids:
+        first.wait_checkpoint(sid)
+    started = time.monotonic()
+    code = first.stop(signal.SIGTERM)
+    assert code in (0, -signal.SIGTERM), first.log()
+    assert time.monotonic() - started < 20
+    journal = json.loads((tmp_path / "prowzi_service" / "runs.json").read_text())
+    assert {r["session_id"]: r["state"] for r in journal["runs"]} == dict.fromkeys(
+        sids, "interrupted"
+    )
+    saved = {
+        sid: sorted(p.name for p in (tmp_path / "prowzi_checkpoints").glob(f"{sid}_*.pkl"))
+        for sid in sids
+    }
+    assert all(saved.values()), saved
+
+    # A plain restart lists them as interrupted and does not touch them...
+    second = Service(tmp_path, PROWZI_TEST_DELAY="0.01")
+    for sid in sids:
+        assert second.client.get(f"/runs/{sid}").json()["state"] == "interrupted"
+    assert second.stop() in (0, -signal.SIGTERM)
+
+    # ...one with --resume-interrupted resumes them to completion from their checkpoints.
+    third = Service(tmp_path, "--resume-interrupted", PROWZI_TEST_DELAY="0.01")
+    try:
+        for sid in sids:
+            info = third.wait_state(sid, "completed")
+            assert info["kind"] == "resume"
+            assert info["telemetry"]["success"] is True
+            events = third.events(sid)
+            assert "stage_skipped" in [m["event"] for m in events]
+    finally:
+        third.stop()
