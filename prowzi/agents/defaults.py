@@ -1,0 +1,37 @@
+"""The offline default agent for each of the seven stages."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prowzi.agents.base import Agent
+from prowzi.agents.evaluation import EvaluationAgent
+from prowzi.agents.intent import IntentAgent
+from prowzi.agents.planning import PlanningAgent
+from prowzi.agents.search import SearchAgent
+from prowzi.agents.turnitin import TurnitinAgent
+from prowzi.agents.verification import VerificationAgent
+from prowzi.agents.writing import WritingAgent
+
+if TYPE_CHECKING:
+    from prowzi.config import ProwziConfig
+
+
+def default_agents(config: ProwziConfig) -> dict[str, Agent]:
+    """The offline default agents, keyed by stage name.
+
+    Like every agent factory (see the ``agents`` setting), this takes the configuration; the
+    default agents hold no state of their own and read each run's settings when they run: the
+    corpus and thresholds from ``ctx.params``, the index directory from ``ctx.config``. So
+    assigning ``config.index_dir`` after building an orchestrator is honoured.
+    """
+    del config  # nothing to capture: see the docstring
+    return {
+        "intent": IntentAgent(),
+        "planning": PlanningAgent(),
+        "search": SearchAgent(),
+        "verification": VerificationAgent(),
+        "writing": WritingAgent(),
+        "evaluation": EvaluationAgent(),
+        "turnitin": TurnitinAgent(),
+    }
