@@ -316,3 +316,56 @@ def test_serve_metrics_serves_openmetrics_on_loopback(registry: CollectorRegistr
 def test_the_default_registry_is_private() -> None:
     first, second = ProwziMetrics(), ProwziMetrics()
     assert first.registry is not second.registry
+
+
+def test_200_orchestrated_runs_leave_the_series_count_of_the_first(
+    registry: CollectorRegistry,
+) -> None:
+    """The same property with the real stage loop and tracer: successes, retries, failures."""
+    import asyncio
+    import contextlib
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from pydantic import BaseModel
+
+    from prowzi.agents.base import StageContext
+    from prowzi.config import ProwziConfig
+    from prowzi.errors import PermanentError, TransientError, WorkflowFailedError
+    from prowzi.observability.tracing import build_tracer
+    from prowzi.testing import noop_agents, noop_result
+    from prowzi.workflows import ProwziOrchestrator
+
+    async def flaky(ctx: StageContext) -> BaseModel:
+        number = int(ctx.session_id.rsplit("-", 1)[1])
+        if number % 3 == 1 and ctx.attempt == 1:
+            raise TransientError("rate limited")
+        if number % 3 == 2:
+            raise PermanentError("bad source")
+        return noop_result("search", ctx)
+
+    metrics = ProwziMetrics(registry)
+    orchestrator = ProwziOrchestrator(
+        config=ProwziConfig(enable_telemetry=False, retry_backoff_base=0, max_retries=1),
+        agents={**noop_agents(), "search": flaky},
+        sinks=[metrics],
+        tracer=build_tracer({}, exporters=[InMemorySpanExporter()], install_global=False),
+        on_sink_error=metrics.sink_error,
+    )
+
+    async def run(i: int) -> None:
+        # The permanent failures are part of the workload.
+        with contextlib.suppress(WorkflowFailedError):
+            await orchestrator.run_research(f"prompt {i}", session_id=f"run-{i}")
+
+    async def the_rest() -> None:
+        for i in range(1, 200):
+            await run(i)
+
+    asyncio.run(run(0))
+    after_first = series(registry)
+    asyncio.run(the_rest())
+    assert series(registry) == after_first
+    assert value(registry, "prowzi_runs_started_total") == 200
+    assert value(registry, "prowzi_runs_completed_total", outcome="failure") == 66
+    text = render(registry, OPENMETRICS)[0].decode()
+    assert "trace_id=" in text
