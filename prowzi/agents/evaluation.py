@@ -284,7 +284,9 @@ def revise(
     verified: list[Source],
     sample: bool = False,
     message: str | None = None,
+    expand: bool = False,
 ) -> WritingAgentResult:
+    """One revision pass; ``expand`` adds evidence to every section, not only thin ones."""
     verified_ids = {s.source_id for s in verified}
     valid_refs = [r for r in draft.references if r.source_id in verified_ids]
     valid_numbers = {r.number for r in valid_refs}
@@ -317,10 +319,20 @@ def revise(
         elif current is None:
             out.append(composer.section(planned, i, depth=2))
         elif (
-            _words(current.text) < THIN_SECTION_WORDS or not _draft.CITATION.search(current.text)
-        ) and planned.queries:
+            0 < i < last
+            and planned.queries
+            and (
+                expand
+                or _words(current.text) < THIN_SECTION_WORDS
+                or not _draft.CITATION.search(current.text)
+            )
+        ):
             more = composer.section(planned, i, depth=2)
-            extra = [s for s in _draft.split_sentences(more.text)[1:] if _draft.CITATION.search(s)]
+            extra = [
+                s
+                for s in _draft.split_sentences(more.text)[1:]
+                if _draft.CITATION.search(s) and s not in current.text
+            ]
             text = (current.text + " " + " ".join(extra)).strip() if extra else current.text
             out.append(DraftSection(title=current.title, text=text, citations=[]))
         else:
@@ -346,7 +358,8 @@ def run_evaluation(
     initial = evaluate(draft, plan, verified_ids, document_type, threshold)
     if initial.passed:
         return EvaluationStageResult(initial_evaluation=initial, evaluation=initial, draft=draft)
-    revised = revise(draft, plan, intent, verified or [], sample, message)
+    short = any(c.criterion == "length" and c.score < 1 for c in initial.criteria)
+    revised = revise(draft, plan, intent, verified or [], sample, message, expand=short)
     final = evaluate(revised, plan, verified_ids, document_type, threshold)
     return EvaluationStageResult(initial_evaluation=initial, evaluation=final, draft=revised)
 

@@ -61,6 +61,7 @@ _GENERIC_THEME_WORDS = _text.word_set(
     paper work works show shows shown result results approach approaches method methods use
     used using new first also one two three can based study studies propose proposed present
     presents describe describes introduce introduces provide provides large small many well
+    author authors article review reviews argue argues report reports discuss discusses
     """
 )
 
@@ -134,9 +135,16 @@ def _lower_title(title: str) -> str:
 
 
 def _join(items: list[str]) -> str:
+    """``a, b and c``; ``a; b, c; and d`` when an item holds a comma itself."""
     if len(items) <= 1:
         return "".join(items)
+    if any("," in item for item in items):
+        return "; ".join(items[:-1]) + "; and " + items[-1]
     return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _years(n: int) -> str:
+    return f"{n} year" if n == 1 else f"{n} years"
 
 
 @dataclass(slots=True)
@@ -168,7 +176,7 @@ class Composer:
             (s.source_id, q)
             for s in verified
             for q in self._candidates[s.source_id]
-            if q in already_written
+            if q.rstrip(".!?;:,") in already_written
         }
         self._sections_per_source: Counter[str] = Counter()
         self._template = 0
@@ -302,7 +310,7 @@ class Composer:
             old, new = dated[0], dated[-1]
             span = (new.source.year or 0) - (old.source.year or 0)
             sentences.append(
-                f"The evidence here spans {span} years, from {_ref_label(old.source)} "
+                f"The evidence here spans {_years(span)}, from {_ref_label(old.source)} "
                 f"[{old.number}] to {_ref_label(new.source)} [{new.number}]."
             )
         return sentences
@@ -322,7 +330,19 @@ class Composer:
         quotes = self._evidence(
             section, sources=3 if depth <= 1 else 5, quotes_per_source=1 if depth <= 1 else 2
         )
-        if not quotes:
+        found = self.sources_for(section)[:2]
+        if not quotes and found:
+            cited = [f"{_ref_label(s)} [{self.book.cite(s)}]" for s in found]
+            verb = (
+                "are the corpus sources that bear"
+                if len(found) > 1
+                else ("is the corpus source that bears")
+            )
+            sentences.append(
+                f"{_join(cited)[:1].upper()}{_join(cited)[1:]}, quoted above, {verb} on this "
+                "section; no further passage of theirs addresses it directly."
+            )
+        elif not quotes:
             sentences.append(
                 "The corpus holds no verified source for this section, so it is left without "
                 "claims rather than filled with unsupported ones."
