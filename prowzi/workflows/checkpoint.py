@@ -70,7 +70,13 @@ from prowzi.errors import (
     SessionLockedError,
 )
 from prowzi.ids import split_checkpoint_id, validate_session_id, validate_stage_name
-from prowzi.workflows.storage import BlobNotFoundError, CheckpointStore, LocalDirectoryStore
+from prowzi.workflows.storage import (
+    BlobInfo,
+    BlobNotFoundError,
+    CheckpointStore,
+    LocalDirectoryStore,
+    paused_gc,
+)
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -173,6 +179,12 @@ def _session_of(name: str) -> tuple[str, str] | None:
     return (session, stage) if stage is not None else None
 
 
+def _earlier(completed: list[str], stage: str) -> list[str]:
+    """The completed stages before ``stage``, latest first."""
+    earlier = completed[: completed.index(stage)] if stage in completed else completed
+    return earlier[::-1]
+
+
 def _listed(meta: dict[str, Any]) -> dict[str, Any] | None:
     """A stored header (JSON form) as a listing row, with ``created_at`` as a datetime."""
     if "invalid" in meta:
@@ -209,6 +221,9 @@ class CheckpointManager:
         )
         self._key = key.encode() if isinstance(key, str) else key
         self._rows: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        self._readable: dict[str, dict[str, Any]] = {}
+        self._newest_first: list[dict[str, Any]] | None = None
+        self._generation: int | None = None
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
@@ -314,8 +329,7 @@ class CheckpointManager:
             log.warning("could not write the metadata of checkpoint %s: %s", checkpoint_id, exc)
 
     def _chain_head(self, session_id: str, stage: str, completed: list[str]) -> str | None:
-        earlier = completed[: completed.index(stage)] if stage in completed else completed
-        for prior in reversed(earlier):
+        for prior in _earlier(completed, stage):
             name = f"{session_id}_{prior}.pkl"
             try:
                 header = self._read_header(name)
@@ -530,18 +544,25 @@ class CheckpointManager:
         previous = metadata.previous_hash
         if previous is None:
             return
-        sessions = {metadata.session_id}
+        sessions = [metadata.session_id]
         if metadata.parent_session_id is not None:
-            sessions.add(metadata.parent_session_id)
-        for fresh in (False, True):
-            rows = self._rows_now(fresh=fresh)
-            for name, row in rows.items():
-                if (
-                    row["payload_sha256"] == previous
-                    and row["session_id"] in sessions
-                    and (fresh or self.store.token(name) == self._rows[name][0])
-                ):
+            sessions.append(metadata.parent_session_id)
+        # Usually the previous checkpoint is that of the latest earlier completed stage:
+        # reading a header or two avoids listing the whole store.
+        for prior in _earlier(metadata.completed_stages, metadata.stage):
+            for session in sessions:
+                try:
+                    header = self._read_header(f"{session}_{prior}.pkl")
+                except (BlobNotFoundError, CheckpointIntegrityError):
+                    continue
+                if header.get("payload_sha256") == previous:
                     return
+        rows = self._rows_now()
+        if any(
+            row["payload_sha256"] == previous and row["session_id"] in sessions
+            for row in rows.values()
+        ):
+            return
         older = any(
             row["session_id"] == metadata.session_id and row["created_at"] < metadata.created_at
             for row in rows.values()
@@ -581,27 +602,34 @@ class CheckpointManager:
     # --- listing ------------------------------------------------------------------------
 
     def _rows_now(self, *, fresh: bool = True) -> dict[str, dict[str, Any]]:
-        """Listing rows of every readable checkpoint, by blob name."""
+        """Listing rows of every readable checkpoint, by blob name (cached per generation)."""
+        generation = self.store.generation(fresh=fresh)
+        if generation is not None and generation == self._generation:
+            return self._readable
         rows: dict[str, dict[str, Any]] = {}
         known = self._rows
         current: dict[str, tuple[str, dict[str, Any] | None]] = {}
-        for blob in self.store.list(fresh=fresh):
-            if not blob.name.endswith(".pkl"):
-                continue
-            cached = known.get(blob.name)
-            if cached is not None and cached[0] == blob.token:
-                row = cached[1]
-            else:
-                meta = blob.meta if blob.meta is not None else self._index(blob.name, blob.token)
-                row = _listed(meta) if meta is not None else None
-            current[blob.name] = (blob.token, row)
-            if row is not None:
-                rows[blob.name] = row
-        self._rows = current
+        with paused_gc():
+            for blob in self.store.list(fresh=False):
+                if not blob.name.endswith(".pkl"):
+                    continue
+                cached = known.get(blob.name)
+                if cached is not None and cached[0] == blob.token:
+                    row = cached[1]
+                else:
+                    meta = blob.meta if blob.meta is not None else self._index(blob)
+                    row = _listed(meta) if meta is not None else None
+                current[blob.name] = (blob.token, row)
+                if row is not None:
+                    rows[blob.name] = row
+        self._rows, self._readable, self._newest_first = current, rows, None
+        # Reading headers above may have taught the store new meta: that is no change.
+        self._generation = self.store.generation(fresh=False)
         return rows
 
-    def _index(self, name: str, token: str) -> dict[str, Any] | None:
+    def _index(self, blob: BlobInfo) -> dict[str, Any] | None:
         """Read a checkpoint's header for the index (the store could not vouch for its meta)."""
+        name = blob.name
         if _session_of(name) is None:
             return None
         try:
@@ -615,7 +643,7 @@ class CheckpointManager:
         except (CheckpointIntegrityError, ValidationError) as exc:
             log.warning("skipping unreadable checkpoint %s: %s", self.store.describe(name), exc)
             meta = {"invalid": str(exc)}
-        self.store.remember(name, token, meta)
+        self.store.remember(name, blob.token, meta)
         return meta
 
     def list_checkpoints(
@@ -634,16 +662,19 @@ class CheckpointManager:
             validate_stage_name(stage)
         if since is not None:
             since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
-        rows = self._rows_now().values()
-        selected = [
-            row
-            for row in rows
-            if (session_id is None or row["session_id"] == session_id)
-            and (stage is None or row["stage"] == stage)
-            and (since is None or row["created_at"] >= since)
-        ]
-        selected.sort(key=lambda row: row["created_at"], reverse=True)
-        return [dict(row) for row in selected]
+        rows = self._rows_now()
+        if self._newest_first is None:
+            self._newest_first = sorted(
+                rows.values(), key=lambda row: row["created_at"], reverse=True
+            )
+        with paused_gc():
+            return [
+                dict(row)
+                for row in self._newest_first
+                if (session_id is None or row["session_id"] == session_id)
+                and (stage is None or row["stage"] == stage)
+                and (since is None or row["created_at"] >= since)
+            ]
 
     def latest(self, session_id: str) -> CheckpointMetadata | None:
         """The session's most recent checkpoint, or None."""

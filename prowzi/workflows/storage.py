@@ -17,6 +17,7 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import re
@@ -97,6 +98,11 @@ class CheckpointStore(ABC):
     @abstractmethod
     def list(self, *, fresh: bool = True) -> list[BlobInfo]:
         """Every blob. ``fresh=False`` allows the store's last known view plus its own writes."""
+
+    def generation(self, *, fresh: bool = True) -> int | None:
+        """A number that changes whenever :meth:`list` would change (after bringing the view
+        up to date, when ``fresh``); None when the store cannot tell."""
+        return None
 
     @abstractmethod
     def token(self, name: str) -> str | None:
@@ -184,13 +190,18 @@ class InMemoryStore(CheckpointStore):
     def delete(self, name: str) -> bool:
         validate_blob_name(name)
         with self._mutex:
+            self._counter += 1
             return self._blobs.pop(name, None) is not None
 
     def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
         with self._mutex:
             entry = self._blobs.get(name)
             if entry is not None and entry[2] == token:
+                self._counter += 1
                 self._blobs[name] = (entry[0], entry[1], token, meta)
+
+    def generation(self, *, fresh: bool = True) -> int:
+        return self._counter
 
     def describe(self, name: str) -> str:
         return f"memory://{name}"
@@ -226,12 +237,20 @@ class InMemoryStore(CheckpointStore):
 # --- local directory ------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Entry:
-    token: str
-    size: int
-    mtime_ns: int
-    meta: dict[str, Any] | None
+_Entry = tuple[str, int, int, dict[str, Any] | None]
+"""(token, size, mtime_ns, meta): tuples, because a listing may hold tens of thousands."""
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic GC while building many small containers (it would rescan them all)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _token(st: os.stat_result) -> str:
@@ -266,6 +285,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._manifest_ino: int | None = None
         self._offset = 0
         self._manifest_broken = False
+        self._generation = 0
 
     # blobs
 
@@ -302,11 +322,13 @@ class LocalDirectoryStore(CheckpointStore):
             raise
         if durable:
             self._fsync_dir(self.root)
-        entry = _Entry(_token(st), st.st_size, st.st_mtime_ns, meta)
+        token = _token(st)
         with self._mutex:
-            self._entries[name] = entry
-            self._append([{"n": name, "t": entry.token, "s": entry.size, "mt": entry.mtime_ns,
-                           "m": meta}])
+            self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
+            self._generation += 1
+            self._append(
+                [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
+            )
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -341,6 +363,7 @@ class LocalDirectoryStore(CheckpointStore):
             return False
         with self._mutex:
             self._entries.pop(name, None)
+            self._generation += 1
             self._append([{"n": name, "d": 1}])
         return True
 
@@ -381,8 +404,9 @@ class LocalDirectoryStore(CheckpointStore):
         payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
         try:
             with self._index_lock():
-                fd = os.open(self._manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                             | os.O_CLOEXEC, 0o600)
+                fd = os.open(
+                    self._manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
                 try:
                     os.write(fd, payload)
                 finally:
@@ -420,21 +444,25 @@ class LocalDirectoryStore(CheckpointStore):
         data = b"".join(chunks)
         end = data.rfind(b"\n") + 1  # a line still being written is read next time
         self._offset += end
-        for line in data[:end].splitlines():
-            self._apply(line)
+        self._generation += 1
+        with paused_gc():
+            for line in data[:end].splitlines():
+                self._apply(line)
 
     def _apply(self, line: bytes) -> None:
+        entries = self._entries
         try:
             rec = orjson.loads(line)
-            if "stamp" in rec:
-                self._stamp = (int(rec["stamp"][0]), int(rec["stamp"][1]))
-            elif "index" in rec:
-                if rec["index"] != _INDEX_VERSION:
+            if "snapshot" in rec:
+                if rec["snapshot"] != _INDEX_VERSION:
                     self._manifest_broken = True
+                    return
+                self._entries = entries = {e[0]: (e[1], e[2], e[3], e[4]) for e in rec["entries"]}
+                self._stamp = (int(rec["stamp"][0]), int(rec["stamp"][1]))
             elif rec.get("d"):
-                self._entries.pop(rec["n"], None)
+                entries.pop(rec["n"], None)
             else:
-                self._entries[rec["n"]] = _Entry(rec["t"], rec["s"], rec["mt"], rec.get("m"))
+                entries[rec["n"]] = (rec["t"], rec["s"], rec["mt"], rec.get("m"))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
             # A torn line (a crash mid-append): distrust the log until the next rescan.
             self._manifest_broken = True
@@ -445,30 +473,37 @@ class LocalDirectoryStore(CheckpointStore):
         stamp_mtime, scanned_at = self._stamp
         return stamp_mtime == dir_mtime_ns and scanned_at - stamp_mtime > _RACY_NS
 
-    def _snapshot(self) -> list[BlobInfo]:
-        return [
-            BlobInfo(name, e.size, e.mtime_ns / 1e9, e.token, e.meta)
-            for name, e in self._entries.items()
-        ]
-
     def list(self, *, fresh: bool = True) -> list[BlobInfo]:
         with self._mutex:
+            self.generation(fresh=fresh)
+            with paused_gc():
+                return [
+                    BlobInfo(name, size, mtime_ns / 1e9, token, meta)
+                    for name, (token, size, mtime_ns, meta) in self._entries.items()
+                ]
+
+    def generation(self, *, fresh: bool = True) -> int:
+        with self._mutex:
             if not self.root.is_dir():
-                return []
+                if self._entries:
+                    self._entries, self._stamp, self._manifest_ino = {}, None, None
+                    self._generation += 1
+                return self._generation
             if not fresh and self._manifest_ino is not None:
-                return self._snapshot()
+                return self._generation
             with self._index_lock():
                 self._read_manifest()
                 scanned_at = time.time_ns()
                 dir_mtime = os.stat(self.root).st_mtime_ns
-                if self._fresh(dir_mtime):
-                    return self._snapshot()
-                self._rescan(dir_mtime, scanned_at)
-                return self._snapshot()
+                if not self._fresh(dir_mtime):
+                    self._rescan(dir_mtime, scanned_at)
+            return self._generation
 
     def _rescan(self, dir_mtime: int, scanned_at: int) -> None:
         entries: dict[str, _Entry] = {}
-        for item in os.scandir(self.root):
+        with paused_gc():
+            items = list(os.scandir(self.root))
+        for item in items:
             if item.name.startswith(".") or not _NAME_RE.fullmatch(item.name):
                 continue
             try:
@@ -479,21 +514,22 @@ class LocalDirectoryStore(CheckpointStore):
                 continue
             token = _token(st)
             known = self._entries.get(item.name)
-            meta = known.meta if known is not None and known.token == token else None
-            entries[item.name] = _Entry(token, st.st_size, st.st_mtime_ns, meta)
+            meta = known[3] if known is not None and known[0] == token else None
+            entries[item.name] = (token, st.st_size, st.st_mtime_ns, meta)
         self._entries = entries
+        self._generation += 1
         self._stamp = (dir_mtime, scanned_at)
         self._manifest_broken = False
         self._write_manifest(self._stamp)
 
     def _write_manifest(self, stamp: tuple[int, int]) -> None:
-        lines = [orjson.dumps({"index": _INDEX_VERSION})]
-        lines.extend(
-            orjson.dumps({"n": n, "t": e.token, "s": e.size, "mt": e.mtime_ns, "m": e.meta})
-            for n, e in self._entries.items()
-        )
-        lines.append(orjson.dumps({"stamp": list(stamp)}))
-        data = b"\n".join(lines) + b"\n"
+        # One line, so that a cold reader parses the whole snapshot in a single call.
+        snapshot = {
+            "snapshot": _INDEX_VERSION,
+            "stamp": list(stamp),
+            "entries": [[n, *e] for n, e in self._entries.items()],
+        }
+        data = orjson.dumps(snapshot) + b"\n"
         tmp = self._index_dir / f"{TEMP_PREFIX}manifest.{secrets.token_hex(4)}"
         try:
             tmp.write_bytes(data)
@@ -510,11 +546,11 @@ class LocalDirectoryStore(CheckpointStore):
     def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
         with self._mutex:
             entry = self._entries.get(name)
-            if entry is None or entry.token != token:
+            if entry is None or entry[0] != token:
                 return
-            entry.meta = meta
-            self._append([{"n": name, "t": token, "s": entry.size, "mt": entry.mtime_ns,
-                           "m": meta}])
+            self._entries[name] = (token, entry[1], entry[2], meta)
+            self._generation += 1
+            self._append([{"n": name, "t": token, "s": entry[1], "mt": entry[2], "m": meta}])
 
     # locks
 

@@ -1,0 +1,278 @@
+"""Checkpoint stores: one conformance suite run against every store, then local-only behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from prowzi.errors import InvalidIdentifierError, SessionLockedError
+from prowzi.workflows.storage import (
+    BlobNotFoundError,
+    CheckpointStore,
+    InMemoryStore,
+    LocalDirectoryStore,
+)
+
+StoreFactory = Callable[[Path], CheckpointStore]
+
+STORES: dict[str, StoreFactory] = {
+    "local": lambda root: LocalDirectoryStore(root / "store"),
+    "local-nofsync": lambda root: LocalDirectoryStore(root / "store", fsync=False),
+    "memory": lambda root: InMemoryStore(),
+}
+
+BAD_NAMES = ["", "../escape", "a/b", "..", "a..b", "nul\x00byte", ".hidden", "x" * 256, "a\\b"]
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
+    return STORES[request.param](tmp_path)
+
+
+# --- conformance ------------------------------------------------------------------------
+
+
+def test_put_then_get_returns_the_bytes(store: CheckpointStore) -> None:
+    store.put("a_intent.pkl", b"\x00payload\xff")
+    assert store.get("a_intent.pkl") == b"\x00payload\xff"
+
+
+def test_get_of_a_missing_blob_raises_blob_not_found(store: CheckpointStore) -> None:
+    with pytest.raises(BlobNotFoundError):
+        store.get("missing.pkl")
+
+
+def test_put_replaces_the_whole_blob(store: CheckpointStore) -> None:
+    store.put("a.pkl", b"a much longer first version")
+    store.put("a.pkl", b"short")
+    assert store.get("a.pkl") == b"short"
+
+
+def test_get_with_max_bytes_returns_a_prefix(store: CheckpointStore) -> None:
+    store.put("a.pkl", b"0123456789")
+    assert store.get("a.pkl", max_bytes=4) == b"0123"
+
+
+def test_list_names_every_blob_with_size_and_meta(store: CheckpointStore) -> None:
+    store.put("a.pkl", b"12345", meta={"stage": "intent"})
+    store.put("b.json", b"{}")
+    listed = {b.name: b for b in store.list()}
+    assert set(listed) == {"a.pkl", "b.json"}
+    assert listed["a.pkl"].size == 5
+    assert listed["a.pkl"].meta == {"stage": "intent"}
+    assert listed["b.json"].meta is None
+    assert abs(listed["a.pkl"].modified - time.time()) < 60
+
+
+def test_an_empty_store_lists_nothing(store: CheckpointStore) -> None:
+    assert store.list() == []
+
+
+def test_token_changes_when_the_blob_is_replaced(store: CheckpointStore) -> None:
+    assert store.token("a.pkl") is None
+    store.put("a.pkl", b"one")
+    first = store.token("a.pkl")
+    store.put("a.pkl", b"two")
+    assert first is not None
+    assert store.token("a.pkl") not in (None, first)
+    assert {b.name: b.token for b in store.list()}["a.pkl"] == store.token("a.pkl")
+
+
+def test_remember_sets_meta_only_for_the_same_content(store: CheckpointStore) -> None:
+    store.put("a.pkl", b"one")
+    token = store.token("a.pkl")
+    assert token is not None
+    store.remember("a.pkl", token, {"k": 1})
+    assert store.list()[0].meta == {"k": 1}
+    store.put("a.pkl", b"two")
+    store.remember("a.pkl", token, {"k": 2})  # stale token: ignored
+    assert store.list()[0].meta is None
+
+
+def test_delete_removes_and_reports_whether_it_existed(store: CheckpointStore) -> None:
+    store.put("a.pkl", b"x")
+    assert store.delete("a.pkl") is True
+    assert store.delete("a.pkl") is False
+    assert store.list() == []
+    with pytest.raises(BlobNotFoundError):
+        store.get("a.pkl")
+
+
+def test_generation_changes_with_every_write(store: CheckpointStore) -> None:
+    before = store.generation()
+    store.put("a.pkl", b"x")
+    after_put = store.generation()
+    store.delete("a.pkl")
+    if before is not None:
+        assert len({before, after_put, store.generation()}) == 3
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_unsafe_names_are_refused(store: CheckpointStore, name: str, tmp_path: Path) -> None:
+    for call in (
+        lambda: store.put(name, b"x"),
+        lambda: store.get(name),
+        lambda: store.delete(name),
+        lambda: store.token(name),
+        lambda: store.lock(name).__enter__(),
+        lambda: store.is_locked(name),
+    ):
+        with pytest.raises(InvalidIdentifierError):
+            call()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_held_lock_refuses_a_second_holder_and_names_the_first(store: CheckpointStore) -> None:
+    with store.lock("session-1"):
+        assert store.is_locked("session-1")
+        with (
+            pytest.raises(SessionLockedError, match=rf"session-1 .*pid {os.getpid()}"),
+            store.lock("session-1"),
+        ):
+            pass
+        assert not store.is_locked("session-2")
+    assert not store.is_locked("session-1")
+    with store.lock("session-1", timeout=1):
+        pass
+
+
+def test_lock_timeout_waits_for_the_holder(store: CheckpointStore) -> None:
+    started = time.monotonic()
+    with store.lock("s"), pytest.raises(SessionLockedError):
+        store.lock("s", timeout=0.2).__enter__()
+    assert time.monotonic() - started >= 0.2
+
+
+# --- local directory ----------------------------------------------------------------------
+
+
+def local(tmp_path: Path) -> LocalDirectoryStore:
+    return LocalDirectoryStore(tmp_path / "store")
+
+
+def test_files_are_plain_files_named_after_the_blob(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    store.put("s_intent.pkl", b"bytes")
+    assert (tmp_path / "store" / "s_intent.pkl").read_bytes() == b"bytes"
+    assert store.describe("s_intent.pkl") == str(tmp_path / "store" / "s_intent.pkl")
+
+
+def test_reading_does_not_create_the_directory(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    assert store.list() == []
+    assert not store.is_locked("s")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_failed_put_leaves_the_old_blob_and_no_temporary(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    store.put("a.pkl", b"old")
+    (tmp_path / "store" / "b.pkl").mkdir()  # os.replace onto a directory fails
+    with pytest.raises(OSError):
+        store.put("b.pkl", b"new")
+    assert store.get("a.pkl") == b"old"
+    assert [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_stray_temporaries_are_not_listed_and_are_swept_when_old(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    store.put("a.pkl", b"x")
+    stray = tmp_path / "store" / ".tmp.a.pkl.dead"
+    stray.write_bytes(b"torn")
+    fresh = tmp_path / "store" / ".tmp.b.pkl.live"
+    fresh.write_bytes(b"being written")
+    old = time.time() - 7200
+    os.utime(stray, (old, old))
+    assert [b.name for b in store.list()] == ["a.pkl"]
+    assert store.sweep_temporaries(max_age=3600) == [stray.name]
+    assert not stray.exists()
+    assert fresh.exists()
+
+
+def test_files_added_or_removed_by_hand_are_seen_by_the_next_listing(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    store.put("a.pkl", b"x", meta={"m": 1})
+    store.put("b.pkl", b"y", meta={"m": 2})
+    assert {b.name for b in store.list()} == {"a.pkl", "b.pkl"}
+    (tmp_path / "store" / "b.pkl").unlink()
+    (tmp_path / "store" / "c.pkl").write_bytes(b"by hand")
+    listed = {b.name: b for b in store.list()}
+    assert set(listed) == {"a.pkl", "c.pkl"}
+    assert listed["a.pkl"].meta == {"m": 1}  # unchanged file: cached meta kept
+    assert listed["c.pkl"].meta is None  # unknown content: no meta vouched for
+
+
+def test_a_change_after_the_racy_window_is_seen_through_a_trusted_index(tmp_path: Path) -> None:
+    store = local(tmp_path)
+    store.put("a.pkl", b"x")
+    time.sleep(0.06)  # past the racy window: the next scan's stamp is trusted
+    store.list()
+    assert store.list()[0].name == "a.pkl"
+    (tmp_path / "store" / "a.pkl").unlink()
+    assert store.list() == []
+
+
+def test_another_store_object_sees_the_same_listing(tmp_path: Path) -> None:
+    first = local(tmp_path)
+    first.put("a.pkl", b"x", meta={"m": 1})
+    time.sleep(0.06)
+    first.list()
+    second = local(tmp_path)
+    assert [(b.name, b.meta) for b in second.list()] == [("a.pkl", {"m": 1})]
+    first.put("b.pkl", b"y", meta={"m": 2})
+    assert {b.name for b in second.list()} == {"a.pkl", "b.pkl"}
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "torn-line"])
+def test_a_lost_or_damaged_index_is_rebuilt_from_the_files(tmp_path: Path, damage: str) -> None:
+    store = local(tmp_path)
+    store.put("a.pkl", b"x", meta={"m": 1})
+    store.put("b.pkl", b"y", meta={"m": 2})
+    manifest = tmp_path / "store" / ".index" / "manifest.jsonl"
+    if damage == "delete":
+        manifest.unlink()
+    elif damage == "garbage":
+        manifest.write_bytes(b"\x00\xffnot json\n")
+    else:
+        with manifest.open("ab") as fh:
+            fh.write(b'{"n": "zz.pkl", "t": \n')
+    fresh = local(tmp_path)
+    assert {b.name for b in fresh.list()} == {"a.pkl", "b.pkl"}
+
+
+def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from prowzi.workflows.storage import LocalDirectoryStore
+        with LocalDirectoryStore({str(root)!r}).lock("shared-session"):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        store = LocalDirectoryStore(root)
+        assert store.is_locked("shared-session")
+        with pytest.raises(SessionLockedError) as info, store.lock("shared-session"):
+            pass
+        assert f"pid {child.pid}" in str(info.value)
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert not LocalDirectoryStore(root).is_locked("shared-session")
+    with LocalDirectoryStore(root).lock("shared-session"):
+        pass

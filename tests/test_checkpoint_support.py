@@ -1,0 +1,110 @@
+"""Helpers for the checkpoint tests: states built from the real result models, and saving."""
+
+from __future__ import annotations
+
+from prowzi.agents import models as m
+from prowzi.agents.base import RunParameters
+from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
+
+STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
+PROMPT = "Write a research paper on quantum computing"
+
+
+def params(**changes: object) -> RunParameters:
+    return RunParameters(prompt=PROMPT, **changes)  # type: ignore[arg-type]
+
+
+def full_state() -> m.WorkflowState:
+    """Every field set, with nested models, unicode and numbers."""
+    source = m.Source(
+        source_id="corpus/shor.md",
+        title="Polynomial-time algorithms for prime factorization — Shor",
+        authors=["P. W. Shor"],
+        year=1997,
+        doi="10.1137/S0097539795293172",
+        abstract="A quantum computer can factor integers in polynomial time. ψ ⟩",
+        text="The algorithm uses the quantum Fourier transform. " * 20,
+        score=7.25,
+        queries=["quantum factoring"],
+    )
+    draft = m.WritingAgentResult(
+        title="Quantum computing",
+        markdown="# Quantum computing\n\nShor's algorithm [1] factors integers.",
+        sections=[m.DraftSection(title="Intro", text="Shor's algorithm [1].", citations=[1])],
+        references=[m.Reference(number=1, source_id=source.source_id, title=source.title)],
+        word_count=6,
+        revision=1,
+    )
+    evaluation = m.EvaluationAgentResult(
+        score=0.8,
+        threshold=0.75,
+        passed=True,
+        criteria=[m.RubricScore(criterion="coverage", score=0.8, weight=1.0)],
+    )
+    return m.WorkflowState(
+        intent=m.IntentAnalysis(
+            prompt=PROMPT,
+            document_type="research_paper",
+            field="physics",
+            topic="quantum computing",
+            keywords=["quantum", "qubit"],
+        ),
+        plan=m.ResearchPlan(
+            title="Quantum computing",
+            sections=[m.PlannedSection(title="Intro", queries=["quantum factoring"])],
+        ),
+        search=m.SearchAgentResult(
+            queries=[m.QueryResult(query="quantum factoring", source_ids=[source.source_id])],
+            sources=[source],
+            corpus=m.CorpusInfo(path="/corpus", documents=1, fingerprint="f" * 32),
+        ),
+        verification=m.VerificationAgentResult(verified=[source], relevance_threshold=0.15),
+        draft=draft,
+        evaluation=evaluation,
+        initial_evaluation=evaluation.model_copy(update={"score": 0.7, "passed": False}),
+        turnitin=m.TurnitinAgentResult(similarity_ratio=0.01, k=5, window=4),
+        stage_metrics={"intent": {"duration_seconds": 0.5, "attempt": 1}},
+    )
+
+
+def state_after(stage: str) -> m.WorkflowState:
+    """The state a run holds after ``stage``: the full state cut to the fields written so far."""
+    fields = {
+        "intent": ("intent",),
+        "planning": ("intent", "plan"),
+        "search": ("intent", "plan", "search"),
+        "verification": ("intent", "plan", "search", "verification"),
+        "writing": ("intent", "plan", "search", "verification", "draft"),
+        "evaluation": (
+            "intent",
+            "plan",
+            "search",
+            "verification",
+            "draft",
+            "evaluation",
+            "initial_evaluation",
+        ),
+    }.get(stage)
+    state = full_state()
+    if fields is None:
+        return state
+    return m.WorkflowState(**{name: getattr(state, name) for name in fields})
+
+
+def save_run(
+    manager: CheckpointManager, session_id: str, stages: tuple[str, ...] = STAGES, **kwargs: object
+) -> list[CheckpointMetadata]:
+    """Save a checkpoint after each of ``stages``, as the orchestrator does."""
+    saved = []
+    for i, stage in enumerate(stages):
+        saved.append(
+            manager.save(
+                session_id=session_id,
+                stage=stage,
+                state=state_after(stage),
+                completed_stages=list(stages[: i + 1]),
+                parameters=params(),
+                **kwargs,  # type: ignore[arg-type]
+            )
+        )
+    return saved
