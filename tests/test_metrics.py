@@ -369,3 +369,24 @@ def test_200_orchestrated_runs_leave_the_series_count_of_the_first(
     assert value(registry, "prowzi_runs_completed_total", outcome="failure") == 66
     text = render(registry, OPENMETRICS)[0].decode()
     assert "trace_id=" in text
+
+
+def test_fast_openmetrics_writer_matches_prometheus_client(registry: CollectorRegistry) -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from prowzi.observability.metrics import openmetrics_exposition
+
+    metrics = ProwziMetrics(registry)
+    feed(metrics, run_events("s1"))
+    feed(metrics, run_events("s2", outcome="failure"))
+    assert openmetrics_exposition(registry) == generate_latest(registry)
+
+
+def test_names_the_fast_writer_cannot_write_fall_back(registry: CollectorRegistry) -> None:
+    from prometheus_client import Gauge
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from prowzi.observability.metrics import openmetrics_exposition
+
+    Gauge("a:b", 'help with "quotes"\nand lines', ("x",), registry=registry).labels('q"\\').set(1)
+    assert openmetrics_exposition(registry) == generate_latest(registry)
