@@ -144,14 +144,17 @@ def test_prowzi_keeps_checkpoints_and_telemetry_on_named_volumes(compose: dict[s
         assert mounts[env[var]] == volume, var
         assert volume in compose["volumes"]
     assert str(env["PROWZI_ENABLE_CHECKPOINTING"]).lower() == "true"
-    assert prowzi["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert prowzi["command"][:3] == ["serve", "--host=0.0.0.0", "--port=8000"]
+    # The service's run journal survives a restart too, so interrupted runs are resumed.
+    assert "--state-dir=/var/lib/prowzi/service" in prowzi["command"]
+    assert mounts["/var/lib/prowzi/service"] == "prowzi-service"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
 
 
 def test_the_prowzi_dockerfile_runs_prowzi_serve_on_port_8000() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert 'ENTRYPOINT ["prowzi"]' in text
-    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]' in text
+    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000", ' in text
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert re.search(r"^USER (?!root)", text, re.M), "the service must not run as root"
 
