@@ -43,6 +43,7 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -161,8 +162,20 @@ class _Body(BaseModel):
     state: WorkflowState
 
 
-Migration = Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
-"""Turns a (header, body) of format ``v`` (both plain JSON) into format ``v + 1``."""
+def _unchanged(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Turns the header and the body (both plain JSON) of format ``v`` into format ``v + 1``.
+
+    The halves are separate so that listing can migrate a header without reading the body.
+    """
+
+    header: Callable[[dict[str, Any]], dict[str, Any]] = _unchanged
+    body: Callable[[dict[str, Any]], dict[str, Any]] = _unchanged
+
 
 _MIGRATIONS: dict[int, Migration] = {}
 """Format version ``v`` -> the migration to ``v + 1``. Empty while only version 1 exists."""
@@ -177,6 +190,14 @@ def _session_of(name: str) -> tuple[str, str] | None:
     except InvalidInputError:
         return None
     return (session, stage) if stage is not None else None
+
+
+def _migrate_header(header: dict[str, Any]) -> dict[str, Any]:
+    version = header["format_version"]
+    for step in range(version, FORMAT_VERSION):
+        header = _MIGRATIONS[step].header(dict(header))
+        header["format_version"] = step + 1
+    return header
 
 
 def _earlier(completed: list[str], stage: str) -> list[str]:
@@ -362,6 +383,7 @@ class CheckpointManager:
         stage = stage or named_stage
         if stage is None:
             latest = self.latest(session_id)
+            self._refuse_newer_unreadable(session_id, latest)
             if latest is None:
                 raise CheckpointNotFoundError(
                     f"no checkpoint for session {session_id} in {self._location()}"
@@ -378,6 +400,20 @@ class CheckpointManager:
         self._check_sidecar(metadata, header_doc)
         fields = {n: getattr(state, n) for n in WorkflowState.model_fields}
         return WorkflowCheckpoint.model_construct(metadata=metadata, **fields)
+
+    def _refuse_newer_unreadable(self, session_id: str, latest: CheckpointMetadata | None) -> None:
+        """Resuming a session must not silently fall back past a checkpoint it cannot read."""
+        prefix = f"{session_id}_"
+        for blob in self.store.list(fresh=False):
+            if not blob.name.startswith(prefix) or self._readable.get(blob.name) is not None:
+                continue
+            cached = self._rows.get(blob.name)
+            if cached is None or cached[0] != blob.token:
+                continue
+            if latest is None or blob.modified >= latest.created_at.timestamp():
+                # Loading it raises the precise reason, naming the file.
+                raw = self.store.get(blob.name)
+                self._verified(blob.name, raw, check_link=False)
 
     def _location(self) -> str:
         return str(self.checkpoint_dir)
@@ -461,9 +497,7 @@ class CheckpointManager:
             raise CheckpointIntegrityError(where, "payload sha256 mismatch: corrupted or altered")
 
         version = header["format_version"]
-        migrated_body: dict[str, Any] | None = None
-        if version < FORMAT_VERSION:
-            header, migrated_body = self._migrate(header, body, where)
+        header = _migrate_header(header)
         try:
             metadata = CheckpointMetadata.model_validate(header)
         except ValidationError as exc:
@@ -482,11 +516,12 @@ class CheckpointManager:
         if check_link:
             self._check_link(metadata, where)
 
+        decoded = self._decompress(metadata, body, where)
         try:
-            if migrated_body is not None:
-                parsed = _Body.model_validate(migrated_body)
+            if version < FORMAT_VERSION:
+                parsed = _Body.model_validate(self._migrate_body(version, decoded, where))
             else:
-                parsed = _Body.model_validate_json(self._decompress(metadata, body, where))
+                parsed = _Body.model_validate_json(decoded)
         except ValidationError as exc:
             raise CheckpointIntegrityError(
                 where, f"the payload is not a Prowzi workflow state: {_first_error(exc)}"
@@ -515,29 +550,19 @@ class CheckpointManager:
             raise CheckpointIntegrityError(where, "truncated zlib payload")
         return data
 
-    def _migrate(
-        self, header: dict[str, Any], body: memoryview, where: str
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    @staticmethod
+    def _migrate_body(version: int, decoded: bytes, where: str) -> dict[str, Any]:
         # The bytes are verified by now; parsing into plain JSON values builds no objects.
-        raw = bytes(body)
-        if header.get("compression") == "zlib":
-            inflater = zlib.decompressobj()
-            try:
-                raw = inflater.decompress(raw, _MAX_BODY)
-            except zlib.error as exc:
-                raise CheckpointIntegrityError(where, f"undecodable zlib payload: {exc}") from None
         try:
-            doc = orjson.loads(raw)
+            doc = orjson.loads(decoded)
         except orjson.JSONDecodeError as exc:
             raise CheckpointIntegrityError(where, f"unreadable payload: {exc}") from None
         if not isinstance(doc, dict):
             raise CheckpointIntegrityError(where, "the payload is not an object")
-        version = header["format_version"]
-        while version < FORMAT_VERSION:
-            header, doc = _MIGRATIONS[version](dict(header), doc)
-            version += 1
-            header["format_version"] = version
-        return header, doc
+        migrated: dict[str, Any] = doc
+        for step in range(version, FORMAT_VERSION):
+            migrated = _MIGRATIONS[step].body(migrated)
+        return migrated
 
     def _check_link(self, metadata: CheckpointMetadata, where: str) -> None:
         """The previous checkpoint must be present, unless this is the oldest one left."""
@@ -632,17 +657,19 @@ class CheckpointManager:
         name = blob.name
         if _session_of(name) is None:
             return None
+        where = self.store.describe(name)
         try:
-            header = self._read_header(name)
+            header = _migrate_header(self._read_header(name))
             metadata = CheckpointMetadata.model_validate(header)
             if metadata.checkpoint_id != name[:-4]:
-                raise CheckpointIntegrityError(name, f"holds {metadata.checkpoint_id!r}")
-            meta = metadata.model_dump(mode="json")
+                raise CheckpointIntegrityError(where, f"it holds {metadata.checkpoint_id!r}")
         except BlobNotFoundError:
             return None
         except (CheckpointIntegrityError, ValidationError) as exc:
-            log.warning("skipping unreadable checkpoint %s: %s", self.store.describe(name), exc)
-            meta = {"invalid": str(exc)}
+            # Not remembered by the store: another Prowzi (with a migration) may read it.
+            log.warning("skipping unreadable checkpoint %s: %s", where, exc)
+            return {"invalid": str(exc)}
+        meta = metadata.model_dump(mode="json")
         self.store.remember(name, blob.token, meta)
         return meta
 

@@ -1,0 +1,754 @@
+"""CheckpointManager: format, chain, listing, sidecars, signing, versions, ids, locks, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from test_checkpoint_support import STAGES, full_state, params, save_run, state_after
+
+from prowzi import __version__
+from prowzi.config import ProwziConfig
+from prowzi.errors import (
+    CheckpointIntegrityError,
+    CheckpointNotFoundError,
+    InvalidIdentifierError,
+    InvalidInputError,
+    SessionLockedError,
+)
+from prowzi.workflows import checkpoint as cp
+from prowzi.workflows.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointManager,
+    CheckpointMetadata,
+    WorkflowCheckpoint,
+)
+from prowzi.workflows.storage import InMemoryStore
+
+SESSION = "20261126-143501-9f3a1c2b"
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "checkpoints"
+
+
+@pytest.fixture
+def manager(directory: Path) -> CheckpointManager:
+    return CheckpointManager(directory)
+
+
+def rewrite(
+    path: Path,
+    *,
+    header: dict[str, Any] | None = None,
+    body: bytes | None = None,
+    key: bytes | None = None,
+) -> None:
+    """Re-encode a checkpoint with a changed header or body and a *consistent* size and hash:
+    what a forger without the key can do."""
+    raw = path.read_bytes()
+    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
+    old_header = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
+    old_body = raw[cp._PREFIX + length : cp._PREFIX + length + old_header["payload_size"]]
+    new_header = {**old_header, **(header or {})}
+    new_body = old_body if body is None else body
+    new_header["payload_size"] = len(new_body)
+    new_header["payload_sha256"] = hashlib.sha256(new_body).hexdigest()
+    new_header["signed"] = key is not None
+    encoded = orjson.dumps(new_header)
+    prefix = cp.MAGIC + cp._LENGTH.pack(len(encoded)) + encoded
+    mac = cp.hmac.digest(key, prefix, "sha256") if key is not None else b""
+    path.write_bytes(prefix + new_body + mac)
+
+
+def body_of(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
+    header = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
+    result: dict[str, Any] = orjson.loads(
+        raw[cp._PREFIX + length : cp._PREFIX + length + header["payload_size"]]
+    )
+    return result
+
+
+# --- format -----------------------------------------------------------------------------
+
+
+def test_save_writes_a_pkl_and_a_json_named_after_session_and_stage(
+    manager: CheckpointManager, directory: Path
+) -> None:
+    meta = manager.save(
+        session_id=SESSION,
+        stage="intent",
+        state=state_after("intent"),
+        completed_stages=["intent"],
+        parameters=params(),
+    )
+    assert meta.checkpoint_id == f"{SESSION}_intent"
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
+        f"{SESSION}_intent.json",
+        f"{SESSION}_intent.pkl",
+    ]
+    sidecar = orjson.loads((directory / f"{SESSION}_intent.json").read_bytes())
+    assert sidecar == meta.model_dump(mode="json")
+
+
+def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> None:
+    before = datetime.now(UTC)
+    meta = manager.save(
+        session_id=SESSION,
+        stage="planning",
+        state=state_after("planning"),
+        completed_stages=["intent", "planning"],
+        parameters=params(max_results_per_query=30),
+        trace_id="ab" * 16,
+        span_id="cd" * 8,
+    )
+    raw = (manager.checkpoint_dir / f"{SESSION}_planning.pkl").read_bytes()
+    assert meta.session_id == SESSION and meta.stage == "planning"
+    assert meta.completed_stages == ["intent", "planning"]
+    assert meta.created_at.tzinfo is not None and before <= meta.created_at <= datetime.now(UTC)
+    assert meta.prompt == params().prompt
+    assert meta.parameters == params(max_results_per_query=30).model_dump()
+    assert meta.prowzi_version == __version__
+    assert meta.format_version == FORMAT_VERSION == 1
+    assert meta.compression == "none"
+    assert meta.previous_hash is None
+    assert meta.signed is False
+    assert (meta.trace_id, meta.span_id) == ("ab" * 16, "cd" * 8)
+    body = raw[len(raw) - meta.payload_size :]
+    assert hashlib.sha256(body).hexdigest() == meta.payload_sha256
+
+
+def test_the_pkl_is_not_a_pickle(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, ("intent",))
+    raw = (manager.checkpoint_dir / f"{SESSION}_intent.pkl").read_bytes()
+    assert raw.startswith(cp.MAGIC)
+    assert b"\x80" not in raw[:2]
+
+
+def test_a_loaded_checkpoint_equals_the_saved_state(manager: CheckpointManager) -> None:
+    state = full_state()
+    meta = manager.save(
+        session_id=SESSION,
+        stage="turnitin",
+        state=state,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+    loaded = manager.load_checkpoint(f"{SESSION}_turnitin")
+    assert isinstance(loaded, WorkflowCheckpoint)
+    assert loaded.metadata == meta
+    assert loaded.to_state() == state
+    assert loaded.draft == state.draft
+    assert loaded.initial_evaluation == state.initial_evaluation
+    assert loaded.stage_metrics == state.stage_metrics
+
+
+def test_stage_metrics_with_values_orjson_cannot_encode_still_save(
+    manager: CheckpointManager,
+) -> None:
+    state = state_after("intent").model_copy(update={"stage_metrics": {"big": 2**70}})
+    manager.save(
+        session_id=SESSION,
+        stage="intent",
+        state=state,
+        completed_stages=["intent"],
+        parameters=params(),
+    )
+    assert manager.load_checkpoint(SESSION).stage_metrics == {"big": 2**70}
+
+
+def test_zlib_compression_is_recorded_and_round_trips(directory: Path) -> None:
+    manager = CheckpointManager(directory, compression="zlib")
+    state = full_state()
+    meta = manager.save(
+        session_id=SESSION,
+        stage="turnitin",
+        state=state,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+    assert meta.compression == "zlib"
+    assert meta.payload_size < len(state.model_dump_json())
+    assert CheckpointManager(directory).load_checkpoint(SESSION).to_state() == state
+
+
+def test_an_unknown_compression_is_refused(directory: Path) -> None:
+    with pytest.raises(ValueError, match="compression"):
+        CheckpointManager(directory, compression="lz4")  # type: ignore[arg-type]
+
+
+def test_an_in_memory_store_serves_the_manager_too(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "unused", store=InMemoryStore())
+    save_run(manager, SESSION)
+    assert manager.load_checkpoint(SESSION).metadata.stage == "turnitin"
+    assert len(manager.list_checkpoints()) == 7
+    manager.verify_chain(SESSION)
+    assert not (tmp_path / "unused").exists()
+
+
+# --- loading by id ----------------------------------------------------------------------
+
+
+def test_a_bare_session_id_loads_the_latest_checkpoint(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    assert manager.load_checkpoint(SESSION).metadata.stage == "search"
+
+
+def test_a_stage_can_be_named_in_the_id_or_as_an_argument(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    assert manager.load_checkpoint(f"{SESSION}_intent").metadata.stage == "intent"
+    assert manager.load_checkpoint(SESSION, stage="planning").plan is not None
+    assert manager.load_checkpoint(f"{SESSION}_planning", "planning").metadata.stage == "planning"
+    with pytest.raises(InvalidInputError, match="names stage"):
+        manager.load_checkpoint(f"{SESSION}_planning", "search")
+
+
+def test_missing_checkpoints_raise_not_found(manager: CheckpointManager) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint for session"):
+        manager.load_checkpoint("nosuchsession")
+    save_run(manager, SESSION, ("intent",))
+    with pytest.raises(CheckpointNotFoundError, match=f"{SESSION}_search"):
+        manager.load_checkpoint(SESSION, stage="search")
+
+
+def test_latest_returns_the_newest_metadata_or_none(manager: CheckpointManager) -> None:
+    assert manager.latest(SESSION) is None
+    saved = save_run(manager, SESSION, STAGES[:2])
+    assert manager.latest(SESSION) == saved[-1]
+
+
+# --- hash chain -------------------------------------------------------------------------
+
+
+def test_each_checkpoint_links_to_the_previous_ones_hash(manager: CheckpointManager) -> None:
+    saved = save_run(manager, SESSION)
+    assert saved[0].previous_hash is None
+    for before, after in itertools.pairwise(saved):
+        assert after.previous_hash == before.payload_sha256
+    manager.verify_chain(SESSION)
+
+
+def test_the_chain_skips_stages_without_a_checkpoint(manager: CheckpointManager) -> None:
+    # checkpoint_interval=2: checkpoints after planning and verification only
+    first = manager.save(
+        session_id=SESSION,
+        stage="planning",
+        state=state_after("planning"),
+        completed_stages=["intent", "planning"],
+        parameters=params(),
+    )
+    second = manager.save(
+        session_id=SESSION,
+        stage="verification",
+        state=state_after("verification"),
+        completed_stages=list(STAGES[:4]),
+        parameters=params(),
+    )
+    assert second.previous_hash == first.payload_sha256
+    manager.verify_chain(SESSION)
+
+
+def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
+    parent = save_run(manager, SESSION, STAGES[:3])
+    fork = "fork-1"
+    first = manager.save(
+        session_id=fork,
+        stage="verification",
+        state=state_after("verification"),
+        completed_stages=list(STAGES[:4]),
+        parameters=params(relevance_threshold=0.3),
+        parent_session_id=SESSION,
+        previous_hash=parent[-1].payload_sha256,
+    )
+    second = manager.save(
+        session_id=fork,
+        stage="writing",
+        state=state_after("writing"),
+        completed_stages=list(STAGES[:5]),
+        parameters=params(relevance_threshold=0.3),
+        parent_session_id=SESSION,
+    )
+    assert first.parent_session_id == SESSION
+    assert second.previous_hash == first.payload_sha256
+    manager.verify_chain(fork)
+    assert manager.load_checkpoint(f"{fork}_verification").metadata.previous_hash == (
+        parent[-1].payload_sha256
+    )
+
+
+def test_a_malformed_previous_hash_is_refused(manager: CheckpointManager) -> None:
+    with pytest.raises(InvalidInputError, match="previous_hash"):
+        manager.save(
+            session_id=SESSION,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+            previous_hash="../../etc",
+        )
+
+
+def test_verify_chain_detects_a_missing_link(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    (manager.checkpoint_dir / f"{SESSION}_planning.pkl").unlink()
+    with pytest.raises(CheckpointIntegrityError, match="chain broken"):
+        manager.verify_chain(SESSION)
+    with pytest.raises(CheckpointIntegrityError, match="chain broken"):
+        manager.load_checkpoint(f"{SESSION}_search")
+
+
+def test_a_chain_whose_oldest_checkpoints_were_pruned_still_verifies(
+    manager: CheckpointManager,
+) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    (manager.checkpoint_dir / f"{SESSION}_intent.pkl").unlink()
+    manager.verify_chain(SESSION)
+    assert manager.load_checkpoint(f"{SESSION}_planning").plan is not None
+
+
+def test_verify_chain_verifies_every_file(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    path = manager.checkpoint_dir / f"{SESSION}_intent.pkl"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointIntegrityError, match="sha256"):
+        manager.verify_chain(SESSION)
+
+
+def test_verify_chain_of_an_unknown_session_raises_not_found(manager: CheckpointManager) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        manager.verify_chain("nobody")
+
+
+def test_a_replayed_older_checkpoint_of_the_same_stage_breaks_the_chain(
+    manager: CheckpointManager,
+) -> None:
+    save_run(manager, SESSION, STAGES[:2])
+    planning = manager.checkpoint_dir / f"{SESSION}_planning.pkl"
+    old_planning = planning.read_bytes()
+    save_run(manager, SESSION, STAGES[:3])  # a second run rewrites all three
+    planning.write_bytes(old_planning)
+    with pytest.raises(CheckpointIntegrityError, match="chain"):
+        manager.verify_chain(SESSION)
+
+
+# --- sidecar .json ----------------------------------------------------------------------
+
+
+def test_a_missing_json_is_regenerated_and_never_hides_the_checkpoint(
+    manager: CheckpointManager,
+) -> None:
+    (meta,) = save_run(manager, SESSION, ("intent",))
+    sidecar = manager.checkpoint_dir / f"{SESSION}_intent.json"
+    sidecar.unlink()
+    assert [
+        c["checkpoint_id"] for c in CheckpointManager(manager.checkpoint_dir).list_checkpoints()
+    ] == [meta.checkpoint_id]
+    manager.load_checkpoint(SESSION)
+    assert orjson.loads(sidecar.read_bytes()) == meta.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"prompt": "an older prompt"}'])
+def test_a_stale_or_torn_json_is_regenerated(manager: CheckpointManager, content: bytes) -> None:
+    (meta,) = save_run(manager, SESSION, ("intent",))
+    sidecar = manager.checkpoint_dir / f"{SESSION}_intent.json"
+    sidecar.write_bytes(content)
+    manager.load_checkpoint(SESSION)
+    assert orjson.loads(sidecar.read_bytes()) == meta.model_dump(mode="json")
+
+
+def test_a_json_of_an_earlier_save_of_the_same_stage_is_regenerated(
+    manager: CheckpointManager,
+) -> None:
+    save_run(manager, SESSION, ("intent",))
+    sidecar = manager.checkpoint_dir / f"{SESSION}_intent.json"
+    old = sidecar.read_bytes()
+    (meta,) = save_run(manager, SESSION, ("intent",))
+    sidecar.write_bytes(old)
+    manager.load_checkpoint(SESSION)
+    assert orjson.loads(sidecar.read_bytes()) == meta.model_dump(mode="json")
+
+
+# --- signing ----------------------------------------------------------------------------
+
+
+def test_with_a_key_checkpoints_are_signed_and_verified(directory: Path) -> None:
+    manager = CheckpointManager(directory, key="s3cret")
+    (meta,) = save_run(manager, SESSION, ("intent",))
+    assert meta.signed
+    assert CheckpointManager(directory, key=b"s3cret").load_checkpoint(SESSION).intent is not None
+
+
+def test_with_a_key_an_unsigned_checkpoint_is_refused(directory: Path) -> None:
+    save_run(CheckpointManager(directory), SESSION, ("intent",))
+    with pytest.raises(CheckpointIntegrityError, match="unsigned") as info:
+        CheckpointManager(directory, key="s3cret").load_checkpoint(SESSION)
+    assert info.value.path.endswith(f"{SESSION}_intent.pkl")
+
+
+def test_a_checkpoint_signed_with_another_key_is_refused(directory: Path) -> None:
+    save_run(CheckpointManager(directory, key="one key"), SESSION, ("intent",))
+    with pytest.raises(CheckpointIntegrityError, match="HMAC"):
+        CheckpointManager(directory, key="another key").load_checkpoint(SESSION)
+
+
+def test_a_forger_without_the_key_cannot_re_sign_an_altered_checkpoint(directory: Path) -> None:
+    save_run(CheckpointManager(directory, key="s3cret"), SESSION, ("intent",))
+    path = directory / f"{SESSION}_intent.pkl"
+    rewrite(path, header={"prompt": "something else"}, key=b"guessed")
+    with pytest.raises(CheckpointIntegrityError, match="HMAC"):
+        CheckpointManager(directory, key="s3cret").load_checkpoint(SESSION)
+
+
+def test_a_signed_checkpoint_still_loads_without_a_key(directory: Path) -> None:
+    save_run(CheckpointManager(directory, key="s3cret"), SESSION, ("intent",))
+    assert CheckpointManager(directory).load_checkpoint(SESSION).metadata.signed
+
+
+def test_from_config_honours_the_checkpoint_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROWZI_CHECKPOINT_DIR", str(tmp_path / "from-env"))
+    monkeypatch.setenv("PROWZI_CHECKPOINT_KEY", "env key")
+    monkeypatch.setenv("PROWZI_CHECKPOINT_COMPRESSION", "zlib")
+    monkeypatch.setenv("PROWZI_CHECKPOINT_FSYNC", "false")
+    manager = CheckpointManager.from_config(ProwziConfig())
+    assert manager.checkpoint_dir == tmp_path / "from-env"
+    assert (manager.compression, manager.fsync) == ("zlib", False)
+    (meta,) = save_run(manager, SESSION, ("intent",))
+    assert meta.signed and meta.compression == "zlib"
+    with pytest.raises(CheckpointIntegrityError, match="HMAC"):
+        CheckpointManager(tmp_path / "from-env", key="other").load_checkpoint(SESSION)
+
+
+def test_an_empty_key_is_refused(directory: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        CheckpointManager(directory, key="")
+
+
+# --- format versions --------------------------------------------------------------------
+
+
+def test_a_newer_format_is_refused_with_a_clear_message(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, ("intent",))
+    rewrite(manager.checkpoint_dir / f"{SESSION}_intent.pkl", header={"format_version": 2})
+    with pytest.raises(CheckpointIntegrityError, match=r"format 2 by a newer Prowzi.*upgrade"):
+        manager.load_checkpoint(SESSION)
+
+
+def test_an_older_format_is_migrated_on_load(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A made-up format 0 that called the draft 'document': its migration renames it."""
+    save_run(manager, SESSION, ("writing",))
+    path = manager.checkpoint_dir / f"{SESSION}_writing.pkl"
+    body = body_of(path)
+    body["state"]["document"] = body["state"].pop("draft")
+    rewrite(path, header={"format_version": 0}, body=orjson.dumps(body))
+
+    def rename_document(body: dict[str, Any]) -> dict[str, Any]:
+        body["state"]["draft"] = body["state"].pop("document")
+        return body
+
+    with pytest.raises(CheckpointIntegrityError, match="older than any this Prowzi can migrate"):
+        manager.load_checkpoint(SESSION)
+    monkeypatch.setitem(cp._MIGRATIONS, 0, cp.Migration(body=rename_document))
+    upgraded = CheckpointManager(manager.checkpoint_dir)
+    assert [r["format_version"] for r in upgraded.list_checkpoints()] == [FORMAT_VERSION]
+    loaded = upgraded.load_checkpoint(SESSION)
+    assert loaded.metadata.format_version == FORMAT_VERSION
+    assert loaded.draft == state_after("writing").draft
+
+
+# --- listing ----------------------------------------------------------------------------
+
+
+def test_list_checkpoints_is_newest_first_with_metadata(manager: CheckpointManager) -> None:
+    save_run(manager, "older", STAGES[:2])
+    save_run(manager, SESSION, STAGES[:3])
+    rows = manager.list_checkpoints()
+    assert [r["checkpoint_id"] for r in rows] == [
+        f"{SESSION}_search",
+        f"{SESSION}_planning",
+        f"{SESSION}_intent",
+        "older_planning",
+        "older_intent",
+    ]
+    first = rows[0]
+    assert {"checkpoint_id", "session_id", "stage", "created_at"} <= set(first)
+    assert set(first) == set(CheckpointMetadata.model_fields)
+    assert isinstance(first["created_at"], datetime) and first["created_at"].tzinfo is not None
+
+
+def test_list_checkpoints_filters_by_session_stage_and_time(manager: CheckpointManager) -> None:
+    save_run(manager, "older", STAGES[:2])
+    time.sleep(0.01)
+    middle = datetime.now(UTC)
+    save_run(manager, SESSION, STAGES[:3])
+    assert {r["session_id"] for r in manager.list_checkpoints(session_id="older")} == {"older"}
+    assert [r["session_id"] for r in manager.list_checkpoints(stage="planning")] == [
+        SESSION,
+        "older",
+    ]
+    assert {r["session_id"] for r in manager.list_checkpoints(since=middle)} == {SESSION}
+    naive_local = middle.astimezone().replace(tzinfo=None)
+    assert len(manager.list_checkpoints(since=naive_local)) == 3
+    assert (
+        manager.list_checkpoints(session_id=SESSION, stage="search", since=middle)[0]["stage"]
+        == "search"
+    )
+
+
+def test_listing_returns_copies(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, ("intent",))
+    manager.list_checkpoints()[0]["stage"] = "changed"
+    assert manager.list_checkpoints()[0]["stage"] == "intent"
+
+
+def test_listing_sees_checkpoints_written_by_another_manager(directory: Path) -> None:
+    reader = CheckpointManager(directory)
+    assert reader.list_checkpoints() == []
+    save_run(CheckpointManager(directory), SESSION, ("intent",))
+    assert [r["stage"] for r in reader.list_checkpoints()] == ["intent"]
+
+
+def test_listing_rebuilds_a_lost_index_from_the_files(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    for path in (manager.checkpoint_dir / ".index").iterdir():
+        path.unlink()
+    rows = CheckpointManager(manager.checkpoint_dir).list_checkpoints()
+    assert [r["stage"] for r in rows] == ["search", "planning", "intent"]
+
+
+def test_listing_skips_unreadable_files_and_foreign_names(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, ("intent",))
+    (manager.checkpoint_dir / "other_intent.pkl").write_bytes(b"garbage")
+    (manager.checkpoint_dir / "notes.txt").write_text("hello")
+    (manager.checkpoint_dir / "orphan_intent.json").write_text("{}")
+    (manager.checkpoint_dir / ".tmp.x_intent.pkl.abcd").write_bytes(b"torn")
+    fresh = CheckpointManager(manager.checkpoint_dir)
+    assert [r["checkpoint_id"] for r in fresh.list_checkpoints()] == [f"{SESSION}_intent"]
+    with pytest.raises(CheckpointIntegrityError, match=r"other_intent\.pkl"):
+        fresh.load_checkpoint("other")
+
+
+def test_a_checkpoint_dir_that_does_not_exist_lists_nothing(tmp_path: Path) -> None:
+    assert CheckpointManager(tmp_path / "nowhere").list_checkpoints() == []
+    assert not (tmp_path / "nowhere").exists()
+
+
+# --- ids --------------------------------------------------------------------------------
+
+BAD_IDS = ["../escape", "a/b", "..", "nul\x00", "x" * 200, "", "/etc/passwd", "a b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_hostile_ids_are_refused_before_any_path_is_built(
+    manager: CheckpointManager, tmp_path: Path, bad: str
+) -> None:
+    calls = [
+        lambda: manager.load_checkpoint(bad),
+        lambda: manager.load_checkpoint(SESSION, stage=bad),
+        lambda: manager.latest(bad),
+        lambda: manager.list_checkpoints(session_id=bad),
+        lambda: manager.list_checkpoints(stage=bad),
+        lambda: manager.verify_chain(bad),
+        lambda: manager.session_lock(bad),
+        lambda: manager.is_locked(bad),
+        lambda: manager.save(
+            session_id=bad,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+        ),
+        lambda: manager.save(
+            session_id=SESSION,
+            stage=bad,
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+        ),
+        lambda: manager.save(
+            session_id=SESSION,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=[bad],
+            parameters=params(),
+        ),
+        lambda: manager.save(
+            session_id=SESSION,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+            parent_session_id=bad,
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidIdentifierError):
+            call()
+    assert not manager.checkpoint_dir.exists()
+    assert not (tmp_path / "escape").exists()
+
+
+# --- locks ------------------------------------------------------------------------------
+
+
+def test_session_lock_refuses_a_second_writer_and_names_the_holder(
+    manager: CheckpointManager,
+) -> None:
+    assert not manager.is_locked(SESSION)
+    with manager.session_lock(SESSION):
+        assert manager.is_locked(SESSION)
+        with pytest.raises(SessionLockedError, match=f"pid {os.getpid()}"):
+            manager.session_lock(SESSION).__enter__()
+        with manager.session_lock("another-session"):
+            pass
+    assert not manager.is_locked(SESSION)
+
+
+# --- cleanup ----------------------------------------------------------------------------
+
+
+def age(manager: CheckpointManager, session: str, days: float) -> None:
+    """Make a session's checkpoints ``days`` old (rewriting created_at, as if saved then)."""
+    when = datetime.now(UTC) - timedelta(days=days)
+    for path in manager.checkpoint_dir.glob(f"{session}_*.pkl"):
+        header = {"created_at": when.isoformat()}
+        rewrite(path, header=header)
+        os.utime(path, (when.timestamp(), when.timestamp()))
+
+
+def test_cleanup_deletes_sessions_older_than_the_cutoff(manager: CheckpointManager) -> None:
+    save_run(manager, "old", STAGES[:2])
+    save_run(manager, "new", STAGES[:2])
+    age(manager, "old", 10)
+    assert manager.cleanup(older_than=timedelta(days=7), dry_run=True) == [
+        "old_intent",
+        "old_planning",
+    ]
+    assert len(manager.list_checkpoints()) == 4
+    assert manager.cleanup(older_than=timedelta(days=7)) == ["old_intent", "old_planning"]
+    assert {r["session_id"] for r in manager.list_checkpoints()} == {"new"}
+    assert not list(manager.checkpoint_dir.glob("old_*"))
+
+
+def test_cleanup_keeps_the_newest_sessions_when_asked(manager: CheckpointManager) -> None:
+    for i, session in enumerate(["s1", "s2", "s3"]):
+        save_run(manager, session, ("intent",))
+        age(manager, session, 30 - i)
+    assert manager.cleanup(older_than=timedelta(days=7), keep_last=2) == ["s1_intent"]
+
+
+def test_cleanup_never_touches_a_running_session(manager: CheckpointManager) -> None:
+    save_run(manager, "running", ("intent",))
+    save_run(manager, "done", ("intent",))
+    age(manager, "running", 10)
+    age(manager, "done", 10)
+    with manager.session_lock("running"):
+        assert manager.cleanup(older_than=timedelta(days=1), dry_run=True) == ["done_intent"]
+        assert manager.cleanup(older_than=timedelta(days=1)) == ["done_intent"]
+    assert [r["checkpoint_id"] for r in manager.list_checkpoints()] == ["running_intent"]
+
+
+def test_cleanup_removes_orphans_and_temporaries(manager: CheckpointManager) -> None:
+    save_run(manager, SESSION, ("intent",))
+    orphan = manager.checkpoint_dir / "gone_intent.json"
+    orphan.write_text("{}")
+    temporary = manager.checkpoint_dir / ".tmp.x_intent.pkl.dead"
+    temporary.write_bytes(b"torn")
+    old = time.time() - 30 * 86400
+    os.utime(orphan, (old, old))
+    os.utime(temporary, (old, old))
+    assert manager.cleanup(older_than=timedelta(days=7)) == []
+    assert not orphan.exists() and not temporary.exists()
+    assert manager.load_checkpoint(SESSION).intent is not None
+
+
+def test_cleanup_refuses_negative_arguments(manager: CheckpointManager) -> None:
+    with pytest.raises(InvalidInputError):
+        manager.cleanup(older_than=timedelta(days=-1))
+    with pytest.raises(InvalidInputError):
+        manager.cleanup(older_than=timedelta(days=1), keep_last=-1)
+
+
+# --- the design document's samples --------------------------------------------------------
+
+
+def test_design_sample_checkpoint_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    save_run(CheckpointManager(Path("./checkpoints")), "abc123-def456", STAGES[:2])
+
+    # Verify checkpoint exists
+    from prowzi.workflows.checkpoint import CheckpointManager as SampleManager
+
+    manager = SampleManager(checkpoint_dir=Path("./checkpoints"))
+    checkpoints = manager.list_checkpoints()
+    print([c["checkpoint_id"] for c in checkpoints])
+
+    assert capsys.readouterr().out.strip() == ("['abc123-def456_planning', 'abc123-def456_intent']")
+
+
+def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    manager = CheckpointManager(Path("./checkpoints"))
+    save_run(manager, "old-run", STAGES[:3])
+    save_run(manager, "half-old", STAGES[:3])
+    save_run(manager, "new-run", STAGES[:2])
+    stale = time.time() - 10 * 86400
+    for path in [
+        *Path("checkpoints").glob("old-run_*.pkl"),
+        Path("checkpoints/half-old_intent.pkl"),
+    ]:
+        os.utime(path, (stale, stale))
+    manager.list_checkpoints()  # warm the index, so the sample deletes files behind its back
+
+    from datetime import datetime, timedelta
+    from pathlib import Path as SamplePath
+
+    def cleanup_old_checkpoints(checkpoint_dir: SamplePath, days: int = 7) -> None:
+        """Remove checkpoints older than N days."""
+        cutoff = datetime.now() - timedelta(days=days)
+        for checkpoint_file in checkpoint_dir.glob("*.pkl"):
+            if checkpoint_file.stat().st_mtime < cutoff.timestamp():
+                checkpoint_file.unlink()
+                # Also remove metadata
+                checkpoint_file.with_suffix(".json").unlink(missing_ok=True)
+
+    cleanup_old_checkpoints(SamplePath("./checkpoints"))
+
+    rows = manager.list_checkpoints()
+    assert {r["checkpoint_id"] for r in rows} == {
+        "half-old_planning",
+        "half-old_search",
+        "new-run_planning",
+        "new-run_intent",
+    }
+    for row in rows:
+        manager.load_checkpoint(row["checkpoint_id"])
+    assert manager.load_checkpoint("half-old").metadata.stage == "search"
+    manager.verify_chain("half-old")
+    with pytest.raises(CheckpointNotFoundError):
+        manager.load_checkpoint("old-run")
+    # a .json left without its .pkl (a crash inside the sample) is skipped, then cleaned up
+    Path("checkpoints/new-run_intent.pkl").unlink()
+    assert "new-run_intent" not in {r["checkpoint_id"] for r in manager.list_checkpoints()}
+    assert manager.load_checkpoint("new-run").metadata.stage == "planning"
+    manager.cleanup(older_than=timedelta(0))
+    assert not Path("checkpoints/new-run_intent.json").exists()
