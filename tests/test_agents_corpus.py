@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -219,8 +220,10 @@ def test_index_persists_and_is_reused_until_the_corpus_changes(
     (corpus / "new.md").unlink()
     with CorpusIndex.open(corpus, index_dir) as fifth:
         assert fifth.built and fifth.info.documents == 5
-    # One file per corpus directory, no temporary files left behind.
-    assert [p.name for p in index_dir.iterdir()] == [path.name]
+        assert fifth.path is not None and fifth.path != path
+        assert fifth.info.fingerprint[:16] in fifth.path.name
+        # The latest index only: old ones pruned, no temporary files left behind.
+        assert [p.name for p in index_dir.iterdir()] == [fifth.path.name]
 
 
 def test_a_corrupt_index_is_rebuilt(corpus: Path, tmp_path: Path) -> None:
@@ -276,3 +279,16 @@ def test_fingerprint_changes_with_content_size_and_names(corpus: Path) -> None:
     assert second != first
     os.rename(target, corpus / "renamed.md")
     assert check_corpus(corpus).fingerprint not in {first, second}
+
+
+def test_concurrent_opens_all_see_a_complete_index(corpus: Path, tmp_path: Path) -> None:
+    index_dir = tmp_path / "index"
+
+    def open_and_search(_: int) -> tuple[int, list[str]]:
+        with CorpusIndex.open(corpus, index_dir) as index:
+            return index.info.documents, [h.document.source_id for h in index.search("lattice", 5)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(open_and_search, range(16)))
+    assert results == [(5, ["more.jsonl#q1", "notes/lattices.md"])] * 16
+    assert len(list(index_dir.iterdir())) == 1

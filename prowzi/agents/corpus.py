@@ -18,9 +18,11 @@ documents a query takes well under a millisecond. tantivy or bm25s would rank eq
 add a compiled dependency (and, for bm25s, numpy) for no gain at this size.
 
 The index lives in ``config.index_dir``, else ``$XDG_CACHE_HOME/prowzi/index`` (or
-``~/.cache/prowzi/index``), one file per corpus directory. It records the corpus fingerprint (a
-hash of every document's relative path, size and modification time, plus the manifest and the
-index format); a run whose corpus fingerprint differs rebuilds it, any other run reuses it.
+``~/.cache/prowzi/index``), in a file named for the corpus directory and keyed by the corpus
+fingerprint: a hash of every document's relative path, size and modification time, plus the
+manifest and the index format. A run whose corpus has the fingerprint of an existing index
+reuses it; any change to the corpus gives a new fingerprint, so the next run builds a new index
+and removes the old one.
 """
 
 from __future__ import annotations
@@ -517,27 +519,31 @@ class CorpusIndex:
         scan = scan_corpus(corpus_dir)
         root_key = hashlib.sha256(str(scan.root.resolve()).encode()).hexdigest()[:16]
         directory = Path(index_dir).expanduser() if index_dir else default_index_dir()
-        path = directory / f"corpus-{root_key}.sqlite"
-        existing = cls._open_existing(path, scan)
+        prefix = f"corpus-{root_key}-"
+        existing = cls._open_existing(directory / f"{prefix}{scan.fingerprint[:16]}.sqlite", scan)
         if existing is not None:
             return existing
         loaded = cls._load(scan)
+        path = directory / f"{prefix}{loaded.scan.fingerprint[:16]}.sqlite"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             _build_atomically(path, loaded)
         except OSError:
             # An unwritable cache must not stop a run: keep this run's index in memory.
-            conn = sqlite3.connect(":memory:")
-            _write_index(conn, loaded)
-            return cls(conn, _info(loaded), None, True, loaded.skipped)
-        reopened = cls._open_existing(path, scan)
-        if reopened is None:  # replaced by a concurrent build of a newer corpus state
-            conn = sqlite3.connect(":memory:")
-            _write_index(conn, loaded)
-            return cls(conn, _info(loaded), None, True, loaded.skipped)
+            return cls._in_memory(loaded)
+        _prune(directory, prefix, keep=path)
+        reopened = cls._open_existing(path, loaded.scan)
+        if reopened is None:  # pruned by a concurrent build of another corpus state
+            return cls._in_memory(loaded)
         reopened.built = True
         reopened.skipped = loaded.skipped
         return reopened
+
+    @classmethod
+    def _in_memory(cls, loaded: LoadedCorpus) -> CorpusIndex:
+        conn = sqlite3.connect(":memory:")
+        _write_index(conn, loaded)
+        return cls(conn, _info(loaded), None, True, loaded.skipped)
 
     @staticmethod
     def _load(scan: CorpusScan) -> LoadedCorpus:
@@ -687,6 +693,15 @@ def _write_index(conn: sqlite3.Connection, loaded: LoadedCorpus) -> None:
                 ("corpus", info.path),
             ],
         )
+
+
+def _prune(directory: Path, prefix: str, keep: Path) -> None:
+    """Remove the indexes of earlier states of the same corpus. A run still reading one keeps
+    its open file (POSIX unlink semantics); a run about to open one rebuilds."""
+    for stale in directory.glob(f"{prefix}*.sqlite"):
+        if stale != keep:
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _build_atomically(path: Path, loaded: LoadedCorpus) -> None:
