@@ -603,3 +603,63 @@ def test_a_users_own_corpus_of_md_json_and_jsonl(tmp_path: Path) -> None:
     assert "https://doi.org/10.9/acid" in state.draft.markdown
     body = state.draft.markdown.split("\n## References\n")[0]
     assert set(cited_numbers(body)) == {r.number for r in state.draft.references}
+
+
+def test_a_prompt_without_a_subject_finds_nothing(tmp_path: Path) -> None:
+    state = run_all("Write about it", make_config(tmp_path))
+    assert state.search is not None and state.search.sources == []
+    assert state.search.message is not None and "names no subject" in state.search.message
+
+
+def test_every_agent_does_its_work_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU work runs in a worker thread, so the loop stays responsive and timeouts can fire."""
+    calls: list[str] = []
+    real = asyncio.to_thread
+
+    async def recording(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    ticks = 0
+
+    async def ticker(stop: asyncio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def search_while_ticking() -> None:
+        state = WorkflowState()
+        state.intent = analyse(QUANTUM)
+        state.plan = make_plan(state.intent)
+        ctx = StageContext(
+            session_id="t",
+            stage="search",
+            attempt=1,
+            params=RunParameters(prompt=QUANTUM),
+            state=state,
+            config=make_config(tmp_path),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(ticker(stop))
+        await default_agents(ctx.config)["search"](ctx)
+        stop.set()
+        await task
+
+    asyncio.run(search_while_ticking())
+    assert calls == ["run_search"]
+    assert ticks > 1
+    calls.clear()
+    run_all(QUANTUM, make_config(tmp_path))
+    assert calls == [
+        "analyse",
+        "make_plan",
+        "run_search",
+        "verify",
+        "write_draft",
+        "run_evaluation",
+        "check_similarity",
+    ]

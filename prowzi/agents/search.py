@@ -64,11 +64,13 @@ def run_search(
     max_results: int,
 ) -> SearchOutcome:
     anchors = anchors_for(intent)
+    # A prompt that names no subject ("write something") must not match on its filler words.
+    searchable = intent is None or bool(anchors)
     with CorpusIndex.open(resolve_corpus_dir(corpus_dir), index_dir) as index:
         found: dict[str, _Found] = {}
         query_results: list[QueryResult] = []
         for query in plan.queries:
-            hits = index.search(query, max_results, anchors)
+            hits = index.search(query, max_results, anchors) if searchable else []
             query_results.append(
                 QueryResult(query=query, source_ids=[h.document.source_id for h in hits])
             )
@@ -93,7 +95,12 @@ def run_search(
         else f"the corpus at {info.path} ({info.documents} documents)"
     )
     message: str | None = None
-    if not sources:
+    if not searchable:
+        message = (
+            f"The prompt names no subject to search {corpus_name} for, so no sources were "
+            "found and none were invented."
+        )
+    elif not sources:
         message = (
             f"{corpus_name[0].upper()}{corpus_name[1:]} has no document about '{topic}': no "
             "sources were found and none were invented. Point --corpus (PROWZI_CORPUS_DIR) at "
@@ -148,5 +155,12 @@ class SearchAgent:
                 query=query.query,
                 results=len(query.source_ids),
                 top=query.source_ids[0] if query.source_ids else "",
+            )
+        for source in result.sources:
+            ctx.event(
+                "search.source",
+                source_id=source.source_id,
+                score=source.score,
+                queries=len(source.queries),
             )
         return result
