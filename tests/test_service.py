@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,10 +308,21 @@ def test_sigterm_checkpoints_runs_in_flight_and_a_restart_resumes_them(
     sids = [first.start_run("alpha"), first.start_run("beta")]
     for sid in sids:
         first.wait_checkpoint(sid)
+    followed: list[dict[str, Any]] = []
+    follower = threading.Thread(target=lambda: followed.extend(first.events(sids[0])))
+    follower.start()
+    time.sleep(0.2)
     started = time.monotonic()
     code = first.stop(signal.SIGTERM)
     assert code in (0, -signal.SIGTERM), first.log()
     assert time.monotonic() - started < 20
+    # An open event stream does not hold the shutdown up: it ends, saying why.
+    follower.join(10)
+    assert followed[-1] == {
+        "event": "end",
+        "data": {"session_id": sids[0], "state": "interrupted", "error": None},
+    }
+    assert "checkpoint_saved" in [m["event"] for m in followed]
     journal = json.loads((tmp_path / "prowzi_service" / "runs.json").read_text())
     assert {r["session_id"]: r["state"] for r in journal["runs"]} == dict.fromkeys(
         sids, "interrupted"

@@ -34,6 +34,8 @@ log = logging.getLogger("prowzi.service")
 
 EVENTS_KEPT = 5000
 """Events kept per run for SSE replay (a run with every retry used stays far below this)."""
+FINISHED_KEPT = 200
+"""Finished runs kept in memory; older ones are served from telemetry."""
 
 
 class ServiceUnavailableError(ProwziError):
@@ -113,8 +115,13 @@ class _RouterSink:
         record = self._manager.records.get(event.session_id)
         if record is None:
             return
-        if isinstance(event, WorkflowStarted) and event.trace_id:
+        if isinstance(event, WorkflowStarted):
             record.trace_id = event.trace_id
+            # A resume accepted for a session this process never ran learns its prompt here.
+            record.entry.prompt = event.prompt
+            results = event.parameters.get("max_results_per_query")
+            if isinstance(results, int):
+                record.entry.max_results_per_query = results
         record.add_event(event.kind, event.as_record())
 
 
@@ -224,9 +231,9 @@ class RunManager:
 
     def submit(self, session_id: str, prompt: str, max_results_per_query: int) -> RunRecord:
         """Accept a new run; raises when shutting down or when the queue is full."""
-        self._check_capacity()
         if session_id in self.records:
             raise RunConflictError(f"session {session_id} already exists")
+        self._check_capacity()
         return self._admit(session_id, "run", prompt, max_results_per_query)
 
     async def resume(self, session_id: str) -> RunRecord:
@@ -338,6 +345,17 @@ class RunManager:
         self._entries[record.session_id] = record.entry
         self._save()
         record.notify()
+        if record.done:
+            self._forget_old_runs()
+
+    def _forget_old_runs(self) -> None:
+        # Interrupted runs stay: they wait for a resume.
+        finished = [r for r in self.records.values() if r.state in FINISHED]
+        excess = len(finished) - FINISHED_KEPT
+        if excess > 0:
+            finished.sort(key=lambda r: r.entry.updated_at)
+            for record in finished[:excess]:
+                del self.records[record.session_id]
 
     def _save(self) -> None:
         try:

@@ -1,0 +1,213 @@
+"""The run manager in process, on a fake orchestrator: slots, queue, cancellation at any
+moment, shutdown, the journal, recovery and bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from prowzi.errors import CheckpointNotFoundError
+from prowzi.observability.metrics import ProwziMetrics
+from prowzi.service import runs
+from prowzi.service.journal import RunJournal
+from prowzi.service.runs import QueueFullError, RunConflictError, RunManager
+from prowzi.workflows.events import EventSink, WorkflowCompleted, WorkflowStarted
+
+
+class Plan:
+    def __init__(self, complete: bool) -> None:
+        self.complete = complete
+
+
+class FakeOrchestrator:
+    """Emits a start and an end event around ``delay`` seconds; checkpoints are a set."""
+
+    def __init__(self, sink: EventSink, delay: float = 0.05) -> None:
+        self.sink = sink
+        self.delay = delay
+        self.checkpointed: set[str] = set()
+        self.complete: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    async def run_research(
+        self, prompt: str, *, max_results_per_query: int, session_id: str
+    ) -> None:
+        self.calls.append(("run", session_id))
+        await self._run(session_id, prompt)
+
+    async def resume_from_checkpoint(self, session_id: str) -> None:
+        self.calls.append(("resume", session_id))
+        await self._run(session_id, "from checkpoint")
+
+    def plan_resume(self, session_id: str) -> Plan:
+        if session_id not in self.checkpointed:
+            raise CheckpointNotFoundError(session_id)
+        return Plan(session_id in self.complete)
+
+    async def _run(self, session_id: str, prompt: str) -> None:
+        self.sink.handle(
+            WorkflowStarted(
+                session_id=session_id,
+                timestamp=time.time(),
+                prompt=prompt,
+                parameters={"max_results_per_query": 7},
+                trace_id="ab" * 16,
+            )
+        )
+        await asyncio.sleep(self.delay)
+        self.checkpointed.add(session_id)
+        self.complete.add(session_id)
+        self.sink.handle(
+            WorkflowCompleted(session_id=session_id, timestamp=time.time(), duration_seconds=0)
+        )
+
+
+def manager(
+    tmp_path: Path, *, delay: float = 0.05, **kwargs: Any
+) -> tuple[RunManager, list[FakeOrchestrator], CollectorRegistry]:
+    registry = CollectorRegistry()
+    made: list[FakeOrchestrator] = []
+
+    def factory(sink: EventSink) -> Any:
+        made.append(FakeOrchestrator(sink, delay))
+        return made[-1]
+
+    mgr = RunManager(
+        cast("Any", factory),
+        RunJournal(tmp_path / "state", fsync=False),
+        ProwziMetrics(registry),
+        **kwargs,
+    )
+    return mgr, made, registry
+
+
+async def settle(mgr: RunManager) -> None:
+    while (
+        mgr.active
+        or mgr.queue_depth
+        or any(r.task is not None and not r.task.done() for r in mgr.records.values())
+    ):
+        await asyncio.sleep(0.01)
+
+
+def test_runs_beyond_the_slots_wait_and_beyond_the_queue_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        mgr, _, registry = manager(tmp_path, max_concurrent=1, max_queue=1)
+        await mgr.start(resume_interrupted=False)
+        first = mgr.submit("s1", "p", 15)
+        second = mgr.submit("s2", "p", 15)
+        assert (first.state, second.state) == ("running", "queued")
+        assert registry.get_sample_value("prowzi_service_queue_depth") == 1
+        assert registry.get_sample_value("prowzi_service_active_runs") == 1
+        with pytest.raises(QueueFullError):
+            mgr.submit("s3", "p", 15)
+        with pytest.raises(RunConflictError):
+            mgr.submit("s1", "p", 15)
+        await settle(mgr)
+        assert (first.state, second.state) == ("completed", "completed")
+        assert registry.get_sample_value("prowzi_service_queue_depth") == 0
+        assert registry.get_sample_value("prowzi_service_active_runs") == 0
+        assert first.trace_id == "ab" * 16
+
+    asyncio.run(main())
+
+
+def test_a_run_cancelled_before_its_task_ran_is_cancelled_and_frees_its_slot(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        mgr, _, _ = manager(tmp_path, max_concurrent=1)
+        await mgr.start(resume_interrupted=False)
+        record = mgr.submit("s1", "p", 15)
+        mgr.cancel("s1")  # the task exists but has not run a single step
+        await settle(mgr)
+        assert record.state == "cancelled"
+        assert mgr.active == 0
+        assert mgr.submit("s2", "p", 15).state == "running"
+        await settle(mgr)
+
+    asyncio.run(main())
+
+
+def test_shutdown_interrupts_running_and_queued_runs_and_a_restart_recovers_them(
+    tmp_path: Path,
+) -> None:
+    async def first_life() -> None:
+        mgr, _, _ = manager(tmp_path, delay=5, max_concurrent=1)
+        await mgr.start(resume_interrupted=False)
+        running = mgr.submit("s1", "alpha", 15)
+        queued = mgr.submit("s2", "beta", 3)
+        await asyncio.sleep(0.05)
+        await mgr.close()
+        assert (running.state, queued.state) == ("interrupted", "interrupted")
+        assert not mgr.accepting
+        with pytest.raises(runs.ServiceUnavailableError):
+            mgr.submit("s3", "p", 15)
+
+    async def second_life() -> None:
+        mgr, made, _ = manager(tmp_path, delay=0.01)
+        made_orchestrator = mgr.orchestrator
+        cast("FakeOrchestrator", made_orchestrator).checkpointed.add("s1")
+        interrupted = await mgr.start(resume_interrupted=True)
+        assert sorted(interrupted) == ["s1", "s2"]
+        await settle(mgr)
+        # s1 had a checkpoint: resumed; s2 never started: run again with its parameters.
+        assert sorted(made[0].calls) == [("resume", "s1"), ("run", "s2")]
+        assert mgr.records["s1"].state == mgr.records["s2"].state == "completed"
+        assert mgr.records["s2"].entry.prompt == "beta"
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+
+
+def test_follow_replays_then_streams_until_the_run_ends(tmp_path: Path) -> None:
+    async def main() -> None:
+        mgr, _, _ = manager(tmp_path, delay=0.2)
+        await mgr.start(resume_interrupted=False)
+        record = mgr.submit("s1", "p", 15)
+        await asyncio.sleep(0.05)
+        seen = [item async for item in mgr.follow(record, keepalive=0.05)]
+        kinds = [item[1] for item in seen if item is not None]
+        assert kinds == ["workflow_started", "workflow_completed"]
+        assert None in seen  # keepalives while the run was quiet
+        again = [item async for item in mgr.follow(record, after=1)]
+        assert [item[1] for item in again if item is not None] == ["workflow_completed"]
+
+    asyncio.run(main())
+
+
+def test_finished_runs_beyond_the_limit_leave_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs, "FINISHED_KEPT", 3)
+
+    async def main() -> None:
+        mgr, _, _ = manager(tmp_path, delay=0, max_concurrent=1, max_queue=100)
+        await mgr.start(resume_interrupted=False)
+        for i in range(10):
+            mgr.submit(f"s{i}", "p", 15)
+        await settle(mgr)
+        assert sorted(mgr.records) == ["s7", "s8", "s9"]
+
+    asyncio.run(main())
+
+
+def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
+    async def main() -> None:
+        mgr, _, _ = manager(tmp_path, delay=0.2)
+        await mgr.start(resume_interrupted=False)
+        mgr.submit("s1", "p", 15)
+        with pytest.raises(RunConflictError, match="running"):
+            await mgr.resume("s1")
+        await settle(mgr)
+        with pytest.raises(RunConflictError, match="complete"):
+            await mgr.resume("s1")
+        with pytest.raises(CheckpointNotFoundError):
+            await mgr.resume("unknown")
+
+    asyncio.run(main())
