@@ -27,6 +27,7 @@ from prowzi.agents.models import (
     WorkflowState,
 )
 from prowzi.agents.planning import make_plan
+from prowzi.agents.search import anchors_for
 from prowzi.agents.turnitin import K, W, check_similarity
 from prowzi.agents.verification import verify
 from prowzi.agents.writing import assemble
@@ -663,3 +664,16 @@ def test_every_agent_does_its_work_off_the_event_loop(
         "run_evaluation",
         "check_similarity",
     ]
+
+
+def test_generic_topic_words_alone_do_not_qualify_a_document(tmp_path: Path) -> None:
+    assert anchors_for(analyse("Write an essay on climate change and global warming")) == [
+        "climate",
+        "warming",
+    ]
+    assert anchors_for(analyse("Write an essay on global change")) == ["global", "change"]
+    state = run_all("Write an essay about climate change and global warming", make_config(tmp_path))
+    assert state.search is not None
+    climate = {"hansen1988", "ipcc2021", "manabe1967", "mann1999", "keeling1960"}
+    found = {s.source_id for s in state.search.sources}
+    assert found and found <= {f"other_topics.json#{c}" for c in climate}

@@ -45,15 +45,31 @@ class SearchOutcome:
     missing_anchors: list[str]
 
 
+GENERIC_WORDS = _text.word_set(
+    """
+    global change changes changing world general future history large small big old today
+    based use uses using different various approach approaches method methods problem problems
+    issue issues challenge challenges application applications system systems
+    """
+)
+"""Topic words too common to say what a document is about ("global" in "global warming"):
+they rank documents but do not, alone, make one qualify."""
+
+
 def anchors_for(intent: IntentAnalysis | None) -> list[str]:
-    """The topic's own words: a qualifying document must contain at least one."""
+    """The topic's own words: a qualifying document must contain at least one.
+
+    Generic words are left out unless the topic has nothing else.
+    """
     if intent is None:
         return []
     ignore = _text.STOPWORDS | _text.INSTRUCTION_WORDS
     words = [w for k in intent.keywords for w in query_terms(k)]
     if not words:
         words = query_terms(intent.topic)
-    return _text.unique(w for w in words if w not in ignore)
+    words = _text.unique(w for w in words if w not in ignore)
+    specific = [w for w in words if w not in GENERIC_WORDS]
+    return specific or words
 
 
 def run_search(
