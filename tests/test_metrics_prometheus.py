@@ -216,6 +216,19 @@ def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
             }
             time.sleep(0.2)
         assert trace_ids & exported, (trace_ids, exported)
+        for request in receiver.requests:
+            for rs in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                assert resource["service.name"] == "prowzi-e2e"
+        names = {
+            span.name
+            for request in receiver.requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        }
+        assert {f"invoke_agent prowzi.{stage}" for stage in STAGES} <= names
+        assert "invoke_workflow prowzi.research" in names
         # ...and the run's telemetry names the same trace.
         telemetry_traces = {service.client.get(f"/runs/{sid}").json()["trace_id"] for sid in ok}
         assert trace_ids & telemetry_traces
