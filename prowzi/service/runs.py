@@ -17,12 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from prowzi.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ProwziError,
-    WorkflowFailedError,
-)
+from prowzi.errors import CheckpointNotFoundError, ProwziError, WorkflowFailedError
 from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
 from prowzi.workflows.events import Event, EventSink, WorkflowStarted
 
@@ -194,7 +189,7 @@ class RunManager:
             # Interrupted before its first checkpoint: run it again from the start.
             self._admit(entry.session_id, "run", entry.prompt, entry.max_results_per_query)
             return
-        except (CheckpointError, ProwziError) as exc:
+        except Exception as exc:  # one unrecoverable run must not keep the service down
             log.error("cannot resume interrupted run %s: %s", entry.session_id, exc)
             self._set_state(self.records[entry.session_id], "failed", error=str(exc))
             return
@@ -224,8 +219,11 @@ class RunManager:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
             for task in pending:
-                log.error("a run did not stop within %.0fs of shutdown", self.shutdown_timeout)
-                task.cancel()
+                log.error(
+                    "%s did not stop within %.0fs of shutdown",
+                    task.get_name(),
+                    self.shutdown_timeout,
+                )
 
     # --- requests -----------------------------------------------------------------------
 
@@ -245,6 +243,11 @@ class RunManager:
         plan = await asyncio.to_thread(self.orchestrator.plan_resume, session_id)
         if plan.complete:
             raise RunConflictError(f"session {session_id} is complete; nothing to resume")
+        # Another request may have resumed it, or filled the queue, while the plan was read.
+        existing = self.records.get(session_id)
+        if existing is not None and not existing.done:
+            raise RunConflictError(f"session {session_id} is {existing.state}; nothing to resume")
+        self._check_capacity()
         prompt = existing.entry.prompt if existing is not None else ""
         results = existing.entry.max_results_per_query if existing is not None else 15
         return self._admit(session_id, "resume", prompt, results)
