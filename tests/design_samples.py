@@ -19,14 +19,23 @@ DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 def sample(heading: str, index: int = 0) -> str:
     """The ``index``-th python code block under the markdown heading ``heading``."""
-    text = DESIGN.read_text(encoding="utf-8")
-    match = re.search(rf"^#+ {re.escape(heading)}\s*$", text, flags=re.MULTILINE)
-    if match is None:
+    lines = DESIGN.read_text(encoding="utf-8").splitlines()
+    in_fence = False
+    section: list[str] | None = None
+    for line in lines:
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and re.match(r"#+ ", line):
+            if section is not None:
+                break
+            if line.lstrip("#").strip() == heading:
+                section = []
+                continue
+        if section is not None:
+            section.append(line)
+    if section is None:
         raise LookupError(f"no heading {heading!r} in {DESIGN}")
-    rest = text[match.end() :]
-    next_heading = re.search(r"^#+ ", rest, flags=re.MULTILINE)
-    section = rest[: next_heading.start()] if next_heading else rest
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    blocks = re.findall(r"```python\n(.*?)```", "\n".join(section) + "\n", flags=re.DOTALL)
     return str(blocks[index])
 
 

@@ -188,6 +188,7 @@ def test_bad_resume_requests_are_refused(tmp_path: Path) -> None:
 
 def test_checkpoint_interval_control_sample() -> None:
     ns = reader_namespace()
+    ns["ProwziOrchestrator"] = ProwziOrchestrator  # imported by the document's first sample
 
     async def session() -> None:
         await run_sample(sample("Programmatic Configuration"), ns)
