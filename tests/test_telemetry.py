@@ -527,7 +527,7 @@ def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     assert sorted(os.listdir(tmp_path)) == [
-        ".index.jsonl",
+        ".session-index",
         "events",
         "s000.json",
         "s001.json",

@@ -68,11 +68,14 @@ class EventLogWriter:
     mid-write is cut off before appending, so the log stays a sequence of whole lines.
     """
 
-    __slots__ = ("_fd", "path")
+    __slots__ = ("_fd", "created", "path")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, sync_directory: bool = True) -> None:
+        """Open (creating) the log. ``sync_directory=False`` leaves making a new file's
+        directory entry durable to the caller (see :attr:`created`)."""
         self.path = path
         created = not path.exists()
+        self.created = created
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,7 +90,7 @@ class EventLogWriter:
         self._fd = fd
         try:
             self._cut_partial_tail()
-            if created:
+            if created and sync_directory:
                 fsync_directory(path.parent)
             self.append(
                 {

@@ -7,7 +7,7 @@
 * ``<output_dir>/<session_id>.json``: the design document's session record, rewritten
   atomically at stage boundaries and at completion. It is derivable from the event log, and
   :meth:`TelemetryCollector.rebuild_session` derives it;
-* ``<output_dir>/.index.jsonl``: a small cache of per-session summaries so that
+* ``<output_dir>/.session-index``: a small cache of per-session summaries so that
   :meth:`~TelemetryCollector.list_sessions` need not parse thousands of files. The session
   files are the truth: an index entry is used only while the file's size and mtime match it.
 
@@ -25,6 +25,7 @@ that attempt (``completed``, ``retrying`` or ``failed``) replaces it in place. A
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
@@ -70,7 +71,7 @@ DEFAULT_STAGE_COUNT = 7
 SessionStatus = Literal["running", "completed", "failed", "corrupt"]
 SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "corrupt")
 
-_INDEX_NAME = ".index.jsonl"
+_INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
 _IDLE_SECONDS = 2.0
 _LOG_RETRY_SECONDS = 1.0
@@ -518,13 +519,13 @@ def _index_entry(metrics: WorkflowMetrics, stat: os.stat_result) -> dict[str, An
     }
 
 
-def _corrupt_entry(session_id: str, stat: os.stat_result, reason: str) -> dict[str, Any]:
+def _corrupt_entry(session_id: str, stat: os.stat_result | None, reason: str) -> dict[str, Any]:
     return {
         "session_id": session_id,
-        "mtime_ns": stat.st_mtime_ns,
-        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns if stat else 0,
+        "size": stat.st_size if stat else 0,
         "status": "corrupt",
-        "started": stat.st_mtime,
+        "started": stat.st_mtime if stat else 0.0,
         "error": reason,
     }
 
@@ -547,26 +548,54 @@ def _summary(entry: dict[str, Any]) -> SessionSummary:
     )
 
 
-def _valid_entry(entry: object) -> bool:
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("session_id"), str)
-        and isinstance(entry.get("mtime_ns"), int)
-        and isinstance(entry.get("size"), int)
-        and entry.get("status") in SESSION_STATUSES
-        and isinstance(entry.get("started"), int | float)
+_INDEX_FORMAT = b"1"
+_KEYS_IN_PREFIX = ("session_id", "mtime_ns", "size", "started", "status")
+
+# An index line: b"1\t<session>\t<mtime_ns>\t<size>\t<started>\t<status>\t<json of the rest>".
+# The tab-separated prefix is all that listing thousands of sessions needs to match files, filter
+# and sort; the JSON is parsed only for the rows shown. A line of another format is ignored.
+_IndexRow = tuple[float, str, str, int, int, bytes]  # started, id, status, mtime, size, line
+
+
+def _index_line(entry: dict[str, Any]) -> bytes:
+    rest = {k: v for k, v in entry.items() if k not in _KEYS_IN_PREFIX}
+    prefix = (
+        f"{entry['session_id']}\t{entry['mtime_ns']}\t{entry['size']}\t"
+        f"{float(entry['started'])!r}\t{entry['status']}\t"
     )
+    return _INDEX_FORMAT + b"\t" + prefix.encode() + orjson.dumps(rest) + b"\n"
+
+
+def _parse_index_line(line: bytes) -> _IndexRow | None:
+    parts = line.split(b"\t", 6)
+    if len(parts) != 7 or parts[0] != _INDEX_FORMAT:
+        return None
+    try:
+        status = parts[5].decode()
+        if status not in SESSION_STATUSES:
+            return None
+        return (float(parts[4]), parts[1].decode(), status, int(parts[2]), int(parts[3]), line)
+    except ValueError:
+        return None
+
+
+def _row_entry(row: _IndexRow) -> dict[str, Any]:
+    """The full entry of an index row (raises ``ValueError`` if its JSON is damaged)."""
+    rest = orjson.loads(row[5].split(b"\t", 6)[6])
+    if not isinstance(rest, dict):
+        raise ValueError("not an object")
+    rest.update(started=row[0], session_id=row[1], status=row[2], mtime_ns=row[3], size=row[4])
+    return rest
 
 
 # --- the collector ----------------------------------------------------------------------
 
 
 class _SessionState:
-    __slots__ = ("indexed", "lock", "log", "log_retry_at", "passive", "recorder", "session_id")
+    __slots__ = ("lock", "log", "log_retry_at", "passive", "recorder", "session_id")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
-        self.indexed = False
         self.log_retry_at = 0.0
         self.recorder = SessionRecorder(session_id)
         self.log: EventLogWriter | None = None
@@ -678,7 +707,8 @@ class TelemetryCollector:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             existed = path.exists()
-            state.log = EventLogWriter(path)
+            # a new log's directory entry is made durable by the snapshot writer, off this path
+            state.log = EventLogWriter(path, sync_directory=False)
             if resume and existed:
                 # the same session recorded before (a resume): continue its record
                 for old in iter_events_lenient(path):
@@ -729,7 +759,7 @@ class TelemetryCollector:
             state.log.close()
         self._sessions.pop(state.session_id, None)
 
-    def _write_snapshot(self, state: _SessionState, *, index: bool | None = None) -> None:
+    def _write_snapshot(self, state: _SessionState, *, index: bool = False) -> None:
         with state.lock:
             metrics = state.recorder.metrics
             if metrics is None:
@@ -738,6 +768,9 @@ class TelemetryCollector:
         if state.log is not None and not state.log.closed and self._fsync:
             try:
                 state.log.sync()
+                if state.log.created:
+                    fsync_directory(state.log.path.parent)
+                    state.log.created = False
             except OSError as exc:
                 self._failed("event_log", state.session_id, exc)
         path = self.output_dir / f"{state.session_id}.json"
@@ -746,10 +779,9 @@ class TelemetryCollector:
         except OSError as exc:
             self._failed("snapshot", state.session_id, exc)
             return
-        # the index learns of a session when it starts and when it ends; in between the
-        # file's changed mtime tells list_sessions to read the file itself
-        if index or not state.indexed:
-            state.indexed = True
+        # the index learns of a session when it ends; while it runs, the file's changing mtime
+        # tells list_sessions to read the file itself
+        if index:
             try:
                 self._append_index([_index_entry(metrics, path.stat())])
             except OSError as exc:
@@ -893,27 +925,40 @@ class TelemetryCollector:
         if limit is not None and limit < 0:
             raise InvalidInputError(f"limit must not be negative (got {limit})")
         cached, index_lines = self._read_index()
-        entries: list[dict[str, Any]] = []
-        fresh: list[dict[str, Any]] = []
-        for session_id, stat in self._scan():
-            entry = cached.get(session_id)
-            if (
-                entry is None
-                or entry["mtime_ns"] != stat.st_mtime_ns
-                or entry["size"] != stat.st_size
-            ):
-                entry = self._entry_from_file(session_id, stat)
-                fresh.append(entry)
-            entries.append(entry)
-        self._refresh_index(fresh, entries, index_lines)
+        rows: list[_IndexRow] = []
+        fresh: list[bytes] = []
+        for session_id, stat in self._scan(cached):
+            row = cached.get(session_id)
+            if row is None or row[3] != stat.st_mtime_ns or row[4] != stat.st_size:
+                line = _index_line(self._entry_from_file(session_id, stat))
+                row = _parse_index_line(line)
+                if row is None:  # pragma: no cover - _index_line writes what it parses
+                    continue
+                fresh.append(line)
+            rows.append(row)
+        self._refresh_index(fresh, rows, index_lines)
         if status is not None:
-            entries = [e for e in entries if e["status"] == status]
-        entries.sort(key=lambda e: (e["started"], e["session_id"]), reverse=True)
-        if limit is not None:
-            entries = entries[:limit]
-        return [_summary(e) for e in entries]
+            rows = [r for r in rows if r[2] == status]
+        # newest first: by start time, then id
+        if limit is None or limit >= len(rows):
+            rows.sort(reverse=True)
+        else:
+            rows = heapq.nlargest(limit, rows)
+        return [self._row_summary(r) for r in rows]
 
-    def _scan(self) -> Iterator[tuple[str, os.stat_result]]:
+    def _row_summary(self, row: _IndexRow) -> SessionSummary:
+        try:
+            return _summary(_row_entry(row))
+        except (ValueError, KeyError, TypeError):
+            # a damaged cache line: the file is the truth
+            path = self.output_dir / f"{row[1]}.json"
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                return _summary(_corrupt_entry(row[1], None, f"unreadable: {exc}"))
+            return _summary(self._entry_from_file(row[1], stat))
+
+    def _scan(self, known: dict[str, _IndexRow]) -> Iterator[tuple[str, os.stat_result]]:
         try:
             it = os.scandir(self.output_dir)
         except FileNotFoundError:
@@ -927,7 +972,8 @@ class TelemetryCollector:
                     continue
                 session_id = name[:-5]
                 try:
-                    validate_session_id(session_id)
+                    if session_id not in known:
+                        validate_session_id(session_id)
                     yield session_id, entry.stat()
                 except (TelemetryError, InvalidInputError, OSError):
                     continue
@@ -942,39 +988,35 @@ class TelemetryCollector:
             return _corrupt_entry(session_id, stat, f"unreadable: {exc}")
         return _index_entry(metrics, stat)
 
-    def _read_index(self) -> tuple[dict[str, dict[str, Any]], int]:
+    def _read_index(self) -> tuple[dict[str, _IndexRow], int]:
         try:
             data = self.index_path.read_bytes()
         except OSError:
             return {}, 0
-        cached: dict[str, dict[str, Any]] = {}
-        lines = data.split(b"\n")
-        for line in lines:
-            if not line:
-                continue
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue  # a cache line cut short; the file will be read instead
-            if _valid_entry(entry):
-                cached[entry["session_id"]] = entry
-        return cached, len(lines)
+        cached: dict[str, _IndexRow] = {}
+        count = 0
+        for line in data.splitlines(keepends=True):
+            count += 1
+            row = _parse_index_line(line if line.endswith(b"\n") else line + b"\n")
+            if row is not None:
+                cached[row[1]] = row
+        return cached, count
 
-    def _refresh_index(
-        self, fresh: list[dict[str, Any]], entries: list[dict[str, Any]], index_lines: int
-    ) -> None:
+    def _refresh_index(self, fresh: list[bytes], rows: list[_IndexRow], index_lines: int) -> None:
         # best effort: a reader that cannot write the cache still lists correctly
         try:
-            if index_lines + len(fresh) > 2 * len(entries) + 64:
-                data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
-                self._atomic_write(self.index_path, data)
+            if index_lines + len(fresh) > len(rows) + len(rows) // 4 + 64:
+                self._atomic_write(self.index_path, b"".join(r[5] for r in rows))
             elif fresh:
-                self._append_index(fresh)
+                self._append_index_lines(fresh)
         except OSError as exc:
             log.debug("cannot update the session index %s: %s", self.index_path, exc)
 
     def _append_index(self, entries: list[dict[str, Any]]) -> None:
-        data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
+        self._append_index_lines([_index_line(e) for e in entries])
+
+    def _append_index_lines(self, lines: list[bytes]) -> None:
+        data = b"".join(lines)
         fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data)
