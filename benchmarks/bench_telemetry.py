@@ -195,9 +195,7 @@ def main() -> int:
         env = {**os.environ, "PROWZI_TELEMETRY_DIR": str(telemetry), "COLUMNS": "120"}
         (telemetry / ".session-index").unlink()
         cold = once([*PROWZI, "sessions"], env, root)
-        print(
-            f"  first run without an index (reads every file, writes it): {cold * 1e3:.0f} ms"
-        )
+        print(f"  first run without an index (reads every file, writes it): {cold * 1e3:.0f} ms")
         ok &= report(
             "  prowzi sessions",
             time_command([*PROWZI, "sessions"], env, args.repeat, root),
