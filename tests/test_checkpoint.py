@@ -45,6 +45,15 @@ def manager(directory: Path) -> CheckpointManager:
     return CheckpointManager(directory)
 
 
+def split(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A checkpoint file's header (as JSON) and body (as stored)."""
+    raw = path.read_bytes()
+    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
+    header: dict[str, Any] = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
+    start = cp._PREFIX + length + cp._DIGEST_SIZE
+    return header, raw[start : start + header["payload_size"]]
+
+
 def rewrite(
     path: Path,
     *,
@@ -52,30 +61,19 @@ def rewrite(
     body: bytes | None = None,
     key: bytes | None = None,
 ) -> None:
-    """Re-encode a checkpoint with a changed header or body and a *consistent* size and hash:
-    what a forger without the key can do."""
-    raw = path.read_bytes()
-    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
-    old_header = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
-    old_body = raw[cp._PREFIX + length : cp._PREFIX + length + old_header["payload_size"]]
+    """Re-encode a checkpoint with a changed header or body and a *consistent* size, hash and
+    header digest: what a forger without the key can do."""
+    old_header, old_body = split(path)
     new_header = {**old_header, **(header or {})}
     new_body = old_body if body is None else body
     new_header["payload_size"] = len(new_body)
     new_header["payload_sha256"] = hashlib.sha256(new_body).hexdigest()
     new_header["signed"] = key is not None
-    encoded = orjson.dumps(new_header)
-    prefix = cp.MAGIC + cp._LENGTH.pack(len(encoded)) + encoded
-    mac = cp.hmac.digest(key, prefix, "sha256") if key is not None else b""
-    path.write_bytes(prefix + new_body + mac)
+    path.write_bytes(cp._seal(new_header, new_body, key))
 
 
 def body_of(path: Path) -> dict[str, Any]:
-    raw = path.read_bytes()
-    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
-    header = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
-    result: dict[str, Any] = orjson.loads(
-        raw[cp._PREFIX + length : cp._PREFIX + length + header["payload_size"]]
-    )
+    result: dict[str, Any] = orjson.loads(split(path)[1])
     return result
 
 
@@ -112,7 +110,8 @@ def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> No
         trace_id="ab" * 16,
         span_id="cd" * 8,
     )
-    raw = (manager.checkpoint_dir / f"{SESSION}_planning.pkl").read_bytes()
+    header, body = split(manager.checkpoint_dir / f"{SESSION}_planning.pkl")
+    assert header == meta.model_dump(mode="json")
     assert meta.session_id == SESSION and meta.stage == "planning"
     assert meta.completed_stages == ["intent", "planning"]
     assert meta.created_at.tzinfo is not None and before <= meta.created_at <= datetime.now(UTC)
@@ -124,7 +123,7 @@ def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> No
     assert meta.previous_hash is None
     assert meta.signed is False
     assert (meta.trace_id, meta.span_id) == ("ab" * 16, "cd" * 8)
-    body = raw[len(raw) - meta.payload_size :]
+    assert len(body) == meta.payload_size
     assert hashlib.sha256(body).hexdigest() == meta.payload_sha256
 
 

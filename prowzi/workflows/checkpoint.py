@@ -8,13 +8,15 @@ default files in ``checkpoint_dir``):
     tooling and habits still find the files) it is **not a pickle**: pickle runs code while it
     loads, and a checkpoint may come from anywhere. It is a small container::
 
-        MAGIC (8 bytes) | header length (4 bytes, big-endian) | header | body | [HMAC (32)]
+        MAGIC (8) | header length (4, big-endian) | header | sha256 of all before (32)
+        | body | HMAC-SHA256 of all before the body (32, only when a key is configured)
 
-    The header is the :class:`CheckpointMetadata` as JSON. The body is the workflow state as
-    JSON (``model_dump`` of the pydantic models), optionally zlib-compressed, together with
-    the checkpoint id and the previous checkpoint's hash. The header records the body's size
-    and sha256, so the HMAC (present when a key is configured) covers the prefix only and the
-    body is hashed exactly once.
+    The header is the :class:`CheckpointMetadata` as JSON, sealed by its own digest (so a
+    flipped byte anywhere is caught, and caught before the header is parsed). The body is the
+    workflow state as JSON (``model_dump`` of the pydantic models), optionally
+    zlib-compressed, together with the checkpoint id and the previous checkpoint's hash. The
+    header records the body's size and sha256, so the HMAC covers the sealed header only and
+    the body is hashed exactly once.
 
 ``<session>_<stage>.json``
     The same metadata, indented, for humans. It is derived from the ``.pkl`` header and never
@@ -76,6 +78,7 @@ from prowzi.workflows.storage import (
     BlobNotFoundError,
     CheckpointStore,
     LocalDirectoryStore,
+    UnsafeBlobError,
     paused_gc,
 )
 
@@ -92,6 +95,7 @@ FORMAT_VERSION = 1
 MAGIC = b"\x89PROWZI\n"
 _LENGTH = struct.Struct(">I")
 _PREFIX = len(MAGIC) + _LENGTH.size
+_DIGEST_SIZE = 32
 _MAC_SIZE = 32
 _MAX_HEADER = 1 << 20
 _MAX_BODY = 1 << 30
@@ -243,6 +247,7 @@ class CheckpointManager:
         self._key = key.encode() if isinstance(key, str) else key
         self._rows: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._readable: dict[str, dict[str, Any]] = {}
+        self._sessions: dict[str, list[str]] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
 
@@ -322,14 +327,9 @@ class CheckpointManager:
             span_id=span_id,
         )
         header_doc = metadata.model_dump(mode="json")
-        header = orjson.dumps(header_doc)
-        prefix = MAGIC + _LENGTH.pack(len(header)) + header
-        parts = [prefix, body]
-        if self._key is not None:
-            parts.append(hmac.digest(self._key, prefix, "sha256"))
         name = f"{checkpoint_id}.pkl"
         try:
-            self.store.put(name, b"".join(parts), meta=header_doc, durable=True)
+            self.store.put(name, _seal(header_doc, body, self._key), meta=header_doc)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
@@ -396,6 +396,8 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"no checkpoint {session_id}_{stage} in {self._location()}"
             ) from None
+        except UnsafeBlobError as exc:
+            raise CheckpointIntegrityError(self.store.describe(name), str(exc)) from None
         metadata, header_doc, state = self._verified(name, raw, check_link=True)
         self._check_sidecar(metadata, header_doc)
         fields = {n: getattr(state, n) for n in WorkflowState.model_fields}
@@ -403,17 +405,17 @@ class CheckpointManager:
 
     def _refuse_newer_unreadable(self, session_id: str, latest: CheckpointMetadata | None) -> None:
         """Resuming a session must not silently fall back past a checkpoint it cannot read."""
-        prefix = f"{session_id}_"
-        for blob in self.store.list(fresh=False):
-            if not blob.name.startswith(prefix) or self._readable.get(blob.name) is not None:
+        for name in self._sessions.get(session_id, ()):
+            if name in self._readable:
                 continue
-            cached = self._rows.get(blob.name)
-            if cached is None or cached[0] != blob.token:
+            try:
+                raw = self.store.get(name)
+            except BlobNotFoundError:
                 continue
-            if latest is None or blob.modified >= latest.created_at.timestamp():
-                # Loading it raises the precise reason, naming the file.
-                raw = self.store.get(blob.name)
-                self._verified(blob.name, raw, check_link=False)
+            # Checked against the file's own age, as its header cannot be trusted.
+            modified = next((b.modified for b in self.store.list(fresh=False) if b.name == name), 0)
+            if latest is None or modified >= latest.created_at.timestamp():
+                self._verified(name, raw, check_link=False)  # raises the precise reason
 
     def _location(self) -> str:
         return str(self.checkpoint_dir)
@@ -422,8 +424,8 @@ class CheckpointManager:
         raw = self.store.get(name, max_bytes=_HEAD_READ)
         if len(raw) >= _PREFIX and raw[: len(MAGIC)] == MAGIC:
             (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
-            if _PREFIX + length > len(raw) and length <= _MAX_HEADER:
-                raw = self.store.get(name, max_bytes=_PREFIX + length)
+            if _PREFIX + length + _DIGEST_SIZE > len(raw) and length <= _MAX_HEADER:
+                raw = self.store.get(name, max_bytes=_PREFIX + length + _DIGEST_SIZE)
         header, _ = self._parse_header(raw, self.store.describe(name))
         return header
 
@@ -439,8 +441,11 @@ class CheckpointManager:
         (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
         if length > _MAX_HEADER:
             raise CheckpointIntegrityError(where, f"header of {length} bytes is implausible")
-        if len(raw) < _PREFIX + length:
+        sealed = _PREFIX + length
+        if len(raw) < sealed + _DIGEST_SIZE:
             raise CheckpointIntegrityError(where, "truncated header")
+        if hashlib.sha256(raw[:sealed]).digest() != raw[sealed : sealed + _DIGEST_SIZE]:
+            raise CheckpointIntegrityError(where, "header digest mismatch: corrupted or altered")
         try:
             header = orjson.loads(raw[_PREFIX : _PREFIX + length])
         except orjson.JSONDecodeError as exc:
@@ -475,7 +480,7 @@ class CheckpointManager:
         size, sha = header.get("payload_size"), header.get("payload_sha256")
         if type(size) is not int or size < 0 or not isinstance(sha, str):
             raise CheckpointIntegrityError(where, "the header lacks the payload's size or hash")
-        body_start = _PREFIX + length
+        body_start = _PREFIX + length + _DIGEST_SIZE
         expected = body_start + size + (_MAC_SIZE if signed else 0)
         if len(raw) != expected:
             problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
@@ -582,15 +587,15 @@ class CheckpointManager:
                     continue
                 if header.get("payload_sha256") == previous:
                     return
-        rows = self._rows_now()
-        if any(
-            row["payload_sha256"] == previous and row["session_id"] in sessions
-            for row in rows.values()
-        ):
+        # Otherwise read every header of the session (and its parent): the files, not the
+        # index, are the truth here, and a file rewritten in place may not show in the index.
+        headers = [h for session in sessions for h in self._session_headers(session)]
+        if any(h.get("payload_sha256") == previous for h in headers):
             return
         older = any(
-            row["session_id"] == metadata.session_id and row["created_at"] < metadata.created_at
-            for row in rows.values()
+            h.get("session_id") == metadata.session_id
+            and str(h.get("created_at", "")) < metadata.model_dump(mode="json")["created_at"]
+            for h in headers
         )
         if older:
             raise CheckpointIntegrityError(
@@ -598,6 +603,16 @@ class CheckpointManager:
                 f"hash chain broken: its previous checkpoint ({previous[:16]}...) is not in the "
                 "store; it was superseded by a re-run of an earlier stage, or a file was altered",
             )
+
+    def _session_headers(self, session_id: str) -> list[dict[str, Any]]:
+        self._session_rows(session_id)
+        headers = []
+        for name in self._sessions.get(session_id, ()):
+            try:
+                headers.append(_migrate_header(self._read_header(name)))
+            except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
+                continue
+        return headers
 
     def _check_sidecar(self, metadata: CheckpointMetadata, header_doc: dict[str, Any]) -> None:
         """Rewrite a missing or stale ``.json``; refuse one edited to point elsewhere."""
@@ -634,10 +649,13 @@ class CheckpointManager:
         rows: dict[str, dict[str, Any]] = {}
         known = self._rows
         current: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        sessions: dict[str, list[str]] = {}
         with paused_gc():
             for blob in self.store.list(fresh=False):
-                if not blob.name.endswith(".pkl"):
+                parsed = _session_of(blob.name)
+                if parsed is None:
                     continue
+                sessions.setdefault(parsed[0], []).append(blob.name)
                 cached = known.get(blob.name)
                 if cached is not None and cached[0] == blob.token:
                     row = cached[1]
@@ -648,6 +666,7 @@ class CheckpointManager:
                 if row is not None:
                     rows[blob.name] = row
         self._rows, self._readable, self._newest_first = current, rows, None
+        self._sessions = sessions
         # Reading headers above may have taught the store new meta: that is no change.
         self._generation = self.store.generation(fresh=False)
         return rows
@@ -706,10 +725,19 @@ class CheckpointManager:
     def latest(self, session_id: str) -> CheckpointMetadata | None:
         """The session's most recent checkpoint, or None."""
         validate_session_id(session_id)
-        rows = [r for r in self._rows_now().values() if r["session_id"] == session_id]
+        rows = list(self._session_rows(session_id).values())
         if not rows:
             return None
         return CheckpointMetadata.model_validate(max(rows, key=lambda r: r["created_at"]))
+
+    def _session_rows(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """One session's readable rows, exact: its files are re-examined, so a file rewritten
+        in place (which a directory listing cannot notice) is seen."""
+        self._rows_now()
+        for name in self._sessions.get(session_id, ()):
+            self.store.refresh(name)
+        rows = self._rows_now(fresh=False)
+        return {n: rows[n] for n in self._sessions.get(session_id, ()) if n in rows}
 
     def verify_chain(self, session_id: str) -> None:
         """Verify every checkpoint of the session, and the chain from its latest back.
@@ -718,7 +746,8 @@ class CheckpointManager:
         verified individually. A chain may start late when older checkpoints were pruned.
         """
         validate_session_id(session_id)
-        names = sorted(name for name in self._rows_now() if name.startswith(f"{session_id}_"))
+        self._session_rows(session_id)
+        names = sorted(self._sessions.get(session_id, ()))
         verified: list[CheckpointMetadata] = []
         for name in names:
             try:
@@ -819,6 +848,15 @@ class CheckpointManager:
                 continue
             if datetime.fromtimestamp(blob.modified, UTC) < cutoff:
                 self.store.delete(blob.name)
+
+
+def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:
+    """The container bytes of a checkpoint (see the module docstring)."""
+    header = orjson.dumps(header_doc)
+    sealed = MAGIC + _LENGTH.pack(len(header)) + header
+    prefix = sealed + hashlib.sha256(sealed).digest()
+    mac = hmac.digest(key, prefix, "sha256") if key is not None else b""
+    return b"".join((prefix, body, mac))
 
 
 def _dump_state(state: WorkflowState) -> bytes:

@@ -67,6 +67,10 @@ class BlobNotFoundError(LookupError):
     """No blob has this name."""
 
 
+class UnsafeBlobError(OSError):
+    """Something that is not a blob sits under a blob's name (a symlink, a directory)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
     name: str
@@ -107,6 +111,11 @@ class CheckpointStore(ABC):
     @abstractmethod
     def token(self, name: str) -> str | None:
         """The blob's current token, or None when it does not exist."""
+
+    def refresh(self, name: str) -> None:
+        """Re-examine one blob, so that a change made behind the store's back (a file
+        rewritten in place) shows in the next :meth:`list`."""
+        validate_blob_name(name)
 
     @abstractmethod
     def delete(self, name: str) -> bool:
@@ -341,12 +350,18 @@ class LocalDirectoryStore(CheckpointStore):
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(name)
         try:
-            with open(path, "rb") as fh:
-                return fh.read() if max_bytes is None else fh.read(max_bytes)
+            # O_NOFOLLOW: a symlink planted in the directory is not a blob.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise BlobNotFoundError(name) from None
-        except IsADirectoryError:
-            raise BlobNotFoundError(name) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeBlobError(f"{name} is a symbolic link; it is not followed") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafeBlobError(f"{name} is not a regular file")
+            return fh.read() if max_bytes is None else fh.read(max_bytes)
 
     def token(self, name: str) -> str | None:
         try:
@@ -354,6 +369,24 @@ class LocalDirectoryStore(CheckpointStore):
         except FileNotFoundError:
             return None
         return _token(st) if stat.S_ISREG(st.st_mode) else None
+
+    def refresh(self, name: str) -> None:
+        path = self._path(name)
+        with self._mutex:
+            if self._manifest_ino is None:
+                return  # nothing cached yet: the next listing reads the directory
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            known = self._entries.get(name)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                if known is not None:
+                    del self._entries[name]
+                    self._generation += 1
+            elif known is None or known[0] != _token(st):
+                self._entries[name] = (_token(st), st.st_size, st.st_mtime_ns, None)
+                self._generation += 1
 
     def delete(self, name: str) -> bool:
         path = self._path(name)
