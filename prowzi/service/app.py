@@ -140,7 +140,7 @@ def create_app(
     """The service for ``config``. Checkpointing is switched on: the service promises that a
     run interrupted by a shutdown resumes where it stopped."""
     settings = settings or ServiceSettings()
-    config.enable_checkpointing = True
+    config = config.model_copy(update={"enable_checkpointing": True})
     metrics = ProwziMetrics(registry if registry is not None else CollectorRegistry())
 
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
