@@ -677,3 +677,32 @@ def test_generic_topic_words_alone_do_not_qualify_a_document(tmp_path: Path) -> 
     climate = {"hansen1988", "ipcc2021", "manabe1967", "mann1999", "keeling1960"}
     found = {s.source_id for s in state.search.sources}
     assert found and found <= {f"other_topics.json#{c}" for c in climate}
+
+
+def test_a_very_long_prompt_is_planned_with_short_queries(tmp_path: Path) -> None:
+    filler = " ".join(f"aspect{i} of qubits" for i in range(400))
+    prompt = f"Write a report on quantum computing hardware, considering {filler}"
+    state = run_all(prompt, make_config(tmp_path))
+    assert state.plan is not None and state.draft is not None
+    assert all(len(q.split()) <= 20 for q in state.plan.queries)
+    assert len(state.plan.title.split()) <= 20
+    assert state.draft.references
+
+
+def test_a_custom_drafts_bibliography_and_numbered_list_are_understood(
+    quantum_state: WorkflowState,
+) -> None:
+    draft, plan, verification = (
+        quantum_state.draft,
+        quantum_state.plan,
+        quantum_state.verification,
+    )
+    assert draft and plan and verification
+    body = draft.markdown.split("\n## References\n")[0]
+    entries = "\n".join(f"{r.number}. {r.title}" for r in draft.references)
+    custom = draft.model_copy(update={"markdown": f"{body}\n## Bibliography\n\n{entries}\n"})
+    verified = {s.source_id for s in verification.verified}
+    result = evaluate(custom, plan, verified, "research_paper", 0.75)
+    assert result.score == 1.0
+    similarity = check_similarity(custom.markdown, list(verification.verified))
+    assert similarity.flagged == []

@@ -14,6 +14,13 @@ from prowzi.agents import _text
 from prowzi.agents.models import DraftSection, Reference
 
 REFERENCES_HEADING = "References"
+_REFERENCE_HEADINGS = frozenset({"references", "bibliography", "works cited", "sources"})
+
+
+def is_references_heading(title: str) -> bool:
+    """``References`` (what Prowzi writes) or a common alternative a custom writer may use."""
+    return normalise_heading(title) in _REFERENCE_HEADINGS
+
 
 CITATION = re.compile(r"\[(\d+(?:\s*[,–-]\s*\d+)*)\]")
 """``[3]``, ``[1, 4]`` or ``[2-5]``; ``[n]`` inside a reference entry's leading label too."""
@@ -96,7 +103,7 @@ def parse_sections(markdown: str) -> list[ParsedSection]:
 def references_start(markdown: str) -> int | None:
     """Offset of the References heading, if the document has one."""
     for section in parse_sections(markdown):
-        if normalise_heading(section.title) == normalise_heading(REFERENCES_HEADING):
+        if is_references_heading(section.title):
             return section.start
     return None
 

@@ -56,7 +56,8 @@ TARGET_DENSITY = 0.6
 MIN_SECTION_WORDS = 25
 THIN_SECTION_WORDS = 60
 
-_REFERENCE_LINE = re.compile(r"^\s*(?:[-*]\s*)?\[(\d+)\]", re.M)
+_REFERENCE_LINE = re.compile(r"^\s*(?:[-*]\s*)?(?:\[(\d+)\]|(\d+)\.\s)", re.M)
+"""A reference entry: ``[3] ...`` (as Prowzi writes), ``- [3] ...`` or ``3. ...``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,8 @@ class _Body:
 
 def _split(markdown: str) -> _Body:
     parsed = _draft.parse_sections(markdown)
-    refs_key = _draft.normalise_heading(_draft.REFERENCES_HEADING)
-    body = [s for s in parsed if _draft.normalise_heading(s.title) != refs_key]
-    block = next((s.body for s in parsed if _draft.normalise_heading(s.title) == refs_key), "")
+    body = [s for s in parsed if not _draft.is_references_heading(s.title)]
+    block = next((s.body for s in parsed if _draft.is_references_heading(s.title)), "")
     return _Body(body, block)
 
 
@@ -112,7 +112,7 @@ def evaluate(
     text = "\n\n".join(s.body for s in body.sections)
     markers = _draft.cited_numbers(text)
     refs = {r.number: r for r in draft.references}
-    listed = {int(n) for n in _REFERENCE_LINE.findall(body.references_block)}
+    listed = {int(a or b) for a, b in _REFERENCE_LINE.findall(body.references_block)}
 
     def valid(n: int) -> bool:
         ref = refs.get(n)
@@ -194,8 +194,7 @@ def evaluate(
         "Introduction first": bool(titles) and titles[0] == "introduction",
         "Conclusion last": bool(titles) and titles[-1] == "conclusion",
         "References at the end": bool(parsed_all)
-        and _draft.normalise_heading(parsed_all[-1].title)
-        == _draft.normalise_heading(_draft.REFERENCES_HEADING),
+        and _draft.is_references_heading(parsed_all[-1].title),
         "the planned order": present == [t for t in planned_titles if t in present],
         "no empty section": all(s.body.strip() for s in body.sections),
     }

@@ -162,14 +162,26 @@ def _facets_for(intent: IntentAnalysis) -> tuple[_Facet, ...]:
     topic_words = set(_text.words(intent.topic))
     phrases = [k for k in intent.keywords if " " in k and set(k.split()) != topic_words]
     generic = [_Facet(_text.title_case(p), p) for p in phrases[:3]]
-    generic.append(_Facet("Methods and Approaches", f"{intent.topic} methods approaches"))
-    generic.append(_Facet("Applications and Evidence", f"{intent.topic} applications results"))
+    short = _short(intent.topic, _MAX_QUERY_TOPIC_WORDS)
+    generic.append(_Facet("Methods and Approaches", f"{short} methods approaches"))
+    generic.append(_Facet("Applications and Evidence", f"{short} applications results"))
     return tuple(generic)
 
 
+_MAX_QUERY_TOPIC_WORDS = 12
+_MAX_TITLE_TOPIC_WORDS = 14
+
+
+def _short(topic: str, limit: int) -> str:
+    """A long topic (a pasted paragraph) cut to its first ``limit`` words for queries and
+    titles; the intent keeps it whole."""
+    parts = topic.split()
+    return topic if len(parts) <= limit else " ".join(parts[:limit]).rstrip(",;:") + "…"
+
+
 def make_plan(intent: IntentAnalysis) -> ResearchPlan:
-    topic = intent.topic
-    display = _text.title_case(topic)
+    topic = _short(intent.topic, _MAX_QUERY_TOPIC_WORDS)
+    display = _text.title_case(_short(intent.topic, _MAX_TITLE_TOPIC_WORDS))
     facets = _facets_for(intent)[
         : _TOPIC_SECTIONS.get(intent.document_type, _DEFAULT_TOPIC_SECTIONS)
     ]
