@@ -17,6 +17,7 @@ Nothing here talks to anything but 127.0.0.1. A missing tool fails the test; it 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -261,10 +262,17 @@ def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
 
 
 def run_workload(stack: Stack) -> None:
-    """Start the runs and wait until Prometheus has seen every one of them finish."""
+    """Start the runs, spread out, once Prometheus scrapes Prowzi; wait until it has seen every
+    run finish. Counters must rise between scrapes, or rates and increases would all be 0."""
+    deadline = time.monotonic() + 30
+    while stack.value('up{job="prowzi"}') != 1:
+        assert time.monotonic() < deadline, "Prometheus never scraped Prowzi"
+        time.sleep(0.2)
+    time.sleep(2)  # a few samples of the idle state first
     for prompt in PROMPTS:
         response = httpx.post(f"{stack.prowzi}/runs", json={"prompt": prompt}, timeout=30)
         assert response.status_code == 202, response.text
+        time.sleep(1.5)
     deadline = time.monotonic() + RUN_TIMEOUT
     while time.monotonic() < deadline:
         done = stack.value("sum(prowzi_runs_completed_total)")
@@ -277,6 +285,12 @@ def run_workload(stack: Stack) -> None:
             f"runs did not finish in {RUN_TIMEOUT}s: {httpx.get(stack.prowzi + '/runs').text}"
         )
     time.sleep(4)  # a few more scrapes and rule evaluations after the last run
+
+
+def _values(result: list[dict[str, Any]]) -> Iterator[float]:
+    for series in result:
+        for _, value in series.get("values", [series.get("value", [0, "NaN"])]):
+            yield float(value)
 
 
 def _failures(results: dict[str, str]) -> str:
@@ -336,6 +350,8 @@ def test_every_stack_expression_against_prometheus_scraping_prowzi(stack: Stack)
             problems[str(query)] = f"{body.get('errorType')}: {body.get('error')} in {expr}"
         elif not body["data"]["result"]:
             problems[str(query)] = f"no data for {expr}"
+        elif not any(math.isfinite(v) for v in _values(body["data"]["result"])):
+            problems[str(query)] = f"only NaN/Inf for {expr}"
         if query.exemplar:
             exemplars = httpx.get(
                 f"{stack.prometheus}/api/v1/query_exemplars",
@@ -367,13 +383,20 @@ def test_every_stack_expression_against_prometheus_scraping_prowzi(stack: Stack)
     for record in {r["record"] for g in rule_groups() for r in g["rules"] if "record" in r}:
         entry = loaded.get((record, "recording"))
         assert entry is not None and entry["health"] == "ok", record
-    # Nothing in this healthy workload is bad enough to alert on.
-    firing = [
-        a
-        for a in stack.api("alerts")["alerts"]
-        if a["state"] == "firing" and a["labels"]["alertname"] != "ProwziTargetDown"
-    ]
-    assert not firing, firing
+    # The injected failures (2 of 7 runs, both at verification) meet the conditions of the
+    # failure-ratio alerts on real data: they are pending (their `for` has not elapsed), and
+    # nothing else is.
+    expected = {"ProwziRunFailureRatioHigh", "ProwziStageErrorRatioHigh"}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        active = {a["labels"]["alertname"]: a for a in stack.api("alerts")["alerts"]}
+        if expected <= set(active):
+            break
+        time.sleep(0.5)
+    assert set(active) == expected, sorted(active)
+    assert all(a["state"] == "pending" for a in active.values())
+    assert active["ProwziStageErrorRatioHigh"]["labels"]["stage"] == "verification"
+    assert active["ProwziRunFailureRatioHigh"]["labels"]["instance"] == stack.instance
 
     # 5. Dashboard variables: label_values() finds the instance and the stages.
     for dashboard in dashboards().values():
