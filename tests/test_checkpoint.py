@@ -751,3 +751,42 @@ def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
     assert manager.load_checkpoint("new-run").metadata.stage == "planning"
     manager.cleanup(older_than=timedelta(0))
     assert not Path("checkpoints/new-run_intent.json").exists()
+
+
+def test_a_second_process_gets_session_locked_naming_the_holder(
+    manager: CheckpointManager,
+) -> None:
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    save_run(manager, SESSION, ("intent",))
+    age(manager, SESSION, 30)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from prowzi.workflows.checkpoint import CheckpointManager
+        with CheckpointManager({str(manager.checkpoint_dir)!r}).session_lock({SESSION!r}):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        other = CheckpointManager(manager.checkpoint_dir)
+        assert other.is_locked(SESSION)
+        with pytest.raises(SessionLockedError) as info:
+            other.session_lock(SESSION, timeout=0.1).__enter__()
+        assert f"pid {child.pid} on host {socket.gethostname()}" in str(info.value)
+        assert other.cleanup(older_than=timedelta(days=1)) == []
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert not manager.is_locked(SESSION)
+    assert manager.cleanup(older_than=timedelta(days=1)) == [f"{SESSION}_intent"]

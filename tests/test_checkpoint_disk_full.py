@@ -1,0 +1,112 @@
+"""Disk full: a save that cannot be written fails clearly and leaves the previous checkpoint
+intact and resumable. The directory is a real, small tmpfs (mounting one needs root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_checkpoint_support import STAGES, full_state, params, save_run
+
+from prowzi.agents import models as m
+from prowzi.errors import CheckpointError
+from prowzi.workflows.checkpoint import CheckpointManager
+
+SESSION = "disk-full-session"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def big_state(kib: int) -> m.WorkflowState:
+    state = full_state()
+    assert state.draft is not None
+    draft = state.draft.model_copy(update={"markdown": "All work and no play. " * (kib * 47)})
+    return state.model_copy(update={"draft": draft})
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Occupy all but about ``leave`` bytes of the filesystem."""
+    stats = os.statvfs(disk)
+    free = stats.f_bavail * stats.f_frsize
+    filler = disk / "filler.bin"
+    with filler.open("wb") as fh:
+        fh.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def temporaries(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
+    small_disk: Path,
+) -> None:
+    directory = small_disk / "checkpoints"
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, STAGES[:2])
+    filler = fill(small_disk, leave=16 * 1024)
+
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint"):
+        manager.save(
+            session_id=SESSION,
+            stage="search",
+            state=big_state(kib=64),
+            completed_stages=list(STAGES[:3]),
+            parameters=params(),
+        )
+
+    assert temporaries(directory) == []
+    assert not (directory / f"{SESSION}_search.pkl").exists()
+    fresh = CheckpointManager(directory)
+    assert fresh.load_checkpoint(SESSION).metadata.stage == "planning"
+    fresh.verify_chain(SESSION)
+    assert [r["stage"] for r in fresh.list_checkpoints()] == ["planning", "intent"]
+
+    # once space is freed the run resumes and the chain continues unbroken
+    filler.unlink()
+    manager.save(
+        session_id=SESSION,
+        stage="search",
+        state=big_state(kib=64),
+        completed_stages=list(STAGES[:3]),
+        parameters=params(),
+    )
+    CheckpointManager(directory).verify_chain(SESSION)
+
+
+def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_disk: Path) -> None:
+    directory = small_disk / "checkpoints"
+    manager = CheckpointManager(directory)
+    (before,) = save_run(manager, SESSION, ("intent",))
+    fill(small_disk, leave=8 * 1024)
+
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        manager.save(
+            session_id=SESSION,
+            stage="intent",
+            state=big_state(kib=64),
+            completed_stages=["intent"],
+            parameters=params(),
+        )
+
+    assert temporaries(directory) == []
+    loaded = CheckpointManager(directory).load_checkpoint(f"{SESSION}_intent")
+    assert loaded.metadata == before
