@@ -292,3 +292,19 @@ def test_concurrent_opens_all_see_a_complete_index(corpus: Path, tmp_path: Path)
         results = list(pool.map(open_and_search, range(16)))
     assert results == [(5, ["more.jsonl#q1", "notes/lattices.md"])] * 16
     assert len(list(index_dir.iterdir())) == 1
+
+
+def test_a_documents_abstract_is_indexed_once(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    write(
+        root / "wrapped.md", "# Wrapped\n\nThe first paragraph is\nwrapped over lines.\n\nMore.\n"
+    )
+    write(root / "abstract.md", "# Headed\n\n## Abstract\n\nShort abstract.\n\n## Body\n\nBody.\n")
+    docs = {d.source_id: d for d in load_corpus(root).documents}
+    wrapped = docs["wrapped.md"]
+    assert wrapped.abstract == "The first paragraph is wrapped over lines."
+    assert wrapped.body.count("first paragraph") == 1
+    headed = docs["abstract.md"]
+    assert headed.abstract == "Short abstract."
+    assert headed.body.count("Short abstract.") == 1
+    assert "Body." in headed.body

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prowzi.agents import _draft, _text
 from prowzi.agents.base import StageContext
+from prowzi.agents.corpus import source_body
 from prowzi.agents.models import FlaggedPassage, Source, TurnitinAgentResult
 from prowzi.errors import PermanentError
 
@@ -68,12 +69,7 @@ class _SourcePrint:
 
 
 def _source_print(source: Source) -> _SourcePrint:
-    body = (
-        source.text
-        if source.text.startswith(source.abstract)
-        else (f"{source.abstract}\n\n{source.text}")
-    )
-    tokens = _text.words(f"{source.title}\n\n{body}")
+    tokens = _text.words(f"{source.title}\n\n{source_body(source.abstract, source.text)}")
     hashes = kgram_hashes(tokens)
     return _SourcePrint(
         source.source_id, frozenset(h for h, _ in winnow(hashes)), frozenset(hashes)
