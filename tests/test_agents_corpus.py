@@ -308,3 +308,16 @@ def test_a_documents_abstract_is_indexed_once(tmp_path: Path) -> None:
     assert headed.abstract == "Short abstract."
     assert headed.body.count("Short abstract.") == 1
     assert "Body." in headed.body
+
+
+def test_a_section_heading_is_not_taken_for_the_title(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    write(root / "notes_on_tides.md", "Some prose first.\n\n### Methods\n\nWe measured tides.\n")
+    write(root / "abstract_first.md", "## Abstract\n\nTides rise and fall twice a day.\n")
+    write(root / "level_two_title.md", "## Ocean Tides\n\nTides follow the moon.\n")
+    titles = {d.source_id: d.title for d in load_corpus(root).documents}
+    assert titles == {
+        "abstract_first.md": "abstract first",
+        "level_two_title.md": "Ocean Tides",
+        "notes_on_tides.md": "notes on tides",
+    }

@@ -44,7 +44,7 @@ from prowzi.agents import _text
 from prowzi.agents.models import CorpusInfo, Source
 from prowzi.errors import CorpusError
 
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 """Bumped whenever the index schema or the document parsing changes."""
 
 MANIFEST_NAME = "prowzi-corpus.json"
@@ -313,6 +313,11 @@ def _parse_document(relative: str, path: Path, raw: str) -> Document:
         body = raw[fm.end() :]
     title = meta.get("title") if isinstance(meta.get("title"), str) else None
     heading = _HEADING.search(body)
+    if heading and (
+        heading.group(2).strip().lower() in {"abstract", "summary"}
+        or (len(heading.group(1)) > 1 and body[: heading.start()].strip())
+    ):
+        heading = None  # a section heading after some prose, not the document's title
     if heading and not title:
         title = _plain(heading.group(2)) or None
         # The title heading is the document's name, not part of its prose.
