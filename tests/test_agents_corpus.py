@@ -321,3 +321,15 @@ def test_a_section_heading_is_not_taken_for_the_title(tmp_path: Path) -> None:
         "level_two_title.md": "Ocean Tides",
         "notes_on_tides.md": "notes on tides",
     }
+
+
+def test_corpus_errors_stay_on_one_line_for_odd_names(tmp_path: Path) -> None:
+    odd = tmp_path / "line\nbreak"
+    odd.mkdir()
+    write(odd / "bad\nname.json", "{oops")
+    with pytest.raises(CorpusError) as info:
+        check_corpus(odd)
+    assert "\n" not in str(info.value)
+    write(odd / "prowzi-corpus.json", "[1, 2]")
+    with pytest.raises(CorpusError, match="must be a JSON object"):
+        check_corpus(odd)

@@ -154,23 +154,28 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
     except FileNotFoundError:
         return {}, b""
     except OSError as exc:
-        raise CorpusError(f"cannot read corpus manifest {path}: {exc.strerror}") from None
+        raise _error(f"cannot read corpus manifest {path}: {exc.strerror}") from None
     try:
         data = json.loads(raw)
     except ValueError:
-        raise CorpusError(f"corpus manifest {path} is not valid JSON") from None
+        raise _error(f"corpus manifest {path} is not valid JSON") from None
     if not isinstance(data, dict):
-        raise CorpusError(f"corpus manifest {path} must be a JSON object")
+        raise _error(f"corpus manifest {path} must be a JSON object")
     return data, raw
+
+
+def _error(message: str) -> CorpusError:
+    """A CorpusError whose message is one line, whatever the paths it names contain."""
+    return CorpusError(" ".join(message.split()))
 
 
 def _check_directory(root: Path) -> None:
     if not root.exists():
-        raise CorpusError(f"corpus directory not found: {root}")
+        raise _error(f"corpus directory not found: {root}")
     if not root.is_dir():
-        raise CorpusError(f"corpus path is not a directory: {root}")
+        raise _error(f"corpus path is not a directory: {root}")
     if not os.access(root, os.R_OK | os.X_OK):
-        raise CorpusError(f"corpus directory is not readable: {root}")
+        raise _error(f"corpus directory is not readable: {root}")
 
 
 def scan_corpus(path: str | os.PathLike[str]) -> CorpusScan:
@@ -444,11 +449,11 @@ def load_corpus(path: str | os.PathLike[str]) -> LoadedCorpus:
 def _no_document_error(loaded: LoadedCorpus) -> CorpusError:
     root = loaded.scan.root
     if not loaded.scan.files:
-        return CorpusError(
+        return _error(
             f"corpus directory {root} holds no readable document ({', '.join(SUPPORTED_SUFFIXES)})"
         )
     first = "; ".join(f"{p}: {r}" for p, r in loaded.skipped[:3])
-    return CorpusError(f"corpus directory {root} holds no readable document ({first})")
+    return _error(f"corpus directory {root} holds no readable document ({first})")
 
 
 def check_corpus(path: str | os.PathLike[str]) -> CorpusInfo:
