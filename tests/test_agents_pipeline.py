@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from prowzi.agents.models import (
 )
 from prowzi.agents.planning import make_plan
 from prowzi.agents.search import anchors_for
-from prowzi.agents.turnitin import K, W, check_similarity
+from prowzi.agents.turnitin import K, W, check_similarity, kgram_hashes, winnow
 from prowzi.agents.verification import verify
 from prowzi.agents.writing import assemble
 from prowzi.config import ProwziConfig
@@ -706,3 +707,18 @@ def test_a_custom_drafts_bibliography_and_numbered_list_are_understood(
     assert result.score == 1.0
     similarity = check_similarity(custom.markdown, list(verification.verified))
     assert similarity.flagged == []
+
+
+def test_winnowing_guarantees_a_shared_fingerprint_for_long_matches() -> None:
+    """Schleimer et al.'s guarantee: a shared run of K + W - 1 tokens shares a fingerprint."""
+    rng = random.Random(7)
+    vocabulary = [f"w{i}" for i in range(50)]
+    for _ in range(200):
+        shared = [rng.choice(vocabulary) for _ in range(K + W - 1)]
+        a = [rng.choice(vocabulary) for _ in range(rng.randrange(0, 30))] + shared
+        b = shared + [rng.choice(vocabulary) for _ in range(rng.randrange(0, 30))]
+        prints_a = {h for h, _ in winnow(kgram_hashes(a))}
+        prints_b = {h for h, _ in winnow(kgram_hashes(b))}
+        assert prints_a & prints_b
+    assert kgram_hashes(["too", "short"]) == []
+    assert winnow([]) == []
