@@ -207,7 +207,28 @@ def _variables() -> list[dict[str, Any]]:
     ]
 
 
-def _dashboard(uid: str, title: str, description: str, rows: list[Row]) -> dict[str, Any]:
+MIN_RUN_DURATION = {
+    "name": "min_run_duration",
+    "label": "Runs longer than",
+    "description": "Only runs whose trace lasted longer than this appear in the Slowest runs "
+    "table (a TraceQL duration).",
+    "type": "custom",
+    "query": "0s,1s,10s,30s,1m,5m,15m,1h",
+    "current": {"selected": True, "text": "0s", "value": "0s"},
+    "options": [],
+    "multi": False,
+    "includeAll": False,
+    "hide": 0,
+}
+
+
+def _dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    rows: list[Row],
+    extra_variables: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "uid": uid,
         "title": title,
@@ -250,7 +271,7 @@ def _dashboard(uid: str, title: str, description: str, rows: list[Row]) -> dict[
                 }
             ]
         },
-        "templating": {"list": _variables()},
+        "templating": {"list": _variables() + (extra_variables or [])},
         "panels": _layout(rows),
     }
 
@@ -457,28 +478,32 @@ def overview() -> dict[str, Any]:
         "Prowzi / Overview",
         "Runs: throughput, success, duration, what is in flight, and the slowest traces.",
         [runs, service, traces],
+        extra_variables=[MIN_RUN_DURATION],
     )
 
 
 def slowest_runs_panel() -> Panel:
     query = (
-        '{ resource.service.name = "prowzi" && name = "invoke_workflow prowzi.research" } '
-        '&& { span.prowzi.stage =~ "$stage" } | select(span.prowzi.session_id, span.prowzi.status)'
+        '{ resource.service.name = "prowzi" && name = "invoke_workflow prowzi.research"'
+        " && duration > $min_run_duration }"
+        ' && { span.prowzi.stage =~ "$stage" }'
+        " | select(span.prowzi.session_id, span.prowzi.status)"
     )
     target = {
         "datasource": TEMPO,
         "refId": "A",
         "queryType": "traceql",
         "query": query,
-        "limit": 50,
+        "limit": 100,
         "tableType": "traces",
     }
     return Panel(
         "table",
         "Slowest runs (traces)",
-        "Prowzi runs in the time range from Tempo (TraceQL), slowest first: each row is a run's "
-        "trace (root span `invoke_workflow prowzi.research`); open the trace id to see its stage "
-        "attempts, retries and what each agent did.",
+        "The 20 slowest of the latest 100 Prowzi runs in the time range (Tempo, TraceQL), "
+        "longer than the 'Runs longer than' selector and touching the selected stages: each row "
+        "is a run's trace (root span `invoke_workflow prowzi.research`); open the trace id to "
+        "see its stage attempts, retries and what each agent did.",
         "ms",
         raw_targets=[target],
         datasource=dict(TEMPO),

@@ -240,7 +240,7 @@ def test_the_stage_heatmap_shows_exemplars() -> None:
 def test_the_traces_panel_queries_tempo_with_traceql() -> None:
     found = tempo_queries()
     assert found, "no Tempo panel"
-    for _, panel, target in found:
+    for name, panel, target in found:
         assert target["queryType"] == "traceql"
         query = target["query"]
         # Balanced braces and quotes, and the run's root span name from prowzi's tracer.
@@ -248,6 +248,9 @@ def test_the_traces_panel_queries_tempo_with_traceql() -> None:
         assert query.count('"') % 2 == 0
         assert 'name = "invoke_workflow prowzi.research"' in query
         assert 'resource.service.name = "prowzi"' in query
+        assert "duration > $min_run_duration" in query
+        variables = {v["name"] for v in dashboards()[name]["templating"]["list"]}
+        assert {"stage", "min_run_duration"} <= variables
         assert panel["fieldConfig"]["defaults"]["unit"] == "ms"
         sort = [t for t in panel["transformations"] if t["id"] == "sortBy"]
         assert sort and sort[0]["options"]["sort"][0] == {"field": "Duration", "desc": True}

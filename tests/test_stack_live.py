@@ -401,6 +401,8 @@ def test_every_stack_expression_against_prometheus_scraping_prowzi(stack: Stack)
     # 5. Dashboard variables: label_values() finds the instance and the stages.
     for dashboard in dashboards().values():
         for variable in dashboard["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
             definition = variable["definition"]
             inner = definition.removeprefix("label_values(").removesuffix(")")
             selector, label = (part.strip() for part in inner.rsplit(",", 1))
