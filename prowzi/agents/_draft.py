@@ -23,7 +23,8 @@ def is_references_heading(title: str) -> bool:
 
 
 CITATION = re.compile(r"\[(\d+(?:\s*[,–-]\s*\d+)*)\]")
-"""``[3]``, ``[1, 4]`` or ``[2-5]``; ``[n]`` inside a reference entry's leading label too."""
+"""A citation marker: ``[3]``, ``[1, 4]`` or ``[2-5]``. Reference entries start with the same
+``[n]`` label, so callers look for citations outside the References section."""
 
 QUOTATION = re.compile(r"\"([^\"\n]+)\"|“([^”\n]+)”")
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
@@ -85,7 +86,6 @@ class ParsedSection:
     body: str
     start: int
     """Offset of the heading line in the markdown."""
-    body_start: int
 
 
 def parse_sections(markdown: str) -> list[ParsedSection]:
@@ -95,7 +95,7 @@ def parse_sections(markdown: str) -> list[ParsedSection]:
     for i, m in enumerate(headings):
         end = headings[i + 1].start() if i + 1 < len(headings) else len(markdown)
         sections.append(
-            ParsedSection(m.group(2).strip(), markdown[m.end() : end].strip(), m.start(), m.end())
+            ParsedSection(m.group(2).strip(), markdown[m.end() : end].strip(), m.start())
         )
     return sections
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
 
 from prowzi.agents import _text
 from prowzi.agents.base import StageContext
@@ -181,12 +180,6 @@ _FIELD_LEXICON: tuple[tuple[str, dict[str, int]], ...] = (
         {"history": 3, "war": 2, "empire": 3, "medieval": 3, "century": 2, "ancient": 3},
     ),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Topic:
-    text: str
-    keywords: list[str]
 
 
 def detect_document_type(prompt: str) -> str:
