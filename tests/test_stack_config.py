@@ -548,3 +548,37 @@ def test_the_targets_file_is_valid_file_service_discovery() -> None:
             },
         },
     )
+
+
+@pytest.mark.parametrize(
+    ("severity", "receiver"), [("critical", "prowzi-critical"), ("warning", "prowzi-default")]
+)
+def test_amtool_routes_each_severity_to_its_receiver(severity: str, receiver: str) -> None:
+    amtool = require_tool("amtool")
+    result = subprocess.run(
+        [
+            amtool,
+            "config",
+            "routes",
+            "test",
+            f"--config.file={DEPLOY / 'alertmanager.yml'}",
+            f"--verify.receivers={receiver}",
+            f"severity={severity}",
+            "alertname=ProwziRunStuck",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_build_context_sends_what_the_dockerfile_copies() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    included = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore
+    for line in (DEPLOY / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert source.rstrip("/") in included, source
+                assert (REPO / source).exists(), source
