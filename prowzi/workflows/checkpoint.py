@@ -100,7 +100,7 @@ _MAC_SIZE = 32
 _MAX_HEADER = 1 << 20
 _MAX_BODY = 1 << 30
 """Upper bound on a decompressed body, so a crafted zlib stream cannot exhaust memory."""
-_HEAD_READ = 16384
+_HEAD_READ = 4096
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
 

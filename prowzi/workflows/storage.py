@@ -285,6 +285,7 @@ class LocalDirectoryStore(CheckpointStore):
     def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._dir = os.path.join(os.fspath(self.root), "")
         self._index_dir = self.root / ".index"
         self._lock_dir = self.root / ".locks"
         self._manifest = self._index_dir / "manifest.jsonl"
@@ -298,8 +299,8 @@ class LocalDirectoryStore(CheckpointStore):
 
     # blobs
 
-    def _path(self, name: str) -> Path:
-        return self.root / validate_blob_name(name)
+    def _path(self, name: str) -> str:
+        return self._dir + validate_blob_name(name)
 
     def _ensure_dirs(self) -> None:
         if not self._index_dir.is_dir():
@@ -311,7 +312,7 @@ class LocalDirectoryStore(CheckpointStore):
         final = self._path(name)
         self._ensure_dirs()
         durable = durable and self.fsync
-        tmp = self.root / f"{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
+        tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -327,10 +328,10 @@ class LocalDirectoryStore(CheckpointStore):
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise
         if durable:
-            self._fsync_dir(self.root)
+            self._fsync_dir(self._dir)
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
@@ -340,7 +341,7 @@ class LocalDirectoryStore(CheckpointStore):
             )
 
     @staticmethod
-    def _fsync_dir(path: Path) -> None:
+    def _fsync_dir(path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -358,10 +359,22 @@ class LocalDirectoryStore(CheckpointStore):
             if exc.errno == errno.ELOOP:
                 raise UnsafeBlobError(f"{name} is a symbolic link; it is not followed") from None
             raise
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise UnsafeBlobError(f"{name} is not a regular file")
-            return fh.read() if max_bytes is None else fh.read(max_bytes)
+            wanted = st.st_size if max_bytes is None else min(st.st_size, max_bytes)
+            chunks = [os.read(fd, wanted)]
+            got = len(chunks[0])
+            while got < wanted:
+                chunk = os.read(fd, wanted - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def token(self, name: str) -> str | None:
         try:
@@ -391,7 +404,7 @@ class LocalDirectoryStore(CheckpointStore):
     def delete(self, name: str) -> bool:
         path = self._path(name)
         try:
-            path.unlink()
+            os.unlink(path)
         except FileNotFoundError:
             return False
         with self._mutex:
@@ -401,7 +414,7 @@ class LocalDirectoryStore(CheckpointStore):
         return True
 
     def describe(self, name: str) -> str:
-        return str(self._path(name))
+        return self._path(name)
 
     def sweep_temporaries(self, max_age: float = 3600.0) -> list[str]:
         removed: list[str] = []
