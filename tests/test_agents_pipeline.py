@@ -432,6 +432,8 @@ def test_revision_fixes_dangling_citations_and_adds_missing_sections(
     assert set(cited_numbers(body)) == {r.number for r in revised.references}
     assert result.evaluation.score > before.score
     assert result.evaluation.passed
+    # The conclusion describes the revised document, not the broken one.
+    assert f"drawing on {len(revised.references)} verified sources" in revised.markdown
 
 
 # --- turnitin -----------------------------------------------------------------------------

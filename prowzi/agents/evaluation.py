@@ -16,8 +16,9 @@ structure      0.10    title, Introduction first, Conclusion last, References at
 
 Below ``params.evaluation_threshold`` one revision pass runs: sentences citing a reference that
 does not resolve (or is not a verified source) are removed, missing planned sections are
-written, thin sections get more quoted evidence, and references are renumbered in order of first
-citation. The revised draft has ``revision`` one higher; both evaluations are returned.
+written, thin sections (every section, when the draft is short) get more quoted evidence, the
+conclusion is written afresh for the changed document, and references are renumbered in order
+of first citation. The revised draft has ``revision`` one higher; both evaluations are returned.
 """
 
 from __future__ import annotations
@@ -235,6 +236,10 @@ def _sections_of(draft: WritingAgentResult) -> list[DraftSection]:
     ]
 
 
+def _section(title: str, text: str) -> DraftSection:
+    return DraftSection(title=title, text=text, citations=sorted(set(_draft.cited_numbers(text))))
+
+
 def _drop_invalid_citations(text: str, valid: set[int]) -> str:
     paragraphs = []
     for paragraph in re.split(r"\n\s*\n", text):
@@ -290,9 +295,7 @@ def revise(
     valid_refs = [r for r in draft.references if r.source_id in verified_ids]
     valid_numbers = {r.number for r in valid_refs}
     cleaned = [
-        DraftSection(
-            title=s.title, text=_drop_invalid_citations(s.text, valid_numbers), citations=[]
-        )
+        _section(s.title, _drop_invalid_citations(s.text, valid_numbers))
         for s in _sections_of(draft)
     ]
     composer = Composer(
@@ -313,7 +316,8 @@ def revise(
             out.extend(extras)
         if i == 0 and planned.title == "Introduction" and current is None:
             out.append(composer.introduction(planned, depth=2))
-        elif i == last and planned.title == "Conclusion" and current is None:
+        elif i == last and planned.title == "Conclusion":
+            # A conclusion sums up the document, which this pass changed: write it afresh.
             out.append(composer.conclusion(planned, out))
         elif current is None:
             out.append(composer.section(planned, i, depth=2))
@@ -333,7 +337,7 @@ def revise(
                 if _draft.CITATION.search(s) and s not in current.text
             ]
             text = (current.text + " " + " ".join(extra)).strip() if extra else current.text
-            out.append(DraftSection(title=current.title, text=text, citations=[]))
+            out.append(_section(current.title, text))
         else:
             out.append(current)
     sections, references = _renumber(out, composer.book)
