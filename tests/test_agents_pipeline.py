@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -724,3 +727,38 @@ def test_winnowing_guarantees_a_shared_fingerprint_for_long_matches() -> None:
         assert prints_a & prints_b
     assert kgram_hashes(["too", "short"]) == []
     assert winnow([]) == []
+
+
+def test_the_document_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """Set iteration order changes with PYTHONHASHSEED; the output must not."""
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from prowzi.agents import default_agents\n"
+        "from prowzi.agents.base import RunParameters, StageContext\n"
+        "from prowzi.agents.models import WorkflowState\n"
+        "from prowzi.config import ProwziConfig\n"
+        "from prowzi.workflows.stages import RESEARCH_STAGES\n"
+        "config = ProwziConfig(index_dir=Path(sys.argv[1]), enable_telemetry=False)\n"
+        "agents, state = default_agents(config), WorkflowState()\n"
+        "params = RunParameters(prompt=sys.argv[2], evaluation_threshold=0.99,\n"
+        "                       max_results_per_query=1)\n"
+        "for spec in RESEARCH_STAGES:\n"
+        "    ctx = StageContext(session_id='s', stage=spec.name, attempt=1, params=params,\n"
+        "                       state=state, config=config)\n"
+        "    for name, value in spec.unpack(asyncio.run(agents[spec.name](ctx))).items():\n"
+        "        setattr(state, name, value)\n"
+        "print(state.model_dump_json())\n"
+    )
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / seed), QUANTUM],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    assert '"revision":1' in outputs[0]
