@@ -762,3 +762,33 @@ def test_the_document_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1]
     assert '"revision":1' in outputs[0]
+
+
+def test_parameters_win_and_the_configuration_is_the_fallback(tmp_path: Path) -> None:
+    corpus = tmp_path / "own"
+    corpus.mkdir()
+    (corpus / "qubits.md").write_text(
+        "# Qubits\n\nA qubit is a quantum bit of information.\n", encoding="utf-8"
+    )
+    config = make_config(tmp_path)
+    config.corpus_dir = corpus
+    config.relevance_threshold = 0.9
+    config.evaluation_threshold = 0.2
+    state = WorkflowState()
+    state.intent = analyse(QUANTUM)
+    state.plan = make_plan(state.intent)
+    bare = RunParameters(prompt=QUANTUM)
+    search = run_stage("search", state, bare, config)
+    assert isinstance(search, SearchAgentResult)
+    assert search.corpus.path == str(corpus)
+    state.search = search
+    verification = run_stage("verification", state, bare, config)
+    assert verification.relevance_threshold == 0.9  # type: ignore[attr-defined]
+    explicit = RunParameters(
+        prompt=QUANTUM, corpus_dir=str(sample_corpus_dir()), relevance_threshold=0.3
+    )
+    search = run_stage("search", state, explicit, config)
+    assert isinstance(search, SearchAgentResult) and search.corpus.sample
+    state.search = search
+    verification = run_stage("verification", state, explicit, config)
+    assert verification.relevance_threshold == 0.3  # type: ignore[attr-defined]

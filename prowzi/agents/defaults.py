@@ -22,8 +22,9 @@ def default_agents(config: ProwziConfig) -> dict[str, Agent]:
 
     Like every agent factory (see the ``agents`` setting), this takes the configuration; the
     default agents hold no state of their own and read each run's settings when they run: the
-    corpus and thresholds from ``ctx.params``, the index directory from ``ctx.config``. So
-    assigning ``config.index_dir`` after building an orchestrator is honoured.
+    corpus and thresholds from ``ctx.params`` (falling back to ``ctx.config``), the index
+    directory from ``ctx.config``. So assigning ``config.index_dir`` after building an
+    orchestrator is honoured.
     """
     del config  # nothing to capture: see the docstring
     return {

@@ -27,7 +27,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-from prowzi.agents import _draft
+from prowzi.agents import _draft, _settings
 from prowzi.agents.base import StageContext
 from prowzi.agents.models import (
     DraftSection,
@@ -369,14 +369,15 @@ def run_evaluation(
 
 class EvaluationAgent:
     """Reads ``state.draft``, ``state.plan``, ``state.verification`` and
-    ``params.evaluation_threshold``; writes an :class:`EvaluationStageResult`."""
+    ``params.evaluation_threshold`` (the configured one when the parameters leave it out);
+    writes an :class:`EvaluationStageResult`."""
 
     async def __call__(self, ctx: StageContext) -> EvaluationStageResult:
         draft, plan = ctx.state.draft, ctx.state.plan
         if draft is None or plan is None:
             raise PermanentError("evaluation needs the planning and writing stages' results")
         verification, search = ctx.state.verification, ctx.state.search
-        threshold = ctx.params.evaluation_threshold
+        threshold = _settings.evaluation_threshold(ctx)
         result = await asyncio.to_thread(
             run_evaluation,
             draft,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from prowzi.agents import _text
+from prowzi.agents import _settings, _text
 from prowzi.agents.base import StageContext
 from prowzi.agents.corpus import CorpusIndex, Document, query_terms, resolve_corpus_dir
 from prowzi.agents.models import (
@@ -134,7 +134,8 @@ def run_search(
 
 class SearchAgent:
     """Reads ``state.plan``, ``state.intent``, ``params.max_results_per_query`` and
-    ``params.corpus_dir`` (the sample corpus when unset); writes a :class:`SearchAgentResult`.
+    ``params.corpus_dir`` (else ``config.corpus_dir``, else the sample corpus); writes a
+    :class:`SearchAgentResult`.
     Raises :class:`~prowzi.errors.CorpusError` (permanent) for an unusable corpus."""
 
     async def __call__(self, ctx: StageContext) -> SearchAgentResult:
@@ -146,7 +147,7 @@ class SearchAgent:
             run_search,
             plan,
             ctx.state.intent,
-            ctx.params.corpus_dir,
+            _settings.corpus_dir(ctx),
             str(index_dir) if index_dir is not None else None,
             ctx.params.max_results_per_query,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from prowzi.agents import _text
+from prowzi.agents import _settings, _text
 from prowzi.agents.base import StageContext
 from prowzi.agents.models import RejectedSource, Source, VerificationAgentResult
 from prowzi.errors import PermanentError
@@ -96,14 +96,15 @@ def verify(sources: list[Source], relevance_threshold: float) -> VerificationAge
 
 
 class VerificationAgent:
-    """Reads ``state.search`` and ``params.relevance_threshold``; writes a
+    """Reads ``state.search`` and ``params.relevance_threshold`` (the configured one when the
+    parameters leave it out); writes a
     :class:`VerificationAgentResult` (verified sources in search order, rejected with reasons)."""
 
     async def __call__(self, ctx: StageContext) -> VerificationAgentResult:
         search = ctx.state.search
         if search is None:
             raise PermanentError("verification needs the search stage's result")
-        threshold = ctx.params.relevance_threshold
+        threshold = _settings.relevance_threshold(ctx)
         result = await asyncio.to_thread(verify, list(search.sources), threshold)
         ctx.annotate("relevance_threshold", threshold)
         ctx.annotate("verified", len(result.verified))
