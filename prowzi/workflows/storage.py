@@ -336,9 +336,10 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
             self._generation += 1
-            self._append(
-                [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
-            )
+            if meta is not None:  # without meta, a rescan learns as much as the log would
+                self._append(
+                    [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
+                )
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
