@@ -107,7 +107,7 @@ def candidate_sentences(source: Source) -> list[str]:
     for sentence in _text.sentences(f"{source.abstract}\n\n{source.text}"):
         quote = _clean_quote(sentence)
         n = len(quote.split())
-        if _MIN_QUOTE_WORDS <= n <= _MAX_QUOTE_WORDS and quote[:1].isupper():
+        if _MIN_QUOTE_WORDS <= n <= _MAX_QUOTE_WORDS and not quote[:1].islower():
             seen.append(quote)
     return _text.unique(seen)
 
