@@ -48,16 +48,9 @@ async def run_sample(source: str, namespace: dict[str, Any]) -> None:
 
 
 def reader_namespace() -> dict[str, Any]:
-    """What the document's snippets take for granted: ``Path`` and typing names."""
+    """What the document's snippets take for granted: ``Path`` and the typing names."""
+    import typing
     from pathlib import Path as _Path
-    from typing import Any as _Any
-    from typing import Dict, List, Optional  # noqa: UP035
 
-    return {
-        "__name__": "design_sample",
-        "Path": _Path,
-        "Any": _Any,
-        "Dict": Dict,
-        "List": List,
-        "Optional": Optional,
-    }
+    names = ("Any", "Dict", "List", "Optional")
+    return {"__name__": "design_sample", "Path": _Path} | {n: getattr(typing, n) for n in names}

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from prowzi.workflows.checkpoint import CheckpointManager
 from pydantic import BaseModel
 
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig
 from prowzi.errors import PermanentError, WorkflowFailedError
 from prowzi.workflows import ProwziOrchestrator
+from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.tracing import NullTracer
 
 TESTS = Path(__file__).resolve().parent

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from design_samples import reader_namespace, run_sample, sample
+
 from prowzi.config import ProwziConfig
 
 

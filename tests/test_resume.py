@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from design_samples import reader_namespace, run_sample, sample
-from prowzi.workflows.checkpoint import CheckpointManager
 from pydantic import BaseModel
 
 from prowzi.agents.base import StageContext
@@ -20,6 +19,7 @@ from prowzi.errors import (
     WorkflowFailedError,
 )
 from prowzi.workflows import ProwziOrchestrator
+from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.events import Event, StageCompleted, StageSkipped
 from prowzi.workflows.tracing import NullTracer
 
