@@ -34,7 +34,7 @@ from prowzi.agents.planning import make_plan
 from prowzi.agents.search import anchors_for
 from prowzi.agents.turnitin import K, W, check_similarity, kgram_hashes, winnow
 from prowzi.agents.verification import verify
-from prowzi.agents.writing import assemble
+from prowzi.agents.writing import assemble, write_draft
 from prowzi.config import ProwziConfig
 from prowzi.errors import CorpusError, PermanentError
 from prowzi.workflows.stages import RESEARCH_STAGES, STAGE_NAMES
@@ -792,3 +792,12 @@ def test_parameters_win_and_the_configuration_is_the_fallback(tmp_path: Path) ->
     state.search = search
     verification = run_stage("verification", state, explicit, config)
     assert verification.relevance_threshold == 0.3  # type: ignore[attr-defined]
+
+
+def test_sources_without_recorded_queries_are_still_used(quantum_state: WorkflowState) -> None:
+    """A custom search agent may not say which query found a source."""
+    assert quantum_state.verification and quantum_state.plan
+    bare = [s.model_copy(update={"queries": []}) for s in quantum_state.verification.verified]
+    draft = write_draft(quantum_state.intent, quantum_state.plan, bare)
+    assert len(draft.references) >= 10
+    assert all(s.citations for s in draft.sections)

@@ -181,13 +181,19 @@ class Composer:
         self._sections_per_source: Counter[str] = Counter()
         self._template = 0
         self._surnames = {w for s in verified for a in s.authors for w in _text.words(a)}
+        self._queries_recorded = any(s.queries for s in verified)
 
     # -- choosing evidence -----------------------------------------------------------------
 
     def sources_for(self, section: PlannedSection) -> list[Source]:
-        """Verified sources found by this section's queries, best first."""
+        """Verified sources found by this section's queries, best first. When no source says
+        which queries found it (a search agent that does not record them), every verified
+        source is a candidate and the choice of sentences does the matching."""
         queries = set(section.queries)
-        found = [s for s in self.verified if queries.intersection(s.queries)]
+        if self._queries_recorded:
+            found = [s for s in self.verified if queries.intersection(s.queries)]
+        else:
+            found = list(self.verified) if queries else []
         return sorted(found, key=lambda s: (-s.score, s.source_id))
 
     def _evidence(
