@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -147,17 +148,37 @@ def make_sessions(directory: Path, count: int) -> None:
     collector.close()
 
 
-def time_command(argv: list[str], env: dict[str, str], repeat: int, cwd: Path) -> list[float]:
-    timings = []
+def time_command(
+    argv: list[str], env: dict[str, str], repeat: int, cwd: Path
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU (user + system) seconds of ``repeat`` runs of a fresh process.
+
+    CPU time is reported beside wall time because it barely moves when other processes load
+    the machine, while wall time does.
+    """
+    wall, cpu = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
-        timings.append(time.perf_counter() - start)
-    return timings
+        wall.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
-def once(argv: list[str], env: dict[str, str], cwd: Path) -> float:
-    return time_command(argv, env, 1, cwd)[0]
+def report_command(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    repeat: int,
+    cwd: Path,
+    target: float | None = None,
+) -> bool:
+    wall, cpu = time_command(argv, env, repeat, cwd)
+    ok = report(f"  {name}", wall, "ms", target=target)
+    report("    (CPU time, user + system)", cpu, "ms")
+    return ok
 
 
 def main() -> int:
@@ -165,6 +186,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=400, help="runs fed to the sink")
     parser.add_argument("--sessions", type=int, default=10_000, help="sessions to list")
     parser.add_argument("--repeat", type=int, default=20, help="process timings per command")
+    parser.add_argument(
+        "--sessions-dir", help="keep the stored sessions here (reused by the next run)"
+    )
     args = parser.parse_args()
     ok = True
     root = Path(tempfile.mkdtemp(prefix="prowzi-bench-"))
@@ -188,51 +212,43 @@ def main() -> int:
         )
 
         print(f"\n`prowzi sessions` over {args.sessions:,} stored sessions (whole command)")
-        telemetry = root / "telemetry"
-        start = time.perf_counter()
-        make_sessions(telemetry, args.sessions)
-        print(f"  (recorded {args.sessions:,} sessions in {time.perf_counter() - start:.1f}s)")
+        print(f"  load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        telemetry = Path(args.sessions_dir) if args.sessions_dir else root / "telemetry"
+        if not (telemetry / f"s-{args.sessions - 1:06d}.json").exists():
+            start = time.perf_counter()
+            make_sessions(telemetry, args.sessions)
+            print(f"  (recorded {args.sessions:,} sessions in {time.perf_counter() - start:.1f}s)")
         env = {**os.environ, "PROWZI_TELEMETRY_DIR": str(telemetry), "COLUMNS": "120"}
-        (telemetry / ".session-index").unlink()
-        cold = once([*PROWZI, "sessions"], env, root)
-        print(f"  first run without an index (reads every file, writes it): {cold * 1e3:.0f} ms")
-        ok &= report(
-            "  prowzi sessions",
-            time_command([*PROWZI, "sessions"], env, args.repeat, root),
-            "ms",
-            target=300,
+        (telemetry / ".session-index").unlink(missing_ok=True)
+        cold, _ = time_command([*PROWZI, "sessions"], env, 1, root)
+        print(f"  first run without an index (reads every file, writes it): {cold[0] * 1e3:.0f} ms")
+        collector = TelemetryCollector(telemetry)
+        listing = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            collector.list_sessions()
+            listing.append(time.perf_counter() - start)
+        report("  TelemetryCollector.list_sessions() in-process", listing, "ms")
+        ok &= report_command("prowzi sessions", [*PROWZI, "sessions"], env, args.repeat, root, 300)
+        report_command(
+            "prowzi sessions --limit 10000 --json",
+            [*PROWZI, "sessions", "--limit", "10000", "--json"],
+            env,
+            args.repeat,
+            root,
         )
-        report(
-            "  prowzi sessions --limit 10000 --json",
-            time_command(
-                [*PROWZI, "sessions", "--limit", "10000", "--json"], env, args.repeat, root
-            ),
-            "ms",
-        )
-        report(
-            "  prowzi sessions --status failed",
-            time_command([*PROWZI, "sessions", "--status", "failed"], env, args.repeat, root),
-            "ms",
+        report_command(
+            "floor: start, import typer + config, get_config()",
+            [sys.executable, "-c", "import typer, prowzi.config; prowzi.config.get_config()"],
+            env,
+            args.repeat,
+            root,
         )
 
         print("\n`prowzi --help` cold start (a fresh interpreter each time)")
-        ok &= report(
-            "  prowzi --help",
-            time_command([*PROWZI, "--help"], env, args.repeat, root),
-            "ms",
-            target=300,
-        )
-        script = shutil.which("prowzi")
-        if script:
-            report(
-                "  prowzi --help (console script)",
-                time_command([script, "--help"], env, args.repeat, root),
-                "ms",
-            )
-        report(
-            "  python -c pass (interpreter floor)",
-            time_command([sys.executable, "-c", "pass"], env, args.repeat, root),
-            "ms",
+        ok &= report_command("prowzi --help", [*PROWZI, "--help"], env, args.repeat, root, 300)
+        report_command(
+            "floor: python -c pass", [sys.executable, "-c", "pass"], env, args.repeat, root
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

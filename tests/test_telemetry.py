@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -533,3 +535,20 @@ def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
         "s001.json",
         "s002.json",
     ]
+
+
+def test_snapshots_owed_at_exit_are_written(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from telemetry_events import RunScript\n"
+        "from prowzi.workflows.telemetry import TelemetryCollector\n"
+        f"collector = TelemetryCollector(Path({str(tmp_path)!r}))\n"
+        "for event in RunScript('exiting').start().stage('intent', 1.0).events:\n"
+        "    collector.handle(event)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    data = session_file(tmp_path, "exiting")
+    assert [s["status"] for s in data["stages"]] == ["completed"]
+    assert data["completed_at"] is None

@@ -180,6 +180,7 @@ def show(
 def _print_session(
     metrics: WorkflowMetrics, checkpoints: list[Path], log_path: Path | None
 ) -> None:
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
@@ -209,19 +210,25 @@ def _print_session(
     head.add_row("Event log", str(log_path) if log_path else "-")
     console.print(head)
 
-    table = Table(title="Stage attempts", title_justify="left")
+    table = Table(
+        title="Stage attempts",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+    )
     table.add_column("Stage", no_wrap=True)
     table.add_column("Status", no_wrap=True)
     table.add_column("Attempt", justify="right")
     table.add_column("Duration", justify="right", no_wrap=True)
     table.add_column("At (UTC)", no_wrap=True)
-    table.add_column("Details / error", overflow="fold", ratio=1)
+    table.add_column("Details / error", overflow="fold", ratio=1, min_width=20)
     styles = {"completed": "green", "failed": "red", "retrying": "yellow", "skipped": "blue"}
     for record in metrics.stages:
         info = (
             Text(record.error or "", style="red")
             if record.error
-            else Text(", ".join(f"{k}={v}" for k, v in record.details.items()))
+            else Text(", ".join(f"{k}: {v}" for k, v in record.details.items()))
         )
         table.add_row(
             record.stage,

@@ -25,11 +25,13 @@ that attempt (``completed``, ``retrying`` or ``failed``) replaces it in place. A
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -603,6 +605,17 @@ class _SessionState:
         self.lock = threading.Lock()
 
 
+# collectors whose writer thread ran; the thread is a daemon, so at exit the snapshots it
+# still owes are written by this hook
+_WITH_WRITER: weakref.WeakSet[TelemetryCollector] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for collector in list(_WITH_WRITER):
+        collector.flush(timeout=5.0)
+
+
 class TelemetryCollector:
     """Records sessions under ``output_dir`` and reads them back.
 
@@ -629,7 +642,7 @@ class TelemetryCollector:
         self._sessions: dict[str, _SessionState] = {}
         self._cond = threading.Condition()
         self._dirty: dict[str, _SessionState] = {}
-        self._busy = False
+        self._busy: str | None = None  # the session the writer thread is writing
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
 
@@ -677,7 +690,7 @@ class TelemetryCollector:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every scheduled snapshot is written. Returns False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._dirty and not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._dirty and self._busy is None, timeout)
 
     def close(self) -> None:
         """Write what is pending and release every open log. Idempotent."""
@@ -730,6 +743,7 @@ class TelemetryCollector:
         with self._cond:
             self._dirty[state.session_id] = state
             if self._thread is None:
+                _WITH_WRITER.add(self)
                 self._thread = threading.Thread(
                     target=self._run_writer, name="prowzi-telemetry", daemon=True
                 )
@@ -744,16 +758,20 @@ class TelemetryCollector:
                     return
                 session_id = next(iter(self._dirty))
                 state = self._dirty.pop(session_id)
-                self._busy = True
+                self._busy = session_id
             try:
                 self._write_snapshot(state)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy = None
                     self._cond.notify_all()
 
     def _finish(self, state: _SessionState) -> None:
-        self.flush()
+        # the final snapshot supersedes a pending one; one being written must land first, or
+        # it could replace the final file with an older record
+        with self._cond:
+            self._dirty.pop(state.session_id, None)
+            self._cond.wait_for(lambda: self._busy != state.session_id)
         self._write_snapshot(state, index=True)
         if state.log is not None:
             state.log.close()
