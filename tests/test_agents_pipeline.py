@@ -548,6 +548,7 @@ def test_agents_explain_their_work(tmp_path: Path) -> None:
     assert attributes["intent"]["prowzi.intent.topic"] == "quantum computing"
     assert attributes["planning"]["prowzi.planning.queries"] == state.plan.queries
     assert attributes["search"]["prowzi.search.index_built"] is True
+    assert str(attributes["search"]["prowzi.search.index"]).startswith(str(tmp_path / "index"))
     verified = attributes["verification"]["prowzi.verification.verified"]
     assert verified == len(state.verification.verified)
     assert attributes["writing"]["prowzi.writing.references"] == len(state.draft.references)

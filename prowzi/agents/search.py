@@ -157,6 +157,7 @@ class SearchAgent:
         ctx.annotate("corpus_sample", result.corpus.sample)
         ctx.annotate("corpus_fingerprint", result.corpus.fingerprint[:16])
         ctx.annotate("index_built", outcome.index_built)
+        ctx.annotate("index", outcome.index_path or "in memory (the index directory is unwritable)")
         ctx.annotate("max_results_per_query", ctx.params.max_results_per_query)
         ctx.annotate("queries", [q.query for q in result.queries])
         ctx.annotate("sources_found", len(result.sources))
