@@ -283,6 +283,20 @@ def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
     assert manager.load_checkpoint(f"{fork}_verification").metadata.previous_hash == (
         parent[-1].payload_sha256
     )
+    # the parent's checkpoint it links to is replaced: the fork's chain is broken
+    manager.save(
+        session_id=SESSION,
+        stage="search",
+        state=state_after("search").model_copy(update={"stage_metrics": {"x": 1}}),
+        completed_stages=list(STAGES[:3]),
+        parameters=params(),
+    )
+    with pytest.raises(CheckpointIntegrityError, match=f"parent session {SESSION}"):
+        manager.verify_chain(fork)
+    # ...but a parent that was cleaned up altogether leaves the fork verifiable
+    for path in manager.checkpoint_dir.glob(f"{SESSION}_*"):
+        path.unlink()
+    manager.verify_chain(fork)
 
 
 def test_a_malformed_previous_hash_is_refused(manager: CheckpointManager) -> None:

@@ -248,6 +248,7 @@ class CheckpointManager:
         self._rows: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._readable: dict[str, dict[str, Any]] = {}
         self._sessions: dict[str, list[str]] = {}
+        self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
 
@@ -413,7 +414,7 @@ class CheckpointManager:
             except BlobNotFoundError:
                 continue
             # Checked against the file's own age, as its header cannot be trusted.
-            modified = next((b.modified for b in self.store.list(fresh=False) if b.name == name), 0)
+            modified = self._unreadable.get(name, 0.0)
             if latest is None or modified >= latest.created_at.timestamp():
                 self._verified(name, raw, check_link=False)  # raises the precise reason
 
@@ -650,6 +651,7 @@ class CheckpointManager:
         known = self._rows
         current: dict[str, tuple[str, dict[str, Any] | None]] = {}
         sessions: dict[str, list[str]] = {}
+        unreadable: dict[str, float] = {}
         with paused_gc():
             for blob in self.store.list(fresh=False):
                 parsed = _session_of(blob.name)
@@ -665,8 +667,10 @@ class CheckpointManager:
                 current[blob.name] = (blob.token, row)
                 if row is not None:
                     rows[blob.name] = row
+                else:
+                    unreadable[blob.name] = blob.modified
         self._rows, self._readable, self._newest_first = current, rows, None
-        self._sessions = sessions
+        self._sessions, self._unreadable = sessions, unreadable
         # Reading headers above may have taught the store new meta: that is no change.
         self._generation = self.store.generation(fresh=False)
         return rows
@@ -767,9 +771,20 @@ class CheckpointManager:
             where = self.store.describe(f"{current.checkpoint_id}.pkl")
             previous = by_hash.get(current.previous_hash)
             if previous is None:
-                if current.parent_session_id is not None:
-                    break  # a fork's first checkpoint links into its parent session
-                if any(m.created_at < current.created_at for m in verified):
+                older = any(m.created_at < current.created_at for m in verified)
+                if current.parent_session_id is not None and not older:
+                    # A fork's first checkpoint links into its parent session (if still kept).
+                    parent = self._session_headers(current.parent_session_id)
+                    if not parent or any(
+                        h.get("payload_sha256") == current.previous_hash for h in parent
+                    ):
+                        break
+                    raise CheckpointIntegrityError(
+                        where,
+                        f"hash chain broken: the parent session {current.parent_session_id} "
+                        f"has no checkpoint {current.previous_hash[:16]}...",
+                    )
+                if older:
                     raise CheckpointIntegrityError(
                         where,
                         f"hash chain broken: previous checkpoint {current.previous_hash[:16]}... "
