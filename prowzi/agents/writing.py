@@ -143,8 +143,8 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _years(n: int) -> str:
-    return f"{n} year" if n == 1 else f"{n} years"
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @dataclass(slots=True)
@@ -316,7 +316,7 @@ class Composer:
             old, new = dated[0], dated[-1]
             span = (new.source.year or 0) - (old.source.year or 0)
             sentences.append(
-                f"The evidence here spans {_years(span)}, from {_ref_label(old.source)} "
+                f"The evidence here spans {_plural(span, 'year')}, from {_ref_label(old.source)} "
                 f"[{old.number}] to {_ref_label(new.source)} [{new.number}]."
             )
         return sentences
@@ -392,9 +392,11 @@ class Composer:
                     "makes no claims about it. A corpus that covers the topic is needed first."
                 ],
             )
+        sections = _plural(len(written), "section")
+        sources = _plural(len(refs), "verified source")
         sentences = [
-            f"This {noun} has examined {self.topic} across {len(written)} sections, drawing on "
-            f"{len(refs)} verified sources from the corpus."
+            f"This {noun} has examined {self.topic} across {sections}, drawing on {sources} "
+            "from the corpus."
         ]
 
         def label(n: int) -> str:
@@ -404,11 +406,17 @@ class Composer:
         ranked = sorted(usage, key=lambda n: (-usage[n], n))
         if ranked and usage[ranked[0]] >= 2:
             top = ranked[0]
-            text = f"{label(top)[:1].upper()}{label(top)[1:]} [{top}] informed the most sections"
-            text += f" ({usage[top]})"
-            if len(ranked) > 1 and usage[ranked[1]] >= 2:
-                second = ranked[1]
-                text += f", followed by {label(second)} [{second}] ({usage[second]})"
+            lead = f"{label(top)[:1].upper()}{label(top)[1:]} [{top}]"
+            second = ranked[1] if len(ranked) > 1 and usage[ranked[1]] >= 2 else None
+            if second is not None and usage[second] == usage[top]:
+                text = (
+                    f"{lead} and {label(second)} [{second}] informed the most sections "
+                    f"({usage[top]} each)"
+                )
+            else:
+                text = f"{lead} informed the most sections ({usage[top]})"
+                if second is not None:
+                    text += f", followed by {label(second)} [{second}] ({usage[second]})"
             sentences.append(text + ".")
         dated = sorted((n for n in refs if refs[n].year), key=lambda n: (refs[n].year or 0, n))
         if len(dated) >= 2 and refs[dated[0]].year != refs[dated[-1]].year:
@@ -426,10 +434,10 @@ class Composer:
             else None
         )
         if challenges is not None:
-            n = challenges.citations[0]
+            cited = _join([f"{label(n)} [{n}]" for n in challenges.citations[:3]])
             sentences.append(
-                f"The open questions gathered under {challenges.title} rest chiefly on "
-                f"{label(n)} [{n}], and they mark where further work on {self.topic} is needed."
+                f"The open questions gathered under {challenges.title} draw on {cited}, and mark "
+                f"where further work on {self.topic} is needed."
             )
         return self._make(section.title, [" ".join(sentences)])
 
