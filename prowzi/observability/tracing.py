@@ -8,10 +8,12 @@ Span names and attributes follow the OpenTelemetry GenAI semantic conventions wh
   ``gen_ai.agent.name``), a child of the run span;
 - :func:`tool_span` gives agent code ``execute_tool <name>`` children of the current stage.
 
-Every span also carries ``prowzi.session_id``, ``prowzi.status`` and, for stages,
-``prowzi.stage`` and ``prowzi.attempt``. Failures set the span status to ERROR and
-``error.type`` to the closed set ``timeout|transient|permanent``; retries are events on the run
-span; a resumed run's root span links to the original run's root span.
+Every span also carries ``prowzi.session_id``, ``prowzi.status`` (``completed``, ``failed`` or
+``cancelled``) and, for stages, ``prowzi.stage`` and ``prowzi.attempt``. Failures set the span
+status to ERROR and ``error.type`` to the closed set ``timeout|transient|permanent``; a
+cancellation (user request, shutdown) is not an error. Retries are events on the run span; a
+resumed run's root span links to the original run's root span. Prompts are not recorded, only
+their length.
 
 Configuration comes from the standard ``OTEL_*`` variables (see :func:`build_tracer`). When
 tracing is off, :func:`build_tracer` returns :class:`~prowzi.workflows.tracing.NullTracer`
