@@ -333,3 +333,20 @@ def test_corpus_errors_stay_on_one_line_for_odd_names(tmp_path: Path) -> None:
     write(odd / "prowzi-corpus.json", "[1, 2]")
     with pytest.raises(CorpusError, match="must be a JSON object"):
         check_corpus(odd)
+
+
+def test_a_crashed_builds_leftovers_are_removed_once_old(corpus: Path, tmp_path: Path) -> None:
+    index_dir = tmp_path / "index"
+    with CorpusIndex.open(corpus, index_dir) as index:
+        assert index.path is not None
+        prefix = index.path.name.rsplit("-", 1)[0]
+    old = write(index_dir / f".{prefix}-0000.sqlite.abc.tmp", "half an index")
+    old_journal = write(index_dir / f".{prefix}-0000.sqlite.abc.tmp-journal", "journal")
+    fresh = write(index_dir / f".{prefix}-0000.sqlite.def.tmp", "a build in progress")
+    for path in (old, old_journal):
+        os.utime(path, (0, 0))
+    write(corpus / "new.md", "# New\n\nA new document.\n")
+    with CorpusIndex.open(corpus, index_dir) as index:
+        assert index.built
+    assert not old.exists() and not old_journal.exists()
+    assert fresh.exists()

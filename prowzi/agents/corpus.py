@@ -35,6 +35,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -711,13 +712,23 @@ def _write_index(conn: sqlite3.Connection, loaded: LoadedCorpus) -> None:
         )
 
 
+_ABANDONED_BUILD_SECONDS = 600
+
+
 def _prune(directory: Path, prefix: str, keep: Path) -> None:
-    """Remove the indexes of earlier states of the same corpus. A run still reading one keeps
-    its open file (POSIX unlink semantics); a run about to open one rebuilds."""
+    """Remove the indexes of earlier states of the same corpus, and temporary files that a
+    crashed build left behind. A run still reading an old index keeps its open file (POSIX
+    unlink semantics); a run about to open one rebuilds. A temporary file is only removed once
+    it is old enough that no build can still be writing it."""
     for stale in directory.glob(f"{prefix}*.sqlite"):
         if stale != keep:
             with contextlib.suppress(OSError):
                 stale.unlink()
+    now = time.time()
+    for temporary in directory.glob(f".{prefix}*.tmp*"):
+        with contextlib.suppress(OSError):
+            if now - temporary.stat().st_mtime > _ABANDONED_BUILD_SECONDS:
+                temporary.unlink()
 
 
 def _build_atomically(path: Path, loaded: LoadedCorpus) -> None:
