@@ -15,6 +15,7 @@ verification median <= 0.3 ms; list_checkpoints over 10,000 sessions <= 50 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sqlite3
@@ -47,8 +48,8 @@ def _paragraph(r: random.Random, k: int = 5) -> str:
     return " ".join(_sentence(r) for _ in range(k))
 
 
-def realistic_state(seed: int = 7, n_sources: int = 24) -> m.WorkflowState:
-    """A full run's state: 24 sources with abstracts and text, a six-section draft..."""
+def realistic_state(seed: int = 7, n_sources: int = 30) -> m.WorkflowState:
+    """A full run's state: 30 sources with abstracts and text, a six-section draft..."""
     r = random.Random(seed)
     intent = m.IntentAnalysis(
         prompt="Write a research paper on quantum computing",
@@ -92,8 +93,8 @@ def realistic_state(seed: int = 7, n_sources: int = 24) -> m.WorkflowState:
         corpus=m.CorpusInfo(path="/data/corpus", documents=5000, fingerprint="ab" * 16),
     )
     verification = m.VerificationAgentResult(
-        verified=sources[:16],
-        rejected=[m.RejectedSource(source=s, reasons=["low relevance"]) for s in sources[16:]],
+        verified=sources[:20],
+        rejected=[m.RejectedSource(source=s, reasons=["low relevance"]) for s in sources[20:]],
         relevance_threshold=0.15,
     )
     sections = [
@@ -142,17 +143,6 @@ def realistic_state(seed: int = 7, n_sources: int = 24) -> m.WorkflowState:
     )
 
 
-def timed(fn: Callable[[int], Any], iterations: int, warmup: int = 20) -> list[float]:
-    for i in range(warmup):
-        fn(-1 - i)
-    out = []
-    for i in range(iterations):
-        start = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def summary(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -165,63 +155,149 @@ def row(label: str, samples: list[float], target: str = "") -> float:
     return med
 
 
-def bench_prowzi(root: Path, state: m.WorkflowState, iterations: int) -> tuple[float, float]:
-    manager = CheckpointManager(root / "prowzi", fsync=True)
-    params = RunParameters(prompt="Write a research paper on quantum computing")
+def timed(fn: Callable[[int], Any], iterations: int, warmup: int = 5) -> list[float]:
+    for i in range(warmup):
+        fn(-1 - i)
+    out = []
+    for i in range(iterations):
+        start = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - start)
+    return out
 
-    def save(i: int) -> None:
-        stage = STAGES[i % len(STAGES)]
-        manager.save(
-            session_id=f"bench-{i // len(STAGES) + 1000}",
+
+def interleaved(fns: dict[str, Callable[[int], Any]], iterations: int) -> dict[str, list[float]]:
+    """Time several operations in alternation (rotating their order), so that a noisy machine
+    (other processes, fsync latency spikes) weighs on all of them alike."""
+    names = list(fns)
+    for name in names:
+        for i in range(5):
+            fns[name](-1 - i)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iterations):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            start = time.perf_counter()
+            fns[name](i)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+class ProwziSide:
+    def __init__(self, directory: Path, state: m.WorkflowState, **options: Any) -> None:
+        self.manager = CheckpointManager(directory, **options)
+        self.state = state
+        self.params = RunParameters(prompt="Write a research paper on quantum computing")
+        self.last = ""
+
+    def save(self, i: int) -> None:
+        n = i + 100_000  # warm-up calls pass negative i
+        stage = STAGES[n % len(STAGES)]
+        meta = self.manager.save(
+            session_id=f"bench-{n // len(STAGES)}",
             stage=stage,
-            state=state,
-            completed_stages=STAGES[: i % len(STAGES) + 1],
-            parameters=params,
+            state=self.state,
+            completed_stages=STAGES[: n % len(STAGES) + 1],
+            parameters=self.params,
         )
+        self.last = meta.checkpoint_id
 
-    saves = timed(save, iterations)
-    last = f"bench-{(iterations - 1) // len(STAGES) + 1000}_{STAGES[(iterations - 1) % 7]}"
-    loaded = manager.load_checkpoint(last)
-    if loaded.to_state() != state:
-        raise SystemExit("round trip changed the state")
-    loads = timed(lambda i: manager.load_checkpoint(last), iterations)
-    print("Prowzi CheckpointManager (fsync on)")
-    save_med = row("save", saves, "(target <= 1.0 ms)")
-    load_med = row("load_checkpoint (verify + rebuild models)", loads, "(target <= 0.3 ms)")
-    size = (root / "prowzi" / f"{last}.pkl").stat().st_size
-    print(f"  checkpoint file: {size / 1024:.1f} KiB")
-    return save_med, load_med
+    def load(self, i: int) -> None:
+        self.manager.load_checkpoint(self.last)
 
 
-def bench_langgraph(root: Path, state: m.WorkflowState, iterations: int) -> tuple[float, float]:
-    from langgraph.checkpoint.base import empty_checkpoint
-    from langgraph.checkpoint.sqlite import SqliteSaver
+class FilesystemFloor:
+    """The file operations of one durable save with no Prowzi code around them: the same bytes
+    to a temporary, fdatasync, rename, directory fsync, then the small sidecar. What is left
+    of a save's time after this is serialisation, hashing and bookkeeping."""
 
-    conn = sqlite3.connect(root / "langgraph.sqlite", check_same_thread=False)
-    saver = SqliteSaver(conn)
-    saver.setup()
-    values = {name: value for name, value in state.model_dump().items()}
-    config: dict[str, Any] = {"configurable": {"thread_id": "bench", "checkpoint_ns": ""}}
-    counter = iter(range(10**9))
+    def __init__(self, directory: Path, size: int) -> None:
+        directory.mkdir(parents=True)
+        self.dir = str(directory)
+        self.data = os.urandom(size)
+        self.sidecar = os.urandom(800)
 
-    def put(i: int) -> None:
+    def write(self, i: int) -> None:
+        final = f"{self.dir}/floor-{i + 100_000}"
+        for name, data, durable in ((".pkl", self.data, True), (".json", self.sidecar, False)):
+            tmp = f"{self.dir}/.tmp.{i + 100_000}{name}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            if durable:
+                os.fdatasync(fd)
+            os.close(fd)
+            os.replace(tmp, final + name)
+            if durable:
+                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+                os.fsync(dfd)
+                os.close(dfd)
+
+
+class LangGraphSide:
+    def __init__(self, path: Path, state: m.WorkflowState) -> None:
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        self.conn = sqlite3.connect(path, check_same_thread=False)
+        self.saver = SqliteSaver(self.conn)
+        self.saver.setup()
+        self.values = state.model_dump()
+        self.config: Any = {"configurable": {"thread_id": "bench", "checkpoint_ns": ""}}
+        self.versions = iter(range(10**9))
+
+    def put(self, i: int) -> None:
+        from langgraph.checkpoint.base import empty_checkpoint
+
         checkpoint = empty_checkpoint()
-        checkpoint["channel_values"] = values
-        checkpoint["channel_versions"] = {name: next(counter) for name in values}
-        saver.put(config, checkpoint, {"source": "loop", "step": i}, {})  # type: ignore[arg-type]
+        checkpoint["channel_values"] = self.values
+        checkpoint["channel_versions"] = {name: next(self.versions) for name in self.values}
+        self.saver.put(self.config, checkpoint, {"source": "loop", "step": i}, {})
 
-    puts = timed(put, iterations)
-    gets = timed(lambda i: saver.get_tuple(config), iterations)  # type: ignore[arg-type]
-    tup = saver.get_tuple(config)  # type: ignore[arg-type]
-    if tup is None or tup.checkpoint["channel_values"]["draft"] != values["draft"]:
+    def get(self, i: int) -> None:
+        self.saver.get_tuple(self.config)
+
+    def describe(self) -> str:
+        synchronous = self.conn.execute("PRAGMA synchronous").fetchone()[0]
+        journal = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return f"journal_mode={journal}, synchronous={synchronous}"
+
+
+def bench_save_load(root: Path, state: m.WorkflowState, iterations: int) -> tuple[float, ...]:
+    prowzi = ProwziSide(root / "prowzi", state, fsync=True)
+    langgraph = LangGraphSide(root / "langgraph.sqlite", state)
+    floor = FilesystemFloor(root / "floor", len(state.model_dump_json()))
+    saves = interleaved(
+        {"prowzi": prowzi.save, "langgraph": langgraph.put, "floor": floor.write}, iterations
+    )
+    if prowzi.manager.load_checkpoint(prowzi.last).to_state() != state:
+        raise SystemExit("Prowzi round trip changed the state")
+    stored = langgraph.saver.get_tuple(langgraph.config)
+    if stored is None or stored.checkpoint["channel_values"] != langgraph.values:
         raise SystemExit("LangGraph round trip changed the state")
-    synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
-    journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    print(f"LangGraph SqliteSaver (journal_mode={journal}, synchronous={synchronous})")
-    put_med = row("put", puts)
-    get_med = row("get_tuple (no integrity check)", gets)
-    conn.close()
-    return put_med, get_med
+    loads = interleaved({"prowzi": prowzi.load, "langgraph": langgraph.get}, iterations)
+    size = (root / "prowzi" / f"{prowzi.last}.pkl").stat().st_size
+
+    print(f"Prowzi CheckpointManager (fsync on; checkpoint file {size / 1024:.1f} KiB)")
+    save_med = row("save", saves["prowzi"], "(target <= 1.0 ms)")
+    load_med = row(
+        "load_checkpoint (verify + rebuild models)", loads["prowzi"], "(target <= 0.3 ms)"
+    )
+    print(f"LangGraph SqliteSaver ({langgraph.describe()}), same run, interleaved")
+    put_med = row("put", saves["langgraph"])
+    get_med = row("get_tuple (no integrity check, plain dicts)", loads["langgraph"])
+    langgraph.conn.close()
+    print("Filesystem floor, same run, interleaved")
+    row("durable write of the same bytes + sidecar", saves["floor"])
+
+    print("Prowzi, other settings (for context)")
+    unsynced = ProwziSide(root / "prowzi-nofsync", state, fsync=False)
+    row("save, fsync off", timed(unsynced.save, iterations))
+    signed = ProwziSide(root / "prowzi-signed", state, fsync=True, key="benchmark key")
+    row("save, HMAC key set", timed(signed.save, iterations))
+    row("load_checkpoint, HMAC key set", timed(signed.load, iterations))
+    zipped = ProwziSide(root / "prowzi-zlib", state, fsync=True, compression="zlib")
+    row("save, zlib", timed(zipped.save, iterations))
+    row("load_checkpoint, zlib", timed(zipped.load, iterations))
+    return save_med, load_med, put_med, get_med
 
 
 def bench_list(root: Path, state: m.WorkflowState, sessions: int) -> float:
@@ -276,8 +352,7 @@ def main() -> None:
             f"state: {len(state.model_dump_json()) / 1024:.1f} KiB of JSON; "
             f"{args.iterations} iterations; scratch {root}"
         )
-        save_med, load_med = bench_prowzi(root, state, args.iterations)
-        put_med, get_med = bench_langgraph(root, state, args.iterations)
+        save_med, load_med, put_med, get_med = bench_save_load(root, state, args.iterations)
         list_med = bench_list(root, state, args.sessions)
         print("Ratios (Prowzi / LangGraph; below 1 is faster)")
         print(f"  save / SqliteSaver.put        {save_med / put_med:6.2f}")
