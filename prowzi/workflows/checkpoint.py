@@ -357,7 +357,7 @@ class CheckpointManager:
                 header = self._read_header(name)
             except BlobNotFoundError:
                 continue
-            except CheckpointIntegrityError as exc:
+            except (CheckpointIntegrityError, UnsafeBlobError) as exc:
                 log.warning("not chaining onto a damaged checkpoint: %s", exc)
                 continue
             sha = header.get("payload_sha256")
@@ -407,16 +407,17 @@ class CheckpointManager:
     def _refuse_newer_unreadable(self, session_id: str, latest: CheckpointMetadata | None) -> None:
         """Resuming a session must not silently fall back past a checkpoint it cannot read."""
         for name in self._sessions.get(session_id, ()):
-            if name in self._readable:
+            # Checked against the file's own age, as its header cannot be trusted.
+            modified = self._unreadable.get(name)
+            if modified is None or (latest and modified < latest.created_at.timestamp()):
                 continue
             try:
                 raw = self.store.get(name)
             except BlobNotFoundError:
                 continue
-            # Checked against the file's own age, as its header cannot be trusted.
-            modified = self._unreadable.get(name, 0.0)
-            if latest is None or modified >= latest.created_at.timestamp():
-                self._verified(name, raw, check_link=False)  # raises the precise reason
+            except UnsafeBlobError as exc:
+                raise CheckpointIntegrityError(self.store.describe(name), str(exc)) from None
+            self._verified(name, raw, check_link=False)  # raises the precise reason
 
     def _location(self) -> str:
         return str(self.checkpoint_dir)

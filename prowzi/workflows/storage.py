@@ -54,6 +54,8 @@ taken less than this after the mtime is "racy" (as git calls it) and is re-check
 """
 
 _INDEX_VERSION = 1
+_TEMPORARY_MAX_AGE = 3600.0
+"""Seconds after which a temporary file is certainly abandoned and may be removed."""
 
 
 def validate_blob_name(name: object) -> str:
@@ -137,7 +139,7 @@ class CheckpointStore(ABC):
     def is_locked(self, key: str) -> bool:
         """Whether anyone (this process included) holds the lock ``key``."""
 
-    def sweep_temporaries(self, max_age: float = 3600.0) -> builtins.list[str]:
+    def sweep_temporaries(self, max_age: float = _TEMPORARY_MAX_AGE) -> builtins.list[str]:
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
 
@@ -417,7 +419,7 @@ class LocalDirectoryStore(CheckpointStore):
     def describe(self, name: str) -> str:
         return self._path(name)
 
-    def sweep_temporaries(self, max_age: float = 3600.0) -> list[str]:
+    def sweep_temporaries(self, max_age: float = _TEMPORARY_MAX_AGE) -> list[str]:
         removed: list[str] = []
         cutoff = time.time() - max_age
         try:
@@ -548,9 +550,16 @@ class LocalDirectoryStore(CheckpointStore):
 
     def _rescan(self, dir_mtime: int, scanned_at: int) -> None:
         entries: dict[str, _Entry] = {}
+        stale_temporaries = time.time() - _TEMPORARY_MAX_AGE
         with paused_gc():
             items = list(os.scandir(self.root))
         for item in items:
+            if item.name.startswith(TEMP_PREFIX):
+                # Left by a writer that died mid-write; a live one is never this old.
+                with contextlib.suppress(OSError):
+                    if item.stat(follow_symlinks=False).st_mtime < stale_temporaries:
+                        os.unlink(item.path)
+                continue
             if item.name.startswith(".") or not _NAME_RE.fullmatch(item.name):
                 continue
             try:
