@@ -110,3 +110,17 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
     assert temporaries(directory) == []
     loaded = CheckpointManager(directory).load_checkpoint(f"{SESSION}_intent")
     assert loaded.metadata == before
+
+
+def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: Path) -> None:
+    directory = small_disk / "checkpoints"
+    save_run(CheckpointManager(directory), SESSION, STAGES[:2])
+    (directory / f"{SESSION}_intent.json").unlink()  # its regeneration will not be possible
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        reader = CheckpointManager(directory)
+        assert [r["stage"] for r in reader.list_checkpoints()] == ["planning", "intent"]
+        assert reader.load_checkpoint(f"{SESSION}_intent").intent is not None
+        reader.verify_chain(SESSION)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)

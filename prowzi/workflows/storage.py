@@ -441,8 +441,14 @@ class LocalDirectoryStore(CheckpointStore):
     def _index_lock(self) -> Iterator[None]:
         """Serialise index appends and rewrites across threads and processes."""
         with self._mutex:
-            self._ensure_dirs()
-            fd = os.open(self._index_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._ensure_dirs()
+                fd = os.open(self._index_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                # A read-only directory: nobody can be writing the index, so no lock is needed.
+                log.debug("no index lock in %s: %s", self.root, exc)
+                yield
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
