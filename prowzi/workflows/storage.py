@@ -80,7 +80,9 @@ class BlobInfo:
     modified: float
     """Seconds since the epoch of the last write."""
     token: str
-    """Changes whenever the blob is replaced; equal tokens mean equal content."""
+    """Changes whenever the blob is replaced. (A file edited in place, bypassing the store,
+    changes it only if its size or mtime changes, and only once :meth:`refresh` or a
+    rescan looks at it: content checks belong to the caller.)"""
     meta: dict[str, Any] | None
     """What ``put`` or ``remember`` recorded for this very content, or None when unknown."""
 
@@ -279,9 +281,12 @@ class LocalDirectoryStore(CheckpointStore):
     meta recorded at each put, plus a stamp of the directory's mtime at the last full scan. A
     listing trusts the log only while the directory's mtime still equals that stamp (and the
     stamp is not racy); otherwise it rescans the directory, reusing cached meta for files whose
-    inode, size and mtime are unchanged, and compacts the log. Deleting or adding files by
-    hand therefore never confuses a listing. The index lives in a subdirectory so that writing
-    it does not itself change the mtime of ``root``.
+    inode, size and mtime are unchanged, and compacts the log. Deleting, adding or renaming
+    files by hand therefore never confuses a listing; a file rewritten *in place* does not
+    change the directory and is noticed by :meth:`refresh` (the manager refreshes a session's
+    files before relying on them). The index lives in a subdirectory so that writing it does
+    not itself change the mtime of ``root``. Rescans also remove temporaries abandoned more
+    than an hour ago.
     """
 
     def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
