@@ -1,4 +1,27 @@
-"""The offline default agent for each of the seven stages."""
+"""The offline default agent for each of the seven stages.
+
+Each agent explains its work through its stage context: ``ctx.annotate`` sets span attributes
+``prowzi.<stage>.<key>`` (and telemetry details), ``ctx.event`` adds span events.
+
+============  =============================================  ==============================
+stage         attributes                                     events
+============  =============================================  ==============================
+intent        document_type, field, topic, keywords
+planning      sections, queries                              planning.section
+search        corpus, corpus_documents, corpus_sample,       search.query (results, top),
+              corpus_fingerprint, index, index_built,        search.source (score),
+              queries, sources_found, max_results_per_query, corpus.skipped (reason)
+              uncovered_words, message
+verification  relevance_threshold, verified, rejected        verification.rejected (reasons)
+writing       words, sections, references, quotations,       writing.section
+              citations
+evaluation    threshold, initial_score, score, revised,      evaluation.criterion,
+              passed                                         evaluation.revised
+turnitin      similarity_ratio, flagged, flagged_sources,    turnitin.flagged (offsets)
+              excluded_quoted_fingerprints, k, window,
+              sources_compared
+============  =============================================  ==============================
+"""
 
 from __future__ import annotations
 
