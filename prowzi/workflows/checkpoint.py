@@ -245,7 +245,8 @@ class CheckpointManager:
             store if store is not None else LocalDirectoryStore(self.checkpoint_dir, fsync=fsync)
         )
         self._key = key.encode() if isinstance(key, str) else key
-        self._rows: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        self._rows: dict[str, tuple[str, dict[str, Any] | None, str]] = {}
+        """Blob name -> (token, listing row or None when unreadable, session)."""
         self._readable: dict[str, dict[str, Any]] = {}
         self._sessions: dict[str, list[str]] = {}
         self._unreadable: dict[str, float] = {}
@@ -650,22 +651,25 @@ class CheckpointManager:
             return self._readable
         rows: dict[str, dict[str, Any]] = {}
         known = self._rows
-        current: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        current: dict[str, tuple[str, dict[str, Any] | None, str]] = {}
         sessions: dict[str, list[str]] = {}
         unreadable: dict[str, float] = {}
         with paused_gc():
             for blob in self.store.list(fresh=False):
-                parsed = _session_of(blob.name)
-                if parsed is None:
+                if not blob.name.endswith(".pkl"):
                     continue
-                sessions.setdefault(parsed[0], []).append(blob.name)
                 cached = known.get(blob.name)
                 if cached is not None and cached[0] == blob.token:
-                    row = cached[1]
+                    row, session = cached[1], cached[2]
                 else:
+                    parsed = _session_of(blob.name)
+                    if parsed is None:
+                        continue
+                    session = parsed[0]
                     meta = blob.meta if blob.meta is not None else self._index(blob)
                     row = _listed(meta) if meta is not None else None
-                current[blob.name] = (blob.token, row)
+                sessions.setdefault(session, []).append(blob.name)
+                current[blob.name] = (blob.token, row, session)
                 if row is not None:
                     rows[blob.name] = row
                 else:
