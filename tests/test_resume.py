@@ -220,3 +220,17 @@ def test_resuming_from_checkpoint_sample() -> None:
     assert result.metadata["session_id"] == "abc123-def456"
     assert result.metadata["restored_stages"] == sorted(STAGES[:4])
     assert "## References" in result.document
+
+
+def test_restored_stages_are_skipped_in_the_session_telemetry(tmp_path: Path) -> None:
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    sid = failed_session(tmp_path)
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.resume_from_checkpoint(sid))
+    metrics = TelemetryCollector(output_dir=tmp_path / "telemetry").load_session(sid)
+    skipped = [s for s in metrics.stages if s.status == "skipped"]
+    assert [s.stage for s in skipped] == STAGES[:4]
+    assert all(s.details["checkpoint"] == f"{sid}_verification" for s in skipped)
+    assert metrics.success is True
+    assert [s.stage for s in metrics.stages if s.status == "completed"][-3:] == STAGES[-3:]
