@@ -149,7 +149,7 @@ def make_sessions(directory: Path, count: int) -> None:
 
 
 def time_command(
-    argv: list[str], env: dict[str, str], repeat: int, cwd: Path
+    argv: list[str], env: dict[str, str], repeat: int, cwd: Path, *, warm_up: bool = True
 ) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU (user + system) seconds of ``repeat`` runs of a fresh process.
 
@@ -157,6 +157,9 @@ def time_command(
     the machine, while wall time does.
     """
     wall, cpu = [], []
+    if warm_up:
+        # fills the OS page cache and writes bytecode, as on an installed system
+        subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
@@ -219,8 +222,12 @@ def main() -> int:
             make_sessions(telemetry, args.sessions)
             print(f"  (recorded {args.sessions:,} sessions in {time.perf_counter() - start:.1f}s)")
         env = {**os.environ, "PROWZI_TELEMETRY_DIR": str(telemetry), "COLUMNS": "120"}
+        # an installed package has its bytecode compiled; a development shell that sets
+        # PYTHONDONTWRITEBYTECODE would otherwise make every run compile every module again
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         (telemetry / ".session-index").unlink(missing_ok=True)
-        cold, _ = time_command([*PROWZI, "sessions"], env, 1, root)
+        subprocess.run([*PROWZI, "--help"], env=env, check=True, stdout=subprocess.DEVNULL)
+        cold, _ = time_command([*PROWZI, "sessions"], env, 1, root, warm_up=False)
         print(f"  first run without an index (reads every file, writes it): {cold[0] * 1e3:.0f} ms")
         collector = TelemetryCollector(telemetry)
         listing = []

@@ -552,3 +552,18 @@ def test_snapshots_owed_at_exit_are_written(tmp_path: Path) -> None:
     data = session_file(tmp_path, "exiting")
     assert [s["status"] for s in data["stages"]] == ["completed"]
     assert data["completed_at"] is None
+
+
+def test_a_limited_listing_checks_the_rows_it_returns(tmp_path: Path) -> None:
+    _record_sessions(tmp_path, 30)
+    collector = TelemetryCollector(tmp_path)
+    collector.list_sessions(limit=None)
+    (tmp_path / "s029.json").write_text("garbage")  # changed in place, after indexing
+    (tmp_path / "s000.json").write_text("garbage")
+    top = collector.list_sessions(limit=3)
+    assert top[0].session_id == "s029" and top[0].status == "corrupt"
+    assert [s.session_id for s in top[1:]] == ["s028", "s027"]
+    everything = {s.session_id: s.status for s in collector.list_sessions(limit=None)}
+    assert everything["s000"] == "corrupt" and len(everything) == 30
+    corrupt = collector.list_sessions(limit=5, status="corrupt")
+    assert {s.session_id for s in corrupt} == {"s000", "s029"}

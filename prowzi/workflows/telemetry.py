@@ -29,6 +29,7 @@ import atexit
 import heapq
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -40,6 +41,7 @@ from typing import Any, Literal
 
 import orjson
 
+from prowzi import __version__
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
 from prowzi.ids import validate_session_id
 from prowzi.workflows.eventlog import (
@@ -348,8 +350,6 @@ class SessionRecorder:
         return False
 
     def _started(self, event: WorkflowStarted) -> None:
-        from prowzi import __version__
-
         added = {
             **event.metadata,
             "format_version": SESSION_FORMAT_VERSION,
@@ -556,7 +556,17 @@ _KEYS_IN_PREFIX = ("session_id", "mtime_ns", "size", "started", "status")
 # An index line: b"1\t<session>\t<mtime_ns>\t<size>\t<started>\t<status>\t<json of the rest>".
 # The tab-separated prefix is all that listing thousands of sessions needs to match files, filter
 # and sort; the JSON is parsed only for the rows shown. A line of another format is ignored.
-_IndexRow = tuple[float, str, str, int, int, bytes]  # started, id, status, mtime, size, line
+_INDEX_LINE_RE = re.compile(
+    rb"^(" + _INDEX_FORMAT + rb"\t([A-Za-z0-9.-]+)\t([0-9]+\t[0-9]+)\t([^\t\n]+)\t"
+    rb"(running|completed|failed|corrupt)\t\{[^\n]*\})$",
+    re.MULTILINE,
+)
+# started, session id, status, b"<mtime_ns>\t<size>" of the file it describes, the line
+_IndexRow = tuple[float, str, str, bytes, bytes]
+
+
+def _signature(stat: os.stat_result) -> bytes:
+    return b"%d\t%d" % (stat.st_mtime_ns, stat.st_size)
 
 
 def _index_line(entry: dict[str, Any]) -> bytes:
@@ -565,28 +575,23 @@ def _index_line(entry: dict[str, Any]) -> bytes:
         f"{entry['session_id']}\t{entry['mtime_ns']}\t{entry['size']}\t"
         f"{float(entry['started'])!r}\t{entry['status']}\t"
     )
-    return _INDEX_FORMAT + b"\t" + prefix.encode() + orjson.dumps(rest) + b"\n"
+    return _INDEX_FORMAT + b"\t" + prefix.encode() + orjson.dumps(rest)
 
 
-def _parse_index_line(line: bytes) -> _IndexRow | None:
-    parts = line.split(b"\t", 6)
-    if len(parts) != 7 or parts[0] != _INDEX_FORMAT:
-        return None
-    try:
-        status = parts[5].decode()
-        if status not in SESSION_STATUSES:
-            return None
-        return (float(parts[4]), parts[1].decode(), status, int(parts[2]), int(parts[3]), line)
-    except ValueError:
-        return None
+def _index_rows(data: bytes) -> Iterator[_IndexRow]:
+    for line, sid, signature, started, status in _INDEX_LINE_RE.findall(data):
+        try:
+            yield float(started), sid.decode(), status.decode(), signature, line
+        except ValueError:
+            continue
 
 
 def _row_entry(row: _IndexRow) -> dict[str, Any]:
     """The full entry of an index row (raises ``ValueError`` if its JSON is damaged)."""
-    rest = orjson.loads(row[5].split(b"\t", 6)[6])
+    rest = orjson.loads(row[4].split(b"\t", 6)[6])
     if not isinstance(rest, dict):
         raise ValueError("not an object")
-    rest.update(started=row[0], session_id=row[1], status=row[2], mtime_ns=row[3], size=row[4])
+    rest.update(started=row[0], session_id=row[1], status=row[2])
     return rest
 
 
@@ -665,7 +670,10 @@ class TelemetryCollector:
             state = self._sessions.get(event.session_id)
             if state is None:
                 state = self._open_session(event.session_id)
+            terminal = isinstance(event, WorkflowCompleted | WorkflowFailed)
             if state.passive:
+                if terminal:
+                    self._sessions.pop(state.session_id, None)
                 return
             if state.log is None and time.monotonic() >= state.log_retry_at:
                 self._open_log(state)
@@ -680,7 +688,7 @@ class TelemetryCollector:
                     state.log_retry_at = time.monotonic() + _LOG_RETRY_SECONDS
             with state.lock:
                 boundary = state.recorder.apply(event)
-            if isinstance(event, WorkflowCompleted | WorkflowFailed):
+            if terminal:
                 self._finish(state)
             elif boundary:
                 self._schedule(state)
@@ -935,7 +943,13 @@ class TelemetryCollector:
     def list_sessions(
         self, limit: int | None = 20, status: str | None = None
     ) -> list[SessionSummary]:
-        """Sessions, newest first; unreadable files are listed with status ``corrupt``."""
+        """Sessions, newest first; unreadable files are listed with status ``corrupt``.
+
+        Every session returned is checked against its file (size and mtime) and read again if
+        it changed since it was indexed. With a ``status`` filter, or no ``limit``, every file
+        is checked, since any of them may have changed status; otherwise only the candidates
+        for the first ``limit`` rows are, which keeps listing thousands of sessions fast.
+        """
         if status is not None and status not in SESSION_STATUSES:
             raise InvalidInputError(
                 f"unknown status {status!r}: use one of {', '.join(SESSION_STATUSES)}"
@@ -943,26 +957,46 @@ class TelemetryCollector:
         if limit is not None and limit < 0:
             raise InvalidInputError(f"limit must not be negative (got {limit})")
         cached, index_lines = self._read_index()
-        rows: list[_IndexRow] = []
+        files = dict(self._scan(cached))
+        rows = {sid: cached[sid] for sid in files.keys() & cached.keys()}
         fresh: list[bytes] = []
-        for session_id, stat in self._scan(cached):
-            row = cached.get(session_id)
-            if row is None or row[3] != stat.st_mtime_ns or row[4] != stat.st_size:
-                line = _index_line(self._entry_from_file(session_id, stat))
-                row = _parse_index_line(line)
-                if row is None:  # pragma: no cover - _index_line writes what it parses
-                    continue
+
+        def check(session_id: str) -> None:
+            # the file is the truth: re-read it if it changed since it was indexed
+            try:
+                stat = files[session_id].stat()
+            except OSError:
+                rows.pop(session_id, None)  # removed since the directory was listed
+                return
+            row = rows.get(session_id)
+            if row is not None and row[3] == _signature(stat):
+                return
+            line = _index_line(self._entry_from_file(session_id, stat))
+            for fresh_row in _index_rows(line):
+                rows[session_id] = fresh_row
                 fresh.append(line)
-            rows.append(row)
-        self._refresh_index(fresh, rows, index_lines)
-        if status is not None:
-            rows = [r for r in rows if r[2] == status]
-        # newest first: by start time, then id
-        if limit is None or limit >= len(rows):
-            rows.sort(reverse=True)
+
+        checked: set[str] = set()
+        for session_id in files.keys() - rows.keys():
+            check(session_id)
+            checked.add(session_id)
+        if status is not None or limit is None or limit >= len(rows):
+            for session_id in list(rows.keys() - checked):
+                check(session_id)
+            selected = [r for r in rows.values() if status is None or r[2] == status]
+            selected.sort(reverse=True)  # newest first: by start time, then id
+            selected = selected[:limit] if limit is not None else selected
         else:
-            rows = heapq.nlargest(limit, rows)
-        return [self._row_summary(r) for r in rows]
+            while True:
+                selected = heapq.nlargest(limit, rows.values())
+                unchecked = [r[1] for r in selected if r[1] not in checked]
+                if not unchecked:
+                    break
+                for session_id in unchecked:
+                    check(session_id)
+                    checked.add(session_id)
+        self._refresh_index(fresh, list(rows.values()), index_lines)
+        return [self._row_summary(r) for r in selected]
 
     def _row_summary(self, row: _IndexRow) -> SessionSummary:
         try:
@@ -976,7 +1010,8 @@ class TelemetryCollector:
                 return _summary(_corrupt_entry(row[1], None, f"unreadable: {exc}"))
             return _summary(self._entry_from_file(row[1], stat))
 
-    def _scan(self, known: dict[str, _IndexRow]) -> Iterator[tuple[str, os.stat_result]]:
+    def _scan(self, known: dict[str, _IndexRow]) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """The session files in the directory, without touching their content."""
         try:
             it = os.scandir(self.output_dir)
         except FileNotFoundError:
@@ -989,12 +1024,12 @@ class TelemetryCollector:
                 if not name.endswith(".json") or name.startswith("."):
                     continue
                 session_id = name[:-5]
-                try:
-                    if session_id not in known:
+                if session_id not in known:
+                    try:
                         validate_session_id(session_id)
-                    yield session_id, entry.stat()
-                except (TelemetryError, InvalidInputError, OSError):
-                    continue
+                    except InvalidInputError:
+                        continue
+                yield session_id, entry
 
     def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
         path = self.output_dir / f"{session_id}.json"
@@ -1011,20 +1046,15 @@ class TelemetryCollector:
             data = self.index_path.read_bytes()
         except OSError:
             return {}, 0
-        cached: dict[str, _IndexRow] = {}
-        count = 0
-        for line in data.splitlines(keepends=True):
-            count += 1
-            row = _parse_index_line(line if line.endswith(b"\n") else line + b"\n")
-            if row is not None:
-                cached[row[1]] = row
-        return cached, count
+        # one regular-expression pass over the whole cache: lines of another format, or cut
+        # short, do not match and are left to the files
+        return {row[1]: row for row in _index_rows(data)}, data.count(b"\n")
 
     def _refresh_index(self, fresh: list[bytes], rows: list[_IndexRow], index_lines: int) -> None:
         # best effort: a reader that cannot write the cache still lists correctly
         try:
             if index_lines + len(fresh) > len(rows) + len(rows) // 4 + 64:
-                self._atomic_write(self.index_path, b"".join(r[5] for r in rows))
+                self._atomic_write(self.index_path, b"".join(r[4] + b"\n" for r in rows))
             elif fresh:
                 self._append_index_lines(fresh)
         except OSError as exc:
@@ -1034,7 +1064,7 @@ class TelemetryCollector:
         self._append_index_lines([_index_line(e) for e in entries])
 
     def _append_index_lines(self, lines: list[bytes]) -> None:
-        data = b"".join(lines)
+        data = b"".join(line + b"\n" for line in lines)
         fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data)
