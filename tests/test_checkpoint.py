@@ -6,13 +6,23 @@ import hashlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from test_checkpoint_support import STAGES, full_state, params, save_run, state_after
+from test_checkpoint_support import (
+    STAGES,
+    body_of,
+    full_state,
+    params,
+    rewrite,
+    save_run,
+    split,
+    state_after,
+)
 
 from prowzi import __version__
 from prowzi.config import ProwziConfig
@@ -43,38 +53,6 @@ def directory(tmp_path: Path) -> Path:
 @pytest.fixture
 def manager(directory: Path) -> CheckpointManager:
     return CheckpointManager(directory)
-
-
-def split(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A checkpoint file's header (as JSON) and body (as stored)."""
-    raw = path.read_bytes()
-    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
-    header: dict[str, Any] = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
-    start = cp._PREFIX + length + cp._DIGEST_SIZE
-    return header, raw[start : start + header["payload_size"]]
-
-
-def rewrite(
-    path: Path,
-    *,
-    header: dict[str, Any] | None = None,
-    body: bytes | None = None,
-    key: bytes | None = None,
-) -> None:
-    """Re-encode a checkpoint with a changed header or body and a *consistent* size, hash and
-    header digest: what a forger without the key can do."""
-    old_header, old_body = split(path)
-    new_header = {**old_header, **(header or {})}
-    new_body = old_body if body is None else body
-    new_header["payload_size"] = len(new_body)
-    new_header["payload_sha256"] = hashlib.sha256(new_body).hexdigest()
-    new_header["signed"] = key is not None
-    path.write_bytes(cp._seal(new_header, new_body, key))
-
-
-def body_of(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = orjson.loads(split(path)[1])
-    return result
 
 
 # --- format -----------------------------------------------------------------------------
@@ -570,7 +548,7 @@ BAD_IDS = ["../escape", "a/b", "..", "nul\x00", "x" * 200, "", "/etc/passwd", "a
 def test_hostile_ids_are_refused_before_any_path_is_built(
     manager: CheckpointManager, tmp_path: Path, bad: str
 ) -> None:
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: manager.load_checkpoint(bad),
         lambda: manager.load_checkpoint(SESSION, stage=bad),
         lambda: manager.latest(bad),

@@ -21,8 +21,16 @@ from typing import Any
 
 import orjson
 import pytest
-from test_checkpoint import body_of, rewrite, split
-from test_checkpoint_support import STAGES, full_state, params, save_run, state_after
+from test_checkpoint_support import (
+    STAGES,
+    body_of,
+    full_state,
+    params,
+    rewrite,
+    save_run,
+    split,
+    state_after,
+)
 
 from prowzi.errors import CheckpointIntegrityError
 from prowzi.workflows import checkpoint as cp

@@ -1,9 +1,17 @@
-"""Helpers for the checkpoint tests: states built from the real result models, and saving."""
+"""Helpers for the checkpoint tests: states built from the real result models, saving runs,
+and taking checkpoint files apart and re-sealing them (what a forger without the key can do)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
 from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
+from prowzi.workflows import checkpoint as cp
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
 
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
@@ -11,7 +19,7 @@ PROMPT = "Write a research paper on quantum computing"
 
 
 def params(**changes: object) -> RunParameters:
-    return RunParameters(prompt=PROMPT, **changes)  # type: ignore[arg-type]
+    return RunParameters(prompt=PROMPT, **changes)
 
 
 def full_state() -> m.WorkflowState:
@@ -108,3 +116,35 @@ def save_run(
             )
         )
     return saved
+
+
+def split(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A checkpoint file's header (as JSON) and body (as stored)."""
+    raw = path.read_bytes()
+    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
+    header: dict[str, Any] = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
+    start = cp._PREFIX + length + cp._DIGEST_SIZE
+    return header, raw[start : start + header["payload_size"]]
+
+
+def rewrite(
+    path: Path,
+    *,
+    header: dict[str, Any] | None = None,
+    body: bytes | None = None,
+    key: bytes | None = None,
+) -> None:
+    """Re-encode a checkpoint with a changed header or body and a *consistent* size, hash and
+    header digest: what a forger without the key can do."""
+    old_header, old_body = split(path)
+    new_header = {**old_header, **(header or {})}
+    new_body = old_body if body is None else body
+    new_header["payload_size"] = len(new_body)
+    new_header["payload_sha256"] = hashlib.sha256(new_body).hexdigest()
+    new_header["signed"] = key is not None
+    path.write_bytes(cp._seal(new_header, new_body, key))
+
+
+def body_of(path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = orjson.loads(split(path)[1])
+    return result
