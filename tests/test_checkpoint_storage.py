@@ -277,3 +277,19 @@ def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
     assert not LocalDirectoryStore(root).is_locked("shared-session")
     with LocalDirectoryStore(root).lock("shared-session"):
         pass
+
+
+def test_the_index_log_is_compacted_as_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prowzi.workflows import storage
+
+    monkeypatch.setattr(storage, "_COMPACT_MIN", 4096)
+    store = LocalDirectoryStore(tmp_path / "store", fsync=False)
+    for i in range(400):
+        store.put(f"b{i % 20}.pkl", b"x" * i, meta={"i": i, "padding": "p" * 40})
+    manifest = tmp_path / "store" / ".index" / "manifest.jsonl"
+    assert manifest.stat().st_size < 3 * 4096
+    listed = {b.name: b.meta for b in LocalDirectoryStore(tmp_path / "store").list()}
+    assert len(listed) == 20
+    assert listed["b19.pkl"] == {"i": 399, "padding": "p" * 40}

@@ -54,6 +54,8 @@ taken less than this after the mtime is "racy" (as git calls it) and is re-check
 """
 
 _INDEX_VERSION = 1
+_COMPACT_MIN = 1 << 20
+"""The index log is compacted once it exceeds this and twice its last snapshot."""
 _TEMPORARY_MAX_AGE = 3600.0
 """Seconds after which a temporary file is certainly abandoned and may be removed."""
 
@@ -303,6 +305,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._offset = 0
         self._manifest_broken = False
         self._generation = 0
+        self._compact_at = _COMPACT_MIN
 
     # blobs
 
@@ -469,11 +472,22 @@ class LocalDirectoryStore(CheckpointStore):
                 )
                 try:
                     os.write(fd, payload)
+                    size = os.fstat(fd).st_size
                 finally:
                     os.close(fd)
+                if size > self._compact_at:
+                    self._compact()
         except OSError as exc:
             # The index is a cache: a listing that cannot trust it rescans the directory.
             log.warning("could not update the checkpoint index in %s: %s", self.root, exc)
+
+    def _compact(self) -> None:
+        """Rewrite the log as one snapshot, so that it does not grow without bound between
+        listings. Replaying the log gives the same entries and keeps the stamp valid."""
+        self._read_manifest()
+        if self._manifest_broken:
+            return  # the next listing rescans and rewrites it
+        self._write_manifest(self._stamp or (0, 0))  # (0, 0): never fresh, rescanned later
 
     def _read_manifest(self) -> None:
         """Bring the in-memory index up to date with the manifest file (tail only if possible)."""
@@ -609,6 +623,7 @@ class LocalDirectoryStore(CheckpointStore):
             self._manifest_ino, self._offset = None, 0
             return
         self._manifest_ino, self._offset = st.st_ino, len(data)
+        self._compact_at = max(_COMPACT_MIN, 2 * len(data))
 
     def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
         with self._mutex:
