@@ -782,3 +782,17 @@ def test_a_second_process_gets_session_locked_naming_the_holder(
         child.wait(timeout=30)
     assert not manager.is_locked(SESSION)
     assert manager.cleanup(older_than=timedelta(days=1)) == [f"{SESSION}_intent"]
+
+
+def test_one_manager_can_be_shared_by_threads(manager: CheckpointManager) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(n: int) -> int:
+        save_run(manager, f"thread-{n}", STAGES[:3])
+        return len(manager.list_checkpoints(session_id=f"thread-{n}"))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(run, range(8))) == [3] * 8
+    assert len(manager.list_checkpoints()) == 24
+    for n in range(8):
+        manager.verify_chain(f"thread-{n}")

@@ -42,6 +42,7 @@ import hmac
 import logging
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -252,6 +253,7 @@ class CheckpointManager:
         self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
+        self._mutex = threading.RLock()  # the caches above are shared by threads
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
@@ -646,6 +648,10 @@ class CheckpointManager:
 
     def _rows_now(self, *, fresh: bool = True) -> dict[str, dict[str, Any]]:
         """Listing rows of every readable checkpoint, by blob name (cached per generation)."""
+        with self._mutex:
+            return self._rebuild_rows(fresh)
+
+    def _rebuild_rows(self, fresh: bool) -> dict[str, dict[str, Any]]:
         generation = self.store.generation(fresh=fresh)
         if generation is not None and generation == self._generation:
             return self._readable
@@ -717,15 +723,17 @@ class CheckpointManager:
             validate_stage_name(stage)
         if since is not None:
             since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
-        rows = self._rows_now()
-        if self._newest_first is None:
-            self._newest_first = sorted(
-                rows.values(), key=lambda row: row["created_at"], reverse=True
-            )
+        with self._mutex:
+            rows = self._rows_now()
+            if self._newest_first is None:
+                self._newest_first = sorted(
+                    rows.values(), key=lambda row: row["created_at"], reverse=True
+                )
+            newest_first = self._newest_first
         with paused_gc():
             return [
                 dict(row)
-                for row in self._newest_first
+                for row in newest_first
                 if (session_id is None or row["session_id"] == session_id)
                 and (stage is None or row["stage"] == stage)
                 and (since is None or row["created_at"] >= since)
