@@ -306,6 +306,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._manifest_broken = False
         self._generation = 0
         self._compact_at = _COMPACT_MIN
+        self._loaded = False  # whether _entries reflects the directory (as of some listing)
 
     # blobs
 
@@ -397,7 +398,7 @@ class LocalDirectoryStore(CheckpointStore):
     def refresh(self, name: str) -> None:
         path = self._path(name)
         with self._mutex:
-            if self._manifest_ino is None:
+            if not self._loaded:
                 return  # nothing cached yet: the next listing reads the directory
             try:
                 st = os.stat(path, follow_symlinks=False)
@@ -562,8 +563,9 @@ class LocalDirectoryStore(CheckpointStore):
                 if self._entries:
                     self._entries, self._stamp, self._manifest_ino = {}, None, None
                     self._generation += 1
+                self._loaded = False
                 return self._generation
-            if not fresh and self._manifest_ino is not None:
+            if not fresh and self._loaded:
                 return self._generation
             with self._index_lock():
                 self._read_manifest()
@@ -571,6 +573,7 @@ class LocalDirectoryStore(CheckpointStore):
                 dir_mtime = os.stat(self.root).st_mtime_ns
                 if not self._fresh(dir_mtime):
                     self._rescan(dir_mtime, scanned_at)
+            self._loaded = True
             return self._generation
 
     def _rescan(self, dir_mtime: int, scanned_at: int) -> None:
