@@ -224,7 +224,15 @@ def _listed(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class CheckpointManager:
-    """Writes, verifies, lists and prunes checkpoints, and holds per-session writer locks."""
+    """Writes, verifies, lists and prunes checkpoints, and holds per-session writer locks.
+
+    ``checkpoint_dir`` and ``fsync`` configure the default
+    :class:`~prowzi.workflows.storage.LocalDirectoryStore`; with ``store=`` that store decides
+    durability and ``checkpoint_dir`` only names the location in messages. ``key`` turns on
+    HMAC-SHA256 signing, and then unsigned or wrongly signed checkpoints are refused. One
+    manager may be shared by threads, and processes may share a directory; the writers of one
+    session coordinate through :meth:`session_lock`.
+    """
 
     def __init__(
         self,
