@@ -278,6 +278,29 @@ def test_a_symlink_in_place_of_a_checkpoint_is_not_followed(manager: CheckpointM
     assert f"{VICTIM}_search" not in {r["checkpoint_id"] for r in manager.list_checkpoints()}
 
 
+def test_a_symlink_in_place_of_the_json_is_refused_and_never_followed(
+    manager: CheckpointManager, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read or overwrite me")
+    sidecar = manager.checkpoint_dir / f"{VICTIM}_search.json"
+    sidecar.unlink()
+    sidecar.symlink_to(secret)
+    with pytest.raises(CheckpointIntegrityError, match="symbolic link") as info:
+        manager.load_checkpoint(VICTIM)
+    assert info.value.path == str(sidecar)
+    assert secret.read_text() == "do not read or overwrite me"
+
+
+def test_a_symlink_in_place_of_a_previous_checkpoint_breaks_the_chain(
+    manager: CheckpointManager,
+) -> None:
+    planning = pkl(manager, VICTIM, "planning")
+    planning.unlink()
+    planning.symlink_to(pkl(manager, OTHER, "planning"))
+    assert_refused(manager, f"{VICTIM}_search", pkl(manager, VICTIM, "search"), "chain broken")
+
+
 def test_a_zlib_bomb_is_refused(
     tmp_path: Path, manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,6 +211,13 @@ def _earlier(completed: list[str], stage: str) -> list[str]:
     return earlier[::-1]
 
 
+def _created_at(header: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(header["created_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _listed(meta: dict[str, Any]) -> dict[str, Any] | None:
     """A stored header (JSON form) as a listing row, with ``created_at`` as a datetime."""
     if "invalid" in meta:
@@ -596,7 +603,7 @@ class CheckpointManager:
             for session in sessions:
                 try:
                     header = self._read_header(f"{session}_{prior}.pkl")
-                except (BlobNotFoundError, CheckpointIntegrityError):
+                except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
                     continue
                 if header.get("payload_sha256") == previous:
                     return
@@ -607,7 +614,8 @@ class CheckpointManager:
             return
         older = any(
             h.get("session_id") == metadata.session_id
-            and str(h.get("created_at", "")) < metadata.model_dump(mode="json")["created_at"]
+            and (created := _created_at(h)) is not None
+            and created < metadata.created_at
             for h in headers
         )
         if older:
@@ -634,6 +642,12 @@ class CheckpointManager:
             doc = orjson.loads(self.store.get(name))
         except (BlobNotFoundError, orjson.JSONDecodeError):
             doc = None
+        except UnsafeBlobError as exc:
+            raise CheckpointIntegrityError(
+                self.store.describe(name),
+                f"{exc}; the metadata file is derived from {metadata.checkpoint_id}.pkl: "
+                "delete it and it is regenerated",
+            ) from None
         if doc == header_doc:
             return
         if isinstance(doc, dict):
