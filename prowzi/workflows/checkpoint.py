@@ -102,6 +102,9 @@ _MAX_HEADER = 1 << 20
 _MAX_BODY = 1 << 30
 """Upper bound on a decompressed body, so a crafted zlib stream cannot exhaust memory."""
 _HEAD_READ = 4096
+_ZLIB_LEVEL = 1
+"""Fast over small: a save is on the run's critical path (level 1 is ~5x quicker than the
+default 6 on a 100 KB state, for a ratio of about 4 instead of 5)."""
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
 
@@ -325,7 +328,7 @@ class CheckpointManager:
             )
         )
         if self.compression == "zlib":
-            body = zlib.compress(body, 6)
+            body = zlib.compress(body, _ZLIB_LEVEL)
         metadata = CheckpointMetadata(
             checkpoint_id=checkpoint_id,
             session_id=session_id,
