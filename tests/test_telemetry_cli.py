@@ -85,7 +85,7 @@ def test_sessions_lists_good_sessions_and_marks_a_corrupt_one(cli: CliRunner) ->
     result = cli.invoke(app, ["sessions"], env={"COLUMNS": "120"})
     assert result.exit_code == 0
     broken = next(line for line in result.stdout.splitlines() if "broken-one" in line)
-    assert "corrupt" in broken and "truncated JSON" in broken
+    assert "CORRUPT" in broken and "truncated JSON" in broken
     for good in ("newest-running", DOC_SESSION, "older-failed"):
         assert good in result.stdout
     rows = json.loads(cli.invoke(app, ["sessions", "--json"]).stdout)

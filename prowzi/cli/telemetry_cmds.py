@@ -70,54 +70,56 @@ def sessions(
         if json_output:
             _print_json([row.to_dict() for row in rows])
             return
-        from rich import box
-        from rich.table import Table
-        from rich.text import Text
-
-        console = _console()
         if not rows:
-            console.print("No sessions recorded" + (f" with status {status}." if status else "."))
+            typer.echo("No sessions recorded" + (f" with status {status}." if status else "."))
             return
-        styles = {"completed": "green", "failed": "red", "running": "cyan", "corrupt": "red"}
-        table = Table(
-            title=f"Sessions (newest first, {len(rows)} shown)",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            show_edge=False,
-            caption="Started is UTC." if rows else None,
-            caption_justify="left",
-        )
-        table.add_column("Session", no_wrap=True, min_width=max(len(r.session_id) for r in rows))
-        table.add_column("Status", no_wrap=True, min_width=9)
-        table.add_column("Started", no_wrap=True, min_width=11)
-        table.add_column("Duration", justify="right", no_wrap=True, min_width=8)
-        table.add_column("Stages", justify="right", no_wrap=True, min_width=6)
-        table.add_column("Retries", justify="right", no_wrap=True, min_width=7)
-        table.add_column("Prompt", overflow="ellipsis", no_wrap=True, ratio=1)
+        # a plain table: listing is the command people run most, so it does without rich
+        table = [["Session", "Status", "Started (UTC)", "Duration", "Stages", "Retries", "Prompt"]]
         for row in rows:
-            started = row.started_at.strftime("%m-%d %H:%M") if row.started_at else ""
+            started = row.started_at.strftime("%Y-%m-%d %H:%M") if row.started_at else ""
             if row.status == "corrupt":
-                table.add_row(
-                    row.session_id,
-                    Text("corrupt", style="bold red"),
-                    started,
-                    "",
-                    "",
-                    "",
-                    Text(row.error or "unreadable", style="red"),
+                table.append(
+                    [row.session_id, "CORRUPT", started, "", "", "", row.error or "unreadable"]
                 )
                 continue
-            table.add_row(
-                row.session_id,
-                Text(row.status, style=styles.get(row.status, "")),
-                started,
-                _duration(row.total_duration_seconds),
-                f"{row.stages_completed}/{row.stages_total}",
-                str(row.total_retries),
-                row.prompt,
+            table.append(
+                [
+                    row.session_id,
+                    row.status,
+                    started,
+                    _duration(row.total_duration_seconds),
+                    f"{row.stages_completed}/{row.stages_total}",
+                    str(row.total_retries),
+                    " ".join(row.prompt.split()),
+                ]
             )
-        console.print(table)
+        _print_table(table, right=(3, 4, 5))
+
+
+_STATUS_COLOURS = {"completed": "32", "failed": "31", "running": "36", "CORRUPT": "1;31"}
+
+
+def _print_table(table: list[list[str]], right: tuple[int, ...]) -> None:
+    """Columns padded to fit; the last one is cut with an ellipsis to the terminal's width."""
+    import os
+    import shutil
+
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    room = shutil.get_terminal_size((100, 24)).columns - sum(widths) - 2 * len(widths)
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    lines = []
+    for n, row in enumerate(table):
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+        ]
+        if colour and n > 0 and row[1] in _STATUS_COLOURS:
+            cells[1] = f"\033[{_STATUS_COLOURS[row[1]]}m{cells[1]}\033[0m"
+        last = row[-1]
+        if len(last) > max(room, 8):
+            last = last[: max(room, 8) - 1] + "…"
+        lines.append("  ".join([*cells, last]).rstrip())
+    typer.echo("\n".join(lines))
 
 
 def _load(collector: TelemetryCollector, session_id: str, rebuild: bool) -> WorkflowMetrics:
