@@ -301,6 +301,39 @@ def test_a_symlink_in_place_of_a_previous_checkpoint_breaks_the_chain(
     assert_refused(manager, f"{VICTIM}_search", pkl(manager, VICTIM, "search"), "chain broken")
 
 
+def test_a_header_with_a_naive_timestamp_is_refused_and_not_listed(
+    manager: CheckpointManager,
+) -> None:
+    target = pkl(manager, VICTIM, "search")
+    rewrite(target, header={"created_at": "2026-01-01T00:00:00"})
+    fresh = CheckpointManager(manager.checkpoint_dir)
+    assert f"{VICTIM}_search" not in {r["checkpoint_id"] for r in fresh.list_checkpoints()}
+    assert_refused(fresh, f"{VICTIM}_search", target, "timezone")
+
+
+def test_a_forged_index_cannot_change_what_is_listed(manager: CheckpointManager) -> None:
+    """The index is a cache: entries not of Prowzi's making are ignored, the headers re-read."""
+    manager.list_checkpoints()
+    manifest = manager.checkpoint_dir / ".index" / "manifest.jsonl"
+    lines = [orjson.loads(line) for line in manifest.read_bytes().splitlines()]
+    forged, hits = [], 0
+    for line in lines:
+        for entry in line.get("entries", []):
+            if entry[0] == f"{VICTIM}_search.pkl":
+                entry[4] = {**entry[4], "session_id": OTHER, "stage": "turnitin", "created_at": 5}
+                hits += 1
+        forged.append(orjson.dumps(line))
+    assert hits == 1
+    manifest.write_bytes(b"\n".join(forged) + b"\n")
+    rows = {
+        r["checkpoint_id"]: r for r in CheckpointManager(manager.checkpoint_dir).list_checkpoints()
+    }
+    assert (rows[f"{VICTIM}_search"]["session_id"], rows[f"{VICTIM}_search"]["stage"]) == (
+        VICTIM,
+        "search",
+    )
+
+
 def test_a_zlib_bomb_is_refused(
     tmp_path: Path, manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:

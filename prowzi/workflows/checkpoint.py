@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from prowzi import __version__
 from prowzi.agents.base import RunParameters
@@ -120,7 +120,7 @@ class CheckpointMetadata(BaseModel):
     session_id: str
     stage: str
     completed_stages: list[str]
-    created_at: datetime = Field(description="UTC, timezone-aware.")
+    created_at: AwareDatetime = Field(description="UTC, timezone-aware.")
     prompt: str
     parameters: dict[str, Any] = Field(description="RunParameters.model_dump() of the run.")
     prowzi_version: str
@@ -221,15 +221,23 @@ def _created_at(header: dict[str, Any]) -> datetime | None:
         return None
 
 
-def _listed(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """A stored header (JSON form) as a listing row, with ``created_at`` as a datetime."""
-    if "invalid" in meta:
+def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A header (JSON form) as a listing row, with ``created_at`` an aware datetime; None
+    unless it has the shape of this very checkpoint's header."""
+    if not isinstance(meta, dict) or "invalid" in meta or meta.get("checkpoint_id") != name[:-4]:
         return None
-    try:
-        row = dict(meta)
-        row["created_at"] = datetime.fromisoformat(row["created_at"])
-    except (KeyError, TypeError, ValueError):
+    created = _created_at(meta)
+    if (
+        created is None
+        or created.tzinfo is None
+        or not isinstance(meta.get("session_id"), str)
+        or not isinstance(meta.get("stage"), str)
+        or not isinstance(meta.get("payload_sha256"), str)
+        or f"{meta.get('session_id')}_{meta.get('stage')}" != name[:-4]
+    ):
         return None
+    row = dict(meta)
+    row["created_at"] = created
     return row
 
 
@@ -697,8 +705,11 @@ class CheckpointManager:
                     if parsed is None:
                         continue
                     session = parsed[0]
-                    meta = blob.meta if blob.meta is not None else self._index(blob)
-                    row = _listed(meta) if meta is not None else None
+                    row = _listed(blob.meta, blob.name) if blob.meta is not None else None
+                    if row is None and (blob.meta is None or "invalid" not in blob.meta):
+                        # Unknown to the store, or an index entry not of our making.
+                        meta = self._index(blob)
+                        row = _listed(meta, blob.name) if meta is not None else None
                 sessions.setdefault(session, []).append(blob.name)
                 current[blob.name] = (blob.token, row, session)
                 if row is not None:
