@@ -134,11 +134,11 @@ def exited(screen: str) -> bool:
     return EXIT_MARK in screen
 
 
-def test_monitor_follows_a_run_in_another_terminal(tmux: Tmux, tmp_path: Path) -> None:
+def test_monitor_follows_a_run_in_another_terminal(tmux: Tmux) -> None:
     session_id = "tmux-run-1"
+    # attached before the run starts: it waits for the session to appear
+    tmux.start("monitor", ["prowzi", "monitor", session_id, "--wait", "60"])
     tmux.start("run", ["prowzi", "run", PROMPT, "--session-id", session_id])
-    wait_for(tmp_path / "telemetry" / "events" / f"{session_id}.jsonl")
-    tmux.start("monitor", ["prowzi", "monitor", session_id])
 
     screens = watch(tmux, "monitor", exited)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,21 @@ def test_monitor_a_session_whose_log_is_gone(cli: CliRunner) -> None:
 
 def test_monitor_an_unknown_session(cli: CliRunner) -> None:
     one_line_error(cli.invoke(app, ["monitor", "nope"]), 1, "no telemetry for session 'nope'")
+    waited = cli.invoke(app, ["monitor", "nope", "--wait", "0.2", "--poll", "0.05"])
+    one_line_error(waited, 1, "no telemetry for session 'nope'")
+
+
+def test_monitor_waits_for_a_session_to_start(cli: CliRunner) -> None:
+    def later() -> None:
+        time.sleep(0.3)
+        record(doc_example_run())
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    result = cli.invoke(app, ["monitor", DOC_SESSION, "--wait", "30", "--poll", "0.05"])
+    thread.join()
+    assert result.exit_code == 0, result.output
+    assert "Success: ✓" in result.stdout
 
 
 def test_monitor_a_corrupt_event_log(cli: CliRunner) -> None:

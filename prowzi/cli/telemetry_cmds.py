@@ -253,18 +253,35 @@ def monitor(
     poll: Annotated[
         float, typer.Option("--poll", min=0.02, max=10.0, help="Seconds between log reads.")
     ] = 0.2,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", min=0, help="Wait up to this many seconds for the session to start."
+        ),
+    ] = 0.0,
 ) -> None:
     """Attach to a session and follow it live until it ends (Ctrl-C detaches; the run goes
     on). On a finished session, show its final state and exit."""
     with user_errors():
+        import time
+
         from prowzi.cli.monitor import WorkflowMonitor, follow_session
         from prowzi.ids import validate_session_id
 
         validate_session_id(session_id)
         collector = _collector()
         console = _console()
+        log_path = collector.event_log_path(session_id)
+        deadline = time.monotonic() + wait
+        try:
+            while not (log_path.exists() or collector.session_path(session_id).exists()):
+                if time.monotonic() >= deadline:
+                    break  # load_session below says it is unknown
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            return
         view = WorkflowMonitor(session_id, console=console)
-        if not collector.event_log_path(session_id).exists():
+        if not log_path.exists():
             # recorded without a log (or the log was removed): the file is all there is
             view.show(collector.load_session(session_id))
             console.print(view.render())
