@@ -288,3 +288,11 @@ def test_replay_keeps_the_runs_rhythm_divided_by_speed() -> None:
     assert "(replay ×4)" in render(monitor, 80)
     with pytest.raises(ValueError, match="speed"):
         replay_session(run.events, monitor, speed=0)
+
+
+def test_a_resumed_sessions_duration_leaves_out_the_time_between_runs() -> None:
+    first = RunScript("resumed").start().stage("intent", 2.0).failed("planning", "down")
+    second = RunScript("resumed", t0=first.now + 3600).start().skip("intent").begin("planning")
+    monitor = WorkflowMonitor(clock=lambda: second.now + 1.0)
+    monitor.apply_all([*first.events, *second.events])
+    assert "Total Duration: 3.00s" in render(monitor, 80)

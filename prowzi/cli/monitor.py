@@ -232,7 +232,10 @@ class WorkflowMonitor:
         if metrics is None:
             return Text("Waiting for the run's first event...", style="dim")
         if metrics.completed_at is None and self.interrupted is None:
-            total = max(0.0, now - metrics.started_at.timestamp())
+            if self._recorder is not None:
+                total = self._recorder.elapsed(now)
+            else:
+                total = max(0.0, now - metrics.started_at.timestamp())
         else:
             total = metrics.total_duration_seconds
         lines = [

@@ -302,6 +302,11 @@ class SessionRecorder:
         self._segment_start = 0.0
         self._base_duration = 0.0
 
+    def elapsed(self, now: float) -> float:
+        """The session's duration at ``now`` while it runs: earlier runs of the session (it
+        was resumed) plus the time since this run started."""
+        return self._base_duration + max(0.0, now - self._segment_start)
+
     @classmethod
     def from_events(cls, session_id: str, events: Iterable[Event]) -> SessionRecorder:
         recorder = cls(session_id)
