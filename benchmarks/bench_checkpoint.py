@@ -8,8 +8,16 @@ checkpoint per iteration and read back the latest. The state is a realistic ~100
 :class:`WorkflowState` built from the result models; LangGraph gets the same data as plain
 dicts in ``channel_values`` (what its serializer handles natively).
 
+Saves and puts (and loads and gets) are timed in alternation, so that a busy machine weighs on
+both sides alike. The "filesystem floor" row times the bare file operations of one durable
+save (temporary, fdatasync, rename, directory fsync, then the sidecar) without any Prowzi code:
+a save cannot be faster than that, whereas SqliteSaver appends to a write-ahead log it reuses
+(one fsync, no new file). File creation costs vary a lot between directories and machines, so
+run with ``--dir`` on the filesystem you care about.
+
 Targets (issue 3): save median <= 1.0 ms and no slower than SqliteSaver.put; load with
-verification median <= 0.3 ms; list_checkpoints over 10,000 sessions <= 50 ms.
+verification median <= 0.3 ms; list_checkpoints over 10,000 sessions <= 50 ms (a manager that
+has listed before; a fresh process's first listing is printed too).
 """
 
 from __future__ import annotations
