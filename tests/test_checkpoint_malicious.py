@@ -334,6 +334,14 @@ def test_a_forged_index_cannot_change_what_is_listed(manager: CheckpointManager)
     )
 
 
+def test_an_oversized_file_is_refused_without_reading_it_whole(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cp, "_MAX_FILE", 1024)
+    target = pkl(manager, VICTIM, "search")
+    assert_refused(manager, f"{VICTIM}_search", target, "implausible")
+
+
 def test_a_zlib_bomb_is_refused(
     tmp_path: Path, manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,6 +101,8 @@ _MAC_SIZE = 32
 _MAX_HEADER = 1 << 20
 _MAX_BODY = 1 << 30
 """Upper bound on a decompressed body, so a crafted zlib stream cannot exhaust memory."""
+_MAX_FILE = 1 << 30
+"""Upper bound on a checkpoint file read into memory."""
 _HEAD_READ = 4096
 _ZLIB_LEVEL = 1
 """Fast over small: a save is on the run's critical path (level 1 is ~5x quicker than the
@@ -421,13 +423,11 @@ class CheckpointManager:
             stage = latest.stage
         name = f"{session_id}_{stage}.pkl"
         try:
-            raw = self.store.get(name)
+            raw = self._read(name)
         except BlobNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint {session_id}_{stage} in {self._location()}"
             ) from None
-        except UnsafeBlobError as exc:
-            raise CheckpointIntegrityError(self.store.describe(name), str(exc)) from None
         metadata, header_doc, state = self._verified(name, raw, check_link=True)
         self._check_sidecar(metadata, header_doc)
         fields = {n: getattr(state, n) for n in WorkflowState.model_fields}
@@ -441,12 +441,22 @@ class CheckpointManager:
             if modified is None or (latest and modified < latest.created_at.timestamp()):
                 continue
             try:
-                raw = self.store.get(name)
+                raw = self._read(name)
             except BlobNotFoundError:
                 continue
-            except UnsafeBlobError as exc:
-                raise CheckpointIntegrityError(self.store.describe(name), str(exc)) from None
             self._verified(name, raw, check_link=False)  # raises the precise reason
+
+    def _read(self, name: str) -> bytes:
+        """A checkpoint file's bytes; anything that is not a plausible one is refused."""
+        try:
+            raw = self.store.get(name, max_bytes=_MAX_FILE + 1)
+        except UnsafeBlobError as exc:
+            raise CheckpointIntegrityError(self.store.describe(name), str(exc)) from None
+        if len(raw) > _MAX_FILE:
+            raise CheckpointIntegrityError(
+                self.store.describe(name), f"larger than {_MAX_FILE >> 20} MiB: implausible"
+            )
+        return raw
 
     def _location(self) -> str:
         return str(self.checkpoint_dir)
@@ -804,7 +814,7 @@ class CheckpointManager:
         verified: list[CheckpointMetadata] = []
         for name in names:
             try:
-                raw = self.store.get(name)
+                raw = self._read(name)
             except BlobNotFoundError:
                 continue
             verified.append(self._verified(name, raw, check_link=False)[0])
