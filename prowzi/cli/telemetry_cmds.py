@@ -260,8 +260,11 @@ def monitor(
         ),
     ] = 0.0,
 ) -> None:
-    """Attach to a session and follow it live until it ends (Ctrl-C detaches; the run goes
-    on). On a finished session, show its final state and exit."""
+    """Follow a session live until it ends; Ctrl-C detaches and the run goes on.
+
+    On a finished session, show its final state and exit. Works from another terminal than
+    the run's: it reads the session's event log.
+    """
     with user_errors():
         import time
 
