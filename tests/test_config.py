@@ -64,3 +64,42 @@ def test_bad_variable_is_a_one_line_error_naming_it(
         get_config()
     message = str(info.value)
     assert variable in message and "\n" not in message
+
+
+@pytest.mark.parametrize("field", ["telemetry_dir", "checkpoint_dir"])
+@pytest.mark.parametrize("value", [None, "/srv/prowzi", "relative/dir"])
+def test_light_directory_resolver_agrees_with_the_config(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str | None
+) -> None:
+    from prowzi.config.paths import directory_setting
+
+    if value is not None:
+        monkeypatch.setenv(f"PROWZI_{field.upper()}", value)
+    assert directory_setting(field) == getattr(get_config(), field)  # type: ignore[arg-type]
+
+
+def test_light_directory_resolver_refuses_what_the_config_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prowzi.config.paths import directory_setting
+
+    monkeypatch.setenv("PROWZI_TELEMETRY_DIR", " ")
+    with pytest.raises(ConfigError, match="PROWZI_TELEMETRY_DIR"):
+        directory_setting("telemetry_dir")
+    with pytest.raises(ConfigError, match="PROWZI_TELEMETRY_DIR"):
+        get_config()
+
+
+def test_reading_telemetry_does_not_import_pydantic_settings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from prowzi.cli.main import app\n"
+        "try:\n    app(['sessions'])\nexcept SystemExit:\n    pass\n"
+        "assert 'pydantic_settings' not in sys.modules, 'pydantic_settings was imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr

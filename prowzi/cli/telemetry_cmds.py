@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prowzi.cli._common import EXIT_USAGE, fail, load_config, user_errors
+from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from rich.console import Console
 
+    from prowzi.config.paths import DirectorySetting
     from prowzi.workflows.telemetry import TelemetryCollector, WorkflowMetrics
 
 
@@ -32,7 +33,18 @@ def register(app: typer.Typer) -> None:
 def _collector() -> TelemetryCollector:
     from prowzi.workflows.telemetry import TelemetryCollector
 
-    return TelemetryCollector(load_config().telemetry_dir)
+    return TelemetryCollector(_directory("telemetry_dir"))
+
+
+def _directory(field: DirectorySetting) -> Path:
+    """A directory setting, without building the whole configuration (start-up time)."""
+    from prowzi.config.paths import directory_setting
+    from prowzi.errors import ConfigError
+
+    try:
+        return directory_setting(field)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _console() -> Console:
@@ -140,7 +152,7 @@ def _load(collector: TelemetryCollector, session_id: str, rebuild: bool) -> Work
 
 def _checkpoints(session_id: str) -> list[Path]:
     # named by the checkpoint store's layout, <checkpoint_dir>/<session>_<stage>.pkl
-    directory = load_config().checkpoint_dir
+    directory = _directory("checkpoint_dir")
     try:
         return sorted(directory.glob(f"{session_id}_*.pkl"), key=lambda p: p.stat().st_mtime)
     except OSError:

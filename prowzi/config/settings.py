@@ -13,9 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prowzi.config.paths import DEFAULT_CHECKPOINT_DIR, DEFAULT_TELEMETRY_DIR, ENV_PREFIX
 from prowzi.errors import ConfigError
-
-ENV_PREFIX = "PROWZI_"
 
 
 class ProwziConfig(BaseSettings):
@@ -31,7 +30,7 @@ class ProwziConfig(BaseSettings):
 
     # Checkpoints
     enable_checkpointing: bool = Field(False, description="Save a checkpoint after stages.")
-    checkpoint_dir: Path = Field(Path("./prowzi_checkpoints"), description="Checkpoint store.")
+    checkpoint_dir: Path = Field(DEFAULT_CHECKPOINT_DIR, description="Checkpoint store.")
     checkpoint_interval: int = Field(1, ge=1, description="Checkpoint every N stages.")
     checkpoint_key: SecretStr | None = Field(
         None, description="HMAC key; when set, unsigned or wrongly signed checkpoints are refused."
@@ -43,7 +42,7 @@ class ProwziConfig(BaseSettings):
 
     # Telemetry
     enable_telemetry: bool = Field(True, description="Write per-session telemetry files.")
-    telemetry_dir: Path = Field(Path("./prowzi_telemetry"), description="Telemetry directory.")
+    telemetry_dir: Path = Field(DEFAULT_TELEMETRY_DIR, description="Telemetry directory.")
 
     # Stage loop
     max_retries: int = Field(3, ge=0, le=100, description="Retries after a stage's first try.")

@@ -1,0 +1,42 @@
+"""The directory settings, resolved without building the whole configuration.
+
+Read-only commands (``prowzi sessions``, ``show``, ``monitor``, ``replay``) need one directory
+and start on every keystroke, so they resolve it here instead of importing pydantic-settings
+(about 100 ms of start-up). The defaults and the variable names are the ones
+:class:`~prowzi.config.ProwziConfig` uses; a test holds the two readers to the same answers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from prowzi.errors import ConfigError
+
+ENV_PREFIX = "PROWZI_"
+DEFAULT_CHECKPOINT_DIR = Path("./prowzi_checkpoints")
+DEFAULT_TELEMETRY_DIR = Path("./prowzi_telemetry")
+
+DirectorySetting = Literal["checkpoint_dir", "telemetry_dir"]
+_DEFAULTS: dict[str, Path] = {
+    "checkpoint_dir": DEFAULT_CHECKPOINT_DIR,
+    "telemetry_dir": DEFAULT_TELEMETRY_DIR,
+}
+
+
+def directory_setting(field: DirectorySetting) -> Path:
+    """``PROWZI_<FIELD>`` (matched case-insensitively, as the full config does) or the default.
+
+    Raises :class:`ConfigError` naming the variable when it is set but empty.
+    """
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    value = os.environ.get(variable)
+    if value is None:
+        wanted = variable.lower()
+        value = next((v for k, v in os.environ.items() if k.lower() == wanted), None)
+    if value is None:
+        return _DEFAULTS[field]
+    if not value.strip():
+        raise ConfigError(f"invalid setting {field} ({variable}={value!r}): must not be empty")
+    return Path(value)
