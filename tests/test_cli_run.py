@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import prowzi as prowzi_pkg
 
 PROMPT = "Write a research paper on quantum computing"
 
@@ -30,6 +33,31 @@ def prowzi(
     )
 
 
+SAMPLE = Path(prowzi_pkg.__file__).parent / "agents" / "sample_corpus"
+
+
+def _record_ids(path: Path) -> set[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(ln) for ln in lines if ln.strip()] if path.suffix == ".jsonl" else None
+    if records is None:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        records = loaded if isinstance(loaded, list) else [loaded]
+    return {str(r.get("id")) for r in records}
+
+
+def assert_citations_resolve_into_the_corpus(text: str) -> None:
+    body, references = text.split("## References")
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", body)}
+    listed = dict(re.findall(r"^\[(\d+)\] .*?Corpus: `([^`]+)`", references, flags=re.MULTILINE))
+    assert cited, "the document cites nothing"
+    assert cited <= {int(n) for n in listed}, "a citation does not resolve to a reference"
+    for source in listed.values():
+        path, _, record = source.partition("#")
+        assert (SAMPLE / path).is_file(), f"reference {source} is not in the corpus"
+        if record:
+            assert record in _record_ids(SAMPLE / path), f"no record {source} in the corpus"
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -49,17 +77,17 @@ def test_run_writes_a_cited_document_offline(module: bool, tmp_path: Path) -> No
     document = tmp_path / f"{session.group(1)}.md"
     text = document.read_text(encoding="utf-8")
     assert "quantum" in text.lower()
-    cited = {int(n) for n in re.findall(r"\[(\d+)\]", text.split("## References")[0])}
-    listed = {
-        int(n)
-        for n in re.findall(
-            r"^\s*(?:\[(\d+)\]|(\d+)\.)", text.split("## References")[1], flags=re.MULTILINE
-        )
-        for n in n
-        if n
-    }
-    assert cited and cited <= listed
+    assert_citations_resolve_into_the_corpus(text)
     assert f"Document: {document.name}" in proc.stdout or str(document.name) in proc.stdout
+
+
+def test_ai_safety_document_cites_corpus_records(tmp_path: Path) -> None:
+    out = tmp_path / "ai.md"
+    proc = prowzi("run", "Write a research paper on AI safety", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text(encoding="utf-8")
+    assert ".jsonl#" in text
+    assert_citations_resolve_into_the_corpus(text)
 
 
 def test_run_with_output_and_own_corpus(tmp_path: Path) -> None:
