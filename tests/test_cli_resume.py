@@ -174,3 +174,65 @@ def test_cli_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert complete.returncode == 0 and "already complete" in complete.stdout
+
+
+def _sessions(tmp_path: Path, *ids: str) -> CheckpointManager:
+    from prowzi.testing import noop_agents
+
+    config = ProwziConfig(
+        enable_checkpointing=True,
+        checkpoint_dir=tmp_path / "checkpoints",
+        enable_telemetry=False,
+    )
+    orch = ProwziOrchestrator(config=config, agents=noop_agents(), tracer=NullTracer())
+    for sid in ids:
+        asyncio.run(orch.run_research("x", session_id=sid))
+        time.sleep(0.01)  # distinct creation times: "newest" is well defined
+    return CheckpointManager(tmp_path / "checkpoints")
+
+
+def _prowzi(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PROWZI, *args],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def test_cli_checkpoints_lists_with_filters(tmp_path: Path) -> None:
+    _sessions(tmp_path, "one", "two")
+    rows = _prowzi(tmp_path, "checkpoints", "--session", "two", "--json")
+    assert rows.returncode == 0, rows.stderr
+    listed = [line for line in rows.stdout.splitlines() if line]
+    assert len(listed) == 7 and all('"session_id":"two"' in line for line in listed)
+    one_stage = _prowzi(tmp_path, "checkpoints", "--stage", "search")
+    assert sorted(line.split()[0] for line in one_stage.stdout.splitlines()) == [
+        "one_search",
+        "two_search",
+    ]
+    recent = _prowzi(tmp_path, "checkpoints", "--since", "1h")
+    assert len(recent.stdout.splitlines()) == 14
+    bad = _prowzi(tmp_path, "checkpoints", "--session", "../x")
+    assert (
+        bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    )
+
+
+def test_cli_cleanup_keeps_newest_and_running_sessions(tmp_path: Path) -> None:
+    manager = _sessions(tmp_path, "old-a", "old-b", "running", "newest")
+    dry = _prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete old-a_intent" in dry.stdout
+    assert len(manager.list_checkpoints()) == 28  # a dry run deletes nothing
+    with manager.session_lock("running"):  # a run in progress, held by this process
+        done = _prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1")
+    assert done.returncode == 0, done.stderr
+    left = {
+        row["session_id"] for row in CheckpointManager(tmp_path / "checkpoints").list_checkpoints()
+    }
+    assert left == {"running", "newest"}
+    bad = _prowzi(tmp_path, "cleanup", "--older-than", "seven days")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "seven days" in bad.stderr
