@@ -17,8 +17,8 @@ from typing import Any
 DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
-def sample(heading: str, index: int = 0) -> str:
-    """The ``index``-th python code block under the markdown heading ``heading``."""
+def sample(heading: str, index: int = 0, language: str = "python") -> str:
+    """The ``index``-th code block in ``language`` under the markdown heading ``heading``."""
     lines = DESIGN.read_text(encoding="utf-8").splitlines()
     in_fence = False
     section: list[str] | None = None
@@ -35,7 +35,8 @@ def sample(heading: str, index: int = 0) -> str:
             section.append(line)
     if section is None:
         raise LookupError(f"no heading {heading!r} in {DESIGN}")
-    blocks = re.findall(r"```python\n(.*?)```", "\n".join(section) + "\n", flags=re.DOTALL)
+    pattern = rf"```{re.escape(language)}\n(.*?)```"
+    blocks = re.findall(pattern, "\n".join(section) + "\n", flags=re.DOTALL)
     return str(blocks[index])
 
 
