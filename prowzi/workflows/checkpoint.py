@@ -56,16 +56,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from prowzi import __version__
 from prowzi.agents.base import RunParameters
-from prowzi.agents.models import (
-    EvaluationAgentResult,
-    IntentAnalysis,
-    ResearchPlan,
-    SearchAgentResult,
-    TurnitinAgentResult,
-    VerificationAgentResult,
-    WorkflowState,
-    WritingAgentResult,
-)
+from prowzi.agents.models import WorkflowState
 from prowzi.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -140,21 +131,13 @@ class CheckpointMetadata(BaseModel):
     span_id: str | None = None
 
 
-class WorkflowCheckpoint(BaseModel):
-    """A loaded, verified checkpoint: its metadata and the workflow state it holds."""
+class WorkflowCheckpoint(WorkflowState):
+    """A loaded, verified checkpoint: the workflow state it holds (every field of
+    :class:`~prowzi.agents.models.WorkflowState`, by the same names) and its ``metadata``."""
 
     model_config = ConfigDict(extra="forbid")
 
     metadata: CheckpointMetadata
-    intent: IntentAnalysis | None = None
-    plan: ResearchPlan | None = None
-    search: SearchAgentResult | None = None
-    verification: VerificationAgentResult | None = None
-    draft: WritingAgentResult | None = None
-    evaluation: EvaluationAgentResult | None = None
-    initial_evaluation: EvaluationAgentResult | None = None
-    turnitin: TurnitinAgentResult | None = None
-    stage_metrics: dict[str, Any] = Field(default_factory=dict)
 
     def to_state(self) -> WorkflowState:
         return WorkflowState.model_construct(
@@ -281,6 +264,9 @@ class CheckpointManager:
         self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
+        self._sidecars: dict[str, tuple[str, str]] = {}
+        """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
+        written from): a sidecar whose file has not changed since need not be read again."""
         self._mutex = threading.RLock()  # the caches above are shared by threads
 
     @classmethod
@@ -372,14 +358,23 @@ class CheckpointManager:
 
     def _write_sidecar(self, checkpoint_id: str, header_doc: dict[str, Any]) -> None:
         # Derived data: not fsynced, and a failure only costs a rewrite on the next load.
+        name = f"{checkpoint_id}.json"
         try:
             self.store.put(
-                f"{checkpoint_id}.json",
-                orjson.dumps(header_doc, option=orjson.OPT_INDENT_2) + b"\n",
-                durable=False,
+                name, orjson.dumps(header_doc, option=orjson.OPT_INDENT_2) + b"\n", durable=False
             )
         except OSError as exc:
+            self._sidecars.pop(name, None)
             log.warning("could not write the metadata of checkpoint %s: %s", checkpoint_id, exc)
+            return
+        self._sidecar_checked(name, header_doc)
+
+    def _sidecar_checked(self, name: str, header_doc: dict[str, Any]) -> None:
+        token = self.store.token(name)
+        if token is None:
+            self._sidecars.pop(name, None)
+        else:
+            self._sidecars[name] = (token, header_doc["payload_sha256"])
 
     def _chain_head(self, session_id: str, stage: str, completed: list[str]) -> str | None:
         for prior in _earlier(completed, stage):
@@ -657,8 +652,14 @@ class CheckpointManager:
         return headers
 
     def _check_sidecar(self, metadata: CheckpointMetadata, header_doc: dict[str, Any]) -> None:
-        """Rewrite a missing or stale ``.json``; refuse one edited to point elsewhere."""
+        """Rewrite a missing or stale ``.json``; refuse one edited to point elsewhere.
+
+        A sidecar this manager wrote or checked, whose file is unchanged since (same inode,
+        size and mtime: any rewrite or edit changes one), is not read again."""
         name = f"{metadata.checkpoint_id}.json"
+        known = self._sidecars.get(name)
+        if known is not None and known == (self.store.token(name), metadata.payload_sha256):
+            return
         try:
             doc = orjson.loads(self.store.get(name))
         except (BlobNotFoundError, orjson.JSONDecodeError):
@@ -670,6 +671,7 @@ class CheckpointManager:
                 "delete it and it is regenerated",
             ) from None
         if doc == header_doc:
+            self._sidecar_checked(name, header_doc)
             return
         if isinstance(doc, dict):
             foreign = sorted(set(doc) - set(CheckpointMetadata.model_fields))
