@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,3 +237,67 @@ def test_cli_cleanup_keeps_newest_and_running_sessions(tmp_path: Path) -> None:
     assert left == {"running", "newest"}
     bad = _prowzi(tmp_path, "cleanup", "--older-than", "seven days")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "seven days" in bad.stderr
+
+
+def test_a_forked_resume_uses_one_session_id_throughout(tmp_path: Path) -> None:
+    _sessions(tmp_path, "base")
+    proc = _prowzi(tmp_path, "resume", "base", "--set", "max_results_per_query=4")
+    assert proc.returncode == 0, proc.stderr
+    planned = re.search(r"forks new session (\S+) \(parent base\)", proc.stdout)
+    ran = re.search(r"Session: (\S+)", proc.stdout)
+    assert planned is not None and ran is not None
+    assert planned.group(1) == ran.group(1)
+    assert (tmp_path / f"{planned.group(1)}.md").is_file()
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.latest(planned.group(1)).parent_session_id == "base"  # type: ignore[union-attr]
+
+
+def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path) -> None:
+    marker = tmp_path / "fail-while-this-exists"
+    marker.touch()
+    failing = env(
+        tmp_path,
+        PROWZI_AGENTS="writing=engine_agents:failing",
+        PROWZI_TEST_FAIL_MARKER=str(marker),
+        PROWZI_MAX_RETRIES="0",
+    )
+    first = subprocess.run(
+        [
+            PROWZI,
+            "run",
+            "Write about quantum computing",
+            "--enable-checkpoints",
+            "--session-id",
+            "out",
+            "--output",
+            "papers/mine.md",
+        ],
+        env=failing,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert first.returncode == 1
+    lines = first.stderr.splitlines()
+    assert lines[-2].startswith("error: stage 'writing' failed")
+    assert (
+        lines[-1] == "failed: completed stages are checkpointed; continue with: prowzi resume out"
+    )
+    marker.unlink()
+    resumed = _prowzi(tmp_path, "resume", "out")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "papers" / "mine.md").read_text(encoding="utf-8").count("## References")
+    assert not (tmp_path / "out.md").exists()
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    session = TelemetryCollector(tmp_path / "telemetry").load_session("out")
+    assert session.success is True
+    assert "error" not in session.metadata  # the failed attempt's error is not left behind
+    assert session.metadata["output_path"] == "papers/mine.md"
+
+
+def test_resume_without_checkpoints_explains_why(tmp_path: Path) -> None:
+    proc = _prowzi(tmp_path, "resume", "never-checkpointed")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" in proc.stderr

@@ -125,6 +125,12 @@ def test_run_with_output_and_own_corpus(tmp_path: Path) -> None:
         (("run", PROMPT, "--max-results", "0"), ("--max-results 0",)),
         (("run", PROMPT, "--max-results", "-5"), ("--max-results -5",)),
         (("run", PROMPT, "--corpus", "does-not-exist"), ("does-not-exist",)),
+        (("run", PROMPT, "--max-results", "abc"), ("--max-results",)),
+        (("run",), ("Missing argument",)),
+        (("run", PROMPT, "--bogus"), ("--bogus",)),
+        (("bogus",), ("No such command",)),
+        (("run", PROMPT, "--output", "."), ("is a directory",)),
+        (("sessions", "--limit", "-1"), ("--limit",)),
     ],
 )
 def test_bad_input_gets_a_one_line_error(args: tuple[str, ...], needles: tuple[str, ...]) -> None:

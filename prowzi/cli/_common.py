@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
@@ -98,3 +99,15 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         if received:
             raise Interrupted(received[0]) from None
         raise
+
+
+def check_output(path: Path) -> Path:
+    """Refuse an output path that cannot take a file, before any work is done."""
+    if path.is_dir():
+        fail(f"--output {path} is a directory; name a file", EXIT_USAGE)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"--output {path}: {parent} is not a directory", EXIT_USAGE)
+    return path

@@ -13,6 +13,7 @@ from prowzi.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     Interrupted,
+    check_output,
     fail,
     load_config,
     run_async,
@@ -55,23 +56,37 @@ def resume(
     """Continue a session from its latest (or a named) checkpoint."""
     config = load_config()
     changes = _parse_sets(set_ or [])
+    if output is not None:
+        check_output(output)
     with user_errors():
-        from prowzi.errors import WorkflowFailedError
+        from prowzi.errors import CheckpointNotFoundError, WorkflowFailedError
+        from prowzi.ids import new_session_id
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         orchestrator = ProwziOrchestrator(config=config)
-        plan = orchestrator.plan_resume(checkpoint_id, stage=from_stage, parameters=changes)
+        fork_id = new_session_id()  # used only if the resume forks
+        try:
+            plan = orchestrator.plan_resume(
+                checkpoint_id, stage=from_stage, parameters=changes, fork_session_id=fork_id
+            )
+        except CheckpointNotFoundError as exc:
+            fail(
+                f"{exc} (checkpoints are written by runs started with --enable-checkpoints "
+                "or PROWZI_ENABLE_CHECKPOINTING=true)"
+            )
         for line in plan.describe():
             typer.echo(line)
-        if dry_run:
+        if dry_run or plan.complete:
             return
-        if plan.complete:
-            return
-        document = output if output is not None else config.output_dir / f"{plan.session_id}.md"
+        document = output or _previous_output(config, plan)
         try:
             result = run_async(
                 orchestrator.resume_from_checkpoint(
-                    checkpoint_id, stage=from_stage, parameters=changes, document_path=document
+                    checkpoint_id,
+                    stage=from_stage,
+                    parameters=changes,
+                    fork_session_id=fork_id,
+                    document_path=document,
                 )
             )
         except Interrupted as exc:
@@ -82,12 +97,28 @@ def resume(
             )
             raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
         except WorkflowFailedError as exc:
-            fail(f"{exc}; continue with: prowzi resume {plan.session_id}")
-        if result.metadata.get("already_complete"):
-            typer.echo(f"session {result.metadata['session_id']} is already complete")
-            return
+            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"continue with: prowzi resume {plan.session_id}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"Session: {result.metadata['session_id']}")
         typer.echo(f"Document: {document}")
+
+
+def _previous_output(config: Any, plan: Any) -> Path:
+    """Where the document goes: the path the session's first run asked for when resuming in
+    place (from its telemetry), else ``<session>.md`` in the output directory."""
+    default: Path = config.output_dir / f"{plan.session_id}.md"
+    if plan.fork or not config.enable_telemetry:
+        return default
+    from prowzi.errors import TelemetryError
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    try:
+        previous = TelemetryCollector(config.telemetry_dir).load_session(plan.session_id)
+    except (TelemetryError, OSError):
+        return default
+    recorded = previous.metadata.get("output_path")
+    return Path(recorded) if isinstance(recorded, str) and recorded else default
 
 
 def checkpoints(

@@ -6,6 +6,8 @@ Command modules import only typer and the standard library at module level, so t
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from prowzi.cli import checkpoint_cmds, run_cmd, serve_cmd, telemetry_cmds
@@ -22,8 +24,29 @@ for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd):
     _module.register(app)
 
 
+# click's usage errors (bad option values, missing arguments, unknown commands) derive from
+# this; it is found through a public typer name because typer vendors click.
+_CLICK_ERROR: type[Exception] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"
+)
+
+
 def main() -> None:
-    app()
+    """Run the app; a usage error is one ``error:`` line and exit 2, never a panel."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except _CLICK_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # the help was printed
+        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+        context = getattr(exc, "ctx", None)
+        hint = f" (see: {context.command_path} --help)" if context is not None else ""
+        typer.echo(f"error: {message}{hint}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import typer
 from prowzi.cli._common import (
     EXIT_INTERRUPTED,
     Interrupted,
+    check_output,
     fail,
     load_config,
     run_async,
@@ -75,7 +76,7 @@ def run(
         if enable_checkpoints:
             config.enable_checkpointing = True
         sid = validate_session_id(session_id) if session_id else new_session_id()
-        document = output if output is not None else config.output_dir / f"{sid}.md"
+        document = check_output(output if output is not None else config.output_dir / f"{sid}.md")
         _execute(config, prompt, max_results, sid, document, monitor, metrics_port, pushgateway)
 
 
@@ -108,6 +109,7 @@ def _execute(
         sinks=sinks,
         on_sink_error=metrics.sink_error if metrics is not None else None,
     )
+    orchestrator.agents  # noqa: B018  (a bad agent override fails before the run is announced)
     callback = None
     live = None
     if monitor:
@@ -132,8 +134,9 @@ def _execute(
         _hint_resume(config, sid, "interrupted")
         raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
     except WorkflowFailedError as exc:
+        typer.echo(f"error: {exc}", err=True)
         _hint_resume(config, sid, "failed")
-        fail(str(exc))
+        raise typer.Exit(1) from None
     finally:
         if metrics is not None and push_url:
             from prowzi.observability.metrics import push_metrics

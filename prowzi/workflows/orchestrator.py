@@ -270,10 +270,16 @@ class ProwziOrchestrator:
         *,
         stage: str | None = None,
         parameters: Mapping[str, Any] | None = None,
+        fork_session_id: str | None = None,
         **changes: Any,
     ) -> ResumePlan:
-        """What :meth:`resume_from_checkpoint` would do with these arguments (a dry run)."""
-        plan, _ = self._plan(checkpoint_id, stage, {**(parameters or {}), **changes})
+        """What :meth:`resume_from_checkpoint` would do with these arguments (a dry run).
+
+        Pass the same ``fork_session_id`` to both to know a fork's session id in advance.
+        """
+        plan, _ = self._plan(
+            checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
+        )
         return plan
 
     async def resume_from_checkpoint(
@@ -284,6 +290,7 @@ class ProwziOrchestrator:
         progress_callback: ProgressCallback | None = None,
         document_path: Path | str | None = None,
         parameters: Mapping[str, Any] | None = None,
+        fork_session_id: str | None = None,
         **changes: Any,
     ) -> ResearchResult:
         """Continue a session from its latest checkpoint, or from ``stage``'s (time travel).
@@ -292,11 +299,14 @@ class ProwziOrchestrator:
         keywords such as ``max_results_per_query=30``, or a ``parameters`` mapping) fork a new
         session that records its parent, and re-run only the stages whose inputs changed.
         Resuming a completed session returns its result without re-running anything.
+        A fork gets ``fork_session_id`` if given, else a new id.
         """
         source_session, _ = split_checkpoint_id(checkpoint_id)
         manager = self.checkpoint_manager
         with manager.session_lock(source_session):
-            plan, checkpoint = self._plan(checkpoint_id, stage, {**(parameters or {}), **changes})
+            plan, checkpoint = self._plan(
+                checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
+            )
             if plan.complete:
                 return self._result_from_checkpoint(checkpoint, plan)
             self.agents  # noqa: B018
@@ -328,8 +338,14 @@ class ProwziOrchestrator:
     # --- resume planning ----------------------------------------------------------------
 
     def _plan(
-        self, checkpoint_id: str, stage: str | None, changes: Mapping[str, Any]
+        self,
+        checkpoint_id: str,
+        stage: str | None,
+        changes: Mapping[str, Any],
+        fork_session_id: str | None = None,
     ) -> tuple[ResumePlan, WorkflowCheckpoint]:
+        if fork_session_id is not None:
+            validate_session_id(fork_session_id)
         unknown = sorted(set(changes) - set(PARAMETER_NAMES))
         if unknown:
             raise InvalidInputError(
@@ -377,7 +393,9 @@ class ProwziOrchestrator:
         plan = ResumePlan(
             source_session_id=meta.session_id,
             checkpoint_id=meta.checkpoint_id,
-            session_id=new_session_id() if fork and not complete else meta.session_id,
+            session_id=(fork_session_id or new_session_id())
+            if fork and not complete
+            else meta.session_id,
             fork=fork and not complete,
             complete=complete,
             changed_parameters=changed,
@@ -441,7 +459,10 @@ class ProwziOrchestrator:
                     trace_id=run_span.trace_id,
                     parent_session_id=run.parent_session_id,
                     resumed_from=run.resumed_from,
-                    metadata={"prowzi_version": __version__},
+                    metadata={
+                        "prowzi_version": __version__,
+                        "output_path": str(run.document_path) if run.document_path else None,
+                    },
                 )
             )
             specs = {s.name: s for s in self.stages}
@@ -734,6 +755,7 @@ def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # a document, not a secret: mkstemp's 0600 is too tight
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -377,6 +377,8 @@ class SessionRecorder:
         else:
             # the same session run again (a resume): keep its history, reopen it
             runs = metrics.metadata.get("runs", 1)
+            for stale in ("error", "error_type", "cancelled"):
+                metrics.metadata.pop(stale, None)
             metrics.metadata.update(added)
             metrics.metadata["runs"] = (runs if isinstance(runs, int) else 1) + 1
             metrics.prompt = event.prompt or metrics.prompt
