@@ -177,6 +177,14 @@ def test_a_run_is_accepted_listed_streamed_to_completion_and_inspected(
     listed = service.client.get("/runs", params={"state": "completed"}).json()["runs"]
     assert [r["session_id"] for r in listed] == [sid]
 
+    document = service.client.get(f"/runs/{sid}/document")
+    assert document.status_code == 200
+    assert document.headers["content-type"].startswith("text/markdown")
+    assert document.text.startswith("# quantum computing")
+    missing = service.client.get("/runs/no-such-run/document")
+    assert missing.status_code == 404 and "no document for run no-such-run" in missing.text
+    assert service.client.get("/runs/..%2Fetc/document").status_code in (400, 404)
+
 
 def test_cancel_stops_a_run_after_checkpointing_and_resume_finishes_it(
     slow_service: Service,

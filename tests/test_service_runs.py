@@ -35,12 +35,19 @@ class FakeOrchestrator:
         self.calls: list[tuple[str, str]] = []
 
     async def run_research(
-        self, prompt: str, *, max_results_per_query: int, session_id: str
+        self,
+        prompt: str,
+        *,
+        max_results_per_query: int,
+        session_id: str,
+        document_path: Path | None = None,
     ) -> None:
         self.calls.append(("run", session_id))
         await self._run(session_id, prompt)
 
-    async def resume_from_checkpoint(self, session_id: str) -> None:
+    async def resume_from_checkpoint(
+        self, session_id: str, document_path: Path | None = None
+    ) -> None:
         self.calls.append(("resume", session_id))
         await self._run(session_id, "from checkpoint")
 

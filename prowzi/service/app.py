@@ -9,6 +9,7 @@ an invalid body, 429 when the queue is full, 503 while shutting down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -162,6 +163,7 @@ def create_app(
         max_concurrent=settings.max_concurrent,
         max_queue=settings.max_queue,
         shutdown_timeout=settings.shutdown_timeout,
+        documents_dir=settings.state_dir / "documents",
     )
     telemetry_reader: list[TelemetryCollector] = []
 
@@ -306,6 +308,26 @@ def create_app(
             if info.trace_id is None and isinstance(data["metadata"].get("trace_id"), str):
                 info.trace_id = data["metadata"]["trace_id"]
         return info
+
+    @app.get(
+        "/runs/{session_id}/document",
+        tags=["runs"],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/markdown": {}}}, 404: {"description": "no document"}},
+    )
+    async def get_document(session_id: str) -> Response:
+        """The run's cited markdown document, once the run has completed."""
+        sid = _session(session_id)
+        path = manager.document_path(sid)
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8") if path else None
+        except FileNotFoundError:
+            text = None
+        if text is None:
+            record = manager.records.get(sid)
+            state = f" (state: {record.state})" if record is not None else ""
+            return _error(404, f"no document for run {sid}{state}")
+        return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
 
     @app.get(
         "/runs/{session_id}/events",

@@ -15,9 +15,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prowzi.errors import CheckpointNotFoundError, ProwziError, WorkflowFailedError
+from prowzi.ids import validate_session_id
 from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
 from prowzi.workflows.events import Event, EventSink, WorkflowStarted
 
@@ -132,6 +134,7 @@ class RunManager:
         max_concurrent: int = 2,
         max_queue: int = 100,
         shutdown_timeout: float = 30.0,
+        documents_dir: Path | None = None,
     ) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
@@ -149,12 +152,19 @@ class RunManager:
         self._running: set[str] = set()
         self._entries: dict[str, JournalEntry] = {}
         self._shutting_down = False
+        self.documents_dir = documents_dir
 
     @property
     def orchestrator(self) -> ProwziOrchestrator:
         if self._orchestrator is None:
             self._orchestrator = self._factory(self._sink)
         return self._orchestrator
+
+    def document_path(self, session_id: str) -> Path | None:
+        """Where a run's document is written (named by its validated session id)."""
+        if self.documents_dir is None:
+            return None
+        return self.documents_dir / f"{validate_session_id(session_id)}.md"
 
     @property
     def queue_depth(self) -> int:
@@ -320,9 +330,12 @@ class RunManager:
                     entry.prompt,
                     max_results_per_query=entry.max_results_per_query,
                     session_id=entry.session_id,
+                    document_path=self.document_path(entry.session_id),
                 )
             else:
-                await orchestrator.resume_from_checkpoint(entry.session_id)
+                await orchestrator.resume_from_checkpoint(
+                    entry.session_id, document_path=self.document_path(entry.session_id)
+                )
             self._set_state(record, "completed")
         except WorkflowFailedError as exc:
             self._set_state(record, "failed", error=str(exc))
