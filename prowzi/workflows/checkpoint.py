@@ -185,6 +185,12 @@ def _session_of(name: str) -> tuple[str, str] | None:
     return (session, stage) if stage is not None else None
 
 
+def _lock_key(name: str) -> str | None:
+    """The writer lock guarding a blob: its session's."""
+    parsed = _session_of(name)
+    return parsed[0] if parsed is not None else None
+
+
 def _migrate_header(header: dict[str, Any]) -> dict[str, Any]:
     version = header["format_version"]
     for step in range(version, FORMAT_VERSION):
@@ -268,6 +274,9 @@ class CheckpointManager:
         """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
         written from): a sidecar whose file has not changed since need not be read again."""
         self._mutex = threading.RLock()  # the caches above are shared by threads
+        # Journal records are judged exactly as files are (and recovery after an OS crash
+        # runs now, before this manager reads anything).
+        self.store.attach_verifier(self._journal_key, _lock_key)
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
@@ -279,6 +288,18 @@ class CheckpointManager:
             compression=config.checkpoint_compression,
             fsync=config.checkpoint_fsync,
         )
+
+    def _journal_key(self, name: str, data: bytes) -> float | None:
+        """The store's verifier: a checkpoint's ``created_at`` if ``data`` passes every check
+        a load makes (container, sha256, HMAC with a key, identity, schema), else None."""
+        if _session_of(name) is None:
+            return None
+        try:
+            metadata, _, _ = self._verified(name, data, check_link=False)
+        except CheckpointIntegrityError as exc:
+            log.warning("ignoring a journal record: %s", exc)
+            return None
+        return metadata.created_at.timestamp()
 
     # --- writing ------------------------------------------------------------------------
 
@@ -915,6 +936,7 @@ class CheckpointManager:
         if not dry_run:
             self._remove_orphans(blobs, cutoff)
             self.store.sweep_temporaries()
+            self.store.sync()  # checkpoint the journal: it is bounded, and empty when idle
         return sorted(deleted)
 
     def _remove_orphans(self, blobs: Sequence[Any], cutoff: datetime) -> None:

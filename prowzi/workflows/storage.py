@@ -24,10 +24,13 @@ import re
 import secrets
 import socket
 import stat
+import struct
 import threading
 import time
+import weakref
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +61,11 @@ _COMPACT_MIN = 1 << 20
 """The index log is compacted once it exceeds this and twice its last snapshot."""
 _TEMPORARY_MAX_AGE = 3600.0
 """Seconds after which a temporary file is certainly abandoned and may be removed."""
+
+
+Verifier = Callable[[str, bytes], float | None]
+"""``(name, data) -> ordering key`` of content that verifies, or None (see
+:meth:`CheckpointStore.attach_verifier`)."""
 
 
 def validate_blob_name(name: object) -> str:
@@ -146,6 +154,22 @@ class CheckpointStore(ABC):
     def sweep_temporaries(self, max_age: float = _TEMPORARY_MAX_AGE) -> builtins.list[str]:
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
+
+    def attach_verifier(
+        self, verify: Verifier, lock_key: Callable[[str], str | None] | None = None
+    ) -> None:
+        """Tell a store that keeps a write-ahead journal how to judge a blob's content.
+
+        ``verify(name, data)`` returns an ordering key (newer content, larger key) for content
+        that verifies, None otherwise; ``lock_key(name)`` names the writer lock that guards
+        the blob. A journal record is only ever restored over a file when it verifies and the
+        file does not hold content that verifies and is at least as new."""
+        return None
+
+    def sync(self) -> None:
+        """Make every completed ``put`` durable in the blobs themselves (a journal, if the store
+        keeps one, is then emptied)."""
+        return None
 
 
 def _holder_description() -> dict[str, Any]:
@@ -249,6 +273,200 @@ class InMemoryStore(CheckpointStore):
             return key in self._locks
 
 
+# --- write-ahead journal --------------------------------------------------------------------
+
+JOURNAL_DIR = ".journal"
+_JOURNAL_MAGIC = b"\x89PZWAL1\n"
+_JOURNAL_HEADER = struct.Struct(">8s16s8sI")
+"""magic | boot id | salt | crc32 of the fields before."""
+_RECORD = struct.Struct(">4s8sQHI")
+"""record magic | the journal's current salt | wall clock (ns) | name length | data length;
+then the name, the data, and a crc32 of the whole record before it."""
+_RECORD_MAGIC = b"PZJR"
+_CRC = struct.Struct(">I")
+_JOURNAL_INITIAL = 1 << 20
+"""Bytes of zeros a new journal is created with (see :class:`_Journal`)."""
+_JOURNAL_MAX = 16 << 20
+"""A journal grows (by doubling) up to this, then is checkpointed and reused from the start."""
+
+
+def _boot_id() -> bytes | None:
+    """This boot's id (Linux): a journal written in this boot has not lived through a crash."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            text = fh.read(64).strip().decode("ascii")
+        return bytes.fromhex(text.replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return None
+
+
+_BOOT_ID = _boot_id()
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    view = memoryview(data)
+    while view:
+        if offset is None:
+            written = os.write(fd, view)
+        else:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+        view = view[written:]
+
+
+def _fsync_path(path: str, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    name: str
+    data: bytes
+    written_ns: int
+    """Wall clock at the append: orders the records of several journals of one boot."""
+
+
+def read_journal(data: bytes) -> tuple[bytes, list[JournalRecord]] | None:
+    """(boot id, records) of a journal's bytes; None when its header is not intact.
+
+    Records are read up to the first that is torn, of another salt (left from before the
+    journal was last reused) or otherwise not intact: that is the journal's end."""
+    if len(data) < _JOURNAL_HEADER.size:
+        return None
+    magic, boot, salt, crc = _JOURNAL_HEADER.unpack_from(data)
+    if magic != _JOURNAL_MAGIC or zlib.crc32(data[: _JOURNAL_HEADER.size - 4]) != crc:
+        return None
+    records: list[JournalRecord] = []
+    offset = _JOURNAL_HEADER.size
+    view = memoryview(data)
+    while offset + _RECORD.size <= len(data):
+        magic, record_salt, written_ns, name_length, length = _RECORD.unpack_from(data, offset)
+        end = offset + _RECORD.size + name_length + length
+        if magic != _RECORD_MAGIC or record_salt != salt or end + _CRC.size > len(data):
+            break
+        (crc,) = _CRC.unpack_from(data, end)
+        if zlib.crc32(view[offset:end]) != crc:
+            break
+        start = offset + _RECORD.size
+        try:
+            name = validate_blob_name(bytes(view[start : start + name_length]).decode())
+        except (UnicodeDecodeError, InvalidIdentifierError):
+            break
+        records.append(JournalRecord(name, bytes(view[start + name_length : end]), written_ns))
+        offset = end + _CRC.size
+    return boot, records
+
+
+class _Journal:
+    """One process's write-ahead journal of durable puts into one directory.
+
+    A file ``.journal/<pid>-<random>.wal``, created with ``_JOURNAL_INITIAL`` bytes of zeros
+    (written, not just reserved, and fsynced once) so that appending a record overwrites
+    blocks that already exist: the record's fdatasync then flushes data only, with no
+    filesystem-journal commit for a new size or new blocks (as SQLite reuses its WAL). Each
+    record is self-delimiting and carries the journal's salt and a crc32, so a torn tail, or a
+    record left from before the journal was reused (another salt), ends the journal.
+
+    The owner holds an exclusive ``flock`` on the file for its lifetime: a journal whose lock
+    can be taken belongs to a process that has exited. Only the owning process (and thread,
+    under the store's mutex) writes it; a forked child opens its own.
+    """
+
+    def __init__(self, root: str, boot: bytes) -> None:
+        self.root = root
+        self.boot = boot
+        self.pid = os.getpid()
+        directory = os.path.join(root, JOURNAL_DIR)
+        created = False
+        try:
+            os.mkdir(directory, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+        stem = f"{self.pid}-{secrets.token_hex(4)}"
+        self.path = os.path.join(directory, f"{stem}.wal")
+        # Built under another name and renamed once locked and complete: recovery only looks
+        # at ``*.wal`` files, and must never take one being created for abandoned.
+        tmp = os.path.join(directory, f"{TEMP_PREFIX}{stem}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.salt = secrets.token_bytes(8)
+            _write_all(fd, self._header() + bytes(_JOURNAL_INITIAL - _JOURNAL_HEADER.size), 0)
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+            _fsync_path(directory, directory=True)
+            if created:
+                _fsync_path(root, directory=True)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.fd = fd
+        self.size = _JOURNAL_INITIAL
+        self.offset = _JOURNAL_HEADER.size
+        self.names: set[str] = set()
+        """Blobs put through the journal since it was last checkpointed."""
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def _header(self) -> bytes:
+        fields = _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, self.boot, self.salt, 0)[:-4]
+        return fields + _CRC.pack(zlib.crc32(fields))
+
+    def fits(self, name: str, data: bytes) -> bool:
+        return _JOURNAL_HEADER.size + _RECORD.size + len(name) + len(data) + 4 <= _JOURNAL_MAX
+
+    def append(self, name: str, data: bytes) -> None:
+        """Write one record and fdatasync it: once this returns, the put is durable."""
+        encoded = name.encode()
+        needed = _RECORD.size + len(encoded) + len(data) + _CRC.size
+        if self.offset + needed > self.size:
+            self._make_room(needed)  # may checkpoint, which changes the salt
+        fixed = _RECORD.pack(_RECORD_MAGIC, self.salt, time.time_ns(), len(encoded), len(data))
+        crc = zlib.crc32(data, zlib.crc32(encoded, zlib.crc32(fixed)))
+        _write_all(self.fd, b"".join((fixed, encoded, data, _CRC.pack(crc))), self.offset)
+        os.fdatasync(self.fd)
+        self.offset += needed
+        self.names.add(name)
+
+    def _make_room(self, needed: int) -> None:
+        """Grow the journal (doubling, up to ``_JOURNAL_MAX``) or, once it is that large,
+        checkpoint it and start again from the beginning."""
+        if self.offset + needed > _JOURNAL_MAX:
+            self.checkpoint()
+        size = self.size
+        while self.offset + needed > size:
+            size = min(2 * size, _JOURNAL_MAX)
+        if size > self.size:
+            _write_all(self.fd, bytes(size - self.size), self.size)
+            os.fsync(self.fd)
+            self.size = size
+
+    def checkpoint(self) -> None:
+        """Make the blobs written through the journal durable in their files, then reuse it."""
+        if self.offset == _JOURNAL_HEADER.size:
+            return
+        for name in sorted(self.names):
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_path(os.path.join(self.root, name))
+        _fsync_path(self.root, directory=True)
+        # A new salt voids every record written so far, in one small write.
+        self.salt = secrets.token_bytes(8)
+        _write_all(self.fd, self._header(), 0)
+        os.fdatasync(self.fd)
+        self.offset = _JOURNAL_HEADER.size
+        self.names.clear()
+
+    def close(self) -> None:
+        self._finalizer()
+
+
 # --- local directory ------------------------------------------------------------------------
 
 
@@ -309,6 +527,11 @@ class LocalDirectoryStore(CheckpointStore):
         self._generation = 0
         self._compact_at = _COMPACT_MIN
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
+        self._journal: _Journal | None = None
+        self._journal_failed = False
+        self._recovered = False
+        self._verify: Verifier | None = None
+        self._lock_key: Callable[[str], str | None] | None = None
 
     # blobs
 
@@ -329,16 +552,43 @@ class LocalDirectoryStore(CheckpointStore):
     ) -> None:
         final = self._path(name)
         self._ensure_dirs()
+        self._recover_once()
         durable = durable and self.fsync
+        if durable:
+            with self._mutex:
+                journal = self._journal_for(name, data)
+                if journal is not None:
+                    # One fdatasync (of the journal record) makes the put durable; the file
+                    # is its materialised view, synced when the journal is checkpointed.
+                    try:
+                        journal.append(name, data)
+                    except OSError as exc:
+                        log.warning("checkpoint journal in %s failed: %s", self.root, exc)
+                        self._drop_journal()
+                    else:
+                        try:
+                            st = self._materialise(name, final, data, sync=False)
+                        except BaseException:
+                            # Void the record of a put that failed (after syncing the files
+                            # of the records before it), so no replay ever resurrects it.
+                            with contextlib.suppress(OSError):
+                                journal.checkpoint()
+                            raise
+                        self._record(name, st, meta)
+                        return
+        st = self._materialise(name, final, data, sync=durable)
+        if durable:
+            self._fsync_dir(self._dir)
+        self._record(name, st, meta)
+
+    def _materialise(self, name: str, final: str, data: bytes, *, sync: bool) -> os.stat_result:
+        """Write ``data`` to a temporary, (fdatasync it,) rename it over ``final``."""
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if durable:
+                _write_all(fd, data)
+                if sync:
                     os.fdatasync(fd)
                 st = os.fstat(fd)
             finally:
@@ -348,8 +598,9 @@ class LocalDirectoryStore(CheckpointStore):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if durable:
-            self._fsync_dir(self._dir)
+        return st
+
+    def _record(self, name: str, st: os.stat_result, meta: dict[str, Any] | None) -> None:
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
@@ -358,6 +609,177 @@ class LocalDirectoryStore(CheckpointStore):
                 self._append(
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
                 )
+
+    # journal
+
+    def _journal_for(self, name: str, data: bytes) -> _Journal | None:
+        """This process's journal for a durable put of ``data``, or None for a direct one."""
+        journal = self._journal
+        if journal is not None and journal.pid != os.getpid():
+            journal = self._journal = None  # forked: the parent's journal is not ours to write
+        if journal is None:
+            if self._journal_failed or _BOOT_ID is None:
+                return None
+            try:
+                journal = self._journal = _Journal(self._dir, _BOOT_ID)
+            except OSError as exc:
+                # No room for it (a nearly full disk), an odd filesystem: sync each put.
+                log.debug("no checkpoint journal in %s: %s", self.root, exc)
+                self._journal_failed = True
+                return None
+        if not journal.fits(name, data):
+            if name in journal.names:
+                journal.checkpoint()  # the direct write must not be undone by an older record
+            return None
+        return journal
+
+    def _drop_journal(self) -> None:
+        journal, self._journal, self._journal_failed = self._journal, None, True
+        if journal is not None:
+            with contextlib.suppress(OSError):
+                journal.checkpoint()
+            journal.close()
+
+    def sync(self) -> None:
+        with self._mutex:
+            if self._journal is not None and self._journal.pid == os.getpid():
+                self._journal.checkpoint()
+
+    def attach_verifier(
+        self, verify: Verifier, lock_key: Callable[[str], str | None] | None = None
+    ) -> None:
+        with self._mutex:
+            self._verify, self._lock_key = verify, lock_key
+            self._recover()
+
+    def _recover_once(self) -> None:
+        if not self._recovered:
+            with self._mutex:
+                if not self._recovered:
+                    self._recover()
+
+    def _recover(self) -> None:
+        """Absorb the journals of processes that have exited (their lock is free).
+
+        A journal written in this boot has lived through no OS crash: its files are as the
+        writer left them (in the page cache), so absorbing it only fsyncs them and the
+        directory, then removes it. A journal of an earlier boot (an OS crash or power loss
+        came in between) is replayed: for each blob it names, the newest record that verifies
+        is restored (temporary, fdatasync, rename, directory fsync) when the file is missing,
+        torn, fails verification or holds older content; a valid file is never replaced by a
+        record that does not verify or is older. Errors are logged, never raised: the
+        journal is kept and the next opener tries again."""
+        self._recovered = True
+        directory = os.path.join(self._dir, JOURNAL_DIR)
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            return
+        own = self._journal.path if self._journal is not None else None
+        earlier: list[tuple[str, list[JournalRecord]]] = []
+        held: list[int] = []
+        try:
+            stale = time.time() - _TEMPORARY_MAX_AGE
+            for entry in entries:
+                path = os.path.join(directory, entry)
+                if entry.startswith(TEMP_PREFIX):  # a journal whose creator died creating it
+                    with contextlib.suppress(OSError):
+                        if os.stat(path, follow_symlinks=False).st_mtime < stale:
+                            os.unlink(path)
+                    continue
+                if not entry.endswith(".wal") or path == own:
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                held.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its writer is alive
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > 2 * _JOURNAL_MAX:
+                        continue
+                    parsed = read_journal(os.pread(fd, st.st_size, 0))
+                    if parsed is None or not parsed[1]:
+                        os.unlink(path)  # nothing it holds can be trusted or is needed
+                    elif parsed[0] == _BOOT_ID:
+                        for name in sorted({r.name for r in parsed[1]}):
+                            with contextlib.suppress(FileNotFoundError):
+                                _fsync_path(self._dir + name)
+                        self._fsync_dir(self._dir)
+                        os.unlink(path)
+                    else:
+                        earlier.append((path, parsed[1]))
+                except OSError as exc:
+                    log.warning("could not absorb checkpoint journal %s: %s", path, exc)
+            if earlier:
+                self._replay(earlier)
+        finally:
+            for fd in held:
+                os.close(fd)
+
+    def _replay(self, journals: builtins.list[tuple[str, builtins.list[JournalRecord]]]) -> None:
+        by_name: dict[str, builtins.list[JournalRecord]] = {}
+        for _, records in journals:
+            for record in records:
+                by_name.setdefault(record.name, []).append(record)
+        complete = True
+        for name, candidates in sorted(by_name.items()):
+            try:
+                complete &= self._restore(name, candidates)
+            except Exception as exc:  # a verifier's surprise must not stop an open
+                log.warning("could not replay the journal for %s in %s: %s", name, self.root, exc)
+                complete = False
+        try:
+            self._fsync_dir(self._dir)
+            if complete:
+                for path, _ in journals:
+                    os.unlink(path)
+        except OSError as exc:
+            log.warning("could not finish replaying checkpoint journals in %s: %s", self.root, exc)
+        with self._mutex:
+            self._loaded = False
+            self._generation += 1
+
+    def _restore(self, name: str, candidates: builtins.list[JournalRecord]) -> bool:
+        """Restore ``name`` from its best record if the file needs it; False to retry later."""
+        verify = self._verify
+        best: tuple[float, int, JournalRecord] | None = None
+        for record in candidates:
+            key = verify(name, record.data) if verify is not None else 0.0
+            if key is not None and (best is None or (key, record.written_ns) > best[:2]):
+                best = (key, record.written_ns, record)
+        if best is None:
+            log.warning("journal records for %s in %s do not verify: ignored", name, self.root)
+            return True
+        key, _, chosen = best
+        lock_key = self._lock_key(name) if self._lock_key is not None else None
+        try:
+            guard = self.lock(lock_key, 0) if lock_key is not None else contextlib.nullcontext()
+            with guard:
+                try:
+                    current: bytes | None = self.get(name)
+                except BlobNotFoundError:
+                    current = None
+                except UnsafeBlobError:
+                    return True  # not a file we would ever replace
+                current_key = (
+                    verify(name, current) if verify is not None and current is not None else None
+                )
+                if current is not None and (
+                    current == chosen.data or (current_key is not None and current_key >= key)
+                ):
+                    _fsync_path(self._dir + name)
+                    return True
+                log.warning("restoring %s in %s from the checkpoint journal", name, self.root)
+                self._materialise(name, self._dir + name, chosen.data, sync=True)
+                return True
+        except (SessionLockedError, OSError) as exc:
+            log.warning("not restoring %s in %s yet: %s", name, self.root, exc)
+            return False
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
@@ -369,6 +791,8 @@ class LocalDirectoryStore(CheckpointStore):
 
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(name)
+        if not self._recovered:
+            self._recover_once()
         try:
             # O_NOFOLLOW: a symlink planted in the directory is not a blob.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -422,6 +846,11 @@ class LocalDirectoryStore(CheckpointStore):
 
     def delete(self, name: str) -> bool:
         path = self._path(name)
+        self._recover_once()
+        with self._mutex:
+            journal = self._journal
+            if journal is not None and journal.pid == os.getpid() and name in journal.names:
+                journal.checkpoint()  # no replay may bring a deleted blob back
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -565,6 +994,7 @@ class LocalDirectoryStore(CheckpointStore):
                 ]
 
     def generation(self, *, fresh: bool = True) -> int:
+        self._recover_once()
         with self._mutex:
             if not self.root.is_dir():
                 if self._entries:
