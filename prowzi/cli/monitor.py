@@ -181,6 +181,10 @@ class WorkflowMonitor:
         live, self._live = self._live, None
         if live is not None:
             live.stop()
+            if not self.console.is_terminal:
+                # Live leaves the cursor after its last frame on a terminal; in a pipe or file
+                # the next output would be glued to the frame's last line.
+                self.console.line()
 
     def refresh(self) -> None:
         if self._live is not None:

@@ -69,7 +69,7 @@ def _duration(seconds: float) -> str:
 
 
 def sessions(
-    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="Show at most N.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N.")] = 20,
     status: Annotated[
         str | None,
         typer.Option(help="Only sessions with this status: running, completed, failed, corrupt."),
@@ -236,13 +236,13 @@ def _print_session(
     table.add_column("Attempt", justify="right")
     table.add_column("Duration", justify="right", no_wrap=True)
     table.add_column("At (UTC)", no_wrap=True)
-    table.add_column("Details / error", overflow="fold", ratio=1, min_width=20)
+    table.add_column("Details / error", overflow="fold", ratio=1, min_width=10)
     styles = {"completed": "green", "failed": "red", "retrying": "yellow", "skipped": "blue"}
     for record in metrics.stages:
         info = (
             Text(record.error or "", style="red")
             if record.error
-            else Text(", ".join(f"{k}: {v}" for k, v in record.details.items()))
+            else Text("\n".join(f"{k}: {v}" for k, v in record.details.items()))
         )
         table.add_row(
             record.stage,
