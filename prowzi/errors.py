@@ -26,6 +26,10 @@ class InvalidIdentifierError(InvalidInputError):
     """A session id, stage name or checkpoint id is not of the permitted form."""
 
 
+class OutputError(ProwziError):
+    """A result (the document) could not be written where it was asked to go."""
+
+
 class CorpusError(ProwziError):
     """The corpus directory is missing, unreadable or holds no usable document."""
 
@@ -51,9 +55,10 @@ class WorkflowFailedError(ProwziError):
     """A stage failed for good; the run stopped after it. Completed stages are kept."""
 
     def __init__(self, session_id: str, stage: str, attempts: int, cause: BaseException) -> None:
+        lines = str(cause).strip().splitlines()
+        reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
         super().__init__(
-            f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: "
-            f"{type(cause).__name__}: {cause}"
+            f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: {reason}"
         )
         self.session_id = session_id
         self.stage = stage

@@ -234,3 +234,77 @@ def test_restored_stages_are_skipped_in_the_session_telemetry(tmp_path: Path) ->
     assert all(s.details["checkpoint"] == f"{sid}_verification" for s in skipped)
     assert metrics.success is True
     assert [s.stage for s in metrics.stages if s.status == "completed"][-3:] == STAGES[-3:]
+
+
+def test_a_complete_session_whose_document_was_not_written_can_get_it(tmp_path: Path) -> None:
+    from prowzi.errors import OutputError
+
+    orch, _ = make(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OutputError, match=str(blocked / "doc.md")):
+        asyncio.run(orch.run_research(PROMPT, session_id="nodoc", document_path=blocked / "doc.md"))
+    latest = CheckpointManager(tmp_path / "checkpoints").latest("nodoc")
+    assert latest is not None and latest.completed_stages == STAGES  # nothing was lost
+    target = tmp_path / "ok.md"
+    result = asyncio.run(orch.resume_from_checkpoint("nodoc", document_path=target))
+    assert result.metadata["already_complete"] is True
+    assert target.read_text(encoding="utf-8") == result.document
+    assert result.metadata["duration_seconds"] == 0.0  # the same metadata keys as any result
+
+
+def test_an_existing_session_is_never_overwritten(tmp_path: Path) -> None:
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="taken"))
+    asyncio.run(orch.run_research("Write about AI safety", session_id="other"))
+    with pytest.raises(InvalidInputError, match="session taken already exists"):
+        asyncio.run(orch.run_research("something else", session_id="taken"))
+    with pytest.raises(InvalidInputError, match="session other already exists"):
+        orch.plan_resume("taken", max_results_per_query=4, fork_session_id="other")
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    manager.verify_chain("other")
+    assert manager.load_checkpoint("other").metadata.prompt == "Write about AI safety"
+
+
+def test_cancelled_while_a_completion_is_delivered_keeps_that_stage(tmp_path: Path) -> None:
+    async def cancel_after_planning(stage: str, payload: dict[str, Any]) -> None:
+        if stage == "planning" and payload["status"] == "completed":
+            raise asyncio.CancelledError
+
+    orch, _ = make(tmp_path)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(
+            orch.run_research(PROMPT, session_id="cx", progress_callback=cancel_after_planning)
+        )
+    latest = CheckpointManager(tmp_path / "checkpoints").latest("cx")
+    assert latest is not None and latest.completed_stages == ["intent", "planning"]
+
+
+class FlakyDisk(CheckpointManager):
+    """Refuses the save of ``stage`` ``times`` times, as a full disk would."""
+
+    def __init__(self, directory: Path, stage: str, times: int) -> None:
+        super().__init__(directory)
+        self.refuse, self.times = stage, times
+
+    def save(self, **kwargs: Any) -> Any:
+        if kwargs["stage"] == self.refuse and self.times > 0:
+            self.times -= 1
+            raise OSError(28, "No space left on device")
+        return super().save(**kwargs)
+
+
+@pytest.mark.parametrize(("times", "unsaved"), [(1, None), (5, ["turnitin"])])
+def test_a_failed_final_save_is_tried_again_and_reported_if_it_still_fails(
+    tmp_path: Path, times: int, unsaved: list[str] | None
+) -> None:
+    config = ProwziConfig(
+        enable_checkpointing=True, checkpoint_dir=tmp_path / "cp", enable_telemetry=False
+    )
+    manager = FlakyDisk(tmp_path / "cp", "turnitin", times)
+    orch = ProwziOrchestrator(config=config, checkpoint_manager=manager, tracer=NullTracer())
+    result = asyncio.run(orch.run_research(PROMPT, session_id="disk"))
+    assert result.metadata.get("unsaved_stages") == unsaved
+    latest = CheckpointManager(tmp_path / "cp").latest("disk")
+    assert latest is not None
+    assert latest.stage == ("turnitin" if unsaved is None else "evaluation")

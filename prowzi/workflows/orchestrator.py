@@ -36,8 +36,8 @@ from prowzi.agents.base import Agent, RunParameters, StageContext
 from prowzi.agents.models import WorkflowState
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import (
-    CheckpointError,
     InvalidInputError,
+    OutputError,
     StageTimeoutError,
     WorkflowFailedError,
     error_type,
@@ -150,6 +150,15 @@ class _Run:
     force_checkpoints: bool = False
 
 
+@dataclass(slots=True)
+class _Outcome:
+    """A completed stage attempt: the state it sets and the event that announces it."""
+
+    updates: dict[str, Any]
+    metrics: dict[str, Any]
+    event: StageCompleted
+
+
 class _StageFailure(Exception):
     def __init__(self, stage: str, attempts: int, cause: BaseException) -> None:
         super().__init__(stage)
@@ -252,7 +261,12 @@ class ProwziOrchestrator:
             relevance_threshold=self.config.relevance_threshold,
             evaluation_threshold=self.config.evaluation_threshold,
         )
-        sid = validate_session_id(session_id) if session_id is not None else new_session_id()
+        if session_id is not None:
+            sid = validate_session_id(session_id)
+            if self.config.enable_checkpointing:
+                self._refuse_existing(sid)
+        else:
+            sid = new_session_id()
         self.agents  # noqa: B018  (resolve agents before any event: a bad override fails fast)
         run = _Run(
             session_id=sid,
@@ -303,37 +317,62 @@ class ProwziOrchestrator:
         """
         source_session, _ = split_checkpoint_id(checkpoint_id)
         manager = self.checkpoint_manager
+        document = Path(document_path) if document_path is not None else None
+        # Plan under the session's lock, so no other writer moves it meanwhile. Resuming in
+        # place keeps the lock for the run; a fork writes only its own session, so it
+        # releases the parent and takes the fork's lock instead.
         with manager.session_lock(source_session):
             plan, checkpoint = self._plan(
                 checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
             )
             if plan.complete:
-                return self._result_from_checkpoint(checkpoint, plan)
+                result = self._result_from_checkpoint(checkpoint, plan)
+                if document is not None:
+                    _write_atomic(document, result.document)
+                    result.metadata["document_path"] = str(document)
+                return result
             self.agents  # noqa: B018
-            meta = checkpoint.metadata
-            params = self._parameters(
-                **{**meta.parameters, **{k: v[1] for k, v in plan.changed_parameters.items()}}
-            )
-            run = _Run(
-                session_id=plan.session_id,
-                params=params,
-                state=checkpoint.to_state(),
-                plan=plan.stages,
-                callback=progress_callback,
-                document_path=Path(document_path) if document_path is not None else None,
-                completed=[s.stage for s in plan.stages if s.mode == "restore"],
-                parent_session_id=meta.session_id if plan.fork else meta.parent_session_id,
-                resumed_from=meta.checkpoint_id,
-                restored_from={
-                    s.stage: meta.checkpoint_id for s in plan.stages if s.mode == "restore"
-                },
-                previous_hash=meta.payload_sha256 if plan.fork else None,
-                link_trace_id=meta.trace_id,
-                link_span_id=meta.span_id,
-                force_checkpoints=True,
-            )
-            # Resuming in place continues the session's own lock; a fork takes its own.
-            return await self._execute(run, lock=plan.fork)
+            run = self._resumed_run(plan, checkpoint, progress_callback, document)
+            if not plan.fork:
+                return await self._execute(run, lock=False)
+        return await self._execute(run, lock=True)
+
+    def _resumed_run(
+        self,
+        plan: ResumePlan,
+        checkpoint: WorkflowCheckpoint,
+        callback: ProgressCallback | None,
+        document: Path | None,
+    ) -> _Run:
+        meta = checkpoint.metadata
+        params = self._parameters(
+            **{**meta.parameters, **{k: v[1] for k, v in plan.changed_parameters.items()}}
+        )
+        state = checkpoint.to_state()
+        specs = {s.name: s for s in self.stages}
+        for planned in plan.stages:
+            if planned.mode == "run":
+                # what the parent computed with other inputs must not outlive a failed fork
+                for name in specs[planned.stage].writes:
+                    setattr(state, name, None)
+                state.stage_metrics.pop(planned.stage, None)
+        restored = [s.stage for s in plan.stages if s.mode == "restore"]
+        return _Run(
+            session_id=plan.session_id,
+            params=params,
+            state=state,
+            plan=plan.stages,
+            callback=callback,
+            document_path=document,
+            completed=restored,
+            parent_session_id=meta.session_id if plan.fork else meta.parent_session_id,
+            resumed_from=meta.checkpoint_id,
+            restored_from=dict.fromkeys(restored, meta.checkpoint_id),
+            previous_hash=meta.payload_sha256 if plan.fork else None,
+            link_trace_id=meta.trace_id,
+            link_span_id=meta.span_id,
+            force_checkpoints=True,
+        )
 
     # --- resume planning ----------------------------------------------------------------
 
@@ -346,6 +385,7 @@ class ProwziOrchestrator:
     ) -> tuple[ResumePlan, WorkflowCheckpoint]:
         if fork_session_id is not None:
             validate_session_id(fork_session_id)
+            self._refuse_existing(fork_session_id)
         unknown = sorted(set(changes) - set(PARAMETER_NAMES))
         if unknown:
             raise InvalidInputError(
@@ -408,17 +448,32 @@ class ProwziOrchestrator:
     ) -> ResearchResult:
         meta = checkpoint.metadata
         state = checkpoint.to_state()
+        metadata = _result_metadata(
+            session_id=meta.session_id,
+            duration_seconds=0.0,
+            completed_stages=list(meta.completed_stages),
+            parameters=dict(meta.parameters),
+            trace_id=meta.trace_id,
+            parent_session_id=meta.parent_session_id,
+            resumed_from=meta.checkpoint_id,
+            restored_stages=sorted(meta.completed_stages),
+            document_path=None,
+        )
+        metadata.update(
+            already_complete=True, checkpoint_id=meta.checkpoint_id, resume_plan=plan.describe()
+        )
         return ResearchResult(
             **{name: getattr(state, name) for name in WorkflowState.model_fields},
-            metadata={
-                "session_id": meta.session_id,
-                "already_complete": True,
-                "checkpoint_id": meta.checkpoint_id,
-                "completed_stages": list(meta.completed_stages),
-                "parent_session_id": meta.parent_session_id,
-                "resume_plan": plan.describe(),
-            },
+            metadata=metadata,
         )
+
+    def _refuse_existing(self, session_id: str) -> None:
+        """A new session (a run with a chosen id, or a fork) must not overwrite another."""
+        if self.checkpoint_manager.latest(session_id) is not None:
+            raise InvalidInputError(
+                f"session {session_id} already exists (it has checkpoints); continue it with "
+                f"`prowzi resume {session_id}` or choose another session id"
+            )
 
     # --- the stage loop -----------------------------------------------------------------
 
@@ -467,6 +522,7 @@ class ProwziOrchestrator:
             )
             specs = {s.name: s for s in self.stages}
             pending: list[str] = []  # completed stages not yet in a checkpoint
+            last_run = max((i for i, p in enumerate(run.plan) if p.mode == "run"), default=-1)
             current: str | None = None
             try:
                 for index, planned in enumerate(run.plan):
@@ -482,23 +538,27 @@ class ProwziOrchestrator:
                         )
                         continue
                     current = spec.name
-                    updates = await self._run_stage(spec, run, bus, run_span)
-                    for name, value in updates.items():
+                    outcome = await self._run_stage(spec, run, bus, run_span)
+                    # The result is part of the run before anyone hears the stage completed,
+                    # so a cancellation while the event is delivered cannot lose it.
+                    for name, value in outcome.updates.items():
                         setattr(run.state, name, value)
+                    run.state.stage_metrics[spec.name] = outcome.metrics
                     if spec.name not in run.completed:
                         run.completed.append(spec.name)
                     pending.append(spec.name)
                     current = None
-                    last = index == len(run.plan) - 1
-                    due = checkpointing and (len(pending) >= interval or last)
-                    if due and await self._checkpoint(run, spec.name, bus, run_span):
-                        pending.clear()
+                    await bus.emit(outcome.event)
+                    if checkpointing and (len(pending) >= interval or index == last_run):
+                        await self._checkpoint(run, pending, bus, run_span)
+                if checkpointing and pending:  # a save failed on the way: one more try
+                    await self._checkpoint(run, pending, bus, run_span)
                 if run.document_path is not None:
                     _write_atomic(run.document_path, self._document(run))
             except BaseException as exc:
                 if checkpointing and pending:
                     # Save completed work before the run stops, whatever stopped it.
-                    await self._checkpoint(run, pending[-1], bus, run_span)
+                    await self._checkpoint(run, pending, bus, run_span)
                 cancelled = not isinstance(exc, Exception)
                 cause = exc.cause if isinstance(exc, _StageFailure) else exc
                 failed_stage = exc.stage if isinstance(exc, _StageFailure) else current
@@ -528,19 +588,21 @@ class ProwziOrchestrator:
                     document_path=str(run.document_path) if run.document_path else None,
                 )
             )
-        metadata: dict[str, Any] = {
-            "session_id": sid,
-            "duration_seconds": duration,
-            "completed_stages": list(run.completed),
-            "parameters": run.params.model_dump(),
-            "trace_id": run_span.trace_id,
-            "parent_session_id": run.parent_session_id,
-            "resumed_from": run.resumed_from,
-            "restored_stages": sorted(run.restored_from),
-            "document_path": str(run.document_path) if run.document_path else None,
-        }
+        metadata = _result_metadata(
+            session_id=sid,
+            duration_seconds=duration,
+            completed_stages=list(run.completed),
+            parameters=run.params.model_dump(),
+            trace_id=run_span.trace_id,
+            parent_session_id=run.parent_session_id,
+            resumed_from=run.resumed_from,
+            restored_stages=sorted(run.restored_from),
+            document_path=str(run.document_path) if run.document_path else None,
+        )
         if bus.errors:
             metadata["sink_errors"] = dict(bus.errors)
+        if pending:
+            metadata["unsaved_stages"] = list(pending)
         return ResearchResult(
             **{name: getattr(run.state, name) for name in WorkflowState.model_fields},
             metadata=metadata,
@@ -549,8 +611,12 @@ class ProwziOrchestrator:
     def _document(self, run: _Run) -> str:
         return run.state.draft.markdown if run.state.draft is not None else ""
 
-    async def _checkpoint(self, run: _Run, stage: str, bus: EventBus, run_span: RunSpan) -> bool:
+    async def _checkpoint(
+        self, run: _Run, pending: list[str], bus: EventBus, run_span: RunSpan
+    ) -> bool:
+        """Save the state after ``pending[-1]``; on success ``pending`` is emptied at once."""
         manager = self.checkpoint_manager
+        stage = pending[-1]
         started = time.perf_counter()
         try:
             # Synchronous on purpose: a cancellation (SIGTERM, a service cancel) cannot land
@@ -566,7 +632,7 @@ class ProwziOrchestrator:
                 trace_id=run_span.trace_id,
                 span_id=run_span.span_id,
             )
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # disk full, permissions, a store error: the run goes on
             log.error("checkpoint of %s after %s failed: %s", run.session_id, stage, exc)
             await bus.emit(
                 CheckpointFailed(
@@ -577,6 +643,8 @@ class ProwziOrchestrator:
                 )
             )
             return False
+        # Bookkeeping before any await: the save is done whatever happens to this task now.
+        pending.clear()
         run.previous_hash = None  # the chain now continues inside this session
         await bus.emit(
             CheckpointSaved(
@@ -594,7 +662,7 @@ class ProwziOrchestrator:
 
     async def _run_stage(
         self, spec: StageSpec, run: _Run, bus: EventBus, run_span: RunSpan
-    ) -> dict[str, Any]:
+    ) -> _Outcome:
         config = self.config
         agent = self.agents[spec.name]
         sid = run.session_id
@@ -673,7 +741,7 @@ class ProwziOrchestrator:
         bus: EventBus,
         run_span: RunSpan,
         last: dict[str, Any],
-    ) -> dict[str, Any]:
+    ) -> _Outcome:
         timeout = self.config.stage_timeout_seconds
         with run_span.stage(spec.name, number) as span:
             await bus.emit(
@@ -711,25 +779,50 @@ class ProwziOrchestrator:
                     raise
                 raise failure from None
             duration = time.perf_counter() - t0
-            details = _details(result)
-            run.state.stage_metrics[spec.name] = {
-                "attempts": number,
-                "duration_seconds": duration,
-                "completed_at": datetime.now(UTC).isoformat(),
-            }
-            await bus.emit(
-                StageCompleted(
+            return _Outcome(
+                updates=updates,
+                metrics={
+                    "attempts": number,
+                    "duration_seconds": duration,
+                    "completed_at": datetime.now(UTC).isoformat(),
+                },
+                event=StageCompleted(
                     session_id=run.session_id,
                     timestamp=time.time(),
                     stage=spec.name,
                     attempt=number,
                     duration_seconds=duration,
-                    details=details,
+                    details=_details(result),
                     trace_id=span.trace_id,
                     span_id=span.span_id,
-                )
+                ),
             )
-            return updates
+
+
+def _result_metadata(
+    *,
+    session_id: str,
+    duration_seconds: float,
+    completed_stages: list[str],
+    parameters: dict[str, Any],
+    trace_id: str | None,
+    parent_session_id: str | None,
+    resumed_from: str | None,
+    restored_stages: list[str],
+    document_path: str | None,
+) -> dict[str, Any]:
+    """The keys every result's ``metadata`` has, whether the run ran or was already done."""
+    return {
+        "session_id": session_id,
+        "duration_seconds": duration_seconds,
+        "completed_stages": completed_stages,
+        "parameters": parameters,
+        "trace_id": trace_id,
+        "parent_session_id": parent_session_id,
+        "resumed_from": resumed_from,
+        "restored_stages": restored_stages,
+        "document_path": document_path,
+    }
 
 
 def _details(result: BaseModel) -> dict[str, Any]:
@@ -751,19 +844,31 @@ def _describe_parameter_error(exc: ValidationError) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``text`` to ``path`` durably: temporary file, fsync, rename, directory fsync.
+
+    Raises :class:`OutputError` naming ``path`` (not the temporary) if it cannot be written.
+    """
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o644)  # a document, not a secret: mkstemp's 0600 is too tight
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write the document to {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 __all__ = [
