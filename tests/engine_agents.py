@@ -52,3 +52,22 @@ def failing(config: ProwziConfig) -> Agent:
         return await agents[ctx.stage](ctx)
 
     return agent
+
+
+def blocking(config: ProwziConfig) -> Agent:
+    """Announces itself in ``PROWZI_TEST_PROGRESS`` (as ``blocked:<stage>``), then blocks a
+    worker thread for ``PROWZI_TEST_BLOCK`` seconds (default 30) before running the default."""
+    import time
+
+    seconds = float(os.environ.get("PROWZI_TEST_BLOCK", "30"))
+    progress = os.environ.get("PROWZI_TEST_PROGRESS")
+    agents = default_agents(config)
+
+    async def agent(ctx: StageContext) -> BaseModel:
+        if progress:
+            with open(progress, "a", encoding="utf-8") as handle:
+                handle.write(f"blocked:{ctx.stage}\n")
+        await asyncio.to_thread(time.sleep, seconds)
+        return await agents[ctx.stage](ctx)
+
+    return agent

@@ -281,9 +281,7 @@ def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path)
     assert first.returncode == 1
     lines = first.stderr.splitlines()
     assert lines[-2].startswith("error: stage 'writing' failed")
-    assert (
-        lines[-1] == "failed: completed stages are checkpointed; continue with: prowzi resume out"
-    )
+    assert lines[-1] == "completed stages are checkpointed; continue with: prowzi resume out"
     marker.unlink()
     resumed = _prowzi(tmp_path, "resume", "out")
     assert resumed.returncode == 0, resumed.stderr
@@ -301,3 +299,61 @@ def test_resume_without_checkpoints_explains_why(tmp_path: Path) -> None:
     proc = _prowzi(tmp_path, "resume", "never-checkpointed")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" in proc.stderr
+
+
+def test_sigterm_does_not_wait_for_an_agent_blocked_in_a_thread(tmp_path: Path) -> None:
+    progress = tmp_path / "progress"
+    proc = subprocess.Popen(
+        [
+            PROWZI,
+            "run",
+            "Write about quantum computing",
+            "--enable-checkpoints",
+            "--session-id",
+            "blocked",
+        ],
+        env=env(
+            tmp_path,
+            PROWZI_AGENTS="search=engine_agents:blocking",
+            PROWZI_TEST_BLOCK="60",
+            PROWZI_TEST_PROGRESS=str(progress),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        progress.exists() and "blocked:search" in progress.read_text()
+    ):
+        time.sleep(0.02)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - signalled < 10, "the process waited for the blocked thread"
+    assert proc.returncode == 143, err
+    assert "continue with: prowzi resume blocked" in err
+    latest = CheckpointManager(tmp_path / "checkpoints").latest("blocked")
+    assert latest is not None and latest.completed_stages == ["intent", "planning"]
+
+
+def test_no_resume_hint_when_nothing_was_saved(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    proc = subprocess.run(
+        [PROWZI, "run", "x", "--enable-checkpoints", "--session-id", "nothing"],
+        env=env(
+            tmp_path,
+            PROWZI_AGENTS="intent=engine_agents:failing",
+            PROWZI_TEST_FAIL_MARKER=str(marker),
+            PROWZI_MAX_RETRIES="0",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("error: stage 'intent' failed")
+    assert "prowzi resume" not in proc.stderr

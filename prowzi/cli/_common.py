@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,6 @@ T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -73,20 +73,31 @@ class Interrupted(Exception):
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; SIGINT or SIGTERM cancel it (so the engine saves completed stages) and
-    raise :class:`Interrupted`."""
+    raise :class:`Interrupted`. A second signal exits at once.
+
+    Unlike :func:`asyncio.run`, an interrupted run does not wait for agent work still going on
+    in worker threads (a thread cannot be stopped, only abandoned): see
+    :func:`exit_interrupted`.
+    """
     import asyncio
     import signal
+    from concurrent.futures import ThreadPoolExecutor
 
     received: list[int] = []
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix="prowzi-worker")
+    loop.set_default_executor(executor)
 
     async def main() -> T:
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        if task is None:  # pragma: no cover - asyncio.run always runs main() as a task
+        if task is None:  # pragma: no cover - run_until_complete always makes a task
             raise RuntimeError("no current task")
         for signum in (signal.SIGINT, signal.SIGTERM):
 
             def cancel(signum: int = signum) -> None:
+                if received:  # the second signal: the user means it
+                    os.write(2, b"error: interrupted again; exiting now\n")
+                    os._exit(128 + signum)
                 received.append(signum)
                 task.cancel()
 
@@ -94,11 +105,55 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return await coro
 
     try:
-        return asyncio.run(main())
+        return loop.run_until_complete(main())
     except asyncio.CancelledError:
         if received:
             raise Interrupted(received[0]) from None
         raise
+    finally:
+        try:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            executor.shutdown(wait=not received, cancel_futures=True)
+            loop.close()
+
+
+def exit_interrupted(exc: Interrupted, resume_hint: str | None) -> NoReturn:
+    """Leave after SIGINT/SIGTERM with ``128 + signal``, printing ``resume_hint`` if any.
+
+    If agent work is still running in a worker thread, the process exits without waiting for
+    it, after the exit hooks (telemetry, tracing) have run; the run's state was saved first.
+    """
+    import atexit
+    import threading
+
+    if resume_hint:
+        typer.echo(f"interrupted: {resume_hint}", err=True)
+    code = 128 + exc.signum
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
+    raise typer.Exit(code)
+
+
+def resume_hint(config: ProwziConfig, session_id: str, parent: str | None = None) -> str | None:
+    """How to continue ``session_id`` if it has a checkpoint (else ``parent``), or None."""
+    if not (config.enable_checkpointing or parent):
+        return None
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    manager = CheckpointManager.from_config(config)
+    for candidate in (session_id, parent):
+        if candidate and manager.latest(candidate) is not None:
+            return f"completed stages are checkpointed; continue with: prowzi resume {candidate}"
+    return None
 
 
 def check_output(path: Path) -> Path:

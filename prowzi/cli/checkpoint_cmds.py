@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from prowzi.cli._common import (
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
     Interrupted,
     check_output,
+    exit_interrupted,
     fail,
     load_config,
+    resume_hint,
     run_async,
     user_errors,
 )
@@ -90,15 +91,12 @@ def resume(
                 )
             )
         except Interrupted as exc:
-            typer.echo(
-                f"interrupted: completed stages are checkpointed; "
-                f"continue with: prowzi resume {plan.session_id}",
-                err=True,
-            )
-            raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
+            exit_interrupted(exc, resume_hint(config, plan.session_id, plan.source_session_id))
         except WorkflowFailedError as exc:
             typer.echo(f"error: {exc}", err=True)
-            typer.echo(f"continue with: prowzi resume {plan.session_id}", err=True)
+            hint = resume_hint(config, plan.session_id, plan.source_session_id)
+            if hint:
+                typer.echo(hint, err=True)
             raise typer.Exit(1) from None
         typer.echo(f"Session: {result.metadata['session_id']}")
         typer.echo(f"Document: {document}")
@@ -118,7 +116,13 @@ def _previous_output(config: Any, plan: Any) -> Path:
     except (TelemetryError, OSError):
         return default
     recorded = previous.metadata.get("output_path")
-    return Path(recorded) if isinstance(recorded, str) and recorded else default
+    if not isinstance(recorded, str) or not recorded:
+        return default
+    path = Path(recorded)
+    # The telemetry file is not signed: honour only a path inside the working directory.
+    if path.is_absolute() or ".." in path.parts:
+        return default
+    return check_output(path)
 
 
 def checkpoints(
@@ -167,7 +171,12 @@ def parse_age(text: str) -> timedelta:
     if not match:
         fail(f"invalid age {text!r}: use a number and a unit, e.g. 30m, 12h, 7d", EXIT_USAGE)
     value, unit = match.groups()
-    return timedelta(**{_UNITS[unit]: float(value)})
+    try:
+        age = timedelta(**{_UNITS[unit]: float(value)})
+        datetime.now(UTC) - age
+    except OverflowError:
+        fail(f"invalid age {text!r}: too large", EXIT_USAGE)
+    return age
 
 
 def cleanup(

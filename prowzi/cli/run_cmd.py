@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from prowzi.cli._common import (
-    EXIT_INTERRUPTED,
     Interrupted,
     check_output,
+    exit_interrupted,
     fail,
     load_config,
+    resume_hint,
     run_async,
     user_errors,
 )
@@ -117,6 +118,7 @@ def _execute(
 
         callback, live = live_monitor(sid)
     typer.echo(f"session: {sid}", err=True)
+    interrupted: Interrupted | None = None
     try:
         coro = orchestrator.run_research(
             prompt,
@@ -131,11 +133,12 @@ def _execute(
         else:
             result = run_async(coro)
     except Interrupted as exc:
-        _hint_resume(config, sid, "interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED if exc.signum == 2 else 128 + exc.signum) from None
+        interrupted = exc
     except WorkflowFailedError as exc:
         typer.echo(f"error: {exc}", err=True)
-        _hint_resume(config, sid, "failed")
+        hint = resume_hint(config, sid)
+        if hint:
+            typer.echo(hint, err=True)
         raise typer.Exit(1) from None
     finally:
         if metrics is not None and push_url:
@@ -147,15 +150,9 @@ def _execute(
                 typer.echo(f"warning: could not push metrics to {push_url}: {push_error}", err=True)
         if server is not None:
             server.close()
+    if interrupted is not None:
+        exit_interrupted(interrupted, resume_hint(config, sid))
     _summary(result, document)
-
-
-def _hint_resume(config: Any, sid: str, what: str) -> None:
-    if config.enable_checkpointing:
-        typer.echo(
-            f"{what}: completed stages are checkpointed; continue with: prowzi resume {sid}",
-            err=True,
-        )
 
 
 def _summary(result: ResearchResult, document: Path) -> None:

@@ -41,10 +41,12 @@ def _load_factory(target: str) -> Callable[[ProwziConfig], Agent]:
     try:
         module = importlib.import_module(module_name)
         factory = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # any failure while importing user code is a setting error
         raise ConfigError(
-            f"invalid setting agents (PROWZI_AGENTS): cannot load {target!r}: {exc}"
+            f"invalid setting agents (PROWZI_AGENTS): cannot load {target!r}: {describe(exc)}"
         ) from None
+    if not callable(factory):
+        raise ConfigError(f"invalid setting agents (PROWZI_AGENTS): {target!r} is not callable")
     return cast("Callable[[ProwziConfig], Agent]", factory)
 
 
@@ -67,7 +69,22 @@ def resolve_agents(
         if spec.name in overrides:
             agents[spec.name] = overrides[spec.name]
         elif spec.name in configured:
-            agents[spec.name] = _load_factory(configured[spec.name])(config)
+            target = configured[spec.name]
+            try:
+                agent = _load_factory(target)(config)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"invalid setting agents (PROWZI_AGENTS): {target!r}(config) failed: "
+                    f"{describe(exc)}"
+                ) from None
+            if not callable(agent):
+                raise ConfigError(
+                    f"invalid setting agents (PROWZI_AGENTS): {target!r} returned "
+                    f"{type(agent).__name__}, not an agent"
+                )
+            agents[spec.name] = agent
         else:
             if defaults is None:
                 from prowzi.agents import default_agents
