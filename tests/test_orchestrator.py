@@ -238,3 +238,22 @@ def test_session_ids_of_the_wrong_form_are_refused() -> None:
     for bad in ("../etc", "a/b", "x\x00y", "a" * 200, "a_b"):
         with pytest.raises(InvalidInputError):
             asyncio.run(orch.run_research("x", session_id=bad))
+
+
+def test_a_stuck_async_callback_is_abandoned_and_counted() -> None:
+    async def stuck(stage: str, payload: dict[str, Any]) -> None:
+        if stage == "intent" and payload["status"] == "started":
+            await asyncio.sleep(3600)
+
+    config = ProwziConfig(enable_telemetry=False)
+    recorder = Recorder()
+    orch = ProwziOrchestrator(
+        config=config,
+        agents=noop_agents(),
+        sinks=[recorder],
+        tracer=NullTracer(),
+        sink_timeout=0.05,
+    )
+    result = asyncio.run(orch.run_research("x", progress_callback=stuck))
+    assert result.metadata["sink_errors"] == {"callback": 1}
+    assert len(recorder.of(StageCompleted)) == 7

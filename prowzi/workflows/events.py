@@ -7,6 +7,7 @@ counted; it never fails the workflow.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -173,17 +174,30 @@ class EventSink(Protocol):
 SinkErrorHook = Callable[[str, BaseException], None]
 
 
-class EventBus:
-    """Fans each event out to every sink, in order, isolating their failures."""
+SINK_TIMEOUT_SECONDS = 10.0
+"""How long the bus waits for an asynchronous sink (a progress callback) per event."""
 
-    __slots__ = ("_on_error", "errors", "sinks")
+
+class EventBus:
+    """Fans each event out to every sink, in order, isolating their failures.
+
+    An asynchronous sink that takes longer than ``timeout`` is abandoned for that event and
+    counted as failed, so a stuck callback cannot stall the run. (A synchronous sink that
+    blocks cannot be interrupted; sinks must not block.)
+    """
+
+    __slots__ = ("_on_error", "errors", "sinks", "timeout")
 
     def __init__(
-        self, sinks: Iterable[EventSink] = (), on_error: SinkErrorHook | None = None
+        self,
+        sinks: Iterable[EventSink] = (),
+        on_error: SinkErrorHook | None = None,
+        timeout: float = SINK_TIMEOUT_SECONDS,
     ) -> None:
         self.sinks: list[EventSink] = list(sinks)
         self.errors: dict[str, int] = {}
         self._on_error = on_error
+        self.timeout = timeout
 
     def add(self, sink: EventSink) -> None:
         self.sinks.append(sink)
@@ -193,7 +207,7 @@ class EventBus:
             try:
                 result = sink.handle(event)
                 if result is not None and inspect.isawaitable(result):
-                    await result
+                    await asyncio.wait_for(result, self.timeout)
             except Exception as exc:  # a sink must never fail the run
                 self._sink_failed(sink, event, exc)
 

@@ -46,6 +46,7 @@ from prowzi.errors import (
 from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
 from prowzi.workflows import composition
 from prowzi.workflows.events import (
+    SINK_TIMEOUT_SECONDS,
     CallbackSink,
     CheckpointFailed,
     CheckpointSaved,
@@ -176,7 +177,8 @@ class ProwziOrchestrator:
 
     ``agents`` replaces the agents of some stages (``{"search": my_agent}``); the defaults run
     the rest. ``sinks`` adds event sinks (metrics, webhooks) beside the configured telemetry.
-    ``tracer``, ``checkpoint_manager`` and ``sleep`` are injectable for tests and services.
+    ``tracer``, ``checkpoint_manager`` and ``sleep`` are injectable for tests and services;
+    ``sink_timeout`` bounds how long an asynchronous sink or callback may take per event.
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class ProwziOrchestrator:
         stages: Sequence[StageSpec] = RESEARCH_STAGES,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_sink_error: SinkErrorHook | None = None,
+        sink_timeout: float = SINK_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config if config is not None else get_config()
         self.stages: tuple[StageSpec, ...] = tuple(stages)
@@ -200,6 +203,7 @@ class ProwziOrchestrator:
         self._checkpoints = checkpoint_manager
         self._sleep = sleep
         self._on_sink_error = on_sink_error
+        self._sink_timeout = sink_timeout
         self._config_sinks: tuple[tuple[Any, ...], list[EventSink]] | None = None
 
     # --- wiring -------------------------------------------------------------------------
@@ -488,7 +492,7 @@ class ProwziOrchestrator:
         sinks = self._sinks()
         if run.callback is not None:
             sinks.append(CallbackSink(run.callback))
-        bus = EventBus(sinks, on_error=self._on_sink_error)
+        bus = EventBus(sinks, on_error=self._on_sink_error, timeout=self._sink_timeout)
         checkpointing = self.config.enable_checkpointing or run.force_checkpoints
         interval = self.config.checkpoint_interval
         started = time.perf_counter()
