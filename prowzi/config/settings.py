@@ -76,6 +76,13 @@ class ProwziConfig(BaseSettings):
     pushgateway_url: str | None = Field(None, description="Push metrics here after a batch run.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments are validated; a bad value is a :class:`ConfigError` naming it."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
     @field_validator("checkpoint_dir", "telemetry_dir", "output_dir", mode="before")
     @classmethod
     def _no_empty_path(cls, value: Any) -> Any:
