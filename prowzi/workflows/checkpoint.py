@@ -100,6 +100,7 @@ _ZLIB_LEVEL = 1
 default 6 on a 100 KB state, for a ratio of about 4 instead of 5)."""
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
+_LISTING_CACHE = "listing.v1.json"
 
 Compression = Literal["none", "zlib"]
 
@@ -270,6 +271,10 @@ class CheckpointManager:
         self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
+        self._listing: tuple[tuple[int, ...], list[dict[str, Any]]] | None = None
+        """(index identity, rows newest first) from the listing cache (see list_checkpoints)."""
+        self._listing_written: tuple[int, ...] | None = None
+        self._listing_refused: tuple[int, ...] | None = None
         self._sidecars: dict[str, tuple[str, str]] = {}
         """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
         written from): a sidecar whose file has not changed since need not be read again."""
@@ -793,12 +798,9 @@ class CheckpointManager:
         if since is not None:
             since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
         with self._mutex:
-            rows = self._rows_now()
-            if self._newest_first is None:
-                self._newest_first = sorted(
-                    rows.values(), key=lambda row: row["created_at"], reverse=True
-                )
-            newest_first = self._newest_first
+            newest_first = self._cached_listing()
+            if newest_first is None:
+                newest_first = self._sorted_rows()
         with paused_gc():
             return [
                 dict(row)
@@ -807,6 +809,48 @@ class CheckpointManager:
                 and (stage is None or row["stage"] == stage)
                 and (since is None or row["created_at"] >= since)
             ]
+
+    def _sorted_rows(self) -> list[dict[str, Any]]:
+        rows = self._rows_now()
+        if self._newest_first is None:
+            self._newest_first = sorted(
+                rows.values(), key=lambda row: row["created_at"], reverse=True
+            )
+            identity = self.store.index_identity()
+            if identity is not None and identity != self._listing_written:
+                # The rows just built, for the next process that lists this very index.
+                self.store.write_aux(_LISTING_CACHE, _pack_listing(identity, self._newest_first))
+                self._listing_written = identity
+            if identity is not None and identity != self._listing_refused:
+                self._listing = (identity, self._newest_first)
+        return self._newest_first
+
+    def _cached_listing(self) -> list[dict[str, Any]] | None:
+        """The listing, sorted, as a previous listing of this very index left it.
+
+        A new process would otherwise load the index, build a row per checkpoint and sort
+        them: ten times the cost. The cache is written beside the index after a listing,
+        tagged with the index's identity (the manifest's inode, size and mtime, and the
+        directory's mtime stamp it records); it is used only while the store vouches that the
+        index is unchanged and fresh by the same staleness check a listing makes (the
+        directory's mtime), so a checkpoint added, replaced or removed since is never missed.
+        It holds listing rows only (metadata the index already holds): loading a checkpoint
+        still verifies its file."""
+        identity = self.store.index_identity(cold=True)
+        if identity is None or identity == self._listing_refused:
+            return None
+        if self._listing is not None and self._listing[0] == identity:
+            return self._listing[1]
+        raw = self.store.read_aux(_LISTING_CACHE)
+        if raw is None:
+            return None
+        with paused_gc():
+            rows = _unpack_listing(raw, identity)
+        if rows is None:
+            log.debug("not using the listing cache of %s", self._location())
+            return None
+        self._listing = (identity, rows)
+        return rows
 
     def latest(self, session_id: str) -> CheckpointMetadata | None:
         """The session's most recent checkpoint, or None."""
@@ -819,10 +863,18 @@ class CheckpointManager:
     def _session_rows(self, session_id: str) -> dict[str, dict[str, Any]]:
         """One session's readable rows, exact: its files are re-examined, so a file rewritten
         in place (which a directory listing cannot notice) is seen."""
-        self._rows_now()
-        for name in self._sessions.get(session_id, ()):
-            self.store.refresh(name)
-        rows = self._rows_now(fresh=False)
+        with self._mutex:
+            self._rows_now()
+            before = self._generation
+            for name in self._sessions.get(session_id, ()):
+                self.store.refresh(name)
+            rows = self._rows_now(fresh=False)
+            if self._generation != before:
+                # Something changed that the index's identity may not show (a file rewritten
+                # in place): this manager stops using the listing cache until the index
+                # changes.
+                self._listing = None
+                self._listing_refused = self.store.index_identity(cold=True)
         return {n: rows[n] for n in self._sessions.get(session_id, ()) if n in rows}
 
     def verify_chain(self, session_id: str) -> None:
@@ -946,6 +998,52 @@ class CheckpointManager:
                 continue
             if datetime.fromtimestamp(blob.modified, UTC) < cutoff:
                 self.store.delete(blob.name)
+
+
+_SHARED = ("prompt", "parameters", "completed_stages")
+"""Listing fields repeated across a session's checkpoints: stored once in the listing cache."""
+
+
+def _pack_listing(identity: tuple[int, ...], rows: list[dict[str, Any]]) -> bytes:
+    """The listing cache's bytes: rows newest first, each of the ``_SHARED`` fields as an index
+    into a table of distinct values (a third of the size, and of the parsing)."""
+    tables: dict[str, list[Any]] = {key: [] for key in _SHARED}
+    seen: dict[str, dict[bytes, int]] = {key: {} for key in _SHARED}
+    packed = []
+    for row in rows:
+        out = dict(row)
+        for key in _SHARED:
+            value = row[key]
+            known = seen[key]
+            fingerprint = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+            position = known.get(fingerprint)
+            if position is None:
+                position = known[fingerprint] = len(tables[key])
+                tables[key].append(value)
+            out[key] = position
+        packed.append(out)
+    return orjson.dumps({"format": 1, "identity": identity, "tables": tables, "rows": packed})
+
+
+def _unpack_listing(raw: bytes, identity: tuple[int, ...]) -> list[dict[str, Any]] | None:
+    """The rows of a listing cache written for ``identity``; None if it is for another or
+    is not one. Rows share the values of the ``_SHARED`` fields (listing rows are read-only
+    data, as rows of the in-memory cache always were)."""
+    try:
+        doc = orjson.loads(raw)
+        if doc["format"] != 1 or tuple(doc["identity"]) != identity:
+            return None
+        rows: list[dict[str, Any]] = doc["rows"]
+        prompts, parameters, stages = (doc["tables"][key] for key in _SHARED)
+        parse = datetime.fromisoformat
+        for row in rows:
+            row["created_at"] = parse(row["created_at"])
+            row["prompt"] = prompts[row["prompt"]]
+            row["parameters"] = parameters[row["parameters"]]
+            row["completed_stages"] = stages[row["completed_stages"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    return rows
 
 
 def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:

@@ -57,6 +57,8 @@ taken less than this after the mtime is "racy" (as git calls it) and is re-check
 """
 
 _INDEX_VERSION = 1
+_SNAPSHOT_HEAD = re.compile(rb'\{"snapshot":(\d+),"stamp":\[(\d+),(\d+)\]')
+"""The start of a manifest snapshot line: its stamp can be read without parsing the rest."""
 _COMPACT_MIN = 1 << 20
 """The index log is compacted once it exceeds this and twice its last snapshot."""
 _TEMPORARY_MAX_AGE = 3600.0
@@ -164,6 +166,23 @@ class CheckpointStore(ABC):
         that verifies, None otherwise; ``lock_key(name)`` names the writer lock that guards
         the blob. A journal record is only ever restored over a file when it verifies and the
         file does not hold content that verifies and is at least as new."""
+        return None
+
+    def index_identity(self, *, cold: bool = False) -> tuple[int, ...] | None:
+        """Names the exact, fresh index a listing is built from, so that a cache derived from
+        a listing (the manager's sorted rows) can be reused by another process: equal
+        identities mean the same index and no change to the blobs since (as far as a listing
+        can tell). ``cold`` computes it from storage without loading the index (what a new
+        process does); otherwise it describes this object's loaded view, and is None unless
+        that view is exactly what storage holds. None: cannot vouch."""
+        return None
+
+    def read_aux(self, name: str) -> bytes | None:
+        """A small auxiliary file kept beside the index (a cache), or None."""
+        return None
+
+    def write_aux(self, name: str, data: bytes) -> None:
+        """Replace an auxiliary file atomically (not durably: it is a cache)."""
         return None
 
     def sync(self) -> None:
@@ -557,32 +576,47 @@ class LocalDirectoryStore(CheckpointStore):
         if durable:
             with self._mutex:
                 journal = self._journal_for(name, data)
-                if journal is not None:
-                    # One fdatasync (of the journal record) makes the put durable; the file
-                    # is its materialised view, synced when the journal is checkpointed.
-                    try:
-                        journal.append(name, data)
-                    except OSError as exc:
-                        log.warning("checkpoint journal in %s failed: %s", self.root, exc)
-                        self._drop_journal()
-                    else:
-                        try:
-                            st = self._materialise(name, final, data, sync=False)
-                        except BaseException:
-                            # Void the record of a put that failed (after syncing the files
-                            # of the records before it), so no replay ever resurrects it.
-                            with contextlib.suppress(OSError):
-                                journal.checkpoint()
-                            raise
-                        self._record(name, st, meta)
-                        return
+                if journal is not None and self._put_journaled(journal, name, final, data, meta):
+                    return
         st = self._materialise(name, final, data, sync=durable)
         if durable:
             self._fsync_dir(self._dir)
         self._record(name, st, meta)
 
-    def _materialise(self, name: str, final: str, data: bytes, *, sync: bool) -> os.stat_result:
-        """Write ``data`` to a temporary, (fdatasync it,) rename it over ``final``."""
+    def _put_journaled(
+        self, journal: _Journal, name: str, final: str, data: bytes, meta: dict[str, Any] | None
+    ) -> bool:
+        """Temporary file written, journal record appended and fdatasynced (the one sync:
+        from here the put is durable), rename. The file is the journal's materialised view,
+        synced when the journal is checkpointed. False: the journal failed, put directly."""
+        tmp, st = self._write_temp(name, data, sync=False)
+        try:
+            journal.append(name, data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning("checkpoint journal in %s failed: %s", self.root, exc)
+            self._drop_journal()
+            return False
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            # Void the record of a put that failed (after syncing the files of the records
+            # before it), so that no replay ever resurrects it.
+            with contextlib.suppress(OSError):
+                journal.checkpoint()
+            raise
+        self._record(name, st, meta)
+        return True
+
+    def _write_temp(self, name: str, data: bytes, *, sync: bool) -> tuple[str, os.stat_result]:
+        """A temporary file beside ``name`` holding ``data`` (fdatasynced if ``sync``)."""
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -593,6 +627,16 @@ class LocalDirectoryStore(CheckpointStore):
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp, st
+
+    def _materialise(self, name: str, final: str, data: bytes, *, sync: bool) -> os.stat_result:
+        """Write ``data`` to a temporary, (fdatasync it,) rename it over ``final``."""
+        tmp, st = self._write_temp(name, data, sync=sync)
+        try:
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -1064,6 +1108,62 @@ class LocalDirectoryStore(CheckpointStore):
             return
         self._manifest_ino, self._offset = st.st_ino, len(data)
         self._compact_at = max(_COMPACT_MIN, 2 * len(data))
+
+    def index_identity(self, *, cold: bool = False) -> tuple[int, ...] | None:
+        try:
+            dir_mtime = os.stat(self.root).st_mtime_ns
+            fd = os.open(self._manifest, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, 128, 0) if cold else b""
+        finally:
+            os.close(fd)
+        if cold:
+            match = _SNAPSHOT_HEAD.match(head)
+            if match is None or int(match[1]) != _INDEX_VERSION:
+                return None
+            stamp = (int(match[2]), int(match[3]))
+        else:
+            with self._mutex:
+                if (
+                    self._manifest_broken
+                    or self._stamp is None
+                    or (st.st_ino, st.st_size) != (self._manifest_ino, self._offset)
+                ):
+                    return None
+                stamp = self._stamp
+        # The staleness check of a listing (see _fresh): the directory is as last scanned.
+        if stamp[0] != dir_mtime or stamp[1] - stamp[0] <= _RACY_NS:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, stamp[0], stamp[1])
+
+    def read_aux(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(
+                self._index_dir / validate_blob_name(name),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            )
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return os.pread(fd, st.st_size, 0)
+        finally:
+            os.close(fd)
+
+    def write_aux(self, name: str, data: bytes) -> None:
+        tmp = self._index_dir / f"{TEMP_PREFIX}{validate_blob_name(name)}.{secrets.token_hex(4)}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self._index_dir / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.debug("could not write %s in %s: %s", name, self._index_dir, exc)
 
     def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
         with self._mutex:
