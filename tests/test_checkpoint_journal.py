@@ -8,6 +8,7 @@ journal lock released (the writer is gone).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -338,3 +339,50 @@ def test_records_are_judged_by_the_managers_own_checks_hmac_included(directory: 
     assert manager._journal_key(target.name, target.read_bytes()) is None
     assert manager._journal_key("elsewhere_intent.pkl", target.read_bytes()) is None
     assert manager._journal_key("notes.txt", b"anything") is None
+
+
+# --- spare files ----------------------------------------------------------------------------
+
+
+def filled_spares(manager: CheckpointManager) -> list[str]:
+    spares = manager.store._spares  # type: ignore[attr-defined]
+    assert spares is not None
+    deadline = time.monotonic() + 10
+    while len(spares.ready) < storage._SPARES and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(spares.ready)
+
+
+@pytest.mark.parametrize("tamper", ["hard-link", "symlink", "not-empty", "swept"])
+def test_a_spare_file_that_is_not_an_empty_private_file_is_never_written_through(
+    directory: Path, tmp_path: Path, tamper: str
+) -> None:
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, STAGES[:1])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for spare in filled_spares(manager):
+        os.unlink(spare)
+        if tamper == "hard-link":
+            os.link(victim, spare)
+        elif tamper == "symlink":
+            os.symlink(victim, spare)
+        elif tamper == "not-empty":
+            Path(spare).write_bytes(b"left over")
+    save_run(manager, SESSION, STAGES[:3])
+    assert victim.read_text() == "keep me"
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
+    loads_and_verifies(directory)
+
+
+def test_spare_files_are_used_and_removed_with_their_store(directory: Path) -> None:
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, STAGES[:1])
+    spares = filled_spares(manager)
+    save_run(manager, SESSION, STAGES[:2])
+    assert not all(os.path.exists(s) for s in spares)  # taken, renamed into place
+    left = filled_spares(manager)
+    assert left and all(os.path.exists(s) for s in left)
+    del manager
+    gc.collect()
+    assert not any(os.path.exists(s) for s in left)

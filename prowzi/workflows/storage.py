@@ -14,6 +14,7 @@ hands the result back with :meth:`CheckpointStore.remember`.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import errno
 import fcntl
@@ -486,6 +487,71 @@ class _Journal:
         self._finalizer()
 
 
+# --- spare files ----------------------------------------------------------------------------
+
+SPARES_DIR = ".spares"
+_SPARES = 4
+"""Empty files kept ready per writing store (a save takes two: checkpoint and sidecar)."""
+
+
+class _Spares:
+    """Empty files created ahead of need, by a background thread, in ``root/.spares/``.
+
+    Creating a file allocates an inode, which on a busy filesystem can cost ten times a
+    rename (it may wait on metadata I/O and on the filesystem journal). A put renames a spare
+    to its temporary name instead (same filesystem, so it is a rename of an empty file), and
+    the thread makes another. A spare is only used if it is still an empty regular file with
+    one link; anything else is discarded and the put creates its temporary as before. Spares
+    are hidden (never listed); those of a process that died are removed by the next
+    recovery once an hour old, and a store removes its own when it is collected or at exit.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.dir = os.path.join(root, SPARES_DIR)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.pid = os.getpid()
+        self.ready: collections.deque[str] = collections.deque()
+        self.wanted = threading.Event()
+        self.closed = False
+        self.thread = threading.Thread(
+            target=self._run, name="prowzi-checkpoint-spares", daemon=True
+        )
+        self.thread.start()
+
+    def take(self) -> str | None:
+        try:
+            path = self.ready.popleft()
+        except IndexError:
+            path = None
+        self.wanted.set()
+        return path
+
+    def _run(self) -> None:
+        prefix = os.path.join(self.dir, f"{self.pid}-")
+        while not self.closed:
+            while len(self.ready) < _SPARES and not self.closed:
+                path = f"{prefix}{secrets.token_hex(6)}"
+                try:
+                    os.close(
+                        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    )
+                except OSError:
+                    self.closed = True  # a full disk, a removed directory: puts create files
+                    return
+                self.ready.append(path)
+            self.wanted.wait()
+            self.wanted.clear()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wanted.set()
+        if os.getpid() != self.pid:
+            return
+        while self.ready:
+            with contextlib.suppress(OSError):
+                os.unlink(self.ready.popleft())
+
+
 # --- local directory ------------------------------------------------------------------------
 
 
@@ -548,6 +614,8 @@ class LocalDirectoryStore(CheckpointStore):
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
         self._journal: _Journal | None = None
         self._journal_failed = False
+        self._spares: _Spares | None = None
+        self._spares_failed = False
         self._recovered = False
         self._verify: Verifier | None = None
         self._lock_key: Callable[[str], str | None] | None = None
@@ -619,7 +687,9 @@ class LocalDirectoryStore(CheckpointStore):
         """A temporary file beside ``name`` holding ``data`` (fdatasynced if ``sync``)."""
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = self._open_spare(tmp)
+            if fd is None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, data)
                 if sync:
@@ -632,6 +702,41 @@ class LocalDirectoryStore(CheckpointStore):
                 os.unlink(tmp)
             raise
         return tmp, st
+
+    def _open_spare(self, tmp: str) -> int | None:
+        """A spare file renamed to ``tmp`` and opened for writing, or None (create one)."""
+        spares = self._spares
+        if spares is None or spares.pid != os.getpid():
+            return None
+        spare = spares.take()
+        if spare is None:
+            return None
+        try:
+            os.rename(spare, tmp)
+        except OSError:
+            return None  # swept away meanwhile
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            os.unlink(tmp)
+            return None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0:
+            return fd
+        os.close(fd)  # not what this store made: never write through it
+        os.unlink(tmp)
+        return None
+
+    def _start_spares(self) -> None:
+        if self._spares_failed or (self._spares is not None and self._spares.pid == os.getpid()):
+            return
+        try:
+            spares = self._spares = _Spares(self._dir)
+        except (OSError, RuntimeError) as exc:
+            log.debug("no spare files in %s: %s", self.root, exc)
+            self._spares_failed = True
+            return
+        weakref.finalize(self, spares.close)
 
     def _materialise(self, name: str, final: str, data: bytes, *, sync: bool) -> os.stat_result:
         """Write ``data`` to a temporary, (fdatasync it,) rename it over ``final``."""
@@ -666,6 +771,7 @@ class LocalDirectoryStore(CheckpointStore):
                 return None
             try:
                 journal = self._journal = _Journal(self._dir, _BOOT_ID)
+                self._start_spares()
             except OSError as exc:
                 # No room for it (a nearly full disk), an odd filesystem: sync each put.
                 log.debug("no checkpoint journal in %s: %s", self.root, exc)
@@ -714,6 +820,7 @@ class LocalDirectoryStore(CheckpointStore):
         record that does not verify or is older. Errors are logged, never raised: the
         journal is kept and the next opener tries again."""
         self._recovered = True
+        self._sweep_spares()
         directory = os.path.join(self._dir, JOURNAL_DIR)
         try:
             entries = sorted(os.listdir(directory))
@@ -764,6 +871,18 @@ class LocalDirectoryStore(CheckpointStore):
         finally:
             for fd in held:
                 os.close(fd)
+
+    def _sweep_spares(self) -> None:
+        """Remove spare files an hour old: their process died, or has not saved since."""
+        stale = time.time() - _TEMPORARY_MAX_AGE
+        try:
+            entries = list(os.scandir(os.path.join(self._dir, SPARES_DIR)))
+        except OSError:
+            return
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < stale:
+                    os.unlink(entry.path)
 
     def _replay(self, journals: builtins.list[tuple[str, builtins.list[JournalRecord]]]) -> None:
         by_name: dict[str, builtins.list[JournalRecord]] = {}
