@@ -5,6 +5,11 @@ ship: :class:`LocalDirectoryStore` (the default, one file per blob) and :class:`
 (for tests). Both pass the same conformance suite (``tests/test_checkpoint_storage.py``); an
 object store (S3, Azure Blob) would implement the same interface.
 
+:class:`LocalDirectoryStore` makes a durable put with one sync: a per-process write-ahead
+journal (``.journal/``) receives the complete blob and is fdatasynced once, and the blob's
+file, renamed into place without a sync of its own, is the journal's materialised view,
+restored from verified journal records after an OS crash (see its docstring).
+
 A store may remember a small ``meta`` dict per blob (as object stores keep user metadata), so
 listing does not have to read every blob. Meta is only a cache: when the store cannot vouch for
 it (a file changed behind its back) it reports ``meta=None`` and the caller reads the blob and
@@ -579,10 +584,31 @@ def _token(st: os.stat_result) -> str:
 class LocalDirectoryStore(CheckpointStore):
     """One file per blob in ``root``; the files are the source of truth.
 
-    Writes: a temporary file in the same directory, written in full, fdatasync, ``os.replace``,
-    fsync of the directory (and of its parent when the put created it); the temporary is
-    removed on failure. ``durable=False`` (or ``fsync=False``) skips the syncs only. Hidden
-    names (``.tmp.*``, ``.index``, ``.locks``) are never listed.
+    Durable writes make **one** sync, as SQLite's WAL does: the bytes go to a temporary file
+    in the same directory (renamed from a spare, see :class:`_Spares`), then, complete and
+    self-delimiting, into this process's write-ahead journal (``root/.journal/``, see
+    :class:`_Journal`) with a single fdatasync (from then on the put is durable), then the
+    temporary is renamed over the blob. The blob files are the journal's materialised view:
+    not synced one by one, but all at once when the journal is checkpointed (it reaches
+    ``_JOURNAL_MAX``, a blob written through it is deleted, :meth:`sync`, or its process has
+    exited and another store absorbs it); then the journal is reused. After an OS crash
+    (detected by the boot id recorded in each journal) the first store to open the directory
+    replays the journals of the earlier boot: a blob that is missing, torn, fails the
+    manager's verification or holds older content is restored from its newest record that
+    verifies; a valid file is never replaced by a record that does not verify or is older
+    (see :meth:`CheckpointStore.attach_verifier`). A record whose put failed is voided before
+    the failure is reported (the journal is checkpointed), so no replay resurrects it. A
+    process killed (SIGKILL) at any instant leaves the old file or the new, and a journal the
+    next store absorbs; a torn journal tail ends the journal and is ignored. Writers in
+    several processes each have their own journal, so their appends never interleave; the
+    writers of one blob are serialised by the session lock as before.
+
+    Without a boot id (not Linux), with a blob too large for a journal, or when a journal
+    cannot be created (no space) or fails, a put makes the classic durable write: temporary,
+    fdatasync, ``os.replace``, fsync of the directory (and of its parent when the put created
+    it). The temporary is removed on failure. ``durable=False`` (or ``fsync=False``) skips the
+    journal and the syncs. Hidden names (``.tmp.*``, ``.index``, ``.locks``, ``.journal``,
+    ``.spares``) are never listed.
 
     Listing is served from an index in ``root/.index/manifest.jsonl``: an append-only log of the
     meta recorded at each put, plus a stamp of the directory's mtime at the last full scan. A
