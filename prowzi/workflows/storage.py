@@ -549,9 +549,9 @@ class _Spares:
 
     def close(self) -> None:
         self.closed = True
-        self.wanted.set()
         if os.getpid() != self.pid:
-            return
+            return  # a forked child: the thread (and its lock's state) is the parent's
+        self.wanted.set()
         while self.ready:
             with contextlib.suppress(OSError):
                 os.unlink(self.ready.popleft())
