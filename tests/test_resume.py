@@ -308,3 +308,21 @@ def test_a_failed_final_save_is_tried_again_and_reported_if_it_still_fails(
     latest = CheckpointManager(tmp_path / "cp").latest("disk")
     assert latest is not None
     assert latest.stage == ("turnitin" if unsaved is None else "evaluation")
+
+
+def test_rerunning_a_stage_that_revised_its_input_reruns_that_inputs_producer(
+    tmp_path: Path,
+) -> None:
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="eval"))
+    plan = orch.plan_resume("eval", evaluation_threshold=0.99)
+    assert plan.restored == ["intent", "planning", "search", "verification"]
+    assert plan.rerun == ["writing", "evaluation", "turnitin"]
+    reasons = {s.stage: s.reasons for s in plan.stages}
+    assert reasons["writing"] == ["evaluation re-runs and replaced its draft in the checkpoint"]
+    forked = asyncio.run(orch.resume_from_checkpoint("eval", evaluation_threshold=0.99))
+
+    fresh_orch, _ = make(tmp_path / "fresh", evaluation_threshold=0.99)
+    fresh = asyncio.run(fresh_orch.run_research(PROMPT))
+    assert forked.document == fresh.document
+    assert forked.initial_evaluation == fresh.initial_evaluation

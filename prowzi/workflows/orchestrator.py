@@ -354,11 +354,14 @@ class ProwziOrchestrator:
         )
         state = checkpoint.to_state()
         specs = {s.name: s for s in self.stages}
+        kept = {f for p in plan.stages if p.mode == "restore" for f in specs[p.stage].writes}
         for planned in plan.stages:
             if planned.mode == "run":
-                # what the parent computed with other inputs must not outlive a failed fork
+                # What was computed with other inputs must not outlive a failed resume; a
+                # field a restored stage produced stays (the re-run stage reads it).
                 for name in specs[planned.stage].writes:
-                    setattr(state, name, None)
+                    if name not in kept:
+                        setattr(state, name, None)
                 state.stage_metrics.pop(planned.stage, None)
         restored = [s.stage for s in plan.stages if s.mode == "restore"]
         return _Run(
@@ -419,20 +422,7 @@ class ProwziOrchestrator:
         time_travel = latest is not None and latest.checkpoint_id != meta.checkpoint_id
         fork = bool(changed) or time_travel
 
-        completed = set(meta.completed_stages)
-        dirty: set[str] = set()
-        stages: list[PlannedStage] = []
-        for spec in self.stages:
-            if spec.name in completed:
-                reasons = [f"parameter {p} changed" for p in spec.params if p in changed]
-                reasons += [f"input {f} is recomputed" for f in spec.reads if f in dirty]
-                if not reasons:
-                    stages.append(PlannedStage(spec.name, "restore"))
-                    continue
-            else:
-                reasons = ["not completed in the checkpoint"]
-            stages.append(PlannedStage(spec.name, "run", reasons))
-            dirty.update(spec.writes)
+        stages = _plan_stages(self.stages, set(meta.completed_stages), set(changed))
         complete = not any(s.mode == "run" for s in stages)
         plan = ResumePlan(
             source_session_id=meta.session_id,
@@ -801,6 +791,53 @@ class ProwziOrchestrator:
                     span_id=span.span_id,
                 ),
             )
+
+
+def _plan_stages(
+    specs: Sequence[StageSpec], completed: set[str], changed: set[str]
+) -> list[PlannedStage]:
+    """Which stages a resume re-runs, and why; the rest are restored from the checkpoint.
+
+    A stage re-runs when it never completed, when a parameter it reads changed, or when a
+    state field it reads is recomputed by an earlier re-run stage. And a stage that rewrites
+    a field it reads (evaluation revises the draft) left its own output in the checkpoint: to
+    run it again, the stage that first produced that field must run again too. The two rules
+    feed each other, so they are applied until nothing changes.
+    """
+    reasons: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.name not in completed:
+            reasons[spec.name] = ["not completed in the checkpoint"]
+        elif spec.params and (hit := [p for p in spec.params if p in changed]):
+            reasons[spec.name] = [f"parameter {p} changed" for p in hit]
+    while True:
+        before = {name: list(why) for name, why in reasons.items()}
+        dirty: set[str] = set()
+        for spec in specs:
+            recomputed = [f for f in spec.reads if f in dirty]
+            if recomputed and spec.name not in reasons:
+                reasons[spec.name] = [f"input {f} is recomputed" for f in recomputed]
+            if spec.name in reasons:
+                dirty.update(spec.writes)
+        for index, spec in enumerate(specs):
+            if spec.name not in reasons or spec.name not in completed:
+                continue
+            for field_name in sorted(set(spec.reads) & set(spec.writes)):
+                producer = next(
+                    (s for s in reversed(specs[:index]) if field_name in s.writes), None
+                )
+                if producer is not None and producer.name not in reasons:
+                    reasons[producer.name] = [
+                        f"{spec.name} re-runs and replaced its {field_name} in the checkpoint"
+                    ]
+        if reasons == before:
+            break
+    return [
+        PlannedStage(s.name, "run", reasons[s.name])
+        if s.name in reasons
+        else PlannedStage(s.name, "restore")
+        for s in specs
+    ]
 
 
 def _result_metadata(
