@@ -59,7 +59,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -886,6 +886,18 @@ class CheckpointManager:
             return None
         self._listing = (identity, rows)
         return rows
+
+    def has_session(self, session_id: str, stages: Iterable[str]) -> bool:
+        """Whether ``session_id`` has a checkpoint file for any of ``stages``.
+
+        One lookup per stage and no listing, so it stays cheap in a directory of thousands of
+        sessions (a new run checks that its chosen id is not taken).
+        """
+        validate_session_id(session_id)
+        return any(
+            self.store.token(f"{session_id}_{validate_stage_name(stage)}.pkl") is not None
+            for stage in stages
+        )
 
     def latest(self, session_id: str) -> CheckpointMetadata | None:
         """The session's most recent checkpoint, or None."""

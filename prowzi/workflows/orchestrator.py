@@ -463,7 +463,7 @@ class ProwziOrchestrator:
 
     def _refuse_existing(self, session_id: str) -> None:
         """A new session (a run with a chosen id, or a fork) must not overwrite another."""
-        if self.checkpoint_manager.latest(session_id) is not None:
+        if self.checkpoint_manager.has_session(session_id, (s.name for s in self.stages)):
             raise InvalidInputError(
                 f"session {session_id} already exists (it has checkpoints); continue it with "
                 f"`prowzi resume {session_id}` or choose another session id"
