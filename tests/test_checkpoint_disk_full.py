@@ -124,36 +124,3 @@ def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: P
         reader.verify_chain(SESSION)
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-
-
-def test_a_full_disk_with_the_journal_in_use_fails_cleanly_and_replays_nothing_new(
-    small_disk: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from prowzi.workflows import storage
-
-    monkeypatch.setattr(storage, "_JOURNAL_INITIAL", 64 * 1024)
-    directory = small_disk / "checkpoints"
-    manager = CheckpointManager(directory)
-    save_run(manager, SESSION, STAGES[:2])
-    assert list((directory / storage.JOURNAL_DIR).glob("*.wal"))  # saves went through it
-    filler = fill(small_disk, leave=16 * 1024)
-
-    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint"):
-        manager.save(
-            session_id=SESSION,
-            stage="search",
-            state=big_state(kib=64),
-            completed_stages=list(STAGES[:3]),
-            parameters=params(),
-        )
-    assert temporaries(directory) == []
-    filler.unlink()
-
-    # The writer is gone and the machine rebooted: the journal replays only what was saved.
-    journal = manager.store._journal  # type: ignore[attr-defined]
-    journal.close()
-    monkeypatch.setattr(storage, "_BOOT_ID", b"\x09" * 16)
-    fresh = CheckpointManager(directory)
-    assert [r["stage"] for r in fresh.list_checkpoints()] == ["planning", "intent"]
-    assert fresh.load_checkpoint(SESSION).metadata.stage == "planning"
-    fresh.verify_chain(SESSION)

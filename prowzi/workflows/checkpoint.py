@@ -33,21 +33,6 @@ own result models; any other shape is refused. Every refusal is a
 Each checkpoint's ``previous_hash`` is the ``payload_sha256`` of the checkpoint before it in
 the session (for a fork's first checkpoint, the parent's), which makes a session's checkpoints
 a hash chain that :meth:`CheckpointManager.verify_chain` walks.
-
-Durability. A save returns once the checkpoint would survive a power loss. The default store
-makes that one fdatasync: the whole container goes into a write-ahead journal, and the
-``.pkl`` (and ``.json``) are renamed into place without syncs of their own (see
-:class:`~prowzi.workflows.storage.LocalDirectoryStore`). After an OS crash, the next manager
-to open the directory restores lost or torn ``.pkl`` files from the journal, and only from
-records that pass every check a load makes (:meth:`CheckpointManager._journal_key`): a journal
-record can never put an unverified checkpoint in place of a valid one.
-
-Speed. A save serialises the state once (orjson over ``model_dump``: faster here than
-pydantic's own JSON writer, whose string escaping dominates on a 100 KB state) and hashes the
-body once. A load checks everything above, then validates the verified bytes with
-``model_validate_json`` (pydantic-core parses the JSON itself, strictly, ``extra="forbid"``).
-Listing in a new process reads a listing cache written beside the index (see
-:meth:`CheckpointManager._cached_listing`), used only while the index is unchanged and fresh.
 """
 
 from __future__ import annotations
@@ -115,7 +100,6 @@ _ZLIB_LEVEL = 1
 default 6 on a 100 KB state, for a ratio of about 4 instead of 5)."""
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
-_LISTING_CACHE = "listing.v1.json"
 
 Compression = Literal["none", "zlib"]
 
@@ -201,12 +185,6 @@ def _session_of(name: str) -> tuple[str, str] | None:
     return (session, stage) if stage is not None else None
 
 
-def _lock_key(name: str) -> str | None:
-    """The writer lock guarding a blob: its session's."""
-    parsed = _session_of(name)
-    return parsed[0] if parsed is not None else None
-
-
 def _migrate_header(header: dict[str, Any]) -> dict[str, Any]:
     version = header["format_version"]
     for step in range(version, FORMAT_VERSION):
@@ -286,19 +264,10 @@ class CheckpointManager:
         self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
-        self._listing: tuple[tuple[int, ...], list[dict[str, Any]]] | None = None
-        """(index identity, rows newest first) from the listing cache (see list_checkpoints)."""
-        self._listing_written: tuple[int, ...] | None = None
-        self._listing_refused: tuple[int, ...] | None = None
-        self._heads: dict[str, tuple[str, str]] = {}
-        """``.pkl`` name -> (store token, payload_sha256 its header records)."""
         self._sidecars: dict[str, tuple[str, str]] = {}
         """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
         written from): a sidecar whose file has not changed since need not be read again."""
         self._mutex = threading.RLock()  # the caches above are shared by threads
-        # Journal records are judged exactly as files are (and recovery after an OS crash
-        # runs now, before this manager reads anything).
-        self.store.attach_verifier(self._journal_key, _lock_key)
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
@@ -310,18 +279,6 @@ class CheckpointManager:
             compression=config.checkpoint_compression,
             fsync=config.checkpoint_fsync,
         )
-
-    def _journal_key(self, name: str, data: bytes) -> float | None:
-        """The store's verifier: a checkpoint's ``created_at`` if ``data`` passes every check
-        a load makes (container, sha256, HMAC with a key, identity, schema), else None."""
-        if _session_of(name) is None:
-            return None
-        try:
-            metadata, _, _ = self._verified(name, data, check_link=False)
-        except CheckpointIntegrityError as exc:
-            log.warning("ignoring a journal record: %s", exc)
-            return None
-        return metadata.created_at.timestamp()
 
     # --- writing ------------------------------------------------------------------------
 
@@ -396,9 +353,6 @@ class CheckpointManager:
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
                 f"{exc.strerror or exc}; the previous checkpoint is intact"
             ) from exc
-        token = self.store.token(name)
-        if token is not None:
-            self._heads[name] = (token, metadata.payload_sha256)
         self._write_sidecar(checkpoint_id, header_doc)
         return metadata
 
@@ -422,33 +376,18 @@ class CheckpointManager:
         else:
             self._sidecars[name] = (token, header_doc["payload_sha256"])
 
-    def _payload_sha(self, name: str) -> str | None:
-        """The ``payload_sha256`` a checkpoint's sealed header records (what the next
-        checkpoint links to). Remembered per file version (its store token): a file this
-        manager wrote or read, unchanged since, is not read again."""
-        token = self.store.token(name)
-        if token is None:
-            raise BlobNotFoundError(name)
-        cached = self._heads.get(name)
-        if cached is not None and cached[0] == token:
-            return cached[1]
-        sha = self._read_header(name).get("payload_sha256")
-        if not isinstance(sha, str):
-            return None
-        self._heads[name] = (token, sha)  # the token read first: a later change misses
-        return sha
-
     def _chain_head(self, session_id: str, stage: str, completed: list[str]) -> str | None:
         for prior in _earlier(completed, stage):
             name = f"{session_id}_{prior}.pkl"
             try:
-                sha = self._payload_sha(name)
+                header = self._read_header(name)
             except BlobNotFoundError:
                 continue
             except (CheckpointIntegrityError, UnsafeBlobError) as exc:
                 log.warning("not chaining onto a damaged checkpoint: %s", exc)
                 continue
-            if sha is not None:
+            sha = header.get("payload_sha256")
+            if isinstance(sha, str):
                 return sha
         return None
 
@@ -679,10 +618,10 @@ class CheckpointManager:
         for prior in _earlier(metadata.completed_stages, metadata.stage):
             for session in sessions:
                 try:
-                    sha = self._payload_sha(f"{session}_{prior}.pkl")
+                    header = self._read_header(f"{session}_{prior}.pkl")
                 except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
                     continue
-                if sha == previous:
+                if header.get("payload_sha256") == previous:
                     return
         # Otherwise read every header of the session (and its parent): the files, not the
         # index, are the truth here, and a file rewritten in place may not show in the index.
@@ -833,9 +772,12 @@ class CheckpointManager:
         if since is not None:
             since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
         with self._mutex:
-            newest_first = self._cached_listing()
-            if newest_first is None:
-                newest_first = self._sorted_rows()
+            rows = self._rows_now()
+            if self._newest_first is None:
+                self._newest_first = sorted(
+                    rows.values(), key=lambda row: row["created_at"], reverse=True
+                )
+            newest_first = self._newest_first
         with paused_gc():
             return [
                 dict(row)
@@ -844,48 +786,6 @@ class CheckpointManager:
                 and (stage is None or row["stage"] == stage)
                 and (since is None or row["created_at"] >= since)
             ]
-
-    def _sorted_rows(self) -> list[dict[str, Any]]:
-        rows = self._rows_now()
-        if self._newest_first is None:
-            self._newest_first = sorted(
-                rows.values(), key=lambda row: row["created_at"], reverse=True
-            )
-            identity = self.store.index_identity()
-            if identity is not None and identity != self._listing_written:
-                # The rows just built, for the next process that lists this very index.
-                self.store.write_aux(_LISTING_CACHE, _pack_listing(identity, self._newest_first))
-                self._listing_written = identity
-            if identity is not None and identity != self._listing_refused:
-                self._listing = (identity, self._newest_first)
-        return self._newest_first
-
-    def _cached_listing(self) -> list[dict[str, Any]] | None:
-        """The listing, sorted, as a previous listing of this very index left it.
-
-        A new process would otherwise load the index, build a row per checkpoint and sort
-        them: ten times the cost. The cache is written beside the index after a listing,
-        tagged with the index's identity (the manifest's inode, size and mtime, and the
-        directory's mtime stamp it records); it is used only while the store vouches that the
-        index is unchanged and fresh by the same staleness check a listing makes (the
-        directory's mtime), so a checkpoint added, replaced or removed since is never missed.
-        It holds listing rows only (metadata the index already holds): loading a checkpoint
-        still verifies its file."""
-        identity = self.store.index_identity(cold=True)
-        if identity is None or identity == self._listing_refused:
-            return None
-        if self._listing is not None and self._listing[0] == identity:
-            return self._listing[1]
-        raw = self.store.read_aux(_LISTING_CACHE)
-        if raw is None:
-            return None
-        with paused_gc():
-            rows = _unpack_listing(raw, identity)
-        if rows is None:
-            log.debug("not using the listing cache of %s", self._location())
-            return None
-        self._listing = (identity, rows)
-        return rows
 
     def has_session(self, session_id: str, stages: Iterable[str]) -> bool:
         """Whether ``session_id`` has a checkpoint file for any of ``stages``.
@@ -910,18 +810,10 @@ class CheckpointManager:
     def _session_rows(self, session_id: str) -> dict[str, dict[str, Any]]:
         """One session's readable rows, exact: its files are re-examined, so a file rewritten
         in place (which a directory listing cannot notice) is seen."""
-        with self._mutex:
-            self._rows_now()
-            before = self._generation
-            for name in self._sessions.get(session_id, ()):
-                self.store.refresh(name)
-            rows = self._rows_now(fresh=False)
-            if self._generation != before:
-                # Something changed that the index's identity may not show (a file rewritten
-                # in place): this manager stops using the listing cache until the index
-                # changes.
-                self._listing = None
-                self._listing_refused = self.store.index_identity(cold=True)
+        self._rows_now()
+        for name in self._sessions.get(session_id, ()):
+            self.store.refresh(name)
+        rows = self._rows_now(fresh=False)
         return {n: rows[n] for n in self._sessions.get(session_id, ()) if n in rows}
 
     def verify_chain(self, session_id: str) -> None:
@@ -1035,7 +927,6 @@ class CheckpointManager:
         if not dry_run:
             self._remove_orphans(blobs, cutoff)
             self.store.sweep_temporaries()
-            self.store.sync()  # checkpoint the journal: it is bounded, and empty when idle
         return sorted(deleted)
 
     def _remove_orphans(self, blobs: Sequence[Any], cutoff: datetime) -> None:
@@ -1045,52 +936,6 @@ class CheckpointManager:
                 continue
             if datetime.fromtimestamp(blob.modified, UTC) < cutoff:
                 self.store.delete(blob.name)
-
-
-_SHARED = ("prompt", "parameters", "completed_stages")
-"""Listing fields repeated across a session's checkpoints: stored once in the listing cache."""
-
-
-def _pack_listing(identity: tuple[int, ...], rows: list[dict[str, Any]]) -> bytes:
-    """The listing cache's bytes: rows newest first, each of the ``_SHARED`` fields as an index
-    into a table of distinct values (a third of the size, and of the parsing)."""
-    tables: dict[str, list[Any]] = {key: [] for key in _SHARED}
-    seen: dict[str, dict[bytes, int]] = {key: {} for key in _SHARED}
-    packed = []
-    for row in rows:
-        out = dict(row)
-        for key in _SHARED:
-            value = row[key]
-            known = seen[key]
-            fingerprint = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-            position = known.get(fingerprint)
-            if position is None:
-                position = known[fingerprint] = len(tables[key])
-                tables[key].append(value)
-            out[key] = position
-        packed.append(out)
-    return orjson.dumps({"format": 1, "identity": identity, "tables": tables, "rows": packed})
-
-
-def _unpack_listing(raw: bytes, identity: tuple[int, ...]) -> list[dict[str, Any]] | None:
-    """The rows of a listing cache written for ``identity``; None if it is for another or
-    is not one. Rows share the values of the ``_SHARED`` fields (listing rows are read-only
-    data, as rows of the in-memory cache always were)."""
-    try:
-        doc = orjson.loads(raw)
-        if doc["format"] != 1 or tuple(doc["identity"]) != identity:
-            return None
-        rows: list[dict[str, Any]] = doc["rows"]
-        prompts, parameters, stages = (doc["tables"][key] for key in _SHARED)
-        parse = datetime.fromisoformat
-        for row in rows:
-            row["created_at"] = parse(row["created_at"])
-            row["prompt"] = prompts[row["prompt"]]
-            row["parameters"] = parameters[row["parameters"]]
-            row["completed_stages"] = stages[row["completed_stages"]]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-        return None
-    return rows
 
 
 def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:

@@ -5,11 +5,6 @@ ship: :class:`LocalDirectoryStore` (the default, one file per blob) and :class:`
 (for tests). Both pass the same conformance suite (``tests/test_checkpoint_storage.py``); an
 object store (S3, Azure Blob) would implement the same interface.
 
-:class:`LocalDirectoryStore` makes a durable put with one sync: a per-process write-ahead
-journal (``.journal/``) receives the complete blob and is fdatasynced once, and the blob's
-file, renamed into place without a sync of its own, is the journal's materialised view,
-restored from verified journal records after an OS crash (see its docstring).
-
 A store may remember a small ``meta`` dict per blob (as object stores keep user metadata), so
 listing does not have to read every blob. Meta is only a cache: when the store cannot vouch for
 it (a file changed behind its back) it reports ``meta=None`` and the caller reads the blob and
@@ -19,7 +14,6 @@ hands the result back with :meth:`CheckpointStore.remember`.
 from __future__ import annotations
 
 import builtins
-import collections
 import contextlib
 import errno
 import fcntl
@@ -30,13 +24,10 @@ import re
 import secrets
 import socket
 import stat
-import struct
 import threading
 import time
-import weakref
-import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,17 +54,10 @@ taken less than this after the mtime is "racy" (as git calls it) and is re-check
 """
 
 _INDEX_VERSION = 1
-_SNAPSHOT_HEAD = re.compile(rb'\{"snapshot":(\d+),"stamp":\[(\d+),(\d+)\]')
-"""The start of a manifest snapshot line: its stamp can be read without parsing the rest."""
 _COMPACT_MIN = 1 << 20
 """The index log is compacted once it exceeds this and twice its last snapshot."""
 _TEMPORARY_MAX_AGE = 3600.0
 """Seconds after which a temporary file is certainly abandoned and may be removed."""
-
-
-Verifier = Callable[[str, bytes], float | None]
-"""``(name, data) -> ordering key`` of content that verifies, or None (see
-:meth:`CheckpointStore.attach_verifier`)."""
 
 
 def validate_blob_name(name: object) -> str:
@@ -162,39 +146,6 @@ class CheckpointStore(ABC):
     def sweep_temporaries(self, max_age: float = _TEMPORARY_MAX_AGE) -> builtins.list[str]:
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
-
-    def attach_verifier(
-        self, verify: Verifier, lock_key: Callable[[str], str | None] | None = None
-    ) -> None:
-        """Tell a store that keeps a write-ahead journal how to judge a blob's content.
-
-        ``verify(name, data)`` returns an ordering key (newer content, larger key) for content
-        that verifies, None otherwise; ``lock_key(name)`` names the writer lock that guards
-        the blob. A journal record is only ever restored over a file when it verifies and the
-        file does not hold content that verifies and is at least as new."""
-        return None
-
-    def index_identity(self, *, cold: bool = False) -> tuple[int, ...] | None:
-        """Names the exact, fresh index a listing is built from, so that a cache derived from
-        a listing (the manager's sorted rows) can be reused by another process: equal
-        identities mean the same index and no change to the blobs since (as far as a listing
-        can tell). ``cold`` computes it from storage without loading the index (what a new
-        process does); otherwise it describes this object's loaded view, and is None unless
-        that view is exactly what storage holds. None: cannot vouch."""
-        return None
-
-    def read_aux(self, name: str) -> bytes | None:
-        """A small auxiliary file kept beside the index (a cache), or None."""
-        return None
-
-    def write_aux(self, name: str, data: bytes) -> None:
-        """Replace an auxiliary file atomically (not durably: it is a cache)."""
-        return None
-
-    def sync(self) -> None:
-        """Make every completed ``put`` durable in the blobs themselves (a journal, if the store
-        keeps one, is then emptied)."""
-        return None
 
 
 def _holder_description() -> dict[str, Any]:
@@ -298,265 +249,6 @@ class InMemoryStore(CheckpointStore):
             return key in self._locks
 
 
-# --- write-ahead journal --------------------------------------------------------------------
-
-JOURNAL_DIR = ".journal"
-_JOURNAL_MAGIC = b"\x89PZWAL1\n"
-_JOURNAL_HEADER = struct.Struct(">8s16s8sI")
-"""magic | boot id | salt | crc32 of the fields before."""
-_RECORD = struct.Struct(">4s8sQHI")
-"""record magic | the journal's current salt | wall clock (ns) | name length | data length;
-then the name, the data, and a crc32 of the whole record before it."""
-_RECORD_MAGIC = b"PZJR"
-_CRC = struct.Struct(">I")
-_JOURNAL_INITIAL = 1 << 20
-"""Bytes of zeros a new journal is created with (see :class:`_Journal`)."""
-_JOURNAL_MAX = 16 << 20
-"""A journal grows (by doubling) up to this, then is checkpointed and reused from the start."""
-
-
-def _boot_id() -> bytes | None:
-    """This boot's id (Linux): a journal written in this boot has not lived through a crash."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
-            text = fh.read(64).strip().decode("ascii")
-        return bytes.fromhex(text.replace("-", ""))[:16].ljust(16, b"\0")
-    except (OSError, ValueError):
-        return None
-
-
-_BOOT_ID = _boot_id()
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
-    view = memoryview(data)
-    while view:
-        if offset is None:
-            written = os.write(fd, view)
-        else:
-            written = os.pwrite(fd, view, offset)
-            offset += written
-        view = view[written:]
-
-
-def _fsync_path(path: str, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True, slots=True)
-class JournalRecord:
-    name: str
-    data: bytes
-    written_ns: int
-    """Wall clock at the append: orders the records of several journals of one boot."""
-
-
-def read_journal(data: bytes) -> tuple[bytes, list[JournalRecord]] | None:
-    """(boot id, records) of a journal's bytes; None when its header is not intact.
-
-    Records are read up to the first that is torn, of another salt (left from before the
-    journal was last reused) or otherwise not intact: that is the journal's end."""
-    if len(data) < _JOURNAL_HEADER.size:
-        return None
-    magic, boot, salt, crc = _JOURNAL_HEADER.unpack_from(data)
-    if magic != _JOURNAL_MAGIC or zlib.crc32(data[: _JOURNAL_HEADER.size - 4]) != crc:
-        return None
-    records: list[JournalRecord] = []
-    offset = _JOURNAL_HEADER.size
-    view = memoryview(data)
-    while offset + _RECORD.size <= len(data):
-        magic, record_salt, written_ns, name_length, length = _RECORD.unpack_from(data, offset)
-        end = offset + _RECORD.size + name_length + length
-        if magic != _RECORD_MAGIC or record_salt != salt or end + _CRC.size > len(data):
-            break
-        (crc,) = _CRC.unpack_from(data, end)
-        if zlib.crc32(view[offset:end]) != crc:
-            break
-        start = offset + _RECORD.size
-        try:
-            name = validate_blob_name(bytes(view[start : start + name_length]).decode())
-        except (UnicodeDecodeError, InvalidIdentifierError):
-            break
-        records.append(JournalRecord(name, bytes(view[start + name_length : end]), written_ns))
-        offset = end + _CRC.size
-    return boot, records
-
-
-class _Journal:
-    """One process's write-ahead journal of durable puts into one directory.
-
-    A file ``.journal/<pid>-<random>.wal``, created with ``_JOURNAL_INITIAL`` bytes of zeros
-    (written, not just reserved, and fsynced once) so that appending a record overwrites
-    blocks that already exist: the record's fdatasync then flushes data only, with no
-    filesystem-journal commit for a new size or new blocks (as SQLite reuses its WAL). Each
-    record is self-delimiting and carries the journal's salt and a crc32, so a torn tail, or a
-    record left from before the journal was reused (another salt), ends the journal.
-
-    The owner holds an exclusive ``flock`` on the file for its lifetime: a journal whose lock
-    can be taken belongs to a process that has exited. Only the owning process (and thread,
-    under the store's mutex) writes it; a forked child opens its own.
-    """
-
-    def __init__(self, root: str, boot: bytes) -> None:
-        self.root = root
-        self.boot = boot
-        self.pid = os.getpid()
-        directory = os.path.join(root, JOURNAL_DIR)
-        created = False
-        try:
-            os.mkdir(directory, 0o700)
-            created = True
-        except FileExistsError:
-            pass
-        stem = f"{self.pid}-{secrets.token_hex(4)}"
-        self.path = os.path.join(directory, f"{stem}.wal")
-        # Built under another name and renamed once locked and complete: recovery only looks
-        # at ``*.wal`` files, and must never take one being created for abandoned.
-        tmp = os.path.join(directory, f"{TEMP_PREFIX}{stem}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.salt = secrets.token_bytes(8)
-            _write_all(fd, self._header() + bytes(_JOURNAL_INITIAL - _JOURNAL_HEADER.size), 0)
-            os.fsync(fd)
-            os.replace(tmp, self.path)
-            _fsync_path(directory, directory=True)
-            if created:
-                _fsync_path(root, directory=True)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self.fd = fd
-        self.size = _JOURNAL_INITIAL
-        self.offset = _JOURNAL_HEADER.size
-        self.names: set[str] = set()
-        """Blobs put through the journal since it was last checkpointed."""
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    def _header(self) -> bytes:
-        fields = _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, self.boot, self.salt, 0)[:-4]
-        return fields + _CRC.pack(zlib.crc32(fields))
-
-    def fits(self, name: str, data: bytes) -> bool:
-        return _JOURNAL_HEADER.size + _RECORD.size + len(name) + len(data) + 4 <= _JOURNAL_MAX
-
-    def append(self, name: str, data: bytes) -> None:
-        """Write one record and fdatasync it: once this returns, the put is durable."""
-        encoded = name.encode()
-        needed = _RECORD.size + len(encoded) + len(data) + _CRC.size
-        if self.offset + needed > self.size:
-            self._make_room(needed)  # may checkpoint, which changes the salt
-        fixed = _RECORD.pack(_RECORD_MAGIC, self.salt, time.time_ns(), len(encoded), len(data))
-        crc = zlib.crc32(data, zlib.crc32(encoded, zlib.crc32(fixed)))
-        _write_all(self.fd, b"".join((fixed, encoded, data, _CRC.pack(crc))), self.offset)
-        os.fdatasync(self.fd)
-        self.offset += needed
-        self.names.add(name)
-
-    def _make_room(self, needed: int) -> None:
-        """Grow the journal (doubling, up to ``_JOURNAL_MAX``) or, once it is that large,
-        checkpoint it and start again from the beginning."""
-        if self.offset + needed > _JOURNAL_MAX:
-            self.checkpoint()
-        size = self.size
-        while self.offset + needed > size:
-            size = min(2 * size, _JOURNAL_MAX)
-        if size > self.size:
-            _write_all(self.fd, bytes(size - self.size), self.size)
-            os.fsync(self.fd)
-            self.size = size
-
-    def checkpoint(self) -> None:
-        """Make the blobs written through the journal durable in their files, then reuse it."""
-        if self.offset == _JOURNAL_HEADER.size:
-            return
-        for name in sorted(self.names):
-            with contextlib.suppress(FileNotFoundError):
-                _fsync_path(os.path.join(self.root, name))
-        _fsync_path(self.root, directory=True)
-        # A new salt voids every record written so far, in one small write.
-        self.salt = secrets.token_bytes(8)
-        _write_all(self.fd, self._header(), 0)
-        os.fdatasync(self.fd)
-        self.offset = _JOURNAL_HEADER.size
-        self.names.clear()
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-# --- spare files ----------------------------------------------------------------------------
-
-SPARES_DIR = ".spares"
-_SPARES = 4
-"""Empty files kept ready per writing store (a save takes two: checkpoint and sidecar)."""
-
-
-class _Spares:
-    """Empty files created ahead of need, by a background thread, in ``root/.spares/``.
-
-    Creating a file allocates an inode, which on a busy filesystem can cost ten times a
-    rename (it may wait on metadata I/O and on the filesystem journal). A put renames a spare
-    to its temporary name instead (same filesystem, so it is a rename of an empty file), and
-    the thread makes another. A spare is only used if it is still an empty regular file with
-    one link; anything else is discarded and the put creates its temporary as before. Spares
-    are hidden (never listed); those of a process that died are removed by the next
-    recovery once an hour old, and a store removes its own when it is collected or at exit.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.dir = os.path.join(root, SPARES_DIR)
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self.pid = os.getpid()
-        self.ready: collections.deque[str] = collections.deque()
-        self.wanted = threading.Event()
-        self.closed = False
-        self.thread = threading.Thread(
-            target=self._run, name="prowzi-checkpoint-spares", daemon=True
-        )
-        self.thread.start()
-
-    def take(self) -> str | None:
-        try:
-            path = self.ready.popleft()
-        except IndexError:
-            path = None
-        self.wanted.set()
-        return path
-
-    def _run(self) -> None:
-        prefix = os.path.join(self.dir, f"{self.pid}-")
-        while not self.closed:
-            while len(self.ready) < _SPARES and not self.closed:
-                path = f"{prefix}{secrets.token_hex(6)}"
-                try:
-                    os.close(
-                        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    )
-                except OSError:
-                    self.closed = True  # a full disk, a removed directory: puts create files
-                    return
-                self.ready.append(path)
-            self.wanted.wait()
-            self.wanted.clear()
-
-    def close(self) -> None:
-        self.closed = True
-        if os.getpid() != self.pid:
-            return  # a forked child: the thread (and its lock's state) is the parent's
-        self.wanted.set()
-        while self.ready:
-            with contextlib.suppress(OSError):
-                os.unlink(self.ready.popleft())
-
-
 # --- local directory ------------------------------------------------------------------------
 
 
@@ -584,31 +276,10 @@ def _token(st: os.stat_result) -> str:
 class LocalDirectoryStore(CheckpointStore):
     """One file per blob in ``root``; the files are the source of truth.
 
-    Durable writes make **one** sync, as SQLite's WAL does: the bytes go to a temporary file
-    in the same directory (renamed from a spare, see :class:`_Spares`), then, complete and
-    self-delimiting, into this process's write-ahead journal (``root/.journal/``, see
-    :class:`_Journal`) with a single fdatasync (from then on the put is durable), then the
-    temporary is renamed over the blob. The blob files are the journal's materialised view:
-    not synced one by one, but all at once when the journal is checkpointed (it reaches
-    ``_JOURNAL_MAX``, a blob written through it is deleted, :meth:`sync`, or its process has
-    exited and another store absorbs it); then the journal is reused. After an OS crash
-    (detected by the boot id recorded in each journal) the first store to open the directory
-    replays the journals of the earlier boot: a blob that is missing, torn, fails the
-    manager's verification or holds older content is restored from its newest record that
-    verifies; a valid file is never replaced by a record that does not verify or is older
-    (see :meth:`CheckpointStore.attach_verifier`). A record whose put failed is voided before
-    the failure is reported (the journal is checkpointed), so no replay resurrects it. A
-    process killed (SIGKILL) at any instant leaves the old file or the new, and a journal the
-    next store absorbs; a torn journal tail ends the journal and is ignored. Writers in
-    several processes each have their own journal, so their appends never interleave; the
-    writers of one blob are serialised by the session lock as before.
-
-    Without a boot id (not Linux), with a blob too large for a journal, or when a journal
-    cannot be created (no space) or fails, a put makes the classic durable write: temporary,
-    fdatasync, ``os.replace``, fsync of the directory (and of its parent when the put created
-    it). The temporary is removed on failure. ``durable=False`` (or ``fsync=False``) skips the
-    journal and the syncs. Hidden names (``.tmp.*``, ``.index``, ``.locks``, ``.journal``,
-    ``.spares``) are never listed.
+    Writes: a temporary file in the same directory, written in full, fdatasync, ``os.replace``,
+    fsync of the directory (and of its parent when the put created it); the temporary is
+    removed on failure. ``durable=False`` (or ``fsync=False``) skips the syncs only. Hidden
+    names (``.tmp.*``, ``.index``, ``.locks``) are never listed.
 
     Listing is served from an index in ``root/.index/manifest.jsonl``: an append-only log of the
     meta recorded at each put, plus a stamp of the directory's mtime at the last full scan. A
@@ -638,13 +309,6 @@ class LocalDirectoryStore(CheckpointStore):
         self._generation = 0
         self._compact_at = _COMPACT_MIN
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
-        self._journal: _Journal | None = None
-        self._journal_failed = False
-        self._spares: _Spares | None = None
-        self._spares_failed = False
-        self._recovered = False
-        self._verify: Verifier | None = None
-        self._lock_key: Callable[[str], str | None] | None = None
 
     # blobs
 
@@ -665,117 +329,27 @@ class LocalDirectoryStore(CheckpointStore):
     ) -> None:
         final = self._path(name)
         self._ensure_dirs()
-        self._recover_once()
         durable = durable and self.fsync
-        if durable:
-            with self._mutex:
-                journal = self._journal_for(name, data)
-                if journal is not None and self._put_journaled(journal, name, final, data, meta):
-                    return
-        st = self._materialise(name, final, data, sync=durable)
-        if durable:
-            self._fsync_dir(self._dir)
-        self._record(name, st, meta)
-
-    def _put_journaled(
-        self, journal: _Journal, name: str, final: str, data: bytes, meta: dict[str, Any] | None
-    ) -> bool:
-        """Temporary file written, journal record appended and fdatasynced (the one sync:
-        from here the put is durable), rename. The file is the journal's materialised view,
-        synced when the journal is checkpointed. False: the journal failed, put directly."""
-        tmp, st = self._write_temp(name, data, sync=False)
-        try:
-            journal.append(name, data)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            log.warning("checkpoint journal in %s failed: %s", self.root, exc)
-            self._drop_journal()
-            return False
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            # Void the record of a put that failed (after syncing the files of the records
-            # before it), so that no replay ever resurrects it.
-            with contextlib.suppress(OSError):
-                journal.checkpoint()
-            raise
-        self._record(name, st, meta)
-        return True
-
-    def _write_temp(self, name: str, data: bytes, *, sync: bool) -> tuple[str, os.stat_result]:
-        """A temporary file beside ``name`` holding ``data`` (fdatasynced if ``sync``)."""
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
-            fd = self._open_spare(tmp)
-            if fd is None:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
-                if sync:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if durable:
                     os.fdatasync(fd)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return tmp, st
-
-    def _open_spare(self, tmp: str) -> int | None:
-        """A spare file renamed to ``tmp`` and opened for writing, or None (create one)."""
-        spares = self._spares
-        if spares is None or spares.pid != os.getpid():
-            return None
-        spare = spares.take()
-        if spare is None:
-            return None
-        try:
-            os.rename(spare, tmp)
-        except OSError:
-            return None  # swept away meanwhile
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            os.unlink(tmp)
-            return None
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0:
-            return fd
-        os.close(fd)  # not what this store made: never write through it
-        os.unlink(tmp)
-        return None
-
-    def _start_spares(self) -> None:
-        if self._spares_failed or (self._spares is not None and self._spares.pid == os.getpid()):
-            return
-        try:
-            spares = self._spares = _Spares(self._dir)
-        except (OSError, RuntimeError) as exc:
-            log.debug("no spare files in %s: %s", self.root, exc)
-            self._spares_failed = True
-            return
-        weakref.finalize(self, spares.close)
-
-    def _materialise(self, name: str, final: str, data: bytes, *, sync: bool) -> os.stat_result:
-        """Write ``data`` to a temporary, (fdatasync it,) rename it over ``final``."""
-        tmp, st = self._write_temp(name, data, sync=sync)
-        try:
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return st
-
-    def _record(self, name: str, st: os.stat_result, meta: dict[str, Any] | None) -> None:
+        if durable:
+            self._fsync_dir(self._dir)
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
@@ -784,191 +358,6 @@ class LocalDirectoryStore(CheckpointStore):
                 self._append(
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
                 )
-
-    # journal
-
-    def _journal_for(self, name: str, data: bytes) -> _Journal | None:
-        """This process's journal for a durable put of ``data``, or None for a direct one."""
-        journal = self._journal
-        if journal is not None and journal.pid != os.getpid():
-            journal = self._journal = None  # forked: the parent's journal is not ours to write
-        if journal is None:
-            if self._journal_failed or _BOOT_ID is None:
-                return None
-            try:
-                journal = self._journal = _Journal(self._dir, _BOOT_ID)
-                self._start_spares()
-            except OSError as exc:
-                # No room for it (a nearly full disk), an odd filesystem: sync each put.
-                log.debug("no checkpoint journal in %s: %s", self.root, exc)
-                self._journal_failed = True
-                return None
-        if not journal.fits(name, data):
-            if name in journal.names:
-                journal.checkpoint()  # the direct write must not be undone by an older record
-            return None
-        return journal
-
-    def _drop_journal(self) -> None:
-        journal, self._journal, self._journal_failed = self._journal, None, True
-        if journal is not None:
-            with contextlib.suppress(OSError):
-                journal.checkpoint()
-            journal.close()
-
-    def sync(self) -> None:
-        with self._mutex:
-            if self._journal is not None and self._journal.pid == os.getpid():
-                self._journal.checkpoint()
-
-    def attach_verifier(
-        self, verify: Verifier, lock_key: Callable[[str], str | None] | None = None
-    ) -> None:
-        with self._mutex:
-            self._verify, self._lock_key = verify, lock_key
-            self._recover()
-
-    def _recover_once(self) -> None:
-        if not self._recovered:
-            with self._mutex:
-                if not self._recovered:
-                    self._recover()
-
-    def _recover(self) -> None:
-        """Absorb the journals of processes that have exited (their lock is free).
-
-        A journal written in this boot has lived through no OS crash: its files are as the
-        writer left them (in the page cache), so absorbing it only fsyncs them and the
-        directory, then removes it. A journal of an earlier boot (an OS crash or power loss
-        came in between) is replayed: for each blob it names, the newest record that verifies
-        is restored (temporary, fdatasync, rename, directory fsync) when the file is missing,
-        torn, fails verification or holds older content; a valid file is never replaced by a
-        record that does not verify or is older. Errors are logged, never raised: the
-        journal is kept and the next opener tries again."""
-        self._recovered = True
-        self._sweep_spares()
-        directory = os.path.join(self._dir, JOURNAL_DIR)
-        try:
-            entries = sorted(os.listdir(directory))
-        except OSError:
-            return
-        own = self._journal.path if self._journal is not None else None
-        earlier: list[tuple[str, list[JournalRecord]]] = []
-        held: list[int] = []
-        try:
-            stale = time.time() - _TEMPORARY_MAX_AGE
-            for entry in entries:
-                path = os.path.join(directory, entry)
-                if entry.startswith(TEMP_PREFIX):  # a journal whose creator died creating it
-                    with contextlib.suppress(OSError):
-                        if os.stat(path, follow_symlinks=False).st_mtime < stale:
-                            os.unlink(path)
-                    continue
-                if not entry.endswith(".wal") or path == own:
-                    continue
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError:
-                    continue
-                held.append(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # its writer is alive
-                try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode) or st.st_size > 2 * _JOURNAL_MAX:
-                        continue
-                    parsed = read_journal(os.pread(fd, st.st_size, 0))
-                    if parsed is None or not parsed[1]:
-                        os.unlink(path)  # nothing it holds can be trusted or is needed
-                    elif parsed[0] == _BOOT_ID:
-                        for name in sorted({r.name for r in parsed[1]}):
-                            with contextlib.suppress(FileNotFoundError):
-                                _fsync_path(self._dir + name)
-                        self._fsync_dir(self._dir)
-                        os.unlink(path)
-                    else:
-                        earlier.append((path, parsed[1]))
-                except OSError as exc:
-                    log.warning("could not absorb checkpoint journal %s: %s", path, exc)
-            if earlier:
-                self._replay(earlier)
-        finally:
-            for fd in held:
-                os.close(fd)
-
-    def _sweep_spares(self) -> None:
-        """Remove spare files an hour old: their process died, or has not saved since."""
-        stale = time.time() - _TEMPORARY_MAX_AGE
-        try:
-            entries = list(os.scandir(os.path.join(self._dir, SPARES_DIR)))
-        except OSError:
-            return
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_mtime < stale:
-                    os.unlink(entry.path)
-
-    def _replay(self, journals: builtins.list[tuple[str, builtins.list[JournalRecord]]]) -> None:
-        by_name: dict[str, builtins.list[JournalRecord]] = {}
-        for _, records in journals:
-            for record in records:
-                by_name.setdefault(record.name, []).append(record)
-        complete = True
-        for name, candidates in sorted(by_name.items()):
-            try:
-                complete &= self._restore(name, candidates)
-            except Exception as exc:  # a verifier's surprise must not stop an open
-                log.warning("could not replay the journal for %s in %s: %s", name, self.root, exc)
-                complete = False
-        try:
-            self._fsync_dir(self._dir)
-            if complete:
-                for path, _ in journals:
-                    os.unlink(path)
-        except OSError as exc:
-            log.warning("could not finish replaying checkpoint journals in %s: %s", self.root, exc)
-        with self._mutex:
-            self._loaded = False
-            self._generation += 1
-
-    def _restore(self, name: str, candidates: builtins.list[JournalRecord]) -> bool:
-        """Restore ``name`` from its best record if the file needs it; False to retry later."""
-        verify = self._verify
-        best: tuple[float, int, JournalRecord] | None = None
-        for record in candidates:
-            key = verify(name, record.data) if verify is not None else 0.0
-            if key is not None and (best is None or (key, record.written_ns) > best[:2]):
-                best = (key, record.written_ns, record)
-        if best is None:
-            log.warning("journal records for %s in %s do not verify: ignored", name, self.root)
-            return True
-        key, _, chosen = best
-        lock_key = self._lock_key(name) if self._lock_key is not None else None
-        try:
-            guard = self.lock(lock_key, 0) if lock_key is not None else contextlib.nullcontext()
-            with guard:
-                try:
-                    current: bytes | None = self.get(name)
-                except BlobNotFoundError:
-                    current = None
-                except UnsafeBlobError:
-                    return True  # not a file we would ever replace
-                current_key = (
-                    verify(name, current) if verify is not None and current is not None else None
-                )
-                if current is not None and (
-                    current == chosen.data or (current_key is not None and current_key >= key)
-                ):
-                    _fsync_path(self._dir + name)
-                    return True
-                log.warning("restoring %s in %s from the checkpoint journal", name, self.root)
-                self._materialise(name, self._dir + name, chosen.data, sync=True)
-                return True
-        except (SessionLockedError, OSError) as exc:
-            log.warning("not restoring %s in %s yet: %s", name, self.root, exc)
-            return False
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
@@ -980,8 +369,6 @@ class LocalDirectoryStore(CheckpointStore):
 
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(name)
-        if not self._recovered:
-            self._recover_once()
         try:
             # O_NOFOLLOW: a symlink planted in the directory is not a blob.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1035,11 +422,6 @@ class LocalDirectoryStore(CheckpointStore):
 
     def delete(self, name: str) -> bool:
         path = self._path(name)
-        self._recover_once()
-        with self._mutex:
-            journal = self._journal
-            if journal is not None and journal.pid == os.getpid() and name in journal.names:
-                journal.checkpoint()  # no replay may bring a deleted blob back
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -1183,7 +565,6 @@ class LocalDirectoryStore(CheckpointStore):
                 ]
 
     def generation(self, *, fresh: bool = True) -> int:
-        self._recover_once()
         with self._mutex:
             if not self.root.is_dir():
                 if self._entries:
@@ -1253,62 +634,6 @@ class LocalDirectoryStore(CheckpointStore):
             return
         self._manifest_ino, self._offset = st.st_ino, len(data)
         self._compact_at = max(_COMPACT_MIN, 2 * len(data))
-
-    def index_identity(self, *, cold: bool = False) -> tuple[int, ...] | None:
-        try:
-            dir_mtime = os.stat(self.root).st_mtime_ns
-            fd = os.open(self._manifest, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            head = os.pread(fd, 128, 0) if cold else b""
-        finally:
-            os.close(fd)
-        if cold:
-            match = _SNAPSHOT_HEAD.match(head)
-            if match is None or int(match[1]) != _INDEX_VERSION:
-                return None
-            stamp = (int(match[2]), int(match[3]))
-        else:
-            with self._mutex:
-                if (
-                    self._manifest_broken
-                    or self._stamp is None
-                    or (st.st_ino, st.st_size) != (self._manifest_ino, self._offset)
-                ):
-                    return None
-                stamp = self._stamp
-        # The staleness check of a listing (see _fresh): the directory is as last scanned.
-        if stamp[0] != dir_mtime or stamp[1] - stamp[0] <= _RACY_NS:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns, stamp[0], stamp[1])
-
-    def read_aux(self, name: str) -> bytes | None:
-        try:
-            fd = os.open(
-                self._index_dir / validate_blob_name(name),
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-            )
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            return os.pread(fd, st.st_size, 0)
-        finally:
-            os.close(fd)
-
-    def write_aux(self, name: str, data: bytes) -> None:
-        tmp = self._index_dir / f"{TEMP_PREFIX}{validate_blob_name(name)}.{secrets.token_hex(4)}"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self._index_dir / name)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            log.debug("could not write %s in %s: %s", name, self._index_dir, exc)
 
     def remember(self, name: str, token: str, meta: dict[str, Any]) -> None:
         with self._mutex:
