@@ -264,6 +264,8 @@ class CheckpointManager:
         self._unreadable: dict[str, float] = {}
         self._newest_first: list[dict[str, Any]] | None = None
         self._generation: int | None = None
+        self._heads: dict[str, tuple[str, str]] = {}
+        """``.pkl`` name -> (store token, payload_sha256 its header records)."""
         self._sidecars: dict[str, tuple[str, str]] = {}
         """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
         written from): a sidecar whose file has not changed since need not be read again."""
@@ -353,6 +355,9 @@ class CheckpointManager:
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
                 f"{exc.strerror or exc}; the previous checkpoint is intact"
             ) from exc
+        token = self.store.token(name)
+        if token is not None:
+            self._heads[name] = (token, metadata.payload_sha256)
         self._write_sidecar(checkpoint_id, header_doc)
         return metadata
 
@@ -376,18 +381,33 @@ class CheckpointManager:
         else:
             self._sidecars[name] = (token, header_doc["payload_sha256"])
 
+    def _payload_sha(self, name: str) -> str | None:
+        """The ``payload_sha256`` a checkpoint's sealed header records (what the next
+        checkpoint links to). Remembered per file version (its store token): a file this
+        manager wrote or read, unchanged since, is not read again."""
+        token = self.store.token(name)
+        if token is None:
+            raise BlobNotFoundError(name)
+        cached = self._heads.get(name)
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        sha = self._read_header(name).get("payload_sha256")
+        if not isinstance(sha, str):
+            return None
+        self._heads[name] = (token, sha)  # the token read first: a later change misses
+        return sha
+
     def _chain_head(self, session_id: str, stage: str, completed: list[str]) -> str | None:
         for prior in _earlier(completed, stage):
             name = f"{session_id}_{prior}.pkl"
             try:
-                header = self._read_header(name)
+                sha = self._payload_sha(name)
             except BlobNotFoundError:
                 continue
             except (CheckpointIntegrityError, UnsafeBlobError) as exc:
                 log.warning("not chaining onto a damaged checkpoint: %s", exc)
                 continue
-            sha = header.get("payload_sha256")
-            if isinstance(sha, str):
+            if sha is not None:
                 return sha
         return None
 
@@ -618,10 +638,10 @@ class CheckpointManager:
         for prior in _earlier(metadata.completed_stages, metadata.stage):
             for session in sessions:
                 try:
-                    header = self._read_header(f"{session}_{prior}.pkl")
+                    sha = self._payload_sha(f"{session}_{prior}.pkl")
                 except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
                     continue
-                if header.get("payload_sha256") == previous:
+                if sha == previous:
                     return
         # Otherwise read every header of the session (and its parent): the files, not the
         # index, are the truth here, and a file rewritten in place may not show in the index.
