@@ -293,3 +293,27 @@ def test_the_index_log_is_compacted_as_it_grows(
     listed = {b.name: b.meta for b in LocalDirectoryStore(tmp_path / "store").list()}
     assert len(listed) == 20
     assert listed["b19.pkl"] == {"i": 399, "padding": "p" * 40}
+
+
+def test_a_new_checkpoint_directory_and_its_index_are_private(tmp_path: Path) -> None:
+    import stat as stat_module
+
+    from prowzi.agents.base import RunParameters
+    from prowzi.agents.models import WorkflowState
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    root = tmp_path / "new" / "checkpoints"
+    manager = CheckpointManager(root)
+    with manager.session_lock("p-1"):  # a run takes its lock before its first save
+        manager.save(
+            session_id="p-1",
+            stage="intent",
+            state=WorkflowState(),
+            completed_stages=["intent"],
+            parameters=RunParameters(prompt="x"),
+        )
+    manager.list_checkpoints()
+    for path in (root, root / ".index"):
+        assert stat_module.S_IMODE(path.stat().st_mode) == 0o700, path
+    for path in [*root.glob("*.pkl"), *(root / ".index").iterdir()]:
+        assert stat_module.S_IMODE(path.stat().st_mode) & 0o077 == 0, path

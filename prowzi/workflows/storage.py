@@ -319,7 +319,10 @@ class LocalDirectoryStore(CheckpointStore):
         if self._index_dir.is_dir():
             return
         created_root = not self.root.is_dir()
-        self._index_dir.mkdir(parents=True, exist_ok=True)
+        if created_root:
+            # private: the index and the checkpoints hold prompts and results
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._index_dir.mkdir(exist_ok=True, mode=0o700)
         if created_root and self.fsync:
             # A new checkpoint directory must itself survive a power loss.
             self._fsync_dir(os.fspath(self.root.resolve().parent))
@@ -623,7 +626,11 @@ class LocalDirectoryStore(CheckpointStore):
         data = orjson.dumps(snapshot) + b"\n"
         tmp = self._index_dir / f"{TEMP_PREFIX}manifest.{secrets.token_hex(4)}"
         try:
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, self._manifest)
             st = os.stat(self._manifest)
         except OSError as exc:
@@ -660,7 +667,8 @@ class LocalDirectoryStore(CheckpointStore):
     @contextmanager
     def _hold(self, key: str, timeout: float) -> Iterator[None]:
         lock_path, owner = self._lock_paths(key)
-        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_dirs()  # a lock may come first: the root is created (and synced) once
+        self._lock_dir.mkdir(exist_ok=True)
         # thread_local=False and a fresh object per call: a second holder in this very
         # process is refused too (flock conflicts across open file descriptions).
         lock = filelock.FileLock(lock_path, thread_local=False, preserve_lock_file=True)
