@@ -55,10 +55,9 @@ class WorkflowFailedError(ProwziError):
     """A stage failed for good; the run stopped after it. Completed stages are kept."""
 
     def __init__(self, session_id: str, stage: str, attempts: int, cause: BaseException) -> None:
-        lines = str(cause).strip().splitlines()
-        reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
         super().__init__(
-            f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: {reason}"
+            f"stage '{stage}' failed after {attempts} attempt(s) in session {session_id}: "
+            f"{describe_exception(cause)}"
         )
         self.session_id = session_id
         self.stage = stage
@@ -93,6 +92,12 @@ class TelemetryError(ProwziError):
 
 class SessionNotFoundError(TelemetryError, LookupError):
     """No telemetry exists for the requested session."""
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``: one line for events, telemetry and errors."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 _PERMANENT_BUILTINS: tuple[type[BaseException], ...] = (

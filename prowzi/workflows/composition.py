@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from prowzi.agents.base import Agent
-from prowzi.errors import ConfigError, InvalidInputError
+from prowzi.errors import ConfigError, InvalidInputError, describe_exception
 from prowzi.workflows.events import EventSink
 from prowzi.workflows.stages import StageSpec
 from prowzi.workflows.tracing import RunTracer
@@ -43,7 +43,8 @@ def _load_factory(target: str) -> Callable[[ProwziConfig], Agent]:
         factory = getattr(module, attr)
     except Exception as exc:  # any failure while importing user code is a setting error
         raise ConfigError(
-            f"invalid setting agents (PROWZI_AGENTS): cannot load {target!r}: {describe(exc)}"
+            f"invalid setting agents (PROWZI_AGENTS): cannot load {target!r}: "
+            f"{describe_exception(exc)}"
         ) from None
     if not callable(factory):
         raise ConfigError(f"invalid setting agents (PROWZI_AGENTS): {target!r} is not callable")
@@ -77,7 +78,7 @@ def resolve_agents(
             except Exception as exc:
                 raise ConfigError(
                     f"invalid setting agents (PROWZI_AGENTS): {target!r}(config) failed: "
-                    f"{describe(exc)}"
+                    f"{describe_exception(exc)}"
                 ) from None
             if not callable(agent):
                 raise ConfigError(
@@ -117,11 +118,3 @@ def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:
     from prowzi.workflows.checkpoint import CheckpointManager
 
     return CheckpointManager.from_config(config)
-
-
-def describe(value: Any) -> str:
-    """A short, one-line description of an exception for events and telemetry."""
-    text = str(value).strip().splitlines()
-    first = text[0] if text else ""
-    name = type(value).__name__
-    return f"{name}: {first}" if first else name

@@ -40,6 +40,7 @@ from prowzi.errors import (
     OutputError,
     StageTimeoutError,
     WorkflowFailedError,
+    describe_exception,
     error_type,
     is_transient,
 )
@@ -563,7 +564,7 @@ class ProwziOrchestrator:
                         timestamp=time.time(),
                         duration_seconds=time.perf_counter() - started,
                         stage=failed_stage,
-                        error=composition.describe(cause),
+                        error=describe_exception(cause),
                         error_type="cancelled" if cancelled else error_type(cause),
                         cancelled=cancelled,
                     )
@@ -633,7 +634,7 @@ class ProwziOrchestrator:
                     session_id=run.session_id,
                     timestamp=time.time(),
                     stage=stage,
-                    error=composition.describe(exc),
+                    error=describe_exception(exc),
                 )
             )
             return False
@@ -674,7 +675,7 @@ class ProwziOrchestrator:
                     stage=spec.name,
                     attempt=state.attempt_number,
                     duration_seconds=last["duration"],
-                    error=composition.describe(exc),
+                    error=describe_exception(exc),
                     error_type=kind,
                     delay_seconds=delay,
                     trace_id=last["trace"],
@@ -717,7 +718,7 @@ class ProwziOrchestrator:
                     stage=spec.name,
                     attempt=last["attempt"],
                     duration_seconds=last["duration"],
-                    error=composition.describe(exc),
+                    error=describe_exception(exc),
                     error_type=error_type(exc),
                     trace_id=last["trace"],
                     span_id=last["span"],
