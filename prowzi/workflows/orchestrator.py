@@ -39,6 +39,7 @@ from prowzi.errors import (
     InvalidInputError,
     OutputError,
     StageTimeoutError,
+    TransientError,
     WorkflowFailedError,
     describe_exception,
     error_type,
@@ -667,7 +668,9 @@ class ProwziOrchestrator:
         async def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             delay = state.next_action.sleep if state.next_action is not None else 0.0
-            kind = error_type(exc) if exc is not None else "transient"
+            # tenacity only sleeps after a failed attempt, so there is always an exception
+            failure = exc if exc is not None else TransientError("unknown failure")
+            kind = error_type(failure)
             await bus.emit(
                 StageRetrying(
                     session_id=sid,
@@ -675,7 +678,7 @@ class ProwziOrchestrator:
                     stage=spec.name,
                     attempt=state.attempt_number,
                     duration_seconds=last["duration"],
-                    error=describe_exception(exc),
+                    error=describe_exception(failure),
                     error_type=kind,
                     delay_seconds=delay,
                     trace_id=last["trace"],
