@@ -246,6 +246,11 @@ class WorkflowState(BaseModel):
     turnitin: TurnitinAgentResult | None = None
     stage_metrics: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def document(self) -> str:
+        """The current markdown document ("" if the writing stage has not run)."""
+        return self.draft.markdown if self.draft is not None else ""
+
 
 STATE_FIELDS: tuple[str, ...] = (
     "intent",

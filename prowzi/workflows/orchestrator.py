@@ -81,11 +81,6 @@ class ResearchResult(WorkflowState):
 
     metadata: dict[str, Any]
 
-    @property
-    def document(self) -> str:
-        """The final markdown document ("" if the writing stage never ran)."""
-        return self.draft.markdown if self.draft is not None else ""
-
 
 StageMode = Literal["run", "restore"]
 
@@ -550,7 +545,7 @@ class ProwziOrchestrator:
                 if checkpointing and pending:  # a save failed on the way: one more try
                     await self._checkpoint(run, pending, bus, run_span)
                 if run.document_path is not None:
-                    _write_atomic(run.document_path, self._document(run))
+                    _write_atomic(run.document_path, run.state.document)
             except BaseException as exc:
                 if checkpointing and pending:
                     # Save completed work before the run stops, whatever stopped it.
@@ -603,9 +598,6 @@ class ProwziOrchestrator:
             **{name: getattr(run.state, name) for name in WorkflowState.model_fields},
             metadata=metadata,
         )
-
-    def _document(self, run: _Run) -> str:
-        return run.state.draft.markdown if run.state.draft is not None else ""
 
     async def _checkpoint(
         self, run: _Run, pending: list[str], bus: EventBus, run_span: RunSpan
