@@ -143,6 +143,15 @@ def exit_interrupted(exc: Interrupted, resume_hint: str | None) -> NoReturn:
     raise typer.Exit(code)
 
 
+def exit_failed(exc: Exception, resume_hint: str | None) -> NoReturn:
+    """Leave after a run failed for good: the error, then how to continue (if anything was
+    saved), and exit 1."""
+    typer.echo(f"error: {exc}", err=True)
+    if resume_hint:
+        typer.echo(resume_hint, err=True)
+    raise typer.Exit(1)
+
+
 def resume_hint(config: ProwziConfig, session_id: str, parent: str | None = None) -> str | None:
     """How to continue ``session_id`` if it has a checkpoint (else ``parent``), or None."""
     if not (config.enable_checkpointing or parent):

@@ -13,6 +13,7 @@ from prowzi.cli._common import (
     EXIT_USAGE,
     Interrupted,
     check_output,
+    exit_failed,
     exit_interrupted,
     fail,
     load_config,
@@ -93,11 +94,7 @@ def resume(
         except Interrupted as exc:
             exit_interrupted(exc, resume_hint(config, plan.session_id, plan.source_session_id))
         except WorkflowFailedError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            hint = resume_hint(config, plan.session_id, plan.source_session_id)
-            if hint:
-                typer.echo(hint, err=True)
-            raise typer.Exit(1) from None
+            exit_failed(exc, resume_hint(config, plan.session_id, plan.source_session_id))
         typer.echo(f"Session: {result.metadata['session_id']}")
         typer.echo(f"Document: {document}")
 

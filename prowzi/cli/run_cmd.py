@@ -10,6 +10,7 @@ import typer
 from prowzi.cli._common import (
     Interrupted,
     check_output,
+    exit_failed,
     exit_interrupted,
     fail,
     load_config,
@@ -135,11 +136,7 @@ def _execute(
     except Interrupted as exc:
         interrupted = exc
     except WorkflowFailedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        hint = resume_hint(config, sid)
-        if hint:
-            typer.echo(hint, err=True)
-        raise typer.Exit(1) from None
+        exit_failed(exc, resume_hint(config, sid))
     finally:
         if metrics is not None and push_url:
             from prowzi.observability.metrics import push_metrics
