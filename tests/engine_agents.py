@@ -4,7 +4,7 @@
 default agent of a stage. Behaviour is tuned by environment variables so one factory serves
 many tests:
 
-- ``PROWZI_TEST_DELAY``: seconds each wrapped stage sleeps before running (default 0.3);
+- ``PROWZI_TEST_DELAY``: seconds ``slow`` and ``flaky`` sleep before running (default 0.3);
 - ``PROWZI_TEST_FAIL_MARKER``: a file; while it exists, ``failing`` raises a transient error;
 - ``PROWZI_TEST_PROGRESS``: a file to which ``slow`` appends each stage it completes.
 """
@@ -37,6 +37,21 @@ def slow(config: ProwziConfig) -> Agent:
             with open(progress, "a", encoding="utf-8") as handle:
                 handle.write(ctx.stage + "\n")
         return result
+
+    return agent
+
+
+def flaky(config: ProwziConfig) -> Agent:
+    """Like ``slow``, but the first attempt of each stage fails with a transient error, so a
+    retry shows in telemetry and in the monitor."""
+    delay = float(os.environ.get("PROWZI_TEST_DELAY", "0.3"))
+    agents = default_agents(config)
+
+    async def agent(ctx: StageContext) -> BaseModel:
+        await asyncio.sleep(delay)
+        if ctx.attempt == 1:
+            raise TransientError("Rate limit exceeded")
+        return await agents[ctx.stage](ctx)
 
     return agent
 

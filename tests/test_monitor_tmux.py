@@ -1,5 +1,5 @@
 """The monitor in a real terminal: tmux runs ``prowzi run`` in one window and ``prowzi monitor``
-in another, with slow agents (tests/slow_agents.py), and the test reads the screens.
+in another, with slow agents (tests/engine_agents.py), and the test reads the screens.
 
 Each test uses its own tmux server (``-L``), so nothing touches a user's tmux.
 """
@@ -82,13 +82,13 @@ class Tmux:
 def tmux(tmp_path: Path) -> Iterator[Tmux]:
     bin_dir = Path(sys.executable).parent
     agents = ",".join(
-        f"{stage}=slow_agents:{'flaky' if stage == 'search' else 'slow'}" for stage in STAGES
+        f"{stage}=engine_agents:{'flaky' if stage == 'search' else 'slow'}" for stage in STAGES
     )
     env = {
         "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "PYTHONPATH": str(TESTS),
         "PROWZI_AGENTS": agents,
-        "PROWZI_TEST_STAGE_DELAY": "0.8",
+        "PROWZI_TEST_DELAY": "0.8",
         "PROWZI_RETRY_BACKOFF_BASE": "0.3",
         "PROWZI_TELEMETRY_DIR": str(tmp_path / "telemetry"),
         "PROWZI_INDEX_DIR": str(tmp_path / ".index"),

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from recording import Recorder
 
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig
@@ -19,21 +20,8 @@ from prowzi.errors import (
 )
 from prowzi.testing import noop_agents, noop_result
 from prowzi.workflows import ProwziOrchestrator
-from prowzi.workflows.events import Event, StageCompleted, StageFailed, StageRetrying
+from prowzi.workflows.events import StageCompleted, StageFailed, StageRetrying
 from prowzi.workflows.tracing import NullTracer
-
-
-class Recorder:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def handle(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class Flaky:

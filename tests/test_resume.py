@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from design_samples import reader_namespace, run_sample, sample
 from pydantic import BaseModel
+from recording import Recorder
 
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig
@@ -20,21 +21,11 @@ from prowzi.errors import (
 )
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
-from prowzi.workflows.events import Event, StageCompleted, StageSkipped
+from prowzi.workflows.events import StageCompleted, StageSkipped
 from prowzi.workflows.tracing import NullTracer
 
 PROMPT = "Write a research paper on quantum computing"
 STAGES = ["intent", "planning", "search", "verification", "writing", "evaluation", "turnitin"]
-
-
-class Recorder:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def handle(self, event: Event) -> None:
-        self.events.append(event)
 
 
 async def broken_writer(ctx: StageContext) -> BaseModel:

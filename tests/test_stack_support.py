@@ -273,16 +273,10 @@ DOOMED_MARKER = "[doomed]"
 
 def agent(config: ProwziConfig) -> Agent:
     """Prowzi's default agents, with failures injected by prompt markers."""
+    from prowzi.agents import default_agents
     from prowzi.errors import PermanentError, TransientError
 
-    try:
-        from prowzi.agents import default_agents  # type: ignore[attr-defined]
-
-        defaults: dict[str, Agent] = default_agents(config)
-    except ImportError:  # the default agents have not landed: no-op results
-        from prowzi.testing import noop_agents
-
-        defaults = noop_agents()
+    defaults = default_agents(config)
 
     async def run(ctx: StageContext) -> BaseModel:
         prompt = ctx.params.prompt
