@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _stats import percentile
+
 from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
 from prowzi.workflows.checkpoint import CheckpointManager
@@ -153,9 +155,7 @@ def realistic_state(seed: int = 7, n_sources: int = 30) -> m.WorkflowState:
 
 
 def summary(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return statistics.median(ordered) * 1e3, p95 * 1e3
+    return statistics.median(samples) * 1e3, percentile(samples, 95) * 1e3
 
 
 def row(label: str, samples: list[float], target: str = "") -> float:

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from _stats import percentile
+
 from prowzi.workflows import events as ev
 from prowzi.workflows.telemetry import TelemetryCollector
 
@@ -30,15 +32,10 @@ STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation
 PROWZI = [sys.executable, "-m", "prowzi.cli.main"]
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def report(name: str, seconds: Sequence[float], unit: str, target: float | None = None) -> bool:
     scale = {"us": 1e6, "ms": 1e3}[unit]
     median = statistics.median(seconds) * scale
-    p95 = percentile(seconds, 0.95) * scale
+    p95 = percentile(seconds, 95) * scale
     verdict = ""
     ok = True
     if target is not None:
