@@ -36,7 +36,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,8 +338,15 @@ def _parse_document(relative: str, path: Path, raw: str) -> Document:
     text = _plain(body)
     if not abstract:
         abstract = text.split("\n\n", 1)[0].strip()
+    return _document(relative, title, meta, abstract, text)
+
+
+def _document(
+    source_id: str, title: str, meta: Mapping[str, Any], abstract: str, text: str
+) -> Document:
+    """A document from its text and the metadata of its front matter or JSON record."""
     return Document(
-        source_id=relative,
+        source_id=source_id,
         title=" ".join(title.split()),
         authors=_authors(meta.get("authors", meta.get("author"))),
         year=_year(meta.get("year", meta.get("date"))),
@@ -365,17 +372,8 @@ def _parse_record(source_id: str, record: Any) -> Document:
     text = _first_string(record, ("text", "content", "body"))
     if not abstract.strip() and not text.strip():
         raise ValueError("record has no abstract or text")
-    return Document(
-        source_id=source_id,
-        title=" ".join(title.split()),
-        authors=_authors(record.get("authors", record.get("author"))),
-        year=_year(record.get("year", record.get("date"))),
-        url=_url(record.get("url")),
-        doi=normalise_doi(record.get("doi")),
-        abstract=" ".join(abstract.split()),
-        text=text.strip() if text.strip() else " ".join(abstract.split()),
-        sample=_truthy(record.get("sample")),
-    )
+    body = text.strip() if text.strip() else " ".join(abstract.split())
+    return _document(source_id, title, record, abstract, body)
 
 
 def _record_id(record: Any, fallback: int) -> str:
