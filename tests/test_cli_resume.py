@@ -357,3 +357,11 @@ def test_no_resume_hint_when_nothing_was_saved(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1].startswith("error: stage 'intent' failed")
     assert "prowzi resume" not in proc.stderr
+
+
+def test_resuming_a_complete_session_writes_its_document(tmp_path: Path) -> None:
+    _sessions(tmp_path, "finished")
+    proc = _prowzi(tmp_path, "resume", "finished", "--output", "again.md")
+    assert proc.returncode == 0, proc.stderr
+    assert "already complete" in proc.stdout
+    assert (tmp_path / "again.md").read_text(encoding="utf-8").startswith("# x")

@@ -78,9 +78,15 @@ def resume(
             )
         for line in plan.describe():
             typer.echo(line)
-        if dry_run or plan.complete:
+        if dry_run:
             return
         document = output or _previous_output(config, plan)
+        if plan.complete:
+            # nothing runs, but the document is (re)written from the checkpoint: a run whose
+            # final write failed must still be able to produce it
+            run_async(orchestrator.resume_from_checkpoint(checkpoint_id, document_path=document))
+            typer.echo(f"Document: {document}")
+            return
         try:
             result = run_async(
                 orchestrator.resume_from_checkpoint(
