@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prowzi.agents.base import AttributeValue
 from prowzi.errors import ConfigError
@@ -127,20 +127,16 @@ class OtelRunSpan:
         }
         # Exceptions are recorded by record_failure (with the closed-set error.type), so the
         # SDK's own recording is switched off to avoid a second, unclassified status.
-        with self._tracer.start_as_current_span(
-            f"invoke_agent prowzi.{stage}",
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            wrapper = OtelStageSpan(span)
-            try:
-                yield wrapper
-            except BaseException as exc:
-                _close_on_exception(span, exc, wrapper._status is not None)
-                raise
-            else:
-                span.set_attribute("prowzi.status", wrapper._status or "completed")
+        with (
+            self._tracer.start_as_current_span(
+                f"invoke_agent prowzi.{stage}",
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            _closing(span, OtelStageSpan(span)) as wrapper,
+        ):
+            yield wrapper
 
     def add_event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
         self._span.add_event(name, attributes)
@@ -162,6 +158,21 @@ def _mark_failed(span: Span, exc: BaseException, error_type: str) -> str:
     span.set_attribute("prowzi.status", "failed")
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:512]))
     return "failed"
+
+
+_Wrapper = TypeVar("_Wrapper", "OtelStageSpan", "OtelRunSpan")
+
+
+@contextmanager
+def _closing(span: Span, wrapper: _Wrapper) -> Iterator[_Wrapper]:
+    """Run a block in ``wrapper``'s span and give the span its final ``prowzi.status``."""
+    try:
+        yield wrapper
+    except BaseException as exc:
+        _close_on_exception(span, exc, wrapper._status is not None)
+        raise
+    else:
+        span.set_attribute("prowzi.status", wrapper._status or "completed")
 
 
 def _close_on_exception(span: Span, exc: BaseException, failure_recorded: bool) -> None:
@@ -226,22 +237,18 @@ class OtelTracer:
             "prowzi.resumed": link_trace_id is not None,
         }
         span_attributes.update(attributes)
-        with self._tracer.start_as_current_span(
-            f"invoke_workflow {WORKFLOW_NAME}",
-            kind=SpanKind.INTERNAL,
-            attributes=span_attributes,
-            links=_link(link_trace_id, link_span_id),
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            wrapper = OtelRunSpan(self._tracer, span, session_id)
-            try:
-                yield wrapper
-            except BaseException as exc:
-                _close_on_exception(span, exc, wrapper._status is not None)
-                raise
-            else:
-                span.set_attribute("prowzi.status", wrapper._status or "completed")
+        with (
+            self._tracer.start_as_current_span(
+                f"invoke_workflow {WORKFLOW_NAME}",
+                kind=SpanKind.INTERNAL,
+                attributes=span_attributes,
+                links=_link(link_trace_id, link_span_id),
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            _closing(span, OtelRunSpan(self._tracer, span, session_id)) as wrapper,
+        ):
+            yield wrapper
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.provider.force_flush(timeout_millis)
