@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from test_checkpoint_support import in_flight_writes
+
 from prowzi.workflows.checkpoint import CheckpointManager
 
 KILLS = 25
@@ -55,9 +57,10 @@ def test_checkpoints_survive_sigkill_at_random_instants(tmp_path: Path) -> None:
         child.wait(timeout=30)
 
         manager = CheckpointManager(directory)
-        if list(directory.glob(".tmp.*")):
-            interrupted_writes += 1  # killed inside a write: its temporary is ignored
+        if in_flight_writes(directory):
+            interrupted_writes += 1  # killed inside a write: ignored, then cleaned up
         rows = manager.list_checkpoints()
+        assert not [p for p in in_flight_writes(directory) if p.parent.name == ".spare"]
         on_disk = {p.stem for p in directory.glob("*.pkl")}
         assert {r["checkpoint_id"] for r in rows} == on_disk
         for checkpoint_id in sorted(on_disk):
@@ -66,5 +69,5 @@ def test_checkpoints_survive_sigkill_at_random_instants(tmp_path: Path) -> None:
             manager.verify_chain(session)
     assert len(on_disk) > KILLS  # the writer got somewhere between kills
     assert interrupted_writes > 0
-    assert manager.store.sweep_temporaries(max_age=0)
-    assert not list(directory.glob(".tmp.*"))
+    manager.store.sweep_temporaries(max_age=0)
+    assert not in_flight_writes(directory)

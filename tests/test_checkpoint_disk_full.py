@@ -3,13 +3,14 @@ intact and resumable. The directory is a real, small tmpfs (mounting one needs r
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_checkpoint_support import STAGES, full_state, params, save_run
+from test_checkpoint_support import STAGES, full_state, in_flight_writes, params, save_run
 
 from prowzi.agents import models as m
 from prowzi.errors import CheckpointError
@@ -25,7 +26,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mountpoint)],
         check=True,
         capture_output=True,
     )
@@ -43,17 +44,23 @@ def big_state(kib: int) -> m.WorkflowState:
 
 
 def fill(disk: Path, leave: int) -> Path:
-    """Occupy all but about ``leave`` bytes of the filesystem."""
+    """Occupy all but at most ``leave`` bytes of the filesystem. (The store's background
+    thread may be preparing spare files meanwhile, so the disk can fill up first.)"""
     stats = os.statvfs(disk)
     free = stats.f_bavail * stats.f_frsize
     filler = disk / "filler.bin"
     with filler.open("wb") as fh:
-        fh.write(b"\0" * max(free - leave, 0))
+        try:
+            fh.write(b"\0" * max(free - leave, 0))
+            fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
     return filler
 
 
 def temporaries(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.startswith(".tmp")]
+    """Leftovers of the failed write: temporaries, or spares holding part of it."""
+    return [p.name for p in in_flight_writes(directory)]
 
 
 def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
@@ -68,7 +75,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
         manager.save(
             session_id=SESSION,
             stage="search",
-            state=big_state(kib=64),
+            state=big_state(kib=1536),
             completed_stages=list(STAGES[:3]),
             parameters=params(),
         )
@@ -85,7 +92,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
     manager.save(
         session_id=SESSION,
         stage="search",
-        state=big_state(kib=64),
+        state=big_state(kib=1536),
         completed_stages=list(STAGES[:3]),
         parameters=params(),
     )
@@ -102,7 +109,7 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
         manager.save(
             session_id=SESSION,
             stage="intent",
-            state=big_state(kib=64),
+            state=big_state(kib=1536),
             completed_stages=["intent"],
             parameters=params(),
         )

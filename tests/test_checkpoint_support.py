@@ -148,3 +148,23 @@ def rewrite(
 def body_of(path: Path) -> dict[str, Any]:
     result: dict[str, Any] = orjson.loads(split(path)[1])
     return result
+
+
+def in_flight_writes(directory: Path, session: str = "") -> list[Path]:
+    """Files of checkpoint writes under way (or cut short): temporaries of ``session`` (any
+    session when empty) and spare files already written into (spares start empty or zeroed)
+    but not yet renamed."""
+    if not directory.exists():
+        return []
+    found = [p for p in directory.iterdir() if p.name.startswith(f".tmp.{session}")]
+    spares = directory / ".spare"
+    if spares.is_dir():
+        for spare in spares.iterdir():
+            try:
+                with spare.open("rb") as f:
+                    head = f.read(8)
+            except FileNotFoundError:
+                continue
+            if head.strip(b"\0"):
+                found.append(spare)
+    return found

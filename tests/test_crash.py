@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+from test_checkpoint_support import in_flight_writes
+
 from prowzi.config import ProwziConfig
 from prowzi.workflows.checkpoint import CheckpointManager
 
@@ -63,13 +65,6 @@ def _wait(pid: int, timeout: float = 60) -> int:
     raise AssertionError("child did not finish in time")
 
 
-def _temp_files(directory: Path, session: str) -> list[Path]:
-    """Temporary files of an in-flight checkpoint write of ``session``."""
-    if not directory.exists():
-        return []
-    return [p for p in directory.iterdir() if p.name.startswith(f".tmp.{session}_")]
-
-
 def test_sigkill_at_random_instants_never_loses_or_corrupts(tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     reference = tmp_path / "reference.md"
@@ -85,13 +80,13 @@ def test_sigkill_at_random_instants_never_loses_or_corrupts(tmp_path: Path) -> N
         session = f"crash-{i}"
         pid = _fork("run", checkpoints, session)
         if i % 3 == 0:
-            # aim at a checkpoint write: kill as soon as a temporary file appears
+            # aim at a checkpoint write: kill as soon as one is under way
             deadline = time.monotonic() + duration * 2
-            while time.monotonic() < deadline and not _temp_files(checkpoints, session):
+            while time.monotonic() < deadline and not in_flight_writes(checkpoints, session):
                 pass
         else:
             time.sleep(rng.uniform(0, duration * 1.1))
-        in_write = bool(_temp_files(checkpoints, session))
+        in_write = bool(in_flight_writes(checkpoints, session))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         kills_in_write += in_write
@@ -121,6 +116,8 @@ def test_sigkill_at_random_instants_never_loses_or_corrupts(tmp_path: Path) -> N
     assert len({row["session_id"] for row in manager.list_checkpoints()}) == KILLS
     manager.store.sweep_temporaries(max_age=0)
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp.")]
+    # and the spares of killed writers (all of this boot) are gone after the first recovery
+    assert not in_flight_writes(checkpoints)
     for i in range(KILLS):
         manager.verify_chain(f"crash-{i}")
         assert manager.latest(f"crash-{i}").completed_stages[-1] == "turnitin"  # type: ignore[union-attr]

@@ -71,6 +71,7 @@ from prowzi.workflows.storage import (
     CheckpointStore,
     LocalDirectoryStore,
     UnsafeBlobError,
+    Verdict,
     paused_gc,
 )
 
@@ -270,6 +271,7 @@ class CheckpointManager:
         """``.json`` name -> (its token, payload_sha256 of the header it was checked against or
         written from): a sidecar whose file has not changed since need not be read again."""
         self._mutex = threading.RLock()  # the caches above are shared by threads
+        self._recovered = False
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
@@ -310,6 +312,7 @@ class CheckpointManager:
             validate_session_id(parent_session_id)
         if previous_hash is not None and not _SHA256_RE.fullmatch(previous_hash):
             raise InvalidInputError(f"invalid previous_hash {previous_hash!r}: not a sha256")
+        self._recover()
         if previous_hash is None:
             previous_hash = self._chain_head(session_id, stage, completed)
 
@@ -349,7 +352,9 @@ class CheckpointManager:
         header_doc = metadata.model_dump(mode="json")
         name = f"{checkpoint_id}.pkl"
         try:
-            self.store.put(name, _seal(header_doc, body, self._key), meta=header_doc)
+            self.store.put(
+                name, _seal(header_doc, body, self._key), meta=header_doc, zero_padding_ok=True
+            )
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
@@ -428,6 +433,7 @@ class CheckpointManager:
                     f"but stage {stage!r} was asked for"
                 )
         stage = stage or named_stage
+        self._recover()
         if stage is None:
             latest = self.latest(session_id)
             self._refuse_newer_unreadable(session_id, latest)
@@ -527,7 +533,7 @@ class CheckpointManager:
         return header, length
 
     def _verified(
-        self, name: str, raw: bytes, *, check_link: bool
+        self, name: str, raw: bytes, *, check_link: bool, check_key: bool = True
     ) -> tuple[CheckpointMetadata, dict[str, Any], WorkflowState]:
         """Every check, then the body's deserialisation: (metadata, header JSON, state)."""
         where = self.store.describe(name)
@@ -539,11 +545,19 @@ class CheckpointManager:
         body_start = _PREFIX + length + _DIGEST_SIZE
         expected = body_start + size + (_MAC_SIZE if signed else 0)
         if len(raw) != expected:
-            problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
-            raise CheckpointIntegrityError(
-                where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
-            )
-        if self._key is not None:
+            # Zeros after the end are a store's padding (see CheckpointStore.put), nothing else.
+            if len(raw) < expected:
+                problem = "truncated"
+            elif raw.count(0, expected) != len(raw) - expected:
+                problem = "trailing bytes after the payload"
+            else:
+                problem = ""
+                raw = raw[:expected]
+            if problem:
+                raise CheckpointIntegrityError(
+                    where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
+                )
+        if self._key is not None and check_key:
             if not signed:
                 raise CheckpointIntegrityError(
                     where, "unsigned, and a checkpoint key is configured (PROWZI_CHECKPOINT_KEY)"
@@ -713,6 +727,7 @@ class CheckpointManager:
 
     def _rows_now(self, *, fresh: bool = True) -> dict[str, dict[str, Any]]:
         """Listing rows of every readable checkpoint, by blob name (cached per generation)."""
+        self._recover()
         with self._mutex:
             return self._rebuild_rows(fresh)
 
@@ -890,9 +905,69 @@ class CheckpointManager:
 
     # --- locks and cleanup --------------------------------------------------------------
 
+    # --- recovery -----------------------------------------------------------------------
+
+    def _recover(self, *, force: bool = False) -> None:
+        """Once per manager (and at every cleanup): let the store finish the saves a power
+        loss interrupted (see :meth:`LocalDirectoryStore.recover`)."""
+        if self._recovered and not force:
+            return
+        with self._mutex:
+            if self._recovered and not force:
+                return
+            self._recovered = True
+            try:
+                published = self.store.recover(self._judge_interrupted)
+            except OSError as exc:
+                log.warning("could not recover interrupted checkpoints: %s", exc)
+                return
+        for name in published:
+            log.warning("recovered checkpoint %s, whose save a power loss interrupted", name)
+
+    def _judge_interrupted(self, data: bytes, publish: Callable[[str, int], None]) -> Verdict:
+        """A save interrupted by a power loss: publish it if it verifies and is newer than
+        the file under its name; discard it if it is damaged (its save never returned) or
+        older; keep it if only a key could vouch for it (never destroy what may be the only
+        copy) or its session is locked (the holder recovers it)."""
+        try:
+            header, length = self._parse_header(data, "an interrupted save")
+            session_id, stage = split_checkpoint_id(str(header.get("checkpoint_id")))
+            size = header.get("payload_size")
+            if stage is None or type(size) is not int:
+                return "discard"
+        except (CheckpointIntegrityError, InvalidInputError):
+            return "discard"
+        mac = _MAC_SIZE if header.get("signed") is True else 0
+        end = _PREFIX + length + _DIGEST_SIZE + size + mac
+        name = f"{session_id}_{stage}.pkl"
+        try:
+            metadata = self._verified(name, data, check_link=False)[0]
+        except CheckpointIntegrityError:
+            try:
+                self._verified(name, data, check_link=False, check_key=False)
+            except CheckpointIntegrityError:
+                return "discard"
+            return "keep"
+        try:
+            with self.store.lock(session_id, 0):
+                try:
+                    current, _ = self._parse_header(self.store.get(name), name)
+                except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
+                    current = None
+                when = None if current is None else _created_at(current)
+                if when is not None and when >= metadata.created_at:
+                    return "discard"
+                publish(name, end)
+                self._write_sidecar(metadata.checkpoint_id, metadata.model_dump(mode="json"))
+                return "published"
+        except SessionLockedError:
+            return "keep"
+
     def session_lock(self, session_id: str, timeout: float = 0) -> AbstractContextManager[None]:
         """The session's writer lock; :class:`SessionLockedError` names the holder."""
-        return self.store.lock(validate_session_id(session_id), timeout)
+        validate_session_id(session_id)
+        self._recover()  # before taking it: recovery needs the session's lock
+        return self.store.lock(session_id, timeout)
 
     def is_locked(self, session_id: str) -> bool:
         return self.store.is_locked(validate_session_id(session_id))
@@ -912,6 +987,9 @@ class CheckpointManager:
         if keep_last < 0:
             raise InvalidInputError("keep_last must not be negative")
         cutoff = datetime.now(UTC) - older_than
+        self._recover(force=True)
+        if not dry_run:
+            self.store.settle()  # no recovery may republish what is deleted below
         rows = self._rows_now()
         blobs = self.store.list(fresh=False)
         newest: dict[str, datetime] = {}

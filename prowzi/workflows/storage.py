@@ -13,8 +13,10 @@ hands the result back with :meth:`CheckpointStore.remember`.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
+import ctypes
 import errno
 import fcntl
 import gc
@@ -26,13 +28,15 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import filelock
 import orjson
@@ -56,6 +60,8 @@ taken less than this after the mtime is "racy" (as git calls it) and is re-check
 _INDEX_VERSION = 1
 _COMPACT_MIN = 1 << 20
 """The index log is compacted once it exceeds this and twice its last snapshot."""
+_RECOVER_MAX = 1 << 30
+"""A spare larger than this is not read by a recovery (no checkpoint is that large)."""
 _TEMPORARY_MAX_AGE = 3600.0
 """Seconds after which a temporary file is certainly abandoned and may be removed."""
 
@@ -65,6 +71,14 @@ def validate_blob_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidIdentifierError(f"invalid blob name {name!r}")
     return name
+
+
+Verdict = Literal["published", "discard", "keep"]
+"""What became of an interrupted put in :meth:`CheckpointStore.recover`: published under a
+name, to be discarded, or kept for later (someone else may be able to vouch for it)."""
+Judge = Callable[[bytes, Callable[[str, int], None]], Verdict]
+"""Judges an interrupted put's bytes (perhaps followed by zero padding); calls its second
+argument with a name and the blob's true length to publish them."""
 
 
 class BlobNotFoundError(LookupError):
@@ -94,11 +108,19 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def put(
-        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+        self,
+        name: str,
+        data: bytes,
+        *,
+        meta: dict[str, Any] | None = None,
+        durable: bool = True,
+        zero_padding_ok: bool = False,
     ) -> None:
         """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
+        ``zero_padding_ok`` says the caller's format ignores zero bytes after its end, so
+        readers may briefly see the blob followed by zeros (the store trims them later).
         """
 
     @abstractmethod
@@ -147,6 +169,21 @@ class CheckpointStore(ABC):
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
 
+    def recover(self, judge: Judge) -> builtins.list[str]:
+        """Finish the puts a crash interrupted, where the store defers part of a put.
+
+        ``judge`` gets the bytes of each blob whose put was durable but may not have been
+        published under its name, and a function that publishes them under a name (call it
+        while holding whatever lock makes that safe); returns the names published. Stores that
+        publish every put before it returns have nothing to recover.
+        """
+        return []
+
+    def settle(self) -> None:
+        """Make every put that has returned durable under its name, before deletions (so a
+        recovery never republishes a blob deleted after it)."""
+        return None
+
 
 def _holder_description() -> dict[str, Any]:
     return {
@@ -175,7 +212,13 @@ class InMemoryStore(CheckpointStore):
         self._counter = 0
 
     def put(
-        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+        self,
+        name: str,
+        data: bytes,
+        *,
+        meta: dict[str, Any] | None = None,
+        durable: bool = True,
+        zero_padding_ok: bool = False,
     ) -> None:
         validate_blob_name(name)
         with self._mutex:
@@ -269,6 +312,311 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _read_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip().replace("-", "")
+    except OSError:
+        return None
+    return boot[:16] if re.fullmatch(r"[0-9a-f]{16,}", boot) else None
+
+
+_BOOT_ID = _read_boot_id()
+"""This boot of the machine: a put interrupted in an earlier boot (a power loss) is recovered,
+one interrupted in this boot (a killed process, whose page cache survived) is discarded."""
+
+SPARE_DIR = ".spare"
+_SPARE_RE = re.compile(r"(?P<boot>[0-9a-f]{16})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
+_SPARE_LEVELS = {False: (8, 24), True: (4, 8)}
+"""(low, high) water marks of an empty and of a zeroed pool: zeroed spares hold disk space."""
+_SPARE_MIN_CAPACITY = 64 << 10
+_SPARE_MAX_CAPACITY = 4 << 20
+"""Blobs larger than this go to empty spares (a second journal commit, but no reservation)."""
+
+
+def _flock_nb(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class _SparePool:
+    """Files created ahead of time, so that a put creates no inode on its critical path.
+
+    Creating a file is a filesystem-journal transaction of its own (and, in some directories
+    of some virtual disks, costs more than the whole durable write of a checkpoint), and a
+    durable put into a *new* file needs a second one to sync the new name. A background thread
+    keeps a few spares (``_SPARE_LEVELS``) in ``<root>/.spare/``, created,
+    synced and their directory fsynced, so a spare and its name already survive a power loss.
+
+    A *zeroed* pool fills its spares with ``capacity`` zero bytes (and syncs them): writing a
+    blob over blocks that already exist and syncing it is a pure data flush with no journal
+    commit, as SQLite's reused write-ahead log does. What is left of the zeros is trimmed off
+    by the same thread after the put (:meth:`trim`). An *empty* pool serves puts that are not
+    synced.
+
+    Each spare is held open with an exclusive ``flock``: the lock tells other processes the
+    spare is in use and dies with its owner, so a spare whose lock is free is an orphan. Names
+    are ``<boot id>-<pid>-<random>``: the boot id tells a recovery whether a spare's owner
+    died alone (the page cache survived) or with the machine.
+    """
+
+    def __init__(self, directory: str, *, durable: bool, zeroed: bool) -> None:
+        self.directory = directory
+        self.durable = durable
+        self.zeroed = zeroed
+        self.capacity = _SPARE_MIN_CAPACITY if zeroed else 0
+        self._low, self._high = _SPARE_LEVELS[zeroed]
+        self._ready: deque[tuple[str, int, int]] = deque()
+        self._trims: deque[tuple[int, int, Callable[[int], None]]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._pid = os.getpid()
+        self._failed_at = -1e9
+
+    def take(self, size: int = 0) -> tuple[str, int] | None:
+        """A spare (path, open fd holding its lock) able to take ``size`` bytes without
+        growing, or None when none is ready."""
+        with self._cond:
+            if self._closed or os.getpid() != self._pid:
+                return None
+            if self.zeroed and self.capacity < size <= _SPARE_MAX_CAPACITY:
+                # Later spares fit blobs this large; this one would grow (a journal commit).
+                self.capacity = min(_SPARE_MAX_CAPACITY, 1 << (size + size // 4).bit_length())
+            spare = None
+            if self._ready and self._ready[0][2] >= size:
+                spare = self._ready.popleft()
+            elif self._ready and self.zeroed:
+                self._drop_small_locked()
+            if len(self._ready) < self._low:
+                self._start_locked()
+                self._cond.notify()
+            return None if spare is None else (spare[0], spare[1])
+
+    def _drop_small_locked(self) -> None:
+        small = [s for s in self._ready if s[2] < self.capacity]
+        self._ready = deque(s for s in self._ready if s[2] >= self.capacity)
+        for path, fd, _ in small:
+            _drop(path, fd)
+
+    def trim(self, fd: int, length: int, done: Callable[[int], None]) -> None:
+        """Cut a used zeroed spare (now a blob) to ``length`` in the background, close it,
+        and call ``done(fd)`` first (for bookkeeping by the owner)."""
+        with self._cond:
+            if self._closed or os.getpid() != self._pid:
+                closed = True
+            else:
+                closed = False
+                self._trims.append((fd, length, done))
+                self._start_locked()
+                self._cond.notify()
+        if closed:
+            self._trim_one(fd, length, done)
+
+    @staticmethod
+    def _trim_one(fd: int, length: int, done: Callable[[int], None]) -> None:
+        try:
+            os.ftruncate(fd, length)
+            done(fd)
+        except OSError as exc:
+            log.debug("could not trim a checkpoint file: %s", exc)
+        finally:
+            os.close(fd)
+
+    def start(self) -> None:
+        """Begin filling the pool (a writer is about to need it)."""
+        with self._cond:
+            if not self._closed and os.getpid() == self._pid:
+                self._start_locked()
+                self._cond.notify()
+
+    def owns(self, name: str) -> bool:
+        with self._cond:
+            return any(os.path.basename(path) == name for path, _, _ in self._ready)
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._fill, name=f"prowzi-spares:{self.directory}", daemon=True
+            )
+            self._thread.start()
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._trims and len(self._ready) >= self._low:
+                    self._cond.wait()
+                if self._closed:
+                    trims, self._trims = list(self._trims), deque()
+                else:
+                    trims = []
+                    if self._trims:
+                        trims.append(self._trims.popleft())
+            for fd, length, done in trims:
+                self._trim_one(fd, length, done)
+            if self._closed:
+                return
+            if trims:
+                continue  # trims first: they keep the index exact
+            with self._cond:
+                wanted = self._high - len(self._ready)
+                capacity = self.capacity
+                if wanted <= 0:
+                    continue
+                if time.monotonic() - self._failed_at < 1.0:
+                    self._cond.wait(1.0)
+                    continue
+            made: list[tuple[str, int, int]] = []
+            try:
+                for _ in range(wanted):
+                    made.append(self._create(capacity))
+                if self.zeroed and self.durable:
+                    # Write every spare's zeros out (allocating its blocks), then commit them
+                    # all at once: one journal commit for the batch, not one per spare.
+                    for _, fd, _ in made[:-1]:
+                        _write_out(fd)
+                    os.fdatasync(made[-1][1])
+                if self.durable:
+                    _fsync_dir(self.directory)
+            except OSError as exc:
+                # No room, or the directory went away: puts create their own files meanwhile.
+                log.debug("could not prepare spare files in %s: %s", self.directory, exc)
+                for path, fd, _ in made:
+                    _drop(path, fd)
+                made = []
+                self._failed_at = time.monotonic()
+            with self._cond:
+                if self._closed:
+                    for path, fd, _ in made:
+                        _drop(path, fd)
+                    continue
+                self._ready.extend(made)
+
+    def _create(self, capacity: int) -> tuple[str, int, int]:
+        name = f"{_BOOT_ID}-{os.getpid()}-{secrets.token_hex(4)}"
+        path = os.path.join(self.directory, name)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.directory, 0o700)
+            if self.durable:
+                _fsync_dir(os.path.dirname(self.directory))
+            fd = os.open(path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else can hold it
+            if capacity:
+                zeros = bytes(min(capacity, 1 << 20))
+                done = 0
+                while done < capacity:
+                    done += os.write(fd, zeros[: capacity - done])
+        except BaseException:
+            _drop(path, fd)
+            raise
+        return path, fd, capacity
+
+    def close(self) -> None:
+        """Stop filling, and remove the spares not handed out."""
+        with self._cond:
+            self._closed = True
+            spares, self._ready = list(self._ready), deque()
+            trims, self._trims = list(self._trims), deque()
+            self._cond.notify_all()
+        if os.getpid() == self._pid:
+            for path, fd, _ in spares:
+                _drop(path, fd)
+            for fd, length, done in trims:
+                self._trim_one(fd, length, done)
+
+    def forget(self) -> None:
+        """In a forked child: the spares (and their locks) belong to the parent."""
+        self._closed = True
+        for _, fd, _ in self._ready:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the parent's descriptor keeps the lock
+        for fd, _, _ in self._trims:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ready = deque()
+        self._trims = deque()
+        self._thread = None
+        self._cond = threading.Condition()
+
+
+def _load_sync_file_range() -> Callable[[int], None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    wait_before_write_wait_after = 1 | 2 | 4
+
+    def write_out(fd: int) -> None:
+        if function(fd, 0, 0, wait_before_write_wait_after) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+
+    return write_out
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def _write_out(fd: int) -> None:
+    """Write a file's dirty pages to disk now (allocating their blocks), without committing
+    the filesystem journal: a later fsync of any file in the same filesystem commits them
+    together. Falls back to fdatasync where sync_file_range(2) is missing."""
+    if _SYNC_FILE_RANGE is None:
+        os.fdatasync(fd)
+        return
+    try:
+        _SYNC_FILE_RANGE(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE):
+            raise
+        os.fdatasync(fd)
+
+
+def _drop(path: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_POOLS: weakref.WeakSet[_SparePool] = weakref.WeakSet()
+
+
+def _close_pools() -> None:
+    for pool in list(_POOLS):
+        pool.close()
+
+
+def _forget_pools() -> None:
+    for pool in list(_POOLS):
+        pool.forget()
+
+
+atexit.register(_close_pools)
+os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _token(st: os.stat_result) -> str:
     return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
 
@@ -309,6 +657,19 @@ class LocalDirectoryStore(CheckpointStore):
         self._generation = 0
         self._compact_at = _COMPACT_MIN
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
+        self._spare_dir = os.path.join(self._dir, SPARE_DIR)
+        self._pools: list[_SparePool] = []
+        self._zeroed: _SparePool | None = None
+        self._empty: _SparePool | None = None
+        if _BOOT_ID is not None:
+            self._empty = _SparePool(self._spare_dir, durable=fsync, zeroed=False)
+            self._pools.append(self._empty)
+            if fsync:
+                self._zeroed = _SparePool(self._spare_dir, durable=True, zeroed=True)
+                self._pools.append(self._zeroed)
+            for pool in self._pools:
+                _POOLS.add(pool)
+                weakref.finalize(self, pool.close)
 
     # blobs
 
@@ -328,19 +689,103 @@ class LocalDirectoryStore(CheckpointStore):
             self._fsync_dir(os.fspath(self.root.resolve().parent))
 
     def put(
-        self, name: str, data: bytes, *, meta: dict[str, Any] | None = None, durable: bool = True
+        self,
+        name: str,
+        data: bytes,
+        *,
+        meta: dict[str, Any] | None = None,
+        durable: bool = True,
+        zero_padding_ok: bool = False,
     ) -> None:
         final = self._path(name)
         self._ensure_dirs()
         durable = durable and self.fsync
+        trim: _SparePool | None = None
+        spare = None
+        if durable and zero_padding_ok and self._zeroed is not None:
+            spare = self._zeroed.take(len(data))
+            trim = self._zeroed if spare is not None else None
+        if spare is None and self._empty is not None:
+            spare = self._empty.take()
+        if spare is not None:
+            st = self._put_spare(spare, final, data, durable, trimmed=trim is not None)
+        else:
+            st = self._put_new(name, final, data, durable)
+        token = _token(st)
+        with self._mutex:
+            self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
+            self._generation += 1
+            if meta is not None:  # without meta, a rescan learns as much as the log would
+                self._append(
+                    [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
+                )
+        if trim is not None and spare is not None:
+            trim.trim(spare[1], len(data), lambda fd: self._trimmed(name, token, fd))
+
+    def _trimmed(self, name: str, token: str, fd: int) -> None:
+        """A blob's zero padding is gone: its entry (if still this version) follows."""
+        st = os.fstat(fd)
+        with self._mutex:
+            entry = self._entries.get(name)
+            if entry is None or entry[0] != token:
+                return
+            self._entries[name] = (_token(st), st.st_size, st.st_mtime_ns, entry[3])
+            self._generation += 1
+            if entry[3] is not None:
+                self._append(
+                    [
+                        {
+                            "n": name,
+                            "t": _token(st),
+                            "s": st.st_size,
+                            "mt": st.st_mtime_ns,
+                            "m": entry[3],
+                        }
+                    ]
+                )
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        """Write all of ``data`` at the start of the file (a short write is continued)."""
+        view = memoryview(data)
+        offset = 0
+        while offset < len(view):
+            offset += os.pwrite(fd, view[offset:], offset)
+
+    def _put_spare(
+        self, spare: tuple[str, int], final: str, data: bytes, durable: bool, *, trimmed: bool
+    ) -> os.stat_result:
+        """Fill a spare, fdatasync it, rename it into place.
+
+        The spare's name is already on disk, and a zeroed spare's blocks too, so the sync is
+        one flush with no journal commit. The rename is not synced: until the filesystem
+        commits it, a power loss leaves the data under the spare's name, where :meth:`recover`
+        finds it. Metadata commits in order, so a later synced change (another put's
+        directory fsync, :meth:`settle`) makes the rename durable too. A zeroed spare keeps
+        its descriptor open for the trim (``trimmed``); an empty one is closed."""
+        path, fd = spare
+        try:
+            self._write_all(fd, data)
+            if durable:
+                os.fdatasync(fd)
+            st = os.fstat(fd)
+            os.rename(path, final)
+        except BaseException:
+            # Emptied first: a spare that might come back after a power loss holds nothing.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            _drop(path, fd)
+            raise
+        if not trimmed:
+            os.close(fd)
+        return st
+
+    def _put_new(self, name: str, final: str, data: bytes, durable: bool) -> os.stat_result:
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                self._write_all(fd, data)
                 if durable:
                     os.fdatasync(fd)
                 st = os.fstat(fd)
@@ -353,22 +798,74 @@ class LocalDirectoryStore(CheckpointStore):
             raise
         if durable:
             self._fsync_dir(self._dir)
-        token = _token(st)
-        with self._mutex:
-            self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
-            self._generation += 1
-            if meta is not None:  # without meta, a rescan learns as much as the log would
-                self._append(
-                    [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
-                )
+        return st
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _fsync_dir(path)
+
+    def settle(self) -> None:
+        if not self.fsync:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(self._spare_dir)
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(self._dir)
+
+    def recover(self, judge: Judge) -> list[str]:
+        """Publish the puts a power loss interrupted; remove the spares of dead processes.
+
+        A spare is looked at only when its lock is free (its owner is gone), it is a regular
+        file of ours, and its name is one this store makes. Empty: an unused spare, removed.
+        Written in this boot: its writer was killed before the put returned (the page cache
+        survived, so nothing published was lost), removed. Written in an earlier boot: the
+        put's data may be durable only here, so ``judge`` decides: publish it under a name
+        (then synced), discard it, or keep it.
+        """
+        published: list[str] = []
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            entries = list(os.scandir(self._spare_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return published
+        for entry in entries:
+            match = _SPARE_RE.fullmatch(entry.name)
+            if match is None or any(pool.owns(entry.name) for pool in self._pools):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+                if not _flock_nb(fd):
+                    continue  # its owner is alive
+                if st.st_size == 0 or match["boot"] == _BOOT_ID:
+                    os.unlink(entry.path)
+                    continue
+                data = b"" if st.st_size > _RECOVER_MAX else os.pread(fd, st.st_size, 0)
+
+                def publish(name: str, length: int, path: str = entry.path, fd: int = fd) -> None:
+                    os.ftruncate(fd, length)  # a zeroed spare's padding
+                    os.rename(path, self._path(name))
+                    self.settle()
+                    self._forget_view()
+                    published.append(name)
+
+                if judge(data, publish) == "discard":
+                    os.unlink(entry.path)
+            except OSError as exc:
+                log.warning("could not recover %s: %s", entry.path, exc)
+            finally:
+                os.close(fd)
+        return published
+
+    def _forget_view(self) -> None:
+        with self._mutex:
+            self._loaded = False
+            self._stamp = None
+            self._generation += 1
 
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(name)
@@ -668,6 +1165,8 @@ class LocalDirectoryStore(CheckpointStore):
     def _hold(self, key: str, timeout: float) -> Iterator[None]:
         lock_path, owner = self._lock_paths(key)
         self._ensure_dirs()  # a lock may come first: the root is created (and synced) once
+        for pool in self._pools:
+            pool.start()  # the holder is about to write: have spares ready
         self._lock_dir.mkdir(exist_ok=True)
         # thread_local=False and a fresh object per call: a second holder in this very
         # process is refused too (flock conflicts across open file descriptions).
