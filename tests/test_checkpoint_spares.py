@@ -236,3 +236,17 @@ def test_a_spare_that_is_a_symlink_or_foreign_name_is_ignored(tmp_path: Path) ->
     assert link.is_symlink() and foreign.exists() and target.exists()
     with pytest.raises(CheckpointNotFoundError):  # nothing was published for that stage
         manager.load_checkpoint(f"{SESSION}_search")
+
+
+def test_spares_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROWZI_CHECKPOINT_SPARES=false: every save makes its own file and syncs the directory."""
+    from prowzi.config import ProwziConfig
+
+    monkeypatch.setenv("PROWZI_CHECKPOINT_SPARES", "false")
+    config = ProwziConfig(checkpoint_dir=tmp_path / "checkpoints")
+    manager = CheckpointManager.from_config(config)
+    with manager.session_lock(SESSION):
+        time.sleep(0.2)
+        save_run(manager, SESSION, STAGES[:3])
+    assert not (tmp_path / "checkpoints" / ".spare").exists()
+    assert CheckpointManager(tmp_path / "checkpoints").latest(SESSION).stage == "search"  # type: ignore[union-attr]

@@ -39,6 +39,14 @@ class ProwziConfig(BaseSettings):
         "none", description="Compression of checkpoint payloads."
     )
     checkpoint_fsync: bool = Field(True, description="fsync checkpoint files and directory.")
+    checkpoint_spares: bool = Field(
+        True,
+        description=(
+            "Write checkpoints into files prepared in the background (one flush per save; "
+            "a power loss is recovered from them). False: a new file and a directory fsync "
+            "per save."
+        ),
+    )
 
     # Telemetry
     enable_telemetry: bool = Field(True, description="Write per-session telemetry files.")

@@ -10,6 +10,7 @@ default files in ``checkpoint_dir``):
 
         MAGIC (8) | header length (4, big-endian) | header | sha256 of all before (32)
         | body | HMAC-SHA256 of all before the body (32, only when a key is configured)
+        [| zero bytes: a prepared file's padding, not yet trimmed; any other byte is refused]
 
     The header is the :class:`CheckpointMetadata` as JSON, sealed by its own digest (so a
     flipped byte anywhere is caught, and caught before the header is parsed). The body is the
@@ -230,7 +231,7 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
 class CheckpointManager:
     """Writes, verifies, lists and prunes checkpoints, and holds per-session writer locks.
 
-    ``checkpoint_dir`` and ``fsync`` configure the default
+    ``checkpoint_dir``, ``fsync`` and ``spares`` configure the default
     :class:`~prowzi.workflows.storage.LocalDirectoryStore`; with ``store=`` that store decides
     durability and ``checkpoint_dir`` only names the location in messages. ``key`` turns on
     HMAC-SHA256 signing, and then unsigned or wrongly signed checkpoints are refused. One
@@ -246,6 +247,7 @@ class CheckpointManager:
         compression: Compression = "none",
         fsync: bool = True,
         store: CheckpointStore | None = None,
+        spares: bool = True,
     ) -> None:
         if compression not in ("none", "zlib"):
             raise ValueError(f"unknown checkpoint compression {compression!r}: use none or zlib")
@@ -255,7 +257,9 @@ class CheckpointManager:
         self.compression: Compression = compression
         self.fsync = fsync
         self.store: CheckpointStore = (
-            store if store is not None else LocalDirectoryStore(self.checkpoint_dir, fsync=fsync)
+            store
+            if store is not None
+            else LocalDirectoryStore(self.checkpoint_dir, fsync=fsync, spares=spares)
         )
         self._key = key.encode() if isinstance(key, str) else key
         self._rows: dict[str, tuple[str, dict[str, Any] | None, str]] = {}
@@ -282,6 +286,7 @@ class CheckpointManager:
             key=key,
             compression=config.checkpoint_compression,
             fsync=config.checkpoint_fsync,
+            spares=config.checkpoint_spares,
         )
 
     # --- writing ------------------------------------------------------------------------

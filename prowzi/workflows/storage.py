@@ -624,10 +624,20 @@ def _token(st: os.stat_result) -> str:
 class LocalDirectoryStore(CheckpointStore):
     """One file per blob in ``root``; the files are the source of truth.
 
-    Writes: a temporary file in the same directory, written in full, fdatasync, ``os.replace``,
+    Writes, when a spare file is ready (the usual case once a writer runs; see
+    :class:`_SparePool`): the blob goes into a spare in ``root/.spare/`` that was created,
+    synced and had its directory synced ahead of time, fdatasync (for a zeroed spare and a
+    caller that allows ``zero_padding_ok``, a pure data flush), then ``os.rename`` into
+    ``root``. The rename's own sync is deferred: the filesystem commits it with the next
+    journal commit (at most seconds later, or at any other fsync), and until then the data is
+    durable under the spare's name, which :meth:`recover` publishes after a power loss. So a
+    put that returned survives a power loss either way, with one flush instead of two journal
+    commits. :meth:`settle` syncs the names before deletions. ``spares=False`` turns this off.
+
+    Otherwise: a temporary file in ``root``, written in full, fdatasync, ``os.replace``,
     fsync of the directory (and of its parent when the put created it); the temporary is
     removed on failure. ``durable=False`` (or ``fsync=False``) skips the syncs only. Hidden
-    names (``.tmp.*``, ``.index``, ``.locks``) are never listed.
+    names (``.tmp.*``, ``.index``, ``.locks``, ``.spare``) are never listed.
 
     Listing is served from an index in ``root/.index/manifest.jsonl``: an append-only log of the
     meta recorded at each put, plus a stamp of the directory's mtime at the last full scan. A
@@ -641,7 +651,7 @@ class LocalDirectoryStore(CheckpointStore):
     than an hour ago.
     """
 
-    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True, spares: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self._dir = os.path.join(os.fspath(self.root), "")
@@ -661,7 +671,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._pools: list[_SparePool] = []
         self._zeroed: _SparePool | None = None
         self._empty: _SparePool | None = None
-        if _BOOT_ID is not None:
+        if _BOOT_ID is not None and spares:
             self._empty = _SparePool(self._spare_dir, durable=fsync, zeroed=False)
             self._pools.append(self._empty)
             if fsync:
@@ -715,7 +725,9 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
             self._generation += 1
-            if meta is not None:  # without meta, a rescan learns as much as the log would
+            # Without meta, a rescan learns as much as the log would; with a trim to come, the
+            # trim logs the final version (a log line for this one would be stale at once).
+            if meta is not None and trim is None:
                 self._append(
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
                 )
