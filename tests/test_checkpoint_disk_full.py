@@ -26,7 +26,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
         check=True,
         capture_output=True,
     )
@@ -75,7 +75,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
         manager.save(
             session_id=SESSION,
             stage="search",
-            state=big_state(kib=1536),
+            state=big_state(kib=64),
             completed_stages=list(STAGES[:3]),
             parameters=params(),
         )
@@ -92,7 +92,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
     manager.save(
         session_id=SESSION,
         stage="search",
-        state=big_state(kib=1536),
+        state=big_state(kib=64),
         completed_stages=list(STAGES[:3]),
         parameters=params(),
     )
@@ -109,7 +109,7 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
         manager.save(
             session_id=SESSION,
             stage="intent",
-            state=big_state(kib=1536),
+            state=big_state(kib=64),
             completed_stages=["intent"],
             parameters=params(),
         )
@@ -121,7 +121,9 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
 
 def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: Path) -> None:
     directory = small_disk / "checkpoints"
-    save_run(CheckpointManager(directory), SESSION, STAGES[:2])
+    writer = CheckpointManager(directory)
+    save_run(writer, SESSION, STAGES[:2])
+    writer.close()  # the spare files it holds open for writing would keep the mount busy
     (directory / f"{SESSION}_intent.json").unlink()  # its regeneration will not be possible
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from test_checkpoint_support import STAGES, params, save_run, state_after
+from test_checkpoint_support import STAGES, params, rewrite, save_run, state_after
 
-from prowzi.errors import CheckpointNotFoundError
+from prowzi.workflows import checkpoint as cp
 from prowzi.workflows import storage
 from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.storage import LocalDirectoryStore
@@ -43,79 +44,104 @@ def wait_for(predicate: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def interrupted(directory: Path, stage: str, boot: str, *, pad: int = 4096) -> Path:
-    """Turn the checkpoint of ``stage`` back into the spare it was before its rename,
-    zero padding included, as a power loss after the put's fdatasync leaves it."""
-    pkl = directory / f"{SESSION}_{stage}.pkl"
-    spare = directory / ".spare" / f"{boot}-4242-0badcafe"
+def interrupted(directory: Path, stage: str, boot: str, session: str = SESSION) -> Path:
+    """Turn the checkpoint of ``stage`` back into the spare it was before its rename, as a
+    power loss after the put's fdatasync (and before the rename's commit) leaves it."""
+    pkl = directory / f"{session}_{stage}.pkl"
+    spare = directory / ".spare" / f"{boot}-4242-{os.urandom(4).hex()}"
     spare.parent.mkdir(exist_ok=True, mode=0o700)
-    spare.write_bytes(pkl.read_bytes() + bytes(pad))
-    pkl.unlink()
-    (directory / f"{SESSION}_{stage}.json").unlink()
+    pkl.rename(spare)
+    (directory / f"{session}_{stage}.json").unlink()
     return spare
 
 
 # --- the fast path --------------------------------------------------------------------
 
 
-def test_a_durable_put_renames_a_prepared_spare_instead_of_creating_a_file(
-    tmp_path: Path,
-) -> None:
-    store = LocalDirectoryStore(tmp_path / "store")
-    with store.lock("writer"):
-        wait_for(lambda: len(spares(tmp_path / "store")) >= 8)
-        prepared = {p.stat().st_ino for p in spares(tmp_path / "store")}
-        store.put("a_intent.pkl", b"checkpoint bytes", zero_padding_ok=True)
-        store.put("a_intent.json", b"{}")
-    blob = tmp_path / "store" / "a_intent.pkl"
-    assert blob.stat().st_ino in prepared
-    assert (tmp_path / "store" / "a_intent.json").stat().st_ino in prepared
-    # the zeros the spare was prepared with are trimmed off in the background
-    wait_for(lambda: blob.stat().st_size == len(b"checkpoint bytes"))
+def ready_spares(store: LocalDirectoryStore, directory: Path) -> set[int]:
+    """Start the store's pool (a put does) and wait until it has spares; their inodes."""
+    store.put("warm-up.json", b"{}", durable=False)
+    wait_for(lambda: len(spares(directory)) >= 8)
+    return {p.stat().st_ino for p in spares(directory)}
+
+
+def test_a_recoverable_durable_put_renames_a_prepared_spare(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    prepared = ready_spares(store, directory)
+    store.put("a_intent.pkl", b"checkpoint bytes", recoverable=True)
+    store.put("a_intent.json", b"{}", durable=False)
+    assert (directory / "a_intent.pkl").stat().st_ino in prepared
+    assert (directory / "a_intent.json").stat().st_ino in prepared
     assert store.get("a_intent.pkl") == b"checkpoint bytes"
     assert store.get("a_intent.json") == b"{}"
-    # and the index follows the trimmed file, so a new process need not re-read it
-    fresh = {b.name: b for b in LocalDirectoryStore(tmp_path / "store").list()}
-    assert fresh["a_intent.pkl"].size == len(b"checkpoint bytes")
 
 
-def test_without_zero_padding_ok_a_blob_never_shows_padding(tmp_path: Path) -> None:
-    store = LocalDirectoryStore(tmp_path / "store")
-    with store.lock("writer"):
-        wait_for(lambda: len(spares(tmp_path / "store")) >= 8)
-        for i in range(20):
-            store.put(f"b{i}.pkl", b"exact")
-            assert store.get(f"b{i}.pkl") == b"exact"
+def test_a_durable_put_that_is_not_recoverable_never_defers_its_rename(tmp_path: Path) -> None:
+    """Only a caller that can recognise its blobs again may rely on a recovery."""
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    prepared = ready_spares(store, directory)
+    store.put("plain.bin", b"must be under its name when put returns")
+    assert (directory / "plain.bin").stat().st_ino not in prepared
 
 
-def test_spares_are_removed_when_the_store_goes_away(tmp_path: Path) -> None:
-    store = LocalDirectoryStore(tmp_path / "store")
-    with store.lock("writer"):
-        wait_for(lambda: len(spares(tmp_path / "store")) >= 8)
-    del store
-    wait_for(lambda: not spares(tmp_path / "store"))
+def test_a_spare_that_vanished_falls_back_to_a_new_file(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    ready_spares(store, directory)
+    for spare in spares(directory):
+        spare.unlink()  # as a careless cleanup of .spare/ would
+    for i in range(30):
+        store.put(f"x{i}.pkl", b"still saved", recoverable=True)
+        assert store.get(f"x{i}.pkl") == b"still saved"
+
+
+def test_spares_are_shared_by_the_stores_of_one_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    stores = [LocalDirectoryStore(directory) for _ in range(20)]
+    for i, store in enumerate(stores):
+        store.put(f"s{i}.json", b"{}", durable=False)
+    time.sleep(0.5)
+    assert len(spares(directory)) <= 24
+
+
+def test_a_planted_spare_directory_is_not_followed(tmp_path: Path) -> None:
+    """``.spare`` replaced by a symlink elsewhere: saves work without it, and nothing
+    outside the checkpoint directory is created or removed."""
+    directory = tmp_path / "checkpoints"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / f"{EARLIER_BOOT}-1-00000000"
+    victim.write_bytes(b"someone else's file")
+    directory.mkdir(mode=0o700)
+    (directory / ".spare").symlink_to(elsewhere)
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, STAGES[:3])
+    time.sleep(0.3)
+    assert CheckpointManager(directory).latest(SESSION).stage == "search"  # type: ignore[union-attr]
+    assert sorted(p.name for p in elsewhere.iterdir()) == [victim.name]
+    assert victim.read_bytes() == b"someone else's file"
 
 
 def test_a_forked_child_never_writes_into_its_parents_spares(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     store = LocalDirectoryStore(directory)
-    with store.lock("writer"):
-        wait_for(lambda: len(spares(directory)) >= 8)
-        before = {p.name: p.stat().st_size for p in spares(directory)}
-        pid = os.fork()
-        if pid == 0:  # the child: its puts create their own files
-            code = 1
-            try:
-                for i in range(30):
-                    store.put(f"child{i}.pkl", b"from the child", zero_padding_ok=True)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        after = {p.name: p.stat().st_size for p in spares(directory)}
-        assert after == before  # every spare still the parent's, untouched
-        store.put("parent.pkl", b"from the parent", zero_padding_ok=True)
+    ready_spares(store, directory)
+    before = {p.name for p in spares(directory)}
+    pid = os.fork()
+    if pid == 0:  # the child: its puts create their own files
+        code = 1
+        try:
+            for i in range(30):
+                store.put(f"child{i}.pkl", b"from the child", recoverable=True)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert before <= {p.name for p in spares(directory)}  # all still there, still empty
+    assert all(p.stat().st_size == 0 for p in spares(directory))
     assert store.get("child7.pkl") == b"from the child"
 
 
@@ -132,21 +158,20 @@ def test_a_save_cut_short_by_a_power_loss_is_published_on_the_next_use(
 
     manager = CheckpointManager(directory)
     assert [r["stage"] for r in manager.list_checkpoints()] == ["search", "planning", "intent"]
-    assert (directory / f"{SESSION}_search.pkl").read_bytes() == expected  # padding trimmed
+    assert (directory / f"{SESSION}_search.pkl").read_bytes() == expected
     assert (directory / f"{SESSION}_search.json").exists()
     assert not spare.exists()
     assert manager.load_checkpoint(SESSION).search == state_after("search").search
     manager.verify_chain(SESSION)
 
 
-def test_an_interrupted_save_older_than_the_file_in_place_is_discarded(
-    tmp_path: Path,
-) -> None:
+def test_an_interrupted_save_the_session_moved_on_from_is_discarded(tmp_path: Path) -> None:
+    """The stage was saved again afterwards, or later stages were: publishing the old save
+    would roll the session back or break its chain."""
     directory = tmp_path / "checkpoints"
     manager = CheckpointManager(directory)
-    save_run(manager, SESSION, STAGES[:2])
+    save_run(manager, SESSION, STAGES[:3])
     spare = interrupted(directory, "planning", EARLIER_BOOT)
-    # the stage was saved again afterwards (a re-run): that newer file must win
     time.sleep(0.01)
     newer = manager.save(
         session_id=SESSION,
@@ -159,6 +184,12 @@ def test_an_interrupted_save_older_than_the_file_in_place_is_discarded(
     assert fresh.load_checkpoint(f"{SESSION}_planning").metadata == newer
     assert not spare.exists()
 
+    # a spare older than the session's latest checkpoint (of another stage) goes too
+    spare = interrupted(directory, "intent", EARLIER_BOOT)
+    CheckpointManager(directory).list_checkpoints()
+    assert not spare.exists()
+    assert not (directory / f"{SESSION}_intent.pkl").exists()
+
 
 def test_a_writer_killed_in_this_boot_leaves_nothing_to_publish(tmp_path: Path) -> None:
     directory = tmp_path / "checkpoints"
@@ -169,7 +200,9 @@ def test_a_writer_killed_in_this_boot_leaves_nothing_to_publish(tmp_path: Path) 
     assert not spare.exists()
 
 
-def test_a_spare_whose_owner_is_alive_is_left_alone(tmp_path: Path) -> None:
+def test_a_spare_whose_owner_is_alive_or_that_is_being_born_is_left_alone(
+    tmp_path: Path,
+) -> None:
     directory = tmp_path / "checkpoints"
     save_run(CheckpointManager(directory), SESSION, STAGES[:3])
     spare = interrupted(directory, "search", EARLIER_BOOT)
@@ -181,20 +214,27 @@ def test_a_spare_whose_owner_is_alive_is_left_alone(tmp_path: Path) -> None:
         assert not (directory / f"{SESSION}_search.pkl").exists()
     finally:
         os.close(fd)
+    # a spare is created as .new-*, locked, then named: recovery never touches that name
+    born = spare.with_name(".new-4242-0badcafe")
+    spare.rename(born)
+    CheckpointManager(directory).list_checkpoints()
+    assert born.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "zeros", "pickle"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "appended", "empty", "pickle"])
 def test_a_damaged_interrupted_save_is_discarded_not_published(tmp_path: Path, damage: str) -> None:
     directory = tmp_path / "checkpoints"
     save_run(CheckpointManager(directory), SESSION, STAGES[:3])
-    spare = interrupted(directory, "search", EARLIER_BOOT, pad=0)
+    spare = interrupted(directory, "search", EARLIER_BOOT)
     raw = bytearray(spare.read_bytes())
     if damage == "truncated":
         raw = raw[: len(raw) // 2]
     elif damage == "flipped":
         raw[len(raw) // 2] ^= 0x01
-    elif damage == "zeros":
-        raw = bytearray(len(raw))
+    elif damage == "appended":
+        raw += b"\x00" * 10
+    elif damage == "empty":
+        raw = bytearray()
     else:
         raw = bytearray(b"\x80\x04cos\nsystem\n(S'touch pwned'\ntR.")
     spare.write_bytes(bytes(raw))
@@ -221,21 +261,34 @@ def test_an_interrupted_save_only_a_key_can_vouch_for_is_kept(tmp_path: Path) ->
     assert not spare.exists()
 
 
-def test_a_spare_that_is_a_symlink_or_foreign_name_is_ignored(tmp_path: Path) -> None:
+def test_an_interrupted_save_in_a_newer_format_is_kept_for_a_newer_prowzi(
+    tmp_path: Path,
+) -> None:
     directory = tmp_path / "checkpoints"
     save_run(CheckpointManager(directory), SESSION, STAGES[:3])
+    pkl = directory / f"{SESSION}_search.pkl"
+    rewrite(pkl, header={"format_version": cp.FORMAT_VERSION + 1, "new_field": 1})
     spare = interrupted(directory, "search", EARLIER_BOOT)
-    target = tmp_path / "elsewhere.bin"
-    spare.rename(target)
-    link = directory / ".spare" / f"{EARLIER_BOOT}-1-00000000"
-    link.symlink_to(target)
-    foreign = directory / ".spare" / "not-a-spare-name"
-    foreign.write_bytes(target.read_bytes())
-    manager = CheckpointManager(directory)
-    assert [r["stage"] for r in manager.list_checkpoints()] == ["planning", "intent"]
-    assert link.is_symlink() and foreign.exists() and target.exists()
-    with pytest.raises(CheckpointNotFoundError):  # nothing was published for that stage
-        manager.load_checkpoint(f"{SESSION}_search")
+    CheckpointManager(directory).list_checkpoints()
+    assert spare.exists()
+
+
+def test_cleanup_discards_the_kept_spares_of_the_sessions_it_deletes(tmp_path: Path) -> None:
+    """Else a manager with the right key would later publish one checkpoint of a deleted
+    session."""
+    directory = tmp_path / "checkpoints"
+    save_run(CheckpointManager(directory, key="writer's key"), SESSION, STAGES[:3])
+    save_run(CheckpointManager(directory, key="writer's key"), "recent", STAGES[:2])
+    spare = interrupted(directory, "search", EARLIER_BOOT)
+    kept = interrupted(directory, "planning", EARLIER_BOOT, session="recent")
+    cleaner = CheckpointManager(directory, key="another key")
+    deleted = cleaner.cleanup(older_than=timedelta(0), keep_last=1)
+    assert deleted == [f"{SESSION}_intent", f"{SESSION}_planning"]
+    assert not spare.exists()
+    assert kept.exists()  # not a deleted session's: still recoverable
+    owner = CheckpointManager(directory, key="writer's key")
+    assert owner.latest(SESSION) is None
+    assert owner.latest("recent").stage == "planning"  # type: ignore[union-attr]
 
 
 def test_spares_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,8 +298,7 @@ def test_spares_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PROWZI_CHECKPOINT_SPARES", "false")
     config = ProwziConfig(checkpoint_dir=tmp_path / "checkpoints")
     manager = CheckpointManager.from_config(config)
-    with manager.session_lock(SESSION):
-        time.sleep(0.2)
-        save_run(manager, SESSION, STAGES[:3])
+    save_run(manager, SESSION, STAGES[:3])
+    time.sleep(0.2)
     assert not (tmp_path / "checkpoints" / ".spare").exists()
     assert CheckpointManager(tmp_path / "checkpoints").latest(SESSION).stage == "search"  # type: ignore[union-attr]

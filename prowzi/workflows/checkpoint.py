@@ -10,7 +10,6 @@ default files in ``checkpoint_dir``):
 
         MAGIC (8) | header length (4, big-endian) | header | sha256 of all before (32)
         | body | HMAC-SHA256 of all before the body (32, only when a key is configured)
-        [| zero bytes: a prepared file's padding, not yet trimmed; any other byte is refused]
 
     The header is the :class:`CheckpointMetadata` as JSON, sealed by its own digest (so a
     flipped byte anywhere is caught, and caught before the header is parsed). The body is the
@@ -358,7 +357,7 @@ class CheckpointManager:
         name = f"{checkpoint_id}.pkl"
         try:
             self.store.put(
-                name, _seal(header_doc, body, self._key), meta=header_doc, zero_padding_ok=True
+                name, _seal(header_doc, body, self._key), meta=header_doc, recoverable=True
             )
         except OSError as exc:
             raise CheckpointError(
@@ -550,18 +549,10 @@ class CheckpointManager:
         body_start = _PREFIX + length + _DIGEST_SIZE
         expected = body_start + size + (_MAC_SIZE if signed else 0)
         if len(raw) != expected:
-            # Zeros after the end are a store's padding (see CheckpointStore.put), nothing else.
-            if len(raw) < expected:
-                problem = "truncated"
-            elif raw.count(0, expected) != len(raw) - expected:
-                problem = "trailing bytes after the payload"
-            else:
-                problem = ""
-                raw = raw[:expected]
-            if problem:
-                raise CheckpointIntegrityError(
-                    where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
-                )
+            problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
+            raise CheckpointIntegrityError(
+                where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
+            )
         if self._key is not None and check_key:
             if not signed:
                 raise CheckpointIntegrityError(
@@ -912,9 +903,10 @@ class CheckpointManager:
 
     # --- recovery -----------------------------------------------------------------------
 
-    def _recover(self, *, force: bool = False) -> None:
+    def _recover(self, *, force: bool = False, doomed: frozenset[str] = frozenset()) -> None:
         """Once per manager (and at every cleanup): let the store finish the saves a power
-        loss interrupted (see :meth:`LocalDirectoryStore.recover`)."""
+        loss interrupted (see :meth:`LocalDirectoryStore.recover`). Spares of the ``doomed``
+        sessions (about to be deleted) are discarded, so none can come back later."""
         if self._recovered and not force:
             return
         with self._mutex:
@@ -922,51 +914,60 @@ class CheckpointManager:
                 return
             self._recovered = True
             try:
-                published = self.store.recover(self._judge_interrupted)
-            except OSError as exc:
+                published = self.store.recover(
+                    lambda data, publish: self._judge_interrupted(data, publish, doomed)
+                )
+            except Exception as exc:  # best effort: never fail the command that triggered it
                 log.warning("could not recover interrupted checkpoints: %s", exc)
                 return
         for name in published:
             log.warning("recovered checkpoint %s, whose save a power loss interrupted", name)
 
-    def _judge_interrupted(self, data: bytes, publish: Callable[[str, int], None]) -> Verdict:
-        """A save interrupted by a power loss: publish it if it verifies and is newer than
-        the file under its name; discard it if it is damaged (its save never returned) or
-        older; keep it if only a key could vouch for it (never destroy what may be the only
-        copy) or its session is locked (the holder recovers it)."""
-        try:
-            header, length = self._parse_header(data, "an interrupted save")
-            session_id, stage = split_checkpoint_id(str(header.get("checkpoint_id")))
-            size = header.get("payload_size")
-            if stage is None or type(size) is not int:
-                return "discard"
-        except (CheckpointIntegrityError, InvalidInputError):
+    def _judge_interrupted(
+        self, data: bytes, publish: Callable[[str], None], doomed: frozenset[str] = frozenset()
+    ) -> Verdict:
+        """A save a power loss cut short, found in a spare (see the store's ``recover``).
+
+        Damaged (its write never completed, so its save never returned): discard. Intact but
+        not something this Prowzi can vouch for (a newer format, another HMAC key): keep, for
+        a Prowzi that can; never destroy what may be the only copy. Intact and verified:
+        publish under its name, holding the session's lock, if it is still the newest
+        checkpoint of its session; discard it if the session moved on without it (a re-run
+        since), or is being deleted. A locked session is left for later.
+        """
+        if not _intact(data):
             return "discard"
-        mac = _MAC_SIZE if header.get("signed") is True else 0
-        end = _PREFIX + length + _DIGEST_SIZE + size + mac
+        try:
+            header, _ = self._parse_header(data, "an interrupted save")
+            session_id, stage = split_checkpoint_id(header.get("checkpoint_id"))
+        except (CheckpointIntegrityError, InvalidInputError):
+            return "keep"
+        if stage is None:
+            return "keep"
+        if session_id in doomed:
+            return "discard"
         name = f"{session_id}_{stage}.pkl"
         try:
             metadata = self._verified(name, data, check_link=False)[0]
         except CheckpointIntegrityError:
-            try:
-                self._verified(name, data, check_link=False, check_key=False)
-            except CheckpointIntegrityError:
-                return "discard"
             return "keep"
         try:
             with self.store.lock(session_id, 0):
-                try:
-                    current, _ = self._parse_header(self.store.get(name), name)
-                except (BlobNotFoundError, UnsafeBlobError, CheckpointIntegrityError):
-                    current = None
-                when = None if current is None else _created_at(current)
-                if when is not None and when >= metadata.created_at:
-                    return "discard"
-                publish(name, end)
+                for other in self._session_headers(session_id):
+                    when = _created_at(other)
+                    aware = when is not None and when.tzinfo is not None
+                    if aware and when is not None and when >= metadata.created_at:
+                        return "discard"
+                publish(name)
                 self._write_sidecar(metadata.checkpoint_id, metadata.model_dump(mode="json"))
                 return "published"
         except SessionLockedError:
             return "keep"
+
+    def close(self) -> None:
+        """Release the files the store holds open (spare files prepared for saves). The
+        manager stays usable."""
+        self.store.close()
 
     def session_lock(self, session_id: str, timeout: float = 0) -> AbstractContextManager[None]:
         """The session's writer lock; :class:`SessionLockedError` names the holder."""
@@ -1009,6 +1010,16 @@ class CheckpointManager:
             newest[session] = max(newest.get(session, when), when)
             names.setdefault(session, []).append(blob.name)
         kept = set(sorted(newest, key=lambda s: newest[s], reverse=True)[:keep_last])
+        if not dry_run:
+            # First the spares of the sessions about to go (even ones this manager's key
+            # could not vouch for): none may bring a deleted checkpoint back later.
+            doomed = frozenset(
+                session
+                for session, stamp in newest.items()
+                if session not in kept and stamp < cutoff and not self.store.is_locked(session)
+            )
+            if doomed:
+                self._recover(force=True, doomed=doomed)
         deleted: list[str] = []
         for session, stamp in newest.items():
             if session in kept or stamp >= cutoff:
@@ -1039,6 +1050,34 @@ class CheckpointManager:
                 continue
             if datetime.fromtimestamp(blob.modified, UTC) < cutoff:
                 self.store.delete(blob.name)
+
+
+def _intact(raw: bytes) -> bool:
+    """Whether a container is whole and undamaged, judged without parsing anything but its
+    header (so without the key, whatever its format version): magic, header digest, payload
+    size and sha256. False means a write that never completed, or damage."""
+    if len(raw) < _PREFIX or raw[: len(MAGIC)] != MAGIC:
+        return False
+    (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
+    sealed = _PREFIX + length
+    if length > _MAX_HEADER or len(raw) < sealed + _DIGEST_SIZE:
+        return False
+    if hashlib.sha256(raw[:sealed]).digest() != raw[sealed : sealed + _DIGEST_SIZE]:
+        return False
+    try:
+        header = orjson.loads(raw[_PREFIX:sealed])
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(header, dict):
+        return False
+    size, sha = header.get("payload_size"), header.get("payload_sha256")
+    if type(size) is not int or not isinstance(sha, str):
+        return True  # a shape this version does not know: not provably damaged
+    start = sealed + _DIGEST_SIZE
+    mac = _MAC_SIZE if header.get("signed") is True else 0
+    if len(raw) != start + size + mac:
+        return False
+    return hashlib.sha256(memoryview(raw)[start : start + size]).hexdigest() == sha
 
 
 def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:

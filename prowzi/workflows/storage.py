@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
-import ctypes
 import errno
 import fcntl
 import gc
@@ -28,7 +27,6 @@ import socket
 import stat
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -76,9 +74,8 @@ def validate_blob_name(name: object) -> str:
 Verdict = Literal["published", "discard", "keep"]
 """What became of an interrupted put in :meth:`CheckpointStore.recover`: published under a
 name, to be discarded, or kept for later (someone else may be able to vouch for it)."""
-Judge = Callable[[bytes, Callable[[str, int], None]], Verdict]
-"""Judges an interrupted put's bytes (perhaps followed by zero padding); calls its second
-argument with a name and the blob's true length to publish them."""
+Judge = Callable[[bytes, Callable[[str], None]], Verdict]
+"""Judges an interrupted put's bytes; calls its second argument with a name to publish them."""
 
 
 class BlobNotFoundError(LookupError):
@@ -114,13 +111,13 @@ class CheckpointStore(ABC):
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
-        zero_padding_ok: bool = False,
+        recoverable: bool = False,
     ) -> None:
         """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
-        ``zero_padding_ok`` says the caller's format ignores zero bytes after its end, so
-        readers may briefly see the blob followed by zeros (the store trims them later).
+        ``recoverable`` says the caller can recognise the blob and name it again
+        (:meth:`recover`), which lets a store defer part of a durable put.
         """
 
     @abstractmethod
@@ -184,6 +181,10 @@ class CheckpointStore(ABC):
         recovery never republishes a blob deleted after it)."""
         return None
 
+    def close(self) -> None:
+        """Release what the store holds open (it stays usable: it reopens on demand)."""
+        return None
+
 
 def _holder_description() -> dict[str, Any]:
     return {
@@ -218,7 +219,7 @@ class InMemoryStore(CheckpointStore):
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
-        zero_padding_ok: bool = False,
+        recoverable: bool = False,
     ) -> None:
         validate_blob_name(name)
         with self._mutex:
@@ -327,11 +328,10 @@ one interrupted in this boot (a killed process, whose page cache survived) is di
 
 SPARE_DIR = ".spare"
 _SPARE_RE = re.compile(r"(?P<boot>[0-9a-f]{16})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
-_SPARE_LEVELS = {False: (8, 24), True: (4, 8)}
-"""(low, high) water marks of an empty and of a zeroed pool: zeroed spares hold disk space."""
-_SPARE_MIN_CAPACITY = 64 << 10
-_SPARE_MAX_CAPACITY = 4 << 20
-"""Blobs larger than this go to empty spares (a second journal commit, but no reservation)."""
+"""A spare's name. Spares are created under another name (``.new-*``) and renamed to this
+only once locked, so a recovery never mistakes a spare being born for an orphan."""
+_SPARE_LOW = 8
+_SPARE_HIGH = 24
 
 
 def _flock_nb(fd: int) -> bool:
@@ -344,245 +344,147 @@ def _flock_nb(fd: int) -> bool:
     return True
 
 
+def _private_dir(path: str) -> bool:
+    """Whether ``path`` is a real directory (not a symlink) of this user."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
 class _SparePool:
-    """Files created ahead of time, so that a put creates no inode on its critical path.
+    """Empty files created ahead of time in ``<root>/.spare/``, so that a put creates no inode
+    on its critical path.
 
-    Creating a file is a filesystem-journal transaction of its own (and, in some directories
-    of some virtual disks, costs more than the whole durable write of a checkpoint), and a
-    durable put into a *new* file needs a second one to sync the new name. A background thread
-    keeps a few spares (``_SPARE_LEVELS``) in ``<root>/.spare/``, created,
-    synced and their directory fsynced, so a spare and its name already survive a power loss.
+    A durable put into a *new* file costs two filesystem-journal commits (the file's sync,
+    then the directory's), and creating a file can cost more than that on some virtual disks.
+    A spare was created, and its directory synced, in the background: filling it and syncing
+    it is one commit, and the put renames it into place without syncing the rename (see
+    :meth:`LocalDirectoryStore.put`). One pool serves every store of one directory in a
+    process; a background thread keeps ``_SPARE_LOW`` to ``_SPARE_HIGH`` spares ready.
 
-    A *zeroed* pool fills its spares with ``capacity`` zero bytes (and syncs them): writing a
-    blob over blocks that already exist and syncing it is a pure data flush with no journal
-    commit, as SQLite's reused write-ahead log does. What is left of the zeros is trimmed off
-    by the same thread after the put (:meth:`trim`). An *empty* pool serves puts that are not
-    synced.
-
-    Each spare is held open with an exclusive ``flock``: the lock tells other processes the
-    spare is in use and dies with its owner, so a spare whose lock is free is an orphan. Names
-    are ``<boot id>-<pid>-<random>``: the boot id tells a recovery whether a spare's owner
-    died alone (the page cache survived) or with the machine.
+    Each spare is held open with an exclusive ``flock``, taken before the spare gets its
+    name: the lock tells other processes the spare is in use and dies with its owner, so a
+    named spare whose lock is free is an orphan. Names are ``<boot id>-<pid>-<random>``: the
+    boot id tells a recovery whether the owner died alone (the page cache survived) or with
+    the machine.
     """
 
-    def __init__(self, directory: str, *, durable: bool, zeroed: bool) -> None:
+    def __init__(self, directory: str, *, durable: bool) -> None:
         self.directory = directory
         self.durable = durable
-        self.zeroed = zeroed
-        self.capacity = _SPARE_MIN_CAPACITY if zeroed else 0
-        self._low, self._high = _SPARE_LEVELS[zeroed]
-        self._ready: deque[tuple[str, int, int]] = deque()
-        self._trims: deque[tuple[int, int, Callable[[int], None]]] = deque()
+        self._ready: deque[tuple[str, int]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pid = os.getpid()
         self._failed_at = -1e9
 
-    def take(self, size: int = 0) -> tuple[str, int] | None:
-        """A spare (path, open fd holding its lock) able to take ``size`` bytes without
-        growing, or None when none is ready."""
+    def take(self) -> tuple[str, int] | None:
+        """A spare (path, open fd holding its lock), or None when none is ready."""
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return None
-            if self.zeroed and self.capacity < size <= _SPARE_MAX_CAPACITY:
-                # Later spares fit blobs this large; this one would grow (a journal commit).
-                self.capacity = min(_SPARE_MAX_CAPACITY, 1 << (size + size // 4).bit_length())
-            spare = None
-            if self._ready and self._ready[0][2] >= size:
-                spare = self._ready.popleft()
-            elif self._ready and self.zeroed:
-                self._drop_small_locked()
-            if len(self._ready) < self._low:
-                self._start_locked()
+            spare = self._ready.popleft() if self._ready else None
+            if len(self._ready) < _SPARE_LOW:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"prowzi-spares:{self.directory}", daemon=True
+                    )
+                    self._thread.start()
                 self._cond.notify()
-            return None if spare is None else (spare[0], spare[1])
-
-    def _drop_small_locked(self) -> None:
-        small = [s for s in self._ready if s[2] < self.capacity]
-        self._ready = deque(s for s in self._ready if s[2] >= self.capacity)
-        for path, fd, _ in small:
-            _drop(path, fd)
-
-    def trim(self, fd: int, length: int, done: Callable[[int], None]) -> None:
-        """Cut a used zeroed spare (now a blob) to ``length`` in the background, close it,
-        and call ``done(fd)`` first (for bookkeeping by the owner)."""
-        with self._cond:
-            if self._closed or os.getpid() != self._pid:
-                closed = True
-            else:
-                closed = False
-                self._trims.append((fd, length, done))
-                self._start_locked()
-                self._cond.notify()
-        if closed:
-            self._trim_one(fd, length, done)
-
-    @staticmethod
-    def _trim_one(fd: int, length: int, done: Callable[[int], None]) -> None:
-        try:
-            os.ftruncate(fd, length)
-            done(fd)
-        except OSError as exc:
-            log.debug("could not trim a checkpoint file: %s", exc)
-        finally:
-            os.close(fd)
-
-    def start(self) -> None:
-        """Begin filling the pool (a writer is about to need it)."""
-        with self._cond:
-            if not self._closed and os.getpid() == self._pid:
-                self._start_locked()
-                self._cond.notify()
+            return spare
 
     def owns(self, name: str) -> bool:
         with self._cond:
-            return any(os.path.basename(path) == name for path, _, _ in self._ready)
+            return any(os.path.basename(path) == name for path, _ in self._ready)
 
-    def _start_locked(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._fill, name=f"prowzi-spares:{self.directory}", daemon=True
-            )
-            self._thread.start()
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _run(self) -> None:
+        try:
+            self._fill()
+        except Exception:  # never leave a store believing spares will come
+            log.exception("the spare-file thread for %s stopped", self.directory)
+            self.close()
 
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._trims and len(self._ready) >= self._low:
+                while not self._closed and len(self._ready) >= _SPARE_LOW:
                     self._cond.wait()
                 if self._closed:
-                    trims, self._trims = list(self._trims), deque()
-                else:
-                    trims = []
-                    if self._trims:
-                        trims.append(self._trims.popleft())
-            for fd, length, done in trims:
-                self._trim_one(fd, length, done)
-            if self._closed:
-                return
-            if trims:
-                continue  # trims first: they keep the index exact
-            with self._cond:
-                wanted = self._high - len(self._ready)
-                capacity = self.capacity
-                if wanted <= 0:
-                    continue
+                    return
                 if time.monotonic() - self._failed_at < 1.0:
                     self._cond.wait(1.0)
                     continue
-            made: list[tuple[str, int, int]] = []
+                wanted = _SPARE_HIGH - len(self._ready)
+            made: list[tuple[str, int]] = []
             try:
+                if not self._ensure_directory():
+                    raise OSError(errno.ENOTDIR, f"{self.directory} is not a private directory")
                 for _ in range(wanted):
-                    made.append(self._create(capacity))
-                if self.zeroed and self.durable:
-                    # Write every spare's zeros out (allocating its blocks), then commit them
-                    # all at once: one journal commit for the batch, not one per spare.
-                    for _, fd, _ in made[:-1]:
-                        _write_out(fd)
-                    os.fdatasync(made[-1][1])
+                    made.append(self._create())
                 if self.durable:
                     _fsync_dir(self.directory)
             except OSError as exc:
-                # No room, or the directory went away: puts create their own files meanwhile.
+                # No room, or no usable directory: puts create their own files meanwhile.
                 log.debug("could not prepare spare files in %s: %s", self.directory, exc)
-                for path, fd, _ in made:
+                for path, fd in made:
                     _drop(path, fd)
                 made = []
                 self._failed_at = time.monotonic()
             with self._cond:
                 if self._closed:
-                    for path, fd, _ in made:
+                    for path, fd in made:
                         _drop(path, fd)
-                    continue
+                    return
                 self._ready.extend(made)
 
-    def _create(self, capacity: int) -> tuple[str, int, int]:
-        name = f"{_BOOT_ID}-{os.getpid()}-{secrets.token_hex(4)}"
-        path = os.path.join(self.directory, name)
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.directory, 0o700)
+    def _ensure_directory(self) -> bool:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, 0o700)
             if self.durable:
                 _fsync_dir(os.path.dirname(self.directory))
-            fd = os.open(path, flags, 0o600)
+        return _private_dir(self.directory)
+
+    def _create(self) -> tuple[str, int]:
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        birth = os.path.join(self.directory, f".new-{token}")
+        fd = os.open(
+            birth, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        path = os.path.join(self.directory, f"{_BOOT_ID}-{token}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else can hold it
-            if capacity:
-                zeros = bytes(min(capacity, 1 << 20))
-                done = 0
-                while done < capacity:
-                    done += os.write(fd, zeros[: capacity - done])
+            fcntl.flock(fd, fcntl.LOCK_EX)  # before it has a spare's name
+            os.rename(birth, path)
         except BaseException:
-            _drop(path, fd)
+            _drop(birth, fd)
             raise
-        return path, fd, capacity
+        return path, fd
 
     def close(self) -> None:
         """Stop filling, and remove the spares not handed out."""
         with self._cond:
             self._closed = True
             spares, self._ready = list(self._ready), deque()
-            trims, self._trims = list(self._trims), deque()
             self._cond.notify_all()
         if os.getpid() == self._pid:
-            for path, fd, _ in spares:
+            for path, fd in spares:
                 _drop(path, fd)
-            for fd, length, done in trims:
-                self._trim_one(fd, length, done)
 
     def forget(self) -> None:
         """In a forked child: the spares (and their locks) belong to the parent."""
         self._closed = True
-        for _, fd, _ in self._ready:
+        for _, fd in self._ready:
             with contextlib.suppress(OSError):
                 os.close(fd)  # the parent's descriptor keeps the lock
-        for fd, _, _ in self._trims:
-            with contextlib.suppress(OSError):
-                os.close(fd)
         self._ready = deque()
-        self._trims = deque()
         self._thread = None
         self._cond = threading.Condition()
-
-
-def _load_sync_file_range() -> Callable[[int], None] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    wait_before_write_wait_after = 1 | 2 | 4
-
-    def write_out(fd: int) -> None:
-        if function(fd, 0, 0, wait_before_write_wait_after) != 0:
-            number = ctypes.get_errno()
-            raise OSError(number, os.strerror(number))
-
-    return write_out
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-
-
-def _write_out(fd: int) -> None:
-    """Write a file's dirty pages to disk now (allocating their blocks), without committing
-    the filesystem journal: a later fsync of any file in the same filesystem commits them
-    together. Falls back to fdatasync where sync_file_range(2) is missing."""
-    if _SYNC_FILE_RANGE is None:
-        os.fdatasync(fd)
-        return
-    try:
-        _SYNC_FILE_RANGE(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE):
-            raise
-        os.fdatasync(fd)
 
 
 def _drop(path: str, fd: int) -> None:
@@ -600,17 +502,32 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_POOLS: weakref.WeakSet[_SparePool] = weakref.WeakSet()
+_POOLS: dict[tuple[str, bool], _SparePool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool_for(directory: str, durable: bool) -> _SparePool:
+    """The process's pool for a directory (shared by every store of that directory)."""
+    key = (os.path.realpath(directory), durable)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None or pool.closed:
+            pool = _POOLS[key] = _SparePool(directory, durable=durable)
+        return pool
 
 
 def _close_pools() -> None:
-    for pool in list(_POOLS):
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
         pool.close()
 
 
 def _forget_pools() -> None:
-    for pool in list(_POOLS):
+    for pool in list(_POOLS.values()):
         pool.forget()
+    _POOLS.clear()
 
 
 atexit.register(_close_pools)
@@ -624,17 +541,17 @@ def _token(st: os.stat_result) -> str:
 class LocalDirectoryStore(CheckpointStore):
     """One file per blob in ``root``; the files are the source of truth.
 
-    Writes, when a spare file is ready (the usual case once a writer runs; see
-    :class:`_SparePool`): the blob goes into a spare in ``root/.spare/`` that was created,
-    synced and had its directory synced ahead of time, fdatasync (for a zeroed spare and a
-    caller that allows ``zero_padding_ok``, a pure data flush), then ``os.rename`` into
-    ``root``. The rename's own sync is deferred: the filesystem commits it with the next
-    journal commit (at most seconds later, or at any other fsync), and until then the data is
-    durable under the spare's name, which :meth:`recover` publishes after a power loss. So a
-    put that returned survives a power loss either way, with one flush instead of two journal
-    commits. :meth:`settle` syncs the names before deletions. ``spares=False`` turns this off.
+    Writes, when a spare file is ready (see :class:`_SparePool`): the blob goes into a spare
+    in ``root/.spare/`` that was created, and its directory synced, ahead of time; fdatasync
+    when durable; then ``os.rename`` into ``root``. For a ``recoverable`` durable put the
+    rename's own sync is deferred: the filesystem commits it with its next journal commit
+    (seconds at most, or at any other fsync), and until then the data is durable under the
+    spare's name, where :meth:`recover` finds it after a power loss. A put that returned thus
+    survives a power loss either way, for one journal commit instead of two. :meth:`settle`
+    syncs the names before deletions. ``spares=False`` turns spares off.
 
-    Otherwise: a temporary file in ``root``, written in full, fdatasync, ``os.replace``,
+    Otherwise (and for durable puts that are not recoverable): a temporary file in ``root``,
+    written in full, fdatasync, ``os.replace``,
     fsync of the directory (and of its parent when the put created it); the temporary is
     removed on failure. ``durable=False`` (or ``fsync=False``) skips the syncs only. Hidden
     names (``.tmp.*``, ``.index``, ``.locks``, ``.spare``) are never listed.
@@ -668,18 +585,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._compact_at = _COMPACT_MIN
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
         self._spare_dir = os.path.join(self._dir, SPARE_DIR)
-        self._pools: list[_SparePool] = []
-        self._zeroed: _SparePool | None = None
-        self._empty: _SparePool | None = None
-        if _BOOT_ID is not None and spares:
-            self._empty = _SparePool(self._spare_dir, durable=fsync, zeroed=False)
-            self._pools.append(self._empty)
-            if fsync:
-                self._zeroed = _SparePool(self._spare_dir, durable=True, zeroed=True)
-                self._pools.append(self._zeroed)
-            for pool in self._pools:
-                _POOLS.add(pool)
-                weakref.finalize(self, pool.close)
+        self._pool = _pool_for(self._spare_dir, fsync) if _BOOT_ID and spares else None
 
     # blobs
 
@@ -705,76 +611,45 @@ class LocalDirectoryStore(CheckpointStore):
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
-        zero_padding_ok: bool = False,
+        recoverable: bool = False,
     ) -> None:
         final = self._path(name)
         self._ensure_dirs()
         durable = durable and self.fsync
-        trim: _SparePool | None = None
-        spare = None
-        if durable and zero_padding_ok and self._zeroed is not None:
-            spare = self._zeroed.take(len(data))
-            trim = self._zeroed if spare is not None else None
-        if spare is None and self._empty is not None:
-            spare = self._empty.take()
-        if spare is not None:
-            st = self._put_spare(spare, final, data, durable, trimmed=trim is not None)
-        else:
+        st = None
+        if self._pool is not None and (recoverable or not durable):
+            if self._pool.closed:
+                self._pool = _pool_for(self._spare_dir, self.fsync)
+            spare = self._pool.take()
+            if spare is not None:
+                st = self._put_spare(spare, final, data, durable)
+        if st is None:
             st = self._put_new(name, final, data, durable)
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
             self._generation += 1
-            # Without meta, a rescan learns as much as the log would; with a trim to come, the
-            # trim logs the final version (a log line for this one would be stale at once).
-            if meta is not None and trim is None:
+            if meta is not None:  # without meta, a rescan learns as much as the log would
                 self._append(
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
-                )
-        if trim is not None and spare is not None:
-            trim.trim(spare[1], len(data), lambda fd: self._trimmed(name, token, fd))
-
-    def _trimmed(self, name: str, token: str, fd: int) -> None:
-        """A blob's zero padding is gone: its entry (if still this version) follows."""
-        st = os.fstat(fd)
-        with self._mutex:
-            entry = self._entries.get(name)
-            if entry is None or entry[0] != token:
-                return
-            self._entries[name] = (_token(st), st.st_size, st.st_mtime_ns, entry[3])
-            self._generation += 1
-            if entry[3] is not None:
-                self._append(
-                    [
-                        {
-                            "n": name,
-                            "t": _token(st),
-                            "s": st.st_size,
-                            "mt": st.st_mtime_ns,
-                            "m": entry[3],
-                        }
-                    ]
                 )
 
     @staticmethod
     def _write_all(fd: int, data: bytes) -> None:
-        """Write all of ``data`` at the start of the file (a short write is continued)."""
         view = memoryview(data)
-        offset = 0
-        while offset < len(view):
-            offset += os.pwrite(fd, view[offset:], offset)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
 
     def _put_spare(
-        self, spare: tuple[str, int], final: str, data: bytes, durable: bool, *, trimmed: bool
-    ) -> os.stat_result:
-        """Fill a spare, fdatasync it, rename it into place.
+        self, spare: tuple[str, int], final: str, data: bytes, durable: bool
+    ) -> os.stat_result | None:
+        """Fill a spare, fdatasync it, rename it into place; None when the spare could not
+        be used (the caller then writes a new file, which fails for real if it must).
 
-        The spare's name is already on disk, and a zeroed spare's blocks too, so the sync is
-        one flush with no journal commit. The rename is not synced: until the filesystem
-        commits it, a power loss leaves the data under the spare's name, where :meth:`recover`
-        finds it. Metadata commits in order, so a later synced change (another put's
-        directory fsync, :meth:`settle`) makes the rename durable too. A zeroed spare keeps
-        its descriptor open for the trim (``trimmed``); an empty one is closed."""
+        The rename is not synced (see the class docstring): the spare's name is already on
+        disk, so the fdatasync alone makes the data durable there. Metadata commits in
+        order, so any later sync (another put's, :meth:`settle`) makes the rename durable."""
         path, fd = spare
         try:
             self._write_all(fd, data)
@@ -782,14 +657,19 @@ class LocalDirectoryStore(CheckpointStore):
                 os.fdatasync(fd)
             st = os.fstat(fd)
             os.rename(path, final)
-        except BaseException:
+        except OSError as exc:
             # Emptied first: a spare that might come back after a power loss holds nothing.
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             _drop(path, fd)
+            log.debug("could not use spare %s: %s", path, exc)
+            return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            _drop(path, fd)
             raise
-        if not trimmed:
-            os.close(fd)
+        os.close(fd)
         return st
 
     def _put_new(self, name: str, final: str, data: bytes, durable: bool) -> os.stat_result:
@@ -816,6 +696,12 @@ class LocalDirectoryStore(CheckpointStore):
     def _fsync_dir(path: str) -> None:
         _fsync_dir(path)
 
+    def close(self) -> None:
+        """Remove the spares this process prepared for the directory and close them (for
+        every store of the directory in this process; the next put prepares new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+
     def settle(self) -> None:
         if not self.fsync:
             return
@@ -835,13 +721,15 @@ class LocalDirectoryStore(CheckpointStore):
         (then synced), discard it, or keep it.
         """
         published: list[str] = []
+        if not _private_dir(self._spare_dir):
+            return published  # none, or planted (a symlink elsewhere): not ours to touch
         try:
             entries = list(os.scandir(self._spare_dir))
         except (FileNotFoundError, NotADirectoryError):
             return published
         for entry in entries:
             match = _SPARE_RE.fullmatch(entry.name)
-            if match is None or any(pool.owns(entry.name) for pool in self._pools):
+            if match is None or (self._pool is not None and self._pool.owns(entry.name)):
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -858,8 +746,7 @@ class LocalDirectoryStore(CheckpointStore):
                     continue
                 data = b"" if st.st_size > _RECOVER_MAX else os.pread(fd, st.st_size, 0)
 
-                def publish(name: str, length: int, path: str = entry.path, fd: int = fd) -> None:
-                    os.ftruncate(fd, length)  # a zeroed spare's padding
+                def publish(name: str, path: str = entry.path) -> None:
                     os.rename(path, self._path(name))
                     self.settle()
                     self._forget_view()
@@ -1177,8 +1064,6 @@ class LocalDirectoryStore(CheckpointStore):
     def _hold(self, key: str, timeout: float) -> Iterator[None]:
         lock_path, owner = self._lock_paths(key)
         self._ensure_dirs()  # a lock may come first: the root is created (and synced) once
-        for pool in self._pools:
-            pool.start()  # the holder is about to write: have spares ready
         self._lock_dir.mkdir(exist_ok=True)
         # thread_local=False and a fresh object per call: a second holder in this very
         # process is refused too (flock conflicts across open file descriptions).
