@@ -330,6 +330,37 @@ def thresholds(*steps: tuple[float | None, str]) -> dict[str, Any]:
     }
 
 
+def count_stat(
+    title: str,
+    description: str,
+    expr: str,
+    legend: str,
+    *steps: tuple[float | None, str],
+    **kw: Any,
+) -> Panel:
+    """A whole-number stat of one instant query (a count, or an increase over the range)."""
+    return stat(
+        title,
+        description,
+        "short",
+        Query(expr, legend=legend, instant=True),
+        defaults={"decimals": 0, "thresholds": thresholds(*steps)},
+        **kw,
+    )
+
+
+def last_time_stat(title: str, description: str, metric: str, legend: str, **kw: Any) -> Panel:
+    """How long ago a ``*_timestamp_seconds`` gauge last moved (its newest non-zero value)."""
+    return stat(
+        title,
+        description,
+        "dateTimeFromNow",
+        Query(f"max({sel(metric)} > 0) * 1000", legend=legend, instant=True),
+        defaults={"thresholds": thresholds((None, "green"))},
+        **kw,
+    )
+
+
 def quantiles(metric: str, qs: Iterable[float] = (0.5, 0.95)) -> list[Query]:
     return [
         Query(hq(q, "", rate(sel(f"{metric}_bucket"))), legend=f"p{round(q * 100)}") for q in qs
@@ -391,29 +422,20 @@ def overview() -> dict[str, Any]:
                 *quantiles("prowzi_run_duration_seconds"),
                 width=12,
             ),
-            stat(
+            last_time_stat(
                 "Last successful run",
                 "When the most recent successful run finished, on any selected instance "
                 "(prowzi_last_run_success_timestamp_seconds). Alert "
                 "ProwziNoSuccessfulRunForADay fires after a day without one.",
-                "dateTimeFromNow",
-                Query(
-                    f"max({sel('prowzi_last_run_success_timestamp_seconds')} > 0) * 1000",
-                    legend="last success",
-                    instant=True,
-                ),
-                defaults={"thresholds": thresholds((None, "green"))},
+                "prowzi_last_run_success_timestamp_seconds",
+                "last success",
             ),
-            stat(
+            count_stat(
                 "Runs started in range",
                 "Runs started in the selected time range (prowzi_runs_started_total).",
-                "short",
-                Query(
-                    sum_by("", increase(sel("prowzi_runs_started_total"))),
-                    legend="started",
-                    instant=True,
-                ),
-                defaults={"decimals": 0, "thresholds": thresholds((None, "blue"))},
+                sum_by("", increase(sel("prowzi_runs_started_total"))),
+                "started",
+                (None, "blue"),
             ),
         ],
     )
@@ -436,17 +458,14 @@ def overview() -> dict[str, Any]:
                 ),
                 width=12,
             ),
-            stat(
+            count_stat(
                 "Firing Prowzi alerts",
                 "Prowzi alerts firing in Prometheus now (ALERTS series); details in "
                 "Alertmanager and deploy/RUNBOOK.md.",
-                "short",
-                Query(
-                    'count(ALERTS{alertname=~"Prowzi.+", alertstate="firing"}) or on() vector(0)',
-                    legend="firing",
-                    instant=True,
-                ),
-                defaults={"decimals": 0, "thresholds": thresholds((None, "green"), (1, "red"))},
+                'count(ALERTS{alertname=~"Prowzi.+", alertstate="firing"}) or on() vector(0)',
+                "firing",
+                (None, "green"),
+                (1, "red"),
             ),
             Panel(
                 "table",
@@ -623,19 +642,14 @@ def stages() -> dict[str, Any]:
                 ),
                 width=16,
             ),
-            stat(
+            last_time_stat(
                 "Last stage completion",
                 "When any stage attempt last completed (prowzi_stage_last_completed_timestamp_"
                 "seconds). With runs in progress and this getting old, ProwziRunStuck fires.",
-                "dateTimeFromNow",
-                Query(
-                    f"max({sel('prowzi_stage_last_completed_timestamp_seconds')} > 0) * 1000",
-                    legend="last completion",
-                    instant=True,
-                ),
+                "prowzi_stage_last_completed_timestamp_seconds",
+                "last completion",
                 width=8,
                 height=8,
-                defaults={"thresholds": thresholds((None, "green"))},
             ),
         ],
     )
@@ -755,28 +769,21 @@ def health() -> dict[str, Any]:
                 ),
                 width=12,
             ),
-            stat(
+            count_stat(
                 "Failed checkpoint writes in range",
                 "Checkpoint writes that failed in the selected time range. Anything above zero "
                 "means runs were not protected against a crash for a while.",
-                "short",
-                Query(
-                    failed_writes + f" or {ZERO}",
-                    legend="failed",
-                    instant=True,
-                ),
-                defaults={"decimals": 0, "thresholds": thresholds((None, "green"), (1, "red"))},
+                failed_writes + f" or {ZERO}",
+                "failed",
+                (None, "green"),
+                (1, "red"),
             ),
-            stat(
+            count_stat(
                 "Checkpoint writes in range",
                 "Checkpoint writes (all outcomes) in the selected time range.",
-                "short",
-                Query(
-                    sum_by("", increase(sel("prowzi_checkpoint_writes_total"))),
-                    legend="writes",
-                    instant=True,
-                ),
-                defaults={"decimals": 0, "thresholds": thresholds((None, "blue"))},
+                sum_by("", increase(sel("prowzi_checkpoint_writes_total"))),
+                "writes",
+                (None, "blue"),
             ),
         ],
     )
@@ -795,19 +802,16 @@ def health() -> dict[str, Any]:
                 ),
                 width=16,
             ),
-            stat(
+            count_stat(
                 "Sink errors in range",
                 "Sink errors in the selected time range, all sinks. Any error fires "
                 "ProwziTelemetrySinkErrors.",
-                "short",
-                Query(
-                    sum_by("", increase(sel("prowzi_telemetry_sink_errors_total"))) + f" or {ZERO}",
-                    legend="errors",
-                    instant=True,
-                ),
+                sum_by("", increase(sel("prowzi_telemetry_sink_errors_total"))) + f" or {ZERO}",
+                "errors",
+                (None, "green"),
+                (1, "orange"),
                 width=8,
                 height=8,
-                defaults={"decimals": 0, "thresholds": thresholds((None, "green"), (1, "orange"))},
             ),
         ],
     )
@@ -959,16 +963,12 @@ def quality() -> dict[str, Any]:
                     "thresholds": thresholds((None, "green"), (0.25, "orange"), (0.4, "red")),
                 },
             ),
-            stat(
+            count_stat(
                 "Documents checked in range",
                 "Documents the turnitin stage measured in the selected time range.",
-                "short",
-                Query(
-                    sum_by("", increase(sel("prowzi_turnitin_similarity_ratio_count"))),
-                    legend="documents",
-                    instant=True,
-                ),
-                defaults={"decimals": 0, "thresholds": thresholds((None, "blue"))},
+                sum_by("", increase(sel("prowzi_turnitin_similarity_ratio_count"))),
+                "documents",
+                (None, "blue"),
             ),
         ],
     )

@@ -17,6 +17,7 @@ from test_checkpoint_support import (
     STAGES,
     body_of,
     full_state,
+    held_in_child,
     params,
     rewrite,
     save_run,
@@ -749,37 +750,21 @@ def test_a_second_process_gets_session_locked_naming_the_holder(
     manager: CheckpointManager,
 ) -> None:
     import socket
-    import subprocess
-    import sys
-    import textwrap
 
     save_run(manager, SESSION, ("intent",))
     age(manager, SESSION, 30)
-    script = textwrap.dedent(
+    with held_in_child(
         f"""
-        import sys
         from prowzi.workflows.checkpoint import CheckpointManager
-        with CheckpointManager({str(manager.checkpoint_dir)!r}).session_lock({SESSION!r}):
-            print("held", flush=True)
-            sys.stdin.readline()
+        CheckpointManager({str(manager.checkpoint_dir)!r}).session_lock({SESSION!r})
         """
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    ) as pid:
         other = CheckpointManager(manager.checkpoint_dir)
         assert other.is_locked(SESSION)
         with pytest.raises(SessionLockedError) as info:
             other.session_lock(SESSION, timeout=0.1).__enter__()
-        assert f"pid {child.pid} on host {socket.gethostname()}" in str(info.value)
+        assert f"pid {pid} on host {socket.gethostname()}" in str(info.value)
         assert other.cleanup(older_than=timedelta(days=1)) == []
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("\n")
-        child.stdin.close()
-        child.wait(timeout=30)
     assert not manager.is_locked(SESSION)
     assert manager.cleanup(older_than=timedelta(days=1)) == [f"{SESSION}_intent"]
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_checkpoint_support import held_in_child
 
 from prowzi.errors import InvalidIdentifierError, SessionLockedError
 from prowzi.workflows.storage import (
@@ -250,30 +248,17 @@ def test_a_lost_or_damaged_index_is_rebuilt_from_the_files(tmp_path: Path, damag
 
 def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
     root = tmp_path / "store"
-    script = textwrap.dedent(
+    with held_in_child(
         f"""
-        import sys, time
         from prowzi.workflows.storage import LocalDirectoryStore
-        with LocalDirectoryStore({str(root)!r}).lock("shared-session"):
-            print("held", flush=True)
-            sys.stdin.readline()
+        LocalDirectoryStore({str(root)!r}).lock("shared-session")
         """
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    ) as pid:
         store = LocalDirectoryStore(root)
         assert store.is_locked("shared-session")
         with pytest.raises(SessionLockedError) as info, store.lock("shared-session"):
             pass
-        assert f"pid {child.pid}" in str(info.value)
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("\n")
-        child.stdin.close()
-        child.wait(timeout=30)
+        assert f"pid {pid}" in str(info.value)
     assert not LocalDirectoryStore(root).is_locked("shared-session")
     with LocalDirectoryStore(root).lock("shared-session"):
         pass

@@ -4,6 +4,11 @@ and taking checkpoint files apart and re-sealing them (what a forger without the
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +173,30 @@ def in_flight_writes(directory: Path, session: str = "") -> list[Path]:
             if head.strip(b"\0"):
                 found.append(spare)
     return found
+
+
+@contextmanager
+def held_in_child(holding: str) -> Iterator[int]:
+    """Run ``with <holding>:`` in a child Python process (imports included in ``holding``'s
+    preamble lines), yield the child's pid while it holds it, then let it go."""
+    *preamble, statement = textwrap.dedent(holding).strip().splitlines()
+    script = "\n".join(
+        [
+            "import sys",
+            *preamble,
+            f"with {statement}:",
+            '    print("held", flush=True)',
+            "    sys.stdin.readline()",
+        ]
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(timeout=30)

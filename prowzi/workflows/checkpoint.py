@@ -497,27 +497,9 @@ class CheckpointManager:
 
     @staticmethod
     def _parse_header(raw: bytes, where: str) -> tuple[dict[str, Any], int]:
-        if raw[: len(MAGIC)] != MAGIC:
-            hint = ""
-            if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c", b"]", b"}"):
-                hint = " (it looks like a pickle; Prowzi never unpickles checkpoint files)"
-            raise CheckpointIntegrityError(where, f"not a Prowzi checkpoint container{hint}")
-        if len(raw) < _PREFIX:
-            raise CheckpointIntegrityError(where, "truncated header")
-        (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
-        if length > _MAX_HEADER:
-            raise CheckpointIntegrityError(where, f"header of {length} bytes is implausible")
-        sealed = _PREFIX + length
-        if len(raw) < sealed + _DIGEST_SIZE:
-            raise CheckpointIntegrityError(where, "truncated header")
-        if hashlib.sha256(raw[:sealed]).digest() != raw[sealed : sealed + _DIGEST_SIZE]:
-            raise CheckpointIntegrityError(where, "header digest mismatch: corrupted or altered")
-        try:
-            header = orjson.loads(raw[_PREFIX : _PREFIX + length])
-        except orjson.JSONDecodeError as exc:
-            raise CheckpointIntegrityError(where, f"unreadable header: {exc}") from None
-        if not isinstance(header, dict):
-            raise CheckpointIntegrityError(where, "the header is not an object")
+        """The sealed header and its length, once the format version is one this Prowzi
+        reads (newer: refused; older: only with migrations for every step)."""
+        header, length = _unseal(raw, where)
         version = header.get("format_version")
         if type(version) is not int:
             raise CheckpointIntegrityError(where, "the header has no format version")
@@ -537,23 +519,14 @@ class CheckpointManager:
         return header, length
 
     def _verified(
-        self, name: str, raw: bytes, *, check_link: bool, check_key: bool = True
+        self, name: str, raw: bytes, *, check_link: bool
     ) -> tuple[CheckpointMetadata, dict[str, Any], WorkflowState]:
         """Every check, then the body's deserialisation: (metadata, header JSON, state)."""
         where = self.store.describe(name)
         header, length = self._parse_header(raw, where)
         signed = header.get("signed") is True
-        size, sha = header.get("payload_size"), header.get("payload_sha256")
-        if type(size) is not int or size < 0 or not isinstance(sha, str):
-            raise CheckpointIntegrityError(where, "the header lacks the payload's size or hash")
-        body_start = _PREFIX + length + _DIGEST_SIZE
-        expected = body_start + size + (_MAC_SIZE if signed else 0)
-        if len(raw) != expected:
-            problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
-            raise CheckpointIntegrityError(
-                where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
-            )
-        if self._key is not None and check_key:
+        body_start, size, sha = _payload_span(raw, header, length, where)
+        if self._key is not None:
             if not signed:
                 raise CheckpointIntegrityError(
                     where, "unsigned, and a checkpoint key is configured (PROWZI_CHECKPOINT_KEY)"
@@ -564,8 +537,7 @@ class CheckpointManager:
                     where, "HMAC signature mismatch: a different key, or the file was altered"
                 )
         body = memoryview(raw)[body_start : body_start + size]
-        if hashlib.sha256(body).hexdigest() != sha:
-            raise CheckpointIntegrityError(where, "payload sha256 mismatch: corrupted or altered")
+        _check_payload_sha(body, sha, where)
 
         version = header["format_version"]
         header = _migrate_header(header)
@@ -1052,32 +1024,69 @@ class CheckpointManager:
                 self.store.delete(blob.name)
 
 
-def _intact(raw: bytes) -> bool:
-    """Whether a container is whole and undamaged, judged without parsing anything but its
-    header (so without the key, whatever its format version): magic, header digest, payload
-    size and sha256. False means a write that never completed, or damage."""
-    if len(raw) < _PREFIX or raw[: len(MAGIC)] != MAGIC:
-        return False
+def _unseal(raw: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """A container's header (a JSON object) and its length, after the structural checks
+    that need neither the key nor the format version: magic, lengths, header digest."""
+    if raw[: len(MAGIC)] != MAGIC:
+        hint = ""
+        if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c", b"]", b"}"):
+            hint = " (it looks like a pickle; Prowzi never unpickles checkpoint files)"
+        raise CheckpointIntegrityError(where, f"not a Prowzi checkpoint container{hint}")
+    if len(raw) < _PREFIX:
+        raise CheckpointIntegrityError(where, "truncated header")
     (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
+    if length > _MAX_HEADER:
+        raise CheckpointIntegrityError(where, f"header of {length} bytes is implausible")
     sealed = _PREFIX + length
-    if length > _MAX_HEADER or len(raw) < sealed + _DIGEST_SIZE:
-        return False
+    if len(raw) < sealed + _DIGEST_SIZE:
+        raise CheckpointIntegrityError(where, "truncated header")
     if hashlib.sha256(raw[:sealed]).digest() != raw[sealed : sealed + _DIGEST_SIZE]:
-        return False
+        raise CheckpointIntegrityError(where, "header digest mismatch: corrupted or altered")
     try:
-        header = orjson.loads(raw[_PREFIX:sealed])
-    except orjson.JSONDecodeError:
-        return False
+        header = orjson.loads(raw[_PREFIX : _PREFIX + length])
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointIntegrityError(where, f"unreadable header: {exc}") from None
     if not isinstance(header, dict):
-        return False
+        raise CheckpointIntegrityError(where, "the header is not an object")
+    return header, length
+
+
+def _payload_span(
+    raw: bytes, header: dict[str, Any], length: int, where: str
+) -> tuple[int, int, str]:
+    """(body start, body size, body sha256) the header records, once the file's length
+    matches them (and the MAC, when signed)."""
     size, sha = header.get("payload_size"), header.get("payload_sha256")
-    if type(size) is not int or not isinstance(sha, str):
-        return True  # a shape this version does not know: not provably damaged
-    start = sealed + _DIGEST_SIZE
-    mac = _MAC_SIZE if header.get("signed") is True else 0
-    if len(raw) != start + size + mac:
+    if type(size) is not int or size < 0 or not isinstance(sha, str):
+        raise CheckpointIntegrityError(where, "the header lacks the payload's size or hash")
+    body_start = _PREFIX + length + _DIGEST_SIZE
+    expected = body_start + size + (_MAC_SIZE if header.get("signed") is True else 0)
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
+        raise CheckpointIntegrityError(
+            where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
+        )
+    return body_start, size, sha
+
+
+def _check_payload_sha(body: memoryview, sha: str, where: str) -> None:
+    if hashlib.sha256(body).hexdigest() != sha:
+        raise CheckpointIntegrityError(where, "payload sha256 mismatch: corrupted or altered")
+
+
+def _intact(raw: bytes) -> bool:
+    """Whether a container is whole and undamaged, judged by the checks that need neither
+    the key nor the format version (so a newer Prowzi's file is not called damaged). False
+    means a write that never completed, or damage."""
+    try:
+        header, length = _unseal(raw, "")
+        if not isinstance(header.get("payload_size"), int):
+            return True  # a shape this version does not know: not provably damaged
+        start, size, sha = _payload_span(raw, header, length, "")
+        _check_payload_sha(memoryview(raw)[start : start + size], sha, "")
+    except CheckpointIntegrityError:
         return False
-    return hashlib.sha256(memoryview(raw)[start : start + size]).hexdigest() == sha
+    return True
 
 
 def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:

@@ -602,7 +602,7 @@ class LocalDirectoryStore(CheckpointStore):
         self._index_dir.mkdir(exist_ok=True, mode=0o700)
         if created_root and self.fsync:
             # A new checkpoint directory must itself survive a power loss.
-            self._fsync_dir(os.fspath(self.root.resolve().parent))
+            _fsync_dir(os.fspath(self.root.resolve().parent))
 
     def put(
         self,
@@ -657,18 +657,15 @@ class LocalDirectoryStore(CheckpointStore):
                 os.fdatasync(fd)
             st = os.fstat(fd)
             os.rename(path, final)
-        except OSError as exc:
+        except BaseException as exc:
             # Emptied first: a spare that might come back after a power loss holds nothing.
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             _drop(path, fd)
+            if not isinstance(exc, OSError):
+                raise
             log.debug("could not use spare %s: %s", path, exc)
             return None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            _drop(path, fd)
-            raise
         os.close(fd)
         return st
 
@@ -689,12 +686,8 @@ class LocalDirectoryStore(CheckpointStore):
                 os.unlink(tmp)
             raise
         if durable:
-            self._fsync_dir(self._dir)
+            _fsync_dir(self._dir)
         return st
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        _fsync_dir(path)
 
     def close(self) -> None:
         """Remove the spares this process prepared for the directory and close them (for
@@ -1093,13 +1086,6 @@ class LocalDirectoryStore(CheckpointStore):
             return False
         fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
+            return not _flock_nb(fd)  # closing the descriptor releases a lock we got
         finally:
             os.close(fd)
