@@ -124,6 +124,29 @@ def test_a_planted_spare_directory_is_not_followed(tmp_path: Path) -> None:
     assert victim.read_bytes() == b"someone else's file"
 
 
+def open_files() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor of the listing itself, closed by now
+            continue
+    return found
+
+
+def test_close_leaves_no_spare_open_or_on_disk(tmp_path: Path) -> None:
+    """Even when it lands while the background thread is creating a batch (a mount with
+    files open for writing cannot be remounted read-only)."""
+    for attempt in range(20):
+        directory = tmp_path / f"store{attempt}"
+        store = LocalDirectoryStore(directory)
+        store.put("warm-up.json", b"{}", durable=False)  # starts the thread
+        time.sleep(attempt * 0.0005)
+        store.close()
+        assert spares(directory) == []
+        assert not [f for f in open_files() if f.startswith(str(directory))]
+
+
 def test_a_forked_child_never_writes_into_its_parents_spares(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     store = LocalDirectoryStore(directory)

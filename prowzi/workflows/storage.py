@@ -427,6 +427,8 @@ class _SparePool:
                 if not self._ensure_directory():
                     raise OSError(errno.ENOTDIR, f"{self.directory} is not a private directory")
                 for _ in range(wanted):
+                    if self._closed:
+                        break
                     made.append(self._create())
                 if self.durable:
                     _fsync_dir(self.directory)
@@ -467,14 +469,19 @@ class _SparePool:
         return path, fd
 
     def close(self) -> None:
-        """Stop filling, and remove the spares not handed out."""
+        """Stop filling, and remove the spares not handed out. Returns once the filling
+        thread is done too, so no spare of this pool stays open or on disk."""
         with self._cond:
             self._closed = True
             spares, self._ready = list(self._ready), deque()
+            thread = self._thread
             self._cond.notify_all()
-        if os.getpid() == self._pid:
-            for path, fd in spares:
-                _drop(path, fd)
+        if os.getpid() != self._pid:
+            return
+        for path, fd in spares:
+            _drop(path, fd)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)  # it drops what it was still creating
 
     def forget(self) -> None:
         """In a forked child: the spares (and their locks) belong to the parent."""
