@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from design_samples import reader_namespace, run_sample, sample
 from test_checkpoint_support import (
     STAGES,
     body_of,
@@ -685,12 +687,7 @@ def test_design_sample_checkpoint_not_found(
     monkeypatch.chdir(tmp_path)
     save_run(CheckpointManager(Path("./checkpoints")), "abc123-def456", STAGES[:2])
 
-    # Verify checkpoint exists
-    from prowzi.workflows.checkpoint import CheckpointManager as SampleManager
-
-    manager = SampleManager(checkpoint_dir=Path("./checkpoints"))
-    checkpoints = manager.list_checkpoints()
-    print([c["checkpoint_id"] for c in checkpoints])
+    asyncio.run(run_sample(sample("Checkpoint Not Found"), reader_namespace()))
 
     assert capsys.readouterr().out.strip() == ("['abc123-def456_planning', 'abc123-def456_intent']")
 
@@ -711,19 +708,9 @@ def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
         os.utime(path, (stale, stale))
     manager.list_checkpoints()  # warm the index, so the sample deletes files behind its back
 
-    from datetime import datetime, timedelta
-    from pathlib import Path as SamplePath
-
-    def cleanup_old_checkpoints(checkpoint_dir: SamplePath, days: int = 7) -> None:
-        """Remove checkpoints older than N days."""
-        cutoff = datetime.now() - timedelta(days=days)
-        for checkpoint_file in checkpoint_dir.glob("*.pkl"):
-            if checkpoint_file.stat().st_mtime < cutoff.timestamp():
-                checkpoint_file.unlink()
-                # Also remove metadata
-                checkpoint_file.with_suffix(".json").unlink(missing_ok=True)
-
-    cleanup_old_checkpoints(SamplePath("./checkpoints"))
+    ns = reader_namespace()
+    asyncio.run(run_sample(sample("4. Cleanup Old Checkpoints"), ns))
+    ns["cleanup_old_checkpoints"](Path("./checkpoints"))
 
     rows = manager.list_checkpoints()
     assert {r["checkpoint_id"] for r in rows} == {
