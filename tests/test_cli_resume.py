@@ -222,6 +222,21 @@ def test_cli_checkpoints_lists_with_filters(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_listing_whose_reader_went_away_stops_quietly(tmp_path: Path, as_json: bool) -> None:
+    """``prowzi checkpoints | head -1``: the closed pipe is not reported as an error."""
+    _sessions(tmp_path, "one", "two")
+    args = [PROWZI, "checkpoints", *(["--json"] if as_json else [])]
+    proc = subprocess.Popen(
+        args, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes anything: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) != 0
+    assert err == ""
+
+
 def test_cli_cleanup_keeps_newest_and_running_sessions(tmp_path: Path) -> None:
     manager = _sessions(tmp_path, "old-a", "old-b", "running", "newest")
     dry = _prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1", "--dry-run")

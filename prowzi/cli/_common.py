@@ -40,6 +40,8 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
+    except BrokenPipeError:
+        raise  # the reader went away: main() stops quietly
     except (ConfigError, InvalidInputError, CorpusError) as exc:
         fail(str(exc), EXIT_USAGE)
     except ProwziError as exc:
