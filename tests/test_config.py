@@ -89,6 +89,41 @@ def test_light_directory_resolver_refuses_what_the_config_refuses(
         get_config()
 
 
+@pytest.mark.parametrize("field", ["telemetry_dir", "checkpoint_dir", "output_dir"])
+def test_a_directory_setting_naming_a_file_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, field: str
+) -> None:
+    from prowzi.config.paths import directory_setting
+
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    variable = f"PROWZI_{field.upper()}"
+    monkeypatch.setenv(variable, str(a_file))
+    with pytest.raises(ConfigError) as info:
+        get_config()
+    assert str(info.value) == (
+        f"invalid setting {field} ({variable}={str(a_file)!r}): "
+        f"{a_file} exists and is not a directory"
+    )
+    if field != "output_dir":  # the light reader serves the two read-only directories
+        with pytest.raises(ConfigError) as light:
+            directory_setting(field)  # type: ignore[arg-type]
+        assert str(light.value) == str(info.value)
+
+
+def test_a_default_directory_that_is_a_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prowzi.config.paths import directory_setting
+
+    monkeypatch.chdir(tmp_path)
+    Path("prowzi_checkpoints").write_text("x")
+    with pytest.raises(ConfigError, match=r"PROWZI_CHECKPOINT_DIR.*is not a directory"):
+        get_config()
+    with pytest.raises(ConfigError, match=r"PROWZI_CHECKPOINT_DIR.*is not a directory"):
+        directory_setting("checkpoint_dir")
+
+
 def test_reading_telemetry_does_not_import_pydantic_settings(tmp_path: Path) -> None:
     import subprocess
     import sys

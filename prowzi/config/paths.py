@@ -25,18 +25,32 @@ _DEFAULTS: dict[str, Path] = {
 }
 
 
+def not_a_directory(path: Path) -> str | None:
+    """Why ``path`` cannot be a directory setting (it exists and is something else), or None.
+
+    Checked when the setting is read, so a command names the setting instead of failing on
+    some file inside it later."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a directory"
+    return None
+
+
 def directory_setting(field: DirectorySetting) -> Path:
     """``PROWZI_<FIELD>`` (matched case-insensitively, as the full config does) or the default.
 
-    Raises :class:`ConfigError` naming the variable when it is set but empty.
+    Raises :class:`ConfigError` naming the variable when it is set but empty, or names
+    something that is not a directory.
     """
     variable = f"{ENV_PREFIX}{field.upper()}"
     value = os.environ.get(variable)
     if value is None:
         wanted = variable.lower()
         value = next((v for k, v in os.environ.items() if k.lower() == wanted), None)
-    if value is None:
-        return _DEFAULTS[field]
-    if not value.strip():
+    if value is not None and not value.strip():
         raise ConfigError(f"invalid setting {field} ({variable}={value!r}): must not be empty")
-    return Path(value)
+    path = _DEFAULTS[field] if value is None else Path(value)
+    problem = not_a_directory(path)
+    if problem:
+        shown = "" if value is None else f"={value!r}"
+        raise ConfigError(f"invalid setting {field} ({variable}{shown}): {problem}")
+    return path

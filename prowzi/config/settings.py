@@ -13,7 +13,12 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prowzi.config.paths import DEFAULT_CHECKPOINT_DIR, DEFAULT_TELEMETRY_DIR, ENV_PREFIX
+from prowzi.config.paths import (
+    DEFAULT_CHECKPOINT_DIR,
+    DEFAULT_TELEMETRY_DIR,
+    ENV_PREFIX,
+    not_a_directory,
+)
 from prowzi.errors import ConfigError
 
 
@@ -30,7 +35,9 @@ class ProwziConfig(BaseSettings):
 
     # Checkpoints
     enable_checkpointing: bool = Field(False, description="Save a checkpoint after stages.")
-    checkpoint_dir: Path = Field(DEFAULT_CHECKPOINT_DIR, description="Checkpoint store.")
+    checkpoint_dir: Path = Field(
+        DEFAULT_CHECKPOINT_DIR, description="Checkpoint store.", validate_default=True
+    )
     checkpoint_interval: int = Field(1, ge=1, description="Checkpoint every N stages.")
     checkpoint_key: SecretStr | None = Field(
         None, description="HMAC key; when set, unsigned or wrongly signed checkpoints are refused."
@@ -50,7 +57,9 @@ class ProwziConfig(BaseSettings):
 
     # Telemetry
     enable_telemetry: bool = Field(True, description="Write per-session telemetry files.")
-    telemetry_dir: Path = Field(DEFAULT_TELEMETRY_DIR, description="Telemetry directory.")
+    telemetry_dir: Path = Field(
+        DEFAULT_TELEMETRY_DIR, description="Telemetry directory.", validate_default=True
+    )
 
     # Stage loop
     max_retries: int = Field(3, ge=0, le=100, description="Retries after a stage's first try.")
@@ -98,6 +107,14 @@ class ProwziConfig(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("checkpoint_dir", "telemetry_dir", "output_dir")
+    @classmethod
+    def _a_directory(cls, value: Path) -> Path:
+        problem = not_a_directory(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad setting and its environment variable."""
@@ -107,7 +124,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         var = f"{ENV_PREFIX}{loc.upper()}"
         value = err.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float | bool) else ""
-        parts.append(f"{loc} ({var}{shown}): {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc} ({var}{shown}): {message}")
     return "invalid setting " + "; ".join(parts)
 
 
