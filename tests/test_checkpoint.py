@@ -196,9 +196,13 @@ def test_a_stage_can_be_named_in_the_id_or_as_an_argument(manager: CheckpointMan
 def test_missing_checkpoints_raise_not_found(manager: CheckpointManager) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint for session"):
         manager.load_checkpoint("nosuchsession")
-    save_run(manager, SESSION, ("intent",))
-    with pytest.raises(CheckpointNotFoundError, match=f"{SESSION}_search"):
+    save_run(manager, SESSION, ("intent", "planning"))
+    with pytest.raises(CheckpointNotFoundError) as info:
         manager.load_checkpoint(SESSION, stage="search")
+    assert str(info.value) == (
+        f"no checkpoint {SESSION}_search in {manager.checkpoint_dir}; "
+        f"session {SESSION} has checkpoints of intent, planning"
+    )
 
 
 def test_latest_returns_the_newest_metadata_or_none(manager: CheckpointManager) -> None:

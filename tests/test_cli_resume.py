@@ -316,6 +316,21 @@ def test_resume_without_checkpoints_explains_why(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" in proc.stderr
 
 
+def test_resume_from_a_stage_without_a_checkpoint_names_the_ones_there(tmp_path: Path) -> None:
+    manager = _sessions(tmp_path, "sparse")
+    for stage in ("intent", "search"):
+        manager.store.delete(f"sparse_{stage}.pkl")
+    for args in (("sparse", "--from-stage", "search"), ("sparse_search",)):
+        proc = _prowzi(tmp_path, "resume", *args, "--dry-run")
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" not in proc.stderr
+        assert proc.stderr.startswith("error: no checkpoint sparse_search in ")
+        assert proc.stderr.rstrip().endswith(
+            "session sparse has checkpoints of planning, verification, writing, evaluation, "
+            "turnitin"
+        )
+
+
 def test_sigterm_does_not_wait_for_an_agent_blocked_in_a_thread(tmp_path: Path) -> None:
     progress = tmp_path / "progress"
     proc = subprocess.Popen(

@@ -62,7 +62,7 @@ def resume(
         check_output(output)
     with user_errors():
         from prowzi.errors import CheckpointNotFoundError, WorkflowFailedError
-        from prowzi.ids import new_session_id
+        from prowzi.ids import new_session_id, split_checkpoint_id
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         orchestrator = ProwziOrchestrator(config=config)
@@ -72,6 +72,9 @@ def resume(
                 checkpoint_id, stage=from_stage, parameters=changes, fork_session_id=fork_id
             )
         except CheckpointNotFoundError as exc:
+            session, _ = split_checkpoint_id(checkpoint_id)
+            if orchestrator.checkpoint_manager.latest(session) is not None:
+                fail(str(exc))  # the session has checkpoints, just not the one asked for
             fail(
                 f"{exc} (checkpoints are written by runs started with --enable-checkpoints "
                 "or PROWZI_ENABLE_CHECKPOINTING=true)"

@@ -450,8 +450,10 @@ class CheckpointManager:
         try:
             raw = self._read(name)
         except BlobNotFoundError:
+            saved = [row["stage"] for row in reversed(self.list_checkpoints(session_id=session_id))]
+            held = f"; session {session_id} has checkpoints of {', '.join(saved)}" if saved else ""
             raise CheckpointNotFoundError(
-                f"no checkpoint {session_id}_{stage} in {self._location()}"
+                f"no checkpoint {session_id}_{stage} in {self._location()}{held}"
             ) from None
         metadata, header_doc, state = self._verified(name, raw, check_link=True)
         self._check_sidecar(metadata, header_doc)
