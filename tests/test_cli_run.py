@@ -162,3 +162,21 @@ def test_invalid_environment_variable_is_named(variable: str, value: str) -> Non
     proc = prowzi("run", PROMPT, env={variable: value})
     assert_one_line_error(proc, variable)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["run", "resume", "cleanup", "checkpoints", "serve"])
+def test_help_shows_flags_without_a_value_placeholder(command: str) -> None:
+    """A flag takes no value (``--dry-run true`` is a usage error), so its help row must not
+    suggest one; options that take a value keep their type."""
+    out = prowzi(command, "--help", env={"COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "<bool>" not in out.stdout
+    rows = {
+        found[1]: found[2]
+        for line in out.stdout.splitlines()
+        if (found := re.match(r"│[ *]*(--[a-z-]+)\s+(.*)", line))
+    }
+    assert rows["--help"].startswith("Show")  # the description follows the flag directly
+    if command == "resume":
+        assert rows["--dry-run"].startswith("Print")
+        assert rows["--set"].startswith("<key=value>") and rows["--from-stage"].startswith("<str>")

@@ -7,6 +7,7 @@ Command modules import only typer and the standard library at module level, so t
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -22,6 +23,28 @@ app = typer.Typer(
 
 for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd):
     _module.register(app)
+
+
+def _show_flags_bare() -> None:
+    """Recent typer versions label a flag with its type in rich help (``--dry-run <bool>``),
+    as if it took a value, though ``--dry-run true`` is a usage error. Flags are shown bare,
+    as click's plain help and git do; options that take a value keep their type."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "prowzi_flags_bare", False):
+        return  # a typer without the label, or already adjusted
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        if self.is_flag and not self.count:
+            return None
+        return shown(self, ctx)  # type: ignore[no-any-return]
+
+    display_type_rich.prowzi_flags_bare = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_show_flags_bare()
 
 
 # click's usage errors (bad option values, missing arguments, unknown commands) derive from
