@@ -7,6 +7,9 @@ many tests:
 - ``PROWZI_TEST_DELAY``: seconds ``slow`` and ``flaky`` sleep before running (default 0.3);
 - ``PROWZI_TEST_FAIL_MARKER``: a file; while it exists, ``failing`` raises a transient error;
 - ``PROWZI_TEST_PROGRESS``: a file to which ``slow`` appends each stage it completes.
+
+``lose_checkpoint_dir`` moves the checkpoint directory away and leaves a file in its place, so
+every later save fails for real (a disk that went away, as far as the run can tell).
 """
 
 from __future__ import annotations
@@ -83,6 +86,21 @@ def blocking(config: ProwziConfig) -> Agent:
             with open(progress, "a", encoding="utf-8") as handle:
                 handle.write(f"blocked:{ctx.stage}\n")
         await asyncio.to_thread(time.sleep, seconds)
+        return await agents[ctx.stage](ctx)
+
+    return agent
+
+
+def lose_checkpoint_dir(config: ProwziConfig) -> Agent:
+    """Before running the default agent, moves the checkpoint directory aside (to
+    ``<dir>.moved``) and puts a file where it was: the saves after this stage fail."""
+    agents = default_agents(config)
+
+    async def agent(ctx: StageContext) -> BaseModel:
+        directory = config.checkpoint_dir
+        if directory.is_dir():
+            directory.rename(directory.with_name(directory.name + ".moved"))
+            directory.write_text("not a directory any more\n", encoding="utf-8")
         return await agents[ctx.stage](ctx)
 
     return agent

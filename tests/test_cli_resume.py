@@ -395,3 +395,33 @@ def test_resuming_a_complete_session_writes_its_document(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "already complete" in proc.stdout
     assert (tmp_path / "again.md").read_text(encoding="utf-8").startswith("# x")
+
+
+def test_a_run_whose_saves_fail_says_which_stages_are_not_checkpointed(tmp_path: Path) -> None:
+    """The checkpoint directory is replaced by a file during evaluation (a real failure of
+    every later save): the run still writes its document, and says what a resume would redo."""
+    proc = subprocess.run(
+        [PROWZI, "run", "x y", "--enable-checkpoints", "--session-id", "lost"],
+        env=env(tmp_path, PROWZI_AGENTS="evaluation=engine_agents:lose_checkpoint_dir"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "lost.md").is_file()
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [
+        "warning: stages evaluation, turnitin completed but could not be checkpointed (the save "
+        "failed: see the errors above); a resume of this session would run them again"
+    ]
+    assert proc.stderr.count("checkpoint of lost after turnitin failed again") == 1
+    assert "lost_evaluation.pkl: Not a directory; the previous checkpoint is intact" in proc.stderr
+    # once the directory is back, the session resumes from the last checkpoint that was saved
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.unlink()
+    (tmp_path / "checkpoints.moved").rename(checkpoints)
+    plan = _prowzi(tmp_path, "resume", "lost", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert re.search(r"evaluation: run", plan.stdout) and re.search(r"turnitin: run", plan.stdout)
+    assert re.search(r"writing: restore", plan.stdout)

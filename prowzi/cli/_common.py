@@ -167,6 +167,19 @@ def resume_hint(config: ProwziConfig, session_id: str, parent: str | None = None
     return None
 
 
+def warn_unsaved(metadata: dict[str, Any]) -> None:
+    """After a run that finished although checkpoint saves failed: say which stages a resume
+    of the session would have to run again."""
+    unsaved = metadata.get("unsaved_stages")
+    if unsaved:
+        typer.echo(
+            f"warning: stages {', '.join(unsaved)} completed but could not be checkpointed "
+            "(the save failed: see the errors above); a resume of this session would run "
+            "them again",
+            err=True,
+        )
+
+
 def check_output(path: Path) -> Path:
     """Refuse an output path that cannot take a file, before any work is done."""
     if path.is_dir():

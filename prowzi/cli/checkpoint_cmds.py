@@ -20,6 +20,7 @@ from prowzi.cli._common import (
     resume_hint,
     run_async,
     user_errors,
+    warn_unsaved,
 )
 
 
@@ -49,7 +50,12 @@ def resume(
     ] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Change a run parameter: key=value (forks a new session)."),
+        typer.Option(
+            "--set",
+            metavar="<key=value>",
+            help="Change a run parameter, e.g. max_results_per_query=30 (forks a new session); "
+            "repeatable.",
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
@@ -106,6 +112,7 @@ def resume(
             exit_failed(exc, resume_hint(config, plan.session_id, plan.source_session_id))
         typer.echo(f"Session: {result.metadata['session_id']}")
         typer.echo(f"Document: {document}")
+        warn_unsaved(result.metadata)
 
 
 def _previous_output(config: Any, plan: Any) -> Path:

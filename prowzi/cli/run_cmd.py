@@ -17,6 +17,7 @@ from prowzi.cli._common import (
     resume_hint,
     run_async,
     user_errors,
+    warn_unsaved,
 )
 
 if TYPE_CHECKING:
@@ -177,3 +178,4 @@ def _summary(result: ResearchResult, document: Path) -> None:
     if result.turnitin is not None:
         typer.echo(f"Similarity: {result.turnitin.similarity_ratio:.1%}")
     typer.echo(f"Duration: {result.metadata['duration_seconds']:.2f}s")
+    warn_unsaved(result.metadata)

@@ -543,7 +543,7 @@ class ProwziOrchestrator:
                     if checkpointing and (len(pending) >= interval or index == last_run):
                         await self._checkpoint(run, pending, bus, run_span)
                 if checkpointing and pending:  # a save failed on the way: one more try
-                    await self._checkpoint(run, pending, bus, run_span)
+                    await self._checkpoint(run, pending, bus, run_span, again=True)
                 if run.document_path is not None:
                     _write_atomic(run.document_path, run.state.document)
             except BaseException as exc:
@@ -600,9 +600,10 @@ class ProwziOrchestrator:
         )
 
     async def _checkpoint(
-        self, run: _Run, pending: list[str], bus: EventBus, run_span: RunSpan
+        self, run: _Run, pending: list[str], bus: EventBus, run_span: RunSpan, again: bool = False
     ) -> bool:
-        """Save the state after ``pending[-1]``; on success ``pending`` is emptied at once."""
+        """Save the state after ``pending[-1]``; on success ``pending`` is emptied at once.
+        ``again``: the last try, after a failed save."""
         manager = self.checkpoint_manager
         stage = pending[-1]
         started = time.perf_counter()
@@ -621,7 +622,13 @@ class ProwziOrchestrator:
                 span_id=run_span.span_id,
             )
         except Exception as exc:  # disk full, permissions, a store error: the run goes on
-            log.error("checkpoint of %s after %s failed: %s", run.session_id, stage, exc)
+            log.error(
+                "checkpoint of %s after %s failed%s: %s",
+                run.session_id,
+                stage,
+                " again" if again else "",
+                exc,
+            )
             await bus.emit(
                 CheckpointFailed(
                     session_id=run.session_id,

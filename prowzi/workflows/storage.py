@@ -603,6 +603,8 @@ class LocalDirectoryStore(CheckpointStore):
         if self._index_dir.is_dir():
             return
         created_root = not self.root.is_dir()
+        if created_root and self.root.exists():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
         if created_root:
             # private: the index and the checkpoints hold prompts and results
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -797,7 +799,7 @@ class LocalDirectoryStore(CheckpointStore):
     def token(self, name: str) -> str | None:
         try:
             st = os.stat(self._path(name), follow_symlinks=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no blob there (not even a directory)
             return None
         return _token(st) if stat.S_ISREG(st.st_mode) else None
 
