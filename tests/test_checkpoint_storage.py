@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,15 +130,18 @@ def test_unsafe_names_are_refused(store: CheckpointStore, name: str, tmp_path: P
 
 
 def test_a_held_lock_refuses_a_second_holder_and_names_the_first(store: CheckpointStore) -> None:
+    assert store.holder("session-1") is None
     with store.lock("session-1"):
         assert store.is_locked("session-1")
         with (
-            pytest.raises(SessionLockedError, match=rf"session-1 .*pid {os.getpid()}"),
+            pytest.raises(SessionLockedError, match=rf"session-1 .*pid {os.getpid()}") as info,
             store.lock("session-1"),
         ):
             pass
-        assert not store.is_locked("session-2")
+        assert str(info.value) == f"session session-1 is locked by {store.holder('session-1')}"
+        assert not store.is_locked("session-2") and store.holder("session-2") is None
     assert not store.is_locked("session-1")
+    assert store.holder("session-1") is None
     with store.lock("session-1", timeout=1):
         pass
 
@@ -259,9 +264,35 @@ def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
         with pytest.raises(SessionLockedError) as info, store.lock("shared-session"):
             pass
         assert f"pid {pid}" in str(info.value)
+        assert (
+            str(info.value)
+            == f"session shared-session is locked by {store.holder('shared-session')}"
+        )
     assert not LocalDirectoryStore(root).is_locked("shared-session")
     with LocalDirectoryStore(root).lock("shared-session"):
         pass
+
+
+def test_a_holder_killed_outright_leaves_no_holder_behind(tmp_path: Path) -> None:
+    """SIGKILL skips the holder's clean-up: its owner file stays, but the lock died with it."""
+    root = tmp_path / "store"
+    script = (
+        "import sys\n"
+        "from prowzi.workflows.storage import LocalDirectoryStore\n"
+        f"with LocalDirectoryStore({str(root)!r}).lock('s'):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    store = LocalDirectoryStore(root)
+    assert (store.holder("s") or "").startswith(f"pid {child.pid} on ")
+    child.kill()
+    child.wait(timeout=30)
+    assert (root / ".locks" / "s.owner").exists()
+    assert store.holder("s") is None and not store.is_locked("s")
 
 
 def test_the_index_log_is_compacted_as_it_grows(

@@ -425,3 +425,22 @@ def test_a_run_whose_saves_fail_says_which_stages_are_not_checkpointed(tmp_path:
     assert plan.returncode == 0, plan.stderr
     assert re.search(r"evaluation: run", plan.stdout) and re.search(r"turnitin: run", plan.stdout)
     assert re.search(r"writing: restore", plan.stdout)
+
+
+def test_resuming_a_running_session_says_so_before_any_plan(tmp_path: Path) -> None:
+    manager = _sessions(tmp_path, "busy")
+    with manager.session_lock("busy"):  # a run in progress, held by this process
+        refused = _prowzi(tmp_path, "resume", "busy", "--from-stage", "search")
+        planned = _prowzi(tmp_path, "resume", "busy", "--from-stage", "search", "--dry-run")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith(f"error: session busy is locked by pid {os.getpid()} on ")
+    assert refused.stderr.count("\n") == 1
+    assert planned.returncode == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    assert lines[1] == (
+        "forks a new session (parent busy): busy_search is older than the session's latest "
+        "checkpoint (busy_turnitin), which stays as it is"
+    )
+    assert lines[-1].startswith(f"note: session busy is locked by pid {os.getpid()} on ")
+    free = _prowzi(tmp_path, "resume", "busy", "--from-stage", "search", "--dry-run")
+    assert free.returncode == 0 and "note:" not in free.stdout

@@ -122,6 +122,7 @@ def test_max_results_change_reruns_from_search(tmp_path: Path) -> None:
     plan = orch.plan_resume("base", parameters={"max_results_per_query": "3"})
     assert plan.restored == ["intent", "planning"]
     assert plan.changed_parameters == {"max_results_per_query": (15, 3)}
+    assert plan.fork_reason() == "its parameters change"
 
 
 def test_dry_run_plans_without_running_or_writing(tmp_path: Path) -> None:
@@ -157,6 +158,10 @@ def test_time_travel_from_a_named_stage_forks(tmp_path: Path, reference_document
     for checkpoint_id, stage in (("tt_search", None), ("tt", "search")):
         plan = orch.plan_resume(checkpoint_id, stage=stage)
         assert plan.fork and plan.restored == ["intent", "planning", "search"]
+        assert plan.describe()[1] == (
+            f"forks new session {plan.session_id} (parent tt): tt_search is older than the "
+            "session's latest checkpoint (tt_turnitin), which stays as it is"
+        )
     result = asyncio.run(orch.resume_from_checkpoint("tt_search"))
     assert result.metadata["parent_session_id"] == "tt"
     assert result.document == reference_document

@@ -72,22 +72,30 @@ def resume(
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         orchestrator = ProwziOrchestrator(config=config)
+        session, _ = split_checkpoint_id(checkpoint_id)
+        holder = orchestrator.checkpoint_manager.lock_holder(session)
+        if holder is not None and not dry_run:
+            fail(f"session {session} is locked by {holder}")  # before printing any plan
         fork_id = new_session_id()  # used only if the resume forks
         try:
             plan = orchestrator.plan_resume(
                 checkpoint_id, stage=from_stage, parameters=changes, fork_session_id=fork_id
             )
         except CheckpointNotFoundError as exc:
-            session, _ = split_checkpoint_id(checkpoint_id)
             if orchestrator.checkpoint_manager.latest(session) is not None:
                 fail(str(exc))  # the session has checkpoints, just not the one asked for
             fail(
                 f"{exc} (checkpoints are written by runs started with --enable-checkpoints "
                 "or PROWZI_ENABLE_CHECKPOINTING=true)"
             )
-        for line in plan.describe():
+        for line in plan.describe(session_ids=not dry_run):
             typer.echo(line)
         if dry_run:
+            if holder is not None:
+                typer.echo(
+                    f"note: session {session} is locked by {holder}; a resume must wait "
+                    "until that run ends"
+                )
             return
         document = output or _previous_output(config, plan)
         if plan.complete:

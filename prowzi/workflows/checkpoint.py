@@ -952,6 +952,10 @@ class CheckpointManager:
     def is_locked(self, session_id: str) -> bool:
         return self.store.is_locked(validate_session_id(session_id))
 
+    def lock_holder(self, session_id: str) -> str | None:
+        """Who holds the session's writer lock (a running run or resume), or None."""
+        return self.store.holder(validate_session_id(session_id))
+
     def cleanup(
         self, *, older_than: timedelta, keep_last: int = 0, dry_run: bool = False
     ) -> list[str]:

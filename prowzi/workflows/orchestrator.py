@@ -103,6 +103,9 @@ class ResumePlan:
     complete: bool
     changed_parameters: dict[str, tuple[Any, Any]]
     stages: list[PlannedStage]
+    latest_checkpoint_id: str | None = None
+    """The source session's latest checkpoint when planned (a fork from an earlier one is
+    time travel)."""
 
     @property
     def rerun(self) -> list[str]:
@@ -112,14 +115,18 @@ class ResumePlan:
     def restored(self) -> list[str]:
         return [s.stage for s in self.stages if s.mode == "restore"]
 
-    def describe(self) -> list[str]:
-        """Human-readable lines: which stages are restored, which re-run, and why."""
+    def describe(self, *, session_ids: bool = True) -> list[str]:
+        """Human-readable lines: which stages are restored, which re-run, and why.
+
+        ``session_ids=False`` leaves a fork's new id out (a dry run's id is not the one a
+        later run gets)."""
         lines = [f"resume {self.checkpoint_id}"]
         if self.complete:
             lines.append(f"session {self.source_session_id} is already complete; nothing to run")
             return lines
         if self.fork:
-            lines.append(f"forks new session {self.session_id} (parent {self.source_session_id})")
+            new = f"new session {self.session_id}" if session_ids else "a new session"
+            lines.append(f"forks {new} (parent {self.source_session_id}): {self.fork_reason()}")
         for name, (old, new) in self.changed_parameters.items():
             lines.append(f"parameter {name}: {old!r} -> {new!r}")
         for planned in self.stages:
@@ -128,6 +135,18 @@ class ResumePlan:
             else:
                 lines.append(f"  {planned.stage}: run ({'; '.join(planned.reasons)})")
         return lines
+
+    def fork_reason(self) -> str:
+        """Why the resume forks instead of continuing the session in place."""
+        reasons = []
+        if self.changed_parameters:
+            reasons.append("its parameters change")
+        if self.latest_checkpoint_id not in (None, self.checkpoint_id):
+            reasons.append(
+                f"{self.checkpoint_id} is older than the session's latest checkpoint "
+                f"({self.latest_checkpoint_id}), which stays as it is"
+            )
+        return "; ".join(reasons) or "the resume changes the session's history"
 
 
 @dataclass(slots=True)
@@ -431,6 +450,7 @@ class ProwziOrchestrator:
             complete=complete,
             changed_parameters=changed,
             stages=stages,
+            latest_checkpoint_id=latest.checkpoint_id if latest is not None else None,
         )
         return plan, checkpoint
 

@@ -162,6 +162,11 @@ class CheckpointStore(ABC):
     def is_locked(self, key: str) -> bool:
         """Whether anyone (this process included) holds the lock ``key``."""
 
+    def holder(self, key: str) -> str | None:
+        """Who holds the lock ``key``, described as :class:`SessionLockedError` names them,
+        or None when it is free."""
+        return "another process" if self.is_locked(key) else None
+
     def sweep_temporaries(self, max_age: float = _TEMPORARY_MAX_AGE) -> builtins.list[str]:
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
@@ -291,6 +296,12 @@ class InMemoryStore(CheckpointStore):
         validate_blob_name(key)
         with self._mutex:
             return key in self._locks
+
+    def holder(self, key: str) -> str | None:
+        validate_blob_name(key)
+        with self._mutex:
+            info = self._locks.get(key)
+        return None if info is None else _describe_holder(info)
 
 
 # --- local directory ------------------------------------------------------------------------
@@ -1088,6 +1099,15 @@ class LocalDirectoryStore(CheckpointStore):
 
     def lock(self, key: str, timeout: float = 0) -> AbstractContextManager[None]:
         return self._hold(key, timeout)
+
+    def holder(self, key: str) -> str | None:
+        # A holder writes its owner file as soon as it has the lock: without one there is
+        # nothing to probe (a probe holds the lock for an instant).
+        _, owner = self._lock_paths(key)
+        info = self._holder(owner)
+        if info is None or not self.is_locked(key):
+            return None
+        return _describe_holder(info)
 
     def is_locked(self, key: str) -> bool:
         lock_path, _ = self._lock_paths(key)
