@@ -655,9 +655,13 @@ def test_cleanup_never_touches_a_running_session(manager: CheckpointManager) -> 
     save_run(manager, "done", ("intent",))
     age(manager, "running", 10)
     age(manager, "done", 10)
+    heard: list[str] = []
     with manager.session_lock("running"):
-        assert manager.cleanup(older_than=timedelta(days=1), dry_run=True) == ["done_intent"]
-        assert manager.cleanup(older_than=timedelta(days=1)) == ["done_intent"]
+        for dry_run in (True, False):
+            assert manager.cleanup(
+                older_than=timedelta(days=1), dry_run=dry_run, on_running=heard.append
+            ) == ["done_intent"]
+    assert heard == ["running", "running"]
     assert [r["checkpoint_id"] for r in manager.list_checkpoints()] == ["running_intent"]
 
 

@@ -244,8 +244,15 @@ def test_cli_cleanup_keeps_newest_and_running_sessions(tmp_path: Path) -> None:
     assert "would delete old-a_intent" in dry.stdout
     assert len(manager.list_checkpoints()) == 28  # a dry run deletes nothing
     with manager.session_lock("running"):  # a run in progress, held by this process
+        looked = _prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1", "--dry-run")
         done = _prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1")
-    assert done.returncode == 0, done.stderr
+    for proc in (looked, done):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.splitlines()[0].startswith(
+            f"kept session running: it is running (locked by pid {os.getpid()} on "
+        )
+    assert "would delete running_" not in looked.stdout
+    assert done.stderr.splitlines()[-1] == "deleted 14 checkpoint(s)"
     left = {
         row["session_id"] for row in CheckpointManager(tmp_path / "checkpoints").list_checkpoints()
     }

@@ -216,8 +216,14 @@ def cleanup(
         from prowzi.workflows.checkpoint import CheckpointManager
 
         manager = CheckpointManager.from_config(config)
-        removed: list[Any] = manager.cleanup(older_than=age, keep_last=keep_last, dry_run=dry_run)
+        running: list[str] = []
+        removed: list[Any] = manager.cleanup(
+            older_than=age, keep_last=keep_last, dry_run=dry_run, on_running=running.append
+        )
         verb = "would delete" if dry_run else "deleted"
         for checkpoint_id in removed:
             typer.echo(f"{verb} {checkpoint_id}")
+        for session in running:
+            holder = manager.lock_holder(session) or "another process"
+            typer.echo(f"kept session {session}: it is running (locked by {holder})", err=True)
         typer.echo(f"{verb} {len(removed)} checkpoint(s)", err=True)

@@ -957,14 +957,20 @@ class CheckpointManager:
         return self.store.holder(validate_session_id(session_id))
 
     def cleanup(
-        self, *, older_than: timedelta, keep_last: int = 0, dry_run: bool = False
+        self,
+        *,
+        older_than: timedelta,
+        keep_last: int = 0,
+        dry_run: bool = False,
+        on_running: Callable[[str], None] | None = None,
     ) -> list[str]:
         """Delete sessions whose newest checkpoint is older than ``older_than``.
 
         The ``keep_last`` most recent sessions are kept whatever their age, and a session
-        whose lock is held (a running workflow) is never touched. Orphaned ``.json`` files and
-        temporaries left by interrupted writes are removed too. Returns the deleted (or, with
-        ``dry_run``, the deletable) checkpoint ids.
+        whose lock is held (a running workflow) is never touched: ``on_running`` hears of
+        each such session that was old enough to go. Orphaned ``.json`` files and temporaries
+        left by interrupted writes are removed too. Returns the deleted (or, with ``dry_run``,
+        the deletable) checkpoint ids.
         """
         if older_than < timedelta(0):
             raise InvalidInputError("older_than must not be negative")
@@ -1006,6 +1012,8 @@ class CheckpointManager:
             if dry_run:
                 if not self.store.is_locked(session):
                     deleted.extend(ids)
+                elif on_running is not None:
+                    on_running(session)
                 continue
             try:
                 with self.store.lock(session, 0):
@@ -1014,6 +1022,8 @@ class CheckpointManager:
                         self.store.delete(f"{checkpoint_id}.json")
             except SessionLockedError:
                 log.info("not cleaning up session %s: it is running", session)
+                if on_running is not None:
+                    on_running(session)
                 continue
             deleted.extend(ids)
         if not dry_run:
