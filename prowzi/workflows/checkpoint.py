@@ -768,7 +768,11 @@ class CheckpointManager:
     ) -> list[dict[str, Any]]:
         """Checkpoints, newest first, as dicts of their metadata (``created_at`` a datetime).
 
-        Unreadable files are skipped (and logged); loading one says why it is refused.
+        Rows come from the store's index; a file is read (and, when unreadable, skipped and
+        logged) only when the index cannot vouch for it. A file overwritten in place after it
+        was indexed, without any rename in the directory, keeps its indexed row until it is
+        next read: listing is a catalogue, not a verification. Loading always verifies, and
+        says why a file is refused (:meth:`verify_chain` checks a whole session).
         """
         if session_id is not None:
             validate_session_id(session_id)
