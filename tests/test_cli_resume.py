@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -209,11 +210,18 @@ def test_cli_checkpoints_lists_with_filters(tmp_path: Path) -> None:
     assert rows.returncode == 0, rows.stderr
     listed = [line for line in rows.stdout.splitlines() if line]
     assert len(listed) == 7 and all('"session_id":"two"' in line for line in listed)
+    sidecar = json.loads((tmp_path / "checkpoints" / "two_intent.json").read_text())
+    as_listed = {json.loads(line)["checkpoint_id"]: json.loads(line) for line in listed}
+    assert as_listed["two_intent"]["created_at"] == sidecar["created_at"]  # same spelling, "Z"
     one_stage = _prowzi(tmp_path, "checkpoints", "--stage", "search")
     assert sorted(line.split()[0] for line in one_stage.stdout.splitlines()) == [
         "one_search",
         "two_search",
     ]
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", line.split()[1])
+        for line in one_stage.stdout.splitlines()
+    )
     recent = _prowzi(tmp_path, "checkpoints", "--since", "1h")
     assert len(recent.stdout.splitlines()) == 14
     bad = _prowzi(tmp_path, "checkpoints", "--session", "../x")

@@ -172,11 +172,12 @@ def checkpoints(
         manager = CheckpointManager.from_config(config)
         rows = manager.list_checkpoints(session_id=session, stage=stage, since=cutoff)
         for row in rows:
+            # Times as the .json files write them (UTC, "Z").
             if as_json:
-                typer.echo(orjson.dumps(row, default=str).decode())
+                typer.echo(orjson.dumps(row, default=str, option=orjson.OPT_UTC_Z).decode())
             else:
                 created = row["created_at"]
-                stamp = created.isoformat() if hasattr(created, "isoformat") else str(created)
+                stamp = orjson.dumps(created, option=orjson.OPT_UTC_Z).decode().strip('"')
                 typer.echo(f"{row['checkpoint_id']:<48} {stamp}")
         if not rows and not as_json:
             typer.echo("no checkpoints", err=True)
