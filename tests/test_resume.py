@@ -22,6 +22,7 @@ from prowzi.errors import (
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.events import StageCompleted, StageSkipped
+from prowzi.workflows.telemetry import TelemetryCollector
 from prowzi.workflows.tracing import NullTracer
 
 PROMPT = "Write a research paper on quantum computing"
@@ -148,8 +149,14 @@ def test_resuming_a_completed_session_returns_its_result_without_rerunning(
     result = asyncio.run(orch2.resume_from_checkpoint("done"))
     assert result.metadata["already_complete"] is True
     assert result.document == reference_document
-    assert rec.events == []
+    # nothing ran: the resume is recorded as every stage skipped (from the final checkpoint)
+    kinds = [type(e).__name__ for e in rec.events]
+    assert kinds == ["WorkflowStarted", *["StageSkipped"] * len(STAGES), "WorkflowCompleted"]
+    skipped = [e for e in rec.events if isinstance(e, StageSkipped)]
+    assert {e.details["checkpoint"] for e in skipped} == {"done_turnitin"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == files
+    telemetry = TelemetryCollector(tmp_path / "telemetry").load_session("done")
+    assert telemetry.status == "completed" and telemetry.metadata["runs"] == 2
 
 
 def test_time_travel_from_a_named_stage_forks(tmp_path: Path, reference_document: str) -> None:
@@ -246,7 +253,7 @@ def test_a_complete_session_whose_document_was_not_written_can_get_it(tmp_path: 
     result = asyncio.run(orch.resume_from_checkpoint("nodoc", document_path=target))
     assert result.metadata["already_complete"] is True
     assert target.read_text(encoding="utf-8") == result.document
-    assert result.metadata["duration_seconds"] == 0.0  # the same metadata keys as any result
+    assert {"duration_seconds", "completed_stages", "session_id"} <= result.metadata.keys()
 
 
 def test_an_existing_session_is_never_overwritten(tmp_path: Path) -> None:

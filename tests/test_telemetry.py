@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import orjson
 import pytest
 from telemetry_events import DOC_SESSION, STAGES, RunScript, doc_example_run
 
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
+from prowzi.workflows import telemetry
 from prowzi.workflows.eventlog import EventLogReader, EventLogWriter, read_events
 from prowzi.workflows.events import Event, EventBus, StageStarted, WorkflowStarted
 from prowzi.workflows.telemetry import (
     CorruptSessionError,
+    SessionRecorder,
     StageMetrics,
     TelemetryCollector,
     WorkflowMetrics,
@@ -249,6 +252,61 @@ def test_load_session_derives_from_the_log_when_the_file_is_missing(tmp_path: Pa
     record(collector, doc_example_run().events)
     (tmp_path / f"{DOC_SESSION}.json").unlink()
     assert collector.load_session(DOC_SESSION).success is True
+
+
+def _stopped_before_its_last_snapshot(directory: Path) -> dict[str, Any]:
+    """A writer killed after logging the run's end, before writing the final session file:
+    the file still holds the record as of the event before the end."""
+    collector = TelemetryCollector(directory)
+    record(collector, doc_example_run().events)
+    final = session_file(directory)
+    events = read_events(collector.event_log_path(DOC_SESSION))
+    stale = SessionRecorder.from_events(DOC_SESSION, events[:-1]).metrics
+    assert stale is not None and stale.status == "running"
+    (directory / f"{DOC_SESSION}.json").write_bytes(orjson.dumps(stale.to_dict()))
+    return final
+
+
+def test_a_session_file_behind_a_log_that_ended_is_repaired_on_reading(tmp_path: Path) -> None:
+    final = _stopped_before_its_last_snapshot(tmp_path)
+    reader = TelemetryCollector(tmp_path)
+    assert reader.load_session(DOC_SESSION).status == "completed"
+    assert session_file(tmp_path) == final  # written back: every later reader agrees
+    (listed,) = reader.list_sessions()
+    assert listed.status == "completed"
+
+
+def test_a_listing_does_not_trust_an_indexed_running_row_whose_log_ended(
+    tmp_path: Path,
+) -> None:
+    _stopped_before_its_last_snapshot(tmp_path)
+    path = tmp_path / f"{DOC_SESSION}.json"
+    stale = WorkflowMetrics.from_dict(json.loads(path.read_text()))
+    reader = TelemetryCollector(tmp_path)
+    reader._append_index([telemetry._index_entry(stale, path.stat())])  # a reader saw it running
+    (listed,) = TelemetryCollector(tmp_path).list_sessions()
+    assert listed.status == "completed"
+    assert session_file(tmp_path)["success"] is True
+
+
+def test_a_log_whose_writer_stopped_before_its_first_event_is_no_session_yet(
+    tmp_path: Path,
+) -> None:
+    collector = TelemetryCollector(tmp_path)
+    path = collector.event_log_path("early")
+    path.parent.mkdir(parents=True)
+    EventLogWriter(path).close()  # opened (a header line), killed before any event
+    with pytest.raises(SessionNotFoundError, match="no telemetry for session 'early'"):
+        collector.load_session("early")
+
+
+def test_a_run_killed_mid_stage_stays_running(tmp_path: Path) -> None:
+    """Only a log that ended is taken as the end: a run killed before it stays running."""
+    collector = TelemetryCollector(tmp_path)
+    record(collector, doc_example_run().events[:-1])
+    collector.flush()
+    del collector  # the writer is gone; its log ends mid-run
+    assert TelemetryCollector(tmp_path).load_session(DOC_SESSION).status == "running"
 
 
 def test_a_resumed_session_continues_its_record(tmp_path: Path) -> None:

@@ -345,14 +345,19 @@ class ProwziOrchestrator:
             plan, checkpoint = self._plan(
                 checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
             )
+            run = self._resumed_run(plan, checkpoint, progress_callback, document)
             if plan.complete:
-                result = self._result_from_checkpoint(checkpoint, plan)
-                if document is not None:
-                    _write_atomic(document, result.document)
-                    result.metadata["document_path"] = str(document)
+                # Nothing runs; the resume is still recorded (every stage skipped, then
+                # completed), so telemetry ends complete even if the run that got this far
+                # was killed before it could say so.
+                result = await self._execute(run, lock=False)
+                result.metadata.update(
+                    already_complete=True,
+                    checkpoint_id=checkpoint.metadata.checkpoint_id,
+                    resume_plan=plan.describe(),
+                )
                 return result
             self.agents  # noqa: B018
-            run = self._resumed_run(plan, checkpoint, progress_callback, document)
             if not plan.fork:
                 return await self._execute(run, lock=False)
         return await self._execute(run, lock=True)
@@ -453,30 +458,6 @@ class ProwziOrchestrator:
             latest_checkpoint_id=latest.checkpoint_id if latest is not None else None,
         )
         return plan, checkpoint
-
-    def _result_from_checkpoint(
-        self, checkpoint: WorkflowCheckpoint, plan: ResumePlan
-    ) -> ResearchResult:
-        meta = checkpoint.metadata
-        state = checkpoint.to_state()
-        metadata = _result_metadata(
-            session_id=meta.session_id,
-            duration_seconds=0.0,
-            completed_stages=list(meta.completed_stages),
-            parameters=dict(meta.parameters),
-            trace_id=meta.trace_id,
-            parent_session_id=meta.parent_session_id,
-            resumed_from=meta.checkpoint_id,
-            restored_stages=sorted(meta.completed_stages),
-            document_path=None,
-        )
-        metadata.update(
-            already_complete=True, checkpoint_id=meta.checkpoint_id, resume_plan=plan.describe()
-        )
-        return ResearchResult(
-            **{name: getattr(state, name) for name in WorkflowState.model_fields},
-            metadata=metadata,
-        )
 
     def _refuse_existing(self, session_id: str) -> None:
         """A new session (a run with a chosen id, or a fork) must not overwrite another."""

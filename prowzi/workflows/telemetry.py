@@ -77,6 +77,9 @@ SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "corrupt"
 
 _INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
+_TAIL_READ = 4096
+"""Bytes read from the end of an event log to find its last record."""
+_RUN_ENDS = frozenset((WorkflowCompleted.kind, WorkflowFailed.kind))
 _IDLE_SECONDS = 2.0
 _LOG_RETRY_SECONDS = 1.0
 _PROMPT_IN_INDEX = 200
@@ -871,14 +874,50 @@ class TelemetryCollector:
             data = path.read_bytes()
         except FileNotFoundError:
             log_path = self.event_log_path(session_id)
-            if log_path.exists():
-                return self._derive(session_id, tolerate_partial=True)
-            raise SessionNotFoundError(
-                f"no telemetry for session {session_id!r} in {self.output_dir}"
-            ) from None
+            events = (
+                self.read_events(session_id, tolerate_partial=True) if log_path.exists() else []
+            )
+            metrics = SessionRecorder.from_events(session_id, events).metrics
+            if metrics is None:  # no log, or one whose writer stopped before its first event
+                raise SessionNotFoundError(
+                    f"no telemetry for session {session_id!r} in {self.output_dir}"
+                ) from None
+            return metrics
         except OSError as exc:
             raise TelemetryError(f"cannot read session file {path}: {exc}") from None
-        return self._parse(session_id, path, data)
+        metrics = self._parse(session_id, path, data)
+        if metrics.status == "running" and self._ended_in_log(session_id):
+            return self._repair(session_id, metrics)
+        return metrics
+
+    def _ended_in_log(self, session_id: str) -> bool:
+        """Whether the session's event log ends with the run's end (completed or failed):
+        its writer was stopped after logging that, before writing the session file."""
+        try:
+            with self.event_log_path(session_id).open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - _TAIL_READ))
+                tail = handle.read()
+        except OSError:
+            return False
+        lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
+        try:
+            last = orjson.loads(lines[-1])
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(last, dict) and last.get("event") in _RUN_ENDS
+
+    def _repair(self, session_id: str, stale: WorkflowMetrics) -> WorkflowMetrics:
+        """The record the event log gives, written back as the session file when possible
+        (a read-only directory still gets the right answer)."""
+        try:
+            return self.rebuild_session(session_id)
+        except TelemetryError as exc:
+            log.info("could not rewrite the stale session file of %s: %s", session_id, exc)
+        try:
+            return self._derive(session_id, tolerate_partial=True)
+        except TelemetryError:
+            return stale
 
     def _parse(self, session_id: str, path: Path, data: bytes) -> WorkflowMetrics:
         try:
@@ -976,7 +1015,11 @@ class TelemetryCollector:
                 rows.pop(session_id, None)  # removed since the directory was listed
                 return
             row = rows.get(session_id)
-            if row is not None and row[3] == _signature(stat):
+            if (
+                row is not None
+                and row[3] == _signature(stat)
+                and (row[2] != "running" or not self._ended_in_log(session_id))
+            ):
                 return
             line = _index_line(self._entry_from_file(session_id, stat))
             for fresh_row in _index_rows(line):
@@ -1042,6 +1085,9 @@ class TelemetryCollector:
         path = self.output_dir / f"{session_id}.json"
         try:
             metrics = self._parse(session_id, path, path.read_bytes())
+            if metrics.status == "running" and self._ended_in_log(session_id):
+                metrics = self._repair(session_id, metrics)
+                stat = path.stat()  # rewritten, unless the directory is read-only
         except CorruptSessionError as exc:
             return _corrupt_entry(session_id, stat, exc.reason)
         except OSError as exc:
