@@ -273,6 +273,38 @@ def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
         pass
 
 
+def test_a_refusal_names_a_holder_that_has_only_just_taken_the_lock(tmp_path: Path) -> None:
+    """Between taking the lock and writing who it is, a holder is anonymous for a moment: a
+    refusal in that moment waits for the name rather than saying 'another process'."""
+    root = tmp_path / "store"
+    store = LocalDirectoryStore(root)
+    lock_path, owner = store._lock_paths("s")
+    lock_path.parent.mkdir(parents=True)
+    script = (
+        "import fcntl, os, sys, time\n"
+        "from prowzi.workflows.storage import _holder_description\n"
+        "import orjson\n"
+        f"fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(0.2)\n"
+        f"open({str(owner)!r}, 'wb').write(orjson.dumps(_holder_description()))\n"
+        "sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        assert not owner.exists()
+        with pytest.raises(SessionLockedError) as info, store.lock("s"):
+            pass
+        assert f"locked by pid {child.pid} on " in str(info.value)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
 def test_a_holder_killed_outright_leaves_no_holder_behind(tmp_path: Path) -> None:
     """SIGKILL skips the holder's clean-up: its owner file stays, but the lock died with it."""
     root = tmp_path / "store"

@@ -1066,6 +1066,14 @@ class LocalDirectoryStore(CheckpointStore):
         validate_blob_name(key)
         return self._lock_dir / f"{key}.lock", self._lock_dir / f"{key}.owner"
 
+    def _holder_soon(self, owner: Path, wait: float = 0.5) -> dict[str, Any] | None:
+        """The holder's description, allowing a holder that has just taken the lock the
+        moment it needs to write it."""
+        deadline = time.monotonic() + wait
+        while (info := self._holder(owner)) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return info
+
     def _holder(self, owner: Path) -> dict[str, Any] | None:
         try:
             info = orjson.loads(owner.read_bytes())
@@ -1085,7 +1093,7 @@ class LocalDirectoryStore(CheckpointStore):
             lock.acquire(timeout=max(timeout, 0), poll_interval=0.02)
         except filelock.Timeout:
             raise SessionLockedError(
-                f"session {key} is locked by {_describe_holder(self._holder(owner))}"
+                f"session {key} is locked by {_describe_holder(self._holder_soon(owner))}"
             ) from None
         try:
             tmp = owner.with_name(f"{TEMP_PREFIX}{owner.name}.{secrets.token_hex(4)}")
