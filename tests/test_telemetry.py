@@ -625,3 +625,27 @@ def test_a_limited_listing_checks_the_rows_it_returns(tmp_path: Path) -> None:
     assert everything["s000"] == "corrupt" and len(everything) == 30
     corrupt = collector.list_sessions(limit=5, status="corrupt")
     assert {s.session_id for s in corrupt} == {"s000", "s029"}
+
+
+def test_a_writer_is_gone_when_its_pid_is_dead_or_reused() -> None:
+    import socket
+    import time
+
+    from prowzi.workflows.eventlog import LogHeader, writer_gone
+
+    here = socket.gethostname()
+    now = time.time()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(dead.stdout)
+    assert "ended without finishing" in (writer_gone(LogHeader(1, dead_pid, here, now)) or "")
+    # this process, opened the log just now: alive
+    assert writer_gone(LogHeader(1, os.getpid(), here, now)) is None
+    # this pid, but the log was opened a day before this process started: a reused pid
+    assert writer_gone(LogHeader(1, os.getpid(), here, now - 86_400)) is not None
+    # a writer on another machine cannot be checked: assumed alive
+    assert writer_gone(LogHeader(1, dead_pid, "another-host", now)) is None

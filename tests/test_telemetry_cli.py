@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -254,3 +255,42 @@ def test_the_command_modules_import_nothing_heavy() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_session_whose_process_is_gone_is_reported_interrupted(cli: CliRunner) -> None:
+    """A run killed outright leaves its record 'running'; readers report it interrupted once
+    its process is gone (and running while it lives)."""
+    script = (
+        "import sys\n"
+        "from telemetry_events import RunScript\n"
+        "from prowzi.workflows.telemetry import TelemetryCollector\n"
+        f"collector = TelemetryCollector({str(TELEMETRY.resolve())!r}, background=False)\n"
+        "for event in RunScript('gone', t0=1_900_000_000.0).start().stage('intent', 1.0).events:\n"
+        "    collector.handle(event)\n"
+        "print('recorded', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "recorded"
+        (live,) = json.loads(cli.invoke(app, ["sessions", "--json"]).stdout)
+        assert live["status"] == "running"
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    (row,) = json.loads(cli.invoke(app, ["sessions", "--json"]).stdout)
+    assert row["status"] == "interrupted" and row["stages_completed"] == 1
+    running = cli.invoke(app, ["sessions", "--json", "--status", "running"]).stdout
+    interrupted = cli.invoke(app, ["sessions", "--json", "--status", "interrupted"]).stdout
+    assert json.loads(running) == [] and [r["session_id"] for r in json.loads(interrupted)] == [
+        "gone"
+    ]
+    shown = cli.invoke(app, ["show", "gone"], env={"COLUMNS": "120"})
+    assert shown.exit_code == 0 and "interrupted: its process is gone" in shown.stdout
+    assert json.loads(cli.invoke(app, ["show", "gone", "--json"]).stdout)["status"] == "interrupted"

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -36,6 +34,7 @@ from rich.text import Text
 
 from prowzi.ids import validate_session_id
 from prowzi.workflows.eventlog import EventLogReader
+from prowzi.workflows.eventlog import writer_gone as header_writer_gone
 from prowzi.workflows.events import (
     Event,
     WorkflowStarted,
@@ -363,22 +362,9 @@ def live_monitor(
 
 
 def writer_gone(reader: EventLogReader) -> str | None:
-    """Why the log's writer can no longer finish the run, or None if it may still be running.
-
-    Only a writer on this host can be checked; one elsewhere is assumed alive.
-    """
-    if not reader.headers:
-        return None
-    header = reader.headers[-1]
-    if header.pid is None or header.host != socket.gethostname():
-        return None
-    try:
-        os.kill(header.pid, 0)
-    except ProcessLookupError:
-        return f"the run's process {header.pid} ended without finishing the session"
-    except PermissionError:
-        return None
-    return None
+    """Why the log's writer can no longer finish the run, or None if it may still be running
+    (see :func:`prowzi.workflows.eventlog.writer_gone`)."""
+    return header_writer_gone(reader.headers[-1]) if reader.headers else None
 
 
 def follow_session(

@@ -72,7 +72,10 @@ def sessions(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N.")] = 20,
     status: Annotated[
         str | None,
-        typer.Option(help="Only sessions with this status: running, completed, failed, corrupt."),
+        typer.Option(
+            help="Only sessions with this status: running, interrupted (its process is gone), "
+            "completed, failed, corrupt."
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead.")] = False,
 ) -> None:
@@ -108,7 +111,13 @@ def sessions(
         _print_table(table, right=(3, 4, 5))
 
 
-_STATUS_COLOURS = {"completed": "32", "failed": "31", "running": "36", "CORRUPT": "1;31"}
+_STATUS_COLOURS = {
+    "completed": "32",
+    "failed": "31",
+    "running": "36",
+    "interrupted": "33",
+    "CORRUPT": "1;31",
+}
 
 
 def _print_table(table: list[list[str]], right: tuple[int, ...]) -> None:
@@ -177,10 +186,11 @@ def show(
         checkpoints = _checkpoints(session_id)
         log_path = collector.event_log_path(session_id)
         document = metrics.metadata.get("document_path")
+        status = collector.status_of(metrics)
         if json_output:
             _print_json(
                 {
-                    "status": metrics.status,
+                    "status": status,
                     "session": metrics.to_dict(),
                     "checkpoints": [str(p) for p in checkpoints],
                     "document_path": document,
@@ -188,11 +198,11 @@ def show(
                 }
             )
             return
-        _print_session(metrics, checkpoints, log_path if log_path.exists() else None)
+        _print_session(metrics, status, checkpoints, log_path if log_path.exists() else None)
 
 
 def _print_session(
-    metrics: WorkflowMetrics, checkpoints: list[Path], log_path: Path | None
+    metrics: WorkflowMetrics, status: str, checkpoints: list[Path], log_path: Path | None
 ) -> None:
     from rich import box
     from rich.table import Table
@@ -201,12 +211,18 @@ def _print_session(
     from prowzi.workflows.telemetry import format_timestamp
 
     console = _console()
-    outcome = {"completed": "✓ completed", "failed": "✗ failed", "running": "… running"}
+    outcome = {
+        "completed": "✓ completed",
+        "failed": "✗ failed",
+        "running": "… running",
+        "interrupted": "✗ interrupted: its process is gone"
+        + (f" (continue it: prowzi resume {metrics.session_id})" if checkpoints else ""),
+    }
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold", no_wrap=True)
     head.add_column()
     head.add_row("Session", metrics.session_id)
-    head.add_row("Status", outcome.get(metrics.status, metrics.status))
+    head.add_row("Status", outcome.get(status, status))
     head.add_row("Prompt", metrics.prompt)
     head.add_row("Started", format_timestamp(metrics.started_at))
     completed = metrics.completed_at

@@ -301,7 +301,9 @@ def create_app(
         if metrics is not None:
             data = metrics.to_dict()
             if info is None:
-                info = RunInfo(session_id=sid, state=metrics.status, prompt=metrics.prompt)
+                info = RunInfo(
+                    session_id=sid, state=telemetry().status_of(metrics), prompt=metrics.prompt
+                )
             info.telemetry = data
             info.stages_completed = metrics.completed_stage_count
             info.stages_total = metrics.stage_total

@@ -159,6 +159,40 @@ class LogHeader:
     timestamp: float | None
 
 
+def writer_gone(header: LogHeader) -> str | None:
+    """Why the writer that opened a log (its last header) can no longer finish the run, or
+    None if it may still be running.
+
+    Only a writer on this host can be checked; one elsewhere is assumed alive. A process
+    with the writer's pid that started after the log was opened is another process (the pid
+    was reused, after a reboot for instance)."""
+    if header.pid is None or header.host != socket.gethostname():
+        return None
+    gone = f"the run's process {header.pid} ended without finishing the session"
+    try:
+        os.kill(header.pid, 0)
+    except ProcessLookupError:
+        return gone
+    except PermissionError:
+        pass  # alive, another user's: the start-time check below still applies
+    started = _process_start(header.pid)
+    if started is not None and header.timestamp is not None and started > header.timestamp + 1:
+        return gone
+    return None
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc tells."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as handle:
+            boot = next(float(line.split()[1]) for line in handle if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
 class EventLogReader:
     """Reads a session's log from an offset, remembering where it stopped.
 

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -45,12 +45,16 @@ from prowzi import __version__
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
 from prowzi.ids import validate_session_id
 from prowzi.workflows.eventlog import (
+    HEADER_KIND,
     EventLogBusyError,
     EventLogReader,
     EventLogWriter,
+    LogHeader,
+    decode_line,
     fsync_directory,
     iter_events_lenient,
 )
+from prowzi.workflows.eventlog import writer_gone as header_writer_gone
 from prowzi.workflows.events import (
     CheckpointFailed,
     CheckpointSaved,
@@ -72,11 +76,16 @@ SESSION_FORMAT_VERSION = 1
 """``metadata.format_version`` of the session files this module writes."""
 
 DEFAULT_STAGE_COUNT = 7
-SessionStatus = Literal["running", "completed", "failed", "corrupt"]
-SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "corrupt")
+SessionStatus = Literal["running", "interrupted", "completed", "failed", "corrupt"]
+SESSION_STATUSES: tuple[str, ...] = ("running", "interrupted", "completed", "failed", "corrupt")
+"""As readers report them. A session file records only running, completed or failed;
+``interrupted`` is a running session whose writing process is gone (see
+:meth:`TelemetryCollector.status_of`)."""
 
 _INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
+_HEADER_MARK = b'{"event":"' + HEADER_KIND.encode() + b'"'
+"""How a writer's header line starts (see :class:`EventLogWriter`)."""
 _TAIL_READ = 4096
 """Bytes read from the end of an event log to find its last record."""
 _RUN_ENDS = frozenset((WorkflowCompleted.kind, WorkflowFailed.kind))
@@ -890,6 +899,31 @@ class TelemetryCollector:
             return self._repair(session_id, metrics)
         return metrics
 
+    def status_of(self, metrics: WorkflowMetrics) -> SessionStatus:
+        """The session's status as a reader should report it: ``interrupted`` when it is
+        recorded as running but the process writing it is gone (killed, or its machine
+        restarted); ``prowzi resume`` continues it from its last checkpoint."""
+        if metrics.status == "running" and self.writer_gone(metrics.session_id):
+            return "interrupted"
+        return metrics.status
+
+    def writer_gone(self, session_id: str) -> str | None:
+        """Why the process that last opened the session's event log cannot finish the run,
+        or None while it may (or when there is no log to tell)."""
+        try:
+            data = self.event_log_path(session_id).read_bytes()
+        except OSError:
+            return None
+        start = data.rfind(_HEADER_MARK)
+        if start < 0:
+            return None
+        end = data.find(b"\n", start)
+        try:
+            header = decode_line(data[start : end if end >= 0 else len(data)], "a log header")
+        except TelemetryError:
+            return None
+        return header_writer_gone(header) if isinstance(header, LogHeader) else None
+
     def _ended_in_log(self, session_id: str) -> bool:
         """Whether the session's event log ends with the run's end (completed or failed):
         its writer was stopped after logging that, before writing the session file."""
@@ -1026,6 +1060,17 @@ class TelemetryCollector:
                 rows[session_id] = fresh_row
                 fresh.append(line)
 
+        interrupted: dict[str, bool] = {}
+
+        def reported(row: _IndexRow) -> str:
+            # a running row whose writer is gone is reported interrupted (not cached: the
+            # writer's liveness is not a property of the file)
+            if row[2] != "running":
+                return row[2]
+            if row[1] not in interrupted:
+                interrupted[row[1]] = self.writer_gone(row[1]) is not None
+            return "interrupted" if interrupted[row[1]] else "running"
+
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
             check(session_id)
@@ -1033,7 +1078,7 @@ class TelemetryCollector:
         if status is not None or limit is None or limit >= len(rows):
             for session_id in list(rows.keys() - checked):
                 check(session_id)
-            selected = [r for r in rows.values() if status is None or r[2] == status]
+            selected = [r for r in rows.values() if status is None or reported(r) == status]
             selected.sort(reverse=True)  # newest first: by start time, then id
             selected = selected[:limit] if limit is not None else selected
         else:
@@ -1046,7 +1091,13 @@ class TelemetryCollector:
                     check(session_id)
                     checked.add(session_id)
         self._refresh_index(fresh, list(rows.values()), index_lines)
-        return [self._row_summary(r) for r in selected]
+        summaries = [self._row_summary(r) for r in selected]
+        return [
+            replace(summary, status="interrupted")
+            if summary.status == "running" and reported(row) == "interrupted"
+            else summary
+            for row, summary in zip(selected, summaries, strict=True)
+        ]
 
     def _row_summary(self, row: _IndexRow) -> SessionSummary:
         try:
