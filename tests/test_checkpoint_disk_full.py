@@ -125,9 +125,14 @@ def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: P
     save_run(writer, SESSION, STAGES[:2])
     writer.close()  # the spare files it holds open for writing would keep the mount busy
     (directory / f"{SESSION}_intent.json").unlink()  # its regeneration will not be possible
+    # a holder killed outright leaves its owner file behind (its lock died with it)
+    (directory / ".locks").mkdir(exist_ok=True)
+    (directory / ".locks" / f"{SESSION}.lock").touch()
+    (directory / ".locks" / f"{SESSION}.owner").write_text('{"pid": 1, "host": "h"}')
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:
         reader = CheckpointManager(directory)
+        assert reader.lock_holder(SESSION) is None  # probed through a read-only descriptor
         assert [r["stage"] for r in reader.list_checkpoints()] == ["planning", "intent"]
         assert reader.load_checkpoint(f"{SESSION}_intent").intent is not None
         reader.verify_chain(SESSION)

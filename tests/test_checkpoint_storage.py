@@ -276,30 +276,45 @@ def test_the_lock_names_a_holder_in_another_process(tmp_path: Path) -> None:
 def test_a_refusal_names_a_holder_that_has_only_just_taken_the_lock(tmp_path: Path) -> None:
     """Between taking the lock and writing who it is, a holder is anonymous for a moment: a
     refusal in that moment waits for the name rather than saying 'another process'."""
+    import threading
+
     root = tmp_path / "store"
     store = LocalDirectoryStore(root)
     lock_path, owner = store._lock_paths("s")
     lock_path.parent.mkdir(parents=True)
     script = (
-        "import fcntl, os, sys, time\n"
+        "import fcntl, os, sys\n"
         "from prowzi.workflows.storage import _holder_description\n"
         "import orjson\n"
         f"fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         "print('locked', flush=True)\n"
-        "time.sleep(0.2)\n"
+        "sys.stdin.readline()\n"  # the test's refusal is under way: now say who holds it
         f"open({str(owner)!r}, 'wb').write(orjson.dumps(_holder_description()))\n"
         "sys.stdin.readline()\n"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    refusals: list[BaseException] = []
+
+    def refused() -> None:
+        try:
+            with store.lock("s"):
+                pass
+        except SessionLockedError as exc:
+            refusals.append(exc)
+
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "locked"
-        assert not owner.exists()
-        with pytest.raises(SessionLockedError) as info, store.lock("s"):
-            pass
-        assert f"locked by pid {child.pid} on " in str(info.value)
+        assert child.stdin is not None and not owner.exists()
+        attempt = threading.Thread(target=refused)
+        attempt.start()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        attempt.join(timeout=30)
+        (error,) = refusals
+        assert f"locked by pid {child.pid} on " in str(error)
     finally:
         child.kill()
         child.wait(timeout=30)

@@ -124,6 +124,18 @@ def test_a_default_directory_that_is_a_file_is_refused(
         directory_setting("checkpoint_dir")
 
 
+def test_a_directory_setting_that_cannot_be_examined_is_left_to_its_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name too long to stat is not refused by the setting (nor a traceback): the command
+    that uses the directory reports it."""
+    from prowzi.config.paths import directory_setting
+
+    monkeypatch.setenv("PROWZI_CHECKPOINT_DIR", "/tmp/" + "a" * 300 + "/x")
+    assert get_config().checkpoint_dir.name == "x"
+    assert directory_setting("checkpoint_dir").name == "x"
+
+
 def test_reading_telemetry_does_not_import_pydantic_settings(tmp_path: Path) -> None:
     import subprocess
     import sys

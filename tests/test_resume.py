@@ -21,7 +21,7 @@ from prowzi.errors import (
 )
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
-from prowzi.workflows.events import StageCompleted, StageSkipped
+from prowzi.workflows.events import StageCompleted, StageSkipped, WorkflowStarted
 from prowzi.workflows.telemetry import TelemetryCollector
 from prowzi.workflows.tracing import NullTracer
 
@@ -254,6 +254,44 @@ def test_a_complete_session_whose_document_was_not_written_can_get_it(tmp_path: 
     assert result.metadata["already_complete"] is True
     assert target.read_text(encoding="utf-8") == result.document
     assert {"duration_seconds", "completed_stages", "session_id"} <= result.metadata.keys()
+
+
+def test_a_no_op_resume_that_cannot_write_its_document_records_nothing(tmp_path: Path) -> None:
+    from prowzi.errors import OutputError
+
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="kept"))
+    orch2, rec = make(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OutputError):
+        asyncio.run(orch2.resume_from_checkpoint("kept", document_path=blocked / "doc.md"))
+    assert rec.events == []
+    telemetry = TelemetryCollector(tmp_path / "telemetry").load_session("kept")
+    assert telemetry.status == "completed" and telemetry.metadata["runs"] == 1
+
+
+def test_a_no_op_resume_records_the_parameters_its_result_was_made_with(
+    tmp_path: Path,
+) -> None:
+    """A change no stage reads leaves nothing to run: the session is recorded with the
+    parameters its checkpoints were made with, not the unused new ones."""
+    import dataclasses
+
+    from prowzi.workflows.stages import RESEARCH_STAGES
+
+    deaf = tuple(dataclasses.replace(spec, params=()) for spec in RESEARCH_STAGES)
+    orch, _ = make(tmp_path)
+    asyncio.run(orch.run_research(PROMPT, session_id="deaf"))
+    config = orch.config
+    rec = Recorder()
+    again = ProwziOrchestrator(config=config, stages=deaf, sinks=[rec], tracer=NullTracer())
+    plan = again.plan_resume("deaf", parameters={"max_results_per_query": 7})
+    assert plan.complete and not plan.fork
+    result = asyncio.run(again.resume_from_checkpoint("deaf", max_results_per_query=7))
+    assert result.metadata["parameters"]["max_results_per_query"] == 15
+    started = [e for e in rec.events if isinstance(e, WorkflowStarted)]
+    assert [e.parameters["max_results_per_query"] for e in started] == [15]
 
 
 def test_an_existing_session_is_never_overwritten(tmp_path: Path) -> None:

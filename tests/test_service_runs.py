@@ -204,6 +204,34 @@ def test_finished_runs_beyond_the_limit_leave_memory(
     asyncio.run(main())
 
 
+def test_a_recovered_run_that_had_completed_its_stages_is_resumed_to_say_so(
+    tmp_path: Path,
+) -> None:
+    """Killed after its last checkpoint but before it said so: a restart resumes it (nothing
+    runs), so its record ends completed rather than stopping at the journal."""
+
+    async def first_life() -> None:
+        mgr, _, _ = manager(tmp_path, delay=5, max_concurrent=1)
+        await mgr.start(resume_interrupted=False)
+        mgr.submit("done-but-unsaid", "alpha", 15)
+        await asyncio.sleep(0.05)
+        await mgr.close()
+
+    async def second_life() -> None:
+        mgr, made, _ = manager(tmp_path, delay=0.01)
+        fake = cast("FakeOrchestrator", mgr.orchestrator)
+        fake.checkpointed.add("done-but-unsaid")
+        fake.complete.add("done-but-unsaid")
+        await mgr.start(resume_interrupted=True)
+        await settle(mgr)
+        assert made[0].calls == [("resume", "done-but-unsaid")]
+        assert mgr.records["done-but-unsaid"].state == "completed"
+        await mgr.close()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+
+
 def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
     async def main() -> None:
         mgr, _, _ = manager(tmp_path, delay=0.2)

@@ -30,8 +30,11 @@ def not_a_directory(path: Path) -> str | None:
 
     Checked when the setting is read, so a command names the setting instead of failing on
     some file inside it later."""
-    if path.exists() and not path.is_dir():
-        return f"{path} exists and is not a directory"
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a directory"
+    except OSError:
+        pass  # cannot tell (no permission, a name too long): the command that uses it says
     return None
 
 

@@ -194,7 +194,10 @@ class RunManager:
 
     async def _recover(self, entry: JournalEntry) -> None:
         try:
-            plan = await asyncio.to_thread(self.orchestrator.plan_resume, entry.session_id)
+            # Planned only to know that it can be resumed. A complete plan is resumed too:
+            # nothing runs, but the resume records the session as completed (it died after
+            # its last checkpoint, before it could say so).
+            await asyncio.to_thread(self.orchestrator.plan_resume, entry.session_id)
         except CheckpointNotFoundError:
             # Interrupted before its first checkpoint: run it again from the start.
             self._admit(entry.session_id, "run", entry.prompt, entry.max_results_per_query)
@@ -202,9 +205,6 @@ class RunManager:
         except Exception as exc:  # one unrecoverable run must not keep the service down
             log.error("cannot resume interrupted run %s: %s", entry.session_id, exc)
             self._set_state(self.records[entry.session_id], "failed", error=str(exc))
-            return
-        if plan.complete:
-            self._set_state(self.records[entry.session_id], "completed")
             return
         self._admit(entry.session_id, "resume", entry.prompt, entry.max_results_per_query)
 

@@ -345,22 +345,38 @@ class ProwziOrchestrator:
             plan, checkpoint = self._plan(
                 checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
             )
-            run = self._resumed_run(plan, checkpoint, progress_callback, document)
             if plan.complete:
-                # Nothing runs; the resume is still recorded (every stage skipped, then
-                # completed), so telemetry ends complete even if the run that got this far
-                # was killed before it could say so.
-                result = await self._execute(run, lock=False)
-                result.metadata.update(
-                    already_complete=True,
-                    checkpoint_id=checkpoint.metadata.checkpoint_id,
-                    resume_plan=plan.describe(),
-                )
-                return result
+                return await self._no_op_resume(plan, checkpoint, progress_callback, document)
+            run = self._resumed_run(plan, checkpoint, progress_callback, document)
             self.agents  # noqa: B018
             if not plan.fork:
                 return await self._execute(run, lock=False)
         return await self._execute(run, lock=True)
+
+    async def _no_op_resume(
+        self,
+        plan: ResumePlan,
+        checkpoint: WorkflowCheckpoint,
+        callback: ProgressCallback | None,
+        document: Path | None,
+    ) -> ResearchResult:
+        """A resume of a complete session: nothing runs. The document is written first, so
+        a failure to write it records nothing; then the resume is recorded as a run whose
+        stages were all restored (as a workflow engine records a re-run served from its
+        cache), so telemetry ends complete even when the run that got this far was killed
+        before it could say so."""
+        if document is not None:
+            _write_atomic(document, checkpoint.to_state().document)
+        run = self._resumed_run(plan, checkpoint, callback, None)
+        run.params = self._parameters(**checkpoint.metadata.parameters)  # nothing used others
+        run.document_path = document  # recorded (written above)
+        result = await self._execute(run, lock=False, write_document=False)
+        result.metadata.update(
+            already_complete=True,
+            checkpoint_id=checkpoint.metadata.checkpoint_id,
+            resume_plan=plan.describe(),
+        )
+        return result
 
     def _resumed_run(
         self,
@@ -476,7 +492,9 @@ class ProwziOrchestrator:
             return self.checkpoint_manager.session_lock(session_id)
         return nullcontext()
 
-    async def _execute(self, run: _Run, *, lock: bool) -> ResearchResult:
+    async def _execute(
+        self, run: _Run, *, lock: bool, write_document: bool = True
+    ) -> ResearchResult:
         sinks = self._sinks()
         if run.callback is not None:
             sinks.append(CallbackSink(run.callback))
@@ -545,7 +563,7 @@ class ProwziOrchestrator:
                         await self._checkpoint(run, pending, bus, run_span)
                 if checkpointing and pending:  # a save failed on the way: one more try
                     await self._checkpoint(run, pending, bus, run_span, again=True)
-                if run.document_path is not None:
+                if run.document_path is not None and write_document:
                     _write_atomic(run.document_path, run.state.document)
             except BaseException as exc:
                 if checkpointing and pending:

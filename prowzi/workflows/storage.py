@@ -1113,15 +1113,18 @@ class LocalDirectoryStore(CheckpointStore):
         # nothing to probe (a probe holds the lock for an instant).
         _, owner = self._lock_paths(key)
         info = self._holder(owner)
-        if info is None or not self.is_locked(key):
-            return None
+        try:
+            if info is None or not self.is_locked(key):
+                return None
+        except OSError:
+            return None  # a lock that cannot be probed (a read-only store) holds nothing
         return _describe_holder(info)
 
     def is_locked(self, key: str) -> bool:
         lock_path, _ = self._lock_paths(key)
         if not lock_path.exists():
             return False
-        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
         try:
             return not _flock_nb(fd)  # closing the descriptor releases a lock we got
         finally:

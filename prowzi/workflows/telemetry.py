@@ -26,6 +26,7 @@ that attempt (``completed``, ``retrying`` or ``failed``) replaces it in place. A
 from __future__ import annotations
 
 import atexit
+import contextlib
 import heapq
 import logging
 import os
@@ -33,7 +34,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,8 +87,6 @@ _INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
 _HEADER_MARK = b'{"event":"' + HEADER_KIND.encode() + b'"'
 """How a writer's header line starts (see :class:`EventLogWriter`)."""
-_TAIL_READ = 4096
-"""Bytes read from the end of an event log to find its last record."""
 _RUN_ENDS = frozenset((WorkflowCompleted.kind, WorkflowFailed.kind))
 _IDLE_SECONDS = 2.0
 _LOG_RETRY_SECONDS = 1.0
@@ -489,6 +488,14 @@ class SessionRecorder:
 
 
 # --- listing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _LogFacts:
+    """What the end of an event log says (see :meth:`TelemetryCollector._log_facts`)."""
+
+    ended: bool
+    header: LogHeader | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -894,10 +901,7 @@ class TelemetryCollector:
             return metrics
         except OSError as exc:
             raise TelemetryError(f"cannot read session file {path}: {exc}") from None
-        metrics = self._parse(session_id, path, data)
-        if metrics.status == "running" and self._ended_in_log(session_id):
-            return self._repair(session_id, metrics)
-        return metrics
+        return self._caught_up(self._parse(session_id, path, data))
 
     def status_of(self, metrics: WorkflowMetrics) -> SessionStatus:
         """The session's status as a reader should report it: ``interrupted`` when it is
@@ -910,48 +914,52 @@ class TelemetryCollector:
     def writer_gone(self, session_id: str) -> str | None:
         """Why the process that last opened the session's event log cannot finish the run,
         or None while it may (or when there is no log to tell)."""
+        header = self._log_facts(session_id).header
+        return header_writer_gone(header) if header is not None else None
+
+    def _log_facts(self, session_id: str) -> _LogFacts:
+        """What the end of the session's event log says: whether its last event ends the
+        run, and which process opened it last. One read of the log; nothing is written."""
         try:
             data = self.event_log_path(session_id).read_bytes()
         except OSError:
-            return None
-        start = data.rfind(_HEADER_MARK)
-        if start < 0:
-            return None
-        end = data.find(b"\n", start)
-        try:
-            header = decode_line(data[start : end if end >= 0 else len(data)], "a log header")
-        except TelemetryError:
-            return None
-        return header_writer_gone(header) if isinstance(header, LogHeader) else None
+            return _LogFacts(ended=False, header=None)
+        ended: bool | None = None
+        header: LogHeader | None = None
+        # complete lines only, newest first (a partial last line is still being written)
+        for line in reversed(data[: data.rfind(b"\n") + 1].splitlines()):
+            if not line.strip():
+                continue
+            if line.startswith(_HEADER_MARK):
+                if header is None:
+                    with contextlib.suppress(TelemetryError):
+                        decoded = decode_line(line, "a log header")
+                        header = decoded if isinstance(decoded, LogHeader) else None
+            elif ended is None:
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    record = None
+                ended = isinstance(record, dict) and record.get("event") in _RUN_ENDS
+            if header is not None and ended is not None:
+                break
+        return _LogFacts(ended=bool(ended), header=header)
 
-    def _ended_in_log(self, session_id: str) -> bool:
-        """Whether the session's event log ends with the run's end (completed or failed):
-        its writer was stopped after logging that, before writing the session file."""
+    def _caught_up(
+        self, metrics: WorkflowMetrics, facts: _LogFacts | None = None
+    ) -> WorkflowMetrics:
+        """``metrics`` from a session file, or, when the file still says running but the
+        event log has the run's end (its writer was stopped between logging the end and
+        writing the file), the record the log gives. Readers never rewrite the file: a live
+        writer may be about to."""
+        if metrics.status != "running":
+            return metrics
+        if not (facts or self._log_facts(metrics.session_id)).ended:
+            return metrics
         try:
-            with self.event_log_path(session_id).open("rb") as handle:
-                size = handle.seek(0, os.SEEK_END)
-                handle.seek(max(0, size - _TAIL_READ))
-                tail = handle.read()
-        except OSError:
-            return False
-        lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
-        try:
-            last = orjson.loads(lines[-1])
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(last, dict) and last.get("event") in _RUN_ENDS
-
-    def _repair(self, session_id: str, stale: WorkflowMetrics) -> WorkflowMetrics:
-        """The record the event log gives, written back as the session file when possible
-        (a read-only directory still gets the right answer)."""
-        try:
-            return self.rebuild_session(session_id)
-        except TelemetryError as exc:
-            log.info("could not rewrite the stale session file of %s: %s", session_id, exc)
-        try:
-            return self._derive(session_id, tolerate_partial=True)
+            return self._derive(metrics.session_id, tolerate_partial=True)
         except TelemetryError:
-            return stale
+            return metrics
 
     def _parse(self, session_id: str, path: Path, data: bytes) -> WorkflowMetrics:
         try:
@@ -1052,24 +1060,30 @@ class TelemetryCollector:
             if (
                 row is not None
                 and row[3] == _signature(stat)
-                and (row[2] != "running" or not self._ended_in_log(session_id))
+                and (row[2] != "running" or not facts(session_id).ended)
             ):
                 return
-            line = _index_line(self._entry_from_file(session_id, stat))
+            line = _index_line(self._entry_from_file(session_id, stat, facts))
             for fresh_row in _index_rows(line):
                 rows[session_id] = fresh_row
                 fresh.append(line)
 
-        interrupted: dict[str, bool] = {}
+        known_facts: dict[str, _LogFacts] = {}
+
+        def facts(session_id: str) -> _LogFacts:
+            # read once per listing: only running sessions' logs are read at all
+            if session_id not in known_facts:
+                known_facts[session_id] = self._log_facts(session_id)
+            return known_facts[session_id]
 
         def reported(row: _IndexRow) -> str:
-            # a running row whose writer is gone is reported interrupted (not cached: the
-            # writer's liveness is not a property of the file)
+            # a running row whose writer is gone is reported interrupted (not cached in the
+            # index: the writer's liveness is not a property of the file)
             if row[2] != "running":
                 return row[2]
-            if row[1] not in interrupted:
-                interrupted[row[1]] = self.writer_gone(row[1]) is not None
-            return "interrupted" if interrupted[row[1]] else "running"
+            header = facts(row[1]).header
+            gone = header is not None and header_writer_gone(header) is not None
+            return "interrupted" if gone else "running"
 
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
@@ -1132,13 +1146,19 @@ class TelemetryCollector:
                         continue
                 yield session_id, entry
 
-    def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
+    def _entry_from_file(
+        self,
+        session_id: str,
+        stat: os.stat_result,
+        facts: Callable[[str], _LogFacts] | None = None,
+    ) -> dict[str, Any]:
         path = self.output_dir / f"{session_id}.json"
         try:
             metrics = self._parse(session_id, path, path.read_bytes())
-            if metrics.status == "running" and self._ended_in_log(session_id):
-                metrics = self._repair(session_id, metrics)
-                stat = path.stat()  # rewritten, unless the directory is read-only
+            if metrics.status == "running":
+                # A log that ended makes the entry terminal; cached under this file's
+                # signature, it holds until a writer rewrites the file.
+                metrics = self._caught_up(metrics, facts(session_id) if facts else None)
         except CorruptSessionError as exc:
             return _corrupt_entry(session_id, stat, exc.reason)
         except OSError as exc:
