@@ -132,7 +132,8 @@ def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: P
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:
         reader = CheckpointManager(directory)
-        assert reader.lock_holder(SESSION) is None  # probed through a read-only descriptor
+        # probed through a read-only descriptor
+        assert not reader.is_locked(SESSION) and reader.lock_holder(SESSION) is None
         assert [r["stage"] for r in reader.list_checkpoints()] == ["planning", "intent"]
         assert reader.load_checkpoint(f"{SESSION}_intent").intent is not None
         reader.verify_chain(SESSION)

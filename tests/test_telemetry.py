@@ -651,25 +651,94 @@ def test_a_limited_listing_checks_the_rows_it_returns(tmp_path: Path) -> None:
     assert {s.session_id for s in corrupt} == {"s000", "s029"}
 
 
-def test_a_writer_is_gone_when_its_pid_is_dead_or_reused() -> None:
+def test_a_writer_is_gone_when_its_process_is_dead_reused_a_zombie_or_from_another_boot() -> None:
     import socket
     import time
 
-    from prowzi.workflows.eventlog import LogHeader, writer_gone
+    from prowzi.workflows.eventlog import LogHeader, _process_identity, writer_gone
 
     here = socket.gethostname()
     now = time.time()
+    me = _process_identity()
+    assert {"boot", "start_ticks", "pidns"} <= me.keys()
+
+    def header(pid: int, host: str = here, **identity: object) -> LogHeader:
+        fields = {
+            "boot_id": me["boot"],
+            "start_ticks": me["start_ticks"],
+            "pid_namespace": me["pidns"],
+        }
+        fields.update(identity)
+        return LogHeader(1, pid, host, now, **fields)  # type: ignore[arg-type]
+
+    assert writer_gone(header(os.getpid())) is None  # this very process: alive
+    # the same pid with another start instant: the pid was reused
+    assert writer_gone(header(os.getpid(), start_ticks=me["start_ticks"] - 1)) is not None
+    # the machine restarted since the log was opened
+    assert writer_gone(header(os.getpid(), boot_id="another-boot")) is not None
+    # a header from before these fields: judged by the pid alone
+    assert writer_gone(LogHeader(1, os.getpid(), here, now - 86_400)) is None
+    # where this process cannot see the writer, it is assumed alive
+    assert writer_gone(header(os.getpid(), pid_namespace=me["pidns"] + 1)) is None
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         check=True,
         capture_output=True,
         text=True,
     )
-    dead_pid = int(dead.stdout)
-    assert "ended without finishing" in (writer_gone(LogHeader(1, dead_pid, here, now)) or "")
-    # this process, opened the log just now: alive
-    assert writer_gone(LogHeader(1, os.getpid(), here, now)) is None
-    # this pid, but the log was opened a day before this process started: a reused pid
-    assert writer_gone(LogHeader(1, os.getpid(), here, now - 86_400)) is not None
-    # a writer on another machine cannot be checked: assumed alive
-    assert writer_gone(LogHeader(1, dead_pid, "another-host", now)) is None
+    assert writer_gone(header(int(dead.stdout), host="another-host")) is None
+    assert "ended without finishing" in (writer_gone(header(int(dead.stdout))) or "")
+    # killed but not reaped: a zombie cannot finish anything either
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{zombie.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ticks = int(stat.read_bytes().rsplit(b")", 1)[1].split()[19])
+    assert writer_gone(header(zombie.pid, start_ticks=ticks)) is not None
+    zombie.wait()
+
+
+def _dead_writer_appends(log: Path, event: Event) -> None:
+    """A writer (another process) opens the log, appends ``event`` and is gone."""
+    script = (
+        "import sys, orjson\n"
+        "from pathlib import Path\n"
+        "from prowzi.workflows.eventlog import EventLogWriter\n"
+        "from prowzi.workflows.events import event_from_record\n"
+        "writer = EventLogWriter(Path(sys.argv[1]))\n"
+        "writer.append_event(event_from_record(orjson.loads(sys.argv[2])))\n"
+    )
+    record = orjson.dumps(event.as_record(), default=str).decode()
+    subprocess.run([sys.executable, "-c", script, str(log), record], check=True)
+
+
+def test_a_resume_killed_after_a_log_ended_is_reported_from_the_log_not_a_cache(
+    tmp_path: Path,
+) -> None:
+    _stopped_before_its_last_snapshot(tmp_path)
+    reader = TelemetryCollector(tmp_path)
+    assert [row.status for row in reader.list_sessions()] == ["completed"]
+    log = reader.event_log_path(DOC_SESSION)
+    again = RunScript(DOC_SESSION, t0=2_000_000_000.0).start()
+    _dead_writer_appends(log, again.events[0])  # a resume, killed before its first snapshot
+    assert [row.status for row in TelemetryCollector(tmp_path).list_sessions()] == ["interrupted"]
+    loaded = TelemetryCollector(tmp_path).load_session(DOC_SESSION)
+    assert TelemetryCollector(tmp_path).status_of(loaded) == "interrupted"
+
+
+def test_an_unreadable_newest_header_leaves_the_writer_unknown(tmp_path: Path) -> None:
+    """Only the newest writer counts: if its header cannot be read (a newer Prowzi), an
+    older writer's death says nothing about it."""
+    collector = TelemetryCollector(tmp_path)
+    log = collector.event_log_path("newer")
+    log.parent.mkdir(parents=True)
+    run = RunScript("newer").start().stage("intent", 1.0)
+    _dead_writer_appends(log, run.events[0])
+    with log.open("ab") as handle:
+        handle.write(b'{"event":"log_opened","v":99,"pid":1,"host":"x"}\n')
+    (tmp_path / "newer.json").write_bytes(
+        orjson.dumps(SessionRecorder.from_events("newer", run.events[:1]).metrics.to_dict())  # type: ignore[union-attr]
+    )
+    assert [row.status for row in TelemetryCollector(tmp_path).list_sessions()] == ["running"]

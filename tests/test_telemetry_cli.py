@@ -294,3 +294,11 @@ def test_a_session_whose_process_is_gone_is_reported_interrupted(cli: CliRunner)
     shown = cli.invoke(app, ["show", "gone"], env={"COLUMNS": "120"})
     assert shown.exit_code == 0 and "interrupted: its process is gone" in shown.stdout
     assert json.loads(cli.invoke(app, ["show", "gone", "--json"]).stdout)["status"] == "interrupted"
+    # a resume has taken the session's lock and not logged anything yet: it is running
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    with CheckpointManager(Path("prowzi_checkpoints")).session_lock("gone"):
+        (starting,) = json.loads(cli.invoke(app, ["sessions", "--json"]).stdout)
+        shown_json = json.loads(cli.invoke(app, ["show", "gone", "--json"]).stdout)
+        only = json.loads(cli.invoke(app, ["sessions", "--json", "--status", "interrupted"]).stdout)
+    assert starting["status"] == shown_json["status"] == "running" and only == []

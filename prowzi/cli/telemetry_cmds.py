@@ -8,6 +8,7 @@ imported inside the commands, so ``prowzi --help`` stays fast.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -34,6 +35,16 @@ def _collector() -> TelemetryCollector:
     from prowzi.workflows.telemetry import TelemetryCollector
 
     return TelemetryCollector(_directory("telemetry_dir"))
+
+
+def _starting(session_id: str) -> bool:
+    """Whether a run or resume of the session holds its checkpoint lock: a resume of an
+    interrupted session takes the lock before it logs anything, so until its first event its
+    telemetry still shows the writer that was killed."""
+    from prowzi.workflows.storage import LocalDirectoryStore
+
+    store = LocalDirectoryStore(_directory("checkpoint_dir"), spares=False)
+    return store.holder(session_id) is not None
 
 
 def _directory(field: DirectorySetting) -> Path:
@@ -81,7 +92,14 @@ def sessions(
 ) -> None:
     """List recorded sessions, newest first. Unreadable session files are marked corrupt."""
     with user_errors():
-        rows = _collector().list_sessions(limit=limit, status=status)
+        rows = [
+            replace(row, status="running")
+            if row.status == "interrupted" and _starting(row.session_id)
+            else row
+            for row in _collector().list_sessions(limit=limit, status=status)
+        ]
+        if status == "interrupted":
+            rows = [row for row in rows if row.status == "interrupted"]
         if json_output:
             _print_json([row.to_dict() for row in rows])
             return
@@ -187,6 +205,8 @@ def show(
         log_path = collector.event_log_path(session_id)
         document = metrics.metadata.get("document_path")
         status = collector.status_of(metrics)
+        if status == "interrupted" and _starting(session_id):
+            status = "running"
         if json_output:
             _print_json(
                 {

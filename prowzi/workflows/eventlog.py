@@ -12,6 +12,7 @@ a complete line that is not a JSON object is corruption, reported with its line 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -99,6 +100,7 @@ class EventLogWriter:
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
                     "timestamp": time.time(),
+                    **_process_identity(),
                 }
             )
         except BaseException:
@@ -157,40 +159,68 @@ class LogHeader:
     pid: int | None
     host: str | None
     timestamp: float | None
+    boot_id: str | None = None
+    start_ticks: int | None = None
+    pid_namespace: int | None = None
 
 
 def writer_gone(header: LogHeader) -> str | None:
     """Why the writer that opened a log (its last header) can no longer finish the run, or
     None if it may still be running.
 
-    Only a writer on this host can be checked; one elsewhere is assumed alive. A process
-    with the writer's pid that started after the log was opened is another process (the pid
-    was reused, after a reboot for instance)."""
+    Judged only where this process can see the writer: the same host, and, when the header
+    says, the same PID namespace. A writer is gone when its machine has restarted since
+    (another boot id), or no process has its pid, or the process with its pid is a zombie or
+    started at another instant (the pid was reused). Start instants are compared in the
+    kernel's clock ticks since boot, which clock steps do not move. Elsewhere, or when /proc
+    cannot tell, the writer is assumed alive."""
     if header.pid is None or header.host != socket.gethostname():
         return None
+    mine = _process_identity()
+    if header.pid_namespace is not None and header.pid_namespace != mine.get("pidns"):
+        return None  # another PID namespace (a container) on this hostname: cannot see it
     gone = f"the run's process {header.pid} ended without finishing the session"
+    if header.boot_id is not None and mine.get("boot") not in (None, header.boot_id):
+        return gone  # the machine restarted since the log was opened
     try:
         os.kill(header.pid, 0)
     except ProcessLookupError:
         return gone
     except PermissionError:
-        pass  # alive, another user's: the start-time check below still applies
-    started = _process_start(header.pid)
-    if started is not None and header.timestamp is not None and started > header.timestamp + 1:
+        pass  # alive, another user's: the checks below still apply
+    state, started = _process_stat(header.pid)
+    if state == b"Z":
+        return gone  # killed, not yet reaped by its parent
+    if header.start_ticks is not None and started is not None and started != header.start_ticks:
         return gone
     return None
 
 
-def _process_start(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), where /proc tells."""
+def _process_stat(pid: int) -> tuple[bytes | None, int | None]:
+    """A process's state letter and start time (clock ticks since boot), from /proc."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             fields = handle.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as handle:
-            boot = next(float(line.split()[1]) for line in handle if line.startswith(b"btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None, None
+
+
+def _process_identity() -> dict[str, Any]:
+    """What tells this process apart from a later one with its pid: the boot, its start
+    time in clock ticks since boot, and its PID namespace (for the log header)."""
+    identity: dict[str, Any] = {}
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle,
+    ):
+        identity["boot"] = handle.read().strip()
+    _, started = _process_stat(os.getpid())
+    if started is not None:
+        identity["start_ticks"] = started
+    with contextlib.suppress(OSError):
+        identity["pidns"] = os.stat("/proc/self/ns/pid").st_ino
+    return identity
 
 
 class EventLogReader:
@@ -294,11 +324,17 @@ def _header(record: dict[str, Any], where: str) -> LogHeader:
     pid = record.get("pid")
     host = record.get("host")
     ts = record.get("timestamp")
+    boot = record.get("boot")
+    ticks = record.get("start_ticks")
+    pidns = record.get("pidns")
     return LogHeader(
         version=version,
         pid=pid if isinstance(pid, int) else None,
         host=host if isinstance(host, str) else None,
         timestamp=float(ts) if isinstance(ts, int | float) else None,
+        boot_id=boot if isinstance(boot, str) else None,
+        start_ticks=ticks if isinstance(ticks, int) else None,
+        pid_namespace=pidns if isinstance(pidns, int) else None,
     )
 
 

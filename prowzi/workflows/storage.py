@@ -345,9 +345,9 @@ _SPARE_LOW = 8
 _SPARE_HIGH = 24
 
 
-def _flock_nb(fd: int) -> bool:
+def _flock_nb(fd: int, *, shared: bool = False) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False
@@ -1124,8 +1124,11 @@ class LocalDirectoryStore(CheckpointStore):
         lock_path, _ = self._lock_paths(key)
         if not lock_path.exists():
             return False
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
+        # A shared probe on a read-only descriptor: it conflicts with the holder's exclusive
+        # lock, and works on a read-only store and over NFS (where an exclusive flock needs
+        # a descriptor open for writing).
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return not _flock_nb(fd)  # closing the descriptor releases a lock we got
+            return not _flock_nb(fd, shared=True)  # closing it releases a lock we got
         finally:
             os.close(fd)

@@ -34,7 +34,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +87,10 @@ _INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
 _HEADER_MARK = b'{"event":"' + HEADER_KIND.encode() + b'"'
 """How a writer's header line starts (see :class:`EventLogWriter`)."""
-_RUN_ENDS = frozenset((WorkflowCompleted.kind, WorkflowFailed.kind))
+_RUN_ENDS: dict[str, SessionStatus] = {
+    WorkflowCompleted.kind: "completed",
+    WorkflowFailed.kind: "failed",
+}
 _IDLE_SECONDS = 2.0
 _LOG_RETRY_SECONDS = 1.0
 _PROMPT_IN_INDEX = 200
@@ -494,8 +497,10 @@ class SessionRecorder:
 class _LogFacts:
     """What the end of an event log says (see :meth:`TelemetryCollector._log_facts`)."""
 
-    ended: bool
+    ended: SessionStatus | None
+    """``completed`` or ``failed`` when the log's last event ends the run."""
     header: LogHeader | None
+    """The newest writer's header; None when there is none or it cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,27 +928,31 @@ class TelemetryCollector:
         try:
             data = self.event_log_path(session_id).read_bytes()
         except OSError:
-            return _LogFacts(ended=False, header=None)
-        ended: bool | None = None
+            return _LogFacts(ended=None, header=None)
+        ended: SessionStatus | None = None
         header: LogHeader | None = None
+        seen_event = seen_header = False
         # complete lines only, newest first (a partial last line is still being written)
         for line in reversed(data[: data.rfind(b"\n") + 1].splitlines()):
             if not line.strip():
                 continue
             if line.startswith(_HEADER_MARK):
-                if header is None:
+                if not seen_header:  # only the newest writer counts, readable or not
+                    seen_header = True
                     with contextlib.suppress(TelemetryError):
                         decoded = decode_line(line, "a log header")
                         header = decoded if isinstance(decoded, LogHeader) else None
-            elif ended is None:
+            elif not seen_event:
+                seen_event = True
                 try:
                     record = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     record = None
-                ended = isinstance(record, dict) and record.get("event") in _RUN_ENDS
-            if header is not None and ended is not None:
+                kind = record.get("event") if isinstance(record, dict) else None
+                ended = _RUN_ENDS.get(kind) if isinstance(kind, str) else None
+            if seen_header and seen_event:
                 break
-        return _LogFacts(ended=bool(ended), header=header)
+        return _LogFacts(ended=ended, header=header)
 
     def _caught_up(
         self, metrics: WorkflowMetrics, facts: _LogFacts | None = None
@@ -954,7 +963,7 @@ class TelemetryCollector:
         writer may be about to."""
         if metrics.status != "running":
             return metrics
-        if not (facts or self._log_facts(metrics.session_id)).ended:
+        if (facts or self._log_facts(metrics.session_id)).ended is None:
             return metrics
         try:
             return self._derive(metrics.session_id, tolerate_partial=True)
@@ -1057,13 +1066,9 @@ class TelemetryCollector:
                 rows.pop(session_id, None)  # removed since the directory was listed
                 return
             row = rows.get(session_id)
-            if (
-                row is not None
-                and row[3] == _signature(stat)
-                and (row[2] != "running" or not facts(session_id).ended)
-            ):
+            if row is not None and row[3] == _signature(stat):
                 return
-            line = _index_line(self._entry_from_file(session_id, stat, facts))
+            line = _index_line(self._entry_from_file(session_id, stat))
             for fresh_row in _index_rows(line):
                 rows[session_id] = fresh_row
                 fresh.append(line)
@@ -1077,11 +1082,16 @@ class TelemetryCollector:
             return known_facts[session_id]
 
         def reported(row: _IndexRow) -> str:
-            # a running row whose writer is gone is reported interrupted (not cached in the
-            # index: the writer's liveness is not a property of the file)
+            # The index caches what the file says; for a file that says running, the log
+            # tells more (not cached: the log and the writer change without the file):
+            # the run's end (its writer was stopped before writing the file), or that the
+            # writer is gone.
             if row[2] != "running":
                 return row[2]
-            header = facts(row[1]).header
+            found = facts(row[1])
+            if found.ended is not None:
+                return found.ended
+            header = found.header
             gone = header is not None and header_writer_gone(header) is not None
             return "interrupted" if gone else "running"
 
@@ -1105,13 +1115,21 @@ class TelemetryCollector:
                     check(session_id)
                     checked.add(session_id)
         self._refresh_index(fresh, list(rows.values()), index_lines)
-        summaries = [self._row_summary(r) for r in selected]
-        return [
-            replace(summary, status="interrupted")
-            if summary.status == "running" and reported(row) == "interrupted"
-            else summary
-            for row, summary in zip(selected, summaries, strict=True)
-        ]
+        return [self._reported_summary(row, reported(row), files) for row in selected]
+
+    def _reported_summary(
+        self, row: _IndexRow, status: str, files: dict[str, os.DirEntry[str]]
+    ) -> SessionSummary:
+        summary = self._row_summary(row)
+        if summary.status != "running" or status == "running":
+            return summary
+        if status == "interrupted":
+            return replace(summary, status="interrupted")
+        try:  # the log has the run's end: its record, derived (never written back)
+            metrics = self._derive(row[1], tolerate_partial=True)
+            return _summary(_index_entry(metrics, files[row[1]].stat()))
+        except (TelemetryError, OSError):
+            return summary
 
     def _row_summary(self, row: _IndexRow) -> SessionSummary:
         try:
@@ -1146,19 +1164,10 @@ class TelemetryCollector:
                         continue
                 yield session_id, entry
 
-    def _entry_from_file(
-        self,
-        session_id: str,
-        stat: os.stat_result,
-        facts: Callable[[str], _LogFacts] | None = None,
-    ) -> dict[str, Any]:
+    def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
         path = self.output_dir / f"{session_id}.json"
         try:
             metrics = self._parse(session_id, path, path.read_bytes())
-            if metrics.status == "running":
-                # A log that ended makes the entry terminal; cached under this file's
-                # signature, it holds until a writer rewrites the file.
-                metrics = self._caught_up(metrics, facts(session_id) if facts else None)
         except CorruptSessionError as exc:
             return _corrupt_entry(session_id, stat, exc.reason)
         except OSError as exc:
