@@ -206,9 +206,20 @@ def _process_stat(pid: int) -> tuple[bytes | None, int | None]:
         return None, None
 
 
+_IDENTITY: tuple[int, dict[str, Any]] | None = None
+
+
 def _process_identity() -> dict[str, Any]:
     """What tells this process apart from a later one with its pid: the boot, its start
-    time in clock ticks since boot, and its PID namespace (for the log header)."""
+    time in clock ticks since boot, and its PID namespace (for the log header). Read once
+    per process (a forked child reads its own)."""
+    global _IDENTITY
+    if _IDENTITY is None or _IDENTITY[0] != os.getpid():
+        _IDENTITY = (os.getpid(), _read_identity())
+    return dict(_IDENTITY[1])
+
+
+def _read_identity() -> dict[str, Any]:
     identity: dict[str, Any] = {}
     with (
         contextlib.suppress(OSError),
