@@ -309,6 +309,50 @@ def test_openapi_health_and_metrics(shared_service: Service) -> None:
     assert response.text.rstrip().endswith("# EOF")
 
 
+def _killed_after_its_last_checkpoint(cwd: Path, session_id: str) -> None:
+    """A session whose process saved its last checkpoint and died before it logged its end:
+    run to completion in a child process, then its record cut back to before the end."""
+    script = (
+        "import asyncio\n"
+        "from pathlib import Path\n"
+        "from prowzi.config import ProwziConfig\n"
+        "from prowzi.testing import noop_agents\n"
+        "from prowzi.workflows import ProwziOrchestrator\n"
+        "from prowzi.workflows.tracing import NullTracer\n"
+        "config = ProwziConfig(enable_checkpointing=True,\n"
+        "    checkpoint_dir=Path('prowzi_checkpoints'), telemetry_dir=Path('prowzi_telemetry'))\n"
+        "orch = ProwziOrchestrator(config=config, agents=noop_agents(), tracer=NullTracer())\n"
+        f"asyncio.run(orch.run_research('x', session_id={session_id!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=cwd, env=subprocess_env(), check=True)
+    from prowzi.workflows.telemetry import SessionRecorder, TelemetryCollector
+
+    telemetry = TelemetryCollector(cwd / "prowzi_telemetry")
+    log = telemetry.event_log_path(session_id)
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert b"workflow_completed" in lines[-1]
+    log.write_bytes(b"".join(lines[:-1]))
+    stale = SessionRecorder.from_events(session_id, telemetry.read_events(session_id)).metrics
+    assert stale is not None
+    telemetry.session_path(session_id).write_text(json.dumps(stale.to_dict(), default=str))
+
+
+def test_an_interrupted_session_with_every_checkpoint_is_settled_by_a_resume(
+    tmp_path: Path,
+) -> None:
+    _killed_after_its_last_checkpoint(tmp_path, "almost")
+    svc = Service(tmp_path)
+    try:
+        assert svc.client.get("/runs/almost").json()["state"] == "interrupted"
+        response = svc.client.post("/runs/almost/resume")
+        assert response.status_code == 202, response.text
+        info = svc.wait_state("almost", "completed")
+        assert info["telemetry"]["success"] is True
+        assert svc.client.post("/runs/almost/resume").status_code == 409  # settled: complete
+    finally:
+        svc.stop()
+
+
 def test_sigterm_checkpoints_runs_in_flight_and_a_restart_resumes_them(
     tmp_path: Path,
 ) -> None:

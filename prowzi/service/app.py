@@ -174,6 +174,13 @@ def create_app(
             telemetry_reader.append(TelemetryCollector(output_dir=config.telemetry_dir))
         return telemetry_reader[0]
 
+    def _interrupted(sid: str) -> bool:
+        """Whether the session's telemetry says its writer died before it finished."""
+        try:
+            return telemetry().status_of(telemetry().load_session(sid)) == "interrupted"
+        except TelemetryError:
+            return False
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
@@ -371,10 +378,14 @@ def create_app(
         "/runs/{session_id}/resume", status_code=202, response_model=RunAccepted, tags=["runs"]
     )
     async def resume_run(session_id: str) -> Any:
-        """Resume a session from its latest checkpoint (completed stages are not re-run)."""
+        """Resume a session from its latest checkpoint (completed stages are not re-run).
+
+        A session complete in its checkpoints has nothing to resume (409), unless its record
+        says it was interrupted (killed after its last checkpoint): the resume then runs
+        nothing and records it completed."""
         sid = _session(session_id)
         try:
-            record = await manager.resume(sid)
+            record = await manager.resume(sid, settle_complete=_interrupted(sid))
         except ServiceUnavailableError as exc:
             return _error(503, str(exc), {"Retry-After": "30"})
         except QueueFullError as exc:

@@ -244,14 +244,18 @@ class RunManager:
         self._check_capacity()
         return self._admit(session_id, "run", prompt, max_results_per_query)
 
-    async def resume(self, session_id: str) -> RunRecord:
-        """Accept a resume of ``session_id`` from its latest checkpoint."""
+    async def resume(self, session_id: str, *, settle_complete: bool = False) -> RunRecord:
+        """Accept a resume of ``session_id`` from its latest checkpoint.
+
+        A session whose checkpoints are complete has nothing to resume, unless
+        ``settle_complete``: its record says it was interrupted (killed after its last
+        checkpoint), and the resume, running nothing, records it completed."""
         self._check_capacity()
         existing = self.records.get(session_id)
         if existing is not None and not existing.done:
             raise RunConflictError(f"session {session_id} is {existing.state}; nothing to resume")
         plan = await asyncio.to_thread(self.orchestrator.plan_resume, session_id)
-        if plan.complete:
+        if plan.complete and not settle_complete:
             raise RunConflictError(f"session {session_id} is complete; nothing to resume")
         # Another request may have resumed it, or filled the queue, while the plan was read.
         existing = self.records.get(session_id)
