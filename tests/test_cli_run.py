@@ -74,6 +74,8 @@ def test_run_writes_a_cited_document_offline(module: bool, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     session = re.search(r"Session: (\S+)", proc.stdout)
     assert session is not None
+    # the main job says nothing else on stderr (no warning about checkpoints it never took)
+    assert proc.stderr.splitlines() == [f"session: {session.group(1)}"]
     document = tmp_path / f"{session.group(1)}.md"
     text = document.read_text(encoding="utf-8")
     assert "quantum" in text.lower()

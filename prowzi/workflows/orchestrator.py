@@ -611,7 +611,7 @@ class ProwziOrchestrator:
         )
         if bus.errors:
             metadata["sink_errors"] = dict(bus.errors)
-        if pending:
+        if checkpointing and pending:  # stages a save failed to cover
             metadata["unsaved_stages"] = list(pending)
         return ResearchResult(
             **{name: getattr(run.state, name) for name in WorkflowState.model_fields},
