@@ -16,12 +16,13 @@ import typer
 from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from rich.console import Console
 
     from prowzi.config.paths import DirectorySetting
-    from prowzi.workflows.telemetry import TelemetryCollector, WorkflowMetrics
+    from prowzi.workflows.telemetry import SessionStatus, TelemetryCollector, WorkflowMetrics
 
 
 def register(app: typer.Typer) -> None:
@@ -37,14 +38,23 @@ def _collector() -> TelemetryCollector:
     return TelemetryCollector(_directory("telemetry_dir"))
 
 
-def _starting(session_id: str) -> bool:
-    """Whether a run or resume of the session holds its checkpoint lock: a resume of an
+def _reporter() -> Callable[[SessionStatus, str], SessionStatus]:
+    """``(status, session_id) -> status`` as the command reports it: ``interrupted`` stays so
+    unless a run or resume of the session holds its checkpoint lock (a resume of an
     interrupted session takes the lock before it logs anything, so until its first event its
-    telemetry still shows the writer that was killed."""
+    telemetry still shows the writer that was killed). One store serves the command."""
     from prowzi.workflows.storage import LocalDirectoryStore
 
-    store = LocalDirectoryStore(_directory("checkpoint_dir"), spares=False)
-    return store.holder(session_id) is not None
+    stores: list[LocalDirectoryStore] = []
+
+    def reported(status: SessionStatus, session_id: str) -> SessionStatus:
+        if status != "interrupted":
+            return status
+        if not stores:
+            stores.append(LocalDirectoryStore(_directory("checkpoint_dir"), spares=False))
+        return "running" if stores[0].holder(session_id) is not None else status
+
+    return reported
 
 
 def _directory(field: DirectorySetting) -> Path:
@@ -92,10 +102,9 @@ def sessions(
 ) -> None:
     """List recorded sessions, newest first. Unreadable session files are marked corrupt."""
     with user_errors():
+        reported = _reporter()
         rows = [
-            replace(row, status="running")
-            if row.status == "interrupted" and _starting(row.session_id)
-            else row
+            replace(row, status=reported(row.status, row.session_id))
             for row in _collector().list_sessions(limit=limit, status=status)
         ]
         if status == "interrupted":
@@ -204,9 +213,7 @@ def show(
         checkpoints = _checkpoints(session_id)
         log_path = collector.event_log_path(session_id)
         document = metrics.metadata.get("document_path")
-        status = collector.status_of(metrics)
-        if status == "interrupted" and _starting(session_id):
-            status = "running"
+        status = _reporter()(collector.status_of(metrics), session_id)
         if json_output:
             _print_json(
                 {

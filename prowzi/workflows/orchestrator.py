@@ -365,11 +365,9 @@ class ProwziOrchestrator:
         stages were all restored (as a workflow engine records a re-run served from its
         cache), so telemetry ends complete even when the run that got this far was killed
         before it could say so."""
+        run = self._resumed_run(plan, checkpoint, callback, document)
         if document is not None:
-            _write_atomic(document, checkpoint.to_state().document)
-        run = self._resumed_run(plan, checkpoint, callback, None)
-        run.params = self._parameters(**checkpoint.metadata.parameters)  # nothing used others
-        run.document_path = document  # recorded (written above)
+            _write_atomic(document, run.state.document)
         result = await self._execute(run, lock=False, write_document=False)
         result.metadata.update(
             already_complete=True,
@@ -386,9 +384,9 @@ class ProwziOrchestrator:
         document: Path | None,
     ) -> _Run:
         meta = checkpoint.metadata
-        params = self._parameters(
-            **{**meta.parameters, **{k: v[1] for k, v in plan.changed_parameters.items()}}
-        )
+        # a complete plan runs nothing: no changed parameter was used
+        changed = {} if plan.complete else {k: v[1] for k, v in plan.changed_parameters.items()}
+        params = self._parameters(**{**meta.parameters, **changed})
         state = checkpoint.to_state()
         specs = {s.name: s for s in self.stages}
         kept = {f for p in plan.stages if p.mode == "restore" for f in specs[p.stage].writes}

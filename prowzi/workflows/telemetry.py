@@ -503,6 +503,17 @@ class _LogFacts:
     """The newest writer's header; None when there is none or it cannot be read."""
 
 
+def _running_status(facts: _LogFacts) -> SessionStatus:
+    """How to report a session its file records as running, from what its log says: the
+    run's end (its writer was stopped before writing the file), ``interrupted`` when the
+    writer is gone, else running."""
+    if facts.ended is not None:
+        return facts.ended
+    if facts.header is not None and header_writer_gone(facts.header) is not None:
+        return "interrupted"
+    return "running"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
     """One row of :meth:`TelemetryCollector.list_sessions`."""
@@ -912,15 +923,9 @@ class TelemetryCollector:
         """The session's status as a reader should report it: ``interrupted`` when it is
         recorded as running but the process writing it is gone (killed, or its machine
         restarted); ``prowzi resume`` continues it from its last checkpoint."""
-        if metrics.status == "running" and self.writer_gone(metrics.session_id):
-            return "interrupted"
-        return metrics.status
-
-    def writer_gone(self, session_id: str) -> str | None:
-        """Why the process that last opened the session's event log cannot finish the run,
-        or None while it may (or when there is no log to tell)."""
-        header = self._log_facts(session_id).header
-        return header_writer_gone(header) if header is not None else None
+        if metrics.status != "running":
+            return metrics.status
+        return _running_status(self._log_facts(metrics.session_id))
 
     def _log_facts(self, session_id: str) -> _LogFacts:
         """What the end of the session's event log says: whether its last event ends the
@@ -954,16 +959,14 @@ class TelemetryCollector:
                 break
         return _LogFacts(ended=ended, header=header)
 
-    def _caught_up(
-        self, metrics: WorkflowMetrics, facts: _LogFacts | None = None
-    ) -> WorkflowMetrics:
+    def _caught_up(self, metrics: WorkflowMetrics) -> WorkflowMetrics:
         """``metrics`` from a session file, or, when the file still says running but the
         event log has the run's end (its writer was stopped between logging the end and
         writing the file), the record the log gives. Readers never rewrite the file: a live
         writer may be about to."""
         if metrics.status != "running":
             return metrics
-        if (facts or self._log_facts(metrics.session_id)).ended is None:
+        if self._log_facts(metrics.session_id).ended is None:
             return metrics
         try:
             return self._derive(metrics.session_id, tolerate_partial=True)
@@ -1086,14 +1089,7 @@ class TelemetryCollector:
             # tells more (not cached: the log and the writer change without the file):
             # the run's end (its writer was stopped before writing the file), or that the
             # writer is gone.
-            if row[2] != "running":
-                return row[2]
-            found = facts(row[1])
-            if found.ended is not None:
-                return found.ended
-            header = found.header
-            gone = header is not None and header_writer_gone(header) is not None
-            return "interrupted" if gone else "running"
+            return row[2] if row[2] != "running" else _running_status(facts(row[1]))
 
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
