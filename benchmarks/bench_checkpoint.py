@@ -277,9 +277,13 @@ class DesignFloor:
             os.fsync(dfd)
             os.close(dfd)
         self.sidecar = os.urandom(900)
+        if orjson.dumps(state, default=vars) != orjson.dumps(state.model_dump()):
+            raise SystemExit("the design floor's encoding differs from model_dump's")
 
     def write(self, i: int) -> None:
-        body = orjson.dumps(self.state.model_dump())
+        # The fastest encoding of these models known: orjson walking their __dict__ (the
+        # same bytes as model_dump's, which costs about three times as much).
+        body = orjson.dumps(self.state, default=vars)
         hashlib.sha256(body).hexdigest()
         for suffix, data, durable in ((".pkl", body, True), (".json", self.sidecar, False)):
             path, fd = self.files.pop()

@@ -28,6 +28,7 @@ from test_checkpoint_support import (
 )
 
 from prowzi import __version__
+from prowzi.agents import models as m
 from prowzi.config import ProwziConfig
 from prowzi.errors import (
     CheckpointIntegrityError,
@@ -145,6 +146,50 @@ def test_stage_metrics_with_values_orjson_cannot_encode_still_save(
         parameters=params(),
     )
     assert manager.load_checkpoint(SESSION).stage_metrics == {"big": 2**70}
+
+
+def test_the_fast_state_encoding_is_byte_for_byte_model_dump(manager: CheckpointManager) -> None:
+    # _dump_state hands orjson the models' __dict__; it must equal model_dump's JSON exactly
+    # (checkpoints written before, and by the slow path, hash the same bytes).
+    state = full_state().model_copy(update={"stage_metrics": {"intent": {"when": 1.5}}})
+    assert cp._dump_state(state) == orjson.dumps(state.model_dump())
+    for stage in STAGES:
+        partial = state_after(stage)
+        assert cp._dump_state(partial) == orjson.dumps(partial.model_dump())
+    assert m.WorkflowState in cp._PLAIN_MODELS and m.Source in cp._PLAIN_MODELS
+
+
+class _Annotated(m.Source):
+    """A subclass with a field the declared type lacks: model_dump leaves it out."""
+
+    note: str = "kept out"
+
+
+def test_values_the_fast_encoding_does_not_know_take_the_slow_path(
+    manager: CheckpointManager,
+) -> None:
+    state = full_state()
+    assert state.search is not None
+    source = _Annotated(**state.search.sources[0].model_dump())
+    search = state.search.model_copy(update={"sources": [source, *state.search.sources[1:]]})
+    metrics = {"model": m.CorpusInfo(path="/c", documents=1, fingerprint="f"), "set": {1}}
+    odd = state.model_copy(update={"search": search, "stage_metrics": metrics})
+    # The subclass is written as its declared type, and the set as a list, as pydantic does.
+    assert cp._dump_state(odd) == odd.model_dump_json().encode()
+    assert b"kept out" not in cp._dump_state(odd)
+    manager.save(
+        session_id=SESSION,
+        stage="turnitin",
+        state=odd,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+    loaded = manager.load_checkpoint(SESSION)
+    assert loaded.search is not None and loaded.search.sources == state.search.sources
+    assert loaded.stage_metrics == {
+        "model": {"path": "/c", "documents": 1, "fingerprint": "f", "sample": False},
+        "set": [1],
+    }
 
 
 def test_zlib_compression_is_recorded_and_round_trips(directory: Path) -> None:

@@ -37,6 +37,7 @@ a hash chain that :meth:`CheckpointManager.verify_chain` walks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -49,7 +50,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -1118,7 +1119,46 @@ def _seal(header_doc: dict[str, Any], body: bytes, key: bytes | None) -> bytes:
     return b"".join((prefix, body, mac))
 
 
+def _plain_models(root: type[BaseModel]) -> frozenset[type[BaseModel]]:
+    """The model classes reachable from ``root``'s fields that serialise exactly as their
+    ``__dict__`` (what ``model_dump()`` gives for them): no serializers, computed fields,
+    excluded fields or extra values."""
+    found: set[type[BaseModel]] = set()
+    pending: list[Any] = [root]
+    while pending:
+        tp = pending.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in found:
+                continue
+            found.add(tp)
+            pending.extend(f.annotation for f in tp.model_fields.values())
+        else:
+            pending.extend(get_args(tp))
+    return frozenset(
+        cls
+        for cls in found
+        if not cls.model_computed_fields
+        and cls.model_config.get("extra") != "allow"
+        and not cls.__pydantic_decorators__.field_serializers
+        and not cls.__pydantic_decorators__.model_serializers
+        and not any(f.exclude for f in cls.model_fields.values())
+    )
+
+
+_PLAIN_MODELS = _plain_models(WorkflowState)
+
+
+def _fields_of(obj: object) -> dict[str, Any]:
+    """orjson's hook for the state's own models: their field values, as ``model_dump()``
+    would give them, without building the dicts first (a quarter of the time)."""
+    if type(obj) in _PLAIN_MODELS:
+        return obj.__dict__
+    raise TypeError  # anything else (a subclass, a foreign value): the slow path below
+
+
 def _dump_state(state: WorkflowState) -> bytes:
+    with contextlib.suppress(TypeError):
+        return orjson.dumps(state, default=_fields_of)
     try:
         return orjson.dumps(state.model_dump())
     except TypeError:
