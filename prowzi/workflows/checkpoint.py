@@ -357,7 +357,7 @@ class CheckpointManager:
         header_doc = metadata.model_dump(mode="json")
         name = f"{checkpoint_id}.pkl"
         try:
-            self.store.put(
+            token = self.store.put(
                 name, _seal(header_doc, body, self._key), meta=header_doc, recoverable=True
             )
         except OSError as exc:
@@ -365,7 +365,6 @@ class CheckpointManager:
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
                 f"{exc.strerror or exc}; the previous checkpoint is intact"
             ) from exc
-        token = self.store.token(name)
         if token is not None:
             self._heads[name] = (token, metadata.payload_sha256)
         self._write_sidecar(checkpoint_id, header_doc)
@@ -375,17 +374,20 @@ class CheckpointManager:
         # Derived data: not fsynced, and a failure only costs a rewrite on the next load.
         name = f"{checkpoint_id}.json"
         try:
-            self.store.put(
+            token = self.store.put(
                 name, orjson.dumps(header_doc, option=orjson.OPT_INDENT_2) + b"\n", durable=False
             )
         except OSError as exc:
             self._sidecars.pop(name, None)
             log.warning("could not write the metadata of checkpoint %s: %s", checkpoint_id, exc)
             return
-        self._sidecar_checked(name, header_doc)
+        self._sidecar_checked(name, header_doc, token)
 
-    def _sidecar_checked(self, name: str, header_doc: dict[str, Any]) -> None:
-        token = self.store.token(name)
+    def _sidecar_checked(
+        self, name: str, header_doc: dict[str, Any], token: str | None = None
+    ) -> None:
+        if token is None:
+            token = self.store.token(name)
         if token is None:
             self._sidecars.pop(name, None)
         else:

@@ -112,12 +112,13 @@ class CheckpointStore(ABC):
         meta: dict[str, Any] | None = None,
         durable: bool = True,
         recoverable: bool = False,
-    ) -> None:
+    ) -> str | None:
         """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
         ``recoverable`` says the caller can recognise the blob and name it again
-        (:meth:`recover`), which lets a store defer part of a durable put.
+        (:meth:`recover`), which lets a store defer part of a durable put. Returns the new
+        blob's :meth:`token` (None when the store cannot tell).
         """
 
     @abstractmethod
@@ -225,11 +226,13 @@ class InMemoryStore(CheckpointStore):
         meta: dict[str, Any] | None = None,
         durable: bool = True,
         recoverable: bool = False,
-    ) -> None:
+    ) -> str:
         validate_blob_name(name)
         with self._mutex:
             self._counter += 1
-            self._blobs[name] = (bytes(data), time.time(), f"m{self._counter}", meta)
+            token = f"m{self._counter}"
+            self._blobs[name] = (bytes(data), time.time(), token, meta)
+        return token
 
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
         validate_blob_name(name)
@@ -593,6 +596,9 @@ class LocalDirectoryStore(CheckpointStore):
         self._index_dir = self.root / ".index"
         self._lock_dir = self.root / ".locks"
         self._manifest = self._index_dir / "manifest.jsonl"
+        self._index_path = os.fspath(self._index_dir)
+        self._manifest_path = os.fspath(self._manifest)
+        self._index_lock_path = os.path.join(self._index_path, "lock")
         self._mutex = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._stamp: tuple[int, int] | None = None
@@ -611,7 +617,7 @@ class LocalDirectoryStore(CheckpointStore):
         return self._dir + validate_blob_name(name)
 
     def _ensure_dirs(self) -> None:
-        if self._index_dir.is_dir():
+        if os.path.isdir(self._index_path):
             return
         created_root = not self.root.is_dir()
         if created_root and self.root.exists():
@@ -632,7 +638,7 @@ class LocalDirectoryStore(CheckpointStore):
         meta: dict[str, Any] | None = None,
         durable: bool = True,
         recoverable: bool = False,
-    ) -> None:
+    ) -> str:
         final = self._path(name)
         self._ensure_dirs()
         durable = durable and self.fsync
@@ -653,6 +659,7 @@ class LocalDirectoryStore(CheckpointStore):
                 self._append(
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
                 )
+        return token
 
     @staticmethod
     def _write_all(fd: int, data: bytes) -> None:
@@ -871,7 +878,7 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             try:
                 self._ensure_dirs()
-                fd = os.open(self._index_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(self._index_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 # A read-only directory: nobody can be writing the index, so no lock is needed.
                 log.debug("no index lock in %s: %s", self.root, exc)
@@ -888,7 +895,9 @@ class LocalDirectoryStore(CheckpointStore):
         try:
             with self._index_lock():
                 fd = os.open(
-                    self._manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    self._manifest_path,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                    0o600,
                 )
                 try:
                     os.write(fd, payload)
