@@ -100,7 +100,7 @@ def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> No
     assert meta.prompt == params().prompt
     assert meta.parameters == params(max_results_per_query=30).model_dump()
     assert meta.prowzi_version == __version__
-    assert meta.format_version == FORMAT_VERSION == 1
+    assert meta.format_version == FORMAT_VERSION == 2
     assert meta.compression == "none"
     assert meta.previous_hash is None
     assert meta.signed is False
@@ -148,15 +148,96 @@ def test_stage_metrics_with_values_orjson_cannot_encode_still_save(
     assert manager.load_checkpoint(SESSION).stage_metrics == {"big": 2**70}
 
 
-def test_the_fast_state_encoding_is_byte_for_byte_model_dump(manager: CheckpointManager) -> None:
-    # _dump_state hands orjson the models' __dict__; it must equal model_dump's JSON exactly
-    # (checkpoints written before, and by the slow path, hash the same bytes).
-    state = full_state().model_copy(update={"stage_metrics": {"intent": {"when": 1.5}}})
-    assert cp._dump_state(state) == orjson.dumps(state.model_dump())
-    for stage in STAGES:
+def verified_state() -> m.WorkflowState:
+    """The full state with four search sources: three verified (the search's own objects, as
+    the verification agent keeps them) and one rejected."""
+    state = full_state()
+    assert state.search is not None
+    first = state.search.sources[0]
+    sources = [first, *(first.model_copy(update={"source_id": f"corpus/{i}.md"}) for i in "abc")]
+    verification = m.VerificationAgentResult(
+        verified=sources[:3],
+        rejected=[m.RejectedSource(source=sources[3], reasons=["off topic"])],
+        relevance_threshold=0.15,
+    )
+    search = state.search.model_copy(update={"sources": sources})
+    return state.model_copy(update={"search": search, "verification": verification})
+
+
+def _unshared(doc: dict[str, Any]) -> dict[str, Any]:
+    """A format 2 state document with every source index replaced by the source it names."""
+    verification, search = doc.get("verification"), doc.get("search")
+    if verification is not None:
+        pool = search["sources"] if search is not None else []
+        verification["verified"] = [
+            pool[v] if isinstance(v, int) else v for v in verification["verified"]
+        ]
+        for rejected in verification["rejected"]:
+            if isinstance(rejected["source"], int):
+                rejected["source"] = pool[rejected["source"]]
+    return doc
+
+
+def test_the_fast_state_encoding_is_model_dump_with_shared_sources_written_once(
+    manager: CheckpointManager,
+) -> None:
+    # _dump_state hands orjson the models' __dict__: apart from the sources it shares, it
+    # must be model_dump's JSON exactly (the slow path writes that, and format 1 did).
+    state = verified_state().model_copy(update={"stage_metrics": {"intent": {"when": 1.5}}})
+    encoded = cp._dump_state(state)
+    assert _unshared(orjson.loads(encoded)) == state.model_dump()
+    assert len(encoded) < 0.9 * len(orjson.dumps(state.model_dump()))
+    for stage in STAGES[:3]:  # nothing to share before verification: byte for byte
         partial = state_after(stage)
         assert cp._dump_state(partial) == orjson.dumps(partial.model_dump())
     assert m.WorkflowState in cp._PLAIN_MODELS and m.Source in cp._PLAIN_MODELS
+
+
+def test_verified_sources_are_the_search_sources_again_after_a_load(
+    manager: CheckpointManager,
+) -> None:
+    """In a run, verification keeps the search's Source objects; a checkpoint writes each once
+    and a load gives back one object per source, shared as it was."""
+    state = verified_state()
+    assert state.search is not None and state.verification is not None
+    copied = state.verification.verified[0].model_copy()  # equal, but not the search's own
+    verification = state.verification.model_copy(
+        update={"verified": [copied, *state.verification.verified[1:]]}
+    )
+    state = state.model_copy(update={"verification": verification})
+    manager.save(
+        session_id=SESSION,
+        stage="turnitin",
+        state=state,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+    body = body_of(manager.checkpoint_dir / f"{SESSION}_turnitin.pkl")["state"]["verification"]
+    assert isinstance(body["verified"][0], dict)  # a distinct object stays distinct
+    assert all(isinstance(v, int) for v in body["verified"][1:])
+    assert all(isinstance(r["source"], int) for r in body["rejected"])
+    loaded = manager.load_checkpoint(SESSION)
+    assert loaded.to_state() == state
+    assert loaded.search is not None and loaded.verification is not None
+    loaded_sources = loaded.search.sources
+    assert all(any(v is s for s in loaded_sources) for v in loaded.verification.verified[1:])
+    assert not any(loaded.verification.verified[0] is s for s in loaded_sources)
+    assert all(any(r.source is s for s in loaded_sources) for r in loaded.verification.rejected)
+    assert type(loaded.verification) is m.VerificationAgentResult
+    assert type(loaded.verification.rejected[0]) is m.RejectedSource
+
+
+def test_a_format_1_checkpoint_loads_and_chains(manager: CheckpointManager) -> None:
+    """Format 1 wrote every source in full: such a file still loads, lists and verifies."""
+    save_run(manager, SESSION, ("intent", "planning", "search", "verification"))
+    path = manager.checkpoint_dir / f"{SESSION}_verification.pkl"
+    body = body_of(path)
+    body["state"] = _unshared(body["state"])
+    rewrite(path, header={"format_version": 1}, body=orjson.dumps(body))
+    older = CheckpointManager(manager.checkpoint_dir)
+    assert older.load_checkpoint(SESSION).to_state() == state_after("verification")
+    assert [r["format_version"] for r in older.list_checkpoints()] == [FORMAT_VERSION] * 4
+    older.verify_chain(SESSION)
 
 
 class _Annotated(m.Source):
@@ -485,8 +566,9 @@ def test_an_empty_key_is_refused(directory: Path) -> None:
 
 def test_a_newer_format_is_refused_with_a_clear_message(manager: CheckpointManager) -> None:
     save_run(manager, SESSION, ("intent",))
-    rewrite(manager.checkpoint_dir / f"{SESSION}_intent.pkl", header={"format_version": 2})
-    with pytest.raises(CheckpointIntegrityError, match=r"format 2 by a newer Prowzi.*upgrade"):
+    newer = FORMAT_VERSION + 1
+    rewrite(manager.checkpoint_dir / f"{SESSION}_intent.pkl", header={"format_version": newer})
+    with pytest.raises(CheckpointIntegrityError, match=rf"format {newer} by a newer Prowzi.*upgr"):
         manager.load_checkpoint(SESSION)
 
 

@@ -158,6 +158,38 @@ def test_a_json_body_outside_the_schema_is_refused(
     assert_refused(manager, VICTIM, target, "not a Prowzi workflow state")
 
 
+@pytest.mark.parametrize(
+    ("reference", "match"),
+    [
+        (10**6, "names search source 1000000, and the search has"),
+        (-1, "not a Prowzi workflow state"),
+        (True, "not a Prowzi workflow state"),
+        (1.0, "not a Prowzi workflow state"),
+        ("0", "not a Prowzi workflow state"),
+    ],
+    ids=["out-of-range", "negative", "bool", "float", "string"],
+)
+def test_a_forged_source_index_is_refused(tmp_path: Path, reference: object, match: str) -> None:
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    save_run(manager, VICTIM, STAGES[:4])
+    target = pkl(manager, VICTIM, "verification")
+    body = body_of(target)
+    body["state"]["verification"]["verified"][0] = reference
+    rewrite(target, body=orjson.dumps(body))
+    assert_refused(manager, VICTIM, target, match)
+
+
+def test_a_source_index_without_a_search_is_refused(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    save_run(manager, VICTIM, STAGES[:4])
+    target = pkl(manager, VICTIM, "verification")
+    body = body_of(target)
+    body["state"]["search"] = None
+    body["state"]["verification"]["verified"][0] = 0
+    rewrite(target, body=orjson.dumps(body))
+    assert_refused(manager, VICTIM, target, "names search source 0, and the search has 0")
+
+
 @pytest.mark.usefixtures("no_unpickling")
 def test_every_truncation_is_refused(manager: CheckpointManager) -> None:
     target = pkl(manager, VICTIM, "search")

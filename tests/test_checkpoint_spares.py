@@ -61,7 +61,10 @@ def interrupted(directory: Path, stage: str, boot: str, session: str = SESSION) 
 def ready_spares(store: LocalDirectoryStore, directory: Path) -> set[int]:
     """Start the store's pool (a put does) and wait until it has spares; their inodes."""
     store.put("warm-up.json", b"{}", durable=False)
-    wait_for(lambda: len(spares(directory)) >= 8)
+    pool = store._pool
+    assert pool is not None
+    # Handed to the pool only once the thread has made its whole batch (files come first).
+    wait_for(lambda: len(pool._ready) >= 8)
     return {p.stat().st_ino for p in spares(directory)}
 
 

@@ -13,7 +13,8 @@ default files in ``checkpoint_dir``):
 
     The header is the :class:`CheckpointMetadata` as JSON, sealed by its own digest (so a
     flipped byte anywhere is caught, and caught before the header is parsed). The body is the
-    workflow state as JSON (``model_dump`` of the pydantic models), optionally
+    workflow state as JSON (``model_dump`` of the pydantic models, except that a verified or
+    rejected source that is one of the search's own is written as its index there), optionally
     zlib-compressed, together with the checkpoint id and the previous checkpoint's hash. The
     header records the body's size and sha256, so the HMAC covers the sealed header only and
     the body is hashed exactly once.
@@ -38,6 +39,7 @@ a hash chain that :meth:`CheckpointManager.verify_chain` walks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -50,14 +52,19 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from prowzi import __version__
 from prowzi.agents.base import RunParameters
-from prowzi.agents.models import WorkflowState
+from prowzi.agents.models import (
+    RejectedSource,
+    Source,
+    VerificationAgentResult,
+    WorkflowState,
+)
 from prowzi.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -83,8 +90,11 @@ __all__ = ["FORMAT_VERSION", "CheckpointManager", "CheckpointMetadata", "Workflo
 
 log = logging.getLogger("prowzi.checkpoint")
 
-FORMAT_VERSION = 1
-"""The checkpoint format this Prowzi writes. Newer files are refused; older ones migrated."""
+FORMAT_VERSION = 2
+"""The checkpoint format this Prowzi writes. Newer files are refused; older ones migrated.
+
+Format 2 writes each verified or rejected source that is one of the search's own sources as
+its index there (see :func:`_dump_state`); a format 1 body is a valid format 2 body."""
 
 MAGIC = b"\x89PROWZI\n"
 _LENGTH = struct.Struct(">I")
@@ -147,6 +157,23 @@ class WorkflowCheckpoint(WorkflowState):
         )
 
 
+_SourceIndex = Annotated[int, Field(ge=0, strict=True)]
+"""A source written as its position in ``state.search.sources`` (format 2)."""
+
+
+class _WireRejected(RejectedSource):
+    source: Source | _SourceIndex  # type: ignore[assignment]
+
+
+class _WireVerification(VerificationAgentResult):
+    verified: list[Source | _SourceIndex]  # type: ignore[assignment]
+    rejected: list[_WireRejected]  # type: ignore[assignment]
+
+
+class _WireState(WorkflowState):
+    verification: _WireVerification | None = None
+
+
 class _Body(BaseModel):
     """The body's schema: the only shapes a checkpoint can make Prowzi build."""
 
@@ -154,7 +181,39 @@ class _Body(BaseModel):
 
     checkpoint_id: str
     previous_hash: str | None
-    state: WorkflowState
+    state: _WireState
+
+    def workflow_state(self, where: str) -> WorkflowState:
+        """The state, each source index replaced by the search's source it names (so a
+        verified source is again the very object the search holds, as in the run)."""
+        wire = self.state
+        fields = dict(wire.__dict__)
+        verification = wire.verification
+        if verification is not None:
+            pool = wire.search.sources if wire.search is not None else []
+
+            def source(value: Source | int) -> Source:
+                if isinstance(value, Source):
+                    return value
+                if value >= len(pool):
+                    raise CheckpointIntegrityError(
+                        where,
+                        f"the payload names search source {value}, and the search has {len(pool)}",
+                    )
+                return pool[value]
+
+            values = dict(verification.__dict__)
+            values["verified"] = [source(v) for v in verification.verified]
+            values["rejected"] = [
+                RejectedSource.model_construct(
+                    r.model_fields_set, **{**r.__dict__, "source": source(r.source)}
+                )
+                for r in verification.rejected
+            ]
+            fields["verification"] = VerificationAgentResult.model_construct(
+                verification.model_fields_set, **values
+            )
+        return WorkflowState.model_construct(wire.model_fields_set, **fields)
 
 
 def _unchanged(doc: dict[str, Any]) -> dict[str, Any]:
@@ -172,8 +231,9 @@ class Migration:
     body: Callable[[dict[str, Any]], dict[str, Any]] = _unchanged
 
 
-_MIGRATIONS: dict[int, Migration] = {}
-"""Format version ``v`` -> the migration to ``v + 1``. Empty while only version 1 exists."""
+_MIGRATIONS: dict[int, Migration] = {1: Migration()}
+"""Format version ``v`` -> the migration to ``v + 1``. Format 1 needs none: its bodies are
+format 2 bodies that share no source."""
 
 
 def _session_of(name: str) -> tuple[str, str] | None:
@@ -566,7 +626,9 @@ class CheckpointManager:
 
         decoded = self._decompress(metadata, body, where)
         try:
-            if version < FORMAT_VERSION:
+            if version < FORMAT_VERSION and any(
+                _MIGRATIONS[v].body is not _unchanged for v in range(version, FORMAT_VERSION)
+            ):
                 parsed = _Body.model_validate(self._migrate_body(version, decoded, where))
             else:
                 parsed = _Body.model_validate_json(decoded)
@@ -581,7 +643,7 @@ class CheckpointManager:
             raise CheckpointIntegrityError(
                 where, f"the payload belongs to checkpoint {parsed.checkpoint_id!r}"
             )
-        return metadata, header, parsed.state
+        return metadata, header, parsed.workflow_state(where)
 
     @staticmethod
     def _decompress(metadata: CheckpointMetadata, body: memoryview, where: str) -> bytes:
@@ -1158,9 +1220,33 @@ def _fields_of(obj: object) -> dict[str, Any]:
     raise TypeError  # anything else (a subclass, a foreign value): the slow path below
 
 
+def _fields_sharing(index: dict[int, int], obj: object) -> Any:
+    """:func:`_fields_of`, but a verified or rejected source that is one of the search's
+    sources (the very object) is written as its index in ``state.search.sources``."""
+    cls = type(obj)
+    if cls is VerificationAgentResult:
+        verification: Any = obj
+        fields = dict(verification.__dict__)
+        fields["verified"] = [index.get(id(s), s) for s in verification.verified]
+        fields["rejected"] = [
+            {**r.__dict__, "source": index.get(id(r.source), r.source)}
+            if type(r) is RejectedSource
+            else r
+            for r in verification.rejected
+        ]
+        return fields
+    return _fields_of(obj)
+
+
 def _dump_state(state: WorkflowState) -> bytes:
+    """The state as JSON: ``model_dump``'s, but with shared sources written once (format
+    2). A state the fast encoding does not know is written in full, without sharing."""
+    hook: Callable[[object], Any] = _fields_of
+    if state.search is not None and state.verification is not None:
+        index = {id(s): j for j, s in enumerate(state.search.sources)}
+        hook = functools.partial(_fields_sharing, index)
     with contextlib.suppress(TypeError):
-        return orjson.dumps(state, default=_fields_of)
+        return orjson.dumps(state, default=hook)
     try:
         return orjson.dumps(state.model_dump())
     except TypeError:
