@@ -21,8 +21,11 @@ both sides alike. Two floors run in the same alternation, without Prowzi code:
   layout can meet "no slower than put" on that machine: SQLite appends to one write-ahead log
   it reuses, with no file to rename and no second file.
 
-Loads run beside a load floor: reading a file of the state's JSON, its sha256 and the strict
-validation that rebuilds the models, the steps a verified load cannot skip.
+Loads run beside a load floor: reading a file of the body a save writes, its sha256 and the
+validation that rebuilds the models, the steps a verified load cannot skip. A save writes each
+verified or rejected source that is one of the search's own once (checkpoint format 2), so
+its body is smaller than the state's ``model_dump`` JSON; the same floor for that plain JSON
+(format 1) is printed too. LangGraph stores what its serializer makes of the values.
 
 File creation costs vary a lot between directories and machines, so run with ``--dir`` on the
 filesystem you care about. The default is the current directory, where a user's
@@ -53,7 +56,7 @@ from _stats import percentile
 
 from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
-from prowzi.workflows.checkpoint import CheckpointManager
+from prowzi.workflows.checkpoint import CheckpointManager, _Body, _dump_state
 
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 _TEXT = (
@@ -295,17 +298,24 @@ class DesignFloor:
 
 
 class LoadFloor:
-    """The least a verified load costs, in the same run: read a file of the state's JSON,
-    its sha256, and the strict validation that rebuilds the models (no header, no chain)."""
+    """The least a verified load costs, in the same run: read a file of the body a save
+    writes, its sha256, and the validation that rebuilds the models (no header, no chain).
+    ``plain`` times the same for the state's plain ``model_dump`` JSON (checkpoint format 1,
+    which wrote every shared source again)."""
 
-    def __init__(self, path: Path, state: m.WorkflowState) -> None:
+    def __init__(self, path: Path, state: m.WorkflowState, *, plain: bool = False) -> None:
         self.path = path
-        path.write_bytes(state.model_dump_json().encode())
+        self.plain = plain
+        state_json = state.model_dump_json().encode() if plain else _dump_state(state)
+        path.write_bytes(b'{"checkpoint_id":"a_b","previous_hash":null,"state":%b}' % state_json)
 
     def load(self, i: int) -> None:
         data = self.path.read_bytes()
         hashlib.sha256(data).hexdigest()
-        m.WorkflowState.model_validate_json(data)
+        if self.plain:
+            m.WorkflowState.model_validate_json(data[data.index(b'"state":') + 8 : -1])
+        else:
+            _Body.model_validate_json(data).workflow_state(str(self.path))
 
 
 class LangGraphSide:
@@ -367,8 +377,15 @@ def bench_save_load(root: Path, state: m.WorkflowState, iterations: int) -> tupl
     if stored is None or stored.checkpoint["channel_values"] != langgraph.values:
         raise SystemExit("LangGraph round trip changed the state")
     load_floor = LoadFloor(root / "state.json", state)
+    plain_floor = LoadFloor(root / "plain.json", state, plain=True)
     loads = interleaved(
-        {"prowzi": prowzi.load, "langgraph": langgraph.get, "floor": load_floor.load}, iterations
+        {
+            "prowzi": prowzi.load,
+            "langgraph": langgraph.get,
+            "floor": load_floor.load,
+            "plain": plain_floor.load,
+        },
+        iterations,
     )
     size = (root / "prowzi" / f"{prowzi.last}.pkl").stat().st_size
 
@@ -384,7 +401,8 @@ def bench_save_load(root: Path, state: m.WorkflowState, iterations: int) -> tupl
     print("Floors, same run, interleaved (no Prowzi code)")
     row("issue's protocol: tmp, fsync, rename, dir fsync", saves["floor"])
     design_med = row("design floor: state JSON + sha256 + prepared file", saves["design"])
-    load_floor_med = row("load floor: read + sha256 + validate the state", loads["floor"])
+    load_floor_med = row("load floor: read + sha256 + validate the body", loads["floor"])
+    row("the same for plain model_dump JSON (format 1)", loads["plain"])
 
     typed = LangGraphSide(root / "langgraph-typed.sqlite", state, typed=True)
     typed_saves = interleaved({"prowzi": prowzi.save, "langgraph": typed.put}, iterations)

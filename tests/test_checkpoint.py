@@ -225,6 +225,14 @@ def test_verified_sources_are_the_search_sources_again_after_a_load(
     assert all(any(r.source is s for s in loaded_sources) for r in loaded.verification.rejected)
     assert type(loaded.verification) is m.VerificationAgentResult
     assert type(loaded.verification.rejected[0]) is m.RejectedSource
+    # The rebuilt models behave as validated ones do.
+    assert loaded.verification.model_fields_set == verification.model_fields_set
+    assert loaded.verification.rejected[0].model_fields_set == {"source", "reasons"}
+    assert loaded.verification.model_dump() == verification.model_dump()
+    assert m.VerificationAgentResult.model_validate(loaded.verification) == verification
+    changed = loaded.verification.model_copy(update={"relevance_threshold": 0.5})
+    assert changed.relevance_threshold == 0.5 and changed.verified == verification.verified
+    assert "relevance_threshold=0.15" in repr(loaded.verification)
 
 
 def test_a_format_1_checkpoint_loads_and_chains(manager: CheckpointManager) -> None:
