@@ -235,7 +235,7 @@ def _rebuilt(cls: type[_M], fields_set: set[str], values: dict[str, Any]) -> _M:
     return obj
 
 
-for _cls in (RejectedSource, VerificationAgentResult, WorkflowState):
+for _cls in (RejectedSource, VerificationAgentResult, WorkflowState, WorkflowCheckpoint):
     assert _cls.__pydantic_post_init__ is None and not _cls.__private_attributes__, _cls
 
 
@@ -543,8 +543,8 @@ class CheckpointManager:
             ) from None
         metadata, header_doc, state = self._verified(name, raw, check_link=True)
         self._check_sidecar(metadata, header_doc)
-        fields = {n: getattr(state, n) for n in WorkflowState.model_fields}
-        return WorkflowCheckpoint.model_construct(metadata=metadata, **fields)
+        fields = {**state.__dict__, "metadata": metadata}
+        return _rebuilt(WorkflowCheckpoint, set(fields), fields)
 
     def _refuse_newer_unreadable(self, session_id: str, latest: CheckpointMetadata | None) -> None:
         """Resuming a session must not silently fall back past a checkpoint it cannot read."""
