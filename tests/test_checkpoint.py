@@ -73,6 +73,8 @@ def test_save_writes_a_pkl_and_a_json_named_after_session_and_stage(
         parameters=params(),
     )
     assert meta.checkpoint_id == f"{SESSION}_intent"
+    assert (directory / f"{SESSION}_intent.pkl").is_file()  # durable when save returns
+    manager.flush()  # the .json is derived, and written in the background
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
         f"{SESSION}_intent.json",
         f"{SESSION}_intent.pkl",

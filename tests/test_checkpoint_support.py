@@ -107,19 +107,21 @@ def state_after(stage: str) -> m.WorkflowState:
 def save_run(
     manager: CheckpointManager, session_id: str, stages: tuple[str, ...] = STAGES, **kwargs: object
 ) -> list[CheckpointMetadata]:
-    """Save a checkpoint after each of ``stages``, as the orchestrator does."""
+    """Save a checkpoint after each of ``stages``, as the orchestrator does (under the
+    session's lock, whose release waits for the sidecars written in the background)."""
     saved = []
-    for i, stage in enumerate(stages):
-        saved.append(
-            manager.save(
-                session_id=session_id,
-                stage=stage,
-                state=state_after(stage),
-                completed_stages=list(stages[: i + 1]),
-                parameters=params(),
-                **kwargs,  # type: ignore[arg-type]
+    with manager.session_lock(session_id):
+        for i, stage in enumerate(stages):
+            saved.append(
+                manager.save(
+                    session_id=session_id,
+                    stage=stage,
+                    state=state_after(stage),
+                    completed_stages=list(stages[: i + 1]),
+                    parameters=params(),
+                    **kwargs,  # type: ignore[arg-type]
+                )
             )
-        )
     return saved
 
 

@@ -38,16 +38,19 @@ a hash chain that :meth:`CheckpointManager.verify_chain` walks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import hmac
 import logging
+import os
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -311,6 +314,67 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
     return row
 
 
+class _WriteBehind:
+    """One daemon thread that writes what saves derive (the ``.json`` sidecar and the index
+    record), in order, once the save has returned: a save waits only for its checkpoint.
+
+    Both are derived from the checkpoint and never trusted, so a process killed before they
+    are written loses nothing (a load rewrites the sidecar; a listing reads the header).
+    Readers in this process :meth:`drain` first, and so does interpreter exit."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="prowzi-checkpoint-metadata", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Return once every job submitted so far has run."""
+        with self._cond:
+            if self._thread is threading.current_thread():
+                return  # a job that reads: what it needs is written in order before it
+            while self._jobs or self._busy:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                job()
+            except Exception:  # a failed sidecar or index write costs a re-read, no more
+                log.exception("could not write checkpoint metadata")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's thread writes the parent's jobs."""
+        self._cond = threading.Condition()
+        self._jobs = deque()
+        self._busy = False
+        self._thread = None
+
+
+_BEHIND = _WriteBehind()
+atexit.register(_BEHIND.drain)
+os.register_at_fork(after_in_child=_BEHIND.forget)
+
+
 class CheckpointManager:
     """Writes, verifies, lists and prunes checkpoints, and holds per-session writer locks.
 
@@ -440,9 +504,7 @@ class CheckpointManager:
         header_doc = metadata.model_dump(mode="json")
         name = f"{checkpoint_id}.pkl"
         try:
-            token = self.store.put(
-                name, _seal(header_doc, body, self._key), meta=header_doc, recoverable=True
-            )
+            token = self.store.put(name, _seal(header_doc, body, self._key), recoverable=True)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
@@ -450,8 +512,17 @@ class CheckpointManager:
             ) from exc
         if token is not None:
             self._heads[name] = (token, metadata.payload_sha256)
-        self._write_sidecar(checkpoint_id, header_doc)
+        _BEHIND.submit(functools.partial(self._derive, name, token, header_doc))
         return metadata
+
+    def _derive(self, name: str, token: str | None, header_doc: dict[str, Any]) -> None:
+        """After a save (on the write-behind thread): index its metadata, write its sidecar;
+        nothing when the checkpoint was replaced or removed since (its directory too)."""
+        if token is not None:
+            if self.store.token(name) != token:
+                return
+            self.store.remember(name, token, header_doc)
+        self._write_sidecar(name[:-4], header_doc)
 
     def _write_sidecar(self, checkpoint_id: str, header_doc: dict[str, Any]) -> None:
         # Derived data: not fsynced, and a failure only costs a rewrite on the next load.
@@ -524,6 +595,7 @@ class CheckpointManager:
                 )
         stage = stage or named_stage
         self._recover()
+        _BEHIND.drain()  # this process's sidecars are on disk before one is checked
         if stage is None:
             latest = self.latest(session_id)
             self._refuse_newer_unreadable(session_id, latest)
@@ -786,6 +858,7 @@ class CheckpointManager:
     def _rows_now(self, *, fresh: bool = True) -> dict[str, dict[str, Any]]:
         """Listing rows of every readable checkpoint, by blob name (cached per generation)."""
         self._recover()
+        _BEHIND.drain()  # this process's saves are indexed
         with self._mutex:
             return self._rebuild_rows(fresh)
 
@@ -1031,15 +1104,29 @@ class CheckpointManager:
             return "keep"
 
     def close(self) -> None:
-        """Release the files the store holds open (spare files prepared for saves). The
-        manager stays usable."""
+        """Finish writing the saves' metadata, and release the files the store holds open
+        (spare files prepared for saves). The manager stays usable."""
+        _BEHIND.drain()
         self.store.close()
+
+    def flush(self) -> None:
+        """Return once every save of this process has its ``.json`` and index entry written
+        (a save returns once its checkpoint is durable; these follow it in the background)."""
+        _BEHIND.drain()
 
     def session_lock(self, session_id: str, timeout: float = 0) -> AbstractContextManager[None]:
         """The session's writer lock; :class:`SessionLockedError` names the holder."""
         validate_session_id(session_id)
         self._recover()  # before taking it: recovery needs the session's lock
-        return self.store.lock(session_id, timeout)
+        return self._holding(session_id, timeout)
+
+    @contextlib.contextmanager
+    def _holding(self, session_id: str, timeout: float) -> Iterator[None]:
+        with self.store.lock(session_id, timeout):
+            try:
+                yield
+            finally:
+                _BEHIND.drain()  # all written before another process may clean the session up
 
     def is_locked(self, session_id: str) -> bool:
         return self.store.is_locked(validate_session_id(session_id))
@@ -1070,6 +1157,7 @@ class CheckpointManager:
             raise InvalidInputError("keep_last must not be negative")
         cutoff = datetime.now(UTC) - older_than
         self._recover(force=True)
+        _BEHIND.drain()  # no sidecar of this process lands after its checkpoint is deleted
         if not dry_run:
             self.store.settle()  # no recovery may republish what is deleted below
         rows = self._rows_now()

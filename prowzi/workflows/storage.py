@@ -640,10 +640,13 @@ class LocalDirectoryStore(CheckpointStore):
         recoverable: bool = False,
     ) -> str:
         final = self._path(name)
-        self._ensure_dirs()
+        if durable or recoverable:
+            # A non-durable put (derived data) goes beside its source, into a directory that
+            # exists: it never brings back a checkpoint directory removed meanwhile.
+            self._ensure_dirs()
         durable = durable and self.fsync
         st = None
-        if self._pool is not None and (recoverable or not durable):
+        if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
             spare = self._pool.take()
@@ -877,7 +880,8 @@ class LocalDirectoryStore(CheckpointStore):
         """Serialise index appends and rewrites across threads and processes."""
         with self._mutex:
             try:
-                self._ensure_dirs()
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self._index_path, 0o700)  # never the store's own directory
                 fd = os.open(self._index_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 # A read-only directory: nobody can be writing the index, so no lock is needed.
