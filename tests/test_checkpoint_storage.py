@@ -156,6 +156,25 @@ def test_lock_timeout_waits_for_the_holder(store: CheckpointStore) -> None:
 # --- local directory ----------------------------------------------------------------------
 
 
+def test_a_blob_put_in_parts_reads_back_whole(store: CheckpointStore) -> None:
+    parts = [b"\x89head", b"", b"body " * 1000, b"mac"]
+    token = store.put("a.pkl", parts, recoverable=True)
+    assert store.get("a.pkl") == b"".join(parts)
+    assert token == store.token("a.pkl")
+
+
+def test_a_short_vectored_write_is_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def first_part_only(fd: int, parts: list[bytes]) -> int:
+        return os.write(fd, parts[0][:3])
+
+    monkeypatch.setattr(os, "writev", first_part_only)
+    store = LocalDirectoryStore(tmp_path / "store", spares=False)
+    store.put("a.pkl", [b"first", b"second", b"third"])
+    assert store.get("a.pkl") == b"firstsecondthird"
+
+
 def local(tmp_path: Path) -> LocalDirectoryStore:
     return LocalDirectoryStore(tmp_path / "store")
 

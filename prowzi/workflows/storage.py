@@ -43,6 +43,9 @@ from prowzi.errors import InvalidIdentifierError, SessionLockedError
 
 log = logging.getLogger("prowzi.storage")
 
+Blob = bytes | list[bytes]
+"""A blob's bytes, or the parts that make them in order."""
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 TEMP_PREFIX = ".tmp."
 """Temporary files start with this (and every hidden name is ignored by listings)."""
@@ -107,13 +110,15 @@ class CheckpointStore(ABC):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: Blob,
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
         recoverable: bool = False,
     ) -> str | None:
         """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
+        ``data`` is the bytes, or a list of parts that make them (written without joining
+        them first, where the store can).
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
         ``recoverable`` says the caller can recognise the blob and name it again
@@ -221,7 +226,7 @@ class InMemoryStore(CheckpointStore):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: Blob,
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
@@ -231,7 +236,8 @@ class InMemoryStore(CheckpointStore):
         with self._mutex:
             self._counter += 1
             token = f"m{self._counter}"
-            self._blobs[name] = (bytes(data), time.time(), token, meta)
+            whole = bytes(data) if isinstance(data, bytes) else b"".join(data)
+            self._blobs[name] = (whole, time.time(), token, meta)
         return token
 
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
@@ -633,7 +639,7 @@ class LocalDirectoryStore(CheckpointStore):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: Blob,
         *,
         meta: dict[str, Any] | None = None,
         durable: bool = True,
@@ -665,14 +671,20 @@ class LocalDirectoryStore(CheckpointStore):
         return token
 
     @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
+    def _write_all(fd: int, data: Blob) -> None:
+        if not isinstance(data, bytes):
+            written = os.writev(fd, data)
+            total = sum(map(len, data))
+            if written == total:
+                return
+            data = b"".join(data)[written:]  # a short write: the rest, the plain way
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
 
     def _put_spare(
-        self, spare: tuple[str, int], final: str, data: bytes, durable: bool
+        self, spare: tuple[str, int], final: str, data: Blob, durable: bool
     ) -> os.stat_result | None:
         """Fill a spare, fdatasync it, rename it into place; None when the spare could not
         be used (the caller then writes a new file, which fails for real if it must).
@@ -699,7 +711,7 @@ class LocalDirectoryStore(CheckpointStore):
         os.close(fd)
         return st
 
-    def _put_new(self, name: str, final: str, data: bytes, durable: bool) -> os.stat_result:
+    def _put_new(self, name: str, final: str, data: Blob, durable: bool) -> os.stat_result:
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
