@@ -150,6 +150,17 @@ def test_stage_metrics_with_values_orjson_cannot_encode_still_save(
     assert manager.load_checkpoint(SESSION).stage_metrics == {"big": 2**70}
 
 
+def save_complete(manager: CheckpointManager, state: m.WorkflowState) -> None:
+    """Save ``state`` as the checkpoint after the last stage of a complete run."""
+    manager.save(
+        session_id=SESSION,
+        stage="turnitin",
+        state=state,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+
+
 def verified_state() -> m.WorkflowState:
     """The full state with four search sources: three verified (the search's own objects, as
     the verification agent keeps them) and one rejected."""
@@ -207,13 +218,7 @@ def test_verified_sources_are_the_search_sources_again_after_a_load(
         update={"verified": [copied, *state.verification.verified[1:]]}
     )
     state = state.model_copy(update={"verification": verification})
-    manager.save(
-        session_id=SESSION,
-        stage="turnitin",
-        state=state,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    save_complete(manager, state)
     body = body_of(manager.checkpoint_dir / f"{SESSION}_turnitin.pkl")["state"]["verification"]
     assert isinstance(body["verified"][0], dict)  # a distinct object stays distinct
     assert all(isinstance(v, int) for v in body["verified"][1:])
@@ -268,13 +273,7 @@ def test_values_the_fast_encoding_does_not_know_take_the_slow_path(
     # The subclass is written as its declared type, and the set as a list, as pydantic does.
     assert cp._dump_state(odd) == odd.model_dump_json().encode()
     assert b"kept out" not in cp._dump_state(odd)
-    manager.save(
-        session_id=SESSION,
-        stage="turnitin",
-        state=odd,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    save_complete(manager, odd)
     loaded = manager.load_checkpoint(SESSION)
     assert loaded.search is not None and loaded.search.sources == state.search.sources
     assert loaded.stage_metrics == {
