@@ -44,7 +44,7 @@ from prowzi.workflows.checkpoint import (
     CheckpointMetadata,
     WorkflowCheckpoint,
 )
-from prowzi.workflows.storage import InMemoryStore
+from prowzi.workflows.storage import InMemoryStore, LocalDirectoryStore
 
 SESSION = "20261126-143501-9f3a1c2b"
 
@@ -242,6 +242,43 @@ def test_verified_sources_are_the_search_sources_again_after_a_load(
     assert "relevance_threshold=0.15" in repr(loaded.verification)
 
 
+def test_only_the_state_s_own_verification_shares_sources(manager: CheckpointManager) -> None:
+    """A verification result elsewhere (stage_metrics holds anything) is written in full."""
+    state = verified_state()
+    state = state.model_copy(update={"stage_metrics": {"copy": state.verification}})
+    save_complete(manager, state)
+    loaded = manager.load_checkpoint(SESSION)
+    assert state.verification is not None
+    assert loaded.stage_metrics == {"copy": state.verification.model_dump()}
+    assert loaded.verification == state.verification
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"trace_id": 5}, "invalid trace_id 5: not a string"),
+        ({"span_id": b"x"}, "invalid span_id b'x': not a string"),
+        ({"parameters": {"prompt": "p"}}, "parameters must be RunParameters"),
+    ],
+)
+def test_a_save_refuses_values_its_header_cannot_hold(
+    manager: CheckpointManager, change: dict[str, Any], match: str
+) -> None:
+    arguments: dict[str, Any] = {
+        "session_id": SESSION,
+        "stage": "intent",
+        "state": state_after("intent"),
+        "completed_stages": ["intent"],
+        "parameters": params(),
+    }
+    with pytest.raises(InvalidInputError, match=match):
+        manager.save(**{**arguments, **change})
+    manager.compression = "lz4"  # type: ignore[assignment]
+    with pytest.raises(InvalidInputError, match="unknown compression 'lz4'"):
+        manager.save(**arguments)
+    assert manager.list_checkpoints() == []
+
+
 def test_a_format_1_checkpoint_loads_and_chains(manager: CheckpointManager) -> None:
     """Format 1 wrote every source in full: such a file still loads, lists and verifies."""
     save_run(manager, SESSION, ("intent", "planning", "search", "verification"))
@@ -249,9 +286,14 @@ def test_a_format_1_checkpoint_loads_and_chains(manager: CheckpointManager) -> N
     body = body_of(path)
     body["state"] = _unshared(body["state"])
     rewrite(path, header={"format_version": 1}, body=orjson.dumps(body))
+    # Indexed as the older Prowzi did (its header, format 1, in the index): listed as
+    # migrated, as every load sees it.
+    index = LocalDirectoryStore(manager.checkpoint_dir)
+    index.list()
+    index.remember(path.name, index.token(path.name) or "", split(path)[0])
     older = CheckpointManager(manager.checkpoint_dir)
-    assert older.load_checkpoint(SESSION).to_state() == state_after("verification")
     assert [r["format_version"] for r in older.list_checkpoints()] == [FORMAT_VERSION] * 4
+    assert older.load_checkpoint(SESSION).to_state() == state_after("verification")
     older.verify_chain(SESSION)
 
 
@@ -912,3 +954,19 @@ def test_one_manager_can_be_shared_by_threads(manager: CheckpointManager) -> Non
     assert len(manager.list_checkpoints()) == 24
     for n in range(8):
         manager.verify_chain(f"thread-{n}")
+
+
+def test_a_loaded_checkpoint_saved_as_a_state_loads_again(manager: CheckpointManager) -> None:
+    """A WorkflowCheckpoint is a WorkflowState with metadata: only the state is written."""
+    save_complete(manager, verified_state())
+    loaded = manager.load_checkpoint(SESSION)
+    manager.save(
+        session_id="another-session",
+        stage="turnitin",
+        state=loaded,
+        completed_stages=list(STAGES),
+        parameters=params(),
+    )
+    again = manager.load_checkpoint("another-session")
+    assert again.to_state() == verified_state()
+    assert again.metadata.session_id == "another-session"

@@ -3,16 +3,20 @@ only for its checkpoint, and nothing derived is lost, misplaced or left half-don
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
+import pytest
 from test_checkpoint_support import params, save_run, state_after
 
 from prowzi.workflows import checkpoint as cp
@@ -164,8 +168,12 @@ def test_a_process_that_exits_after_a_save_has_written_the_sidecar(tmp_path: Pat
 
 def test_a_forked_child_writes_its_own_sidecars(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
-    with writer_held():
-        save(manager, "intent")  # queued in the parent when the child is forked
+    started, release = threading.Event(), threading.Event()
+    cp._BEHIND.submit(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    save(manager, "intent")  # queued in the parent when the child is forked
+    threading.Timer(0.2, release.set).start()  # the fork waits for the job under way
+    try:
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -177,6 +185,79 @@ def test_a_forked_child_writes_its_own_sidecars(tmp_path: Path) -> None:
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+    manager.flush()
     assert os.waitstatus_to_exitcode(status) == 0
     assert (tmp_path / f"{SESSION}_intent.json").is_file()
     assert not (tmp_path / "child" / f"{SESSION}_intent.json").exists()
+
+
+def test_a_fork_waits_for_the_job_under_way(tmp_path: Path) -> None:
+    """A job holding a lock (as an index append holds the index's flock) is finished before
+    a fork: a child never inherits the lock and holds it for its whole life."""
+    lock_file = tmp_path / "lock"
+    lock_file.touch()
+    started = threading.Event()
+
+    def locking_job() -> None:
+        fd = os.open(lock_file, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started.set()
+        time.sleep(0.2)
+        os.close(fd)
+
+    cp._BEHIND.submit(locking_job)
+    assert started.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(3)
+        os._exit(0)
+    try:
+        probe = os.open(lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the child holds nothing
+        finally:
+            os.close(probe)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_without_a_worker_thread_saves_write_their_sidecars_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cp._BEHIND.drain()
+    real_start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name == "prowzi-checkpoint-metadata":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    monkeypatch.setattr(cp._BEHIND, "_thread", None)
+    manager = CheckpointManager(tmp_path)
+    save(manager)
+    assert (tmp_path / f"{SESSION}_intent.json").is_file()  # written before save returned
+    assert [r["checkpoint_id"] for r in manager.list_checkpoints()] == [f"{SESSION}_intent"]
+
+
+def test_a_job_that_raises_does_not_stop_the_writer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def exits() -> None:
+        raise SystemExit(3)
+
+    cp._BEHIND.submit(exits)
+    manager = CheckpointManager(tmp_path)
+    save(manager)
+    manager.flush()
+    assert (tmp_path / f"{SESSION}_intent.json").is_file()
+    assert "could not write checkpoint metadata" in caplog.text
+
+
+def test_drain_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    with writer_held():
+        assert cp._BEHIND.drain(timeout=0.1) is False
+    assert cp._BEHIND.drain(timeout=0.1) is True

@@ -161,6 +161,9 @@ def test_a_blob_put_in_parts_reads_back_whole(store: CheckpointStore) -> None:
     token = store.put("a.pkl", parts, recoverable=True)
     assert store.get("a.pkl") == b"".join(parts)
     assert token == store.token("a.pkl")
+    store.put("b.pkl", bytearray(b"a bytearray"))
+    store.put("c.pkl", memoryview(b"a memoryview"))
+    assert (store.get("b.pkl"), store.get("c.pkl")) == (b"a bytearray", b"a memoryview")
 
 
 def test_a_short_vectored_write_is_completed(

@@ -48,6 +48,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -64,6 +65,7 @@ from prowzi import __version__
 from prowzi.agents.base import RunParameters
 from prowzi.agents.models import (
     RejectedSource,
+    SearchAgentResult,
     Source,
     VerificationAgentResult,
     WorkflowState,
@@ -245,7 +247,8 @@ for _cls in (
     WorkflowCheckpoint,
     CheckpointMetadata,
 ):
-    assert _cls.__pydantic_post_init__ is None and not _cls.__private_attributes__, _cls
+    if _cls.__pydantic_post_init__ is not None or _cls.__private_attributes__:
+        raise TypeError(f"_rebuilt cannot build {_cls.__name__}: post-init or private state")
 
 
 def _unchanged(doc: dict[str, Any]) -> dict[str, Any]:
@@ -315,6 +318,9 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
         or f"{meta.get('session_id')}_{meta.get('stage')}" != name[:-4]
     ):
         return None
+    version = meta.get("format_version")
+    if type(version) is int and all(v in _MIGRATIONS for v in range(version, FORMAT_VERSION)):
+        meta = _migrate_header(meta)  # an index entry an older Prowzi wrote, as loads see it
     row = dict(meta)
     row["created_at"] = created
     return row
@@ -326,59 +332,95 @@ class _WriteBehind:
 
     Both are derived from the checkpoint and never trusted, so a process killed before they
     are written loses nothing (a load rewrites the sidecar; a listing reads the header).
-    Readers in this process :meth:`drain` first, and so does interpreter exit."""
+    Readers in this process :meth:`drain` first, and so does interpreter exit. Without a
+    worker (none could be started, or it died) the jobs run in the thread that drains, and
+    a fork waits for the job under way, so no child inherits a lock a job holds."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._jobs: deque[Callable[[], None]] = deque()
-        self._busy = False
+        self._submitted = 0
+        self._completed = 0
         self._thread: threading.Thread | None = None
+        self._running = threading.Lock()  # held while a job runs, and across a fork
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._cond:
             self._jobs.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="prowzi-checkpoint-metadata", daemon=True
+            self._submitted += 1
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(
+                    target=self._work, name="prowzi-checkpoint-metadata", daemon=True
                 )
-                self._thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # no new thread now (say, at interpreter exit)
+                    self._thread = None
+                else:
+                    self._thread = thread
             self._cond.notify_all()
+            inline = self._thread is None
+        if inline:
+            self.drain()
 
-    def drain(self) -> None:
-        """Return once every job submitted so far has run."""
+    def drain(self, timeout: float | None = None) -> bool:
+        """Return once every job submitted before this call has run (True), or once
+        ``timeout`` seconds have passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if self._thread is threading.current_thread():
-                return  # a job that reads: what it needs is written in order before it
-            while self._jobs or self._busy:
-                self._cond.wait()
+                return True  # a job that reads: what it needs was written before it
+            target = self._submitted
+            while self._completed < target:
+                if self._jobs and (self._thread is None or not self._thread.is_alive()):
+                    job = self._jobs.popleft()
+                    self._cond.release()
+                    try:
+                        self._run(job)
+                    finally:
+                        self._cond.acquire()
+                    continue
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+                self._cond.wait(wait)  # and look again whether the worker is alive
+        return True
 
-    def _run(self) -> None:
+    def _work(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
                 job = self._jobs.popleft()
-                self._busy = True
+            self._run(job)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        with self._running:
             try:
                 job()
-            except Exception:  # a failed sidecar or index write costs a re-read, no more
+            except BaseException:  # a failed sidecar or index write costs a re-read, no more
                 log.exception("could not write checkpoint metadata")
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+        with self._cond:
+            self._completed += 1
+            self._cond.notify_all()
 
-    def forget(self) -> None:
-        """In a forked child: the parent's thread writes the parent's jobs."""
-        self._cond = threading.Condition()
-        self._jobs = deque()
-        self._busy = False
-        self._thread = None
+    def before_fork(self) -> None:
+        self._running.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._running.release()
 
 
 _BEHIND = _WriteBehind()
-atexit.register(_BEHIND.drain)
-os.register_at_fork(after_in_child=_BEHIND.forget)
+atexit.register(_BEHIND.drain, 10.0)
+os.register_at_fork(
+    before=_BEHIND.before_fork,
+    after_in_parent=_BEHIND.after_fork_in_parent,
+    after_in_child=_BEHIND._reset,  # the parent's jobs are the parent's to write
+)
 
 
 class CheckpointManager:
@@ -470,6 +512,13 @@ class CheckpointManager:
             validate_session_id(parent_session_id)
         if previous_hash is not None and not _SHA256_RE.fullmatch(previous_hash):
             raise InvalidInputError(f"invalid previous_hash {previous_hash!r}: not a sha256")
+        if not isinstance(parameters, RunParameters):
+            raise InvalidInputError(f"parameters must be RunParameters, not {parameters!r}")
+        for label, value in (("trace_id", trace_id), ("span_id", span_id)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(f"invalid {label} {value!r}: not a string")
+        if self.compression not in ("none", "zlib"):
+            raise InvalidInputError(f"unknown compression {self.compression!r}")
         self._recover()
         if previous_hash is None:
             previous_hash = self._chain_head(session_id, stage, completed)
@@ -491,7 +540,7 @@ class CheckpointManager:
             digest.update(part)
         created = datetime.now(UTC)
         # The header as CheckpointMetadata.model_dump(mode="json") gives it (a test holds
-        # them equal), built directly: every value is this method's own, validated above.
+        # them equal), built directly: every value is this method's own or checked above.
         header_doc: dict[str, Any] = {
             "checkpoint_id": checkpoint_id,
             "session_id": session_id,
@@ -1129,8 +1178,9 @@ class CheckpointManager:
         self.store.close()
 
     def flush(self) -> None:
-        """Return once every save of this process has its ``.json`` and index entry written
-        (a save returns once its checkpoint is durable; these follow it in the background)."""
+        """Return once what every save of this process derives has been written: its
+        ``.json`` and index entry (a save returns once its checkpoint is durable; these follow
+        it in the background). A write that fails is logged: both are regenerated later."""
         _BEHIND.drain()
 
     def session_lock(self, session_id: str, timeout: float = 0) -> AbstractContextManager[None]:
@@ -1347,45 +1397,51 @@ def _plain_models(root: type[BaseModel]) -> frozenset[type[BaseModel]]:
 _PLAIN_MODELS = _plain_models(WorkflowState)
 
 
-def _encoder(index: dict[int, int]) -> Callable[[object], Any]:
+def _fields_of(obj: Any) -> Any:
     """orjson's hook for the state's own models: their field values, as ``model_dump()``
-    would give them, without building the dicts first (a third of the time). A verified or
-    rejected source that is one of the search's sources (the very object) is written as its
-    position in ``state.search.sources``, given by ``index`` (``id`` -> position)."""
-    plain = _PLAIN_MODELS
-    shared = VerificationAgentResult
+    would give them, without building the dicts first (a third of the time)."""
+    if type(obj) in _PLAIN_MODELS:
+        return obj.__dict__
+    raise TypeError  # anything else (a subclass, a foreign value): the slow path
 
-    def fields(obj: Any) -> Any:
-        cls = type(obj)
-        if cls not in plain:
-            raise TypeError  # anything else (a subclass, a foreign value): the slow path
-        if cls is not shared or not index:
-            return obj.__dict__
-        values = dict(obj.__dict__)
-        values["verified"] = [index.get(id(s), s) for s in obj.verified]
-        values["rejected"] = [
-            {**r.__dict__, "source": index.get(id(r.source), r.source)}
-            if type(r) is RejectedSource
-            else r
-            for r in obj.rejected
-        ]
-        return values
 
-    return fields
+def _shared_fields(verification: VerificationAgentResult, index: dict[int, int]) -> Any:
+    """The verification result's fields, with each verified or rejected source that is one
+    of the search's (the very object) written as its position in ``state.search.sources``,
+    given by ``index`` (``id`` -> position)."""
+    values = dict(verification.__dict__)
+    values["verified"] = [index.get(id(s), s) for s in verification.verified]
+    values["rejected"] = [
+        {**r.__dict__, "source": index.get(id(r.source), r.source)}
+        if type(r) is RejectedSource
+        else r
+        for r in verification.rejected
+    ]
+    return values
+
+
+_STATE_FIELDS = tuple(WorkflowState.model_fields)
 
 
 def _dump_state(state: WorkflowState) -> bytes:
-    """The state as JSON: ``model_dump``'s, but with shared sources written once (format
-    2). A state the fast encoding does not know is written in full, without sharing."""
-    search = state.search
-    index = {id(s): j for j, s in enumerate(search.sources)} if search is not None else {}
+    """The state's fields as JSON: ``model_dump``'s, but with the sources the state's own
+    verification result shares with the search written once (format 2). A state the fast
+    encoding does not know is written in full, without sharing."""
+    values = state.__dict__
+    top = {name: values[name] for name in _STATE_FIELDS}
+    search, verification = top["search"], top["verification"]
+    if type(search) is SearchAgentResult and type(verification) is VerificationAgentResult:
+        index = {id(s): j for j, s in enumerate(search.sources)}
+        top["verification"] = _shared_fields(verification, index)
     with contextlib.suppress(TypeError):
-        return orjson.dumps(state, default=_encoder(index))
+        return orjson.dumps(top, default=_fields_of)
+    # WorkflowState's serializer (not the state's: a subclass may carry more fields).
+    serializer = WorkflowState.__pydantic_serializer__
     try:
-        return orjson.dumps(state.model_dump())
+        return orjson.dumps(serializer.to_python(state))
     except TypeError:
         # stage_metrics may hold values orjson does not know; pydantic's encoder does.
-        return state.model_dump_json().encode()
+        return serializer.to_json(state)
 
 
 def _first_error(exc: ValidationError) -> str:

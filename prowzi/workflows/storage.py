@@ -43,8 +43,8 @@ from prowzi.errors import InvalidIdentifierError, SessionLockedError
 
 log = logging.getLogger("prowzi.storage")
 
-Blob = bytes | list[bytes]
-"""A blob's bytes, or the parts that make them in order."""
+Blob = bytes | bytearray | memoryview | list[bytes]
+"""A blob's bytes, or a list of the parts that make them, in order."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 TEMP_PREFIX = ".tmp."
@@ -118,7 +118,9 @@ class CheckpointStore(ABC):
     ) -> str | None:
         """Replace ``name`` atomically: readers see the old bytes or the new, never a mix.
         ``data`` is the bytes, or a list of parts that make them (written without joining
-        them first, where the store can).
+        them first, where the store can). A put that is neither durable nor recoverable is
+        for data derived from other blobs: it may refuse to create the store's location
+        (a directory store does not bring back a directory removed meanwhile).
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
         ``recoverable`` says the caller can recognise the blob and name it again
@@ -236,7 +238,7 @@ class InMemoryStore(CheckpointStore):
         with self._mutex:
             self._counter += 1
             token = f"m{self._counter}"
-            whole = bytes(data) if isinstance(data, bytes) else b"".join(data)
+            whole = b"".join(data) if isinstance(data, list) else bytes(data)
             self._blobs[name] = (whole, time.time(), token, meta)
         return token
 
@@ -672,7 +674,7 @@ class LocalDirectoryStore(CheckpointStore):
 
     @staticmethod
     def _write_all(fd: int, data: Blob) -> None:
-        if not isinstance(data, bytes):
+        if isinstance(data, list):
             written = os.writev(fd, data)
             total = sum(map(len, data))
             if written == total:
