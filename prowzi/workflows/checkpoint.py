@@ -326,6 +326,11 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
     return row
 
 
+_WRITE_BEHIND_POLL = 0.5
+"""Seconds at most between a save and the start of its metadata writes (sooner when
+anything in the process reads checkpoints)."""
+
+
 class _WriteBehind:
     """One daemon thread that writes what saves derive (the ``.json`` sidecar and the index
     record), in order, once the save has returned: a save waits only for its checkpoint.
@@ -361,7 +366,8 @@ class _WriteBehind:
                     self._thread = None
                 else:
                     self._thread = thread
-            self._cond.notify_all()
+            # No wake-up (it would cost the save a system call): the worker looks every
+            # _WRITE_BEHIND_POLL seconds, and a drain wakes it at once.
             inline = self._thread is None
         if inline:
             self.drain()
@@ -374,6 +380,7 @@ class _WriteBehind:
             if self._thread is threading.current_thread():
                 return True  # a job that reads: what it needs was written before it
             target = self._submitted
+            self._cond.notify_all()
             while self._completed < target:
                 if self._jobs and (self._thread is None or not self._thread.is_alive()):
                     job = self._jobs.popleft()
@@ -393,7 +400,7 @@ class _WriteBehind:
         while True:
             with self._cond:
                 while not self._jobs:
-                    self._cond.wait()
+                    self._cond.wait(_WRITE_BEHIND_POLL)
                 job = self._jobs.popleft()
             self._run(job)
 

@@ -648,19 +648,20 @@ class LocalDirectoryStore(CheckpointStore):
         recoverable: bool = False,
     ) -> str:
         final = self._path(name)
-        if durable or recoverable:
-            # A non-durable put (derived data) goes beside its source, into a directory that
-            # exists: it never brings back a checkpoint directory removed meanwhile.
-            self._ensure_dirs()
+        derived = not durable and not recoverable
         durable = durable and self.fsync
         st = None
         if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
-            spare = self._pool.take()
+            spare = self._pool.take()  # from inside the directory: it exists
             if spare is not None:
                 st = self._put_spare(spare, final, data, durable)
         if st is None:
+            if not derived:
+                # A non-durable put (derived data) goes beside its source, into a directory
+                # that exists: it never brings back a checkpoint directory removed meanwhile.
+                self._ensure_dirs()
             st = self._put_new(name, final, data, durable)
         token = _token(st)
         with self._mutex:
