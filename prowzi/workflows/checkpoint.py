@@ -380,7 +380,8 @@ class _WriteBehind:
             if self._thread is threading.current_thread():
                 return True  # a job that reads: what it needs was written before it
             target = self._submitted
-            self._cond.notify_all()
+            if self._completed < target:
+                self._cond.notify_all()  # the worker may be waiting for its next look
             while self._completed < target:
                 if self._jobs and (self._thread is None or not self._thread.is_alive()):
                     job = self._jobs.popleft()
