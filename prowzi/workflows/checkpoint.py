@@ -326,11 +326,6 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
     return row
 
 
-_WRITE_BEHIND_POLL = 0.5
-"""Seconds at most between a save and the start of its metadata writes (sooner when
-anything in the process reads checkpoints)."""
-
-
 class _WriteBehind:
     """One daemon thread that writes what saves derive (the ``.json`` sidecar and the index
     record), in order, once the save has returned: a save waits only for its checkpoint.
@@ -366,8 +361,9 @@ class _WriteBehind:
                     self._thread = None
                 else:
                     self._thread = thread
-            # No wake-up (it would cost the save a system call): the worker looks every
-            # _WRITE_BEHIND_POLL seconds, and a drain wakes it at once.
+            # Woken now, the worker writes while the caller goes on (in a run, while the
+            # next save waits for its fdatasync): the end of the run has little left to wait for.
+            self._cond.notify_all()
             inline = self._thread is None
         if inline:
             self.drain()
@@ -401,7 +397,7 @@ class _WriteBehind:
         while True:
             with self._cond:
                 while not self._jobs:
-                    self._cond.wait(_WRITE_BEHIND_POLL)
+                    self._cond.wait()
                 job = self._jobs.popleft()
             self._run(job)
 
