@@ -377,7 +377,7 @@ class _WriteBehind:
                 return True  # a job that reads: what it needs was written before it
             target = self._submitted
             if self._completed < target:
-                self._cond.notify_all()  # the worker may be waiting for its next look
+                self._cond.notify_all()  # harmless if the worker is awake already
             while self._completed < target:
                 if self._jobs and (self._thread is None or not self._thread.is_alive()):
                     job = self._jobs.popleft()

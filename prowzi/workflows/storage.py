@@ -662,8 +662,8 @@ class LocalDirectoryStore(CheckpointStore):
                 st = self._put_spare(spare, final, data, durable)
         if st is None:
             if not derived:
-                # A non-durable put (derived data) goes beside its source, into a directory
-                # that exists: it never brings back a checkpoint directory removed meanwhile.
+                # Only these create the directory. Derived data goes beside its source, into
+                # a directory that exists: it never brings back one removed meanwhile.
                 self._ensure_dirs()
             st = self._put_new(name, final, data, durable)
         token = _token(st)
