@@ -330,19 +330,3 @@ def test_spares_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     time.sleep(0.2)
     assert not (tmp_path / "checkpoints" / ".spare").exists()
     assert CheckpointManager(tmp_path / "checkpoints").latest(SESSION).stage == "search"  # type: ignore[union-attr]
-
-
-def test_a_sidecar_leaves_the_last_spares_to_checkpoints(tmp_path: Path) -> None:
-    directory = tmp_path / "store"
-    store = LocalDirectoryStore(directory)
-    ready_spares(store, directory)
-    pool = store._pool
-    assert pool is not None
-    with pool._cond:  # hold the pool's lock: no refill lands meanwhile
-        while len(pool._ready) > storage._SPARE_LOW:
-            spare = pool._ready.popleft()
-            os.close(spare[1])
-        store.put("a_intent.json", b"{}", durable=False)  # derived: leaves them
-        assert len(pool._ready) == storage._SPARE_LOW
-        store.put("a_intent.pkl", b"checkpoint", recoverable=True)  # takes one
-        assert len(pool._ready) == storage._SPARE_LOW - 1
