@@ -65,7 +65,7 @@ def ready_spares(store: LocalDirectoryStore, directory: Path) -> set[int]:
     pool = store._pool
     assert pool is not None
     # Handed to the pool only once the thread has made its whole batch (files come first).
-    wait_for(lambda: len(pool._ready) >= storage._SPARE_LOW + 2)  # enough for a sidecar too
+    wait_for(lambda: len(pool._ready) >= 8)
     return {p.stat().st_ino for p in spares(directory)}
 
 

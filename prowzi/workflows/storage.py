@@ -403,13 +403,12 @@ class _SparePool:
         self._pid = os.getpid()
         self._failed_at = -1e9
 
-    def take(self, *, keep: int = 0) -> tuple[str, int] | None:
-        """A spare (path, open fd holding its lock), or None when no more than ``keep`` are
-        ready (what is kept serves the puts that wait for theirs)."""
+    def take(self) -> tuple[str, int] | None:
+        """A spare (path, open fd holding its lock), or None when none is ready."""
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return None
-            spare = self._ready.popleft() if len(self._ready) > keep else None
+            spare = self._ready.popleft() if self._ready else None
             if len(self._ready) < _SPARE_LOW:
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -655,9 +654,7 @@ class LocalDirectoryStore(CheckpointStore):
         if self._pool is not None and (recoverable or derived):
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
-            # From inside the directory (so it exists). Derived data, written in the
-            # background, takes one only while checkpoints keep enough of them.
-            spare = self._pool.take(keep=_SPARE_LOW if derived else 0)
+            spare = self._pool.take()  # from inside the directory: it exists
             if spare is not None:
                 st = self._put_spare(spare, final, data, durable)
         if st is None:
