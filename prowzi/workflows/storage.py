@@ -651,7 +651,7 @@ class LocalDirectoryStore(CheckpointStore):
         derived = not durable and not recoverable
         durable = durable and self.fsync
         st = None
-        if self._pool is not None and (recoverable or derived):
+        if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
             spare = self._pool.take()  # from inside the directory: it exists
