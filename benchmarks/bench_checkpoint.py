@@ -328,7 +328,7 @@ class LoadFloor:
         if self.plain:
             m.WorkflowState.model_validate_json(data[data.index(b'"state":') + 8 : -1])
         else:
-            _Body.model_validate_json(data).workflow_state(str(self.path))
+            _Body.model_validate_json(data).state_fields(str(self.path))
 
 
 class LangGraphSide:

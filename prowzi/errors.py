@@ -7,6 +7,7 @@ other exceptions are classified by :func:`is_transient`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -70,7 +71,12 @@ class CheckpointError(ProwziError):
 
 
 class CheckpointNotFoundError(CheckpointError, LookupError):
-    """No checkpoint matches the requested id, session or stage."""
+    """No checkpoint matches the requested id, session or stage. ``saved_stages`` names the
+    stages the session does have checkpoints of (none: the session has none at all)."""
+
+    def __init__(self, message: str, saved_stages: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.saved_stages = list(saved_stages)
 
 
 class CheckpointIntegrityError(CheckpointError):

@@ -82,7 +82,7 @@ def resume(
                 checkpoint_id, stage=from_stage, parameters=changes, fork_session_id=fork_id
             )
         except CheckpointNotFoundError as exc:
-            if orchestrator.checkpoint_manager.latest(session) is not None:
+            if exc.saved_stages:
                 fail(str(exc))  # the session has checkpoints, just not the one asked for
             fail(
                 f"{exc} (checkpoints are written by runs started with --enable-checkpoints "

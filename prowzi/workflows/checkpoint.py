@@ -188,9 +188,9 @@ class _Body(BaseModel):
     previous_hash: str | None
     state: _WireState
 
-    def workflow_state(self, where: str) -> WorkflowState:
-        """The state, each source index replaced by the search's source it names (so a
-        verified source is again the very object the search holds, as in the run)."""
+    def state_fields(self, where: str) -> dict[str, Any]:
+        """The state's fields, each source index replaced by the search's source it names
+        (so a verified source is again the very object the search holds, as in the run)."""
         wire = self.state
         fields = dict(wire.__dict__)
         verification = wire.verification
@@ -223,7 +223,7 @@ class _Body(BaseModel):
                 verification.model_fields_set,
                 {**verification.__dict__, "verified": verified, "rejected": rejected},
             )
-        return _rebuilt(WorkflowState, wire.model_fields_set, fields)
+        return fields
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -240,13 +240,7 @@ def _rebuilt(cls: type[_M], fields_set: set[str], values: dict[str, Any]) -> _M:
     return obj
 
 
-for _cls in (
-    RejectedSource,
-    VerificationAgentResult,
-    WorkflowState,
-    WorkflowCheckpoint,
-    CheckpointMetadata,
-):
+for _cls in (RejectedSource, VerificationAgentResult, WorkflowCheckpoint, CheckpointMetadata):
     if _cls.__pydantic_post_init__ is not None or _cls.__private_attributes__:
         raise TypeError(f"_rebuilt cannot build {_cls.__name__}: post-init or private state")
 
@@ -280,6 +274,11 @@ def _session_of(name: str) -> tuple[str, str] | None:
     except InvalidInputError:
         return None
     return (session, stage) if stage is not None else None
+
+
+def _missing_migration(version: int) -> int | None:
+    """The first format from which no migration leads on towards ``FORMAT_VERSION``."""
+    return next((v for v in range(version, FORMAT_VERSION) if v not in _MIGRATIONS), None)
 
 
 def _migrate_header(header: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +318,7 @@ def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
     ):
         return None
     version = meta.get("format_version")
-    if type(version) is int and all(v in _MIGRATIONS for v in range(version, FORMAT_VERSION)):
+    if type(version) is int and version < FORMAT_VERSION and _missing_migration(version) is None:
         meta = _migrate_header(meta)  # an index entry an older Prowzi wrote, as loads see it
     row = dict(meta)
     row["created_at"] = created
@@ -683,11 +682,11 @@ class CheckpointManager:
             saved = [row["stage"] for row in reversed(self.list_checkpoints(session_id=session_id))]
             held = f"; session {session_id} has checkpoints of {', '.join(saved)}" if saved else ""
             raise CheckpointNotFoundError(
-                f"no checkpoint {session_id}_{stage} in {self._location()}{held}"
+                f"no checkpoint {session_id}_{stage} in {self._location()}{held}", saved
             ) from None
-        metadata, header_doc, state = self._verified(name, raw, check_link=True)
+        metadata, header_doc, fields = self._verified(name, raw, check_link=True)
         self._check_sidecar(metadata, header_doc)
-        fields = {**state.__dict__, "metadata": metadata}
+        fields["metadata"] = metadata
         return _rebuilt(WorkflowCheckpoint, set(fields), fields)
 
     def _refuse_newer_unreadable(self, session_id: str, latest: CheckpointMetadata | None) -> None:
@@ -741,19 +740,20 @@ class CheckpointManager:
                 f"written in checkpoint format {version} by a newer Prowzi; this Prowzi "
                 f"({__version__}) reads formats up to {FORMAT_VERSION}: upgrade Prowzi to load it",
             )
-        missing = [v for v in range(version, FORMAT_VERSION) if v not in _MIGRATIONS]
-        if missing:
+        missing = _missing_migration(version)
+        if missing is not None:
             raise CheckpointIntegrityError(
                 where,
                 f"checkpoint format {version} is older than any this Prowzi can migrate "
-                f"(no migration from format {missing[0]})",
+                f"(no migration from format {missing})",
             )
         return header, length
 
     def _verified(
         self, name: str, raw: bytes, *, check_link: bool
-    ) -> tuple[CheckpointMetadata, dict[str, Any], WorkflowState]:
-        """Every check, then the body's deserialisation: (metadata, header JSON, state)."""
+    ) -> tuple[CheckpointMetadata, dict[str, Any], dict[str, Any]]:
+        """Every check, then the body's deserialisation: (metadata, header JSON, the state's
+        fields)."""
         where = self.store.describe(name)
         header, length = self._parse_header(raw, where)
         signed = header.get("signed") is True
@@ -810,7 +810,7 @@ class CheckpointManager:
             raise CheckpointIntegrityError(
                 where, f"the payload belongs to checkpoint {parsed.checkpoint_id!r}"
             )
-        return metadata, header, parsed.workflow_state(where)
+        return metadata, header, parsed.state_fields(where)
 
     @staticmethod
     def _decompress(metadata: CheckpointMetadata, body: memoryview, where: str) -> bytes:

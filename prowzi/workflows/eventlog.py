@@ -28,6 +28,7 @@ import orjson
 
 from prowzi.errors import TelemetryError
 from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
+from prowzi.workflows.host import boot_id
 
 log = logging.getLogger("prowzi.telemetry")
 
@@ -221,11 +222,9 @@ def _process_identity() -> dict[str, Any]:
 
 def _read_identity() -> dict[str, Any]:
     identity: dict[str, Any] = {}
-    with (
-        contextlib.suppress(OSError),
-        open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle,
-    ):
-        identity["boot"] = handle.read().strip()
+    boot = boot_id()
+    if boot is not None:
+        identity["boot"] = boot
     _, started = _process_stat(os.getpid())
     if started is not None:
         identity["start_ticks"] = started

@@ -40,6 +40,7 @@ import filelock
 import orjson
 
 from prowzi.errors import InvalidIdentifierError, SessionLockedError
+from prowzi.workflows.host import boot_id
 
 log = logging.getLogger("prowzi.storage")
 
@@ -335,16 +336,13 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _read_boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip().replace("-", "")
-    except OSError:
-        return None
+def _spare_boot(boot: str | None) -> str | None:
+    """A boot id as spare names carry it: 16 hex digits."""
+    boot = (boot or "").replace("-", "")
     return boot[:16] if re.fullmatch(r"[0-9a-f]{16,}", boot) else None
 
 
-_BOOT_ID = _read_boot_id()
+_BOOT_ID = _spare_boot(boot_id())
 """This boot of the machine: a put interrupted in an earlier boot (a power loss) is recovered,
 one interrupted in this boot (a killed process, whose page cache survived) is discarded."""
 

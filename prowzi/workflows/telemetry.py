@@ -692,6 +692,7 @@ class TelemetryCollector:
         self._busy: str | None = None  # the session the writer thread is writing
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
+        self._facts: dict[str, tuple[tuple[int, int, int], _LogFacts]] = {}
 
     # paths
 
@@ -929,11 +930,25 @@ class TelemetryCollector:
 
     def _log_facts(self, session_id: str) -> _LogFacts:
         """What the end of the session's event log says: whether its last event ends the
-        run, and which process opened it last. One read of the log; nothing is written."""
+        run, and which process opened it last. The log is read again only once it has
+        changed (it is only ever appended to); nothing is written."""
         try:
-            data = self.event_log_path(session_id).read_bytes()
+            with self.event_log_path(session_id).open("rb") as handle:
+                st = os.fstat(handle.fileno())
+                version = (st.st_ino, st.st_size, st.st_mtime_ns)
+                cached = self._facts.get(session_id)
+                if cached is not None and cached[0] == version:
+                    return cached[1]
+                data = handle.read()
         except OSError:
             return _LogFacts(ended=None, header=None)
+        facts = self._read_facts(data)
+        if len(data) == version[1]:  # not grown while read: its facts hold for this version
+            self._facts[session_id] = (version, facts)
+        return facts
+
+    @staticmethod
+    def _read_facts(data: bytes) -> _LogFacts:
         ended: SessionStatus | None = None
         header: LogHeader | None = None
         seen_event = seen_header = False
@@ -1076,20 +1091,11 @@ class TelemetryCollector:
                 rows[session_id] = fresh_row
                 fresh.append(line)
 
-        known_facts: dict[str, _LogFacts] = {}
-
-        def facts(session_id: str) -> _LogFacts:
-            # read once per listing: only running sessions' logs are read at all
-            if session_id not in known_facts:
-                known_facts[session_id] = self._log_facts(session_id)
-            return known_facts[session_id]
-
         def reported(row: _IndexRow) -> str:
             # The index caches what the file says; for a file that says running, the log
-            # tells more (not cached: the log and the writer change without the file):
-            # the run's end (its writer was stopped before writing the file), or that the
-            # writer is gone.
-            return row[2] if row[2] != "running" else _running_status(facts(row[1]))
+            # tells more (the run's end: its writer was stopped before writing the file),
+            # and the writer may be gone. Only running sessions' logs are read at all.
+            return row[2] if row[2] != "running" else _running_status(self._log_facts(row[1]))
 
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
