@@ -2,17 +2,18 @@
 
 Run: ``python benchmarks/bench_checkpoint.py [--iterations N] [--sessions N] [--dir PATH]``
 
-Both sides are durable: Prowzi with fsync on (the checkpoint fdatasynced in a prepared spare
-file, then renamed into place), SqliteSaver in its own setup (WAL, synchronous=FULL: an fsync
-per commit). A save returns once its checkpoint is durable; its ``.json`` sidecar and index
-entry (derived, never trusted) are written behind it by a background thread, whose work is
-timed in the same run too ("save, then flush"); in the alternation it runs untimed after each
-save, so it never overlaps an operation being timed. Both sides write a new checkpoint per
-iteration and read back the latest. The state is a
-realistic ~100 KB :class:`WorkflowState` built from the result models; LangGraph gets the same
-data as plain dicts in ``channel_values`` (what its serializer handles natively), and, in a
-second comparison, as the state's own pydantic values (as a graph over this schema holds them:
-its serializer then dumps the models, and rebuilds them on reading).
+Both sides are durable: Prowzi with fsync on (the checkpoint written over the zeros of a
+spare file prepared beforehand, fdatasynced, then renamed into place), SqliteSaver in its own
+setup (WAL, synchronous=FULL: an fsync per commit). A save returns once its checkpoint is
+durable; its ``.json`` sidecar and index entry (derived, never trusted) are written behind it
+by a background thread, with the cut of the spare's remaining zeros; that work is timed in
+the same run too ("save, then flush"), and in the alternation it runs untimed after each save,
+so it never overlaps an operation being timed. Both sides write a new checkpoint per
+iteration and read back the latest. The state is a realistic ~100 KB :class:`WorkflowState`
+built from the result models; LangGraph gets the same data as plain dicts in
+``channel_values`` (what its serializer handles natively), and, in a second comparison, as the
+state's own pydantic values (as a graph over this schema holds them: its serializer then dumps
+the models, and rebuilds them on reading).
 
 Saves and puts (and loads and gets) are timed in alternation, so that a busy machine weighs on
 both sides alike. Two floors run in the same alternation, without Prowzi code:
@@ -20,10 +21,10 @@ both sides alike. Two floors run in the same alternation, without Prowzi code:
 - the issue's literal protocol for the same bytes (temporary, fdatasync, rename, directory
   fsync, then the sidecar);
 - the design floor: the least any save with this file layout costs (the state to JSON and its
-  sha256, then the bytes into a file created and synced before timing, fdatasync, rename, and
-  the sidecar likewise). When it is slower than ``SqliteSaver.put``, no implementation of the
-  layout can meet "no slower than put" on that machine: SQLite appends to one write-ahead log
-  it reuses, with no file to rename and no second file.
+  sha256, then the bytes over the zeros of a file created, written and synced before timing,
+  fdatasync, rename, and the sidecar likewise). When it is slower than ``SqliteSaver.put``,
+  no implementation of the layout can meet "no slower than put" on that machine: SQLite
+  appends to one write-ahead log it reuses, with no file to rename and no second file.
 
 Loads run beside a load floor: reading a file of the body a save writes, its sha256 and the
 validation that rebuilds the models, the steps a verified load cannot skip. A save writes each
@@ -274,10 +275,11 @@ class FilesystemFloor:
 
 class DesignFloor:
     """The least a save with Prowzi's file layout can cost, in the same run: the mandatory
-    CPU (the state to JSON, its sha256) and the mandatory I/O (the checkpoint written into a
-    file prepared beforehand, fdatasync, rename into place; the sidecar written and renamed).
-    Every file is created and its directory synced before timing starts, so neither file
-    creation nor a background thread weighs on it: no Prowzi code, no header, no index."""
+    CPU (the state to JSON, its sha256) and the mandatory I/O (the checkpoint written over the
+    zeros of a file prepared beforehand, fdatasync, rename into place; the sidecar written and
+    renamed). Every file is created, the checkpoints' written full of zeros, and all synced
+    before timing starts, so neither file creation, block allocation nor a background thread
+    weighs on it: no Prowzi code, no header, no index."""
 
     def __init__(self, directory: Path, state: m.WorkflowState, count: int) -> None:
         self.dir = str(directory)
@@ -287,6 +289,10 @@ class DesignFloor:
             (path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             for path in (f"{self.dir}/.spare/{k}" for k in range(2 * count))
         ]
+        zeros = bytes(len(orjson.dumps(state, default=vars)) * 5 // 4)
+        for _, fd in self.files[::2]:  # popped first, for the checkpoints
+            os.pwrite(fd, zeros, 0)
+            os.fdatasync(fd)
         self.files.reverse()
         for path in (f"{self.dir}/.spare", self.dir):
             dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

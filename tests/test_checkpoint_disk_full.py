@@ -15,6 +15,7 @@ from test_checkpoint_support import STAGES, full_state, in_flight_writes, params
 from prowzi.agents import models as m
 from prowzi.errors import CheckpointError
 from prowzi.workflows.checkpoint import CheckpointManager
+from prowzi.workflows.storage import LocalDirectoryStore
 
 SESSION = "disk-full-session"
 
@@ -43,9 +44,12 @@ def big_state(kib: int) -> m.WorkflowState:
     return state.model_copy(update={"draft": draft})
 
 
-def fill(disk: Path, leave: int) -> Path:
-    """Occupy all but at most ``leave`` bytes of the filesystem. (The store's background
-    thread may be preparing spare files meanwhile, so the disk can fill up first.)"""
+def fill(disk: Path, leave: int, *managers: CheckpointManager) -> Path:
+    """Occupy all but at most ``leave`` bytes of the filesystem, once the ``managers``' stores
+    have prepared their spare files (whose zeros reserve room for saves to come)."""
+    for manager in managers:
+        assert isinstance(manager.store, LocalDirectoryStore)
+        manager.store.spares_ready()
     stats = os.statvfs(disk)
     free = stats.f_bavail * stats.f_frsize
     filler = disk / "filler.bin"
@@ -69,7 +73,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
     directory = small_disk / "checkpoints"
     manager = CheckpointManager(directory)
     save_run(manager, SESSION, STAGES[:2])
-    filler = fill(small_disk, leave=16 * 1024)
+    filler = fill(small_disk, 16 * 1024, manager)
 
     with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint"):
         manager.save(
@@ -103,7 +107,7 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
     directory = small_disk / "checkpoints"
     manager = CheckpointManager(directory)
     (before,) = save_run(manager, SESSION, ("intent",))
-    fill(small_disk, leave=8 * 1024)
+    fill(small_disk, 8 * 1024, manager)
 
     with pytest.raises(CheckpointError, match="No space left on device"):
         manager.save(
@@ -139,3 +143,28 @@ def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: P
         reader.verify_chain(SESSION)
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+
+
+def test_a_prepared_spare_keeps_room_for_a_save_when_the_disk_fills_up(small_disk: Path) -> None:
+    """Spares are written full of zeros ahead of time (so a save allocates nothing): a save
+    that fits in one still lands on a full disk, whole, and its padding is cut."""
+    directory = small_disk / "checkpoints"
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, STAGES[:2])
+    assert isinstance(manager.store, LocalDirectoryStore)
+    assert manager.store.spares_ready() > 0
+    fill(small_disk, 0, manager)
+
+    saved = manager.save(
+        session_id=SESSION,
+        stage="search",
+        state=full_state(),
+        completed_stages=list(STAGES[:3]),
+        parameters=params(),
+    )
+    manager.flush()
+    pkl = directory / f"{SESSION}_search.pkl"
+    fresh = CheckpointManager(directory)
+    assert fresh.load_checkpoint(SESSION).metadata == saved
+    fresh.verify_chain(SESSION)
+    assert pkl.read_bytes().rstrip(b"\0") == pkl.read_bytes()  # the padding was cut

@@ -217,10 +217,30 @@ def test_every_flipped_byte_is_refused(tmp_path: Path, signed: bool) -> None:
     manager.load_checkpoint(VICTIM)
 
 
-def test_trailing_bytes_are_refused(manager: CheckpointManager) -> None:
+@pytest.mark.parametrize("tail", [b"\x01", b"\x00" * 4096 + b"\x80", b"junk" + b"\x00" * 100])
+def test_trailing_bytes_are_refused(manager: CheckpointManager, tail: bytes) -> None:
     target = pkl(manager, VICTIM, "search")
-    target.write_bytes(target.read_bytes() + b"\x00")
+    target.write_bytes(target.read_bytes() + tail)
     assert_refused(manager, VICTIM, target, "trailing bytes")
+
+
+@pytest.mark.parametrize("key", [None, "a key"])
+def test_zero_padding_after_a_checkpoint_is_read_past(tmp_path: Path, key: str | None) -> None:
+    """A save writes into a spare file full of zeros, and its write-behind cuts the rest;
+    a process killed in between leaves them. They carry nothing, and the signature (before
+    them) still counts."""
+    manager = CheckpointManager(tmp_path / "checkpoints", key=key)
+    save_run(manager, VICTIM, STAGES[:3])
+    target = pkl(manager, VICTIM, "search")
+    whole = target.read_bytes()
+    target.write_bytes(whole + b"\x00" * 20_000)
+    fresh = CheckpointManager(tmp_path / "checkpoints", key=key)
+    assert fresh.load_checkpoint(VICTIM).metadata.stage == "search"
+    fresh.verify_chain(VICTIM)
+    assert [r["stage"] for r in fresh.list_checkpoints()] == ["search", "planning", "intent"]
+    if key is not None:  # the signature is where the header says, not at the file's end
+        target.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]) + b"\x00" * 20_000)
+        assert_refused(fresh, VICTIM, target, "HMAC")
 
 
 def test_an_implausible_header_length_is_refused(manager: CheckpointManager) -> None:

@@ -73,13 +73,55 @@ def test_a_recoverable_durable_put_renames_a_prepared_spare(tmp_path: Path) -> N
     directory = tmp_path / "store"
     store = LocalDirectoryStore(directory)
     prepared = ready_spares(store, directory)
-    store.put("a_intent.pkl", b"checkpoint bytes", recoverable=True)
+    token = store.put("a_intent.pkl", b"checkpoint bytes", recoverable=True)
     store.put("a_intent.json", b"{}", durable=False)
     assert (directory / "a_intent.pkl").stat().st_ino in prepared
     # Spares are for checkpoints: a sidecar (written in the background) makes its own file.
     assert (directory / "a_intent.json").stat().st_ino not in prepared
+    # The spare was written full of zeros beforehand (so the put allocated no blocks): they
+    # stay after the blob until finish() cuts them.
+    padded = store.get("a_intent.pkl")
+    assert padded.startswith(b"checkpoint bytes") and len(padded) > len(b"checkpoint bytes")
+    assert padded.count(0) == len(padded) - len(b"checkpoint bytes")
+    assert token == store.token("a_intent.pkl")
+    cut = store.finish("a_intent.pkl", token)
+    assert cut != token and cut == store.token("a_intent.pkl")
     assert store.get("a_intent.pkl") == b"checkpoint bytes"
+    assert store.finish("a_intent.pkl", cut) == cut  # nothing left to do
     assert store.get("a_intent.json") == b"{}"
+
+
+def test_spares_hold_zeros_for_the_largest_put_and_a_larger_one_still_fits(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    blob = os.urandom(40_000)
+    store.put("first.pkl", blob, recoverable=True)  # no spare yet: it teaches the pool
+    assert store.spares_ready() >= 8
+    sizes = {p.stat().st_size for p in spares(directory)}
+    assert min(sizes) >= 40_000 * 5 // 4 and max(sizes) <= 80_000
+    assert all(p.read_bytes().count(0) == p.stat().st_size for p in spares(directory))
+
+    bigger = os.urandom(3 * 40_000)  # more than a spare holds: the put extends it
+    token = store.put("bigger.pkl", bigger, recoverable=True)
+    assert store.get("bigger.pkl") == bigger
+    assert store.finish("bigger.pkl", token) == token  # no padding to cut
+
+
+def test_a_store_cuts_the_padding_it_has_left_when_closed_or_when_too_much_is_left(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    ready_spares(store, directory)
+    for i in range(storage._UNTRIMMED_MAX + 5):
+        store.put(f"p{i}.pkl", b"blob", recoverable=True)
+        wait_for(lambda: store.spares_ready() > 0)
+    exact = [i for i in range(storage._UNTRIMMED_MAX + 5) if store.get(f"p{i}.pkl") == b"blob"]
+    assert exact == list(range(5))  # the oldest, cut by later puts
+    store.close()
+    assert all(store.get(f"p{i}.pkl") == b"blob" for i in range(storage._UNTRIMMED_MAX + 5))
 
 
 def test_a_durable_put_that_is_not_recoverable_never_defers_its_rename(tmp_path: Path) -> None:
@@ -98,7 +140,8 @@ def test_a_spare_that_vanished_falls_back_to_a_new_file(tmp_path: Path) -> None:
     for spare in spares(directory):
         spare.unlink()  # as a careless cleanup of .spare/ would
     for i in range(30):
-        store.put(f"x{i}.pkl", b"still saved", recoverable=True)
+        token = store.put(f"x{i}.pkl", b"still saved", recoverable=True)
+        store.finish(f"x{i}.pkl", token)
         assert store.get(f"x{i}.pkl") == b"still saved"
 
 
@@ -168,8 +211,8 @@ def test_a_forked_child_never_writes_into_its_parents_spares(tmp_path: Path) -> 
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert before <= {p.name for p in spares(directory)}  # all still there, still empty
-    assert all(p.stat().st_size == 0 for p in spares(directory))
+    assert before <= {p.name for p in spares(directory)}  # all still there, unwritten
+    assert all(p.read_bytes().count(0) == p.stat().st_size for p in spares(directory))
     assert store.get("child7.pkl") == b"from the child"
 
 
@@ -189,6 +232,20 @@ def test_a_save_cut_short_by_a_power_loss_is_published_on_the_next_use(
     assert (directory / f"{SESSION}_search.pkl").read_bytes() == expected
     assert (directory / f"{SESSION}_search.json").exists()
     assert not spare.exists()
+    assert manager.load_checkpoint(SESSION).search == state_after("search").search
+    manager.verify_chain(SESSION)
+
+
+def test_an_interrupted_save_still_padded_with_the_spares_zeros_is_published(
+    tmp_path: Path,
+) -> None:
+    """The power loss came before the write-behind cut the spare's remaining zeros."""
+    directory = tmp_path / "checkpoints"
+    save_run(CheckpointManager(directory), SESSION, STAGES[:3])
+    spare = interrupted(directory, "search", EARLIER_BOOT)
+    spare.write_bytes(spare.read_bytes() + bytes(30_000))
+    manager = CheckpointManager(directory)
+    assert [r["stage"] for r in manager.list_checkpoints()] == ["search", "planning", "intent"]
     assert manager.load_checkpoint(SESSION).search == state_after("search").search
     manager.verify_chain(SESSION)
 
@@ -260,7 +317,7 @@ def test_a_damaged_interrupted_save_is_discarded_not_published(tmp_path: Path, d
     elif damage == "flipped":
         raw[len(raw) // 2] ^= 0x01
     elif damage == "appended":
-        raw += b"\x00" * 10
+        raw += b"\x00" * 10 + b"\x01"  # zeros alone are the spare's own padding
     elif damage == "empty":
         raw = bytearray()
     else:

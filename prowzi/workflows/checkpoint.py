@@ -590,8 +590,10 @@ class CheckpointManager:
         """After a save (on the write-behind thread): index its metadata, write its sidecar;
         nothing when the checkpoint was replaced or removed since (its directory too)."""
         if token is not None:
+            token = self.store.finish(name, token)
             if self.store.token(name) != token:
                 return
+            self._heads[name] = (token, header_doc["payload_sha256"])
             self.store.remember(name, token, header_doc)
         self._write_sidecar(name[:-4], header_doc)
 
@@ -764,7 +766,8 @@ class CheckpointManager:
                     where, "unsigned, and a checkpoint key is configured (PROWZI_CHECKPOINT_KEY)"
                 )
             mac = hmac.digest(self._key, raw[:body_start], "sha256")
-            if not hmac.compare_digest(mac, raw[-_MAC_SIZE:]):
+            mac_start = body_start + size
+            if not hmac.compare_digest(mac, raw[mac_start : mac_start + _MAC_SIZE]):
                 raise CheckpointIntegrityError(
                     where, "HMAC signature mismatch: a different key, or the file was altered"
                 )
@@ -1324,13 +1327,17 @@ def _payload_span(
     raw: bytes, header: dict[str, Any], length: int, where: str
 ) -> tuple[int, int, str]:
     """(body start, body size, body sha256) the header records, once the file's length
-    matches them (and the MAC, when signed)."""
+    matches them (and the MAC, when signed). Zero bytes after the end are padding a save
+    leaves until its write-behind cuts it (or for good, when the process died first); any
+    other byte there is refused."""
     size, sha = header.get("payload_size"), header.get("payload_sha256")
     if type(size) is not int or size < 0 or not isinstance(sha, str):
         raise CheckpointIntegrityError(where, "the header lacks the payload's size or hash")
     body_start = _PREFIX + length + _DIGEST_SIZE
     expected = body_start + size + (_MAC_SIZE if header.get("signed") is True else 0)
-    if len(raw) != expected:
+    if len(raw) != expected and (
+        len(raw) < expected or raw.count(0, expected) != len(raw) - expected
+    ):
         problem = "truncated" if len(raw) < expected else "trailing bytes after the payload"
         raise CheckpointIntegrityError(
             where, f"{problem}: {len(raw)} bytes where the header implies {expected}"

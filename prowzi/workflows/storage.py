@@ -125,9 +125,16 @@ class CheckpointStore(ABC):
 
         ``durable`` asks that the new bytes survive a power loss once ``put`` returns.
         ``recoverable`` says the caller can recognise the blob and name it again
-        (:meth:`recover`), which lets a store defer part of a durable put. Returns the new
-        blob's :meth:`token` (None when the store cannot tell).
+        (:meth:`recover`), and can read it with zero bytes after its end (a directory store
+        puts it into a file pre-written with zeros, and cuts them in :meth:`finish`); this
+        lets a store defer part of a durable put. Returns the new blob's :meth:`token` (None
+        when the store cannot tell).
         """
+
+    def finish(self, name: str, token: str) -> str:
+        """Do what a recoverable put of ``name`` (returning ``token``) deferred but a
+        reader tolerates meanwhile (cutting padding); returns the blob's token after it."""
+        return token
 
     @abstractmethod
     def get(self, name: str, *, max_bytes: int | None = None) -> bytes:
@@ -352,6 +359,13 @@ _SPARE_RE = re.compile(r"(?P<boot>[0-9a-f]{16})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}
 only once locked, so a recovery never mistakes a spare being born for an orphan."""
 _SPARE_LOW = 8
 _SPARE_HIGH = 24
+_SPARE_GRAIN = 16 << 10
+_SPARE_FILL_MAX = 1 << 20
+"""A durable pool pre-writes each spare with zeros: 1.25 times the largest put it has served,
+in whole grains, and never more than this."""
+_UNTRIMMED_MAX = 32
+"""Puts whose padding is still to be cut (see :meth:`LocalDirectoryStore.finish`): past this
+many, a put cuts the oldest itself, so a caller that never finishes holds few descriptors."""
 
 
 def _flock_nb(fd: int, *, shared: bool = False) -> bool:
@@ -373,16 +387,23 @@ def _private_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
 
 
+Spare = tuple[str, int, int]
+"""A ready spare: (path, open descriptor holding its lock, bytes of zeros written to it)."""
+
+
 class _SparePool:
-    """Empty files created ahead of time in ``<root>/.spare/``, so that a put creates no inode
-    on its critical path.
+    """Files created ahead of time in ``<root>/.spare/``, so that a put creates no inode on
+    its critical path, and (when durable) allocates no block either.
 
     A durable put into a *new* file costs two filesystem-journal commits (the file's sync,
     then the directory's), and creating a file can cost more than that on some virtual disks.
-    A spare was created, and its directory synced, in the background: filling it and syncing
-    it is one commit, and the put renames it into place without syncing the rename (see
-    :meth:`LocalDirectoryStore.put`). One pool serves every store of one directory in a
-    process; a background thread keeps ``_SPARE_LOW`` to ``_SPARE_HIGH`` spares ready.
+    A spare was created, and its directory synced, in the background; a durable pool also
+    writes it full of zeros and syncs them, as databases pre-write their log segments. A put
+    then overwrites blocks that are already on disk: its fdatasync writes data and commits no
+    metadata at all, and the put renames the spare into place without syncing the rename (see
+    :meth:`LocalDirectoryStore.put`). A put larger than the spare extends it, for one commit.
+    One pool serves every store of one directory in a process; a background thread keeps
+    ``_SPARE_LOW`` to ``_SPARE_HIGH`` spares ready.
 
     Each spare is held open with an exclusive ``flock``, taken before the spare gets its
     name: the lock tells other processes the spare is in use and dies with its owner, so a
@@ -394,20 +415,27 @@ class _SparePool:
     def __init__(self, directory: str, *, durable: bool) -> None:
         self.directory = directory
         self.durable = durable
-        self._ready: deque[tuple[str, int]] = deque()
+        self._ready: deque[Spare] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pid = os.getpid()
         self._failed_at = -1e9
+        self._fill_bytes = 0
+        self._busy = False
 
-    def take(self) -> tuple[str, int] | None:
-        """A spare (path, open fd holding its lock), or None when none is ready."""
+    def take(self, nbytes: int) -> Spare | None:
+        """A spare for ``nbytes`` (path, open fd holding its lock, bytes pre-written), or None
+        when none is ready."""
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return None
+            if self.durable and nbytes > self._fill_bytes * 4 // 5:
+                grains = -(-(nbytes + nbytes // 4) // _SPARE_GRAIN)
+                self._fill_bytes = min(_SPARE_FILL_MAX, grains * _SPARE_GRAIN)
             spare = self._ready.popleft() if self._ready else None
             if len(self._ready) < _SPARE_LOW:
+                self._busy = True
                 if self._thread is None:
                     self._thread = threading.Thread(
                         target=self._run, name=f"prowzi-spares:{self.directory}", daemon=True
@@ -418,7 +446,7 @@ class _SparePool:
 
     def owns(self, name: str) -> bool:
         with self._cond:
-            return any(os.path.basename(path) == name for path, _ in self._ready)
+            return any(os.path.basename(path) == name for path, _, _ in self._ready)
 
     @property
     def closed(self) -> bool:
@@ -430,41 +458,70 @@ class _SparePool:
         except Exception:  # never leave a store believing spares will come
             log.exception("the spare-file thread for %s stopped", self.directory)
             self.close()
+        finally:
+            with self._cond:
+                self._idle()
 
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) >= _SPARE_LOW:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                if time.monotonic() - self._failed_at < 1.0:
-                    self._cond.wait(1.0)
-                    continue
+                while True:
+                    if self._closed:
+                        self._idle()
+                        return
+                    backoff = self._failed_at + 1.0 - time.monotonic()
+                    if len(self._ready) < _SPARE_LOW and backoff <= 0:
+                        break
+                    self._idle()
+                    self._cond.wait(None if len(self._ready) >= _SPARE_LOW else backoff)
+                self._busy = True
                 wanted = _SPARE_HIGH - len(self._ready)
-            made: list[tuple[str, int]] = []
+                fill = self._fill_bytes
+            made: list[Spare] = []
+            failure: OSError | None = None
             try:
                 if not self._ensure_directory():
                     raise OSError(errno.ENOTDIR, f"{self.directory} is not a private directory")
                 for _ in range(wanted):
                     if self._closed:
                         break
-                    made.append(self._create())
-                if self.durable:
+                    made.append(self._create(fill))
+            except OSError as exc:
+                failure = exc  # no room (those made are kept, their space reserved), or no use
+            try:
+                if self.durable and made:
+                    for _, fd, _ in made:
+                        os.fdatasync(fd)  # the zeros' blocks, and the files' sizes
                     _fsync_dir(self.directory)
             except OSError as exc:
-                # No room, or no usable directory: puts create their own files meanwhile.
-                log.debug("could not prepare spare files in %s: %s", self.directory, exc)
-                for path, fd in made:
+                failure = exc
+                for path, fd, _ in made:
                     _drop(path, fd)
                 made = []
+            if failure is not None:
+                # Puts create their own files meanwhile.
+                log.debug("could not prepare spare files in %s: %s", self.directory, failure)
                 self._failed_at = time.monotonic()
             with self._cond:
                 if self._closed:
-                    for path, fd in made:
+                    for path, fd, _ in made:
                         _drop(path, fd)
+                    self._idle()
                     return
                 self._ready.extend(made)
+
+    def _idle(self) -> None:
+        self._busy = False
+        self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait (at most ``timeout`` seconds) until no spares are being prepared; the number
+        ready."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return len(self._ready)
 
     def _ensure_directory(self) -> bool:
         with contextlib.suppress(FileExistsError):
@@ -473,7 +530,7 @@ class _SparePool:
                 _fsync_dir(os.path.dirname(self.directory))
         return _private_dir(self.directory)
 
-    def _create(self) -> tuple[str, int]:
+    def _create(self, fill: int) -> Spare:
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         birth = os.path.join(self.directory, f".new-{token}")
         fd = os.open(
@@ -486,7 +543,13 @@ class _SparePool:
         except BaseException:
             _drop(birth, fd)
             raise
-        return path, fd
+        try:
+            if fill:
+                _pwrite_all(fd, bytes(fill), 0)
+        except BaseException:
+            _drop(path, fd)
+            raise
+        return path, fd, fill
 
     def close(self) -> None:
         """Stop filling, and remove the spares not handed out. Returns once the filling
@@ -498,7 +561,7 @@ class _SparePool:
             self._cond.notify_all()
         if os.getpid() != self._pid:
             return
-        for path, fd in spares:
+        for path, fd, _ in spares:
             _drop(path, fd)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)  # it drops what it was still creating
@@ -506,12 +569,21 @@ class _SparePool:
     def forget(self) -> None:
         """In a forked child: the spares (and their locks) belong to the parent."""
         self._closed = True
-        for _, fd in self._ready:
+        for _, fd, _ in self._ready:
             with contextlib.suppress(OSError):
                 os.close(fd)  # the parent's descriptor keeps the lock
         self._ready = deque()
         self._thread = None
         self._cond = threading.Condition()
+        self._busy = False
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _drop(path: str, fd: int) -> None:
@@ -569,8 +641,9 @@ class LocalDirectoryStore(CheckpointStore):
     """One file per blob in ``root``; the files are the source of truth.
 
     Writes, when a spare file is ready (see :class:`_SparePool`): the blob goes into a spare
-    in ``root/.spare/`` that was created, and its directory synced, ahead of time; fdatasync
-    when durable; then ``os.rename`` into ``root``. For a ``recoverable`` durable put the
+    in ``root/.spare/`` that was created, written full of zeros (when durable) and synced
+    ahead of time; fdatasync when durable; then ``os.rename`` into ``root``. The zeros after
+    the blob stay until :meth:`finish` cuts them (or the store closes). For a ``recoverable`` durable put the
     rename's own sync is deferred: the filesystem commits it with its next journal commit
     (seconds at most, or at any other fsync), and until then the data is durable under the
     spare's name, where :meth:`recover` finds it after a power loss. A put that returned thus
@@ -614,6 +687,8 @@ class LocalDirectoryStore(CheckpointStore):
         self._generation = 0
         self._compact_at = _COMPACT_MIN
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
+        self._untrimmed: dict[str, tuple[int, int, str, int]] = {}
+        """Blob name -> (descriptor, blob size, token, pid) of puts whose padding is uncut."""
         self._spare_dir = os.path.join(self._dir, SPARE_DIR)
         self._pool = _pool_for(self._spare_dir, fsync) if _BOOT_ID and spares else None
 
@@ -625,9 +700,13 @@ class LocalDirectoryStore(CheckpointStore):
     def _ensure_dirs(self) -> None:
         if os.path.isdir(self._index_path):
             return
-        created_root = not self.root.is_dir()
-        if created_root and self.root.exists():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
+        try:  # one look (two could straddle another thread's mkdir)
+            created_root = not stat.S_ISDIR(os.stat(self.root).st_mode)
+        except FileNotFoundError:
+            created_root = True
+        else:
+            if created_root:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
         if created_root:
             # private: the index and the checkpoints hold prompts and results
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -649,17 +728,18 @@ class LocalDirectoryStore(CheckpointStore):
         derived = not durable and not recoverable
         durable = durable and self.fsync
         st = None
+        if not derived:
+            # Only these create the directory. Derived data goes beside its source, into a
+            # directory that exists: it never brings back one removed meanwhile.
+            self._ensure_dirs()  # first: the spare pool's directory goes inside
         if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
-            spare = self._pool.take()  # from inside the directory: it exists
+            size = sum(map(len, data)) if isinstance(data, list) else len(data)
+            spare = self._pool.take(size)  # from inside the directory: it exists
             if spare is not None:
-                st = self._put_spare(spare, final, data, durable)
+                st = self._put_spare(name, spare, final, data, size, durable)
         if st is None:
-            if not derived:
-                # Only these create the directory. Derived data goes beside its source, into
-                # a directory that exists: it never brings back one removed meanwhile.
-                self._ensure_dirs()
             st = self._put_new(name, final, data, durable)
         token = _token(st)
         with self._mutex:
@@ -685,15 +765,16 @@ class LocalDirectoryStore(CheckpointStore):
             view = view[written:]
 
     def _put_spare(
-        self, spare: tuple[str, int], final: str, data: Blob, durable: bool
+        self, name: str, spare: Spare, final: str, data: Blob, size: int, durable: bool
     ) -> os.stat_result | None:
         """Fill a spare, fdatasync it, rename it into place; None when the spare could not
         be used (the caller then writes a new file, which fails for real if it must).
 
         The rename is not synced (see the class docstring): the spare's name is already on
         disk, so the fdatasync alone makes the data durable there. Metadata commits in
-        order, so any later sync (another put's, :meth:`settle`) makes the rename durable."""
-        path, fd = spare
+        order, so any later sync (another put's, :meth:`settle`) makes the rename durable.
+        Zeros the blob did not overwrite stay after it until :meth:`finish` cuts them."""
+        path, fd, _ = spare
         try:
             self._write_all(fd, data)
             if durable:
@@ -709,8 +790,46 @@ class LocalDirectoryStore(CheckpointStore):
                 raise
             log.debug("could not use spare %s: %s", path, exc)
             return None
-        os.close(fd)
+        if st.st_size <= size:
+            os.close(fd)
+            return st
+        with self._mutex:
+            earlier = self._untrimmed.pop(name, None)
+            self._untrimmed[name] = (fd, size, _token(st), os.getpid())
+            oldest = next(iter(self._untrimmed)) if len(self._untrimmed) > _UNTRIMMED_MAX else None
+        if earlier is not None:
+            os.close(earlier[0])  # that file was just replaced: nobody reads its padding
+        if oldest is not None:
+            self.finish(oldest, self._untrimmed[oldest][2])
         return st
+
+    def finish(self, name: str, token: str) -> str:
+        """Cut the zeros a put into a spare left after the blob (readers must tolerate them
+        until then, and after a crash for good), and return the blob's token afterwards.
+        Not synced: the cut is metadata, which the filesystem commits after the rename."""
+        with self._mutex:
+            pending = self._untrimmed.get(name)
+            if pending is None or pending[2] != token:
+                return token
+            del self._untrimmed[name]
+        fd, size, _, pid = pending
+        try:
+            if pid != os.getpid():
+                return token  # a forked child: the parent cuts its own files
+            os.ftruncate(fd, size)
+            st = os.fstat(fd)
+        except OSError as exc:
+            log.debug("could not cut the padding of %s: %s", name, exc)
+            return token
+        finally:
+            os.close(fd)
+        cut = _token(st)
+        with self._mutex:
+            known = self._entries.get(name)
+            if known is not None and known[0] == token:
+                self._entries[name] = (cut, st.st_size, st.st_mtime_ns, known[3])
+                self._generation += 1
+        return cut
 
     def _put_new(self, name: str, final: str, data: Blob, durable: bool) -> os.stat_result:
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
@@ -732,9 +851,19 @@ class LocalDirectoryStore(CheckpointStore):
             _fsync_dir(self._dir)
         return st
 
+    def spares_ready(self, timeout: float = 10.0) -> int:
+        """How many spare files are ready, once none is being prepared (waiting at most
+        ``timeout`` seconds for that)."""
+        return 0 if self._pool is None else self._pool.wait_idle(timeout)
+
     def close(self) -> None:
-        """Remove the spares this process prepared for the directory and close them (for
-        every store of the directory in this process; the next put prepares new ones)."""
+        """Cut the padding still pending; remove the spares this process prepared for the
+        directory and close them (for every store of the directory in this process; the
+        next put prepares new ones)."""
+        with self._mutex:
+            pending = [(name, entry[2]) for name, entry in self._untrimmed.items()]
+        for name, token in pending:
+            self.finish(name, token)
         if self._pool is not None:
             self._pool.close()
 
@@ -862,6 +991,9 @@ class LocalDirectoryStore(CheckpointStore):
         except FileNotFoundError:
             return False
         with self._mutex:
+            pending = self._untrimmed.pop(name, None)
+            if pending is not None:
+                os.close(pending[0])
             self._entries.pop(name, None)
             self._generation += 1
             self._append([{"n": name, "d": 1}])
