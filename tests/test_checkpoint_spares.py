@@ -109,6 +109,21 @@ def test_spares_hold_zeros_for_the_largest_put_and_a_larger_one_still_fits(
     assert store.finish("bigger.pkl", token) == token  # no padding to cut
 
 
+def test_spares_ready_get_more_zeros_when_the_puts_grow(tmp_path: Path) -> None:
+    """A run's state grows stage by stage: the spares prepared for its first, small
+    checkpoints are topped up once a larger one comes."""
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    store.put("small.pkl", b"s" * 2000, recoverable=True)
+    assert store.spares_ready() >= 8
+    assert {p.stat().st_size for p in spares(directory)} == {storage._SPARE_GRAIN}
+    store.put("large.pkl", os.urandom(40_000), recoverable=True)
+    assert store.spares_ready() >= 8
+    sizes = {p.stat().st_size for p in spares(directory)}
+    assert min(sizes) >= 50_000, sizes
+    assert all(p.read_bytes().count(0) == p.stat().st_size for p in spares(directory))
+
+
 def test_a_store_cuts_the_padding_it_has_left_when_closed_or_when_too_much_is_left(
     tmp_path: Path,
 ) -> None:

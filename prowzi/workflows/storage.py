@@ -430,11 +430,13 @@ class _SparePool:
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return None
-            if self.durable and nbytes > self._fill_bytes * 4 // 5:
+            grew = False
+            if self.durable and nbytes > self._fill_bytes * 4 // 5 < _SPARE_FILL_MAX * 4 // 5:
                 grains = -(-(nbytes + nbytes // 4) // _SPARE_GRAIN)
                 self._fill_bytes = min(_SPARE_FILL_MAX, grains * _SPARE_GRAIN)
+                grew = bool(self._ready)  # those ready are topped up to the new size
             spare = self._ready.popleft() if self._ready else None
-            if len(self._ready) < _SPARE_LOW:
+            if len(self._ready) < _SPARE_LOW or grew:
                 self._busy = True
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -469,17 +471,24 @@ class _SparePool:
                     if self._closed:
                         self._idle()
                         return
+                    fill = self._fill_bytes
+                    small = [spare for spare in self._ready if spare[2] < fill]
                     backoff = self._failed_at + 1.0 - time.monotonic()
-                    if len(self._ready) < _SPARE_LOW and backoff <= 0:
+                    if (len(self._ready) < _SPARE_LOW or small) and backoff <= 0:
                         break
                     self._idle()
                     self._cond.wait(None if len(self._ready) >= _SPARE_LOW else backoff)
                 self._busy = True
-                wanted = _SPARE_HIGH - len(self._ready)
-                fill = self._fill_bytes
+                self._ready = deque(spare for spare in self._ready if spare[2] >= fill)
+                wanted = _SPARE_HIGH - len(self._ready) - len(small)
             made: list[Spare] = []
             failure: OSError | None = None
             try:
+                while small:  # the puts grew: more zeros for the spares that were ready
+                    path, fd, held = small[0]
+                    _pwrite_all(fd, bytes(fill - held), held)
+                    made.append((path, fd, fill))
+                    del small[0]
                 if not self._ensure_directory():
                     raise OSError(errno.ENOTDIR, f"{self.directory} is not a private directory")
                 for _ in range(wanted):
@@ -488,6 +497,7 @@ class _SparePool:
                     made.append(self._create(fill))
             except OSError as exc:
                 failure = exc  # no room (those made are kept, their space reserved), or no use
+                made.extend(small)  # as they were: what a failed write added is not counted
             try:
                 if self.durable and made:
                     for _, fd, _ in made:
@@ -643,12 +653,14 @@ class LocalDirectoryStore(CheckpointStore):
     Writes, when a spare file is ready (see :class:`_SparePool`): the blob goes into a spare
     in ``root/.spare/`` that was created, written full of zeros (when durable) and synced
     ahead of time; fdatasync when durable; then ``os.rename`` into ``root``. The zeros after
-    the blob stay until :meth:`finish` cuts them (or the store closes). For a ``recoverable`` durable put the
-    rename's own sync is deferred: the filesystem commits it with its next journal commit
-    (seconds at most, or at any other fsync), and until then the data is durable under the
-    spare's name, where :meth:`recover` finds it after a power loss. A put that returned thus
-    survives a power loss either way, for one journal commit instead of two. :meth:`settle`
-    syncs the names before deletions. ``spares=False`` turns spares off.
+    the blob stay until :meth:`finish` cuts them (or the store closes). For a ``recoverable``
+    durable put the rename's own sync is deferred: the filesystem commits it with its next
+    journal commit (seconds at most, or at any other fsync), and until then the data is
+    durable under the spare's name, where :meth:`recover` finds it after a power loss. A put
+    that returned thus survives a power loss either way, with no metadata to commit when the
+    blob fits in the spare's zeros (one journal commit when it extends the spare, two for a
+    new file). :meth:`settle` syncs the names before deletions.
+    ``spares=False`` turns spares off.
 
     Otherwise (and for durable puts that are not recoverable): a temporary file in ``root``,
     written in full, fdatasync, ``os.replace``,
