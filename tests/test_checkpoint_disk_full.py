@@ -3,6 +3,7 @@ intact and resumable. The directory is a real, small tmpfs (mounting one needs r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -20,14 +21,13 @@ from prowzi.workflows.storage import LocalDirectoryStore
 SESSION = "disk-full-session"
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "small"
     mountpoint.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mountpoint)],
         check=True,
         capture_output=True,
     )
@@ -37,6 +37,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "512k") as mountpoint:
+        yield mountpoint
+
+
 def big_state(kib: int) -> m.WorkflowState:
     state = full_state()
     assert state.draft is not None
@@ -44,12 +50,15 @@ def big_state(kib: int) -> m.WorkflowState:
     return state.model_copy(update={"draft": draft})
 
 
-def fill(disk: Path, leave: int, *managers: CheckpointManager) -> Path:
+def fill(disk: Path, leave: int, *managers: CheckpointManager, keep_spares: bool = False) -> Path:
     """Occupy all but at most ``leave`` bytes of the filesystem, once the ``managers``' stores
-    have prepared their spare files (whose zeros reserve room for saves to come)."""
+    have prepared their spare files, whose zeros keep room for saves to come; unless
+    ``keep_spares``, the stores are closed first (which removes them): no room is left."""
     for manager in managers:
         assert isinstance(manager.store, LocalDirectoryStore)
         manager.store.spares_ready()
+        if not keep_spares:
+            manager.store.close()
     stats = os.statvfs(disk)
     free = stats.f_bavail * stats.f_frsize
     filler = disk / "filler.bin"
@@ -153,7 +162,7 @@ def test_a_prepared_spare_keeps_room_for_a_save_when_the_disk_fills_up(small_dis
     save_run(manager, SESSION, STAGES[:2])
     assert isinstance(manager.store, LocalDirectoryStore)
     assert manager.store.spares_ready() > 0
-    fill(small_disk, 0, manager)
+    fill(small_disk, 0, manager, keep_spares=True)
 
     saved = manager.save(
         session_id=SESSION,
@@ -168,3 +177,27 @@ def test_a_prepared_spare_keeps_room_for_a_save_when_the_disk_fills_up(small_dis
     assert fresh.load_checkpoint(SESSION).metadata == saved
     fresh.verify_chain(SESSION)
     assert pkl.read_bytes().rstrip(b"\0") == pkl.read_bytes()  # the padding was cut
+
+
+def test_the_room_spares_keep_is_given_up_for_a_save_larger_than_they_are(
+    tmp_path: Path,
+) -> None:
+    """Spares only ever take an eighth of the free space, and a save that needs their room
+    (it is larger than any of them, and the disk is full) gets it."""
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        store = LocalDirectoryStore(disk / "store")
+        store.put("first.pkl", os.urandom(100_000), recoverable=True)
+        ready = store.spares_ready()
+        assert ready > 0
+        sizes = [p.stat().st_size for p in (disk / "store" / ".spare").iterdir()]
+        kept = sum(sizes)
+        assert kept <= 8 * 1024 * 1024 // 8
+        filler = disk / "filler.bin"
+        with filler.open("wb") as fh, contextlib.suppress(OSError):
+            fh.write(bytes(os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - 64 * 1024))
+        large = os.urandom(kept // 2 + 100_000)  # fits only in the room the spares kept
+        assert len(large) > max(sizes) and len(sizes) == ready >= 2
+        token = store.put("large.pkl", large, recoverable=True)
+        store.finish("large.pkl", token)
+        assert store.get("large.pkl") == large
+        store.close()

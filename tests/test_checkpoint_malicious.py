@@ -241,6 +241,10 @@ def test_zero_padding_after_a_checkpoint_is_read_past(tmp_path: Path, key: str |
     if key is not None:  # the signature is where the header says, not at the file's end
         target.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]) + b"\x00" * 20_000)
         assert_refused(fresh, VICTIM, target, "HMAC")
+        # zeros where it goes: a write cut short in a spare, refused with or without a key
+        target.write_bytes(whole[:-32] + b"\x00" * 20_032)
+        assert_refused(fresh, VICTIM, target, "signature was never written")
+        assert_refused(CheckpointManager(tmp_path / "checkpoints"), VICTIM, target, "never")
 
 
 def test_an_implausible_header_length_is_refused(manager: CheckpointManager) -> None:

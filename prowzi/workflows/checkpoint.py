@@ -302,6 +302,18 @@ def _created_at(header: dict[str, Any]) -> datetime | None:
         return None
 
 
+def _saved_at(raw: bytes) -> float:
+    """When an interrupted save was made, by its header (the earliest time when unreadable):
+    several saves can await their rename's commit at a power loss, and a recovery publishes
+    the older first, so a newer one never makes it look superseded."""
+    try:
+        header, _ = _unseal(raw, "")
+    except CheckpointIntegrityError:
+        return float("-inf")
+    created = _created_at(header)
+    return created.timestamp() if created is not None and created.tzinfo else float("-inf")
+
+
 def _listed(meta: dict[str, Any], name: str) -> dict[str, Any] | None:
     """A header (JSON form) as a listing row, with ``created_at`` an aware datetime; None
     unless it has the shape of this very checkpoint's header."""
@@ -1129,7 +1141,8 @@ class CheckpointManager:
             self._recovered = True
             try:
                 published = self.store.recover(
-                    lambda data, publish: self._judge_interrupted(data, publish, doomed)
+                    lambda data, publish: self._judge_interrupted(data, publish, doomed),
+                    _saved_at,
                 )
             except Exception as exc:  # best effort: never fail the command that triggered it
                 log.warning("could not recover interrupted checkpoints: %s", exc)
@@ -1342,6 +1355,10 @@ def _payload_span(
         raise CheckpointIntegrityError(
             where, f"{problem}: {len(raw)} bytes where the header implies {expected}"
         )
+    if header.get("signed") is True and raw.count(0, expected - _MAC_SIZE, expected) == _MAC_SIZE:
+        # Zeros where the signature goes: a write cut short inside a spare's zeros (a real
+        # HMAC is all zeros with probability 2**-256).
+        raise CheckpointIntegrityError(where, "truncated: its signature was never written")
     return body_start, size, sha
 
 

@@ -27,6 +27,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -187,13 +188,16 @@ class CheckpointStore(ABC):
         """Remove temporaries left by interrupted writes, older than ``max_age`` seconds."""
         return []
 
-    def recover(self, judge: Judge) -> builtins.list[str]:
+    def recover(
+        self, judge: Judge, order: Callable[[bytes], float] | None = None
+    ) -> builtins.list[str]:
         """Finish the puts a crash interrupted, where the store defers part of a put.
 
         ``judge`` gets the bytes of each blob whose put was durable but may not have been
         published under its name, and a function that publishes them under a name (call it
-        while holding whatever lock makes that safe); returns the names published. Stores that
-        publish every put before it returns have nothing to recover.
+        while holding whatever lock makes that safe); returns the names published. ``order``
+        (a key of the bytes; the oldest first) says in which order they are judged. Stores
+        that publish every put before it returns have nothing to recover.
         """
         return []
 
@@ -481,23 +485,34 @@ class _SparePool:
                 self._busy = True
                 self._ready = deque(spare for spare in self._ready if spare[2] >= fill)
                 wanted = _SPARE_HIGH - len(self._ready) - len(small)
+                kept = sum(spare[2] for spare in self._ready) + sum(spare[2] for spare in small)
             made: list[Spare] = []
             failure: OSError | None = None
             try:
-                while small:  # the puts grew: more zeros for the spares that were ready
-                    path, fd, held = small[0]
-                    _pwrite_all(fd, bytes(fill - held), held)
-                    made.append((path, fd, fill))
-                    del small[0]
                 if not self._ensure_directory():
                     raise OSError(errno.ENOTDIR, f"{self.directory} is not a private directory")
+                # Zeros take at most an eighth of the free space (theirs included): on a
+                # filling disk the spares never crowd out the writes they are meant to speed up.
+                room = (_free_bytes(self.directory) + kept) // 8 - kept if fill else 0
+                while small:  # the puts grew: more zeros for the spares that were ready
+                    path, fd, held = small[0]
+                    if fill - held > room:
+                        break
+                    _pwrite_all(fd, bytes(fill - held), held)
+                    room -= fill - held
+                    made.append((path, fd, fill))
+                    del small[0]
+                if fill:
+                    wanted = min(wanted, room // fill)
                 for _ in range(wanted):
                     if self._closed:
                         break
                     made.append(self._create(fill))
+                if fill and not made:
+                    raise OSError(errno.ENOSPC, "too little free space to prepare spares")
             except OSError as exc:
                 failure = exc  # no room (those made are kept, their space reserved), or no use
-                made.extend(small)  # as they were: what a failed write added is not counted
+            made.extend(small)  # as they were: what a failed write added is not counted
             try:
                 if self.durable and made:
                     for _, fd, _ in made:
@@ -523,6 +538,16 @@ class _SparePool:
     def _idle(self) -> None:
         self._busy = False
         self._cond.notify_all()
+
+    def release(self) -> bool:
+        """Remove the spares ready (the disk is full: their zeros' room is needed now), and
+        prepare none for a while; whether there were any."""
+        with self._cond:
+            spares, self._ready = list(self._ready), deque()
+            self._failed_at = time.monotonic()
+        for path, fd, _ in spares:
+            _drop(path, fd)
+        return bool(spares)
 
     def wait_idle(self, timeout: float) -> int:
         """Wait (at most ``timeout`` seconds) until no spares are being prepared; the number
@@ -596,6 +621,11 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def _drop(path: str, fd: int) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -639,8 +669,18 @@ def _forget_pools() -> None:
     _POOLS.clear()
 
 
+_STORES: weakref.WeakSet[LocalDirectoryStore] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """In a forked child: the spare pools, and the padding still to cut, are the parent's."""
+    _forget_pools()
+    for store in list(_STORES):
+        store._forget_untrimmed()
+
+
 atexit.register(_close_pools)
-os.register_at_fork(after_in_child=_forget_pools)
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _token(st: os.stat_result) -> str:
@@ -701,6 +741,9 @@ class LocalDirectoryStore(CheckpointStore):
         self._loaded = False  # whether _entries reflects the directory (as of some listing)
         self._untrimmed: dict[str, tuple[int, int, str, int]] = {}
         """Blob name -> (descriptor, blob size, token, pid) of puts whose padding is uncut."""
+        self._cut: dict[str, tuple[str, str]] = {}
+        """Blob name -> (token after its put, token after the cut) of recent cuts."""
+        _STORES.add(self)
         self._spare_dir = os.path.join(self._dir, SPARE_DIR)
         self._pool = _pool_for(self._spare_dir, fsync) if _BOOT_ID and spares else None
 
@@ -747,12 +790,19 @@ class LocalDirectoryStore(CheckpointStore):
         if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
-            size = sum(map(len, data)) if isinstance(data, list) else len(data)
+            size = sum(map(len, data)) if isinstance(data, list) else memoryview(data).nbytes
             spare = self._pool.take(size)  # from inside the directory: it exists
             if spare is not None:
                 st = self._put_spare(name, spare, final, data, size, durable)
         if st is None:
-            st = self._put_new(name, final, data, durable)
+            try:
+                st = self._put_new(name, final, data, durable)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or self._pool is None or not self._pool.release():
+                    raise
+                # The room the spares kept is this put's now (and the pool stops refilling
+                # until it has some to spare again).
+                st = self._put_new(name, final, data, durable)
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
@@ -771,7 +821,7 @@ class LocalDirectoryStore(CheckpointStore):
             if written == total:
                 return
             data = b"".join(data)[written:]  # a short write: the rest, the plain way
-        view = memoryview(data)
+        view = memoryview(data).cast("B")  # counted in bytes, whatever the view's items
         while view:
             written = os.write(fd, view)
             view = view[written:]
@@ -808,11 +858,14 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             earlier = self._untrimmed.pop(name, None)
             self._untrimmed[name] = (fd, size, _token(st), os.getpid())
-            oldest = next(iter(self._untrimmed)) if len(self._untrimmed) > _UNTRIMMED_MAX else None
+            oldest = None
+            if len(self._untrimmed) > _UNTRIMMED_MAX:
+                first = next(iter(self._untrimmed))
+                oldest = (first, self._untrimmed[first][2])
         if earlier is not None:
             os.close(earlier[0])  # that file was just replaced: nobody reads its padding
         if oldest is not None:
-            self.finish(oldest, self._untrimmed[oldest][2])
+            self.finish(*oldest)
         return st
 
     def finish(self, name: str, token: str) -> str:
@@ -822,6 +875,10 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             pending = self._untrimmed.get(name)
             if pending is None or pending[2] != token:
+                done = self._cut.get(name)  # cut already (by a later put, or close)
+                if done is not None and done[0] == token:
+                    del self._cut[name]
+                    return done[1]
                 return token
             del self._untrimmed[name]
         fd, size, _, pid = pending
@@ -841,6 +898,9 @@ class LocalDirectoryStore(CheckpointStore):
             if known is not None and known[0] == token:
                 self._entries[name] = (cut, st.st_size, st.st_mtime_ns, known[3])
                 self._generation += 1
+            if len(self._cut) >= 4 * _UNTRIMMED_MAX:  # for callers that never finish
+                self._cut.pop(next(iter(self._cut)))
+            self._cut[name] = (token, cut)  # for the finish its put's caller will call
         return cut
 
     def _put_new(self, name: str, final: str, data: Blob, durable: bool) -> os.stat_result:
@@ -862,6 +922,14 @@ class LocalDirectoryStore(CheckpointStore):
         if durable:
             _fsync_dir(self._dir)
         return st
+
+    def _forget_untrimmed(self) -> None:
+        self._mutex = threading.RLock()  # a parent's thread may have held it at the fork
+        for fd, *_ in self._untrimmed.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._untrimmed.clear()
+        self._cut.clear()
 
     def spares_ready(self, timeout: float = 10.0) -> int:
         """How many spare files are ready, once none is being prepared (waiting at most
@@ -887,15 +955,16 @@ class LocalDirectoryStore(CheckpointStore):
         with contextlib.suppress(FileNotFoundError):
             _fsync_dir(self._dir)
 
-    def recover(self, judge: Judge) -> list[str]:
+    def recover(self, judge: Judge, order: Callable[[bytes], float] | None = None) -> list[str]:
         """Publish the puts a power loss interrupted; remove the spares of dead processes.
 
         A spare is looked at only when its lock is free (its owner is gone), it is a regular
-        file of ours, and its name is one this store makes. Empty: an unused spare, removed.
-        Written in this boot: its writer was killed before the put returned (the page cache
-        survived, so nothing published was lost), removed. Written in an earlier boot: the
-        put's data may be durable only here, so ``judge`` decides: publish it under a name
-        (then synced), discard it, or keep it.
+        file of ours, and its name is one this store makes. Empty, or all zeros: an unused
+        spare, removed. Written in this boot: its writer was killed before the put returned
+        (the page cache survived, so nothing published was lost), removed. Written in an
+        earlier boot: the put's data may be durable only here, so ``judge`` decides: publish
+        it under a name (then synced), discard it, or keep it. Several puts can await their
+        rename's commit at once; ``order`` (a key of the bytes) says which to judge first.
         """
         published: list[str] = []
         if not _private_dir(self._spare_dir):
@@ -904,36 +973,51 @@ class LocalDirectoryStore(CheckpointStore):
             entries = list(os.scandir(self._spare_dir))
         except (FileNotFoundError, NotADirectoryError):
             return published
-        for entry in entries:
-            match = _SPARE_RE.fullmatch(entry.name)
-            if match is None or (self._pool is not None and self._pool.owns(entry.name)):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        found: list[tuple[str, int, bytes]] = []  # each held open, so its lock stays ours
+        try:
+            for entry in entries:
+                match = _SPARE_RE.fullmatch(entry.name)
+                if match is None or (self._pool is not None and self._pool.owns(entry.name)):
                     continue
-                if not _flock_nb(fd):
-                    continue  # its owner is alive
-                if st.st_size == 0 or match["boot"] == _BOOT_ID:
-                    os.unlink(entry.path)
+                try:
+                    fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
                     continue
-                data = b"" if st.st_size > _RECOVER_MAX else os.pread(fd, st.st_size, 0)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                        os.close(fd)
+                        continue
+                    if not _flock_nb(fd):
+                        os.close(fd)
+                        continue  # its owner is alive
+                    data = b"" if st.st_size > _RECOVER_MAX else os.pread(fd, st.st_size, 0)
+                    if match["boot"] == _BOOT_ID or data.count(0) == st.st_size:
+                        os.unlink(entry.path)
+                        os.close(fd)
+                        continue
+                except OSError as exc:
+                    log.warning("could not recover %s: %s", entry.path, exc)
+                    os.close(fd)
+                    continue
+                found.append((entry.path, fd, data))
+            if order is not None:
+                found.sort(key=lambda item: order(item[2]))
+            for path, _, data in found:
 
-                def publish(name: str, path: str = entry.path) -> None:
+                def publish(name: str, path: str = path) -> None:
                     os.rename(path, self._path(name))
                     self.settle()
                     self._forget_view()
                     published.append(name)
 
-                if judge(data, publish) == "discard":
-                    os.unlink(entry.path)
-            except OSError as exc:
-                log.warning("could not recover %s: %s", entry.path, exc)
-            finally:
+                try:
+                    if judge(data, publish) == "discard":
+                        os.unlink(path)
+                except OSError as exc:
+                    log.warning("could not recover %s: %s", path, exc)
+        finally:
+            for _, fd, _ in found:
                 os.close(fd)
         return published
 
@@ -1006,6 +1090,7 @@ class LocalDirectoryStore(CheckpointStore):
             pending = self._untrimmed.pop(name, None)
             if pending is not None:
                 os.close(pending[0])
+            self._cut.pop(name, None)
             self._entries.pop(name, None)
             self._generation += 1
             self._append([{"n": name, "d": 1}])
