@@ -145,6 +145,60 @@ def test_a_store_cuts_the_padding_it_has_left_when_closed_or_when_too_much_is_le
     assert store.finish("p9.pkl", tokens[9]) == store.token("p9.pkl")
 
 
+def test_a_finish_racing_an_early_cut_of_the_same_blob_learns_the_cut_token(
+    tmp_path: Path,
+) -> None:
+    """The write-behind finishes a checkpoint while a save (too many cuts pending) or close
+    cuts it early: whichever comes second still answers with the token after the cut."""
+    import threading
+
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    ready_spares(store, directory)
+    stale = 0
+    for i in range(100):
+        name = f"race{i}.pkl"
+        token = store.put(name, b"blob", recoverable=True)
+        start = threading.Barrier(2)
+        answers: list[str] = []
+
+        def early(name: str = name, token: str = token, start: threading.Barrier = start) -> None:
+            start.wait()
+            store._finish(name, token, early=True)
+
+        def finish(
+            name: str = name,
+            token: str = token,
+            start: threading.Barrier = start,
+            answers: list[str] = answers,
+        ) -> None:
+            start.wait()
+            answers.append(store.finish(name, token))
+
+        threads = [threading.Thread(target=early), threading.Thread(target=finish)]
+        for thread in threads if i % 2 else reversed(threads):
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stale += answers != [store.token(name)]
+        wait_for(lambda: store.spares_ready() > 0)
+    assert stale == 0
+
+
+def test_spares_topped_up_are_few_at_a_time_so_puts_still_find_one(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    store = LocalDirectoryStore(directory)
+    store.put("small.pkl", b"s" * 2000, recoverable=True)
+    assert store.spares_ready() >= 20
+    prepared = {p.stat().st_ino for p in spares(directory)}
+    pool = store._pool
+    assert pool is not None
+    store.put("large.pkl", os.urandom(40_000), recoverable=True)  # the pool starts topping up
+    wait_for(lambda: pool._busy)
+    store.put("next.pkl", os.urandom(40_000), recoverable=True)
+    assert (directory / "next.pkl").stat().st_ino in prepared
+
+
 def test_a_memoryview_of_wide_items_is_put_whole(tmp_path: Path) -> None:
     import array
 

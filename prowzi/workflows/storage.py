@@ -367,6 +367,8 @@ _SPARE_GRAIN = 16 << 10
 _SPARE_FILL_MAX = 1 << 20
 """A durable pool pre-writes each spare with zeros: 1.25 times the largest put it has served,
 in whole grains, and never more than this."""
+_TOP_UP = 4
+"""Spares topped up per round when the puts grow (the others stay ready meanwhile)."""
 _UNTRIMMED_MAX = 32
 """Puts whose padding is still to be cut (see :meth:`LocalDirectoryStore.finish`): past this
 many, a put cuts the oldest itself, so a caller that never finishes holds few descriptors."""
@@ -427,6 +429,9 @@ class _SparePool:
         self._failed_at = -1e9
         self._fill_bytes = 0
         self._busy = False
+        self._released = 0
+        self._pause = 1.0
+        self._failed_before = False
 
     def take(self, nbytes: int) -> Spare | None:
         """A spare for ``nbytes`` (path, open fd holding its lock, bytes pre-written), or None
@@ -476,14 +481,20 @@ class _SparePool:
                         self._idle()
                         return
                     fill = self._fill_bytes
-                    small = [spare for spare in self._ready if spare[2] < fill]
-                    backoff = self._failed_at + 1.0 - time.monotonic()
-                    if (len(self._ready) < _SPARE_LOW or small) and backoff <= 0:
+                    # Topped up a few at a time, the last to be used first: the others stay
+                    # ready meanwhile (a put into a small spare only extends it).
+                    small = [spare for spare in reversed(self._ready) if spare[2] < fill]
+                    small = small[:_TOP_UP]
+                    backoff = self._failed_at + self._pause - time.monotonic()
+                    needed = len(self._ready) < _SPARE_LOW or bool(small)
+                    if needed and backoff <= 0:
                         break
                     self._idle()
-                    self._cond.wait(None if len(self._ready) >= _SPARE_LOW else backoff)
+                    self._cond.wait(backoff if needed else None)
                 self._busy = True
-                self._ready = deque(spare for spare in self._ready if spare[2] >= fill)
+                released = self._released
+                for spare in small:
+                    self._ready.remove(spare)
                 wanted = _SPARE_HIGH - len(self._ready) - len(small)
                 kept = sum(spare[2] for spare in self._ready) + sum(spare[2] for spare in small)
             made: list[Spare] = []
@@ -524,13 +535,20 @@ class _SparePool:
                     _drop(path, fd)
                 made = []
             if failure is not None:
-                # Puts create their own files meanwhile.
+                # Puts create their own files meanwhile; tried again after a pause that
+                # doubles, up to half a minute, while the failures last.
                 log.debug("could not prepare spare files in %s: %s", self.directory, failure)
                 self._failed_at = time.monotonic()
+                self._pause = min(self._pause * 2, 30.0) if self._failed_before else 1.0
+                self._failed_before = True
+            else:
+                self._failed_before = False
             with self._cond:
-                if self._closed:
-                    for path, fd, _ in made:
+                if self._closed or released != self._released:
+                    for path, fd, _ in made:  # the disk filled up meanwhile: room first
                         _drop(path, fd)
+                    made = []
+                if self._closed:
                     self._idle()
                     return
                 self._ready.extend(made)
@@ -540,14 +558,19 @@ class _SparePool:
         self._cond.notify_all()
 
     def release(self) -> bool:
-        """Remove the spares ready (the disk is full: their zeros' room is needed now), and
-        prepare none for a while; whether there were any."""
+        """Remove the spares (the disk is full: their zeros' room is needed now), those being
+        topped up too, and prepare none for a while; whether there were any."""
         with self._cond:
-            spares, self._ready = list(self._ready), deque()
+            self._released += 1
             self._failed_at = time.monotonic()
+            busy = self._busy
+            deadline = time.monotonic() + 2.0
+            while self._busy and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)  # the batch under way drops what it made
+            spares, self._ready = list(self._ready), deque()
         for path, fd, _ in spares:
             _drop(path, fd)
-        return bool(spares)
+        return bool(spares) or busy
 
     def wait_idle(self, timeout: float) -> int:
         """Wait (at most ``timeout`` seconds) until no spares are being prepared; the number
@@ -865,43 +888,49 @@ class LocalDirectoryStore(CheckpointStore):
         if earlier is not None:
             os.close(earlier[0])  # that file was just replaced: nobody reads its padding
         if oldest is not None:
-            self.finish(*oldest)
+            self._finish(*oldest, early=True)
         return st
 
     def finish(self, name: str, token: str) -> str:
         """Cut the zeros a put into a spare left after the blob (readers must tolerate them
         until then, and after a crash for good), and return the blob's token afterwards.
         Not synced: the cut is metadata, which the filesystem commits after the rename."""
+        return self._finish(name, token, early=False)
+
+    def _finish(self, name: str, token: str, *, early: bool) -> str:
+        """:meth:`finish`; ``early`` when the store cuts before the put's caller asks (too
+        many pending, or close): the caller's finish then gets the token the cut gave.
+        Under the mutex: a second finish of the blob waits for the first's answer."""
         with self._mutex:
             pending = self._untrimmed.get(name)
             if pending is None or pending[2] != token:
-                done = self._cut.get(name)  # cut already (by a later put, or close)
+                done = self._cut.get(name)  # cut already
                 if done is not None and done[0] == token:
                     del self._cut[name]
                     return done[1]
                 return token
             del self._untrimmed[name]
-        fd, size, _, pid = pending
-        try:
-            if pid != os.getpid():
-                return token  # a forked child: the parent cuts its own files
-            os.ftruncate(fd, size)
-            st = os.fstat(fd)
-        except OSError as exc:
-            log.debug("could not cut the padding of %s: %s", name, exc)
-            return token
-        finally:
-            os.close(fd)
-        cut = _token(st)
-        with self._mutex:
+            fd, size, _, pid = pending
+            try:
+                if pid != os.getpid():
+                    return token  # a forked child: the parent cuts its own files
+                os.ftruncate(fd, size)
+                st = os.fstat(fd)
+            except OSError as exc:
+                log.debug("could not cut the padding of %s: %s", name, exc)
+                return token
+            finally:
+                os.close(fd)
+            cut = _token(st)
             known = self._entries.get(name)
             if known is not None and known[0] == token:
                 self._entries[name] = (cut, st.st_size, st.st_mtime_ns, known[3])
                 self._generation += 1
-            if len(self._cut) >= 4 * _UNTRIMMED_MAX:  # for callers that never finish
-                self._cut.pop(next(iter(self._cut)))
-            self._cut[name] = (token, cut)  # for the finish its put's caller will call
-        return cut
+            if early:
+                if len(self._cut) >= 4 * _UNTRIMMED_MAX:  # for callers that never finish
+                    self._cut.pop(next(iter(self._cut)))
+                self._cut[name] = (token, cut)
+            return cut
 
     def _put_new(self, name: str, final: str, data: Blob, durable: bool) -> os.stat_result:
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
@@ -943,7 +972,7 @@ class LocalDirectoryStore(CheckpointStore):
         with self._mutex:
             pending = [(name, entry[2]) for name, entry in self._untrimmed.items()]
         for name, token in pending:
-            self.finish(name, token)
+            self._finish(name, token, early=True)
         if self._pool is not None:
             self._pool.close()
 
@@ -973,7 +1002,8 @@ class LocalDirectoryStore(CheckpointStore):
             entries = list(os.scandir(self._spare_dir))
         except (FileNotFoundError, NotADirectoryError):
             return published
-        found: list[tuple[str, int, bytes]] = []  # each held open, so its lock stays ours
+        found: list[tuple[str, int, int, float]] = []  # (path, fd, size, order): held open,
+        # so its lock stays ours
         try:
             for entry in entries:
                 match = _SPARE_RE.fullmatch(entry.name)
@@ -991,7 +1021,9 @@ class LocalDirectoryStore(CheckpointStore):
                     if not _flock_nb(fd):
                         os.close(fd)
                         continue  # its owner is alive
-                    data = b"" if st.st_size > _RECOVER_MAX else os.pread(fd, st.st_size, 0)
+                    data = b""
+                    if match["boot"] != _BOOT_ID and st.st_size <= _RECOVER_MAX:
+                        data = os.pread(fd, st.st_size, 0)
                     if match["boot"] == _BOOT_ID or data.count(0) == st.st_size:
                         os.unlink(entry.path)
                         os.close(fd)
@@ -1000,10 +1032,10 @@ class LocalDirectoryStore(CheckpointStore):
                     log.warning("could not recover %s: %s", entry.path, exc)
                     os.close(fd)
                     continue
-                found.append((entry.path, fd, data))
-            if order is not None:
-                found.sort(key=lambda item: order(item[2]))
-            for path, _, data in found:
+                key = order(data) if order is not None else 0.0
+                found.append((entry.path, fd, st.st_size, key))  # read again when judged
+            found.sort(key=lambda item: item[3])
+            for path, fd, size, _ in found:
 
                 def publish(name: str, path: str = path) -> None:
                     os.rename(path, self._path(name))
@@ -1012,12 +1044,13 @@ class LocalDirectoryStore(CheckpointStore):
                     published.append(name)
 
                 try:
+                    data = b"" if size > _RECOVER_MAX else os.pread(fd, size, 0)
                     if judge(data, publish) == "discard":
                         os.unlink(path)
                 except OSError as exc:
                     log.warning("could not recover %s: %s", path, exc)
         finally:
-            for _, fd, _ in found:
+            for _, fd, _, _ in found:
                 os.close(fd)
         return published
 
