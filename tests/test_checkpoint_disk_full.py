@@ -195,6 +195,9 @@ def test_the_room_spares_keep_is_given_up_for_a_save_larger_than_they_are(
         filler = disk / "filler.bin"
         with filler.open("wb") as fh, contextlib.suppress(OSError):
             fh.write(bytes(os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - 64 * 1024))
+        with pytest.raises(OSError, match="No space left"):  # derived data: not for it
+            store.put("first.json", bytes(200_000), durable=False)
+        assert store.spares_ready() == ready
         large = os.urandom(kept // 2 + 100_000)  # fits only in the room the spares kept
         assert len(large) > max(sizes) and len(sizes) == ready >= 2
         token = store.put("large.pkl", large, recoverable=True)

@@ -1169,6 +1169,10 @@ class CheckpointManager:
             session_id, stage = split_checkpoint_id(header.get("checkpoint_id"))
         except (CheckpointIntegrityError, InvalidInputError):
             return "keep"
+        if header.get("signed") is True and self._key is None:
+            # Its signature may be torn (the file is whole-sized from the start, so a cut
+            # write is not short); only a manager with the key can tell.
+            return "keep"
         if stage is None:
             return "keep"
         if session_id in doomed:

@@ -718,8 +718,10 @@ class LocalDirectoryStore(CheckpointStore):
     ahead of time; fdatasync when durable; then ``os.rename`` into ``root``. The zeros after
     the blob stay until :meth:`finish` cuts them (or the store closes). For a ``recoverable``
     durable put the rename's own sync is deferred: the filesystem commits it with its next
-    journal commit (seconds at most, or at any other fsync), and until then the data is
-    durable under the spare's name, where :meth:`recover` finds it after a power loss. A put
+    journal commit (the periodic one, seconds at most; :meth:`settle`; any put that creates
+    or extends a file; any other fsync of metadata), and until then the data is durable
+    under the spare's name, where :meth:`recover` finds it after a power loss (several puts
+    may be waiting so, and a recovery judges them oldest first). A put
     that returned thus survives a power loss either way, with no metadata to commit when the
     blob fits in the spare's zeros (one journal commit when it extends the spare, two for a
     new file). :meth:`settle` syncs the names before deletions.
@@ -821,8 +823,13 @@ class LocalDirectoryStore(CheckpointStore):
             try:
                 st = self._put_new(name, final, data, durable)
             except OSError as exc:
-                if exc.errno != errno.ENOSPC or self._pool is None or not self._pool.release():
-                    raise
+                if (
+                    exc.errno != errno.ENOSPC
+                    or not recoverable
+                    or self._pool is None
+                    or not self._pool.release()
+                ):
+                    raise  # derived data never takes the room kept for checkpoints
                 # The room the spares kept is this put's now (and the pool stops refilling
                 # until it has some to spare again).
                 st = self._put_new(name, final, data, durable)
@@ -857,7 +864,8 @@ class LocalDirectoryStore(CheckpointStore):
 
         The rename is not synced (see the class docstring): the spare's name is already on
         disk, so the fdatasync alone makes the data durable there. Metadata commits in
-        order, so any later sync (another put's, :meth:`settle`) makes the rename durable.
+        order, so the next journal commit (periodic, :meth:`settle`, or any sync that has
+        metadata to commit; not another put into a spare that fits) makes the rename durable.
         Zeros the blob did not overwrite stay after it until :meth:`finish` cuts them."""
         path, fd, _ = spare
         try:
