@@ -327,33 +327,23 @@ def test_a_forked_child_never_writes_into_its_parents_spares(tmp_path: Path) -> 
 # --- recovery -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("padding", [0, 30_000])
 def test_a_save_cut_short_by_a_power_loss_is_published_on_the_next_use(
-    tmp_path: Path,
+    tmp_path: Path, padding: int
 ) -> None:
+    """With ``padding``, the power loss also came before the write-behind cut the spare's
+    remaining zeros."""
     directory = tmp_path / "checkpoints"
     save_run(CheckpointManager(directory), SESSION, STAGES[:3])
-    expected = (directory / f"{SESSION}_search.pkl").read_bytes()
     spare = interrupted(directory, "search", EARLIER_BOOT)
+    expected = spare.read_bytes() + bytes(padding)
+    spare.write_bytes(expected)
 
     manager = CheckpointManager(directory)
     assert [r["stage"] for r in manager.list_checkpoints()] == ["search", "planning", "intent"]
     assert (directory / f"{SESSION}_search.pkl").read_bytes() == expected
     assert (directory / f"{SESSION}_search.json").exists()
     assert not spare.exists()
-    assert manager.load_checkpoint(SESSION).search == state_after("search").search
-    manager.verify_chain(SESSION)
-
-
-def test_an_interrupted_save_still_padded_with_the_spares_zeros_is_published(
-    tmp_path: Path,
-) -> None:
-    """The power loss came before the write-behind cut the spare's remaining zeros."""
-    directory = tmp_path / "checkpoints"
-    save_run(CheckpointManager(directory), SESSION, STAGES[:3])
-    spare = interrupted(directory, "search", EARLIER_BOOT)
-    spare.write_bytes(spare.read_bytes() + bytes(30_000))
-    manager = CheckpointManager(directory)
-    assert [r["stage"] for r in manager.list_checkpoints()] == ["search", "planning", "intent"]
     assert manager.load_checkpoint(SESSION).search == state_after("search").search
     manager.verify_chain(SESSION)
 
