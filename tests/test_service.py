@@ -353,6 +353,27 @@ def test_an_interrupted_session_with_every_checkpoint_is_settled_by_a_resume(
         svc.stop()
 
 
+def test_an_interrupted_session_whose_lock_a_resume_holds_is_reported_running(
+    tmp_path: Path,
+) -> None:
+    """A resume elsewhere (the CLI) has taken the session's lock and not logged yet: the
+    service reports it running, in a run's state and in the list and its filter alike."""
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    _killed_after_its_last_checkpoint(tmp_path, "taken")
+    svc = Service(tmp_path)
+    try:
+        assert svc.client.get("/runs/taken").json()["state"] == "interrupted"
+        with CheckpointManager(tmp_path / "prowzi_checkpoints").session_lock("taken"):
+            assert svc.client.get("/runs/taken").json()["state"] == "running"
+            listed = svc.client.get("/runs", params={"state": "running"}).json()["runs"]
+            assert [run["session_id"] for run in listed] == ["taken"]
+            assert svc.client.get("/runs", params={"state": "interrupted"}).json()["runs"] == []
+        assert svc.client.get("/runs/taken").json()["state"] == "interrupted"
+    finally:
+        svc.stop()
+
+
 def test_sigterm_checkpoints_runs_in_flight_and_a_restart_resumes_them(
     tmp_path: Path,
 ) -> None:

@@ -301,4 +301,6 @@ def test_a_session_whose_process_is_gone_is_reported_interrupted(cli: CliRunner)
         (starting,) = json.loads(cli.invoke(app, ["sessions", "--json"]).stdout)
         shown_json = json.loads(cli.invoke(app, ["show", "gone", "--json"]).stdout)
         only = json.loads(cli.invoke(app, ["sessions", "--json", "--status", "interrupted"]).stdout)
+        live = json.loads(cli.invoke(app, ["sessions", "--json", "--status", "running"]).stdout)
     assert starting["status"] == shown_json["status"] == "running" and only == []
+    assert [r["session_id"] for r in live] == ["gone"]  # the filter agrees with the column

@@ -8,7 +8,6 @@ imported inside the commands, so ``prowzi --help`` stays fast.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,13 +15,12 @@ import typer
 from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from rich.console import Console
 
     from prowzi.config.paths import DirectorySetting
-    from prowzi.workflows.telemetry import SessionStatus, TelemetryCollector, WorkflowMetrics
+    from prowzi.workflows.telemetry import TelemetryCollector, WorkflowMetrics
 
 
 def register(app: typer.Typer) -> None:
@@ -33,28 +31,15 @@ def register(app: typer.Typer) -> None:
 
 
 def _collector() -> TelemetryCollector:
+    """The collector the commands read with. A session whose log shows a writer that is gone
+    is still running while a run or resume holds its checkpoint lock (a resume of an
+    interrupted session takes the lock before it logs anything)."""
+    from prowzi.workflows.storage import writer_lock_probe
     from prowzi.workflows.telemetry import TelemetryCollector
 
-    return TelemetryCollector(_directory("telemetry_dir"))
-
-
-def _reporter() -> Callable[[SessionStatus, str], SessionStatus]:
-    """``(status, session_id) -> status`` as the command reports it: ``interrupted`` stays so
-    unless a run or resume of the session holds its checkpoint lock (a resume of an
-    interrupted session takes the lock before it logs anything, so until its first event its
-    telemetry still shows the writer that was killed). One store serves the command."""
-    from prowzi.workflows.storage import LocalDirectoryStore
-
-    stores: list[LocalDirectoryStore] = []
-
-    def reported(status: SessionStatus, session_id: str) -> SessionStatus:
-        if status != "interrupted":
-            return status
-        if not stores:
-            stores.append(LocalDirectoryStore(_directory("checkpoint_dir"), spares=False))
-        return "running" if stores[0].holder(session_id) is not None else status
-
-    return reported
+    return TelemetryCollector(
+        _directory("telemetry_dir"), writer_lock=writer_lock_probe(_directory("checkpoint_dir"))
+    )
 
 
 def _directory(field: DirectorySetting) -> Path:
@@ -102,13 +87,7 @@ def sessions(
 ) -> None:
     """List recorded sessions, newest first. Unreadable session files are marked corrupt."""
     with user_errors():
-        reported = _reporter()
-        rows = [
-            replace(row, status=reported(row.status, row.session_id))
-            for row in _collector().list_sessions(limit=limit, status=status)
-        ]
-        if status == "interrupted":
-            rows = [row for row in rows if row.status == "interrupted"]
+        rows = _collector().list_sessions(limit=limit, status=status)
         if json_output:
             _print_json([row.to_dict() for row in rows])
             return
@@ -213,7 +192,7 @@ def show(
         checkpoints = _checkpoints(session_id)
         log_path = collector.event_log_path(session_id)
         document = metrics.metadata.get("document_path")
-        status = _reporter()(collector.status_of(metrics), session_id)
+        status = collector.status_of(metrics)
         if json_output:
             _print_json(
                 {

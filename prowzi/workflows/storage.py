@@ -211,6 +211,19 @@ class CheckpointStore(ABC):
         return None
 
 
+def writer_lock_probe(root: Path | str) -> Callable[[str], bool]:
+    """``session_id -> whether anyone holds the session's writer lock`` in the checkpoint
+    directory ``root``, for readers: it creates nothing, and opens the store on first use."""
+    stores: list[LocalDirectoryStore] = []
+
+    def held(session_id: str) -> bool:
+        if not stores:
+            stores.append(LocalDirectoryStore(root, spares=False))
+        return stores[0].is_locked(session_id)
+
+    return held
+
+
 def _holder_description() -> dict[str, Any]:
     return {
         "pid": os.getpid(),

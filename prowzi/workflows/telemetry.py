@@ -34,7 +34,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -679,8 +679,13 @@ class TelemetryCollector:
         *,
         background: bool = True,
         fsync: bool = True,
+        writer_lock: Callable[[str], bool] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self._writer_lock = writer_lock
+        """``session_id -> whether a run or resume holds the session's writer lock``: such a
+        session is running even while its log still shows a writer that is gone (a resume
+        takes the lock before it logs anything)."""
         self.errors = 0
         self.error_counts: dict[str, int] = {}
         self.last_error: str | None = None
@@ -926,7 +931,19 @@ class TelemetryCollector:
         restarted); ``prowzi resume`` continues it from its last checkpoint."""
         if metrics.status != "running":
             return metrics.status
-        return _running_status(self._log_facts(metrics.session_id))
+        return self._live_status(metrics.session_id)
+
+    def _live_status(self, session_id: str) -> SessionStatus:
+        """The status of a session its file records as running: what its event log says,
+        unless a writer holds the session's lock."""
+        status = _running_status(self._log_facts(session_id))
+        if status == "interrupted" and self._writer_lock is not None:
+            try:
+                if self._writer_lock(session_id):
+                    return "running"
+            except OSError as exc:
+                log.debug("could not probe the writer lock of %s: %s", session_id, exc)
+        return status
 
     def _log_facts(self, session_id: str) -> _LogFacts:
         """What the end of the session's event log says: whether its last event ends the
@@ -1095,7 +1112,7 @@ class TelemetryCollector:
             # The index caches what the file says; for a file that says running, the log
             # tells more (the run's end: its writer was stopped before writing the file),
             # and the writer may be gone. Only running sessions' logs are read at all.
-            return row[2] if row[2] != "running" else _running_status(self._log_facts(row[1]))
+            return row[2] if row[2] != "running" else self._live_status(row[1])
 
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
