@@ -146,6 +146,33 @@ def test_a_held_lock_refuses_a_second_holder_and_names_the_first(store: Checkpoi
         pass
 
 
+def test_a_readers_probe_never_makes_a_writer_think_the_lock_is_taken(tmp_path: Path) -> None:
+    """Readers (`prowzi sessions`, the service) probe a session's lock with a shared flock
+    held for an instant; a writer that takes the lock without waiting must not mistake that
+    for a holder."""
+    import threading
+
+    store = LocalDirectoryStore(tmp_path / "store", spares=False)
+    with store.lock("probed"):
+        pass  # the lock file exists from now on
+    reader = LocalDirectoryStore(tmp_path / "store", spares=False)
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            reader.is_locked("probed")
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(2000):
+            with store.lock("probed"):
+                pass
+    finally:
+        stop.set()
+        prober.join()
+
+
 def test_lock_timeout_waits_for_the_holder(store: CheckpointStore) -> None:
     started = time.monotonic()
     with store.lock("s"), pytest.raises(SessionLockedError):

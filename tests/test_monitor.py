@@ -265,6 +265,14 @@ def test_follow_notices_a_writer_that_died(tmp_path: Path) -> None:
     log_path.write_text(text)
     monitor = WorkflowMonitor("crashed", clock=lambda: DOC_T0)
     ticks = iter(range(1000))
+    # a resume holds the session's lock for the first two looks, and has not logged yet
+    answers = [True, True]
+    asked: list[bool] = []
+
+    def writer_lock() -> bool:
+        asked.append(answers.pop(0) if answers else False)
+        return asked[-1]
+
     follow_session(
         EventLogReader(log_path),
         monitor,
@@ -272,7 +280,9 @@ def test_follow_notices_a_writer_that_died(tmp_path: Path) -> None:
         liveness_interval=1,
         sleep=lambda _: None,
         monotonic=lambda: float(next(ticks)),
+        writer_lock=writer_lock,
     )
+    assert asked == [True, True, False]  # not interrupted while the lock was held
     assert monitor.interrupted is not None and str(pid) in monitor.interrupted
     assert "Success: ✗ (interrupted)" in render(monitor, 100)
 

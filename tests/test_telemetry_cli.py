@@ -304,3 +304,9 @@ def test_a_session_whose_process_is_gone_is_reported_interrupted(cli: CliRunner)
         live = json.loads(cli.invoke(app, ["sessions", "--json", "--status", "running"]).stdout)
     assert starting["status"] == shown_json["status"] == "running" and only == []
     assert [r["session_id"] for r in live] == ["gone"]  # the filter agrees with the column
+    # telemetry commands never fail over the checkpoint setting they only probe with
+    Path("not-a-directory").write_text("")
+    odd = {"PROWZI_CHECKPOINT_DIR": "not-a-directory"}
+    listed = cli.invoke(app, ["sessions", "--json"], env=odd)
+    assert listed.exit_code == 0 and json.loads(listed.stdout)[0]["status"] == "interrupted"
+    assert cli.invoke(app, ["replay", "gone", "--speed", "1000"], env=odd).exit_code == 0

@@ -375,8 +375,11 @@ def follow_session(
     liveness_interval: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Clock = time.monotonic,
+    writer_lock: Callable[[], bool] | None = None,
 ) -> None:
     """Feed ``monitor`` from a session's log until the run finishes or its process is gone.
+    While ``writer_lock()`` says the session's lock is held (a resume that has not logged
+    yet), a gone writer does not end it.
 
     Events already in the log are applied first. Raises
     :class:`~prowzi.errors.TelemetryError` on a corrupt line; a partial last line is awaited.
@@ -394,7 +397,7 @@ def follow_session(
         if monotonic() - last_news >= liveness_interval:
             last_news = monotonic()
             reason = writer_gone(reader)
-            if reason is not None:
+            if reason is not None and not (writer_lock is not None and writer_lock()):
                 monitor.mark_interrupted(reason)
 
 

@@ -15,6 +15,7 @@ import typer
 from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from rich.console import Console
@@ -34,12 +35,30 @@ def _collector() -> TelemetryCollector:
     """The collector the commands read with. A session whose log shows a writer that is gone
     is still running while a run or resume holds its checkpoint lock (a resume of an
     interrupted session takes the lock before it logs anything)."""
-    from prowzi.workflows.storage import writer_lock_probe
     from prowzi.workflows.telemetry import TelemetryCollector
 
-    return TelemetryCollector(
-        _directory("telemetry_dir"), writer_lock=writer_lock_probe(_directory("checkpoint_dir"))
-    )
+    return TelemetryCollector(_directory("telemetry_dir"), writer_lock=_writer_lock())
+
+
+def _writer_lock() -> Callable[[str], bool]:
+    """``session_id -> whether its checkpoint lock is held``. The checkpoint directory is
+    looked up on the first question only, and an unusable setting answers "not held": a
+    command that reads telemetry alone never fails over it."""
+    from prowzi.config.paths import directory_setting
+    from prowzi.errors import ConfigError
+    from prowzi.workflows.storage import writer_lock_probe
+
+    probe: list[Callable[[str], bool]] = []
+
+    def held(session_id: str) -> bool:
+        if not probe:
+            try:
+                probe.append(writer_lock_probe(directory_setting("checkpoint_dir")))
+            except ConfigError:
+                probe.append(lambda _session_id: False)
+        return probe[0](session_id)
+
+    return held
 
 
 def _directory(field: DirectorySetting) -> Path:
@@ -328,9 +347,12 @@ def monitor(
         if view.finished:
             console.print(view.render())
             return
+        held = _writer_lock()
         try:
             with view:
-                follow_session(reader, view, poll_interval=poll)
+                follow_session(
+                    reader, view, poll_interval=poll, writer_lock=lambda: held(session_id)
+                )
         except KeyboardInterrupt:
             console.print("Detached; the run goes on.")
 

@@ -219,7 +219,7 @@ def writer_lock_probe(root: Path | str) -> Callable[[str], bool]:
     def held(session_id: str) -> bool:
         if not stores:
             stores.append(LocalDirectoryStore(root, spares=False))
-        return stores[0].is_locked(session_id)
+        return stores[0].holder(session_id) is not None  # probes only with an owner file
 
     return held
 
@@ -382,6 +382,8 @@ _SPARE_FILL_MAX = 1 << 20
 in whole grains, and never more than this."""
 _TOP_UP = 4
 """Spares topped up per round when the puts grow (the others stay ready meanwhile)."""
+_PROBE_GRACE = 0.05
+"""Seconds a writer lock attempt lasts at least (see :meth:`LocalDirectoryStore.lock`)."""
 _UNTRIMMED_MAX = 32
 """Puts whose padding is still to be cut (see :meth:`LocalDirectoryStore.finish`): past this
 many, a put cuts the oldest itself, so a caller that never finishes holds few descriptors."""
@@ -1399,7 +1401,9 @@ class LocalDirectoryStore(CheckpointStore):
         # process is refused too (flock conflicts across open file descriptions).
         lock = filelock.FileLock(lock_path, thread_local=False, preserve_lock_file=True)
         try:
-            lock.acquire(timeout=max(timeout, 0), poll_interval=0.02)
+            # A reader's probe (is_locked) holds a shared lock for an instant: a writer that
+            # would not wait still tries for _PROBE_GRACE before it calls the lock taken.
+            lock.acquire(timeout=max(timeout, _PROBE_GRACE), poll_interval=0.005)
         except filelock.Timeout:
             raise SessionLockedError(
                 f"session {key} is locked by {_describe_holder(self._holder_soon(owner))}"

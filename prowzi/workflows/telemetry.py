@@ -1108,11 +1108,18 @@ class TelemetryCollector:
                 rows[session_id] = fresh_row
                 fresh.append(line)
 
+        live: dict[str, str] = {}
+
         def reported(row: _IndexRow) -> str:
             # The index caches what the file says; for a file that says running, the log
             # tells more (the run's end: its writer was stopped before writing the file),
-            # and the writer may be gone. Only running sessions' logs are read at all.
-            return row[2] if row[2] != "running" else self._live_status(row[1])
+            # and the writer may be gone. Only running sessions' logs are read at all, and
+            # once per listing, so a row is shown with the status it was selected by.
+            if row[2] != "running":
+                return row[2]
+            if row[1] not in live:
+                live[row[1]] = self._live_status(row[1])
+            return live[row[1]]
 
         checked: set[str] = set()
         for session_id in files.keys() - rows.keys():
