@@ -31,13 +31,14 @@ def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
 
 
-def _collector() -> TelemetryCollector:
+def _collector(writer_lock: Callable[[str], bool] | None = None) -> TelemetryCollector:
     """The collector the commands read with. A session whose log shows a writer that is gone
     is still running while a run or resume holds its checkpoint lock (a resume of an
     interrupted session takes the lock before it logs anything)."""
     from prowzi.workflows.telemetry import TelemetryCollector
 
-    return TelemetryCollector(_directory("telemetry_dir"), writer_lock=_writer_lock())
+    directory = _directory("telemetry_dir")
+    return TelemetryCollector(directory, writer_lock=writer_lock or _writer_lock())
 
 
 def _writer_lock() -> Callable[[str], bool]:
@@ -325,7 +326,8 @@ def monitor(
         from prowzi.ids import validate_session_id
 
         validate_session_id(session_id)
-        collector = _collector()
+        held = _writer_lock()
+        collector = _collector(held)
         console = _console()
         log_path = collector.event_log_path(session_id)
         deadline = time.monotonic() + wait
@@ -347,7 +349,6 @@ def monitor(
         if view.finished:
             console.print(view.render())
             return
-        held = _writer_lock()
         try:
             with view:
                 follow_session(

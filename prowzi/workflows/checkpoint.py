@@ -281,6 +281,12 @@ def _missing_migration(version: int) -> int | None:
     return next((v for v in range(version, FORMAT_VERSION) if v not in _MIGRATIONS), None)
 
 
+def _body_migrates(version: int) -> bool:
+    """Whether a body of format ``version`` changes on its way to ``FORMAT_VERSION`` (else it
+    is parsed as it stands, straight into the models)."""
+    return any(_MIGRATIONS[v].body is not _unchanged for v in range(version, FORMAT_VERSION))
+
+
 def _migrate_header(header: dict[str, Any]) -> dict[str, Any]:
     version = header["format_version"]
     for step in range(version, FORMAT_VERSION):
@@ -551,8 +557,10 @@ class CheckpointManager:
         if self.compression == "zlib":
             body = [zlib.compress(b"".join(body), _ZLIB_LEVEL)]
         digest = hashlib.sha256()
+        size = 0
         for part in body:
             digest.update(part)
+            size += len(part)
         created = datetime.now(UTC)
         # The header as CheckpointMetadata.model_dump(mode="json") gives it (a test holds
         # them equal), built directly: every value is this method's own or checked above.
@@ -566,7 +574,7 @@ class CheckpointManager:
             "parameters": parameters.model_dump(mode="json"),
             "prowzi_version": __version__,
             "format_version": FORMAT_VERSION,
-            "payload_size": sum(map(len, body)),
+            "payload_size": size,
             "payload_sha256": digest.hexdigest(),
             "previous_hash": previous_hash,
             "compression": self.compression,
@@ -808,9 +816,7 @@ class CheckpointManager:
 
         decoded = self._decompress(metadata, body, where)
         try:
-            if version < FORMAT_VERSION and any(
-                _MIGRATIONS[v].body is not _unchanged for v in range(version, FORMAT_VERSION)
-            ):
+            if _body_migrates(version):
                 parsed = _Body.model_validate(self._migrate_body(version, decoded, where))
             else:
                 parsed = _Body.model_validate_json(decoded)

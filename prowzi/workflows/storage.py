@@ -213,15 +213,9 @@ class CheckpointStore(ABC):
 
 def writer_lock_probe(root: Path | str) -> Callable[[str], bool]:
     """``session_id -> whether anyone holds the session's writer lock`` in the checkpoint
-    directory ``root``, for readers: it creates nothing, and opens the store on first use."""
-    stores: list[LocalDirectoryStore] = []
-
-    def held(session_id: str) -> bool:
-        if not stores:
-            stores.append(LocalDirectoryStore(root, spares=False))
-        return stores[0].holder(session_id) is not None  # probes only with an owner file
-
-    return held
+    directory ``root``, for readers: it creates nothing."""
+    store = LocalDirectoryStore(root, spares=False)  # no I/O until asked
+    return lambda session_id: store.holder(session_id) is not None  # only with an owner file
 
 
 def _holder_description() -> dict[str, Any]:
@@ -513,6 +507,7 @@ class _SparePool:
                 wanted = _SPARE_HIGH - len(self._ready) - len(small)
                 kept = sum(spare[2] for spare in self._ready) + sum(spare[2] for spare in small)
             made: list[Spare] = []
+            created = 0
             failure: OSError | None = None
             try:
                 if not self._ensure_directory():
@@ -520,11 +515,12 @@ class _SparePool:
                 # Zeros take at most an eighth of the free space (theirs included): on a
                 # filling disk the spares never crowd out the writes they are meant to speed up.
                 room = (_free_bytes(self.directory) + kept) // 8 - kept if fill else 0
+                zeros = memoryview(bytes(fill))
                 while small:  # the puts grew: more zeros for the spares that were ready
                     path, fd, held = small[0]
                     if fill - held > room:
                         break
-                    _pwrite_all(fd, bytes(fill - held), held)
+                    _write_all(fd, zeros[: fill - held], fill - held, held)
                     room -= fill - held
                     made.append((path, fd, fill))
                     del small[0]
@@ -533,17 +529,20 @@ class _SparePool:
                 for _ in range(wanted):
                     if self._closed:
                         break
-                    made.append(self._create(fill))
+                    made.append(self._create(zeros))
+                    created += 1
                 if fill and not made:
                     raise OSError(errno.ENOSPC, "too little free space to prepare spares")
             except OSError as exc:
                 failure = exc  # no room (those made are kept, their space reserved), or no use
+            written = list(made)
             made.extend(small)  # as they were: what a failed write added is not counted
             try:
-                if self.durable and made:
-                    for _, fd, _ in made:
+                if self.durable:
+                    for _, fd, _ in written:
                         os.fdatasync(fd)  # the zeros' blocks, and the files' sizes
-                    _fsync_dir(self.directory)
+                    if created:
+                        _fsync_dir(self.directory)
             except OSError as exc:
                 failure = exc
                 for path, fd, _ in made:
@@ -603,7 +602,7 @@ class _SparePool:
                 _fsync_dir(os.path.dirname(self.directory))
         return _private_dir(self.directory)
 
-    def _create(self, fill: int) -> Spare:
+    def _create(self, zeros: memoryview) -> Spare:
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         birth = os.path.join(self.directory, f".new-{token}")
         fd = os.open(
@@ -617,12 +616,12 @@ class _SparePool:
             _drop(birth, fd)
             raise
         try:
-            if fill:
-                _pwrite_all(fd, bytes(fill), 0)
+            if zeros:
+                _write_all(fd, zeros, len(zeros), 0)
         except BaseException:
             _drop(path, fd)
             raise
-        return path, fd, fill
+        return path, fd, len(zeros)
 
     def close(self) -> None:
         """Stop filling, and remove the spares not handed out. Returns once the filling
@@ -651,12 +650,25 @@ class _SparePool:
         self._busy = False
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, data: Blob, size: int, offset: int | None = None) -> None:
+    """Write all ``size`` bytes of ``data`` (the file's offset, or at ``offset``)."""
+    if isinstance(data, list):
+        if offset is None:
+            written = os.writev(fd, data)
+        else:
+            written = os.pwritev(fd, data, offset)
+            offset += written
+        if written == size:
+            return
+        data = b"".join(data)[written:]  # a short write: the rest, the plain way
+    view = memoryview(data).cast("B")  # counted in bytes, whatever the view's items
     while view:
-        written = os.pwrite(fd, view, offset)
+        if offset is None:
+            written = os.write(fd, view)
+        else:
+            written = os.pwrite(fd, view, offset)
+            offset += written
         view = view[written:]
-        offset += written
 
 
 def _free_bytes(path: str) -> int:
@@ -823,6 +835,7 @@ class LocalDirectoryStore(CheckpointStore):
         derived = not durable and not recoverable
         durable = durable and self.fsync
         st = None
+        size = sum(map(len, data)) if isinstance(data, list) else memoryview(data).nbytes
         if not derived:
             # Only these create the directory. Derived data goes beside its source, into a
             # directory that exists: it never brings back one removed meanwhile.
@@ -830,13 +843,12 @@ class LocalDirectoryStore(CheckpointStore):
         if self._pool is not None and recoverable:
             if self._pool.closed:
                 self._pool = _pool_for(self._spare_dir, self.fsync)
-            size = sum(map(len, data)) if isinstance(data, list) else memoryview(data).nbytes
             spare = self._pool.take(size)  # from inside the directory: it exists
             if spare is not None:
                 st = self._put_spare(name, spare, final, data, size, durable)
         if st is None:
             try:
-                st = self._put_new(name, final, data, durable)
+                st = self._put_new(name, final, data, size, durable)
             except OSError as exc:
                 if (
                     exc.errno != errno.ENOSPC
@@ -847,7 +859,7 @@ class LocalDirectoryStore(CheckpointStore):
                     raise  # derived data never takes the room kept for checkpoints
                 # The room the spares kept is this put's now (and the pool stops refilling
                 # until it has some to spare again).
-                st = self._put_new(name, final, data, durable)
+                st = self._put_new(name, final, data, size, durable)
         token = _token(st)
         with self._mutex:
             self._entries[name] = (token, st.st_size, st.st_mtime_ns, meta)
@@ -857,19 +869,6 @@ class LocalDirectoryStore(CheckpointStore):
                     [{"n": name, "t": token, "s": st.st_size, "mt": st.st_mtime_ns, "m": meta}]
                 )
         return token
-
-    @staticmethod
-    def _write_all(fd: int, data: Blob) -> None:
-        if isinstance(data, list):
-            written = os.writev(fd, data)
-            total = sum(map(len, data))
-            if written == total:
-                return
-            data = b"".join(data)[written:]  # a short write: the rest, the plain way
-        view = memoryview(data).cast("B")  # counted in bytes, whatever the view's items
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
 
     def _put_spare(
         self, name: str, spare: Spare, final: str, data: Blob, size: int, durable: bool
@@ -884,7 +883,7 @@ class LocalDirectoryStore(CheckpointStore):
         Zeros the blob did not overwrite stay after it until :meth:`finish` cuts them."""
         path, fd, _ = spare
         try:
-            self._write_all(fd, data)
+            _write_all(fd, data, size)
             if durable:
                 os.fdatasync(fd)
             st = os.fstat(fd)
@@ -955,12 +954,14 @@ class LocalDirectoryStore(CheckpointStore):
                 self._cut[name] = (token, cut)
             return cut
 
-    def _put_new(self, name: str, final: str, data: Blob, durable: bool) -> os.stat_result:
+    def _put_new(
+        self, name: str, final: str, data: Blob, size: int, durable: bool
+    ) -> os.stat_result:
         tmp = f"{self._dir}{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                self._write_all(fd, data)
+                _write_all(fd, data, size)
                 if durable:
                     os.fdatasync(fd)
                 st = os.fstat(fd)
