@@ -28,7 +28,7 @@ import orjson
 
 from prowzi.errors import TelemetryError
 from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
-from prowzi.workflows.host import boot_id
+from prowzi.host import boot_id
 
 log = logging.getLogger("prowzi.telemetry")
 

@@ -41,7 +41,7 @@ import filelock
 import orjson
 
 from prowzi.errors import InvalidIdentifierError, SessionLockedError
-from prowzi.workflows.host import boot_id
+from prowzi.host import boot_id
 
 log = logging.getLogger("prowzi.storage")
 

@@ -1,0 +1,109 @@
+"""Prowzi's one way to write a file, and its one permission policy.
+
+Every file Prowzi writes in its own directories (checkpoints, telemetry, caches, the service's
+journal) goes through :func:`atomic_write`: a temporary file in the same directory, write,
+``fdatasync``, rename over the target, ``fsync`` of the directory. A reader sees the old file
+or the new one, never a mix, and after the call returns the new one survives a power loss.
+The steps are POSIX's own and the ones SQLite, git and prometheus_client's
+``write_to_textfile`` take; the standard library has no such call.
+
+Permissions: Prowzi's state holds prompts and results, so directories it creates are
+``0o700`` and files ``0o600`` (:data:`PRIVATE_DIR`, :data:`PRIVATE_FILE`), further narrowed by
+the umask. Files are opened with ``O_NOFOLLOW``: a symlink planted where Prowzi writes or reads
+is refused, never followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "TEMP_PREFIX",
+    "atomic_write",
+    "ensure_private_dir",
+    "fsync_directory",
+    "open_nofollow",
+]
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+TEMP_PREFIX = ".tmp."
+"""Temporary files start with this; listings skip every name that starts with a dot."""
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with :data:`PRIVATE_DIR` if it does not exist."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (a no-op where directories cannot be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_nofollow(path: Path, flags: int = os.O_RDONLY, mode: int = PRIVATE_FILE) -> int:
+    """``os.open`` that refuses a symlink at ``path`` (``OSError`` with ``ELOOP``)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def atomic_write(
+    path: Path,
+    data: bytes | Iterable[bytes],
+    *,
+    durable: bool = True,
+    create_only: bool = False,
+    mode: int = PRIVATE_FILE,
+) -> os.stat_result:
+    """Replace ``path`` with ``data`` atomically; return the new file's ``stat``.
+
+    ``durable=False`` skips both fsyncs (for files derived from others, which a crash at worst
+    leaves at their previous version). ``create_only``: raise ``FileExistsError`` instead of
+    replacing an existing file (the link that publishes the file is atomic). The parent
+    directory must exist. On any failure the target is unchanged and no temporary remains.
+    """
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if durable:
+                os.fdatasync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if create_only:
+            os.link(tmp, path)  # EEXIST when taken: never replaces
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_directory(path.parent)
+    return st
+
+
+def is_symlink_error(exc: OSError) -> bool:
+    """Whether ``exc`` is ``open_nofollow`` refusing a symlink."""
+    return exc.errno == errno.ELOOP
