@@ -42,24 +42,17 @@ def _collector(writer_lock: Callable[[str], bool] | None = None) -> TelemetryCol
 
 
 def _writer_lock() -> Callable[[str], bool]:
-    """``session_id -> whether its checkpoint lock is held``. The checkpoint directory is
-    looked up on the first question only, and an unusable setting answers "not held": a
-    command that reads telemetry alone never fails over it."""
-    from prowzi.config.paths import directory_setting
+    """``session_id -> whether a live writer holds its lease``. The checkpoint location is
+    looked up here, and an unusable setting answers "not held": a command that reads
+    telemetry alone never fails over it."""
+    from prowzi.config.paths import checkpoint_location
     from prowzi.errors import ConfigError
-    from prowzi.workflows.storage import writer_lock_probe
+    from prowzi.workflows.liveness import lease_probe
 
-    probe: list[Callable[[str], bool]] = []
-
-    def held(session_id: str) -> bool:
-        if not probe:
-            try:
-                probe.append(writer_lock_probe(directory_setting("checkpoint_dir")))
-            except ConfigError:
-                probe.append(lambda _session_id: False)
-        return probe[0](session_id)
-
-    return held
+    try:
+        return lease_probe(checkpoint_location())
+    except ConfigError:
+        return lambda _session_id: False
 
 
 def _directory(field: DirectorySetting) -> Path:

@@ -57,3 +57,14 @@ def directory_setting(field: DirectorySetting) -> Path:
         shown = "" if value is None else f"={value!r}"
         raise ConfigError(f"invalid setting {field} ({variable}{shown}): {problem}")
     return path
+
+
+def checkpoint_location() -> Path | str:
+    """``PROWZI_CHECKPOINT_URL`` when set (a store URL), else the checkpoint directory."""
+    url = os.environ.get(f"{ENV_PREFIX}CHECKPOINT_URL")
+    if url is None:
+        wanted = f"{ENV_PREFIX}checkpoint_url".lower()
+        url = next((v for k, v in os.environ.items() if k.lower() == wanted), None)
+    if url is not None and url.strip():
+        return url
+    return directory_setting("checkpoint_dir")

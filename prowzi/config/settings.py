@@ -42,17 +42,32 @@ class ProwziConfig(BaseSettings):
     checkpoint_key: SecretStr | None = Field(
         None, description="HMAC key; when set, unsigned or wrongly signed checkpoints are refused."
     )
-    checkpoint_compression: Literal["none", "zlib"] = Field(
-        "none", description="Compression of checkpoint payloads."
+    checkpoint_url: str | None = Field(
+        None,
+        description="Where checkpoints live when not in checkpoint_dir: s3://bucket/prefix, "
+        "az://container/prefix, file:///path or a path. Credentials and endpoints come from "
+        "each cloud's standard variables (AWS_*, AZURE_STORAGE_*).",
+    )
+    checkpoint_compression: Literal["none", "zlib", "zstd"] = Field(
+        "zstd", description="Compression of checkpoint payloads."
+    )
+    checkpoint_compression_level: int | None = Field(
+        None, ge=-7, le=22, description="Compression level (zstd: 3, zlib: 1 when unset)."
+    )
+    checkpoint_full_every: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Every Nth checkpoint of a run is a full snapshot (the others store what "
+        "changed); a load reads at most N checkpoints.",
     )
     checkpoint_fsync: bool = Field(True, description="fsync checkpoint files and directory.")
-    checkpoint_spares: bool = Field(
-        True,
-        description=(
-            "Write checkpoints into files prepared in the background (one flush per save; "
-            "a power loss is recovered from them). False: a new file and a directory fsync "
-            "per save."
-        ),
+    lease_ttl_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="A session's lease runs out this long after its writer stops renewing it "
+        "(a writer on this machine that died is recognised at once).",
     )
 
     # Telemetry

@@ -169,13 +169,13 @@ def create_app(
 
     def telemetry() -> TelemetryCollector:
         if not telemetry_reader:
-            from prowzi.workflows.storage import writer_lock_probe
+            from prowzi.workflows.liveness import lease_probe
             from prowzi.workflows.telemetry import TelemetryCollector
 
             telemetry_reader.append(
                 TelemetryCollector(
                     output_dir=config.telemetry_dir,
-                    writer_lock=writer_lock_probe(config.checkpoint_dir),
+                    writer_lock=lease_probe(config.checkpoint_url or config.checkpoint_dir),
                 )
             )
         return telemetry_reader[0]

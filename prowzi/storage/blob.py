@@ -5,9 +5,11 @@ operations, the ones every object store (S3, Azure Blob, GCS) and a directory of
 atomically:
 
 - ``get(name)``: the bytes and their :class:`BlobInfo` (one consistent version);
-- ``put(name, data, create_only=False, if_match=None)``: replace the whole blob atomically; with
-  ``create_only`` only if no blob has the name, with ``if_match`` only if the blob's etag is
-  still that one (else :class:`PreconditionFailedError`); returns the new etag;
+- ``put(name, data, create_only=False, if_match=None, durable=True)``: replace the whole blob
+  atomically; with ``create_only`` only if no blob has the name, with ``if_match`` only if
+  the blob's etag is still that one (else :class:`PreconditionFailedError`); returns the new
+  etag. ``durable=False`` says a power loss may take the write back (derived data); a store
+  whose every write is durable ignores it;
 - ``list(prefix)``: every blob whose name starts with ``prefix``, recursively;
 - ``delete(name)``: whether a blob was there;
 - ``head(name)``: the blob's :class:`BlobInfo`, or None.
@@ -102,7 +104,13 @@ class BlobStore(Protocol):
     def head(self, name: str) -> BlobInfo | None: ...
 
     def put(
-        self, name: str, data: bytes, *, create_only: bool = False, if_match: str | None = None
+        self,
+        name: str,
+        data: bytes,
+        *,
+        create_only: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str: ...
 
     def list(self, prefix: str = "") -> list[BlobInfo]: ...
@@ -139,7 +147,13 @@ class InMemoryBlobStore:
         return blob.info if blob is not None else None
 
     def put(
-        self, name: str, data: bytes, *, create_only: bool = False, if_match: str | None = None
+        self,
+        name: str,
+        data: bytes,
+        *,
+        create_only: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str:
         validate_blob_name(name)
         with self._lock:

@@ -98,12 +98,13 @@ class SessionLeases:
         self.ttl = ttl
 
     @staticmethod
-    def _name(session: str) -> str:
+    def blob_name(session: str) -> str:
+        """The blob holding ``session``'s lease record."""
         return f"{_PREFIX}{validate_session_id(session)}.json"
 
     def _read(self, session: str) -> tuple[dict[str, Any], str] | None:
         try:
-            blob = self.store.get(self._name(session))
+            blob = self.store.get(self.blob_name(session))
         except BlobNotFoundError:
             return None
         try:
@@ -128,7 +129,7 @@ class SessionLeases:
             "started": process_start(pid),
             "expires_at": expires,
         }
-        name = self._name(session)
+        name = self.blob_name(session)
         data = orjson.dumps(record)
         if etag is None:
             new_etag = self.store.put(name, data, create_only=True)
@@ -184,7 +185,7 @@ class SessionLeases:
         record = {**found[0], "released": True, "expires_at": 0}
         # Taken over meanwhile (PreconditionFailed): nothing of ours to release.
         with contextlib.suppress(PreconditionFailedError):
-            self.store.put(self._name(lease.session), orjson.dumps(record), if_match=found[1])
+            self.store.put(self.blob_name(lease.session), orjson.dumps(record), if_match=found[1])
 
     def holder(self, session: str) -> str | None:
         """Who holds the session's lease now, or None when nobody does."""

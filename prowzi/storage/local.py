@@ -101,21 +101,29 @@ class LocalBlobStore:
         return BlobInfo(name, st.st_size, st.st_mtime, _etag(st))
 
     def put(
-        self, name: str, data: bytes, *, create_only: bool = False, if_match: str | None = None
+        self,
+        name: str,
+        data: bytes,
+        *,
+        create_only: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str:
         path = self._path(name)
         ensure_private_dir(path.parent)
+        durable = durable and self.durable
         if if_match is None:
-            return self._write(name, path, data, create_only)
+            return self._write(path, data, create_only, durable)
         with self._store_lock():
             info = self.head(name)
             if info is None or info.etag != if_match:
                 raise PreconditionFailedError(f"{path} has changed")
-            return self._write(name, path, data, create_only)
+            return self._write(path, data, create_only, durable)
 
-    def _write(self, name: str, path: Path, data: bytes, create_only: bool) -> str:
+    @staticmethod
+    def _write(path: Path, data: bytes, create_only: bool, durable: bool) -> str:
         try:
-            st = atomic_write(path, data, durable=self.durable, create_only=create_only)
+            st = atomic_write(path, data, durable=durable, create_only=create_only)
         except FileExistsError:
             raise PreconditionFailedError(f"{path} exists") from None
         return _etag(st)
@@ -135,7 +143,9 @@ class LocalBlobStore:
         found.sort(key=lambda b: b.name)
         return found
 
-    def _scan(self, directory: Path, base: str, prefix: str, found: builtins.list[BlobInfo]) -> None:
+    def _scan(
+        self, directory: Path, base: str, prefix: str, found: builtins.list[BlobInfo]
+    ) -> None:
         try:
             entries = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError):

@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 
 from prowzi.errors import TelemetryError
-from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
 from prowzi.host import boot_id
+from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
 
 log = logging.getLogger("prowzi.telemetry")
 

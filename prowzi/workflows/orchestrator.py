@@ -664,7 +664,7 @@ class ProwziOrchestrator:
                 timestamp=time.time(),
                 stage=stage,
                 checkpoint_id=meta.checkpoint_id,
-                path=str(manager.checkpoint_dir / f"{meta.checkpoint_id}.pkl"),
+                path=manager.store.describe(f"{meta.checkpoint_id}.pkl"),
                 size_bytes=meta.payload_size,
                 duration_seconds=time.perf_counter() - started,
                 completed_stages=tuple(meta.completed_stages),

@@ -1,0 +1,149 @@
+"""The catalog: a SQLite table of every checkpoint's header, derived from the blobs.
+
+Listing checkpoints must not read every blob each time (a CLI command starts cold, and a
+bucket may hold thousands of sessions). The catalog remembers each blob's header by the blob's
+etag: a listing lists the store once and reads only the blobs whose etag it has not seen.
+It is never trusted for integrity (a load verifies the blob itself) and never for existence
+(the store's listing is): a deleted, damaged or foreign catalog file costs a rebuild, nothing
+else. Rows for names no longer listed are dropped.
+
+Where it lives: beside the blobs for a local store (``.prowzi-catalog.sqlite``, hidden from
+listings), in the user's cache directory for a remote one. Where it cannot be written (a
+read-only directory) it is kept in memory for the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from prowzi.storage.blob import BlobInfo
+from prowzi.storage.files import ensure_private_dir
+
+__all__ = ["Catalog", "default_catalog_path"]
+
+log = logging.getLogger("prowzi.catalog")
+
+_SCHEMA = 1
+LOCAL_NAME = ".prowzi-catalog.sqlite"
+
+
+def default_catalog_path(url: str, local_root: Path | None) -> Path:
+    """Beside a local store's blobs; under ``$XDG_CACHE_HOME/prowzi/catalog`` for others."""
+    if local_root is not None:
+        return local_root / LOCAL_NAME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "prowzi" / "catalog" / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.db"
+
+
+class Catalog:
+    """Rows (header JSON, or None for an unreadable blob) by blob name, kept by etag."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mutex = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        db = None
+        if self.path is not None and self.path.parent.is_dir():
+            with contextlib.suppress(OSError):
+                if self.path.is_symlink():  # never write through a planted link
+                    self.path.unlink()
+            try:
+                db = self._open(self.path)
+            except (sqlite3.Error, OSError) as exc:
+                log.info("rebuilding the checkpoint catalog %s: %s", self.path, exc)
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        Path(f"{self.path}{suffix}").unlink()
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    db = self._open(self.path)
+        if db is None:
+            db = self._open(None)
+        self._db = db
+        return db
+
+    @staticmethod
+    def _open(path: Path | None) -> sqlite3.Connection:
+        if path is not None:
+            ensure_private_dir(path.parent)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        db = sqlite3.connect(
+            ":memory:" if path is None else str(path), timeout=10, check_same_thread=False
+        )
+        try:
+            if path is not None:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")  # derived data: a lost write is re-read
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA):
+                db.execute("DROP TABLE IF EXISTS blobs")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, etag TEXT NOT NULL, "
+                "row BLOB)"
+            )
+            db.execute(f"PRAGMA user_version={_SCHEMA}")
+            db.execute("SELECT count(*) FROM blobs").fetchone()  # a damaged file fails here
+            db.commit()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def rows(
+        self,
+        listing: Iterable[BlobInfo],
+        read: Callable[[BlobInfo], dict[str, Any] | None],
+    ) -> dict[str, dict[str, Any] | None]:
+        """The row of every blob in ``listing``: remembered when its etag is unchanged, else
+        ``read(blob)`` (and remembered). Rows of blobs not listed are forgotten."""
+        listing = list(listing)
+        with self._mutex:
+            try:
+                return self._rows(self._connect(), listing, read)
+            except sqlite3.Error as exc:  # damaged under us: start again in memory
+                log.warning("the checkpoint catalog %s is unusable: %s", self.path, exc)
+                self._db = self._open(None)
+                return self._rows(self._db, listing, read)
+
+    @staticmethod
+    def _rows(
+        db: sqlite3.Connection,
+        listing: list[BlobInfo],
+        read: Callable[[BlobInfo], dict[str, Any] | None],
+    ) -> dict[str, dict[str, Any] | None]:
+        known = {name: (etag, row) for name, etag, row in db.execute("SELECT * FROM blobs")}
+        result: dict[str, dict[str, Any] | None] = {}
+        changed: list[tuple[str, str, bytes | None]] = []
+        for blob in listing:
+            cached = known.pop(blob.name, None)
+            if cached is not None and cached[0] == blob.etag:
+                result[blob.name] = orjson.loads(cached[1]) if cached[1] is not None else None
+                continue
+            row = read(blob)
+            result[blob.name] = row
+            changed.append((blob.name, blob.etag, orjson.dumps(row) if row is not None else None))
+        if changed or known:
+            with db:
+                db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", changed)
+                db.executemany("DELETE FROM blobs WHERE name = ?", [(n,) for n in known])
+        return result
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
