@@ -15,5 +15,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         if name.startswith(("PROWZI_", "OTEL_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PROWZI_INDEX_DIR", str(tmp_path / ".index"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))  # checkpoint catalogs
     monkeypatch.chdir(tmp_path)
     yield
+
+
+# The S3 and Azure Blob emulators (tests/emulators.py), for the tests that ask for them.
+from emulators import azure_store, azurite, moto_s3, s3_store  # noqa: E402, F401

@@ -7,9 +7,9 @@ It is never trusted for integrity (a load verifies the blob itself) and never fo
 (the store's listing is): a deleted, damaged or foreign catalog file costs a rebuild, nothing
 else. Rows for names no longer listed are dropped.
 
-Where it lives: beside the blobs for a local store (``.prowzi-catalog.sqlite``, hidden from
-listings), in the user's cache directory for a remote one. Where it cannot be written (a
-read-only directory) it is kept in memory for the process.
+Where it lives: in the user's cache directory, one file per store (never inside the store,
+which may be read-only, shared by machines, or remote). Where it cannot be written it is kept
+in memory for the process.
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ __all__ = ["Catalog", "default_catalog_path"]
 log = logging.getLogger("prowzi.catalog")
 
 _SCHEMA = 1
-LOCAL_NAME = ".prowzi-catalog.sqlite"
 
 
-def default_catalog_path(url: str, local_root: Path | None) -> Path:
-    """Beside a local store's blobs; under ``$XDG_CACHE_HOME/prowzi/catalog`` for others."""
-    if local_root is not None:
-        return local_root / LOCAL_NAME
+def default_catalog_path(url: str) -> Path:
+    """``$XDG_CACHE_HOME/prowzi/catalog/<hash of the store's URL>.db``: a cache of this
+    machine's, never inside the store (which may be read-only, shared, or remote)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "prowzi" / "catalog" / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.db"
 
@@ -57,7 +55,9 @@ class Catalog:
         if self._db is not None:
             return self._db
         db = None
-        if self.path is not None and self.path.parent.is_dir():
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                ensure_private_dir(self.path.parent)
             with contextlib.suppress(OSError):
                 if self.path.is_symlink():  # never write through a planted link
                     self.path.unlink()

@@ -153,7 +153,7 @@ class SessionLeases:
             if time.monotonic() >= deadline:
                 holder = found[0].get("owner") if found else None
                 raise SessionLockedError(
-                    f"session {session} is being written by {holder or 'another process'}"
+                    f"session {session} is locked: it is being written by {holder or 'another process'}"
                 )
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 

@@ -52,7 +52,7 @@ class LocalBlobStore:
 
     def __init__(self, root: Path | str, *, durable: bool = True) -> None:
         self.root = Path(root)
-        self.url = str(self.root)
+        self.url = str(self.root.absolute())
         self.durable = durable
 
     def _path(self, name: str) -> Path:
@@ -68,7 +68,7 @@ class LocalBlobStore:
         except FileNotFoundError:
             raise BlobNotFoundError(name) from None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise UnsafeBlobError(
                     exc.errno, "not a regular file (a symlink?)", str(path)
                 ) from None

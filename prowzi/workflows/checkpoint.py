@@ -304,8 +304,7 @@ class CheckpointManager:
         )
         self.location = str(self.checkpoint_dir) if store is None else self.store.url
         self.leases = SessionLeases(self.store, ttl=lease_ttl)
-        local = self.store.root if isinstance(self.store, LocalBlobStore) else None
-        self.catalog = Catalog(catalog or default_catalog_path(self.store.url, local))
+        self.catalog = Catalog(catalog or default_catalog_path(self.store.url))
         self._key = key.encode() if isinstance(key, str) else key
         self._heads: dict[str, _Head] = {}
         self._held: dict[str, HeldLease] = {}
@@ -313,17 +312,20 @@ class CheckpointManager:
     @classmethod
     def from_config(cls, config: ProwziConfig) -> CheckpointManager:
         """The manager the settings describe (``PROWZI_CHECKPOINT_URL`` or ``_DIR``, ...)."""
-        from prowzi.storage.remote import open_store
-
         key = config.checkpoint_key.get_secret_value() if config.checkpoint_key else None
         url = config.checkpoint_url
+        store = None
+        if url:
+            from prowzi.storage.remote import open_store
+
+            store = open_store(url, durable=config.checkpoint_fsync)
         return cls(
             config.checkpoint_dir,
             key=key,
             compression=config.checkpoint_compression,
             compression_level=config.checkpoint_compression_level,
             fsync=config.checkpoint_fsync,
-            store=open_store(url, durable=config.checkpoint_fsync) if url else None,
+            store=store,
             full_every=config.checkpoint_full_every,
             lease_ttl=config.lease_ttl_seconds,
         )
@@ -399,7 +401,11 @@ class CheckpointManager:
             self.compression_level,
         )
         size, sha = fmt.body_digest(body)
-        lease = self._fence(session_id)
+        name = f"{checkpoint_id}.pkl"
+        try:
+            lease = self._fence(session_id)
+        except OSError as exc:
+            raise self._write_failed(checkpoint_id, name, exc) from exc
         created = datetime.now(UTC)
         header_doc: dict[str, Any] = {
             "checkpoint_id": checkpoint_id,
@@ -424,19 +430,21 @@ class CheckpointManager:
             "depth": depth,
             "lease_token": lease,
         }
-        name = f"{checkpoint_id}.pkl"
         try:
             self.store.put(name, b"".join(fmt.seal(header_doc, body, self._key)))
         except OSError as exc:
-            raise CheckpointError(
-                f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
-                f"{exc.strerror or exc}; the previous checkpoint is intact"
-            ) from exc
+            raise self._write_failed(checkpoint_id, name, exc) from exc
         holders = {n: (checkpoint_id, digests[n]) for n in inline}
         holders.update({n: (ref["checkpoint"], ref["sha256"]) for n, ref in refs.items()})
         self._heads[session_id] = _Head(checkpoint_id, sha, depth, holders)
         self._write_sidecar(checkpoint_id, header_doc)
         return CheckpointMetadata.model_validate(header_doc)
+
+    def _write_failed(self, checkpoint_id: str, name: str, exc: OSError) -> CheckpointError:
+        return CheckpointError(
+            f"could not write checkpoint {checkpoint_id} to {self.store.describe(name)}: "
+            f"{exc.strerror or exc}; the previous checkpoint is intact"
+        )
 
     def _fence(self, session_id: str) -> int | None:
         """The fencing check before a write: this manager's lease token on the session (None

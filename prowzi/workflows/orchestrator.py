@@ -15,8 +15,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import (
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +50,7 @@ from prowzi.errors import (
     is_transient,
 )
 from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
+from prowzi.storage.lease import LeaseLostError
 from prowzi.workflows import composition
 from prowzi.workflows.events import (
     SINK_TIMEOUT_SECONDS,
@@ -284,7 +289,7 @@ class ProwziOrchestrator:
         if session_id is not None:
             sid = validate_session_id(session_id)
             if self.config.enable_checkpointing:
-                self._refuse_existing(sid)
+                await asyncio.to_thread(self._refuse_existing, sid)
         else:
             sid = new_session_id()
         self.agents  # noqa: B018  (resolve agents before any event: a bad override fails fast)
@@ -341,9 +346,9 @@ class ProwziOrchestrator:
         # Plan under the session's lock, so no other writer moves it meanwhile. Resuming in
         # place keeps the lock for the run; a fork writes only its own session, so it
         # releases the parent and takes the fork's lock instead.
-        with manager.session_lock(source_session):
-            plan, checkpoint = self._plan(
-                checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
+        async with _off_loop(manager.session_lock(source_session)):
+            plan, checkpoint = await asyncio.to_thread(
+                self._plan, checkpoint_id, stage, {**(parameters or {}), **changes}, fork_session_id
             )
             if plan.complete:
                 return await self._no_op_resume(plan, checkpoint, progress_callback, document)
@@ -502,100 +507,98 @@ class ProwziOrchestrator:
         started = time.perf_counter()
         sid = run.session_id
 
-        with (
-            self._lock(sid, lock, checkpointing),
-            self.tracer.run(
+        async with _off_loop(self._lock(sid, lock, checkpointing)):
+            with self.tracer.run(
                 sid,
                 prompt=run.params.prompt,
                 attributes={"prowzi.resumed": run.resumed_from is not None},
                 link_trace_id=run.link_trace_id,
                 link_span_id=run.link_span_id,
-            ) as run_span,
-        ):
-            await bus.emit(
-                WorkflowStarted(
-                    session_id=sid,
-                    timestamp=time.time(),
-                    prompt=run.params.prompt,
-                    parameters=run.params.model_dump(),
-                    stages=tuple(s.name for s in self.stages),
-                    trace_id=run_span.trace_id,
-                    parent_session_id=run.parent_session_id,
-                    resumed_from=run.resumed_from,
-                    metadata={
-                        "prowzi_version": __version__,
-                        "output_path": str(run.document_path) if run.document_path else None,
-                    },
-                )
-            )
-            specs = {s.name: s for s in self.stages}
-            pending: list[str] = []  # completed stages not yet in a checkpoint
-            last_run = max((i for i, p in enumerate(run.plan) if p.mode == "run"), default=-1)
-            current: str | None = None
-            try:
-                for index, planned in enumerate(run.plan):
-                    spec = specs[planned.stage]
-                    if planned.mode == "restore":
-                        await bus.emit(
-                            StageSkipped(
-                                session_id=sid,
-                                timestamp=time.time(),
-                                stage=spec.name,
-                                details={"checkpoint": run.restored_from.get(spec.name)},
-                            )
-                        )
-                        continue
-                    current = spec.name
-                    outcome = await self._run_stage(spec, run, bus, run_span)
-                    # The result is part of the run before anyone hears the stage completed,
-                    # so a cancellation while the event is delivered cannot lose it.
-                    for name, value in outcome.updates.items():
-                        setattr(run.state, name, value)
-                    run.state.stage_metrics[spec.name] = outcome.metrics
-                    if spec.name not in run.completed:
-                        run.completed.append(spec.name)
-                    pending.append(spec.name)
-                    current = None
-                    await bus.emit(outcome.event)
-                    if checkpointing and (len(pending) >= interval or index == last_run):
-                        await self._checkpoint(run, pending, bus, run_span)
-                if checkpointing and pending:  # a save failed on the way: one more try
-                    await self._checkpoint(run, pending, bus, run_span, again=True)
-                if run.document_path is not None and write_document:
-                    _write_atomic(run.document_path, run.state.document)
-            except BaseException as exc:
-                if checkpointing and pending:
-                    # Save completed work before the run stops, whatever stopped it.
-                    await self._checkpoint(run, pending, bus, run_span)
-                cancelled = not isinstance(exc, Exception)
-                cause = exc.cause if isinstance(exc, _StageFailure) else exc
-                failed_stage = exc.stage if isinstance(exc, _StageFailure) else current
-                run_span.record_failure(cause, "cancelled" if cancelled else error_type(cause))
+            ) as run_span:
                 await bus.emit(
-                    WorkflowFailed(
+                    WorkflowStarted(
                         session_id=sid,
                         timestamp=time.time(),
-                        duration_seconds=time.perf_counter() - started,
-                        stage=failed_stage,
-                        error=describe_exception(cause),
-                        error_type="cancelled" if cancelled else error_type(cause),
-                        cancelled=cancelled,
+                        prompt=run.params.prompt,
+                        parameters=run.params.model_dump(),
+                        stages=tuple(s.name for s in self.stages),
+                        trace_id=run_span.trace_id,
+                        parent_session_id=run.parent_session_id,
+                        resumed_from=run.resumed_from,
+                        metadata={
+                            "prowzi_version": __version__,
+                            "output_path": str(run.document_path) if run.document_path else None,
+                        },
                     )
                 )
-                if isinstance(exc, _StageFailure):
-                    raise WorkflowFailedError(sid, exc.stage, exc.attempts, exc.cause) from (
-                        exc.cause
+                specs = {s.name: s for s in self.stages}
+                pending: list[str] = []  # completed stages not yet in a checkpoint
+                last_run = max((i for i, p in enumerate(run.plan) if p.mode == "run"), default=-1)
+                current: str | None = None
+                try:
+                    for index, planned in enumerate(run.plan):
+                        spec = specs[planned.stage]
+                        if planned.mode == "restore":
+                            await bus.emit(
+                                StageSkipped(
+                                    session_id=sid,
+                                    timestamp=time.time(),
+                                    stage=spec.name,
+                                    details={"checkpoint": run.restored_from.get(spec.name)},
+                                )
+                            )
+                            continue
+                        current = spec.name
+                        outcome = await self._run_stage(spec, run, bus, run_span)
+                        # The result is part of the run before anyone hears the stage completed,
+                        # so a cancellation while the event is delivered cannot lose it.
+                        for name, value in outcome.updates.items():
+                            setattr(run.state, name, value)
+                        run.state.stage_metrics[spec.name] = outcome.metrics
+                        if spec.name not in run.completed:
+                            run.completed.append(spec.name)
+                        pending.append(spec.name)
+                        current = None
+                        await bus.emit(outcome.event)
+                        if checkpointing and (len(pending) >= interval or index == last_run):
+                            await self._checkpoint(run, pending, bus, run_span)
+                    if checkpointing and pending:  # a save failed on the way: one more try
+                        await self._checkpoint(run, pending, bus, run_span, again=True)
+                    if run.document_path is not None and write_document:
+                        _write_atomic(run.document_path, run.state.document)
+                except BaseException as exc:
+                    if checkpointing and pending and not isinstance(exc, LeaseLostError):
+                        # Save completed work before the run stops, whatever stopped it.
+                        await self._checkpoint(run, pending, bus, run_span)
+                    cancelled = not isinstance(exc, Exception)
+                    cause = exc.cause if isinstance(exc, _StageFailure) else exc
+                    failed_stage = exc.stage if isinstance(exc, _StageFailure) else current
+                    run_span.record_failure(cause, "cancelled" if cancelled else error_type(cause))
+                    await bus.emit(
+                        WorkflowFailed(
+                            session_id=sid,
+                            timestamp=time.time(),
+                            duration_seconds=time.perf_counter() - started,
+                            stage=failed_stage,
+                            error=describe_exception(cause),
+                            error_type="cancelled" if cancelled else error_type(cause),
+                            cancelled=cancelled,
+                        )
                     )
-                raise
-            duration = time.perf_counter() - started
-            await bus.emit(
-                WorkflowCompleted(
-                    session_id=sid,
-                    timestamp=time.time(),
-                    duration_seconds=duration,
-                    document_path=str(run.document_path) if run.document_path else None,
+                    if isinstance(exc, _StageFailure):
+                        raise WorkflowFailedError(sid, exc.stage, exc.attempts, exc.cause) from (
+                            exc.cause
+                        )
+                    raise
+                duration = time.perf_counter() - started
+                await bus.emit(
+                    WorkflowCompleted(
+                        session_id=sid,
+                        timestamp=time.time(),
+                        duration_seconds=duration,
+                        document_path=str(run.document_path) if run.document_path else None,
+                    )
                 )
-            )
         metadata = _result_metadata(
             session_id=sid,
             duration_seconds=duration,
@@ -624,10 +627,9 @@ class ProwziOrchestrator:
         manager = self.checkpoint_manager
         stage = pending[-1]
         started = time.perf_counter()
-        try:
-            # Synchronous on purpose: a cancellation (SIGTERM, a service cancel) cannot land
-            # in the middle of a save and leave the failure path racing a second one.
-            meta = manager.save(
+        save = asyncio.ensure_future(
+            asyncio.to_thread(
+                manager.save,
                 session_id=run.session_id,
                 stage=stage,
                 state=run.state,
@@ -638,6 +640,31 @@ class ProwziOrchestrator:
                 trace_id=run_span.trace_id,
                 span_id=run_span.span_id,
             )
+        )
+        try:
+            # In a worker thread, so a slow store never stalls the loop; shielded, and awaited
+            # to its end even when cancelled, so a cancellation (SIGTERM, a service cancel)
+            # cannot leave the failure path racing a second save of the same stage.
+            try:
+                meta = await asyncio.shield(save)
+            except asyncio.CancelledError:
+                await asyncio.wait([save])
+                if not save.cancelled() and save.exception() is None:
+                    pending.clear()
+                    run.previous_hash = None
+                raise
+        except LeaseLostError as exc:
+            # Another writer took the session over: this run must not write it any more.
+            await bus.emit(
+                CheckpointFailed(
+                    session_id=run.session_id,
+                    timestamp=time.time(),
+                    stage=stage,
+                    error=describe_exception(exc),
+                )
+            )
+            pending.clear()
+            raise
         except Exception as exc:  # disk full, permissions, a store error: the run goes on
             log.error(
                 "checkpoint of %s after %s failed%s: %s",
@@ -902,6 +929,20 @@ def _describe_parameter_error(exc: ValidationError) -> str:
         msg = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "invalid run parameter " + "; ".join(parts)
+
+
+@asynccontextmanager
+async def _off_loop(manager: AbstractContextManager[Any]) -> AsyncIterator[Any]:
+    """``with manager:`` whose enter and exit (store and lease I/O) run in a worker thread,
+    so a slow store never stalls the event loop (and every other run and stream on it)."""
+    value = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield value
+    except BaseException as exc:
+        if not await asyncio.to_thread(manager.__exit__, type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
 def _write_atomic(path: Path, text: str) -> None:
