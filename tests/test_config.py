@@ -149,3 +149,23 @@ def test_reading_telemetry_does_not_import_pydantic_settings(tmp_path: Path) -> 
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("gs://bucket", "unknown scheme 'gs'"), ("s3://", "no bucket"), (" ", "must not be empty")],
+)
+def test_a_bad_checkpoint_url_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("PROWZI_CHECKPOINT_URL", value)
+    with pytest.raises(ConfigError, match=rf"PROWZI_CHECKPOINT_URL.*{problem}"):
+        get_config()
+
+
+@pytest.mark.parametrize("value", ["s3://bucket/prefix", "az://container", "file:///x", "./here"])
+def test_checkpoint_urls_of_known_stores_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("PROWZI_CHECKPOINT_URL", value)
+    assert get_config().checkpoint_url == value

@@ -122,6 +122,15 @@ class ProwziConfig(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("checkpoint_url")
+    @classmethod
+    def _a_store_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_url(value.strip())
+
     @field_validator("checkpoint_dir", "telemetry_dir", "output_dir")
     @classmethod
     def _a_directory(cls, value: Path) -> Path:
@@ -129,6 +138,21 @@ class ProwziConfig(BaseSettings):
         if problem:
             raise ValueError(problem)
         return value
+
+
+_STORE_SCHEMES = ("file", "s3", "az", "azure", "memory")
+
+
+def _check_store_url(value: str) -> str:
+    """A checkpoint location: a path, or ``scheme://container[/prefix]`` of a known scheme."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value  # a path
+    if scheme not in _STORE_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}: use s3://, az://, file:// or a path")
+    if scheme in ("s3", "az", "azure") and not rest.split("/", 1)[0]:
+        raise ValueError(f"no bucket or container in {value!r}")
+    return value
 
 
 def describe_validation_error(exc: ValidationError) -> str:

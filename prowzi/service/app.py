@@ -2,6 +2,8 @@
 
 No endpoint accepts a filesystem path: runs write where the service's configuration says.
 Session ids in URLs are validated with :mod:`prowzi.ids` before anything is looked up.
+Telemetry, journal, document and checkpoint store work runs in worker threads, never on the
+event loop, so a slow disk or store does not hold up other requests and event streams.
 Errors are JSON objects with a ``detail`` message: 400 for a malformed id, 404 for an unknown
 run, 409 for a request that does not fit the run's state, 413 for an oversized body, 422 for
 an invalid body, 429 when the queue is full, 503 while shutting down.
@@ -180,10 +182,16 @@ def create_app(
             )
         return telemetry_reader[0]
 
-    def _interrupted(sid: str) -> bool:
+    async def _interrupted(sid: str) -> bool:
         """Whether the session's telemetry says its writer died before it finished."""
+        reader = telemetry()
+
+        def status() -> str:
+            return reader.status_of(reader.load_session(sid))
+
         try:
-            return telemetry().status_of(telemetry().load_session(sid)) == "interrupted"
+            # Files, and the store's lease record: in a worker thread.
+            return await asyncio.to_thread(status) == "interrupted"
         except TelemetryError:
             return False
 
@@ -250,6 +258,7 @@ def create_app(
             return _error(503, str(exc), {"Retry-After": "30"})
         except QueueFullError as exc:
             return _error(429, str(exc), {"Retry-After": "10"})
+        await manager.journal_written()  # accepted means journaled
         return JSONResponse(
             RunAccepted(
                 session_id=session_id, state=record.state, links=_links(session_id)
@@ -273,7 +282,7 @@ def create_app(
         ):
             runs[record.session_id] = RunInfo(**record.summary())
         try:
-            sessions = telemetry().list_sessions(limit=limit)
+            sessions = await asyncio.to_thread(telemetry().list_sessions, limit=limit)
         except TelemetryError as exc:
             log.warning("cannot list telemetry sessions: %s", exc)
             sessions = []
@@ -299,24 +308,26 @@ def create_app(
     async def get_run(session_id: str) -> Any:
         """A run's state and its telemetry record (stages, durations, retries, trace id)."""
         sid = _session(session_id)
-        record = manager.records.get(sid)
-        info = RunInfo(**record.summary()) if record is not None else None
+        reader = telemetry()
         try:
-            metrics = telemetry().load_session(sid)
+            metrics = await asyncio.to_thread(reader.load_session, sid)
         except SessionNotFoundError:
             metrics = None
         except TelemetryError as exc:
-            if info is None:
+            if sid not in manager.records:
                 return _error(409, f"session {sid} has unreadable telemetry: {exc}")
             metrics = None
+        # The record as it is now, after the read: not one the run has moved on from.
+        record = manager.records.get(sid)
+        info = RunInfo(**record.summary()) if record is not None else None
         if info is None and metrics is None:
             return _error(404, f"no run or session {sid}")
         if metrics is not None:
             data = metrics.to_dict()
             if info is None:
-                info = RunInfo(
-                    session_id=sid, state=telemetry().status_of(metrics), prompt=metrics.prompt
-                )
+                # A session this process did not run: its log, and perhaps a lease, tell.
+                state = await asyncio.to_thread(reader.status_of, metrics)
+                info = RunInfo(session_id=sid, state=state, prompt=metrics.prompt)
             info.telemetry = data
             info.stages_completed = metrics.completed_stage_count
             info.stages_total = metrics.stage_total
@@ -368,7 +379,9 @@ def create_app(
             stream = _follow(manager, record, after, settings.keepalive_seconds)
         else:
             try:
-                events = telemetry().read_events(sid, tolerate_partial=True)
+                events = await asyncio.to_thread(
+                    telemetry().read_events, sid, tolerate_partial=True
+                )
             except SessionNotFoundError:
                 return _error(404, f"no run or session {sid}")
             except TelemetryError as exc:
@@ -391,7 +404,7 @@ def create_app(
         nothing and records it completed."""
         sid = _session(session_id)
         try:
-            record = await manager.resume(sid, settle_complete=_interrupted(sid))
+            record = await manager.resume(sid, settle_complete=await _interrupted(sid))
         except ServiceUnavailableError as exc:
             return _error(503, str(exc), {"Retry-After": "30"})
         except QueueFullError as exc:
@@ -402,6 +415,7 @@ def create_app(
             return _error(409, str(exc))
         except (CheckpointError, InvalidInputError) as exc:
             return _error(409, f"cannot resume session {sid}: {exc}")
+        await manager.journal_written()
         return JSONResponse(
             RunAccepted(session_id=sid, state=record.state, links=_links(sid)).model_dump(),
             status_code=202,
@@ -420,6 +434,7 @@ def create_app(
             return _error(404, f"no run {sid} in this service")
         except RunConflictError as exc:
             return _error(409, str(exc))
+        await manager.journal_written()
         return JSONResponse(
             RunAccepted(session_id=sid, state=record.state, links=_links(sid)).model_dump(),
             status_code=202,
