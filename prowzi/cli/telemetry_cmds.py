@@ -178,13 +178,19 @@ def _load(collector: TelemetryCollector, session_id: str, rebuild: bool) -> Work
         fail(f"{exc}{hint}")
 
 
-def _checkpoints(session_id: str) -> list[Path]:
-    # named by the checkpoint store's layout, <checkpoint_dir>/<session>_<stage>.pkl
-    directory = _directory("checkpoint_dir")
+def _checkpoints(session_id: str) -> list[str]:
+    """Where the session's checkpoints are (``<location>/<session>_<stage>.pkl``), oldest
+    first, in whichever store the settings name; none when it cannot be read."""
+    from prowzi.config.paths import checkpoint_location
+    from prowzi.errors import ConfigError
+    from prowzi.storage.remote import open_store
+
     try:
-        return sorted(directory.glob(f"{session_id}_*.pkl"), key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return []
+        store = open_store(checkpoint_location())
+        blobs = [b for b in store.list(f"{session_id}_") if b.name.endswith(".pkl")]
+    except (ConfigError, OSError):
+        return []  # telemetry alone still shows
+    return [store.describe(b.name) for b in sorted(blobs, key=lambda b: b.modified)]
 
 
 def show(
@@ -211,7 +217,7 @@ def show(
                 {
                     "status": status,
                     "session": metrics.to_dict(),
-                    "checkpoints": [str(p) for p in checkpoints],
+                    "checkpoints": checkpoints,
                     "document_path": document,
                     "event_log": str(log_path) if log_path.exists() else None,
                 }
@@ -221,7 +227,7 @@ def show(
 
 
 def _print_session(
-    metrics: WorkflowMetrics, status: str, checkpoints: list[Path], log_path: Path | None
+    metrics: WorkflowMetrics, status: str, checkpoints: list[str], log_path: Path | None
 ) -> None:
     from rich import box
     from rich.table import Table
