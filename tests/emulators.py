@@ -8,7 +8,7 @@ Fixtures (registered in conftest.py):
   on a fresh bucket / container, opened through ``open_store`` with the standard environment
   variables set for the test (so ``open_store(store.url)`` opens another handle on it).
 
-A missing emulator (moto without its server extra, no ``azurite-blob`` on PATH) skips the
+A missing emulator (moto without its server extra, no ``azurite-blob`` on PATH) fails the
 tests that need it; ``scripts/test`` installs both.
 """
 
@@ -166,7 +166,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Emulator]:
         import boto3  # noqa: F401
         import moto.server  # noqa: F401
     except ImportError as exc:
-        pytest.skip(f"moto's server is not installed ({exc}): pip install 'moto[server]'")
+        pytest.fail(f"moto's server is not installed ({exc}): scripts/test installs it")
     workdir = tmp_path_factory.mktemp("moto")
     argv = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", "{port}"]
     with _serving("moto", argv, workdir) as port:
@@ -178,7 +178,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureEmulator]
     """Azurite's Blob service (``azurite-blob``) on a free loopback port, in memory."""
     program = shutil.which("azurite-blob")
     if program is None:
-        pytest.skip("azurite-blob is not on PATH: npm install -g azurite (scripts/test does)")
+        pytest.fail("azurite-blob is not on PATH: npm install -g azurite (scripts/test does)")
     workdir = tmp_path_factory.mktemp("azurite")
     # --location cannot go with --inMemoryPersistence (Azurite refuses to start): the working
     # directory is the temporary one instead, for anything it might write.
