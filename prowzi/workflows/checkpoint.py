@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import orjson
+import pydantic_core
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from prowzi import __version__
@@ -65,7 +66,13 @@ from prowzi.errors import (
 )
 from prowzi.ids import split_checkpoint_id, validate_session_id, validate_stage_name
 from prowzi.storage import format as fmt
-from prowzi.storage.blob import BlobInfo, BlobNotFoundError, BlobStore, UnsafeBlobError
+from prowzi.storage.blob import (
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    InMemoryBlobStore,
+    UnsafeBlobError,
+)
 from prowzi.storage.catalog import Catalog, default_catalog_path
 from prowzi.storage.format import FORMAT_VERSION, Compression
 from prowzi.storage.lease import DEFAULT_TTL, HeldLease, SessionLeases
@@ -80,6 +87,7 @@ log = logging.getLogger("prowzi.checkpoint")
 
 _SHA256_RE_LEN = 64
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
+_BODY_KEYS = frozenset({"checkpoint_id", "previous_hash", "fields"})
 DEFAULT_FULL_EVERY = 4
 
 
@@ -241,6 +249,26 @@ def _earlier(completed: list[str], stage: str) -> list[str]:
     return earlier[::-1]
 
 
+_ROW_KEYS = frozenset(CheckpointMetadata.model_fields) | {"modified"}
+
+
+def _plausible(row: dict[str, Any], name: str) -> bool:
+    """Whether ``row`` has the shape of the listing row of the blob ``name``: every key of
+    the metadata and ``modified``, the blob's very identity, an aware time."""
+    checkpoint_id = name[:-4]
+    created = _created_at(row)
+    return (
+        set(row) == _ROW_KEYS
+        and type(row["modified"]) in (int, float)
+        and row["checkpoint_id"] == checkpoint_id
+        and isinstance(row["session_id"], str)
+        and isinstance(row["stage"], str)
+        and f"{row['session_id']}_{row['stage']}" == checkpoint_id
+        and isinstance(row["payload_sha256"], str)
+        and created is not None
+    )
+
+
 def _created_at(header: dict[str, Any]) -> datetime | None:
     try:
         created = datetime.fromisoformat(header["created_at"])
@@ -304,7 +332,12 @@ class CheckpointManager:
         )
         self.location = str(self.checkpoint_dir) if store is None else self.store.url
         self.leases = SessionLeases(self.store, ttl=lease_ttl)
-        self.catalog = Catalog(catalog or default_catalog_path(self.store.url))
+        if catalog is None and isinstance(self.store, InMemoryBlobStore):
+            # Its etags restart with every instance at the same url: a catalog kept on disk
+            # would take one instance's rows for another's.
+            self.catalog = Catalog(None)
+        else:
+            self.catalog = Catalog(catalog or default_catalog_path(self.store.url))
         self._key = key.encode() if isinstance(key, str) else key
         self._heads: dict[str, _Head] = {}
         self._held: dict[str, HeldLease] = {}
@@ -365,10 +398,17 @@ class CheckpointManager:
         for label, value in (("trace_id", trace_id), ("span_id", span_id)):
             if value is not None and not isinstance(value, str):
                 raise InvalidInputError(f"invalid {label} {value!r}: not a string")
-        if previous_hash is None:
-            previous_hash = self._chain_head(session_id, stage, completed)
-
+        if self.compression not in fmt.COMPRESSIONS:  # a public attribute, set after __init__
+            raise InvalidInputError(
+                f"unknown compression {self.compression!r}: use none, zlib or zstd"
+            )
         checkpoint_id = f"{session_id}_{stage}"
+        name = f"{checkpoint_id}.pkl"
+        if previous_hash is None:
+            try:
+                previous_hash = self._chain_head(session_id, stage, completed)
+            except OSError as exc:  # the store cannot be reached: nothing was written
+                raise self._write_failed(checkpoint_id, name, exc) from exc
         encoded = _encode_fields(state)
         digests = {name: hashlib.sha256(value).hexdigest() for name, value in encoded.items()}
         head = self._heads.get(session_id)
@@ -401,7 +441,6 @@ class CheckpointManager:
             self.compression_level,
         )
         size, sha = fmt.body_digest(body)
-        name = f"{checkpoint_id}.pkl"
         try:
             lease = self._fence(session_id)
         except OSError as exc:
@@ -511,9 +550,18 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"no checkpoint {session_id}_{stage} in {self.location}{held}", saved
             ) from None
+        # One read of each blob a load needs (itself, its parts, the previous checkpoint),
+        # shared by the link check and the parts.
+        blobs: dict[str, bytes] = {name: raw}
+
+        def read(blob: str) -> bytes:
+            if blob not in blobs:
+                blobs[blob] = self._read(blob)
+            return blobs[blob]
+
         metadata, header_doc, doc = self._verified(name, raw)
-        self._check_link(metadata, self.store.describe(name))
-        fields = self._resolve(metadata, doc, self.store.describe(name))
+        self._check_link(metadata, self.store.describe(name), read)
+        fields = self._resolve(metadata, doc, self.store.describe(name), read)
         self._check_sidecar(metadata, header_doc)
         fields["metadata"] = metadata
         return _rebuilt(WorkflowCheckpoint, set(fields), fields)
@@ -558,8 +606,10 @@ class CheckpointManager:
             )
         decoded = fmt.decompress(sealed.body, metadata.compression, where)
         try:
-            doc = orjson.loads(decoded)
-        except orjson.JSONDecodeError as exc:
+            # pydantic's parser, not orjson's: it keeps an integer beyond 64 bits (which
+            # stage_metrics may hold) an int, where orjson makes it a float.
+            doc = pydantic_core.from_json(decoded, allow_inf_nan=False)
+        except ValueError as exc:
             raise CheckpointIntegrityError(where, f"unreadable payload: {exc}") from None
         if not isinstance(doc, dict):
             raise CheckpointIntegrityError(where, "the payload is not an object")
@@ -573,12 +623,21 @@ class CheckpointManager:
             )
         if not isinstance(doc.get("fields"), dict):
             raise CheckpointIntegrityError(where, "the payload holds no state fields")
+        unknown = sorted(set(doc) - _BODY_KEYS)
+        if unknown:
+            raise CheckpointIntegrityError(
+                where, f"the payload is not a Prowzi workflow state: unknown keys {unknown}"
+            )
         if metadata.fields is not None and set(metadata.fields) != set(doc["fields"]):
             raise CheckpointIntegrityError(where, "the payload's fields differ from its header's")
         return metadata, sealed.header, doc
 
     def _resolve(
-        self, metadata: CheckpointMetadata, doc: dict[str, Any], where: str
+        self,
+        metadata: CheckpointMetadata,
+        doc: dict[str, Any],
+        where: str,
+        read: Callable[[str], bytes],
     ) -> dict[str, Any]:
         """The state's fields: the body's own, and each referenced field from the checkpoint
         that holds it (verified whole, and holding that very value), validated into models."""
@@ -593,7 +652,7 @@ class CheckpointManager:
             if ref.checkpoint not in parts:
                 blob = f"{ref.checkpoint}.pkl"
                 try:
-                    part, _, part_doc = self._verified(blob, self._read(blob))
+                    part, _, part_doc = self._verified(blob, read(blob))
                 except BlobNotFoundError:
                     raise CheckpointIntegrityError(
                         where, f"its part {ref.checkpoint} is missing (field {name!r})"
@@ -621,14 +680,30 @@ class CheckpointManager:
             ) from None
         return body.state_fields(where)
 
-    def _check_link(self, metadata: CheckpointMetadata, where: str) -> None:
-        """The previous checkpoint must be present, unless this is the oldest one left."""
+    def _check_link(
+        self, metadata: CheckpointMetadata, where: str, read: Callable[[str], bytes]
+    ) -> None:
+        """The previous checkpoint must be present, unless this is the oldest one left.
+
+        It is looked for first where a save puts it, the checkpoints of the earlier completed
+        stages (the session's, then the parent's): that is usually one blob, and a part the
+        load reads anyway. Only when it is not there is every header of the sessions read."""
         previous = metadata.previous_hash
         if previous is None:
             return
         sessions = [metadata.session_id]
         if metadata.parent_session_id is not None:
             sessions.append(metadata.parent_session_id)
+        for session in sessions:
+            for prior in _earlier(metadata.completed_stages, metadata.stage):
+                blob = f"{session}_{prior}.pkl"
+                try:
+                    validate_stage_name(prior)  # the header is not trusted to name blobs
+                    header, _ = fmt.read_header(read(blob), self.store.describe(blob))
+                except (InvalidInputError, BlobNotFoundError, CheckpointIntegrityError):
+                    continue
+                if header.get("payload_sha256") == previous:
+                    return
         headers = [h for session in sessions for h in self._session_headers(session)]
         if any(h.get("payload_sha256") == previous for h in headers):
             return
@@ -692,27 +767,48 @@ class CheckpointManager:
     # --- listing ------------------------------------------------------------------------
 
     def _rows(self) -> dict[str, dict[str, Any] | None]:
-        """Every checkpoint blob's listing row (None when unreadable), through the catalog."""
+        """Every checkpoint blob's listing row (None when unreadable), through the catalog.
+
+        The catalog is a file anyone who can write there can edit: a row that is not what
+        :meth:`_index` makes of that very blob (another checkpoint's identity, a bad time,
+        missing or foreign keys) means it was not of Prowzi's making, and the catalog is
+        rebuilt. A blob the catalog calls unreadable is read again, so a catalog cannot hide
+        a checkpoint (nor make a load of the session fall back to an older one)."""
         listing = [b for b in self.store.list() if _session_of(b.name) is not None]
-        return self.catalog.rows(listing, self._index)
+        rows = self.catalog.rows(listing, self._index)
+        if any(row is not None and not _plausible(row, name) for name, row in rows.items()):
+            log.warning("the checkpoint catalog %s was altered: rebuilding it", self.catalog.path)
+            self._drop_catalog()
+            rows = self.catalog.rows(listing, self._index)
+        for blob in listing:
+            row = rows.get(blob.name)
+            if row is None or not _plausible(row, blob.name):
+                rows[blob.name] = self._index(blob)
+        return rows
+
+    def _drop_catalog(self) -> None:
+        """Forget the catalog's file: the next listing builds it again from the blobs."""
+        path = self.catalog.path
+        self.catalog.close()
+        if path is not None:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}{suffix}").unlink()
 
     def _index(self, blob: BlobInfo) -> dict[str, Any] | None:
         """A checkpoint's header as a catalog row; None (and a warning) when unreadable."""
         where = self.store.describe(blob.name)
         try:
             metadata = CheckpointMetadata.model_validate(self._read_header(blob.name))
-            if (
-                metadata.checkpoint_id != blob.name[:-4]
-                or metadata.session_id != (blob.name[:-4].rsplit("_", 1)[0])
-            ):
+            row = metadata.model_dump(mode="json")
+            row["modified"] = blob.modified
+            if not _plausible(row, blob.name):
                 raise CheckpointIntegrityError(where, f"it holds {metadata.checkpoint_id!r}")
         except BlobNotFoundError:
             return None
         except (CheckpointIntegrityError, ValidationError, UnsafeBlobError) as exc:
             log.warning("skipping unreadable checkpoint %s: %s", where, exc)
             return None
-        row = metadata.model_dump(mode="json")
-        row["modified"] = blob.modified
         return row
 
     def list_checkpoints(
@@ -847,7 +943,10 @@ class CheckpointManager:
     @contextlib.contextmanager
     def _holding(self, session_id: str, timeout: float) -> Iterator[None]:
         if session_id in self._held:
-            raise SessionLockedError(f"session {session_id} is already held by this process")
+            raise SessionLockedError(
+                f"session {session_id} is locked: it is being written by "
+                f"{self._held[session_id].lease.owner} (this process)"
+            )
         held = self.leases.hold(session_id, timeout=timeout)
         self._held[session_id] = held
         try:
@@ -1035,7 +1134,13 @@ def _encode_fields(state: WorkflowState) -> dict[str, bytes]:
         return {name: orjson.dumps(value, default=_fields_of) for name, value in top.items()}
     # WorkflowState's serializer (not the state's: a subclass may carry more fields).
     plain = WorkflowState.__pydantic_serializer__.to_python(state, mode="json")
-    return {name: orjson.dumps(plain[name]) for name in _STATE_FIELDS}
+    encoded = {}
+    for name in _STATE_FIELDS:
+        try:
+            encoded[name] = orjson.dumps(plain[name])
+        except TypeError:  # stage_metrics may hold an integer beyond 64 bits
+            encoded[name] = pydantic_core.to_json(plain[name])
+    return encoded
 
 
 def _first_error(exc: ValidationError) -> str:
