@@ -56,7 +56,18 @@ class LocalBlobStore:
         self.durable = durable
 
     def _path(self, name: str) -> Path:
-        return self.root / validate_blob_name(name)
+        """The blob's file; a symlink planted as one of its directories is refused (opening
+        with ``O_NOFOLLOW`` guards only the last component)."""
+        path = self.root / validate_blob_name(name)
+        directory = self.root
+        for part in name.split("/")[:-1]:
+            directory = directory / part
+            try:
+                if stat.S_ISLNK(directory.lstat().st_mode):
+                    raise UnsafeBlobError(errno.ELOOP, "a symlink, not a directory", str(directory))
+            except FileNotFoundError:
+                break
+        return path
 
     def describe(self, name: str) -> str:
         return str(self.root / name)
