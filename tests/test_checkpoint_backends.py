@@ -257,3 +257,55 @@ class socket_closed:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_every_checkpoint_command_works_against_the_store(tmp_path: Path, store: BlobStore) -> None:
+    code, err = _finish(
+        _prowzi(tmp_path, store, "run", PROMPT, "--enable-checkpoints", "--session-id", "cli")
+    )
+    assert code == 0, err
+    listing = subprocess.run(
+        [PROWZI, "checkpoints", "--session", "cli", "--json"],
+        env=_env(tmp_path, store),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert sorted(line.count('"stage"') for line in listing.stdout.splitlines()) == [1] * 7
+    # a fork with a changed parameter re-runs from search in a new session of the same store
+    code, err = _finish(
+        _prowzi(tmp_path, store, "resume", "cli", "--set", "max_results_per_query=3")
+    )
+    assert code == 0, err
+    manager = CheckpointManager(store=store)
+    forks = {row["session_id"] for row in manager.list_checkpoints()} - {"cli"}
+    assert len(forks) == 1
+    (fork,) = forks
+    manager.verify_chain(fork)
+    assert all(
+        not row["refs"] or all(r["checkpoint"].startswith(fork) for r in row["refs"].values())
+        for row in manager.list_checkpoints(session_id=fork)
+    )
+    show = subprocess.run(
+        [PROWZI, "show", "cli", "--json"],
+        env=_env(tmp_path, store),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert show.returncode == 0, show.stderr
+    assert '"cli_turnitin.pkl' in show.stdout.replace(store.url.rstrip("/") + "/", '"')
+    cleaned = subprocess.run(
+        [PROWZI, "cleanup", "--older-than", "0s"],
+        env=_env(tmp_path, store),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert manager.list_checkpoints() == []
+    assert not [b.name for b in store.list() if b.name.endswith((".pkl", ".json"))]

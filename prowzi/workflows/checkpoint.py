@@ -420,10 +420,10 @@ class CheckpointManager:
             and head.depth + 1 < self.full_every
         ):
             depth = head.depth + 1
-            for name, digest in digests.items():
-                holder = head.holders.get(name)
-                if holder is not None and holder[1] == digest and encoded[name] != b"null":
-                    refs[name] = {"checkpoint": holder[0], "sha256": digest}
+            for field_name, digest in digests.items():
+                holder = head.holders.get(field_name)
+                if holder is not None and holder[1] == digest and encoded[field_name] != b"null":
+                    refs[field_name] = {"checkpoint": holder[0], "sha256": digest}
         inline = [name for name in encoded if name not in refs]
         body = fmt.compress(
             b"".join(
