@@ -16,7 +16,7 @@ import orjson
 
 from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
-from prowzi.workflows import checkpoint as cp
+from prowzi.storage import format as fmt
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
 
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
@@ -107,8 +107,8 @@ def state_after(stage: str) -> m.WorkflowState:
 def save_run(
     manager: CheckpointManager, session_id: str, stages: tuple[str, ...] = STAGES, **kwargs: object
 ) -> list[CheckpointMetadata]:
-    """Save a checkpoint after each of ``stages``, as the orchestrator does (under the
-    session's lock, whose release waits for the sidecars written in the background)."""
+    """Save a checkpoint after each of ``stages``, as the orchestrator does (holding the
+    session's lease)."""
     saved = []
     with manager.session_lock(session_id):
         for i, stage in enumerate(stages):
@@ -128,9 +128,7 @@ def save_run(
 def split(path: Path) -> tuple[dict[str, Any], bytes]:
     """A checkpoint file's header (as JSON) and body (as stored)."""
     raw = path.read_bytes()
-    (length,) = cp._LENGTH.unpack_from(raw, len(cp.MAGIC))
-    header: dict[str, Any] = orjson.loads(raw[cp._PREFIX : cp._PREFIX + length])
-    start = cp._PREFIX + length + cp._DIGEST_SIZE
+    header, start = fmt.read_header(raw, str(path))
     return header, raw[start : start + header["payload_size"]]
 
 
@@ -149,32 +147,29 @@ def rewrite(
     new_header["payload_size"] = len(new_body)
     new_header["payload_sha256"] = hashlib.sha256(new_body).hexdigest()
     new_header["signed"] = key is not None
-    path.write_bytes(cp._seal(new_header, new_body, key))
+    path.write_bytes(b"".join(fmt.seal(new_header, new_body, key)))
 
 
 def body_of(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = orjson.loads(split(path)[1])
+    """A checkpoint's body, decompressed and parsed."""
+    header, body = split(path)
+    result: dict[str, Any] = orjson.loads(
+        fmt.decompress(memoryview(body), header["compression"], str(path))
+    )
     return result
 
 
+def encode_body(doc: dict[str, Any], compression: str = "zstd") -> bytes:
+    """A body as a writer would store it."""
+    return fmt.compress(orjson.dumps(doc), compression)  # type: ignore[arg-type]
+
+
 def in_flight_writes(directory: Path, session: str = "") -> list[Path]:
-    """Files of checkpoint writes under way (or cut short): temporaries of ``session`` (any
-    session when empty) and spare files already written into (spares start empty or zeroed)
-    but not yet renamed."""
+    """Temporaries of checkpoint writes under way (or cut short) of ``session`` (any session
+    when empty)."""
     if not directory.exists():
         return []
-    found = [p for p in directory.iterdir() if p.name.startswith(f".tmp.{session}")]
-    spares = directory / ".spare"
-    if spares.is_dir():
-        for spare in spares.iterdir():
-            try:
-                with spare.open("rb") as f:
-                    head = f.read(8)
-            except FileNotFoundError:
-                continue
-            if head.strip(b"\0"):
-                found.append(spare)
-    return found
+    return [p for p in directory.iterdir() if p.name.startswith(f".tmp.{session}")]
 
 
 @contextmanager
