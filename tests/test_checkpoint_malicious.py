@@ -15,6 +15,7 @@ import builtins
 import hashlib
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
 import zlib
@@ -27,6 +28,7 @@ import pytest
 from test_checkpoint_support import (
     STAGES,
     body_of,
+    encode_body,
     full_state,
     params,
     rewrite,
@@ -36,7 +38,8 @@ from test_checkpoint_support import (
 )
 
 from prowzi.errors import CheckpointIntegrityError
-from prowzi.workflows import checkpoint as cp
+from prowzi.storage import format as fmt
+from prowzi.storage import local
 from prowzi.workflows.checkpoint import CheckpointManager
 
 VICTIM = "victim-session"
@@ -129,33 +132,84 @@ def test_an_evil_pickle_in_place_of_a_checkpoint_is_refused(
         fresh.load_checkpoint(f"{VICTIM}_search")
 
 
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.usefixtures("no_unpickling")
 def test_an_evil_pickle_as_the_body_of_a_well_formed_container_is_refused(
-    manager: CheckpointManager, marker: Path, kind: str
+    manager: CheckpointManager, marker: Path, kind: str, compression: str
+) -> None:
+    """Stored as its compression says, so it inflates to the pickle: which is no JSON."""
+    target = pkl(manager, VICTIM, "search")
+    body = fmt.compress(evil_pickles(marker)[kind], compression)  # type: ignore[arg-type]
+    rewrite(target, header={"compression": compression}, body=body)
+    assert_refused(manager, VICTIM, target, "unreadable payload")
+
+
+@pytest.mark.usefixtures("no_unpickling")
+def test_an_evil_pickle_stored_raw_under_a_compressed_header_is_refused(
+    manager: CheckpointManager, marker: Path
 ) -> None:
     target = pkl(manager, VICTIM, "search")
-    rewrite(target, body=evil_pickles(marker)[kind])
-    assert_refused(manager, VICTIM, target, "not a Prowzi workflow state")
+    rewrite(target, body=evil_pickles(marker)["os.system"])  # the header says zstd
+    assert_refused(manager, VICTIM, target, "undecodable zstd payload")
+    rewrite(target, header={"compression": "zlib"})
+    assert_refused(manager, VICTIM, target, "undecodable zlib payload")
+
+
+def forge(
+    path: Path,
+    fields: dict[str, Any] | None = None,
+    top: dict[str, Any] | None = None,
+    header: dict[str, Any] | None = None,
+) -> None:
+    """Edit a checkpoint's body (its ``fields``, or its top level) and keep its header in
+    agreement (the names of the fields it holds): what a forger without the key can do."""
+    old_header, _ = split(path)
+    body = body_of(path)
+    body["fields"].update(fields or {})
+    body.update(top or {})
+    named = {**old_header["fields"], **{name: "0" * 64 for name in fields or {}}}
+    rewrite(path, header={"fields": named, **(header or {})}, body=encode_body(body))
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("fields", "top"),
     [
-        {"__reduce__": ["os.system", ["touch PWNED"]]},
-        {"state": {"intent": {"__class__": "os.system", "args": ["touch PWNED"]}}},
-        {"state": {"stage_metrics": {}, "evil": {"py/object": "subprocess.Popen"}}},
-        {"state": {"intent": {"prompt": 1, "document_type": [], "field": {}, "topic": None}}},
+        ({}, {"__reduce__": ["os.system", ["touch PWNED"]]}),
+        ({}, {"state": {"intent": {"prompt": "a format 2 state beside the fields"}}}),
+        ({"search": {"__class__": "os.system", "args": ["touch PWNED"]}}, {}),
+        ({"evil": {"py/object": "subprocess.Popen"}}, {}),
+        ({"search": {"queries": 1, "sources": {}, "corpus": []}}, {}),
+        ({"verification": ["not", "an", "object"]}, {}),
     ],
-    ids=["extra-top-level-key", "class-tag-in-a-model", "unknown-state-field", "wrong-types"],
+    ids=[
+        "extra-top-level-key",
+        "state-beside-fields",
+        "class-tag-in-a-model",
+        "unknown-state-field",
+        "wrong-types",
+        "wrong-type-of-a-field",
+    ],
 )
 def test_a_json_body_outside_the_schema_is_refused(
-    manager: CheckpointManager, change: dict[str, Any]
+    manager: CheckpointManager, fields: dict[str, Any], top: dict[str, Any]
 ) -> None:
     target = pkl(manager, VICTIM, "search")
-    body = {**body_of(target), **change}
-    rewrite(target, body=orjson.dumps(body))
+    forge(target, fields=fields, top=top)
     assert_refused(manager, VICTIM, target, "not a Prowzi workflow state")
+
+
+def test_a_body_whose_fields_differ_from_its_header_s_is_refused(
+    manager: CheckpointManager,
+) -> None:
+    target = pkl(manager, VICTIM, "search")
+    body = body_of(target)
+    body["fields"]["evil"] = {"py/object": "subprocess.Popen"}
+    rewrite(target, body=encode_body(body))
+    assert_refused(manager, VICTIM, target, "fields differ from its header's")
+    del body["fields"]["evil"], body["fields"]["search"]
+    rewrite(target, body=encode_body(body))
+    assert_refused(manager, VICTIM, target, "fields differ from its header's")
 
 
 @pytest.mark.parametrize(
@@ -174,8 +228,8 @@ def test_a_forged_source_index_is_refused(tmp_path: Path, reference: object, mat
     save_run(manager, VICTIM, STAGES[:4])
     target = pkl(manager, VICTIM, "verification")
     body = body_of(target)
-    body["state"]["verification"]["verified"][0] = reference
-    rewrite(target, body=orjson.dumps(body))
+    body["fields"]["verification"]["verified"][0] = reference
+    rewrite(target, body=encode_body(body))
     assert_refused(manager, VICTIM, target, match)
 
 
@@ -183,10 +237,12 @@ def test_a_source_index_without_a_search_is_refused(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path / "checkpoints")
     save_run(manager, VICTIM, STAGES[:4])
     target = pkl(manager, VICTIM, "verification")
+    header, _ = split(target)
+    assert "search" in header["refs"]  # held by the search checkpoint: the forger drops it
     body = body_of(target)
-    body["state"]["search"] = None
-    body["state"]["verification"]["verified"][0] = 0
-    rewrite(target, body=orjson.dumps(body))
+    body["fields"]["verification"]["verified"][0] = 0
+    refs = {name: ref for name, ref in header["refs"].items() if name != "search"}
+    forge(target, fields={"search": None, **body["fields"]}, header={"refs": refs})
     assert_refused(manager, VICTIM, target, "names search source 0, and the search has 0")
 
 
@@ -217,40 +273,41 @@ def test_every_flipped_byte_is_refused(tmp_path: Path, signed: bool) -> None:
     manager.load_checkpoint(VICTIM)
 
 
-@pytest.mark.parametrize("tail", [b"\x01", b"\x00" * 4096 + b"\x80", b"junk" + b"\x00" * 100])
-def test_trailing_bytes_are_refused(manager: CheckpointManager, tail: bytes) -> None:
-    target = pkl(manager, VICTIM, "search")
-    target.write_bytes(target.read_bytes() + tail)
-    assert_refused(manager, VICTIM, target, "trailing bytes")
-
-
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x01", b"\x00" * 4096 + b"\x80", b"junk" + b"\x00" * 100, b"\x00" * 20_000],
+    ids=["one-byte", "zeros-then-a-byte", "junk", "zeros"],
+)
 @pytest.mark.parametrize("key", [None, "a key"])
-def test_zero_padding_after_a_checkpoint_is_read_past(tmp_path: Path, key: str | None) -> None:
-    """A save writes into a spare file full of zeros, and its write-behind cuts the rest;
-    a process killed in between leaves them. They carry nothing, and the signature (before
-    them) still counts."""
+def test_trailing_bytes_are_refused(tmp_path: Path, tail: bytes, key: str | None) -> None:
+    """Zeros too: no write leaves padding after a checkpoint any more, so none is read past."""
     manager = CheckpointManager(tmp_path / "checkpoints", key=key)
     save_run(manager, VICTIM, STAGES[:3])
     target = pkl(manager, VICTIM, "search")
-    whole = target.read_bytes()
-    target.write_bytes(whole + b"\x00" * 20_000)
+    target.write_bytes(target.read_bytes() + tail)
+    assert_refused(manager, VICTIM, target, "trailing bytes")
     fresh = CheckpointManager(tmp_path / "checkpoints", key=key)
-    assert fresh.load_checkpoint(VICTIM).metadata.stage == "search"
-    fresh.verify_chain(VICTIM)
     assert [r["stage"] for r in fresh.list_checkpoints()] == ["search", "planning", "intent"]
-    if key is not None:  # the signature is where the header says, not at the file's end
-        target.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]) + b"\x00" * 20_000)
-        assert_refused(fresh, VICTIM, target, "HMAC")
-        # zeros where it goes: a write cut short in a spare, refused with or without a key
-        target.write_bytes(whole[:-32] + b"\x00" * 20_032)
-        assert_refused(fresh, VICTIM, target, "signature was never written")
-        assert_refused(CheckpointManager(tmp_path / "checkpoints"), VICTIM, target, "never")
+    with pytest.raises(CheckpointIntegrityError, match="trailing bytes"):
+        fresh.verify_chain(VICTIM)
+
+
+def test_zeros_in_place_of_the_signature_are_refused(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "checkpoints", key="a key")
+    save_run(manager, VICTIM, ("intent",))
+    target = pkl(manager, VICTIM, "intent")
+    whole = target.read_bytes()
+    target.write_bytes(whole[:-32] + b"\x00" * 32)
+    assert_refused(manager, VICTIM, target, "HMAC")
+    target.write_bytes(whole[:-32])  # no signature where the header says one is
+    assert_refused(manager, VICTIM, target, "truncated")
+    assert_refused(CheckpointManager(tmp_path / "checkpoints"), VICTIM, target, "truncated")
 
 
 def test_an_implausible_header_length_is_refused(manager: CheckpointManager) -> None:
     target = pkl(manager, VICTIM, "search")
     raw = bytearray(target.read_bytes())
-    raw[len(cp.MAGIC) : cp._PREFIX] = (2**32 - 1).to_bytes(4, "big")
+    raw[len(fmt.MAGIC) : fmt._PREFIX] = (2**32 - 1).to_bytes(4, "big")
     target.write_bytes(bytes(raw))
     assert_refused(manager, VICTIM, target, "implausible")
 
@@ -277,9 +334,9 @@ def test_with_a_key_a_fully_forged_transplant_is_refused(tmp_path: Path) -> None
     header, _ = split(target)
     body = body_of(pkl(manager, OTHER, "planning"))
     body["checkpoint_id"], body["previous_hash"] = header["checkpoint_id"], header["previous_hash"]
-    rewrite(target, body=orjson.dumps(body))  # consistent in every way but the HMAC
+    rewrite(target, body=encode_body(body))  # consistent in every way but the HMAC
     assert_refused(manager, VICTIM, target, "unsigned")
-    rewrite(target, body=orjson.dumps(body), key=b"a guess")
+    rewrite(target, body=encode_body(body), key=b"a guess")
     assert_refused(manager, VICTIM, target, "HMAC")
 
 
@@ -332,7 +389,7 @@ def test_a_symlink_in_place_of_a_checkpoint_is_not_followed(manager: CheckpointM
     target = pkl(manager, VICTIM, "search")
     target.unlink()
     target.symlink_to(pkl(manager, OTHER, "search"))
-    with pytest.raises(CheckpointIntegrityError, match="symbolic link"):
+    with pytest.raises(CheckpointIntegrityError, match="symlink"):
         manager.load_checkpoint(f"{VICTIM}_search")
     assert f"{VICTIM}_search" not in {r["checkpoint_id"] for r in manager.list_checkpoints()}
 
@@ -345,7 +402,7 @@ def test_a_symlink_in_place_of_the_json_is_refused_and_never_followed(
     sidecar = manager.checkpoint_dir / f"{VICTIM}_search.json"
     sidecar.unlink()
     sidecar.symlink_to(secret)
-    with pytest.raises(CheckpointIntegrityError, match="symbolic link") as info:
+    with pytest.raises(CheckpointIntegrityError, match="symlink") as info:
         manager.load_checkpoint(VICTIM)
     assert info.value.path == str(sidecar)
     assert secret.read_text() == "do not read or overwrite me"
@@ -370,56 +427,212 @@ def test_a_header_with_a_naive_timestamp_is_refused_and_not_listed(
     assert_refused(fresh, f"{VICTIM}_search", target, "timezone")
 
 
-def test_a_forged_index_cannot_change_what_is_listed(manager: CheckpointManager) -> None:
-    """The index is a cache: entries not of Prowzi's making are ignored, the headers re-read."""
-    manager.list_checkpoints()
-    manifest = manager.checkpoint_dir / ".index" / "manifest.jsonl"
-    lines = [orjson.loads(line) for line in manifest.read_bytes().splitlines()]
-    forged, hits = [], 0
-    for line in lines:
-        for entry in line.get("entries", []):
-            if entry[0] == f"{VICTIM}_search.pkl":
-                entry[4] = {**entry[4], "session_id": OTHER, "stage": "turnitin", "created_at": 5}
-                hits += 1
-        forged.append(orjson.dumps(line))
-    assert hits == 1
-    manifest.write_bytes(b"\n".join(forged) + b"\n")
-    rows = {
-        r["checkpoint_id"]: r for r in CheckpointManager(manager.checkpoint_dir).list_checkpoints()
-    }
-    assert (rows[f"{VICTIM}_search"]["session_id"], rows[f"{VICTIM}_search"]["stage"]) == (
-        VICTIM,
-        "search",
-    )
+def _catalog_rows(manager: CheckpointManager) -> dict[str, tuple[str, dict[str, Any] | None]]:
+    path = manager.catalog.path
+    assert path is not None
+    db = sqlite3.connect(path)
+    try:
+        return {
+            name: (etag, orjson.loads(row) if row is not None else None)
+            for name, etag, row in db.execute("SELECT * FROM blobs")
+        }
+    finally:
+        db.close()
 
 
-def test_an_oversized_file_is_refused_without_reading_it_whole(
+def _forge_catalog(manager: CheckpointManager, rows: dict[str, dict[str, Any] | None]) -> None:
+    """Replace catalog rows, each kept under its blob's current etag (so it looks fresh)."""
+    path = manager.catalog.path
+    assert path is not None
+    etags = {name: etag for name, (etag, _) in _catalog_rows(manager).items()}
+    db = sqlite3.connect(path)
+    with db:
+        for name, row in rows.items():
+            data = orjson.dumps(row) if row is not None else None
+            db.execute(
+                "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                (name, etags.get(name, "an etag"), data),
+            )
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"session_id": OTHER, "checkpoint_id": f"{OTHER}_turnitin", "stage": "turnitin"},
+        {"stage": "turnitin"},
+        {"created_at": 5},
+        {"created_at": "2026-01-01T00:00:00"},  # naive
+        {"pkl_path": "../../evil.pkl"},
+        None,  # the checkpoint called unreadable: hidden, and a resume would fall back
+    ],
+    ids=["identity", "stage", "time-not-a-string", "naive-time", "foreign-key", "hidden"],
+)
+def test_a_forged_catalog_cannot_change_what_is_listed_or_loaded_and_is_rebuilt(
+    manager: CheckpointManager, edit: dict[str, Any] | None
+) -> None:
+    """The catalog is a cache any writer of its file can edit: a row that is not what Prowzi
+    makes of that very blob is not believed, the blob's header is read again, and the
+    catalog is rebuilt from the blobs."""
+    genuine = manager.list_checkpoints()
+    manager.close()
+    name = f"{VICTIM}_search.pkl"
+    _, row = _catalog_rows(manager)[name]
+    assert row is not None
+    _forge_catalog(manager, {name: None if edit is None else {**row, **edit}})
+    fresh = CheckpointManager(manager.checkpoint_dir)
+    assert fresh.list_checkpoints() == genuine
+    assert fresh.latest(VICTIM) == fresh.load_checkpoint(VICTIM).metadata
+    assert fresh.load_checkpoint(VICTIM).metadata.stage == "search"
+    fresh.close()
+    rows = _catalog_rows(fresh)
+    if edit is not None:  # rebuilt: the forged row is gone
+        assert rows[name][1] == row
+    assert {n for n, (_, r) in rows.items() if r is not None} >= {
+        f"{s}_{stage}.pkl" for s in (VICTIM, OTHER) for stage in STAGES[:3]
+    } - ({name} if edit is None else set())
+
+
+def test_a_catalog_row_for_a_blob_that_is_not_there_is_not_listed(
+    manager: CheckpointManager,
+) -> None:
+    genuine = manager.list_checkpoints()
+    manager.close()
+    _, row = _catalog_rows(manager)[f"{VICTIM}_search.pkl"]
+    assert row is not None
+    phantom = {**row, "checkpoint_id": f"{VICTIM}_turnitin", "stage": "turnitin"}
+    _forge_catalog(manager, {f"{VICTIM}_turnitin.pkl": phantom})
+    fresh = CheckpointManager(manager.checkpoint_dir)
+    assert fresh.list_checkpoints() == genuine
+    assert f"{VICTIM}_turnitin.pkl" not in _catalog_rows(fresh)
+
+
+def test_an_oversized_file_is_refused_without_reading_it(
     manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cp, "_MAX_FILE", 1024)
+    monkeypatch.setattr(local, "MAX_BLOB_BYTES", 1024)
     target = pkl(manager, VICTIM, "search")
-    assert_refused(manager, f"{VICTIM}_search", target, "implausible")
+    inode = target.stat().st_ino
+    read = os.read
+    reads: list[int] = []
+
+    def spy(fd: int, size: int) -> bytes:
+        if os.fstat(fd).st_ino == inode:
+            reads.append(size)
+        return read(fd, size)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "read", spy)
+        assert_refused(manager, f"{VICTIM}_search", target, "larger than")
+    assert reads == []
+    assert f"{VICTIM}_search" not in {r["checkpoint_id"] for r in manager.list_checkpoints()}
 
 
-def test_a_zlib_bomb_is_refused(
-    tmp_path: Path, manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def small_max_body(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(fmt, "MAX_BODY", 1 << 20)
+    return 1 << 20
+
+
+def test_a_zlib_bomb_is_refused(tmp_path: Path, small_max_body: int) -> None:
     compressed = CheckpointManager(tmp_path / "zipped", compression="zlib")
     save_run(compressed, VICTIM, ("intent",))
     target = pkl(compressed, VICTIM, "intent")
-    bomb = zlib.compress(b"{" + b" " * (4 << 20) + b"}", 9)
-    monkeypatch.setattr(cp, "_MAX_BODY", 1 << 20)
+    bomb = zlib.compress(b"{" + b" " * (4 * small_max_body) + b"}", 9)
+    assert len(bomb) < small_max_body // 100
     rewrite(target, body=bomb)
-    with pytest.raises(CheckpointIntegrityError, match="size limit"):
-        compressed.load_checkpoint(VICTIM)
+    assert_refused(compressed, VICTIM, target, "size limit")
+
+
+def test_a_zstd_bomb_is_refused(manager: CheckpointManager, small_max_body: int) -> None:
+    target = pkl(manager, VICTIM, "search")
+    assert split(target)[0]["compression"] == "zstd"
+    bomb = fmt.compress(b"{" + b" " * (64 * small_max_body) + b"}", "zstd", 19)
+    assert len(bomb) < small_max_body // 100
+    rewrite(target, body=bomb)
+    assert_refused(manager, VICTIM, target, "size limit")
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_a_truncated_compressed_stream_is_refused(tmp_path: Path, compression: str) -> None:
+    """Cut short and sealed again with a matching size and hash: the stream is incomplete."""
+    manager = CheckpointManager(tmp_path / "checkpoints", compression=compression)  # type: ignore[arg-type]
+    save_run(manager, VICTIM, STAGES[:3])
+    target = pkl(manager, VICTIM, "search")
+    _, body = split(target)
+    for cut in (len(body) - 1, len(body) // 2, 4):
+        rewrite(target, body=body[:cut])
+        assert_refused(manager, VICTIM, target, f"(truncated|undecodable) {compression}")
 
 
 def test_a_header_that_lies_about_the_payload_hash_is_refused(manager: CheckpointManager) -> None:
     target = pkl(manager, VICTIM, "search")
     header, body = split(target)
     header["payload_sha256"] = hashlib.sha256(b"something else").hexdigest()
-    target.write_bytes(cp._seal(header, body, None))
+    target.write_bytes(b"".join(fmt.seal(header, body, None)))
     assert_refused(manager, VICTIM, target, "payload sha256 mismatch")
+
+
+# --- references to parts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [f"{OTHER}_intent", "../escape_intent", "leases/victim-session", f"{VICTIM}", "a/b_intent"],
+    ids=["another-session", "dot-dot", "lease-record", "no-stage", "a-path"],
+)
+def test_a_ref_to_outside_the_session_is_refused(
+    manager: CheckpointManager, checkpoint: str
+) -> None:
+    """Even with the very digest the other checkpoint records for the field."""
+    target = pkl(manager, VICTIM, "search")
+    header, _ = split(target)
+    assert header["refs"]["intent"]["checkpoint"] == f"{VICTIM}_intent"
+    other = split(pkl(manager, OTHER, "intent"))[0]["fields"]["intent"]
+    refs = {**header["refs"], "intent": {"checkpoint": checkpoint, "sha256": other}}
+    rewrite(target, header={"refs": refs})
+    error = assert_refused(manager, VICTIM, target, "not of this session")
+    assert checkpoint in error.reason
+
+
+def test_a_field_both_held_and_referred_to_is_refused(manager: CheckpointManager) -> None:
+    target = pkl(manager, VICTIM, "search")
+    intent = body_of(pkl(manager, VICTIM, "intent"))["fields"]["intent"]
+    forge(target, fields={"intent": intent})
+    assert "intent" in split(target)[0]["refs"]
+    assert_refused(manager, VICTIM, target, "field 'intent' refers to")
+
+
+def test_a_ref_with_a_digest_its_part_does_not_record_is_refused(
+    manager: CheckpointManager,
+) -> None:
+    target = pkl(manager, VICTIM, "search")
+    header, _ = split(target)
+    refs = {**header["refs"], "plan": {**header["refs"]["plan"], "sha256": "0" * 64}}
+    rewrite(target, header={"refs": refs})
+    error = assert_refused(manager, VICTIM, target, "no longer holds field 'plan'")
+    assert f"{VICTIM}_planning" in error.reason
+
+
+def test_a_damaged_part_is_refused_naming_the_part(manager: CheckpointManager) -> None:
+    part = pkl(manager, VICTIM, "planning")
+    raw = bytearray(part.read_bytes())
+    raw[-3] ^= 0x01
+    part.write_bytes(bytes(raw))
+    assert_refused(manager, f"{VICTIM}_search", part, "payload sha256 mismatch")
+
+
+def test_with_a_key_a_forged_part_is_refused(tmp_path: Path) -> None:
+    """A part is verified as a checkpoint is: with a key, its signature counts too."""
+    manager = CheckpointManager(tmp_path / "checkpoints", key="s3cret")
+    save_run(manager, VICTIM, STAGES[:3])
+    part = pkl(manager, VICTIM, "intent")  # a part of search, not the one it links to
+    body = body_of(part)
+    body["fields"]["intent"]["topic"] = "a forged topic"
+    rewrite(part, body=encode_body(body), key=b"a guess")
+    assert_refused(manager, f"{VICTIM}_search", part, "HMAC")
+    rewrite(part, body=encode_body(body))  # unsigned
+    assert_refused(manager, f"{VICTIM}_search", part, "unsigned")
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "prowzi-state-as-pickle"])
