@@ -1,4 +1,5 @@
-"""CheckpointManager: format, chain, listing, sidecars, signing, versions, ids, locks, cleanup."""
+"""CheckpointManager: format, incremental checkpoints, chain, listing, sidecars, signing,
+versions, ids, leases, cleanup."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import asyncio
 import hashlib
 import itertools
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +23,7 @@ from design_samples import reader_namespace, run_sample, sample
 from test_checkpoint_support import (
     STAGES,
     body_of,
+    encode_body,
     full_state,
     held_in_child,
     params,
@@ -29,6 +35,7 @@ from test_checkpoint_support import (
 
 from prowzi import __version__
 from prowzi.agents import models as m
+from prowzi.agents.base import RunParameters
 from prowzi.config import ProwziConfig
 from prowzi.errors import (
     CheckpointIntegrityError,
@@ -37,6 +44,9 @@ from prowzi.errors import (
     InvalidInputError,
     SessionLockedError,
 )
+from prowzi.storage import format as fmt
+from prowzi.storage.blob import Blob, InMemoryBlobStore
+from prowzi.storage.lease import HeldLease, LeaseLostError, SessionLeases
 from prowzi.workflows import checkpoint as cp
 from prowzi.workflows.checkpoint import (
     FORMAT_VERSION,
@@ -44,7 +54,6 @@ from prowzi.workflows.checkpoint import (
     CheckpointMetadata,
     WorkflowCheckpoint,
 )
-from prowzi.workflows.storage import InMemoryStore, LocalDirectoryStore
 
 SESSION = "20261126-143501-9f3a1c2b"
 
@@ -74,7 +83,6 @@ def test_save_writes_a_pkl_and_a_json_named_after_session_and_stage(
     )
     assert meta.checkpoint_id == f"{SESSION}_intent"
     assert (directory / f"{SESSION}_intent.pkl").is_file()  # durable when save returns
-    manager.flush()  # the .json is derived, and written in the background
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
         f"{SESSION}_intent.json",
         f"{SESSION}_intent.pkl",
@@ -102,11 +110,14 @@ def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> No
     assert meta.prompt == params().prompt
     assert meta.parameters == params(max_results_per_query=30).model_dump()
     assert meta.prowzi_version == __version__
-    assert meta.format_version == FORMAT_VERSION == 2
-    assert meta.compression == "none"
+    assert meta.format_version == FORMAT_VERSION == 3
+    assert meta.compression == "zstd"  # the default
     assert meta.previous_hash is None
     assert meta.signed is False
     assert (meta.trace_id, meta.span_id) == ("ab" * 16, "cd" * 8)
+    # the first checkpoint of a run holds every field, with its digest
+    assert meta.fields is not None and set(meta.fields) == set(m.WorkflowState.model_fields)
+    assert (meta.refs, meta.depth, meta.lease_token) == ({}, 0, None)  # saved without a lease
     assert len(body) == meta.payload_size
     assert hashlib.sha256(body).hexdigest() == meta.payload_sha256
 
@@ -114,7 +125,7 @@ def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> No
 def test_the_pkl_is_not_a_pickle(manager: CheckpointManager) -> None:
     save_run(manager, SESSION, ("intent",))
     raw = (manager.checkpoint_dir / f"{SESSION}_intent.pkl").read_bytes()
-    assert raw.startswith(cp.MAGIC)
+    assert raw.startswith(fmt.MAGIC)
     assert b"\x80" not in raw[:2]
 
 
@@ -178,7 +189,8 @@ def verified_state() -> m.WorkflowState:
 
 
 def _unshared(doc: dict[str, Any]) -> dict[str, Any]:
-    """A format 2 state document with every source index replaced by the source it names."""
+    """A state document (format 2 and later) with every source index replaced by the source
+    it names."""
     verification, search = doc.get("verification"), doc.get("search")
     if verification is not None:
         pool = search["sources"] if search is not None else []
@@ -191,18 +203,25 @@ def _unshared(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _decoded(encoded: dict[str, bytes]) -> dict[str, Any]:
+    return {name: orjson.loads(value) for name, value in encoded.items()}
+
+
 def test_the_fast_state_encoding_is_model_dump_with_shared_sources_written_once(
     manager: CheckpointManager,
 ) -> None:
-    # _dump_state hands orjson the models' __dict__: apart from the sources it shares, it
-    # must be model_dump's JSON exactly (the slow path writes that, and format 1 did).
+    # _encode_fields hands orjson the models' __dict__: apart from the sources it shares,
+    # each field must be model_dump's JSON exactly (the slow path writes that, and format 1
+    # did).
     state = verified_state().model_copy(update={"stage_metrics": {"intent": {"when": 1.5}}})
-    encoded = cp._dump_state(state)
-    assert _unshared(orjson.loads(encoded)) == state.model_dump()
-    assert len(encoded) < 0.9 * len(orjson.dumps(state.model_dump()))
+    encoded = cp._encode_fields(state)
+    assert list(encoded) == list(m.WorkflowState.model_fields)
+    assert _unshared(_decoded(encoded)) == state.model_dump()
+    assert sum(map(len, encoded.values())) < 0.9 * len(orjson.dumps(state.model_dump()))
     for stage in STAGES[:3]:  # nothing to share before verification: byte for byte
         partial = state_after(stage)
-        assert cp._dump_state(partial) == orjson.dumps(partial.model_dump())
+        dumped = partial.model_dump()
+        assert cp._encode_fields(partial) == {n: orjson.dumps(v) for n, v in dumped.items()}
     assert m.WorkflowState in cp._PLAIN_MODELS and m.Source in cp._PLAIN_MODELS
 
 
@@ -219,7 +238,7 @@ def test_verified_sources_are_the_search_sources_again_after_a_load(
     )
     state = state.model_copy(update={"verification": verification})
     save_complete(manager, state)
-    body = body_of(manager.checkpoint_dir / f"{SESSION}_turnitin.pkl")["state"]["verification"]
+    body = body_of(manager.checkpoint_dir / f"{SESSION}_turnitin.pkl")["fields"]["verification"]
     assert isinstance(body["verified"][0], dict)  # a distinct object stays distinct
     assert all(isinstance(v, int) for v in body["verified"][1:])
     assert all(isinstance(r["source"], int) for r in body["rejected"])
@@ -279,21 +298,68 @@ def test_a_save_refuses_values_its_header_cannot_hold(
     assert manager.list_checkpoints() == []
 
 
-def test_a_format_1_checkpoint_loads_and_chains(manager: CheckpointManager) -> None:
-    """Format 1 wrote every source in full: such a file still loads, lists and verifies."""
-    save_run(manager, SESSION, ("intent", "planning", "search", "verification"))
+_FORMAT_3_KEYS = ("fields", "refs", "depth", "lease_token")
+
+
+def rewrite_in_old_format(
+    path: Path, version: int, compression: str, state_doc: dict[str, Any]
+) -> None:
+    """Write ``path`` again as a Prowzi of format ``version`` (1 or 2) did: the state whole
+    in the body, a header without format 3's keys, keeping the checkpoint's identity and its
+    link."""
+    header, _ = split(path)
+    old = {k: v for k, v in header.items() if k not in _FORMAT_3_KEYS}
+    doc = {
+        "checkpoint_id": header["checkpoint_id"],
+        "previous_hash": header["previous_hash"],
+        "state": state_doc,
+    }
+    body = encode_body(doc, compression)
+    old.update(
+        format_version=version,
+        compression=compression,
+        payload_size=len(body),
+        payload_sha256=hashlib.sha256(body).hexdigest(),
+        signed=False,
+    )
+    path.write_bytes(b"".join(fmt.seal(old, body, None)))
+
+
+@pytest.mark.parametrize(("version", "compression"), [(1, "none"), (2, "zlib"), (2, "none")])
+def test_an_older_format_checkpoint_loads_lists_and_chains(
+    manager: CheckpointManager, version: int, compression: str
+) -> None:
+    """Format 1 wrote every source in full, format 2 the shared ones once; both held the
+    state whole, without named fields or refs. Such a file still loads, lists and verifies,
+    and a resumed run goes on after it."""
+    save_run(manager, SESSION, STAGES[:4])
+    manager.list_checkpoints()  # the catalog holds the format 3 row of the file
     path = manager.checkpoint_dir / f"{SESSION}_verification.pkl"
-    body = body_of(path)
-    body["state"] = _unshared(body["state"])
-    rewrite(path, header={"format_version": 1}, body=orjson.dumps(body))
-    # Indexed as the older Prowzi did (its header, format 1, in the index): listed as
-    # migrated, as every load sees it.
-    index = LocalDirectoryStore(manager.checkpoint_dir)
-    index.list()
-    index.remember(path.name, index.token(path.name) or "", split(path)[0])
+    state = state_after("verification")
+    if version == 1:
+        doc = state.model_dump(mode="json")
+    else:
+        doc = _decoded(cp._encode_fields(state))
+        assert doc["verification"]["verified"] == [0]  # shared with the search
+    rewrite_in_old_format(path, version, compression, doc)
+    assert split(path)[0]["format_version"] == version
     older = CheckpointManager(manager.checkpoint_dir)
-    assert [r["format_version"] for r in older.list_checkpoints()] == [FORMAT_VERSION] * 4
-    assert older.load_checkpoint(SESSION).to_state() == state_after("verification")
+    rows = older.list_checkpoints()
+    assert [r["format_version"] for r in rows] == [FORMAT_VERSION] * 4  # listed as migrated
+    assert rows[0]["compression"] == compression and rows[0]["fields"] is None
+    loaded = older.load_checkpoint(SESSION)
+    assert loaded.to_state() == state
+    assert (loaded.metadata.format_version, loaded.metadata.refs) == (FORMAT_VERSION, {})
+    older.verify_chain(SESSION)
+    resumed = older.save(
+        session_id=SESSION,
+        stage="writing",
+        state=state_after("writing"),
+        completed_stages=list(STAGES[:5]),
+        parameters=params(),
+    )
+    assert resumed.refs == {} and resumed.previous_hash == loaded.metadata.payload_sha256
+    assert older.load_checkpoint(SESSION).to_state() == state_after("writing")
     older.verify_chain(SESSION)
 
 
@@ -313,8 +379,9 @@ def test_values_the_fast_encoding_does_not_know_take_the_slow_path(
     metrics = {"model": m.CorpusInfo(path="/c", documents=1, fingerprint="f"), "set": {1}}
     odd = state.model_copy(update={"search": search, "stage_metrics": metrics})
     # The subclass is written as its declared type, and the set as a list, as pydantic does.
-    assert cp._dump_state(odd) == odd.model_dump_json().encode()
-    assert b"kept out" not in cp._dump_state(odd)
+    encoded = cp._encode_fields(odd)
+    assert _decoded(encoded) == orjson.loads(odd.model_dump_json())
+    assert not any(b"kept out" in value for value in encoded.values())
     save_complete(manager, odd)
     loaded = manager.load_checkpoint(SESSION)
     assert loaded.search is not None and loaded.search.sources == state.search.sources
@@ -324,8 +391,9 @@ def test_values_the_fast_encoding_does_not_know_take_the_slow_path(
     }
 
 
-def test_zlib_compression_is_recorded_and_round_trips(directory: Path) -> None:
-    manager = CheckpointManager(directory, compression="zlib")
+def test_zstd_is_the_default_compression_and_is_recorded(directory: Path) -> None:
+    manager = CheckpointManager(directory)
+    assert manager.compression == "zstd"
     state = full_state()
     meta = manager.save(
         session_id=SESSION,
@@ -334,9 +402,31 @@ def test_zlib_compression_is_recorded_and_round_trips(directory: Path) -> None:
         completed_stages=list(STAGES),
         parameters=params(),
     )
-    assert meta.compression == "zlib"
-    assert meta.payload_size < len(state.model_dump_json())
+    path = directory / f"{SESSION}_turnitin.pkl"
+    assert meta.compression == split(path)[0]["compression"] == "zstd"
+    assert split(path)[1].startswith(b"\x28\xb5\x2f\xfd")  # a zstd frame
+    assert meta.payload_size < len(state.model_dump_json()) / 2
     assert CheckpointManager(directory).load_checkpoint(SESSION).to_state() == state
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+def test_every_compression_is_recorded_and_round_trips(directory: Path, compression: str) -> None:
+    manager = CheckpointManager(directory, compression=compression)  # type: ignore[arg-type]
+    saved = save_run(manager, SESSION)  # full and incremental checkpoints alike
+    state = full_state()
+    assert {meta.compression for meta in saved} == {compression}
+    body = split(directory / f"{SESSION}_turnitin.pkl")[1]
+    if compression == "none":
+        assert orjson.loads(body)["checkpoint_id"] == f"{SESSION}_turnitin"
+    else:
+        assert saved[-1].payload_size < len(
+            orjson.dumps(body_of(directory / f"{SESSION}_turnitin.pkl"))
+        )
+    reader = CheckpointManager(directory)  # the reader's own setting does not matter
+    assert reader.load_checkpoint(SESSION).to_state() == state
+    for stage in STAGES:
+        assert reader.load_checkpoint(f"{SESSION}_{stage}").to_state() == state_after(stage)
+    reader.verify_chain(SESSION)
 
 
 def test_an_unknown_compression_is_refused(directory: Path) -> None:
@@ -345,12 +435,36 @@ def test_an_unknown_compression_is_refused(directory: Path) -> None:
 
 
 def test_an_in_memory_store_serves_the_manager_too(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path / "unused", store=InMemoryStore())
+    manager = CheckpointManager(tmp_path / "unused", store=InMemoryBlobStore())
     save_run(manager, SESSION)
     assert manager.load_checkpoint(SESSION).metadata.stage == "turnitin"
     assert len(manager.list_checkpoints()) == 7
     manager.verify_chain(SESSION)
     assert not (tmp_path / "unused").exists()
+
+
+def test_in_memory_stores_at_the_same_url_never_share_catalog_rows(tmp_path: Path) -> None:
+    """An in-memory store's etags restart with each instance: a catalog on disk (keyed by
+    url and etag) would list one store's checkpoint as another's."""
+    first = CheckpointManager(tmp_path / "unused", store=InMemoryBlobStore())
+    first.save(
+        session_id=SESSION,
+        stage="intent",
+        state=state_after("intent"),
+        completed_stages=["intent"],
+        parameters=params(),
+    )
+    assert [r["prompt"] for r in first.list_checkpoints()] == [params().prompt]
+    second = CheckpointManager(tmp_path / "unused", store=InMemoryBlobStore())
+    second.save(
+        session_id=SESSION,
+        stage="intent",
+        state=state_after("intent"),
+        completed_stages=["intent"],
+        parameters=RunParameters(prompt="another prompt"),
+    )
+    assert [r["prompt"] for r in second.list_checkpoints()] == ["another prompt"]
+    assert not (tmp_path / ".cache" / "prowzi").exists()
 
 
 # --- loading by id ----------------------------------------------------------------------
@@ -441,6 +555,9 @@ def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
     )
     assert first.parent_session_id == SESSION
     assert second.previous_hash == first.payload_sha256
+    # the fork's first checkpoint is full, and none refers into the parent (which may go)
+    assert first.refs == {} and first.depth == 0
+    assert {ref.checkpoint for ref in second.refs.values()} == {f"{fork}_verification"}
     manager.verify_chain(fork)
     assert manager.load_checkpoint(f"{fork}_verification").metadata.previous_hash == (
         parent[-1].payload_sha256
@@ -455,10 +572,11 @@ def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
     )
     with pytest.raises(CheckpointIntegrityError, match=f"parent session {SESSION}"):
         manager.verify_chain(fork)
-    # ...but a parent that was cleaned up altogether leaves the fork verifiable
+    # ...but a parent that was cleaned up altogether leaves the fork verifiable and loadable
     for path in manager.checkpoint_dir.glob(f"{SESSION}_*"):
         path.unlink()
     manager.verify_chain(fork)
+    assert manager.load_checkpoint(fork).to_state() == state_after("writing")
 
 
 def test_a_malformed_previous_hash_is_refused(manager: CheckpointManager) -> None:
@@ -482,13 +600,21 @@ def test_verify_chain_detects_a_missing_link(manager: CheckpointManager) -> None
         manager.load_checkpoint(f"{SESSION}_search")
 
 
+@pytest.mark.parametrize("full_every", [1, 2])
 def test_a_chain_whose_oldest_checkpoints_were_pruned_still_verifies(
-    manager: CheckpointManager,
+    directory: Path, full_every: int
 ) -> None:
-    save_run(manager, SESSION, STAGES[:3])
-    (manager.checkpoint_dir / f"{SESSION}_intent.pkl").unlink()
+    """Pruned up to a full checkpoint (every one, with full_every=1), the rest needs nothing
+    that is gone: the chain starts late and every checkpoint left loads."""
+    manager = CheckpointManager(directory, full_every=full_every)
+    saved = save_run(manager, SESSION, STAGES[:4])
+    assert [meta.depth for meta in saved] == ([0, 0, 0, 0] if full_every == 1 else [0, 1, 0, 1])
+    pruned = STAGES[:2]  # up to the full checkpoint of search
+    for stage in pruned:
+        (directory / f"{SESSION}_{stage}.pkl").unlink()
     manager.verify_chain(SESSION)
-    assert manager.load_checkpoint(f"{SESSION}_planning").plan is not None
+    for stage in STAGES[len(pruned) : 4]:
+        assert manager.load_checkpoint(f"{SESSION}_{stage}").to_state() == state_after(stage)
 
 
 def test_verify_chain_verifies_every_file(manager: CheckpointManager) -> None:
@@ -515,6 +641,217 @@ def test_a_replayed_older_checkpoint_of_the_same_stage_breaks_the_chain(
     save_run(manager, SESSION, STAGES[:3])  # a second run rewrites all three
     planning.write_bytes(old_planning)
     with pytest.raises(CheckpointIntegrityError, match="chain"):
+        manager.verify_chain(SESSION)
+
+
+# --- incremental checkpoints -------------------------------------------------------------
+
+
+def big_search_states() -> dict[str, m.WorkflowState]:
+    """A run's state after each stage, with a search of 30 sources of random text (which
+    compression cannot shrink): the bulk of every state after the search."""
+    import base64
+    import random
+
+    rng = random.Random(20261126)
+    base = full_state()
+    assert base.search is not None
+    first = base.search.sources[0]
+    sources = [
+        first.model_copy(
+            update={
+                "source_id": f"corpus/{i}.md",
+                "text": base64.b64encode(rng.randbytes(600)).decode(),
+            }
+        )
+        for i in range(30)
+    ]
+    search = base.search.model_copy(update={"sources": sources})
+    states = {}
+    for stage in STAGES:
+        state = state_after(stage)
+        if state.search is not None:
+            state = state.model_copy(update={"search": search})
+        states[stage] = state
+    return states
+
+
+def save_states(
+    manager: CheckpointManager, session: str, states: dict[str, m.WorkflowState]
+) -> list[CheckpointMetadata]:
+    saved = []
+    with manager.session_lock(session):
+        for i, (stage, state) in enumerate(states.items()):
+            saved.append(
+                manager.save(
+                    session_id=session,
+                    stage=stage,
+                    state=state,
+                    completed_stages=list(STAGES[: i + 1]),
+                    parameters=params(),
+                )
+            )
+    return saved
+
+
+def test_a_run_s_later_checkpoints_store_only_what_changed(directory: Path) -> None:
+    states = big_search_states()
+    saved = save_states(CheckpointManager(directory), SESSION, states)
+    whole = save_states(
+        CheckpointManager(directory.parent / "whole", full_every=1), SESSION, states
+    )
+    assert [meta.depth for meta in saved] == [0, 1, 2, 3, 0, 1, 2]
+    assert [meta.depth for meta in whole] == [0] * 7 and all(not w.refs for w in whole)
+    every_field = set(m.WorkflowState.model_fields)
+    for i, (meta, full) in enumerate(zip(saved, whole, strict=True)):
+        path = directory / f"{meta.checkpoint_id}.pkl"
+        header, _ = split(path)
+        assert header["refs"] == {name: ref.model_dump() for name, ref in meta.refs.items()}
+        assert meta.fields is not None
+        assert set(body_of(path)["fields"]) == set(meta.fields)  # the body holds the rest
+        assert set(meta.fields) | set(meta.refs) == every_field
+        assert not set(meta.fields) & set(meta.refs)
+        state = states[STAGES[i]]
+        if meta.depth == 0:
+            assert meta.refs == {}
+            continue
+        before = states[STAGES[i - 1]]
+        changed = {n for n in every_field if getattr(state, n) != getattr(before, n)}
+        assert changed and changed <= set(meta.fields)  # what changed is in the body
+        for name, ref in meta.refs.items():  # what it refers to is unchanged, held earlier
+            assert getattr(state, name) == getattr(before, name) is not None
+            holder = next(s for s in saved[:i] if s.checkpoint_id == ref.checkpoint)
+            assert holder.fields is not None and holder.fields[name] == ref.sha256
+        if "search" in meta.refs:  # the bulk is a reference: a fraction of the full save
+            assert meta.payload_size < full.payload_size / 8
+    assert sum(s.payload_size for s in saved) < sum(w.payload_size for w in whole) / 2
+    reader = CheckpointManager(directory)
+    for stage, state in states.items():
+        loaded = reader.load_checkpoint(f"{SESSION}_{stage}")
+        assert loaded.to_state() == state
+        assert loaded.search is None or loaded.search == states["search"].search
+    reader.verify_chain(SESSION)
+
+
+class CountingStore(InMemoryBlobStore):
+    """An in-memory store that remembers every blob read whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[str] = []
+
+    def get(self, name: str) -> Blob:
+        self.gets.append(name)
+        return super().get(name)
+
+
+@pytest.mark.parametrize("full_every", [1, 2, 3, 4])
+def test_full_every_n_makes_every_nth_checkpoint_full_and_a_load_reads_at_most_n_blobs(
+    tmp_path: Path, full_every: int
+) -> None:
+    store = CountingStore()
+    manager = CheckpointManager(tmp_path / "unused", store=store, full_every=full_every)
+    saved = save_run(manager, SESSION)
+    assert [meta.depth for meta in saved] == [i % full_every for i in range(len(STAGES))]
+    for meta in saved:
+        assert (meta.refs == {}) == (meta.depth == 0)
+        held_by = {ref.checkpoint for ref in meta.refs.values()}
+        assert len(held_by) <= meta.depth  # the checkpoints since the last full one
+    reader = CheckpointManager(tmp_path / "unused", store=store, full_every=full_every)
+    for i, (stage, meta) in enumerate(zip(STAGES, saved, strict=True)):
+        store.gets.clear()
+        assert reader.load_checkpoint(f"{SESSION}_{stage}").to_state() == state_after(stage)
+        read = [name[:-4] for name in store.gets if name.endswith(".pkl")]
+        assert len(read) == len(set(read))  # each blob read once
+        parts = {ref.checkpoint for ref in meta.refs.values()}
+        previous = {f"{SESSION}_{STAGES[i - 1]}"} if i else set()
+        if meta.depth:  # its previous checkpoint, which its link names, is one of its parts
+            assert previous <= parts
+        # itself and its parts; a full one reads its previous checkpoint's header for the link
+        assert set(read) == {meta.checkpoint_id} | parts | previous
+        assert len(read) <= max(full_every, 2)
+
+
+def test_a_resumed_session_s_first_checkpoint_in_a_new_manager_is_full(directory: Path) -> None:
+    first = save_run(CheckpointManager(directory), SESSION, STAGES[:3])
+    assert first[-1].depth == 2
+    for manager in (CheckpointManager(directory), CheckpointManager(directory, full_every=1)):
+        with manager.session_lock(SESSION):
+            resumed = manager.save(
+                session_id=SESSION,
+                stage="verification",
+                state=state_after("verification"),
+                completed_stages=list(STAGES[:4]),
+                parameters=params(),
+            )
+            after = manager.save(
+                session_id=SESSION,
+                stage="writing",
+                state=state_after("writing"),
+                completed_stages=list(STAGES[:5]),
+                parameters=params(),
+            )
+        assert (resumed.depth, resumed.refs) == (0, {})
+        assert resumed.previous_hash == first[-1].payload_sha256  # the chain goes on
+        if manager.full_every > 1:  # later ones refer only into the resumed run
+            assert {r.checkpoint for r in after.refs.values()} == {f"{SESSION}_verification"}
+        assert manager.load_checkpoint(SESSION).to_state() == state_after("writing")
+        manager.verify_chain(SESSION)
+    # the same manager, once it gave the session up, starts a full one again too
+    manager = CheckpointManager(directory)
+    save_run(manager, SESSION, ("intent",))
+    (again,) = save_run(manager, SESSION, ("intent",))
+    assert (again.depth, again.refs) == (0, {})
+
+
+def test_a_ref_whose_part_was_overwritten_by_a_re_run_is_refused_naming_the_part(
+    manager: CheckpointManager,
+) -> None:
+    saved = save_run(manager, SESSION, STAGES[:4])
+    assert saved[3].refs["plan"].checkpoint == f"{SESSION}_planning"
+    # a re-run of planning that keeps the plan leaves the parts of later checkpoints valid
+    same_plan = state_after("planning").model_copy(update={"stage_metrics": {"planning": 2}})
+    manager.save(
+        session_id=SESSION,
+        stage="planning",
+        state=same_plan,
+        completed_stages=list(STAGES[:2]),
+        parameters=params(),
+    )
+    verification = f"{SESSION}_verification"
+    assert manager.load_checkpoint(verification).to_state() == state_after("verification")
+    # one that changes it does not: the plan the verification checkpoint holds is gone
+    plan = m.ResearchPlan(title="Another plan", sections=[])
+    other_plan = state_after("planning").model_copy(update={"plan": plan})
+    manager.save(
+        session_id=SESSION,
+        stage="planning",
+        state=other_plan,
+        completed_stages=list(STAGES[:2]),
+        parameters=params(),
+    )
+    path = manager.checkpoint_dir / f"{SESSION}_verification.pkl"
+    with pytest.raises(CheckpointIntegrityError, match="superseded by a re-run") as info:
+        manager.load_checkpoint(verification)
+    assert info.value.path == str(path)
+    assert f"its part {SESSION}_planning no longer holds field 'plan'" in info.value.reason
+    # the session's chain (from the re-run, its latest) is whole: the checkpoint left behind
+    # off it is verified as a blob, as after any re-run of an earlier stage
+    manager.verify_chain(SESSION)
+    assert manager.load_checkpoint(f"{SESSION}_planning").plan == plan  # the re-run's own
+
+
+def test_a_ref_whose_part_was_deleted_is_refused_naming_the_part(
+    manager: CheckpointManager,
+) -> None:
+    save_run(manager, SESSION, STAGES[:4])
+    (manager.checkpoint_dir / f"{SESSION}_intent.pkl").unlink()
+    for stage in STAGES[1:4]:
+        with pytest.raises(CheckpointIntegrityError) as info:
+            manager.load_checkpoint(f"{SESSION}_{stage}")
+        assert info.value.path == str(manager.checkpoint_dir / f"{SESSION}_{stage}.pkl")
+        assert f"its part {SESSION}_intent is missing (field 'intent')" in info.value.reason
+    with pytest.raises(CheckpointIntegrityError, match=f"{SESSION}_intent is missing"):
         manager.verify_chain(SESSION)
 
 
@@ -626,20 +963,23 @@ def test_a_newer_format_is_refused_with_a_clear_message(manager: CheckpointManag
 def test_an_older_format_is_migrated_on_load(
     manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A made-up format 0 that called the draft 'document': its migration renames it."""
+    """A made-up format 1 that called the draft 'document': without a migration from it,
+    such a file is refused; with one that renames it, it loads, and lists."""
     save_run(manager, SESSION, ("writing",))
     path = manager.checkpoint_dir / f"{SESSION}_writing.pkl"
-    body = body_of(path)
-    body["state"]["document"] = body["state"].pop("draft")
-    rewrite(path, header={"format_version": 0}, body=orjson.dumps(body))
+    doc = state_after("writing").model_dump(mode="json")
+    doc["document"] = doc.pop("draft")
+    rewrite_in_old_format(path, 1, "none", doc)
 
     def rename_document(body: dict[str, Any]) -> dict[str, Any]:
         body["state"]["draft"] = body["state"].pop("document")
         return body
 
+    monkeypatch.delitem(fmt._MIGRATIONS, 1)
     with pytest.raises(CheckpointIntegrityError, match="older than any this Prowzi can migrate"):
         manager.load_checkpoint(SESSION)
-    monkeypatch.setitem(cp._MIGRATIONS, 0, cp.Migration(body=rename_document))
+    assert manager.list_checkpoints() == []  # unreadable: not listed
+    monkeypatch.setitem(fmt._MIGRATIONS, 1, (lambda header: header, rename_document))
     upgraded = CheckpointManager(manager.checkpoint_dir)
     assert [r["format_version"] for r in upgraded.list_checkpoints()] == [FORMAT_VERSION]
     loaded = upgraded.load_checkpoint(SESSION)
@@ -699,12 +1039,96 @@ def test_listing_sees_checkpoints_written_by_another_manager(directory: Path) ->
     assert [r["stage"] for r in reader.list_checkpoints()] == ["intent"]
 
 
-def test_listing_rebuilds_a_lost_index_from_the_files(manager: CheckpointManager) -> None:
+def catalog_file(manager: CheckpointManager) -> Path:
+    """Where the manager's catalog lives (a per-machine cache, outside the store)."""
+    path = manager.catalog.path
+    assert path is not None
+    assert manager.checkpoint_dir not in path.parents
+    return path
+
+
+def catalog_rows(path: Path) -> dict[str, dict[str, Any] | None]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return {
+            name: orjson.loads(row) if row is not None else None
+            for name, _etag, row in db.execute("SELECT * FROM blobs")
+        }
+    finally:
+        db.close()
+
+
+def test_listing_rebuilds_a_lost_catalog_from_the_blobs(manager: CheckpointManager) -> None:
     save_run(manager, SESSION, STAGES[:3])
-    for path in (manager.checkpoint_dir / ".index").iterdir():
-        path.unlink()
+    assert len(manager.list_checkpoints()) == 3
+    path = catalog_file(manager)
+    assert set(catalog_rows(path)) == {f"{SESSION}_{stage}.pkl" for stage in STAGES[:3]}
+    manager.close()
+    for file in path.parent.glob(f"{path.name}*"):
+        file.unlink()
     rows = CheckpointManager(manager.checkpoint_dir).list_checkpoints()
     assert [r["stage"] for r in rows] == ["search", "planning", "intent"]
+    assert set(catalog_rows(path)) == {f"{SESSION}_{stage}.pkl" for stage in STAGES[:3]}
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage" * 100, b"SQLite format 3\x00" + b"\xff" * 4000]
+)
+def test_a_damaged_catalog_is_rebuilt(manager: CheckpointManager, content: bytes) -> None:
+    save_run(manager, SESSION, STAGES[:3])
+    manager.list_checkpoints()
+    manager.close()
+    path = catalog_file(manager)
+    path.write_bytes(content)
+    fresh = CheckpointManager(manager.checkpoint_dir)
+    assert [r["stage"] for r in fresh.list_checkpoints()] == ["search", "planning", "intent"]
+    assert fresh.load_checkpoint(SESSION).to_state() == state_after("search")
+    assert set(catalog_rows(path)) == {f"{SESSION}_{stage}.pkl" for stage in STAGES[:3]}
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_catalog_that_is_a_symlink_is_never_written_through(
+    manager: CheckpointManager, tmp_path: Path, suffix: str
+) -> None:
+    save_run(manager, SESSION, STAGES[:2])
+    path = catalog_file(manager)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read or overwrite me")
+    link = Path(f"{path}{suffix}")
+    link.symlink_to(secret)
+    rows = CheckpointManager(manager.checkpoint_dir).list_checkpoints()
+    assert [r["stage"] for r in rows] == ["planning", "intent"]
+    assert secret.read_text() == "do not read or overwrite me"
+    assert not path.is_symlink()
+
+
+def test_a_catalog_symlinked_to_another_store_s_cannot_change_what_is_listed(
+    tmp_path: Path,
+) -> None:
+    """A planted link to a genuine catalog of other checkpoints (same names, other
+    contents) is not followed: its rows are not taken, and it is not written."""
+    other = CheckpointManager(tmp_path / "other")
+    other.save(
+        session_id=SESSION,
+        stage="intent",
+        state=state_after("intent"),
+        completed_stages=["intent"],
+        parameters=RunParameters(prompt="the other store's prompt"),
+    )
+    other.list_checkpoints()
+    other.close()
+    foreign = catalog_file(other)
+    before = foreign.read_bytes()
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    save_run(manager, SESSION, ("intent",))
+    path = catalog_file(manager)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(foreign)
+    assert [r["prompt"] for r in manager.list_checkpoints()] == [params().prompt]
+    assert foreign.read_bytes() == before
 
 
 def test_listing_skips_unreadable_files_and_foreign_names(manager: CheckpointManager) -> None:
@@ -779,7 +1203,9 @@ def test_hostile_ids_are_refused_before_any_path_is_built(
     assert not (tmp_path / "escape").exists()
 
 
-# --- locks ------------------------------------------------------------------------------
+# --- leases -----------------------------------------------------------------------------
+
+HOLDER = f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def test_session_lock_refuses_a_second_writer_and_names_the_holder(
@@ -788,23 +1214,123 @@ def test_session_lock_refuses_a_second_writer_and_names_the_holder(
     assert not manager.is_locked(SESSION)
     with manager.session_lock(SESSION):
         assert manager.is_locked(SESSION)
+        assert manager.lock_holder(SESSION) == HOLDER
         with pytest.raises(SessionLockedError, match=f"pid {os.getpid()}"):
             manager.session_lock(SESSION).__enter__()
+        other = CheckpointManager(manager.checkpoint_dir)  # another writer, same process
+        with pytest.raises(SessionLockedError, match=f"written by {HOLDER}"):
+            other.session_lock(SESSION, timeout=0.1).__enter__()
         with manager.session_lock("another-session"):
             pass
-    assert not manager.is_locked(SESSION)
+    assert not manager.is_locked(SESSION) and manager.lock_holder(SESSION) is None
+
+
+def lease_token(manager: CheckpointManager, session: str) -> int:
+    """The fencing token in the session's lease record."""
+    record = orjson.loads(manager.store.get(SessionLeases.blob_name(session)).data)
+    token: int = record["token"]
+    return token
+
+
+def test_a_holder_killed_with_sigkill_leaves_no_live_holder(manager: CheckpointManager) -> None:
+    """The lease of a process that died on this machine is taken at once (not after its
+    ttl), with a larger fencing token, which the new writer's checkpoints carry."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from prowzi.workflows.checkpoint import CheckpointManager\n"
+            f"with CheckpointManager({str(manager.checkpoint_dir)!r}).session_lock({SESSION!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        assert manager.lock_holder(SESSION) == f"pid {child.pid} on {socket.gethostname()}"
+        killed_token = lease_token(manager, SESSION)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert not manager.is_locked(SESSION) and manager.lock_holder(SESSION) is None
+    started = time.monotonic()
+    with manager.session_lock(SESSION, timeout=0):
+        assert time.monotonic() - started < manager.leases.ttl / 10  # not after the ttl
+        assert lease_token(manager, SESSION) > killed_token
+        meta = manager.save(
+            session_id=SESSION,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+        )
+    assert meta.lease_token == lease_token(manager, SESSION) > killed_token
+
+
+def test_a_writer_whose_lease_was_taken_over_has_its_next_save_refused(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stalled past its lease's ttl (its renewals did not run: a long pause, a
+    suspended machine) wakes to find another writer holding the session: its next save is
+    refused, and the successor's checkpoint stays as the successor wrote it."""
+    monkeypatch.setattr(HeldLease, "_keep", lambda self: None)  # the stalled renewals
+    stalled = CheckpointManager(directory, lease_ttl=0.2)
+    revised = state_after("planning").model_copy(update={"stage_metrics": {"by": 2}})
+    with (
+        pytest.raises(LeaseLostError, match=f"taken over by {HOLDER}") as info,
+        stalled.session_lock(SESSION),
+    ):
+        first = stalled.save(
+            session_id=SESSION,
+            stage="intent",
+            state=state_after("intent"),
+            completed_stages=["intent"],
+            parameters=params(),
+        )
+        time.sleep(0.3)  # past the ttl: the lease may be taken over
+        successor = CheckpointManager(directory)
+        with successor.session_lock(SESSION, timeout=0):
+            theirs = successor.save(
+                session_id=SESSION,
+                stage="planning",
+                state=revised,
+                completed_stages=list(STAGES[:2]),
+                parameters=params(),
+            )
+            assert (theirs.lease_token or 0) > (first.lease_token or 0) > 0
+            stalled.save(
+                session_id=SESSION,
+                stage="planning",
+                state=state_after("planning"),
+                completed_stages=list(STAGES[:2]),
+                parameters=params(),
+            )
+    assert isinstance(info.value, SessionLockedError)  # what callers of session_lock catch
+    reader = CheckpointManager(directory)
+    loaded = reader.load_checkpoint(SESSION)
+    assert loaded.metadata == theirs and loaded.to_state() == revised
+    reader.verify_chain(SESSION)
+    assert reader.load_checkpoint(f"{SESSION}_intent").metadata == first
 
 
 # --- cleanup ----------------------------------------------------------------------------
 
 
-def age(manager: CheckpointManager, session: str, days: float) -> None:
-    """Make a session's checkpoints ``days`` old (rewriting created_at, as if saved then)."""
+def age_checkpoint(manager: CheckpointManager, checkpoint_id: str, days: float) -> None:
+    """Make a checkpoint ``days`` old (rewriting created_at, as if saved then)."""
     when = datetime.now(UTC) - timedelta(days=days)
+    path = manager.checkpoint_dir / f"{checkpoint_id}.pkl"
+    rewrite(path, header={"created_at": when.isoformat()})
+    os.utime(path, (when.timestamp(), when.timestamp()))
+
+
+def age(manager: CheckpointManager, session: str, days: float) -> None:
+    """Make a session's checkpoints ``days`` old."""
     for path in manager.checkpoint_dir.glob(f"{session}_*.pkl"):
-        header = {"created_at": when.isoformat()}
-        rewrite(path, header=header)
-        os.utime(path, (when.timestamp(), when.timestamp()))
+        age_checkpoint(manager, path.stem, days)
 
 
 def test_cleanup_deletes_sessions_older_than_the_cutoff(manager: CheckpointManager) -> None:
@@ -857,6 +1383,46 @@ def test_cleanup_removes_orphans_and_temporaries(manager: CheckpointManager) -> 
     assert manager.load_checkpoint(SESSION).intent is not None
 
 
+def test_cleanup_never_deletes_a_part_a_kept_checkpoint_needs(
+    manager: CheckpointManager,
+) -> None:
+    """Sessions go whole: the old first checkpoints of a session whose newest is recent are
+    kept, since the later ones refer to them."""
+    saved = save_run(manager, SESSION, STAGES[:4])
+    assert saved[-1].refs["intent"].checkpoint == f"{SESSION}_intent"
+    save_run(manager, "old", STAGES[:2])
+    for stage in STAGES[:3]:
+        age_checkpoint(manager, f"{SESSION}_{stage}", days=30)
+    age(manager, "old", 30)
+    assert manager.cleanup(older_than=timedelta(days=7)) == ["old_intent", "old_planning"]
+    for stage in STAGES[:4]:
+        assert manager.load_checkpoint(f"{SESSION}_{stage}").to_state() == state_after(stage)
+    manager.verify_chain(SESSION)
+
+
+def test_cleanup_reports_an_entry_it_cannot_delete_and_goes_on(
+    manager: CheckpointManager,
+) -> None:
+    save_run(manager, "a-old", ("intent",))
+    save_run(manager, "b-old", ("intent",))
+    blocked = manager.checkpoint_dir / "a-old_intent.json"
+    blocked.unlink()
+    blocked.mkdir()  # a directory where a .json should be
+    (blocked / "inside.txt").write_text("not Prowzi's")
+    for session in ("a-old", "b-old"):
+        age(manager, session, 30)
+    errors: list[tuple[str, OSError]] = []
+    deleted = manager.cleanup(
+        older_than=timedelta(days=7), on_error=lambda where, exc: errors.append((where, exc))
+    )
+    assert deleted == ["a-old_intent", "b-old_intent"]
+    assert [where for where, _ in errors] == [str(blocked)]
+    assert isinstance(errors[0][1], OSError)
+    assert blocked.is_dir() and (blocked / "inside.txt").exists()  # never removed recursively
+    assert manager.list_checkpoints() == []
+    assert not list(manager.checkpoint_dir.glob("b-old_*"))
+
+
 def test_cleanup_refuses_negative_arguments(manager: CheckpointManager) -> None:
     with pytest.raises(InvalidInputError):
         manager.cleanup(older_than=timedelta(days=-1))
@@ -878,11 +1444,18 @@ def test_design_sample_checkpoint_not_found(
     assert capsys.readouterr().out.strip() == ("['abc123-def456_planning', 'abc123-def456_intent']")
 
 
+@pytest.mark.parametrize("full_every", [1, cp.DEFAULT_FULL_EVERY])
 def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_every: int
 ) -> None:
+    """The design document's script deletes ``.pkl`` files one at a time, by age. With every
+    checkpoint full (``full_every=1``) what it leaves is consistent: every listed checkpoint
+    loads and the chains verify. With incremental checkpoints (the default) it can delete a
+    part that a kept, newer checkpoint refers to: that checkpoint is then refused, naming
+    the missing part, never loaded wrong. ``CheckpointManager.cleanup`` deletes whole
+    sessions and never does that."""
     monkeypatch.chdir(tmp_path)
-    manager = CheckpointManager(Path("./checkpoints"))
+    manager = CheckpointManager(Path("./checkpoints"), full_every=full_every)
     save_run(manager, "old-run", STAGES[:3])
     save_run(manager, "half-old", STAGES[:3])
     save_run(manager, "new-run", STAGES[:2])
@@ -905,16 +1478,35 @@ def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
         "new-run_planning",
         "new-run_intent",
     }
+    incremental = full_every > 1
+
+    def refused_for_its_part(checkpoint_id: str, part: str, refused: str) -> None:
+        with pytest.raises(CheckpointIntegrityError) as info:
+            manager.load_checkpoint(checkpoint_id)
+        assert f"its part {part} is missing" in info.value.reason
+        assert info.value.path == str(Path("checkpoints") / f"{refused}.pkl")
+
     for row in rows:
-        manager.load_checkpoint(row["checkpoint_id"])
-    assert manager.load_checkpoint("half-old").metadata.stage == "search"
-    manager.verify_chain("half-old")
+        if incremental and row["session_id"] == "half-old":
+            refused_for_its_part(row["checkpoint_id"], "half-old_intent", row["checkpoint_id"])
+        else:
+            manager.load_checkpoint(row["checkpoint_id"])
+    if incremental:
+        refused_for_its_part("half-old", "half-old_intent", "half-old_search")
+        with pytest.raises(CheckpointIntegrityError, match="half-old_intent is missing"):
+            manager.verify_chain("half-old")
+    else:
+        assert manager.load_checkpoint("half-old").metadata.stage == "search"
+        manager.verify_chain("half-old")
     with pytest.raises(CheckpointNotFoundError):
         manager.load_checkpoint("old-run")
     # a .json left without its .pkl (a crash inside the sample) is skipped, then cleaned up
     Path("checkpoints/new-run_intent.pkl").unlink()
     assert "new-run_intent" not in {r["checkpoint_id"] for r in manager.list_checkpoints()}
-    assert manager.load_checkpoint("new-run").metadata.stage == "planning"
+    if incremental:
+        refused_for_its_part("new-run", "new-run_intent", "new-run_planning")
+    else:
+        assert manager.load_checkpoint("new-run").metadata.stage == "planning"
     manager.cleanup(older_than=timedelta(0))
     assert not Path("checkpoints/new-run_intent.json").exists()
 
@@ -922,8 +1514,6 @@ def test_design_sample_cleanup_old_checkpoints_leaves_the_store_consistent(
 def test_a_second_process_gets_session_locked_naming_the_holder(
     manager: CheckpointManager,
 ) -> None:
-    import socket
-
     save_run(manager, SESSION, ("intent",))
     age(manager, SESSION, 30)
     with held_in_child(
@@ -936,7 +1526,8 @@ def test_a_second_process_gets_session_locked_naming_the_holder(
         assert other.is_locked(SESSION)
         with pytest.raises(SessionLockedError) as info:
             other.session_lock(SESSION, timeout=0.1).__enter__()
-        assert f"pid {pid} on host {socket.gethostname()}" in str(info.value)
+        assert f"pid {pid} on {socket.gethostname()}" in str(info.value)
+        assert other.lock_holder(SESSION) == f"pid {pid} on {socket.gethostname()}"
         assert other.cleanup(older_than=timedelta(days=1)) == []
     assert not manager.is_locked(SESSION)
     assert manager.cleanup(older_than=timedelta(days=1)) == [f"{SESSION}_intent"]
