@@ -207,6 +207,8 @@ def compress(data: bytes, method: Compression, level: int | None = None) -> byte
         return data
     if method == "zlib":
         return zlib.compress(data, 1 if level is None else level)
+    if method != "zstd":
+        raise ValueError(f"unknown compression {method!r}: use none, zlib or zstd")
     import zstandard  # imported when used: a plain load of an uncompressed file needs none
 
     return zstandard.ZstdCompressor(level=3 if level is None else level).compress(data)

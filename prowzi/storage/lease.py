@@ -151,9 +151,9 @@ class SessionLeases:
                 except PreconditionFailedError:
                     continue  # another writer won the race: look again
             if time.monotonic() >= deadline:
-                holder = found[0].get("owner") if found else None
+                holder = (found[0].get("owner") if found else None) or "another process"
                 raise SessionLockedError(
-                    f"session {session} is locked: it is being written by {holder or 'another process'}"
+                    f"session {session} is locked: it is being written by {holder}"
                 )
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 

@@ -877,9 +877,11 @@ class CheckpointManager:
         return latest
 
     def verify_chain(self, session_id: str) -> None:
-        """Verify every checkpoint of the session (with its parts), and the chain from its
-        latest back. Checkpoints off that chain (left behind when a stage was re-run after
-        time travel) are verified individually. A chain may start late when older ones were
+        """Verify every checkpoint of the session, and the chain from its latest back: each
+        checkpoint on the chain loads whole (its parts included). Checkpoints off that chain
+        (left behind when a stage was re-run after time travel) are verified as containers
+        only: the parts they referred to may have been superseded by the re-run, which is
+        what a load of one of them then says. A chain may start late when older ones were
         pruned."""
         validate_session_id(session_id)
         verified: list[CheckpointMetadata] = []
