@@ -19,7 +19,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 from test_checkpoint_support import STAGES, params, state_after
 
@@ -309,3 +311,46 @@ def test_every_checkpoint_command_works_against_the_store(tmp_path: Path, store:
     assert cleaned.returncode == 0, cleaned.stderr
     assert manager.list_checkpoints() == []
     assert not [b.name for b in store.list() if b.name.endswith((".pkl", ".json"))]
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda data, other: data[:12] + bytes([data[12] ^ 1]) + data[13:], "header digest"),
+        (lambda data, other: data[: len(data) // 2], "truncated"),
+        (lambda data, other: data + b"\0\0\0\0", "trailing bytes"),
+        (lambda data, other: other, "copied from another session"),
+    ],
+    ids=["header-flipped", "truncated", "trailing-bytes", "transplanted"],
+)
+def test_the_tampered_corpus_is_refused_in_any_store(
+    store: BlobStore, edit: Any, reason: str
+) -> None:
+    manager = CheckpointManager(store=store)
+    _saved_run(manager, "victim")
+    _saved_run(manager, "donor")
+    name = "victim_writing.pkl"
+    store.put(name, edit(store.get(name).data, store.get("donor_writing.pkl").data))
+    with pytest.raises(CheckpointIntegrityError, match=reason):
+        CheckpointManager(store=store).load_checkpoint("victim_writing")
+    with pytest.raises(CheckpointIntegrityError):
+        CheckpointManager(store=store).verify_chain("victim")
+    # the rest of the session, and the other session, still load
+    assert CheckpointManager(store=store).load_checkpoint("victim_verification").verification
+    CheckpointManager(store=store).verify_chain("donor")
+
+
+def test_a_sidecar_edited_in_the_store_to_point_elsewhere_is_refused(store: BlobStore) -> None:
+    manager = CheckpointManager(store=store)
+    _saved_run(manager, "side")
+    sidecar = orjson.loads(store.get("side_search.json").data)
+    store.put("side_search.json", orjson.dumps({**sidecar, "session_id": "other"}))
+    with pytest.raises(CheckpointIntegrityError, match="metadata file was edited"):
+        CheckpointManager(store=store).load_checkpoint("side_search")
+
+
+def test_a_garbled_lease_record_never_blocks_the_session(store: BlobStore) -> None:
+    store.put(SessionLeases.blob_name("garbled"), b"{not json")
+    manager = CheckpointManager(store=store)
+    with manager.session_lock("garbled"):
+        assert manager.lock_holder("garbled") is not None
