@@ -44,6 +44,7 @@ from typing import Any
 from prowzi.agents import _text
 from prowzi.agents.models import CorpusInfo, Source
 from prowzi.errors import CorpusError
+from prowzi.storage.files import fsync_directory
 
 INDEX_FORMAT = 3
 """Bumped whenever the index schema or the document parsing changes."""
@@ -747,9 +748,4 @@ def _build_atomically(path: Path, loaded: LoadedCorpus) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_directory(path.parent)

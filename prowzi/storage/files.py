@@ -7,10 +7,12 @@ or the new one, never a mix, and after the call returns the new one survives a p
 The steps are POSIX's own and the ones SQLite, git and prometheus_client's
 ``write_to_textfile`` take; the standard library has no such call.
 
-Permissions: Prowzi's state holds prompts and results, so directories it creates are
-``0o700`` and files ``0o600`` (:data:`PRIVATE_DIR`, :data:`PRIVATE_FILE`), further narrowed by
-the umask. Files are opened with ``O_NOFOLLOW``: a symlink planted where Prowzi writes or reads
-is refused, never followed.
+Permissions, one policy: the checkpoint store, its leases and caches hold prompts and whole
+results that only Prowzi reads, so their directories are ``0o700`` and files ``0o600``
+(:data:`PRIVATE_DIR`, :data:`PRIVATE_FILE`); files other tools read (telemetry, event logs,
+documents) are :data:`SHARED_FILE`, ``0o666``. Both are narrowed by the umask, so
+``umask 077`` makes every file private. Files are opened with ``O_NOFOLLOW``: a symlink planted
+where Prowzi writes or reads is refused, never followed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "PRIVATE_DIR",
     "PRIVATE_FILE",
+    "SHARED_FILE",
     "TEMP_PREFIX",
     "atomic_write",
     "ensure_private_dir",
@@ -34,6 +37,7 @@ __all__ = [
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+SHARED_FILE = 0o666
 TEMP_PREFIX = ".tmp."
 """Temporary files start with this; listings skip every name that starts with a dot."""
 
@@ -52,6 +56,9 @@ def fsync_directory(path: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise  # a filesystem that cannot sync directories says so; anything else is real
     finally:
         os.close(fd)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import (
@@ -50,6 +48,7 @@ from prowzi.errors import (
     is_transient,
 )
 from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
+from prowzi.storage.files import SHARED_FILE, atomic_write
 from prowzi.storage.lease import LeaseLostError
 from prowzi.workflows import composition
 from prowzi.workflows.events import (
@@ -946,31 +945,15 @@ async def _off_loop(manager: AbstractContextManager[Any]) -> AsyncIterator[Any]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` durably: temporary file, fsync, rename, directory fsync.
+    """Write the document to ``path`` durably (:func:`prowzi.storage.files.atomic_write`).
 
     Raises :class:`OutputError` naming ``path`` (not the temporary) if it cannot be written.
     """
-    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o644)  # a document, not a secret: mkstemp's 0600 is too tight
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(path, text.encode("utf-8"), mode=SHARED_FILE)
     except OSError as exc:
         raise OutputError(f"cannot write the document to {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 __all__ = [
