@@ -9,7 +9,8 @@
 - :mod:`prowzi.storage.files`: the one atomic-write helper and permission policy.
 - :mod:`prowzi.storage.conformance`: the checks every backend passes.
 
-:func:`open_store` turns a location (a path, ``file://``, ``s3://``, ``az://``) into a store.
+:func:`prowzi.storage.remote.open_store` turns a location (a path, ``file://``, ``s3://``,
+``az://``) into a store.
 """
 
 from __future__ import annotations
