@@ -2,8 +2,9 @@
 
 No endpoint accepts a filesystem path: runs write where the service's configuration says.
 Session ids in URLs are validated with :mod:`prowzi.ids` before anything is looked up.
-Telemetry, journal, document and checkpoint store work runs in worker threads, never on the
-event loop, so a slow disk or store does not hold up other requests and event streams.
+The service's own file and store work (telemetry reads and lease probes, the run journal,
+documents served, resume plans) runs in worker threads, never on the event loop, so a slow
+disk or store does not hold up other requests and event streams.
 Errors are JSON objects with a ``detail`` message: 400 for a malformed id, 404 for an unknown
 run, 409 for a request that does not fit the run's state, 413 for an oversized body, 422 for
 an invalid body, 429 when the queue is full, 503 while shutting down.

@@ -1,8 +1,10 @@
 """The service's journal of accepted runs, so a restart knows which runs were interrupted.
 
-One small JSON file, replaced atomically on every change of a run's state. It lists each
-run's session id, state, kind and parameters (the prompt included: a run that never started
-must be re-runnable). Finished runs beyond the newest :data:`KEEP_FINISHED` are dropped.
+One small JSON file, replaced atomically after every change of a run's state (by the run
+manager, in a worker thread; changes made during one write are written by the next). It
+lists each run's session id, state, kind and parameters (the prompt included: a run that
+never started must be re-runnable). Finished runs beyond the newest :data:`KEEP_FINISHED`
+are dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,15 +113,27 @@ class RunJournal:
         return entries
 
     def save(self, entries: dict[str, JournalEntry]) -> None:
+        """Prune ``entries`` and write them (both at once, in the caller's thread)."""
+        self.write(self.snapshot(entries))
+
+    @staticmethod
+    def snapshot(entries: dict[str, JournalEntry]) -> list[JournalEntry]:
+        """Drop finished runs beyond :data:`KEEP_FINISHED` from ``entries``, and copy the rest
+        for :meth:`write`: cheap, so that an event loop can take it and hand the copy (which
+        later state changes do not touch) to a thread for the file work."""
         finished = sorted(
             (e for e in entries.values() if e.state in FINISHED),
             key=lambda e: e.updated_at,
         )
-        dropped = {e.session_id for e in finished[: max(0, len(finished) - KEEP_FINISHED)]}
-        runs = [asdict(e) for e in entries.values() if e.session_id not in dropped]
-        for session_id in dropped:
-            del entries[session_id]
-        payload = json.dumps({"version": JOURNAL_VERSION, "runs": runs}).encode()
+        for entry in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del entries[entry.session_id]
+        return [replace(e) for e in entries.values()]
+
+    def write(self, entries: list[JournalEntry]) -> None:
+        """Replace the journal with ``entries``, atomically (and durably, with ``fsync``)."""
+        payload = json.dumps(
+            {"version": JOURNAL_VERSION, "runs": [asdict(e) for e in entries]}
+        ).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".runs.", suffix=".tmp", dir=self.path.parent)
         try:

@@ -4,6 +4,10 @@ The :class:`RunManager` owns every run this process accepted: it starts them on 
 orchestrator, keeps each run's recent events for Server-Sent Events followers, journals states
 so a restart can find interrupted runs, and on shutdown cancels the runs in flight (the
 orchestrator checkpoints their completed stages as it unwinds) and marks them interrupted.
+
+Nothing here does file or store work on the event loop: the journal is written by one task
+whose writes (fsync included) run in a worker thread, the latest state winning when several
+changes arrive during one write; checkpoint plans are read in worker threads.
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ class RunManager:
         self._entries: dict[str, JournalEntry] = {}
         self._shutting_down = False
         self.documents_dir = documents_dir
+        self._journal_dirty = False
+        self._journal_writer: asyncio.Task[None] | None = None
 
     @property
     def orchestrator(self) -> ProwziOrchestrator:
@@ -179,13 +185,14 @@ class RunManager:
     async def start(self, *, resume_interrupted: bool) -> list[str]:
         """Load the journal; mark runs it left unfinished as interrupted and, if asked,
         resume them (or re-run those that never reached a checkpoint). Returns their ids."""
-        self._entries = self._journal.load()
+        self._entries = await asyncio.to_thread(self._journal.load)
         interrupted = [e for e in self._entries.values() if e.state not in FINISHED]
         for entry in interrupted:
             entry.state = "interrupted"
             entry.updated_at = time.time()
             self.records[entry.session_id] = RunRecord(entry=entry)
         self._save()
+        await self.journal_written()
         self.accepting = True
         if resume_interrupted:
             for entry in sorted(interrupted, key=lambda e: e.created_at):
@@ -234,6 +241,7 @@ class RunManager:
                     task.get_name(),
                     self.shutdown_timeout,
                 )
+        await self.journal_written()
 
     # --- requests -----------------------------------------------------------------------
 
@@ -378,10 +386,29 @@ class RunManager:
                 del self.records[record.session_id]
 
     def _save(self) -> None:
-        try:
-            self._journal.save(self._entries)
-        except OSError:
-            log.exception("cannot write the run journal %s", self._journal.path)
+        """Have the journal written: by the writer task, off the event loop (started here
+        if it is not running); :meth:`journal_written` waits for it."""
+        self._journal_dirty = True
+        if self._journal_writer is None or self._journal_writer.done():
+            self._journal_writer = asyncio.get_running_loop().create_task(
+                self._write_journal(), name="prowzi-run-journal"
+            )
+
+    async def _write_journal(self) -> None:
+        while self._journal_dirty:
+            self._journal_dirty = False
+            # The copy is taken on the loop, where the entries change; the file work is not.
+            entries = self._journal.snapshot(self._entries)
+            try:
+                await asyncio.to_thread(self._journal.write, entries)
+            except Exception:  # the runs go on; the next change tries again
+                log.exception("cannot write the run journal %s", self._journal.path)
+
+    async def journal_written(self) -> None:
+        """Wait until the journal holds every state change made so far."""
+        while self._journal_writer is not None and not self._journal_writer.done():
+            # Shielded: a request cancelled while it waits must not stop the writer.
+            await asyncio.shield(self._journal_writer)
 
     def _update_gauges(self) -> None:
         self._metrics.queue_depth.set(len(self._pending))
