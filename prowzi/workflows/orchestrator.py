@@ -371,7 +371,7 @@ class ProwziOrchestrator:
         before it could say so."""
         run = self._resumed_run(plan, checkpoint, callback, document)
         if document is not None:
-            _write_atomic(document, run.state.document)
+            await asyncio.to_thread(_write_atomic, document, run.state.document)
         result = await self._execute(run, lock=False, write_document=False)
         result.metadata.update(
             already_complete=True,
@@ -564,7 +564,9 @@ class ProwziOrchestrator:
                     if checkpointing and pending:  # a save failed on the way: one more try
                         await self._checkpoint(run, pending, bus, run_span, again=True)
                     if run.document_path is not None and write_document:
-                        _write_atomic(run.document_path, run.state.document)
+                        await asyncio.to_thread(
+                            _write_atomic, run.document_path, run.state.document
+                        )
                 except BaseException as exc:
                     if checkpointing and pending and not isinstance(exc, LeaseLostError):
                         # Save completed work before the run stops, whatever stopped it.
