@@ -742,3 +742,110 @@ def test_an_unreadable_newest_header_leaves_the_writer_unknown(tmp_path: Path) -
         orjson.dumps(SessionRecorder.from_events("newer", run.events[:1]).metrics.to_dict())  # type: ignore[union-attr]
     )
     assert [row.status for row in TelemetryCollector(tmp_path).list_sessions()] == ["running"]
+
+
+# --- files: one atomic-write helper, one permission policy, no symlinks followed --------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_session_files_and_event_logs_are_shared_files_narrowed_by_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    """Telemetry is read by other tools: created 0o666, narrowed by the umask (like any
+    program's output), unlike the checkpoint store's private 0o600 files."""
+    from prowzi.storage.files import SHARED_FILE
+
+    previous = os.umask(umask)
+    try:
+        collector = TelemetryCollector(tmp_path, background=False)
+        record(collector, doc_example_run().events)
+        collector.rebuild_session(DOC_SESSION)
+    finally:
+        os.umask(previous)
+    expected = SHARED_FILE & ~umask
+    assert (tmp_path / f"{DOC_SESSION}.json").stat().st_mode & 0o777 == expected
+    assert collector.event_log_path(DOC_SESSION).stat().st_mode & 0o777 == expected
+
+
+def test_session_files_are_written_through_the_one_atomic_write_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prowzi.storage import files
+
+    written: list[tuple[str, int, bool]] = []
+    real = files.atomic_write
+
+    def spy(path: Path, data: bytes, **kwargs: Any) -> os.stat_result:
+        written.append((path.name, kwargs["mode"], kwargs["durable"]))
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(telemetry, "atomic_write", spy)
+    record(TelemetryCollector(tmp_path, background=False), doc_example_run().events)
+    assert written and {w[0] for w in written} == {f"{DOC_SESSION}.json"}
+    assert {(w[1], w[2]) for w in written} == {(files.SHARED_FILE, True)}
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(files.TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("target", ["an existing file", "a missing file"])
+def test_a_symlink_planted_as_an_event_log_is_refused_never_followed(
+    tmp_path: Path, target: str
+) -> None:
+    telemetry_dir = tmp_path / "telemetry"
+    victim = tmp_path / "victim"
+    if target == "an existing file":
+        victim.write_bytes(b"precious\n")
+    collector = TelemetryCollector(telemetry_dir, background=False)
+    log = collector.event_log_path(DOC_SESSION)
+    log.parent.mkdir(parents=True)
+    log.symlink_to(victim)
+    record(collector, doc_example_run().events)
+    # never appended to, never created through the link
+    if target == "an existing file":
+        assert victim.read_bytes() == b"precious\n"
+    else:
+        assert not victim.exists()
+    assert log.is_symlink()
+    assert collector.error_counts["event_log"] >= 1
+    assert "Too many levels of symbolic links" in (collector.last_error or "")
+    # the run is still recorded in its session file, and readers do not follow the link
+    assert session_file(telemetry_dir)["success"] is True
+    reader = TelemetryCollector(telemetry_dir)
+    assert reader.load_session(DOC_SESSION).success is True
+    with pytest.raises(TelemetryError, match="cannot read event log"):
+        reader.read_events(DOC_SESSION)
+    with pytest.raises(TelemetryError, match="cannot read event log"):
+        reader.follow(DOC_SESSION).poll()
+
+
+def test_a_symlink_planted_as_a_session_file_is_read_as_corrupt_never_followed(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim.json"
+    victim.write_bytes(orjson.dumps(DOC_JSON_EXAMPLE))
+    telemetry_dir = tmp_path / "telemetry"
+    telemetry_dir.mkdir()
+    (telemetry_dir / "abc123-def456.json").symlink_to(victim)
+    reader = TelemetryCollector(telemetry_dir)
+    with pytest.raises(TelemetryError, match="cannot read session file"):
+        reader.load_session("abc123-def456")
+    (row,) = reader.list_sessions()
+    assert row.status == "corrupt" and "symbolic link" in (row.error or "")
+    # a writer replaces the link (the rename does not follow it) and the victim is untouched
+    record(TelemetryCollector(telemetry_dir, background=False), doc_example_run().events)
+    assert victim.read_bytes() == orjson.dumps(DOC_JSON_EXAMPLE)
+    assert not (telemetry_dir / f"{DOC_SESSION}.json").is_symlink()
+
+
+def test_a_symlink_planted_as_the_session_index_is_never_written_through(
+    tmp_path: Path,
+) -> None:
+    _record_sessions(tmp_path / "telemetry", 3)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    collector = TelemetryCollector(tmp_path / "telemetry")
+    collector.index_path.parent.mkdir(parents=True, exist_ok=True)
+    collector.index_path.unlink(missing_ok=True)
+    collector.index_path.symlink_to(victim)
+    for _ in range(2):
+        assert [s.session_id for s in collector.list_sessions()] == ["s002", "s001", "s000"]
+    assert victim.read_bytes() == b"precious\n"

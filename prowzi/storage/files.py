@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ __all__ = [
     "ensure_private_dir",
     "fsync_directory",
     "open_nofollow",
+    "read_nofollow",
 ]
 
 PRIVATE_DIR = 0o700
@@ -66,6 +68,24 @@ def fsync_directory(path: Path) -> None:
 def open_nofollow(path: Path, flags: int = os.O_RDONLY, mode: int = PRIVATE_FILE) -> int:
     """``os.open`` that refuses a symlink at ``path`` (``OSError`` with ``ELOOP``)."""
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def read_nofollow(path: Path, offset: int = 0) -> bytes:
+    """The bytes of the regular file at ``path`` from ``offset``. A symlink is refused (``ELOOP``),
+    and so is anything else that is not a regular file (``EINVAL``: a FIFO would block the
+    reader for ever); a missing file is ``FileNotFoundError``."""
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks = []
+        while chunk := os.pread(fd, max(st.st_size - offset, 1 << 16), offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(

@@ -8,6 +8,11 @@ log written by a newer format and to tell which process is writing.
 
 A reader tolerates a partial last line while the log is being written (it waits for the rest);
 a complete line that is not a JSON object is corruption, reported with its line number.
+
+Writers and readers open the log through :mod:`prowzi.storage.files` (``O_NOFOLLOW``, regular
+files only): a symlink or FIFO planted at a log's name is refused, never followed, appended to
+or waited on. A new log is a :data:`~prowzi.storage.files.SHARED_FILE` (``0o666`` narrowed by
+the umask): log shippers and ``prowzi monitor`` in another account read it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ import orjson
 
 from prowzi.errors import TelemetryError
 from prowzi.host import boot_id
+from prowzi.storage.files import SHARED_FILE, fsync_directory, open_nofollow, read_nofollow
 from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
 
 log = logging.getLogger("prowzi.telemetry")
@@ -46,21 +53,6 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
-def fsync_directory(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (a no-op where directories can't sync)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 class EventLogWriter:
     """Appends records to one session's log; the only writer while it is open.
 
@@ -76,10 +68,13 @@ class EventLogWriter:
         """Open (creating) the log. ``sync_directory=False`` leaves making a new file's
         directory entry durable to the caller (see :attr:`created`)."""
         self.path = path
-        created = not path.exists()
+        created = not os.path.lexists(path)
         self.created = created
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        # a symlink planted at the log's name is refused, never followed or appended to
+        fd = open_nofollow(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, SHARED_FILE)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block the run
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -253,9 +248,7 @@ class EventLogReader:
     def poll(self) -> list[Event]:
         """New events since the last call. Raises :class:`TelemetryError` on a corrupt line."""
         try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
+            data = read_nofollow(self.path, self.offset)
         except FileNotFoundError:
             raise TelemetryError(f"event log {self.path} does not exist") from None
         except OSError as exc:
@@ -360,7 +353,7 @@ def iter_events_lenient(path: Path) -> Iterator[Event]:
     use :func:`read_events`, which refuses a corrupt log.
     """
     try:
-        data = path.read_bytes()
+        data = read_nofollow(path)
     except FileNotFoundError:
         return
     for line_no, line in enumerate(data.split(b"\n"), start=1):

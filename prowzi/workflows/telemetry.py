@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import heapq
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import weakref
@@ -45,6 +47,13 @@ import orjson
 from prowzi import __version__
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
 from prowzi.ids import validate_session_id
+from prowzi.storage.files import (
+    SHARED_FILE,
+    atomic_write,
+    fsync_directory,
+    open_nofollow,
+    read_nofollow,
+)
 from prowzi.workflows.eventlog import (
     HEADER_KIND,
     EventLogBusyError,
@@ -52,7 +61,6 @@ from prowzi.workflows.eventlog import (
     EventLogWriter,
     LogHeader,
     decode_line,
-    fsync_directory,
     iter_events_lenient,
 )
 from prowzi.workflows.eventlog import writer_gone as header_writer_gone
@@ -862,24 +870,9 @@ class TelemetryCollector:
                 self._failed("index", state.session_id, exc)
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
+        """:func:`prowzi.storage.files.atomic_write`, shared (other tools read these files)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if self._fsync:
-            fsync_directory(path.parent)
+        atomic_write(path, data, durable=self._fsync, mode=SHARED_FILE)
 
     def _failed(self, operation: str, session_id: str, exc: BaseException) -> None:
         with self._cond:
@@ -909,7 +902,7 @@ class TelemetryCollector:
         """
         path = self.session_path(session_id)
         try:
-            data = path.read_bytes()
+            data = read_nofollow(path)
         except FileNotFoundError:
             log_path = self.event_log_path(session_id)
             events = (
@@ -950,13 +943,18 @@ class TelemetryCollector:
         run, and which process opened it last. The log is read again only once it has
         changed (it is only ever appended to); nothing is written."""
         try:
-            with self.event_log_path(session_id).open("rb") as handle:
-                st = os.fstat(handle.fileno())
+            fd = open_nofollow(self.event_log_path(session_id), os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                st = os.fstat(fd)
                 version = (st.st_ino, st.st_size, st.st_mtime_ns)
                 cached = self._facts.get(session_id)
                 if cached is not None and cached[0] == version:
                     return cached[1]
-                data = handle.read()
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                data = os.pread(fd, st.st_size, 0)
+            finally:
+                os.close(fd)
         except OSError:
             return _LogFacts(ended=None, header=None)
         facts = self._read_facts(data)
@@ -1028,7 +1026,7 @@ class TelemetryCollector:
         """The session's events from its log. A corrupt line is an error; so is a partial last
         line unless ``tolerate_partial`` (a log still being written, or cut by a crash)."""
         path = self.event_log_path(session_id)
-        if not path.exists():
+        if not os.path.lexists(path):  # a planted symlink is refused when read, below
             if self.session_path(session_id).exists():
                 raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
             raise SessionNotFoundError(
@@ -1045,7 +1043,7 @@ class TelemetryCollector:
     def follow(self, session_id: str) -> EventLogReader:
         """A reader at the start of the session's log; call its ``poll()`` to follow it."""
         path = self.event_log_path(session_id)
-        if not path.exists():
+        if not os.path.lexists(path):  # a planted symlink is refused when read, below
             if self.session_path(session_id).exists():
                 raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
             raise SessionNotFoundError(
@@ -1193,7 +1191,7 @@ class TelemetryCollector:
     def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
         path = self.output_dir / f"{session_id}.json"
         try:
-            metrics = self._parse(session_id, path, path.read_bytes())
+            metrics = self._parse(session_id, path, read_nofollow(path))
         except CorruptSessionError as exc:
             return _corrupt_entry(session_id, stat, exc.reason)
         except OSError as exc:
@@ -1224,7 +1222,7 @@ class TelemetryCollector:
 
     def _append_index_lines(self, lines: list[bytes]) -> None:
         data = b"".join(line + b"\n" for line in lines)
-        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SHARED_FILE)
         try:
             os.write(fd, data)
         finally:
