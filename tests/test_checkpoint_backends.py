@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from test_checkpoint_support import STAGES, params, state_after
+from test_checkpoint_support import STAGES, params, save_run, state_after
 
 from prowzi.errors import CheckpointError, CheckpointIntegrityError
 from prowzi.storage.blob import BlobStore
@@ -64,6 +64,17 @@ def _prowzi(tmp_path: Path, store: BlobStore, *args: str, **extra: str) -> subpr
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def _cli(tmp_path: Path, store: BlobStore, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PROWZI, *args],
+        env=_env(tmp_path, store),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -121,15 +132,7 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_document(
 
 
 def _saved_run(manager: CheckpointManager, session: str) -> None:
-    with manager.session_lock(session):
-        for i, stage in enumerate(STAGES):
-            manager.save(
-                session_id=session,
-                stage=stage,
-                state=state_after(stage),
-                completed_stages=list(STAGES[: i + 1]),
-                parameters=params(),
-            )
+    save_run(manager, session)
 
 
 def test_an_object_edited_in_the_store_is_refused(store: BlobStore) -> None:
@@ -266,14 +269,7 @@ def test_every_checkpoint_command_works_against_the_store(tmp_path: Path, store:
         _prowzi(tmp_path, store, "run", PROMPT, "--enable-checkpoints", "--session-id", "cli")
     )
     assert code == 0, err
-    listing = subprocess.run(
-        [PROWZI, "checkpoints", "--session", "cli", "--json"],
-        env=_env(tmp_path, store),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listing = _cli(tmp_path, store, "checkpoints", "--session", "cli", "--json")
     assert listing.returncode == 0, listing.stderr
     assert sorted(line.count('"stage"') for line in listing.stdout.splitlines()) == [1] * 7
     # a fork with a changed parameter re-runs from search in a new session of the same store
@@ -290,24 +286,10 @@ def test_every_checkpoint_command_works_against_the_store(tmp_path: Path, store:
         not row["refs"] or all(r["checkpoint"].startswith(fork) for r in row["refs"].values())
         for row in manager.list_checkpoints(session_id=fork)
     )
-    show = subprocess.run(
-        [PROWZI, "show", "cli", "--json"],
-        env=_env(tmp_path, store),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    show = _cli(tmp_path, store, "show", "cli", "--json")
     assert show.returncode == 0, show.stderr
     assert '"cli_turnitin.pkl' in show.stdout.replace(store.url.rstrip("/") + "/", '"')
-    cleaned = subprocess.run(
-        [PROWZI, "cleanup", "--older-than", "0s"],
-        env=_env(tmp_path, store),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cleaned = _cli(tmp_path, store, "cleanup", "--older-than", "0s")
     assert cleaned.returncode == 0, cleaned.stderr
     assert manager.list_checkpoints() == []
     assert not [b.name for b in store.list() if b.name.endswith((".pkl", ".json"))]
