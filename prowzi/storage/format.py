@@ -232,8 +232,22 @@ def decompress(data: memoryview, method: object, where: str) -> bytes:
     if method == "zstd":
         import zstandard
 
-        # Fed in small pieces, so a crafted stream is refused soon after it passes the
-        # limit (one zstd block inflates at most 128 KiB per input byte).
+        raw = bytes(data)
+        try:
+            declared = zstandard.frame_content_size(raw)
+        except zstandard.ZstdError:
+            declared = -1  # not a frame header: the streaming path says why
+        if 0 <= declared <= MAX_BODY:
+            # The frame says its size: one call, into a buffer of exactly that size (a frame
+            # that lies about it fails instead of growing the buffer).
+            try:
+                return zstandard.ZstdDecompressor().decompress(raw, max_output_size=declared)
+            except zstandard.ZstdError as exc:
+                raise CheckpointIntegrityError(
+                    where, f"undecodable or truncated zstd payload: {exc}"
+                ) from None
+        # Size unknown or too large: fed in small pieces, so a crafted stream is refused soon
+        # after it passes the limit (one zstd block inflates at most 128 KiB per input byte).
         stream = zstandard.ZstdDecompressor().decompressobj()
         inflated = bytearray()
         try:

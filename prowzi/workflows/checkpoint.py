@@ -89,6 +89,8 @@ _SHA256_RE_LEN = 64
 _IDENTITY_KEYS = ("checkpoint_id", "session_id", "stage")
 _BODY_KEYS = frozenset({"checkpoint_id", "previous_hash", "fields"})
 DEFAULT_FULL_EVERY = 4
+_HEADS_KEPT = 64
+"""Sessions whose last checkpoint a manager remembers (to refer to); the oldest goes first."""
 
 
 class FieldRef(BaseModel):
@@ -284,8 +286,8 @@ class _Head:
     checkpoint_id: str
     payload_sha256: str
     depth: int
-    holders: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """Field -> (checkpoint holding its value, the value's sha256)."""
+    holders: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
+    """Field -> (checkpoint holding its value, the value's sha256, the value as encoded)."""
 
 
 class CheckpointManager:
@@ -410,8 +412,7 @@ class CheckpointManager:
             except OSError as exc:  # the store cannot be reached: nothing was written
                 raise self._write_failed(checkpoint_id, name, exc) from exc
         encoded = _encode_fields(state)
-        digests = {name: hashlib.sha256(value).hexdigest() for name, value in encoded.items()}
-        head = self._heads.get(session_id)
+        head = self._heads.pop(session_id, None)
         refs: dict[str, dict[str, str]] = {}
         depth = 0
         if (
@@ -420,11 +421,12 @@ class CheckpointManager:
             and head.depth + 1 < self.full_every
         ):
             depth = head.depth + 1
-            for field_name, digest in digests.items():
+            for field_name, field_json in encoded.items():
                 holder = head.holders.get(field_name)
-                if holder is not None and holder[1] == digest and encoded[field_name] != b"null":
-                    refs[field_name] = {"checkpoint": holder[0], "sha256": digest}
+                if holder is not None and holder[2] == field_json and field_json != b"null":
+                    refs[field_name] = {"checkpoint": holder[0], "sha256": holder[1]}
         inline = [name for name in encoded if name not in refs]
+        digests = {name: hashlib.sha256(encoded[name]).hexdigest() for name in inline}
         body = fmt.compress(
             b"".join(
                 [
@@ -473,8 +475,10 @@ class CheckpointManager:
             self.store.put(name, b"".join(fmt.seal(header_doc, body, self._key)))
         except OSError as exc:
             raise self._write_failed(checkpoint_id, name, exc) from exc
-        holders = {n: (checkpoint_id, digests[n]) for n in inline}
-        holders.update({n: (ref["checkpoint"], ref["sha256"]) for n, ref in refs.items()})
+        holders = {n: (checkpoint_id, digests[n], encoded[n]) for n in inline}
+        holders.update({n: (r["checkpoint"], r["sha256"], encoded[n]) for n, r in refs.items()})
+        if len(self._heads) >= _HEADS_KEPT:  # sessions saved without a lock, long ago
+            del self._heads[next(iter(self._heads))]
         self._heads[session_id] = _Head(checkpoint_id, sha, depth, holders)
         self._write_sidecar(checkpoint_id, header_doc)
         return CheckpointMetadata.model_validate(header_doc)
