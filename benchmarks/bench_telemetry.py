@@ -192,6 +192,7 @@ def main() -> int:
     args = parser.parse_args()
     ok = True
     root = Path(tempfile.mkdtemp(prefix="prowzi-bench-"))
+    os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # the session index, a cache of ours
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, files under {root}\n")
         print("Sink overhead per event (TelemetryCollector.handle, background snapshots, fsync on)")
@@ -222,7 +223,9 @@ def main() -> int:
         # an installed package has its bytecode compiled; a development shell that sets
         # PYTHONDONTWRITEBYTECODE would otherwise make every run compile every module again
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        (telemetry / ".session-index").unlink(missing_ok=True)
+        index = TelemetryCollector(telemetry).index_path  # the SQLite session index
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{index}{suffix}").unlink(missing_ok=True)
         subprocess.run([*PROWZI, "--help"], env=env, check=True, stdout=subprocess.DEVNULL)
         cold, _ = time_command([*PROWZI, "sessions"], env, 1, root, warm_up=False)
         print(f"  first run without an index (reads every file, writes it): {cold[0] * 1e3:.0f} ms")

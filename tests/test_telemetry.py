@@ -308,7 +308,10 @@ def test_a_listing_does_not_trust_an_indexed_running_row_whose_log_ended(
     path = tmp_path / f"{DOC_SESSION}.json"
     stale = WorkflowMetrics.from_dict(json.loads(path.read_text()))
     reader = TelemetryCollector(tmp_path)
-    reader._append_index([telemetry._index_entry(stale, path.stat())])  # a reader saw it running
+    assert [row.status for row in reader.list_sessions()] == ["completed"]
+    # the index has the file's row as the file says it: running, with the file's signature
+    ((started, sid, indexed, _),) = reader._session_index().rows().values()
+    assert (sid, indexed, started) == (DOC_SESSION, "running", stale.started_at.timestamp())
     (listed,) = TelemetryCollector(tmp_path).list_sessions()
     assert listed.status == "completed" and listed.stages_completed == 7
 
@@ -607,11 +610,16 @@ def test_the_collector_is_an_event_sink_named_telemetry(tmp_path: Path) -> None:
 
 
 def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
-    _record_sessions(tmp_path, 3)
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    from prowzi.storage.files import TEMP_PREFIX
+
+    directory = tmp_path / "telemetry"
+    _record_sessions(directory, 3)
+    leftovers = [
+        p for p in directory.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(TEMP_PREFIX)
+    ]
     assert leftovers == []
-    assert sorted(os.listdir(tmp_path)) == [
-        ".session-index",
+    TelemetryCollector(directory).list_sessions()  # the index is kept out of the directory
+    assert sorted(os.listdir(directory)) == [
         "events",
         "s000.json",
         "s001.json",
@@ -849,3 +857,131 @@ def test_a_symlink_planted_as_the_session_index_is_never_written_through(
     for _ in range(2):
         assert [s.session_id for s in collector.list_sessions()] == ["s002", "s001", "s000"]
     assert victim.read_bytes() == b"precious\n"
+
+
+# --- the session index: a SQLite catalog derived from the session files -------------------------
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The session files a listing reads (by name)."""
+    read: list[str] = []
+    real = telemetry._read_regular
+
+    def spy(path: Path) -> tuple[bytes, os.stat_result]:
+        read.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(telemetry, "_read_regular", spy)
+    return read
+
+
+def test_the_session_index_is_a_sqlite_catalog_in_the_cache_directory(tmp_path: Path) -> None:
+    import sqlite3
+
+    directory = tmp_path / "telemetry"
+    _record_sessions(directory, 3)
+    collector = TelemetryCollector(directory)
+    collector.list_sessions()
+    path = collector.index_path
+    assert path.is_relative_to(tmp_path / ".cache" / "prowzi" / "catalog")  # $XDG_CACHE_HOME
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT session_id, status FROM sessions ORDER BY 1").fetchall()
+    assert rows == [("s000", "failed"), ("s001", "completed"), ("s002", "running")]
+    # one index per telemetry directory
+    assert TelemetryCollector(tmp_path / "other").index_path != path
+
+
+def test_a_listing_reads_only_the_session_files_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _record_sessions(tmp_path / "t", 5)
+    read = _reads(monkeypatch)
+    first = TelemetryCollector(tmp_path / "t").list_sessions()
+    assert len(first) == 5 and sorted(read) == [f"s00{i}.json" for i in range(5)]
+    read.clear()
+    # another process (a fresh collector) lists from the index without reading any file
+    assert TelemetryCollector(tmp_path / "t").list_sessions(limit=None) == first
+    assert read == []
+    # a session written again (a resume) is read again, and only it
+    run = RunScript("s003", t0=1_700_000_000.0 + 300).start().stage("intent", 1.0).complete()
+    (tmp_path / "t" / "events" / "s003.jsonl").unlink()
+    record(TelemetryCollector(tmp_path / "t", background=False), run.events)
+    rows = {s.session_id: s.status for s in TelemetryCollector(tmp_path / "t").list_sessions()}
+    assert read == ["s003.json"] and rows["s003"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "damage", ["garbage", "truncated", "another schema", "a foreign table", "deleted"]
+)
+def test_a_lost_or_damaged_session_index_is_rebuilt_from_the_files(
+    tmp_path: Path, damage: str
+) -> None:
+    import sqlite3
+
+    _record_sessions(tmp_path / "t", 4)
+    listed = TelemetryCollector(tmp_path / "t").list_sessions()
+    expected = [(s.session_id, s.status) for s in listed]
+    path = TelemetryCollector(tmp_path / "t").index_path
+    if damage == "garbage":
+        path.write_bytes(b"garbage\n{}\n" * 100)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "another schema":
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE sessions")
+            db.execute("CREATE TABLE sessions (x)")
+            db.execute("PRAGMA user_version=99")
+    elif damage == "a foreign table":  # the schema's version, another table under its name
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE sessions")
+            db.execute("CREATE TABLE sessions (x)")
+    else:
+        path.unlink()
+    reader = TelemetryCollector(tmp_path / "t")
+    assert [(s.session_id, s.status) for s in reader.list_sessions()] == expected
+    reader._session_index().close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM sessions").fetchone() == (4,)
+
+
+def test_a_forged_session_index_is_not_trusted(tmp_path: Path) -> None:
+    """A row is used only while its file's signature matches it; rows of sessions without a
+    file are dropped; the index never says which sessions exist."""
+    import sqlite3
+
+    _record_sessions(tmp_path / "t", 3)
+    collector = TelemetryCollector(tmp_path / "t")
+    collector.list_sessions()
+    collector._session_index().close()
+    with sqlite3.connect(collector.index_path) as db:
+        # a forged summary under a signature no file has
+        db.execute(
+            "UPDATE sessions SET status = 'completed', signature = 'f1.2.3', "
+            "summary = '{\"prompt\": \"forged\"}' WHERE session_id = 's002'"
+        )
+        # a phantom session
+        db.execute(
+            "INSERT INTO sessions VALUES ('ghost', 2000000000.0, 'completed', 'f1.1.1', '{}')"
+        )
+    rows = {s.session_id: s for s in TelemetryCollector(tmp_path / "t").list_sessions()}
+    assert set(rows) == {"s000", "s001", "s002"}
+    assert rows["s002"].status == "running" and rows["s002"].prompt == "topic 2"
+    with sqlite3.connect(collector.index_path) as db:
+        assert db.execute("SELECT session_id FROM sessions ORDER BY 1").fetchall() == [
+            ("s000",),
+            ("s001",),
+            ("s002",),
+        ]
+
+
+def test_an_unwritable_cache_directory_still_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _record_sessions(tmp_path / "t", 3)
+    (tmp_path / "not-a-directory").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-directory"))
+    collector = TelemetryCollector(tmp_path / "t")
+    for _ in range(2):  # kept in memory for the process
+        assert [s.session_id for s in collector.list_sessions()] == ["s002", "s001", "s000"]

@@ -7,9 +7,10 @@
 * ``<output_dir>/<session_id>.json``: the design document's session record, rewritten
   atomically at stage boundaries and at completion. It is derivable from the event log, and
   :meth:`TelemetryCollector.rebuild_session` derives it;
-* ``<output_dir>/.session-index``: a small cache of per-session summaries so that
-  :meth:`~TelemetryCollector.list_sessions` need not parse thousands of files. The session
-  files are the truth: an index entry is used only while the file's size and mtime match it.
+* the session index (:mod:`prowzi.workflows.session_index`): a SQLite cache of per-session
+  summaries in the user's cache directory, so that :meth:`~TelemetryCollector.list_sessions`
+  need not parse thousands of files. The session files are the truth: a row is used only while
+  its file's signature (inode, size, mtime) matches it, and a lost or damaged index is rebuilt.
 
 Per event the collector appends one line to the log and updates its in-memory record; the
 snapshot file (and the log's fsync) is written by a background thread at stage boundaries, and
@@ -31,7 +32,6 @@ import errno
 import heapq
 import logging
 import os
-import re
 import stat
 import threading
 import time
@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -79,6 +79,9 @@ from prowzi.workflows.events import (
     WorkflowStarted,
 )
 
+if TYPE_CHECKING:
+    from prowzi.workflows.session_index import IndexRow, SessionIndex
+
 log = logging.getLogger("prowzi.telemetry")
 
 SESSION_FORMAT_VERSION = 1
@@ -91,7 +94,6 @@ SESSION_STATUSES: tuple[str, ...] = ("running", "interrupted", "completed", "fai
 ``interrupted`` is a running session whose writing process is gone (see
 :meth:`TelemetryCollector.status_of`)."""
 
-_INDEX_NAME = ".session-index"
 _EVENTS_DIR = "events"
 _HEADER_MARK = b'{"event":"' + HEADER_KIND.encode() + b'"'
 """How a writer's header line starts (see :class:`EventLogWriter`)."""
@@ -554,11 +556,10 @@ class SessionSummary:
         }
 
 
-def _index_entry(metrics: WorkflowMetrics, stat: os.stat_result) -> dict[str, Any]:
+def _entry(metrics: WorkflowMetrics) -> dict[str, Any]:
+    """A session's summary as the index keeps it (what a listing shows)."""
     return {
         "session_id": metrics.session_id,
-        "mtime_ns": stat.st_mtime_ns,
-        "size": stat.st_size,
         "status": metrics.status,
         "prompt": metrics.prompt[:_PROMPT_IN_INDEX],
         "started": metrics.started_at.timestamp(),
@@ -571,15 +572,9 @@ def _index_entry(metrics: WorkflowMetrics, stat: os.stat_result) -> dict[str, An
     }
 
 
-def _corrupt_entry(session_id: str, stat: os.stat_result | None, reason: str) -> dict[str, Any]:
-    return {
-        "session_id": session_id,
-        "mtime_ns": stat.st_mtime_ns if stat else 0,
-        "size": stat.st_size if stat else 0,
-        "status": "corrupt",
-        "started": stat.st_mtime if stat else 0.0,
-        "error": reason,
-    }
+def _corrupt_entry(session_id: str, modified: float, reason: str) -> dict[str, Any]:
+    """The summary of a record that cannot be read: listed by when it was last written."""
+    return {"session_id": session_id, "status": "corrupt", "started": modified, "error": reason}
 
 
 def _summary(entry: dict[str, Any]) -> SessionSummary:
@@ -600,49 +595,23 @@ def _summary(entry: dict[str, Any]) -> SessionSummary:
     )
 
 
-_INDEX_FORMAT = b"1"
-_KEYS_IN_PREFIX = ("session_id", "mtime_ns", "size", "started", "status")
-
-# An index line: b"1\t<session>\t<mtime_ns>\t<size>\t<started>\t<status>\t<json of the rest>".
-# The tab-separated prefix is all that listing thousands of sessions needs to match files, filter
-# and sort; the JSON is parsed only for the rows shown. A line of another format is ignored.
-_INDEX_LINE_RE = re.compile(
-    rb"^(" + _INDEX_FORMAT + rb"\t([A-Za-z0-9.-]+)\t([0-9]+\t[0-9]+)\t([^\t\n]+)\t"
-    rb"(running|completed|failed|corrupt)\t\{[^\n]*\})$",
-    re.MULTILINE,
-)
-# started, session id, status, b"<mtime_ns>\t<size>" of the file it describes, the line
-_IndexRow = tuple[float, str, str, bytes, bytes]
+def _file_signature(st: os.stat_result) -> str:
+    """A local session file's version: a write renames a new file into place (a new inode),
+    and an edit in place changes its size or mtime."""
+    return f"f{st.st_ino:x}.{st.st_size:x}.{st.st_mtime_ns:x}"
 
 
-def _signature(stat: os.stat_result) -> bytes:
-    return b"%d\t%d" % (stat.st_mtime_ns, stat.st_size)
-
-
-def _index_line(entry: dict[str, Any]) -> bytes:
-    rest = {k: v for k, v in entry.items() if k not in _KEYS_IN_PREFIX}
-    prefix = (
-        f"{entry['session_id']}\t{entry['mtime_ns']}\t{entry['size']}\t"
-        f"{float(entry['started'])!r}\t{entry['status']}\t"
-    )
-    return _INDEX_FORMAT + b"\t" + prefix.encode() + orjson.dumps(rest)
-
-
-def _index_rows(data: bytes) -> Iterator[_IndexRow]:
-    for line, sid, signature, started, status in _INDEX_LINE_RE.findall(data):
-        try:
-            yield float(started), sid.decode(), status.decode(), signature, line
-        except ValueError:
-            continue
-
-
-def _row_entry(row: _IndexRow) -> dict[str, Any]:
-    """The full entry of an index row (raises ``ValueError`` if its JSON is damaged)."""
-    rest = orjson.loads(row[4].split(b"\t", 6)[6])
-    if not isinstance(rest, dict):
-        raise ValueError("not an object")
-    rest.update(started=row[0], session_id=row[1], status=row[2])
-    return rest
+def _read_regular(path: Path) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and the ``stat`` of the very file read (never through a
+    symlink, never a FIFO)."""
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.pread(fd, st.st_size, 0), st
+    finally:
+        os.close(fd)
 
 
 # --- the collector ----------------------------------------------------------------------
@@ -706,6 +675,8 @@ class TelemetryCollector:
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
         self._facts: dict[str, tuple[tuple[int, int, int], _LogFacts]] = {}
+        self._index: SessionIndex | None = None
+        self._index_lock = threading.Lock()
 
     # paths
 
@@ -717,7 +688,19 @@ class TelemetryCollector:
 
     @property
     def index_path(self) -> Path:
-        return self.output_dir / _INDEX_NAME
+        """The session index's SQLite file: in the user's cache directory, one per telemetry
+        directory (see :mod:`prowzi.workflows.session_index`)."""
+        from prowzi.storage.catalog import default_catalog_path
+
+        return default_catalog_path(f"telemetry:{self.output_dir.absolute()}")
+
+    def _session_index(self) -> SessionIndex:
+        with self._index_lock:
+            if self._index is None:
+                from prowzi.workflows.session_index import SessionIndex
+
+                self._index = SessionIndex(self.index_path)
+            return self._index
 
     # the sink
 
@@ -836,12 +819,12 @@ class TelemetryCollector:
         with self._cond:
             self._dirty.pop(state.session_id, None)
             self._cond.wait_for(lambda: self._busy != state.session_id)
-        self._write_snapshot(state, index=True)
+        self._write_snapshot(state)
         if state.log is not None:
             state.log.close()
         self._sessions.pop(state.session_id, None)
 
-    def _write_snapshot(self, state: _SessionState, *, index: bool = False) -> None:
+    def _write_snapshot(self, state: _SessionState) -> None:
         with state.lock:
             metrics = state.recorder.metrics
             if metrics is None:
@@ -856,18 +839,11 @@ class TelemetryCollector:
             except OSError as exc:
                 self._failed("event_log", state.session_id, exc)
         path = self.output_dir / f"{state.session_id}.json"
+        # the session index is the readers' cache: a changed file tells them to read it again
         try:
             self._atomic_write(path, data)
         except OSError as exc:
             self._failed("snapshot", state.session_id, exc)
-            return
-        # the index learns of a session when it ends; while it runs, the file's changing mtime
-        # tells list_sessions to read the file itself
-        if index:
-            try:
-                self._append_index([_index_entry(metrics, path.stat())])
-            except OSError as exc:
-                self._failed("index", state.session_id, exc)
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         """:func:`prowzi.storage.files.atomic_write`, shared (other tools read these files)."""
@@ -1065,7 +1041,6 @@ class TelemetryCollector:
         data = orjson.dumps(metrics.to_dict(), default=str, option=orjson.OPT_INDENT_2)
         try:
             self._atomic_write(path, data)
-            self._append_index([_index_entry(metrics, path.stat())])
         except OSError as exc:
             raise TelemetryError(f"cannot write session file {path}: {exc}") from None
         return metrics
@@ -1075,10 +1050,11 @@ class TelemetryCollector:
     ) -> list[SessionSummary]:
         """Sessions, newest first; unreadable files are listed with status ``corrupt``.
 
-        Every session returned is checked against its file (size and mtime) and read again if
-        it changed since it was indexed. With a ``status`` filter, or no ``limit``, every file
-        is checked, since any of them may have changed status; otherwise only the candidates
-        for the first ``limit`` rows are, which keeps listing thousands of sessions fast.
+        Every session returned is checked against its file (its signature: inode, size and
+        mtime) and read again if it changed since it was indexed. With a ``status`` filter, or
+        no ``limit``, every file is checked, since any of them may have changed status;
+        otherwise only the candidates for the first ``limit`` rows are, which keeps listing
+        thousands of sessions fast.
         """
         if status is not None and status not in SESSION_STATUSES:
             raise InvalidInputError(
@@ -1086,29 +1062,30 @@ class TelemetryCollector:
             )
         if limit is not None and limit < 0:
             raise InvalidInputError(f"limit must not be negative (got {limit})")
-        cached, index_lines = self._read_index()
+        index = self._session_index()
+        cached = index.rows()
         files = dict(self._scan(cached))
         rows = {sid: cached[sid] for sid in files.keys() & cached.keys()}
-        fresh: list[bytes] = []
+        fresh: dict[str, tuple[IndexRow, dict[str, Any]]] = {}
 
         def check(session_id: str) -> None:
             # the file is the truth: re-read it if it changed since it was indexed
             try:
-                stat = files[session_id].stat()
+                st = files[session_id].stat(follow_symlinks=False)
             except OSError:
                 rows.pop(session_id, None)  # removed since the directory was listed
                 return
             row = rows.get(session_id)
-            if row is not None and row[3] == _signature(stat):
+            if row is not None and row[3] == _file_signature(st):
                 return
-            line = _index_line(self._entry_from_file(session_id, stat))
-            for fresh_row in _index_rows(line):
-                rows[session_id] = fresh_row
-                fresh.append(line)
+            entry, signature = self._entry_from_file(session_id, st)
+            row = (float(entry["started"]), session_id, entry["status"], signature)
+            rows[session_id] = row
+            fresh[session_id] = (row, entry)
 
         live: dict[str, str] = {}
 
-        def reported(row: _IndexRow) -> str:
+        def reported(row: IndexRow) -> str:
             # The index caches what the file says; for a file that says running, the log
             # tells more (the run's end: its writer was stopped before writing the file),
             # and the writer may be gone. Only running sessions' logs are read at all, and
@@ -1138,36 +1115,45 @@ class TelemetryCollector:
                 for session_id in unchecked:
                     check(session_id)
                     checked.add(session_id)
-        self._refresh_index(fresh, list(rows.values()), index_lines)
-        return [self._reported_summary(row, reported(row), files) for row in selected]
+        # best effort: a reader that cannot write the index still lists correctly
+        index.update(
+            ((row, orjson.dumps(entry)) for row, entry in fresh.values()),
+            forget=cached.keys() - rows.keys(),
+        )
+        entries: dict[str, Any] = {sid: entry for sid, (_row, entry) in fresh.items()}
+        entries.update(index.summaries(r[1] for r in selected if r[1] not in entries))
+        return [self._reported_summary(r, reported(r), entries.get(r[1])) for r in selected]
 
-    def _reported_summary(
-        self, row: _IndexRow, status: str, files: dict[str, os.DirEntry[str]]
-    ) -> SessionSummary:
-        summary = self._row_summary(row)
+    def _reported_summary(self, row: IndexRow, status: str, entry: Any) -> SessionSummary:
+        summary = self._row_summary(row, entry)
         if summary.status != "running" or status == "running":
             return summary
         if status == "interrupted":
             return replace(summary, status="interrupted")
         try:  # the log has the run's end: its record, derived (never written back)
-            metrics = self._derive(row[1], tolerate_partial=True)
-            return _summary(_index_entry(metrics, files[row[1]].stat()))
+            return _summary(_entry(self._derive(row[1], tolerate_partial=True)))
         except (TelemetryError, OSError):
             return summary
 
-    def _row_summary(self, row: _IndexRow) -> SessionSummary:
+    def _row_summary(self, row: IndexRow, entry: Any) -> SessionSummary:
+        """The row's summary: ``entry`` (a fresh one, or the index's JSON), with the row's own
+        columns (what it was selected and sorted by)."""
         try:
-            return _summary(_row_entry(row))
+            if isinstance(entry, bytes):
+                entry = orjson.loads(entry)
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+            return _summary({**entry, "started": row[0], "session_id": row[1], "status": row[2]})
         except (ValueError, KeyError, TypeError):
-            # a damaged cache line: the file is the truth
+            # a damaged or missing summary: the file is the truth
             path = self.output_dir / f"{row[1]}.json"
             try:
-                stat = path.stat()
+                st = path.lstat()
             except OSError as exc:
-                return _summary(_corrupt_entry(row[1], None, f"unreadable: {exc}"))
-            return _summary(self._entry_from_file(row[1], stat))
+                return _summary(_corrupt_entry(row[1], 0.0, f"unreadable: {exc}"))
+            return _summary(self._entry_from_file(row[1], st)[0])
 
-    def _scan(self, known: dict[str, _IndexRow]) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    def _scan(self, known: dict[str, IndexRow]) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """The session files in the directory, without touching their content."""
         try:
             it = os.scandir(self.output_dir)
@@ -1188,42 +1174,17 @@ class TelemetryCollector:
                         continue
                 yield session_id, entry
 
-    def _entry_from_file(self, session_id: str, stat: os.stat_result) -> dict[str, Any]:
+    def _entry_from_file(self, session_id: str, st: os.stat_result) -> tuple[dict[str, Any], str]:
+        """The summary of the session's file and the signature of the version read (``st``,
+        the file's ``lstat``, when it cannot be read)."""
         path = self.output_dir / f"{session_id}.json"
         try:
-            metrics = self._parse(session_id, path, read_nofollow(path))
+            data, st = _read_regular(path)
+            metrics = self._parse(session_id, path, data)
+        except OSError as exc:
+            entry = _corrupt_entry(session_id, st.st_mtime, f"unreadable: {exc}")
         except CorruptSessionError as exc:
-            return _corrupt_entry(session_id, stat, exc.reason)
-        except OSError as exc:
-            return _corrupt_entry(session_id, stat, f"unreadable: {exc}")
-        return _index_entry(metrics, stat)
-
-    def _read_index(self) -> tuple[dict[str, _IndexRow], int]:
-        try:
-            data = self.index_path.read_bytes()
-        except OSError:
-            return {}, 0
-        # one regular-expression pass over the whole cache: lines of another format, or cut
-        # short, do not match and are left to the files
-        return {row[1]: row for row in _index_rows(data)}, data.count(b"\n")
-
-    def _refresh_index(self, fresh: list[bytes], rows: list[_IndexRow], index_lines: int) -> None:
-        # best effort: a reader that cannot write the cache still lists correctly
-        try:
-            if index_lines + len(fresh) > len(rows) + len(rows) // 4 + 64:
-                self._atomic_write(self.index_path, b"".join(r[4] + b"\n" for r in rows))
-            elif fresh:
-                self._append_index_lines(fresh)
-        except OSError as exc:
-            log.debug("cannot update the session index %s: %s", self.index_path, exc)
-
-    def _append_index(self, entries: list[dict[str, Any]]) -> None:
-        self._append_index_lines([_index_line(e) for e in entries])
-
-    def _append_index_lines(self, lines: list[bytes]) -> None:
-        data = b"".join(line + b"\n" for line in lines)
-        fd = open_nofollow(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SHARED_FILE)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+            entry = _corrupt_entry(session_id, st.st_mtime, exc.reason)
+        else:
+            entry = _entry(metrics)
+        return entry, _file_signature(st)
