@@ -342,6 +342,8 @@ class CheckpointManager:
             self.catalog = Catalog(catalog or default_catalog_path(self.store.url))
         self._key = key.encode() if isinstance(key, str) else key
         self._heads: dict[str, _Head] = {}
+        self._memo: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        """Blob name -> (etag, listing row) as this manager last listed it."""
         self._held: dict[str, HeldLease] = {}
 
     @classmethod
@@ -778,16 +780,36 @@ class CheckpointManager:
         missing or foreign keys) means it was not of Prowzi's making, and the catalog is
         rebuilt. A blob the catalog calls unreadable is read again, so a catalog cannot hide
         a checkpoint (nor make a load of the session fall back to an older one)."""
-        listing = [b for b in self.store.list() if _session_of(b.name) is not None]
-        rows = self.catalog.rows(listing, self._index)
-        if any(row is not None and not _plausible(row, name) for name, row in rows.items()):
-            log.warning("the checkpoint catalog %s was altered: rebuilding it", self.catalog.path)
-            self._drop_catalog()
+        return self._listed_rows("")
+
+    def _listed_rows(self, prefix: str) -> dict[str, dict[str, Any] | None]:
+        """:meth:`_rows` of the blobs whose names start with ``prefix`` (a session's:
+        ``"<session>_"``). Rows this manager has checked before, of blobs unchanged since
+        (same etag), are not looked at again; a session's few blobs skip the catalog."""
+        listing = [b for b in self.store.list(prefix) if _session_of(b.name) is not None]
+        memo = self._memo
+        known = list(zip((memo.get(b.name) for b in listing), listing, strict=True))
+        if all(m is not None and m[0] == b.etag and m[1] for m, b in known):
+            return {b.name: m[1] for m, b in known if m is not None}
+        if prefix:
+            rows = {
+                b.name: m[1] if m is not None and m[0] == b.etag and m[1] else self._index(b)
+                for m, b in known
+            }
+        else:
             rows = self.catalog.rows(listing, self._index)
-        for blob in listing:
-            row = rows.get(blob.name)
-            if row is None or not _plausible(row, blob.name):
-                rows[blob.name] = self._index(blob)
+            if any(row is not None and not _plausible(row, n) for n, row in rows.items()):
+                log.warning(
+                    "the checkpoint catalog %s was altered: rebuilding it", self.catalog.path
+                )
+                self._drop_catalog()
+                rows = self.catalog.rows(listing, self._index)
+            for blob in listing:
+                row = rows.get(blob.name)
+                if row is None or not _plausible(row, blob.name):
+                    rows[blob.name] = self._index(blob)
+            memo.clear()
+        memo.update((b.name, (b.etag, rows[b.name])) for b in listing)
         return rows
 
     def _drop_catalog(self) -> None:
@@ -833,7 +855,8 @@ class CheckpointManager:
         if since is not None:
             since = since.astimezone(UTC)  # a naive datetime is local time, as in timestamp()
         out = []
-        for row in self._rows().values():
+        rows = self._listed_rows(f"{session_id}_" if session_id is not None else "")
+        for row in rows.values():
             if row is None:
                 continue
             if session_id is not None and row["session_id"] != session_id:
@@ -870,7 +893,7 @@ class CheckpointManager:
         """The latest checkpoint, but never silently past a newer one that is unreadable
         (resuming must not fall back over damage): that one's precise refusal is raised."""
         latest = self.latest(session_id)
-        for name, row in self._rows().items():
+        for name, row in self._listed_rows(f"{session_id}_").items():
             parsed = _session_of(name)
             if row is not None or parsed is None or parsed[0] != session_id:
                 continue
