@@ -269,6 +269,22 @@ def test_cli_cleanup_keeps_newest_and_running_sessions(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "seven days" in bad.stderr
 
 
+def test_cli_cleanup_reports_what_it_could_not_delete_and_deletes_the_rest(
+    tmp_path: Path,
+) -> None:
+    manager = _sessions(tmp_path, "blocked", "other")
+    sidecar = tmp_path / "checkpoints" / "blocked_intent.json"
+    sidecar.unlink()
+    sidecar.mkdir()  # a directory where a sidecar should be
+    (sidecar / "keep").write_text("not Prowzi's")
+    done = _prowzi(tmp_path, "cleanup", "--older-than", "0s")
+    assert done.returncode == 1
+    assert f"could not delete {sidecar}: " in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == "deleted 14 checkpoint(s)"
+    assert manager.list_checkpoints() == []
+    assert (sidecar / "keep").is_file()
+
+
 def test_a_forked_resume_uses_one_session_id_throughout(tmp_path: Path) -> None:
     _sessions(tmp_path, "base")
     proc = _prowzi(tmp_path, "resume", "base", "--set", "max_results_per_query=4")

@@ -218,8 +218,13 @@ def cleanup(
 
         manager = CheckpointManager.from_config(config)
         running: list[str] = []
+        failed: list[str] = []
         removed: list[Any] = manager.cleanup(
-            older_than=age, keep_last=keep_last, dry_run=dry_run, on_running=running.append
+            older_than=age,
+            keep_last=keep_last,
+            dry_run=dry_run,
+            on_running=running.append,
+            on_error=lambda where, exc: failed.append(f"{where}: {exc.strerror or exc}"),
         )
         verb = "would delete" if dry_run else "deleted"
         for checkpoint_id in removed:
@@ -227,4 +232,8 @@ def cleanup(
         for session in running:
             holder = manager.lock_holder(session) or "another process"
             typer.echo(f"kept session {session}: it is running (locked by {holder})", err=True)
+        for problem in failed:
+            typer.echo(f"could not delete {problem}", err=True)
         typer.echo(f"{verb} {len(removed)} checkpoint(s)", err=True)
+        if failed:
+            raise typer.Exit(1)
