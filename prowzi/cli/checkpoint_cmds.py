@@ -129,12 +129,14 @@ def _previous_output(config: Any, plan: Any) -> Path:
     default: Path = config.output_dir / f"{plan.session_id}.md"
     if plan.fork or not config.enable_telemetry:
         return default
-    from prowzi.errors import TelemetryError
+    from prowzi.errors import ConfigError, TelemetryError
     from prowzi.workflows.telemetry import TelemetryCollector
 
     try:
-        previous = TelemetryCollector(config.telemetry_dir).load_session(plan.session_id)
-    except (TelemetryError, OSError):
+        previous = TelemetryCollector(
+            config.telemetry_dir, store=config.telemetry_url
+        ).load_session(plan.session_id)
+    except (TelemetryError, ConfigError, OSError):  # an unusable telemetry store too
         return default
     recorded = previous.metadata.get("output_path")
     if not isinstance(recorded, str) or not recorded:

@@ -1,7 +1,9 @@
 """``prowzi sessions``, ``show``, ``monitor`` and ``replay``: reading recorded runs.
 
 Everything goes through :class:`~prowzi.workflows.telemetry.TelemetryCollector` on the
-configured ``telemetry_dir`` (``PROWZI_TELEMETRY_DIR``). rich and the telemetry modules are
+configured ``telemetry_dir`` (``PROWZI_TELEMETRY_DIR``) and, when set, the telemetry store
+(``PROWZI_TELEMETRY_URL``), where ``sessions`` and ``show`` also find sessions recorded on
+other machines. rich and the telemetry modules are
 imported inside the commands, so ``prowzi --help`` stays fast.
 """
 
@@ -38,7 +40,19 @@ def _collector(writer_lock: Callable[[str], bool] | None = None) -> TelemetryCol
     from prowzi.workflows.telemetry import TelemetryCollector
 
     directory = _directory("telemetry_dir")
-    return TelemetryCollector(directory, writer_lock=writer_lock or _writer_lock())
+    store = _telemetry_url()
+    return TelemetryCollector(directory, writer_lock=writer_lock or _writer_lock(), store=store)
+
+
+def _telemetry_url() -> str | None:
+    """The store that also holds the session files (``PROWZI_TELEMETRY_URL``), or None."""
+    from prowzi.config.paths import telemetry_url
+    from prowzi.errors import ConfigError
+
+    try:
+        return telemetry_url()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _writer_lock() -> Callable[[str], bool]:

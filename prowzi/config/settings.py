@@ -17,6 +17,7 @@ from prowzi.config.paths import (
     DEFAULT_CHECKPOINT_DIR,
     DEFAULT_TELEMETRY_DIR,
     ENV_PREFIX,
+    check_store_url,
     not_a_directory,
 )
 from prowzi.errors import ConfigError
@@ -75,6 +76,13 @@ class ProwziConfig(BaseSettings):
     telemetry_dir: Path = Field(
         DEFAULT_TELEMETRY_DIR, description="Telemetry directory.", validate_default=True
     )
+    telemetry_url: str | None = Field(
+        None,
+        description="A store that also holds each session's JSON file (sessions/<id>.json), "
+        "so `prowzi sessions` and `show` work from any machine that reaches it: "
+        "s3://bucket/prefix, az://container/prefix, file:///path or a path. Event logs stay "
+        "in telemetry_dir.",
+    )
 
     # Stage loop
     max_retries: int = Field(3, ge=0, le=100, description="Retries after a stage's first try.")
@@ -122,14 +130,14 @@ class ProwziConfig(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("checkpoint_url")
+    @field_validator("checkpoint_url", "telemetry_url")
     @classmethod
     def _a_store_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
         if not value.strip():
             raise ValueError("must not be empty")
-        return _check_store_url(value.strip())
+        return check_store_url(value.strip())
 
     @field_validator("checkpoint_dir", "telemetry_dir", "output_dir")
     @classmethod
@@ -138,21 +146,6 @@ class ProwziConfig(BaseSettings):
         if problem:
             raise ValueError(problem)
         return value
-
-
-_STORE_SCHEMES = ("file", "s3", "az", "azure", "memory")
-
-
-def _check_store_url(value: str) -> str:
-    """A checkpoint location: a path, or ``scheme://container[/prefix]`` of a known scheme."""
-    scheme, sep, rest = value.partition("://")
-    if not sep:
-        return value  # a path
-    if scheme not in _STORE_SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}: use s3://, az://, file:// or a path")
-    if scheme in ("s3", "az", "azure") and not rest.split("/", 1)[0]:
-        raise ValueError(f"no bucket or container in {value!r}")
-    return value
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -103,7 +103,9 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
 
-        sinks.append(TelemetryCollector(output_dir=config.telemetry_dir))
+        sinks.append(
+            TelemetryCollector(output_dir=config.telemetry_dir, store=config.telemetry_url)
+        )
     return sinks
 
 

@@ -12,6 +12,14 @@
   need not parse thousands of files. The session files are the truth: a row is used only while
   its file's signature (inode, size, mtime) matches it, and a lost or damaged index is rebuilt.
 
+With a store (``store=``, the ``telemetry_url`` setting: a path, ``file://``, ``s3://`` or
+``az://``, see :func:`prowzi.storage.remote.open_store`), each session file is also put there as
+``sessions/<session_id>.json``, at the same moments and from the same thread as the local file.
+The readers find the sessions that exist only there (recorded on another machine), so listing
+and showing work from any machine that reaches the store. A session this machine has a file for
+is read from that file, beside its event log (which tells whether its writer is alive); event
+logs stay local files.
+
 Per event the collector appends one line to the log and updates its in-memory record; the
 snapshot file (and the log's fsync) is written by a background thread at stage boundaries, and
 synchronously at the end of the run so that a finished run's file is complete when the run
@@ -47,6 +55,7 @@ import orjson
 from prowzi import __version__
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
 from prowzi.ids import validate_session_id
+from prowzi.storage.blob import BlobInfo, BlobNotFoundError, BlobStore
 from prowzi.storage.files import (
     SHARED_FILE,
     atomic_write,
@@ -299,7 +308,9 @@ def _typed(data: dict[str, Any], key: str, kind: Any) -> Any:
 class CorruptSessionError(TelemetryError):
     """A session file exists but cannot be read as a session."""
 
-    def __init__(self, session_id: str, path: Path, reason: str, *, has_event_log: bool) -> None:
+    def __init__(
+        self, session_id: str, path: Path | str, reason: str, *, has_event_log: bool
+    ) -> None:
         super().__init__(f"session file {path} is corrupt: {reason}")
         self.session_id = session_id
         self.path = path
@@ -601,6 +612,31 @@ def _file_signature(st: os.stat_result) -> str:
     return f"f{st.st_ino:x}.{st.st_size:x}.{st.st_mtime_ns:x}"
 
 
+_BLOB_MARK = "s"
+
+
+def _blob_signature(blob: BlobInfo) -> str:
+    """A session blob's version in the store: its etag."""
+    return _BLOB_MARK + blob.etag
+
+
+_STORE_PREFIX = "sessions/"
+_STORE_READERS = 16
+"""Blobs read at once by a listing that must read many (a cold index over a bucket)."""
+_MAX_SESSION_BYTES = 64 << 20
+"""A session file is a few kilobytes; a larger blob is listed as corrupt without being read."""
+
+
+def _store_name(session_id: str) -> str:
+    """A session file's name in the telemetry store."""
+    return f"{_STORE_PREFIX}{validate_session_id(session_id)}.json"
+
+
+def _location_of(store: BlobStore | Path | str) -> str:
+    """A store location, for messages."""
+    return str(store) if isinstance(store, str | Path) else store.url
+
+
 def _read_regular(path: Path) -> tuple[bytes, os.stat_result]:
     """A regular file's bytes and the ``stat`` of the very file read (never through a
     symlink, never a FIFO)."""
@@ -641,11 +677,13 @@ def _flush_at_exit() -> None:
 
 
 class TelemetryCollector:
-    """Records sessions under ``output_dir`` and reads them back.
+    """Records sessions under ``output_dir`` (and in ``store``, if given) and reads them back.
 
     As a sink (``name = "telemetry"``) it never raises: failures are logged and counted in
-    :attr:`errors` (by operation in :attr:`error_counts`). Set ``background=False`` to write
-    snapshots in the caller's thread (deterministic tests); ``fsync=False`` skips fsyncs.
+    :attr:`errors` (by operation in :attr:`error_counts`: ``store`` for the store's). Set
+    ``background=False`` to write snapshots in the caller's thread (deterministic tests);
+    ``fsync=False`` skips fsyncs. ``store`` is a location :func:`~prowzi.storage.remote.open_store`
+    opens (on first use) or a :class:`~prowzi.storage.blob.BlobStore`.
     """
 
     name = "telemetry"
@@ -657,8 +695,12 @@ class TelemetryCollector:
         background: bool = True,
         fsync: bool = True,
         writer_lock: Callable[[str], bool] | None = None,
+        store: BlobStore | Path | str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self._store_location = store
+        self._store: BlobStore | None = None
+        self._store_lock = threading.Lock()
         self._writer_lock = writer_lock
         """``session_id -> whether a run or resume holds the session's writer lock``: such a
         session is running even while its log still shows a writer that is gone (a resume
@@ -689,10 +731,31 @@ class TelemetryCollector:
     @property
     def index_path(self) -> Path:
         """The session index's SQLite file: in the user's cache directory, one per telemetry
-        directory (see :mod:`prowzi.workflows.session_index`)."""
+        directory and store (see :mod:`prowzi.workflows.session_index`)."""
         from prowzi.storage.catalog import default_catalog_path
 
-        return default_catalog_path(f"telemetry:{self.output_dir.absolute()}")
+        key = f"telemetry:{self.output_dir.absolute()}"
+        store = self.store
+        if store is not None:
+            key += f"\n{store.url}"
+        return default_catalog_path(key)
+
+    @property
+    def store(self) -> BlobStore | None:
+        """The store that also holds the session files, opened on first use (None when there
+        is none). A location that cannot be opened is :class:`~prowzi.errors.ConfigError`."""
+        if self._store_location is None:
+            return None
+        with self._store_lock:
+            if self._store is None:
+                location = self._store_location
+                if isinstance(location, str | Path):
+                    from prowzi.storage.remote import open_store
+
+                    self._store = open_store(location, durable=self._fsync)
+                else:
+                    self._store = location
+            return self._store
 
     def _session_index(self) -> SessionIndex:
         with self._index_lock:
@@ -844,6 +907,15 @@ class TelemetryCollector:
             self._atomic_write(path, data)
         except OSError as exc:
             self._failed("snapshot", state.session_id, exc)
+        try:
+            self._put_in_store(state.session_id, data)
+        except Exception as exc:  # an unreachable store, a bad location: the run goes on
+            self._failed("store", state.session_id, exc)
+
+    def _put_in_store(self, session_id: str, data: bytes) -> None:
+        store = self.store
+        if store is not None:
+            store.put(_store_name(session_id), data, durable=self._fsync)
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         """:func:`prowzi.storage.files.atomic_write`, shared (other tools read these files)."""
@@ -871,7 +943,8 @@ class TelemetryCollector:
     # readers
 
     def load_session(self, session_id: str) -> WorkflowMetrics:
-        """The session's record. Derived from its event log if the file was never written.
+        """The session's record: its file; derived from its event log if the file was never
+        written; else the store's copy (a session recorded on another machine).
 
         Raises :class:`SessionNotFoundError` for an unknown session and
         :class:`CorruptSessionError` for a file that is not a valid session.
@@ -886,13 +959,35 @@ class TelemetryCollector:
             )
             metrics = SessionRecorder.from_events(session_id, events).metrics
             if metrics is None:  # no log, or one whose writer stopped before its first event
+                metrics = self._load_from_store(session_id)
+            if metrics is None:
                 raise SessionNotFoundError(
-                    f"no telemetry for session {session_id!r} in {self.output_dir}"
+                    f"no telemetry for session {session_id!r} in {self._places()}"
                 ) from None
             return metrics
         except OSError as exc:
             raise TelemetryError(f"cannot read session file {path}: {exc}") from None
         return self._caught_up(self._parse(session_id, path, data))
+
+    def _load_from_store(self, session_id: str) -> WorkflowMetrics | None:
+        """The store's copy of the session's file, or None (no store, or not there)."""
+        store = self.store
+        if store is None:
+            return None
+        name = _store_name(session_id)
+        try:
+            blob = store.get(name)
+        except BlobNotFoundError:
+            return None
+        except OSError as exc:
+            raise TelemetryError(f"cannot read session {session_id!r}: {exc}") from None
+        return self._parse(session_id, store.describe(name), blob.data)
+
+    def _places(self) -> str:
+        """Where sessions are looked for, for messages."""
+        if self._store_location is None:
+            return str(self.output_dir)
+        return f"{self.output_dir} or {_location_of(self._store_location)}"
 
     def status_of(self, metrics: WorkflowMetrics) -> SessionStatus:
         """The session's status as a reader should report it: ``interrupted`` when it is
@@ -979,7 +1074,7 @@ class TelemetryCollector:
         except TelemetryError:
             return metrics
 
-    def _parse(self, session_id: str, path: Path, data: bytes) -> WorkflowMetrics:
+    def _parse(self, session_id: str, path: Path | str, data: bytes) -> WorkflowMetrics:
         try:
             metrics = WorkflowMetrics.from_dict(orjson.loads(data))
         except orjson.JSONDecodeError as exc:
@@ -993,7 +1088,7 @@ class TelemetryCollector:
             raise self._corrupt(session_id, path, f"it records session {metrics.session_id!r}")
         return metrics
 
-    def _corrupt(self, session_id: str, path: Path, reason: str) -> CorruptSessionError:
+    def _corrupt(self, session_id: str, path: Path | str, reason: str) -> CorruptSessionError:
         return CorruptSessionError(
             session_id, path, reason, has_event_log=self.event_log_path(session_id).exists()
         )
@@ -1043,6 +1138,12 @@ class TelemetryCollector:
             self._atomic_write(path, data)
         except OSError as exc:
             raise TelemetryError(f"cannot write session file {path}: {exc}") from None
+        try:
+            self._put_in_store(session_id, data)
+        except OSError as exc:
+            raise TelemetryError(
+                f"rebuilt {path}, but cannot put it in the telemetry store: {exc}"
+            ) from None
         return metrics
 
     def list_sessions(
@@ -1051,10 +1152,11 @@ class TelemetryCollector:
         """Sessions, newest first; unreadable files are listed with status ``corrupt``.
 
         Every session returned is checked against its file (its signature: inode, size and
-        mtime) and read again if it changed since it was indexed. With a ``status`` filter, or
-        no ``limit``, every file is checked, since any of them may have changed status;
-        otherwise only the candidates for the first ``limit`` rows are, which keeps listing
-        thousands of sessions fast.
+        mtime; a store blob's etag) and read again if it changed since it was indexed. With a
+        ``status`` filter, or no ``limit``, every file is checked, since any of them may have
+        changed status; otherwise only the candidates for the first ``limit`` rows are, which
+        keeps listing thousands of sessions fast. With a store, its sessions that have no file
+        here are listed too; a store that cannot be listed is skipped with a warning.
         """
         if status is not None and status not in SESSION_STATUSES:
             raise InvalidInputError(
@@ -1065,23 +1167,37 @@ class TelemetryCollector:
         index = self._session_index()
         cached = index.rows()
         files = dict(self._scan(cached))
-        rows = {sid: cached[sid] for sid in files.keys() & cached.keys()}
+        blobs, store_listed = self._scan_store(cached, files)
+        rows = {sid: cached[sid] for sid in (files.keys() | blobs.keys()) & cached.keys()}
         fresh: dict[str, tuple[IndexRow, dict[str, Any]]] = {}
 
-        def check(session_id: str) -> None:
-            # the file is the truth: re-read it if it changed since it was indexed
-            try:
-                st = files[session_id].stat(follow_symlinks=False)
-            except OSError:
-                rows.pop(session_id, None)  # removed since the directory was listed
+        def found(session_id: str, entry: dict[str, Any] | None, signature: str) -> None:
+            if entry is None:
+                rows.pop(session_id, None)  # gone since it was listed, or unreadable for now
                 return
-            row = rows.get(session_id)
-            if row is not None and row[3] == _file_signature(st):
-                return
-            entry, signature = self._entry_from_file(session_id, st)
             row = (float(entry["started"]), session_id, entry["status"], signature)
             rows[session_id] = row
             fresh[session_id] = (row, entry)
+
+        def check(session_ids: Iterable[str]) -> None:
+            # the file is the truth: re-read it if it changed since it was indexed
+            stale: list[BlobInfo] = []
+            for session_id in session_ids:
+                row = rows.get(session_id)
+                blob = blobs.get(session_id)
+                if blob is not None:
+                    if row is None or row[3] != _blob_signature(blob):
+                        stale.append(blob)
+                    continue
+                try:
+                    st = files[session_id].stat(follow_symlinks=False)
+                except OSError:
+                    rows.pop(session_id, None)  # removed since the directory was listed
+                    continue
+                if row is None or row[3] != _file_signature(st):
+                    found(session_id, *self._entry_from_file(session_id, st))
+            for session_id, entry, signature in self._entries_from_store(stale):
+                found(session_id, entry, signature)
 
         live: dict[str, str] = {}
 
@@ -1096,13 +1212,10 @@ class TelemetryCollector:
                 live[row[1]] = self._live_status(row[1])
             return live[row[1]]
 
-        checked: set[str] = set()
-        for session_id in files.keys() - rows.keys():
-            check(session_id)
-            checked.add(session_id)
+        checked = (files.keys() | blobs.keys()) - rows.keys()
+        check(checked)
         if status is not None or limit is None or limit >= len(rows):
-            for session_id in list(rows.keys() - checked):
-                check(session_id)
+            check(rows.keys() - checked)
             selected = [r for r in rows.values() if status is None or reported(r) == status]
             selected.sort(reverse=True)  # newest first: by start time, then id
             selected = selected[:limit] if limit is not None else selected
@@ -1112,20 +1225,29 @@ class TelemetryCollector:
                 unchecked = [r[1] for r in selected if r[1] not in checked]
                 if not unchecked:
                     break
-                for session_id in unchecked:
-                    check(session_id)
-                    checked.add(session_id)
-        # best effort: a reader that cannot write the index still lists correctly
+                check(unchecked)
+                checked.update(unchecked)
+        # best effort: a reader that cannot write the index still lists correctly. The rows of
+        # the store's sessions are kept while the store cannot be listed.
         index.update(
             ((row, orjson.dumps(entry)) for row, entry in fresh.values()),
-            forget=cached.keys() - rows.keys(),
+            forget=[
+                sid
+                for sid in cached.keys() - rows.keys()
+                if store_listed or not cached[sid][3].startswith(_BLOB_MARK)
+            ],
         )
         entries: dict[str, Any] = {sid: entry for sid, (_row, entry) in fresh.items()}
         entries.update(index.summaries(r[1] for r in selected if r[1] not in entries))
-        return [self._reported_summary(r, reported(r), entries.get(r[1])) for r in selected]
+        return [
+            self._reported_summary(r, reported(r), entries.get(r[1]), blobs.get(r[1]))
+            for r in selected
+        ]
 
-    def _reported_summary(self, row: IndexRow, status: str, entry: Any) -> SessionSummary:
-        summary = self._row_summary(row, entry)
+    def _reported_summary(
+        self, row: IndexRow, status: str, entry: Any, blob: BlobInfo | None
+    ) -> SessionSummary:
+        summary = self._row_summary(row, entry, blob)
         if summary.status != "running" or status == "running":
             return summary
         if status == "interrupted":
@@ -1135,9 +1257,10 @@ class TelemetryCollector:
         except (TelemetryError, OSError):
             return summary
 
-    def _row_summary(self, row: IndexRow, entry: Any) -> SessionSummary:
+    def _row_summary(self, row: IndexRow, entry: Any, blob: BlobInfo | None) -> SessionSummary:
         """The row's summary: ``entry`` (a fresh one, or the index's JSON), with the row's own
-        columns (what it was selected and sorted by)."""
+        columns (what it was selected and sorted by); read again from the session's file
+        (``blob`` when it is in the store) when the index's is damaged."""
         try:
             if isinstance(entry, bytes):
                 entry = orjson.loads(entry)
@@ -1146,6 +1269,11 @@ class TelemetryCollector:
             return _summary({**entry, "started": row[0], "session_id": row[1], "status": row[2]})
         except (ValueError, KeyError, TypeError):
             # a damaged or missing summary: the file is the truth
+            if blob is not None:
+                for _sid, fresh, _signature in self._entries_from_store([blob]):
+                    if fresh is not None:
+                        return _summary(fresh)
+                return _summary(_corrupt_entry(row[1], blob.modified, "unreadable"))
             path = self.output_dir / f"{row[1]}.json"
             try:
                 st = path.lstat()
@@ -1173,6 +1301,75 @@ class TelemetryCollector:
                     except InvalidInputError:
                         continue
                 yield session_id, entry
+
+    def _scan_store(
+        self, known: dict[str, IndexRow], files: dict[str, os.DirEntry[str]]
+    ) -> tuple[dict[str, BlobInfo], bool]:
+        """The store's session blobs that have no file here, and whether the store could be
+        listed (a store that cannot is skipped with a warning: the local files still list)."""
+        store = self.store
+        if store is None:
+            return {}, True
+        try:
+            listing = store.list(_STORE_PREFIX)
+        except OSError as exc:
+            log.warning("cannot list the sessions in the telemetry store: %s", exc)
+            return {}, False
+        blobs: dict[str, BlobInfo] = {}
+        for blob in listing:
+            session_id = blob.name[len(_STORE_PREFIX) : -5]
+            if not blob.name.endswith(".json") or session_id in files:
+                continue
+            if session_id not in known:
+                try:
+                    validate_session_id(session_id)
+                except InvalidInputError:
+                    continue  # not of Prowzi's making (a deeper name, another suffix)
+            blobs[session_id] = blob
+        return blobs, True
+
+    def _entries_from_store(
+        self, blobs: list[BlobInfo]
+    ) -> Iterator[tuple[str, dict[str, Any] | None, str]]:
+        """``(session_id, summary, signature)`` of each blob, read from the store (several at
+        once: a cold listing of a bucket reads every session). The summary is None for a blob
+        gone since the listing, or one the store cannot give now (not remembered, so read
+        again next time, rather than remembered as corrupt)."""
+        store = self.store
+        if store is None or not blobs:
+            return
+
+        def read(blob: BlobInfo) -> tuple[str, dict[str, Any] | None, str]:
+            session_id = blob.name[len(_STORE_PREFIX) : -5]
+            where = store.describe(blob.name)
+            if blob.size > _MAX_SESSION_BYTES:
+                reason = f"larger than {_MAX_SESSION_BYTES >> 20} MiB"
+                return (
+                    session_id,
+                    _corrupt_entry(session_id, blob.modified, reason),
+                    (_blob_signature(blob)),
+                )
+            try:
+                got = store.get(blob.name)
+            except BlobNotFoundError:
+                return session_id, None, ""
+            except OSError as exc:
+                log.warning("cannot read session %s from the telemetry store: %s", session_id, exc)
+                return session_id, None, ""
+            signature = _blob_signature(got.info)
+            try:
+                entry = _entry(self._parse(session_id, where, got.data))
+            except CorruptSessionError as exc:
+                entry = _corrupt_entry(session_id, got.info.modified, exc.reason)
+            return session_id, entry, signature
+
+        if len(blobs) == 1:
+            yield read(blobs[0])
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(_STORE_READERS, len(blobs))) as pool:
+            yield from pool.map(read, blobs)
 
     def _entry_from_file(self, session_id: str, st: os.stat_result) -> tuple[dict[str, Any], str]:
         """The summary of the session's file and the signature of the version read (``st``,
