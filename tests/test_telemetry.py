@@ -854,9 +854,14 @@ def test_a_symlink_planted_as_the_session_index_is_never_written_through(
     collector.index_path.parent.mkdir(parents=True, exist_ok=True)
     collector.index_path.unlink(missing_ok=True)
     collector.index_path.symlink_to(victim)
+    legacy = tmp_path / "telemetry" / ".session-index"  # where the index used to be
+    legacy.symlink_to(victim)
     for _ in range(2):
         assert [s.session_id for s in collector.list_sessions()] == ["s002", "s001", "s000"]
     assert victim.read_bytes() == b"precious\n"
+    assert not collector.index_path.is_symlink()  # replaced by an index of its own
+    assert TelemetryCollector(tmp_path / "telemetry").list_sessions()[0].session_id == "s002"
+    assert victim.read_bytes() == b"precious\n" and legacy.is_symlink()
 
 
 # --- the session index: a SQLite catalog derived from the session files -------------------------
