@@ -179,6 +179,7 @@ def create_app(
                 TelemetryCollector(
                     output_dir=config.telemetry_dir,
                     writer_lock=lease_probe(config.checkpoint_url or config.checkpoint_dir),
+                    store=config.telemetry_url,
                 )
             )
         return telemetry_reader[0]

@@ -249,7 +249,7 @@ class ProwziOrchestrator:
         return self._checkpoints
 
     def _sinks(self) -> list[EventSink]:
-        key = (self.config.enable_telemetry, self.config.telemetry_dir)
+        key = (self.config.enable_telemetry, self.config.telemetry_dir, self.config.telemetry_url)
         if self._config_sinks is None or self._config_sinks[0] != key:
             self._config_sinks = (key, composition.build_sinks(self.config))
         return [*self._config_sinks[1], *self._extra_sinks]
