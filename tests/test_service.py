@@ -423,3 +423,27 @@ def test_sigterm_checkpoints_runs_in_flight_and_a_restart_resumes_them(
             assert "stage_skipped" in [m["event"] for m in events]
     finally:
         third.stop()
+
+
+def test_a_service_finds_the_sessions_another_one_put_in_the_telemetry_store(
+    tmp_path: Path,
+) -> None:
+    shared = f"file://{tmp_path / 'telemetry-store'}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Service(tmp_path / "a", PROWZI_TELEMETRY_URL=shared)
+    try:
+        sid = first.start_run()
+        first.wait_state(sid, "completed")
+    finally:
+        first.stop()
+    second = Service(tmp_path / "b", PROWZI_TELEMETRY_URL=shared)
+    try:
+        assert not (tmp_path / "b" / "prowzi_telemetry" / f"{sid}.json").exists()
+        info = second.client.get(f"/runs/{sid}")
+        assert info.status_code == 200, info.text
+        assert info.json()["state"] == "completed"
+        listed = second.client.get("/runs").json()
+        assert sid in json.dumps(listed)
+    finally:
+        second.stop()
