@@ -27,13 +27,14 @@ from typing import Any
 import orjson
 
 from prowzi.storage.blob import BlobInfo
-from prowzi.storage.files import ensure_private_dir
+from prowzi.storage.files import ensure_private_dir, open_nofollow
 
-__all__ = ["Catalog", "default_catalog_path"]
+__all__ = ["Catalog", "default_catalog_path", "open_cache"]
 
 log = logging.getLogger("prowzi.catalog")
 
-_SCHEMA = 1
+_SCHEMA = 2
+_COLUMNS = "name TEXT PRIMARY KEY, etag TEXT NOT NULL, row BLOB"
 
 
 def default_catalog_path(url: str) -> Path:
@@ -41,6 +42,53 @@ def default_catalog_path(url: str) -> Path:
     machine's, never inside the store (which may be read-only, shared, or remote)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "prowzi" / "catalog" / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.db"
+
+
+def open_cache(path: Path | None, table: str, columns: str, schema: int) -> sqlite3.Connection:
+    """A derived SQLite cache with one table, ``CREATE TABLE <table> (<columns>)``: the file
+    at ``path`` (created private; a symlink there is removed, never written through; a file
+    of another schema is made again; a damaged one is deleted and made again), or an
+    in-memory database where no file can be. Its writes are not synced: a lost one is read
+    again from what the cache is derived from."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            ensure_private_dir(path.parent)
+        with contextlib.suppress(OSError):
+            if path.is_symlink():
+                path.unlink()
+        for attempt in range(2):
+            try:
+                return _open_cache(path, table, columns, schema)
+            except (sqlite3.Error, OSError) as exc:
+                if attempt or isinstance(exc, OSError):
+                    break
+                log.info("rebuilding %s: %s", path, exc)
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        Path(f"{path}{suffix}").unlink()
+    return _open_cache(None, table, columns, schema)
+
+
+def _open_cache(path: Path | None, table: str, columns: str, schema: int) -> sqlite3.Connection:
+    if path is not None and not path.exists():
+        os.close(open_nofollow(path, os.O_WRONLY | os.O_CREAT))
+    db = sqlite3.connect(
+        ":memory:" if path is None else str(path), timeout=10, check_same_thread=False
+    )
+    try:
+        db.execute("PRAGMA synchronous=OFF")
+        if db.execute("PRAGMA user_version").fetchone()[0] != schema:
+            if path is not None:
+                db.execute("PRAGMA journal_mode=WAL")  # kept by the file
+            db.execute(f"DROP TABLE IF EXISTS {table}")
+            db.execute(f"CREATE TABLE {table} ({columns})")
+            db.execute(f"PRAGMA user_version={schema}")
+            db.commit()
+        db.execute(f"SELECT count(*) FROM {table}").fetchone()  # a damaged file fails here
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 class Catalog:
@@ -52,56 +100,9 @@ class Catalog:
         self._db: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        if self._db is not None:
-            return self._db
-        db = None
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                ensure_private_dir(self.path.parent)
-            with contextlib.suppress(OSError):
-                if self.path.is_symlink():  # never write through a planted link
-                    self.path.unlink()
-            try:
-                db = self._open(self.path)
-            except (sqlite3.Error, OSError) as exc:
-                log.info("rebuilding the checkpoint catalog %s: %s", self.path, exc)
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(OSError):
-                        Path(f"{self.path}{suffix}").unlink()
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    db = self._open(self.path)
-        if db is None:
-            db = self._open(None)
-        self._db = db
-        return db
-
-    @staticmethod
-    def _open(path: Path | None) -> sqlite3.Connection:
-        if path is not None:
-            ensure_private_dir(path.parent)
-            if not path.exists():
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        db = sqlite3.connect(
-            ":memory:" if path is None else str(path), timeout=10, check_same_thread=False
-        )
-        try:
-            if path is not None:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=OFF")  # derived data: a lost write is re-read
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA):
-                db.execute("DROP TABLE IF EXISTS blobs")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, etag TEXT NOT NULL, "
-                "row BLOB)"
-            )
-            db.execute(f"PRAGMA user_version={_SCHEMA}")
-            db.execute("SELECT count(*) FROM blobs").fetchone()  # a damaged file fails here
-            db.commit()
-        except BaseException:
-            db.close()
-            raise
-        return db
+        if self._db is None:
+            self._db = open_cache(self.path, "blobs", _COLUMNS, _SCHEMA)
+        return self._db
 
     def rows(
         self,
@@ -116,7 +117,7 @@ class Catalog:
                 return self._rows(self._connect(), listing, read)
             except sqlite3.Error as exc:  # damaged under us: start again in memory
                 log.warning("the checkpoint catalog %s is unusable: %s", self.path, exc)
-                self._db = self._open(None)
+                self._db = open_cache(None, "blobs", _COLUMNS, _SCHEMA)
                 return self._rows(self._db, listing, read)
 
     @staticmethod

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from prowzi.storage.files import ensure_private_dir, open_nofollow
+from prowzi.storage.catalog import open_cache
 
 __all__ = ["IndexRow", "SessionIndex"]
 
 log = logging.getLogger("prowzi.telemetry")
 
 _SCHEMA = 1
+_COLUMNS = (
+    "session_id TEXT PRIMARY KEY, started REAL NOT NULL, status TEXT NOT NULL, "
+    "signature TEXT NOT NULL, summary BLOB NOT NULL"
+)
 
 IndexRow = tuple[float, str, str, str]
 """``(started, session_id, status, signature)``: what listing needs to match records, filter
@@ -48,60 +51,8 @@ class SessionIndex:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = self._rebuilt(None)
+            self._db = open_cache(self.path, "sessions", _COLUMNS, _SCHEMA)
         return self._db
-
-    def _rebuilt(self, problem: BaseException | None) -> sqlite3.Connection:
-        """The index's file opened, or made again when it is damaged, foreign or a symlink
-        (never written through); in memory where no file can be."""
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                ensure_private_dir(self.path.parent)
-            with contextlib.suppress(OSError):
-                if self.path.is_symlink():
-                    self.path.unlink()
-            for attempt in range(2):
-                if problem is not None:
-                    log.info("rebuilding the session index %s: %s", self.path, problem)
-                    for suffix in ("", "-wal", "-shm"):
-                        with contextlib.suppress(OSError):
-                            Path(f"{self.path}{suffix}").unlink()
-                try:
-                    return self._open(self.path)
-                except (sqlite3.Error, OSError) as exc:
-                    problem = exc
-                    if attempt or isinstance(exc, OSError):
-                        break
-        return self._open(None)
-
-    @staticmethod
-    def _open(path: Path | None) -> sqlite3.Connection:
-        if path is not None:
-            ensure_private_dir(path.parent)
-            if not path.exists():
-                os.close(open_nofollow(path, os.O_WRONLY | os.O_CREAT))
-        db = sqlite3.connect(
-            ":memory:" if path is None else str(path), timeout=10, check_same_thread=False
-        )
-        try:
-            db.execute("PRAGMA synchronous=OFF")  # derived data: a lost write is re-read
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version != _SCHEMA:  # new, or another schema: (re)made, and nothing written else
-                if path is not None:
-                    db.execute("PRAGMA journal_mode=WAL")  # kept by the file
-                db.execute("DROP TABLE IF EXISTS sessions")
-                db.execute(
-                    "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, started REAL NOT NULL, "
-                    "status TEXT NOT NULL, signature TEXT NOT NULL, summary BLOB NOT NULL) "
-                    "WITHOUT ROWID"
-                )
-                db.execute(f"PRAGMA user_version={_SCHEMA}")
-                db.commit()
-            db.execute("SELECT count(*) FROM sessions").fetchone()  # a damaged file fails here
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     def _run(self, work: str, query: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
         with self._mutex:
@@ -119,7 +70,11 @@ class SessionIndex:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
         busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-        self._db = self._open(None) if busy else self._rebuilt(exc)
+        if not busy and self.path is not None:  # damaged or foreign under us: made again
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(f"{self.path}{suffix}").unlink()
+        self._db = open_cache(None if busy else self.path, "sessions", _COLUMNS, _SCHEMA)
 
     def rows(self) -> dict[str, IndexRow]:
         """Every row, by session id (typed by the query, whatever a foreign file holds)."""
