@@ -336,3 +336,34 @@ def test_a_garbled_lease_record_never_blocks_the_session(store: BlobStore) -> No
     manager = CheckpointManager(store=store)
     with manager.session_lock("garbled"):
         assert manager.lock_holder("garbled") is not None
+
+
+def test_a_run_whose_lease_is_taken_over_stops_without_writing_again(tmp_path: Path) -> None:
+    import asyncio
+
+    from prowzi.agents.base import StageContext
+    from prowzi.config import ProwziConfig
+    from prowzi.testing import noop_agents
+    from prowzi.workflows import ProwziOrchestrator
+
+    store = LocalBlobStore(tmp_path / "checkpoints")
+    agents = noop_agents()
+    plain_search = agents["search"]
+
+    async def search_then_taken_over(ctx: StageContext) -> Any:
+        # another writer takes the session over (as after this one stalled past its ttl)
+        name = SessionLeases.blob_name(ctx.session_id)
+        blob = store.get(name)
+        record = {**orjson.loads(blob.data), "token": 99, "owner": "the intruder", "pid": 1}
+        store.put(name, orjson.dumps(record), if_match=blob.info.etag)
+        return await plain_search(ctx)
+
+    agents["search"] = search_then_taken_over
+    config = ProwziConfig(
+        enable_checkpointing=True, checkpoint_dir=tmp_path / "checkpoints", enable_telemetry=False
+    )
+    orchestrator = ProwziOrchestrator(config=config, agents=agents)
+    with pytest.raises(LeaseLostError, match="taken over by the intruder"):
+        asyncio.run(orchestrator.run_research(PROMPT, session_id="stolen"))
+    saved = sorted(b.name for b in store.list("stolen_") if b.name.endswith(".pkl"))
+    assert saved == ["stolen_intent.pkl", "stolen_planning.pkl"]

@@ -654,18 +654,6 @@ class ProwziOrchestrator:
                     pending.clear()
                     run.previous_hash = None
                 raise
-        except LeaseLostError as exc:
-            # Another writer took the session over: this run must not write it any more.
-            await bus.emit(
-                CheckpointFailed(
-                    session_id=run.session_id,
-                    timestamp=time.time(),
-                    stage=stage,
-                    error=describe_exception(exc),
-                )
-            )
-            pending.clear()
-            raise
         except Exception as exc:  # disk full, permissions, a store error: the run goes on
             log.error(
                 "checkpoint of %s after %s failed%s: %s",
@@ -682,6 +670,10 @@ class ProwziOrchestrator:
                     error=describe_exception(exc),
                 )
             )
+            if isinstance(exc, LeaseLostError):
+                # Another writer took the session over: this run must not write it any more.
+                pending.clear()
+                raise
             return False
         # Bookkeeping before any await: the save is done whatever happens to this task now.
         pending.clear()
