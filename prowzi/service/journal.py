@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from prowzi.ids import validate_session_id
+from prowzi.storage.files import atomic_write, ensure_private_dir
 
 log = logging.getLogger("prowzi.service")
 
@@ -134,21 +133,5 @@ class RunJournal:
         payload = json.dumps(
             {"version": JOURNAL_VERSION, "runs": [asdict(e) for e in entries]}
         ).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".runs.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                if self._fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if self._fsync:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        ensure_private_dir(self.path.parent)
+        atomic_write(self.path, payload, durable=self._fsync)
