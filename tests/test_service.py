@@ -447,3 +447,31 @@ def test_a_service_finds_the_sessions_another_one_put_in_the_telemetry_store(
         assert sid in json.dumps(listed)
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("backend", ["s3_store", "azure_store"])
+def test_the_service_checkpoints_to_an_object_store_and_resumes_from_it(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    store = request.getfixturevalue(backend)  # sets the store's credentials in the environment
+    svc = Service(tmp_path, PROWZI_CHECKPOINT_URL=store.url, PROWZI_TEST_DELAY="0.2")
+    try:
+        sid = svc.start_run()
+        deadline = time.monotonic() + 30
+        while not [b for b in store.list(f"{sid}_") if b.name.endswith(".pkl")]:
+            assert time.monotonic() < deadline, "no checkpoint in the store"
+            time.sleep(0.02)
+        assert svc.client.post(f"/runs/{sid}/cancel").status_code == 202
+        svc.wait_state(sid, "cancelled")
+        saved = CheckpointManager(store=store).latest(sid)
+        assert saved is not None
+        assert not (tmp_path / "prowzi_checkpoints").exists()  # nothing local
+        assert svc.client.post(f"/runs/{sid}/resume").status_code == 202
+        svc.wait_state(sid, "completed")
+    finally:
+        svc.stop()
+    manager = CheckpointManager(store=store)
+    manager.verify_chain(sid)
+    assert manager.latest(sid).completed_stages == list(STAGES)  # type: ignore[union-attr]
