@@ -223,7 +223,7 @@ def test_the_queue_is_bounded_and_its_depth_is_a_metric(slow_service: Service) -
     assert "queued" in full.json()["detail"]
     assert full.headers["retry-after"]
     ready = svc.client.get("/readyz").json()
-    assert ready == {"status": "ready", "active_runs": 1, "queued_runs": 1}
+    assert ready == {"status": "ready", "active_runs": 1, "queued_runs": 1, "event_streams": 0}
     text = svc.client.get("/metrics").text
     assert "prowzi_service_queue_depth 1.0" in text
     assert "prowzi_service_active_runs 1.0" in text

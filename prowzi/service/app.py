@@ -5,6 +5,9 @@ Session ids in URLs are validated with :mod:`prowzi.ids` before anything is look
 The service's own file and store work (telemetry reads and lease probes, the run journal,
 documents served, resume plans) runs in worker threads, never on the event loop, so a slow
 disk or store does not hold up other requests and event streams.
+Server-Sent Events are ``sse-starlette``'s :class:`EventSourceResponse`: it frames the
+messages, sends the keep-alive comments and notices a client that goes away (the stream's
+generator is then cancelled; ``/readyz`` counts the streams open).
 Errors are JSON objects with a ``detail`` message: 400 for a malformed id, 404 for an unknown
 run, 409 for a request that does not fit the run's state, 413 for an oversized body, 422 for
 an invalid body, 429 when the queue is full, 503 while shutting down.
@@ -15,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from prowzi import __version__
 from prowzi.errors import (
@@ -46,7 +51,7 @@ from prowzi.service.runs import (
     RunRecord,
     ServiceUnavailableError,
 )
-from prowzi.workflows.events import EventSink
+from prowzi.workflows.events import Event, EventSink
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -69,6 +74,7 @@ class ServiceSettings:
     state_dir: Path = field(default_factory=lambda: Path("./prowzi_service"))
     shutdown_timeout: float = 30.0
     keepalive_seconds: float = 15.0
+    """Interval of the keep-alive comments on an event stream (0: none)."""
 
 
 # --- request and response bodies ------------------------------------------------------------
@@ -222,6 +228,8 @@ def create_app(
     )
     app.state.manager = manager
     app.state.metrics = metrics
+    streams = _StreamCount()
+    app.state.event_streams = streams
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -360,7 +368,7 @@ def create_app(
     @app.get(
         "/runs/{session_id}/events",
         tags=["runs"],
-        response_class=StreamingResponse,
+        response_class=EventSourceResponse,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def run_events(
@@ -372,13 +380,15 @@ def create_app(
         Each message has ``id`` (a sequence number; send it back as ``Last-Event-ID`` to
         resume a stream), ``event`` (the event kind) and ``data`` (the event as JSON). A
         final ``end`` message carries the run's state. A run this process did not execute
-        replays its recorded event log.
+        replays its recorded event log. A quiet stream gets a ``: keepalive`` comment every
+        ``keepalive_seconds``.
         """
         sid = _session(session_id)
         after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
         record = manager.records.get(sid)
+        stream: AsyncIterator[ServerSentEvent]
         if record is not None:
-            stream = _follow(manager, record, after, settings.keepalive_seconds)
+            stream = _follow(streams, manager, record, after)
         else:
             try:
                 events = await asyncio.to_thread(
@@ -388,11 +398,16 @@ def create_app(
                 return _error(404, f"no run or session {sid}")
             except TelemetryError as exc:
                 return _error(409, f"session {sid} has no readable event log: {exc}")
-            stream = _replay([e.as_record() for e in events], after)
-        return StreamingResponse(
+            stream = _replay(streams, sid, events, after)
+        return EventSourceResponse(
             stream,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache"},
+            sep="\n",
+            ping=settings.keepalive_seconds,
+            ping_message_factory=_keepalive,
+            # On SIGTERM the run manager ends every followed run (the streams send their
+            # ``end`` message); sse-starlette cancels a stream only after this long.
+            shutdown_grace_period=settings.shutdown_timeout,
         )
 
     @app.post(
@@ -464,31 +479,66 @@ def create_app(
             "status": "ready",
             "active_runs": manager.active,
             "queued_runs": manager.queue_depth,
+            "event_streams": streams.open,
         }
 
     return app
 
 
-def _sse(seq: int | None, kind: str, data: dict[str, Any]) -> bytes:
-    head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+class _StreamCount:
+    """The event streams open: each stream's generator holds one while it runs, so a client
+    that goes away (the generator is cancelled) is seen here as soon as the server sees it."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+    @contextmanager
+    def held(self, session_id: str) -> Iterator[None]:
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+            log.debug("event stream of %s closed; %d open", session_id, self.open)
 
 
-async def _follow(
-    manager: RunManager, record: RunRecord, after: int, keepalive: float
-) -> AsyncIterator[bytes]:
-    async for item in manager.follow(record, after, keepalive):
-        if item is None:
-            yield b": keepalive\n\n"
-        else:
-            yield _sse(*item)
-    yield _sse(
-        None, "end", {"session_id": record.session_id, "state": record.state, "error": record.error}
+def _message(seq: int | None, kind: str, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(
+        json.dumps(data, default=str),
+        id=None if seq is None else str(seq),
+        event=kind,
+        sep="\n",
     )
 
 
-async def _replay(records: list[dict[str, Any]], after: int) -> AsyncIterator[bytes]:
-    for seq, data in enumerate(records, start=1):
-        if seq > after:
-            yield _sse(seq, str(data.get("event", "event")), data)
-    yield _sse(None, "end", {"state": "replayed"})
+def _keepalive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keepalive", sep="\n")
+
+
+async def _follow(
+    streams: _StreamCount, manager: RunManager, record: RunRecord, after: int
+) -> AsyncIterator[ServerSentEvent]:
+    with streams.held(record.session_id):
+        async for item in manager.follow(record, after):
+            yield _message(*item)
+        yield _message(
+            None,
+            "end",
+            {"session_id": record.session_id, "state": record.state, "error": record.error},
+        )
+
+
+async def _replay(
+    streams: _StreamCount, session_id: str, events: list[Event], after: int
+) -> AsyncIterator[ServerSentEvent]:
+    """The log read (in a worker thread) before the response began: each message is made
+    as it is sent, and the events already sent are let go."""
+    with streams.held(session_id):
+        pending = deque(events[after:])
+        events.clear()
+        seq = after
+        while pending:
+            seq += 1
+            data = pending.popleft().as_record()
+            yield _message(seq, str(data.get("event", "event")), data)
+        yield _message(None, "end", {"state": "replayed"})

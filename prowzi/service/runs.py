@@ -417,10 +417,10 @@ class RunManager:
     # --- events -------------------------------------------------------------------------
 
     async def follow(
-        self, record: RunRecord, after: int = 0, keepalive: float = 15.0
-    ) -> AsyncIterator[tuple[int, str, dict[str, Any]] | None]:
+        self, record: RunRecord, after: int = 0
+    ) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
         """The run's events with a sequence number above ``after``, then live ones, until
-        the run is finished. ``None`` is yielded after ``keepalive`` seconds of silence."""
+        the run is finished. (Keep-alives on a quiet stream are the SSE response's.)"""
         last = after
         while True:
             changed = record.changed
@@ -428,11 +428,8 @@ class RunManager:
             for item in fresh:
                 last = item[0]
                 yield item
-            if record.done and not fresh:
-                return
             if fresh:
                 continue
-            try:
-                await asyncio.wait_for(changed.wait(), keepalive)
-            except TimeoutError:
-                yield None
+            if record.done:
+                return
+            await changed.wait()
