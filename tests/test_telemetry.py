@@ -350,6 +350,34 @@ def test_a_resumed_session_continues_its_record(tmp_path: Path) -> None:
     assert data["total_duration_seconds"] == pytest.approx(2.0 + 2.0)
 
 
+@pytest.mark.parametrize("value", ["soon", 1e20, -1e20, [1]])
+def test_a_resume_skips_a_mistyped_line_and_records_its_events(
+    tmp_path: Path, value: object
+) -> None:
+    """Issue 15 item 5: a log line whose fields have the wrong type is skipped, as a line
+    that is not JSON is, and the resumed run's events are all recorded."""
+    run = RunScript("s-typo").start().stage("intent", 1.0)
+    run.fail_stage("planning", 1.0, "down").failed("planning", "down")
+    record(TelemetryCollector(tmp_path), run.events)
+    log = tmp_path / "events" / "s-typo.jsonl"
+    lines = log.read_text().splitlines()
+    bad = json.loads(lines[2])  # the intent stage's start
+    bad["timestamp"] = value
+    lines[2] = json.dumps(bad)
+    log.write_text("\n".join(lines) + "\n")
+    again = RunScript("s-typo", t0=run.now + 60).start().skip("intent")
+    again.stage("planning", 2.0).complete()
+    collector = TelemetryCollector(tmp_path)
+    record(collector, again.events)
+    assert collector.errors == 0
+    data = session_file(tmp_path, "s-typo")
+    assert data["success"] is True and data["metadata"]["runs"] == 2
+    assert [s["status"] for s in data["stages"]][-2:] == ["skipped", "completed"]
+    with pytest.raises(TelemetryError, match="line 3 is not a valid event: 'timestamp'"):
+        read_events(log)
+    assert TelemetryCollector(tmp_path).load_session("s-typo").success is True
+
+
 def test_a_second_writer_of_the_same_session_stays_passive(tmp_path: Path) -> None:
     first = TelemetryCollector(tmp_path)
     second = TelemetryCollector(tmp_path)

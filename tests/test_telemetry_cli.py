@@ -166,6 +166,35 @@ def test_rebuild_refuses_a_corrupt_event_log(cli: CliRunner) -> None:
     one_line_error(cli.invoke(app, ["show", DOC_SESSION, "--rebuild"]), 1, "line 4 is not JSON")
 
 
+def _mistyped_line(value: object, directory: Path = TELEMETRY) -> Path:
+    """Record the design document's run, then give its fourth line's timestamp ``value``."""
+    record(doc_example_run(), directory)
+    log = directory / "events" / f"{DOC_SESSION}.jsonl"
+    lines = log.read_text().splitlines()
+    line = json.loads(lines[3])
+    line["timestamp"] = value
+    lines[3] = json.dumps(line)
+    log.write_text("\n".join(lines) + "\n")
+    return log
+
+
+MISTYPED = pytest.mark.parametrize("value", ["soon", 1e20, True, None])
+"""Issue 15 item 5: event-log fields of the wrong type, or a time no date can hold."""
+
+
+@MISTYPED
+def test_a_mistyped_event_is_a_corrupt_line_for_every_reader(cli: CliRunner, value: object) -> None:
+    """A line whose fields have the wrong type is refused as a line that is not JSON is: a
+    one-line error naming the line, never a traceback."""
+    _mistyped_line(value)
+    reason = "line 4 is not a valid event: "
+    one_line_error(cli.invoke(app, ["show", DOC_SESSION, "--rebuild"]), 1, reason)
+    one_line_error(cli.invoke(app, ["monitor", DOC_SESSION]), 1, reason)
+    one_line_error(cli.invoke(app, ["replay", DOC_SESSION, "--speed", "1000"]), 1, reason)
+    (TELEMETRY / f"{DOC_SESSION}.json").unlink()  # show derives the record from the log
+    one_line_error(cli.invoke(app, ["show", DOC_SESSION]), 1, reason)
+
+
 # --- monitor and replay ----------------------------------------------------------------------
 
 

@@ -12,7 +12,13 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import orjson
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter, ValidationError
 
 log = logging.getLogger("prowzi.events")
 
@@ -24,6 +30,9 @@ class Event:
     """Base of every event. ``timestamp`` is seconds since the epoch (UTC)."""
 
     kind: ClassVar[str] = "event"
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"strict": True, "extra": "forbid"}
+    """How a record read back is validated (:func:`event_from_record`): every field of its
+    type (a boolean is not a number), no field this Prowzi does not know."""
     session_id: str
     timestamp: float
 
@@ -150,16 +159,70 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def event_from_record(record: dict[str, Any]) -> Event:
-    """Rebuild an event from :meth:`Event.as_record` output (e.g. a line of an event log)."""
+    """Rebuild an event from :meth:`Event.as_record` output (e.g. a line of an event log).
+
+    The record is validated (pydantic, strictly, as JSON): a field of the wrong type
+    (``"timestamp": "soon"``), a timestamp no date can hold (``1e20``), a missing or unknown
+    field is a ``ValueError`` saying which, never an event that breaks its readers later."""
     data = dict(record)
     kind = data.pop("event", None)
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"unknown event kind {kind!r}")
-    for key in ("stages", "completed_stages"):
-        if key in data and isinstance(data[key], list):
-            data[key] = tuple(data[key])
-    return cls(**data)
+    from pydantic import ValidationError
+
+    try:
+        encoded = orjson.dumps(data)
+    except TypeError as exc:  # a value JSON cannot hold: not what a log line gives
+        raise ValueError(str(exc)) from None
+    try:
+        return _record_adapter(cls).validate_json(encoded)
+    except ValidationError as exc:
+        raise ValueError(validation_reason(exc)) from None
+
+
+def _valid_time(event: Event) -> Event:
+    try:
+        datetime.fromtimestamp(event.timestamp, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"'timestamp' is out of range ({event.timestamp!r})") from None
+    return event
+
+
+_ADAPTERS: dict[str, TypeAdapter[Event]] = {}
+
+
+def _record_adapter(cls: type[Event]) -> TypeAdapter[Event]:
+    """The validator of one kind's records (pydantic is imported when a record is first read,
+    not by every command that imports the event types)."""
+    adapter = _ADAPTERS.get(cls.kind)
+    if adapter is None:
+        from typing import Annotated, cast
+
+        from pydantic import AfterValidator, TypeAdapter
+
+        checked = Annotated[cls, AfterValidator(_valid_time)]  # type: ignore[valid-type]
+        adapter = _ADAPTERS[cls.kind] = cast("TypeAdapter[Event]", TypeAdapter(checked))
+    return adapter
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """A pydantic error as one line: what is wrong, and where (``'stages.0.attempt' ...``)."""
+    reasons = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "value_error":
+            message = str(error.get("ctx", {}).get("error", message))
+        if not where:
+            reasons.append(message)
+        elif error["type"] == "missing":
+            reasons.append(f"'{where}' is missing")
+        elif error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            reasons.append(f"'{where}' is not a known field")
+        else:
+            reasons.append(f"'{where}' is invalid: {message[:1].lower()}{message[1:]}")
+    return "; ".join(reasons) or str(exc)
 
 
 @runtime_checkable
