@@ -348,7 +348,7 @@ def test_200_orchestrated_runs_leave_the_series_count_of_the_first(
         config=ProwziConfig(enable_telemetry=False, retry_backoff_base=0, max_retries=1),
         agents={**noop_agents(), "search": flaky},
         sinks=[metrics],
-        tracer=build_tracer({}, exporters=[InMemorySpanExporter()], install_global=False),
+        tracer=build_tracer(exporters=[InMemorySpanExporter()], install_global=False),
         on_sink_error=metrics.sink_error,
     )
 

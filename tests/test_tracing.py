@@ -4,6 +4,8 @@ exporter. The stage loop is driven here the way the orchestrator drives it."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,10 +27,16 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     yield InMemorySpanExporter()
 
 
-def make_tracer(exporter: InMemorySpanExporter, **env: str) -> OtelTracer:
-    tracer = build_tracer(env, exporters=[exporter], install_global=False)
+def make_tracer(exporter: InMemorySpanExporter) -> OtelTracer:
+    tracer = build_tracer(exporters=[exporter], install_global=False)
     assert isinstance(tracer, OtelTracer)
     return tracer
+
+
+def set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """The variables the SDK reads are the process's: tests set them there."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
@@ -229,8 +237,11 @@ def test_tool_span_follows_genai_execute_tool() -> None:
         span.set_attribute("x", 1)  # a no-op span without a global SDK: must not raise
 
 
-def test_ids_are_none_when_the_sampler_drops_the_run(exporter: InMemorySpanExporter) -> None:
-    tracer = make_tracer(exporter, OTEL_TRACES_SAMPLER="always_off")
+def test_ids_are_none_when_the_sampler_drops_the_run(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    tracer = make_tracer(exporter)
     with tracer.run(SESSION, prompt="p", attributes={}) as run, run.stage("intent", 1) as span:
         assert run.trace_id is None and span.trace_id is None
     assert exporter.get_finished_spans() == ()
@@ -244,14 +255,16 @@ def test_ids_are_none_when_the_sampler_drops_the_run(exporter: InMemorySpanExpor
         {"OTEL_TRACES_EXPORTER": "none"},
     ],
 )
-def test_disabled_or_unconfigured_tracing_is_the_null_tracer(env: dict[str, str]) -> None:
-    assert isinstance(build_tracer(env, install_global=False), NullTracer)
+def test_disabled_or_unconfigured_tracing_is_the_null_tracer(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_env(monkeypatch, env)
+    assert isinstance(build_tracer(install_global=False), NullTracer)
 
 
-def test_an_endpoint_alone_selects_otlp() -> None:
-    tracer = build_tracer(
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}, install_global=False
-    )
+def test_an_endpoint_alone_selects_otlp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    tracer = build_tracer(install_global=False)
     assert isinstance(tracer, OtelTracer)
     tracer.provider.shutdown()
 
@@ -279,21 +292,119 @@ def test_an_endpoint_alone_selects_otlp() -> None:
         ),
     ],
 )
-def test_bad_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+def test_bad_settings_name_their_variable(
+    env: dict[str, str], variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_env(monkeypatch, env)
     with pytest.raises(ConfigError, match=variable):
-        build_tracer(env, install_global=False)
+        build_tracer(install_global=False)
+
+
+OTLP = {"OTEL_TRACES_EXPORTER": "otlp"}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "extra"),
+    [
+        # Values the SDK would warn about and replace by a default.
+        ("OTEL_TRACES_SAMPLER", " always_off", {}),  # the SDK does not strip: always on
+        ("OTEL_TRACES_SAMPLER_ARG", "nan", {"OTEL_TRACES_SAMPLER": "traceidratio"}),
+        ("OTEL_TRACES_SAMPLER_ARG", "half", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}),
+        ("OTEL_RESOURCE_ATTRIBUTES", "team=research,ci", {}),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json", OTLP),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318", OTLP),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317", OTLP),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "ten", OTLP),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1", OTLP),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip", OTLP),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "authorization", OTLP),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "=token", OTLP),
+    ],
+)
+def test_a_bad_otel_value_is_one_line_naming_its_variable(
+    variable: str, value: str, extra: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_env(monkeypatch, {"OTEL_TRACES_EXPORTER": "console", **extra, variable: value})
+    with pytest.raises(ConfigError) as raised:
+        build_tracer(install_global=False)
+    message = str(raised.value)
+    assert message.startswith(f"invalid {variable}={value!r}: ")
+    assert "\n" not in message
+
+
+def test_absent_otel_variables_leave_the_sdk_defaults_and_prowzis_name(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    from prowzi import __version__
+
+    tracer = make_tracer(exporter)
+    resource = tracer.provider.resource.attributes
+    assert resource["service.name"] == "prowzi"
+    assert resource["service.version"] == __version__
+    assert resource["telemetry.sdk.name"] == "opentelemetry"
+    assert isinstance(tracer.provider.sampler, ParentBased)
+    with tracer.run(SESSION, prompt="p", attributes={}) as run:
+        assert run.trace_id is not None
+
+
+def test_valid_otel_variables_reach_the_sdk(
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    set_env(
+        monkeypatch,
+        {
+            "OTEL_SERVICE_NAME": "prowzi-lab",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.version=9,team=re%20search",
+            "OTEL_TRACES_SAMPLER": "TraceIdRatio",
+            "OTEL_TRACES_SAMPLER_ARG": "0",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",  # not read: no OTLP exporter here
+        },
+    )
+    tracer = make_tracer(exporter)
+    resource = tracer.provider.resource.attributes
+    assert resource["service.name"] == "prowzi-lab"
+    assert resource["service.version"] == "9"
+    assert resource["team"] == "re search"
+    with tracer.run(SESSION, prompt="p", attributes={}) as run:
+        assert run.trace_id is None  # ratio 0: nothing sampled
+    assert exporter.get_finished_spans() == ()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_valid_otlp_variables_build_the_sdks_exporter(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_env(
+        monkeypatch,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector.example:4318/",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=lab%20one,authorization=Bearer t",
+        },
+    )
+    tracer = build_tracer(install_global=False)
+    assert isinstance(tracer, OtelTracer)
+    tracer.provider.shutdown()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_disabled_tracing_does_not_import_the_sdk() -> None:
     code = (
         "import sys\n"
         "from prowzi.observability.tracing import build_tracer\n"
-        "t = build_tracer({'OTEL_SDK_DISABLED': 'true'})\n"
+        "t = build_tracer()\n"
         "with t.run('s', prompt='p', attributes={}) as r, r.stage('intent', 1):\n"
         "    pass\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry.sdk')], 'sdk'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 def test_a_run_recorded_as_cancelled_is_not_an_error(exporter: InMemorySpanExporter) -> None:

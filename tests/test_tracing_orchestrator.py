@@ -41,7 +41,7 @@ class Search:
 
 def make(tmp_path: Path, search: Search) -> tuple[ProwziOrchestrator, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    tracer = build_tracer({}, exporters=[exporter], install_global=False)
+    tracer = build_tracer(exporters=[exporter], install_global=False)
     assert isinstance(tracer, OtelTracer)
     config = ProwziConfig(
         enable_checkpointing=True,

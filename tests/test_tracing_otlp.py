@@ -73,7 +73,9 @@ def attrs(kvs: Any) -> dict[str, Any]:
     return out
 
 
-def test_spans_arrive_with_service_name_and_resource_attributes(receiver: Receiver) -> None:
+def test_spans_arrive_with_service_name_and_resource_attributes(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
@@ -82,7 +84,9 @@ def test_spans_arrive_with_service_name_and_resource_attributes(receiver: Receiv
         "OTEL_SERVICE_NAME": "prowzi-test",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci,team=research,service.name=x",
     }
-    tracer = build_tracer(env, install_global=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    tracer = build_tracer(install_global=False)
     assert isinstance(tracer, OtelTracer)
     with tracer.run("s-1", prompt="p", attributes={}) as run:
         with run.stage("intent", 1):
@@ -113,9 +117,13 @@ def test_spans_arrive_with_service_name_and_resource_attributes(receiver: Receiv
     assert receiver.headers[0]["content-type"] == "application/x-protobuf"
 
 
-def test_traces_endpoint_is_used_verbatim(receiver: Receiver) -> None:
+def test_traces_endpoint_is_used_verbatim(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/v1/traces"}
-    tracer = build_tracer(env, install_global=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    tracer = build_tracer(install_global=False)
     assert isinstance(tracer, OtelTracer)
     with tracer.run("s-2", prompt="p", attributes={}):
         pass

@@ -15,9 +15,9 @@ cancellation (user request, shutdown) is not an error. Retries are events on the
 resumed run's root span links to the original run's root span. Prompts are not recorded, only
 their length.
 
-Configuration comes from the standard ``OTEL_*`` variables (see :func:`build_tracer`). When
-tracing is off, :func:`build_tracer` returns :class:`~prowzi.workflows.tracing.NullTracer`
-without importing the OpenTelemetry SDK.
+Configuration comes from the standard ``OTEL_*`` variables, read by the OpenTelemetry SDK itself;
+:func:`build_tracer` checks them first and picks the exporters. When tracing is off, it returns
+:class:`~prowzi.workflows.tracing.NullTracer` without importing the OpenTelemetry SDK.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger("prowzi.tracing")
@@ -45,24 +44,15 @@ log = logging.getLogger("prowzi.tracing")
 INSTRUMENTATION_NAME = "prowzi"
 WORKFLOW_NAME = "prowzi.research"
 
-# The standard variables this module reads (names from the OpenTelemetry specification).
+# The OTEL_* variables Prowzi checks before the SDK reads them (names from the specification).
 OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
-"""``true`` switches tracing off."""
 OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
-"""Comma-separated ``none``, ``console``, ``otlp``. Unset: ``otlp`` if an OTLP endpoint is
-set, else tracing is off (an offline tool should not retry a collector nobody started)."""
-OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
-OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
-OTEL_EXPORTER_OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
-"""Only ``http/protobuf`` is supported; anything else is a :class:`ConfigError`."""
 OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
 OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
-OTEL_EXPORTER_OTLP_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
-OTEL_EXPORTER_OTLP_TRACES_HEADERS = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
-OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
-"""Wins over ``service.name`` in OTEL_RESOURCE_ATTRIBUTES; the default is ``prowzi``."""
 OTEL_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+_OTLP = "OTEL_EXPORTER_OTLP_"
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = _OTLP + "TRACES_ENDPOINT"
+OTEL_EXPORTER_OTLP_ENDPOINT = _OTLP + "ENDPOINT"
 
 _EXPORTERS = ("none", "console", "otlp")
 _SAMPLERS = (
@@ -73,6 +63,7 @@ _SAMPLERS = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
+_COMPRESSIONS = ("none", "gzip", "deflate")
 
 
 def _hex_ids(span: Span) -> tuple[str | None, str | None]:
@@ -277,16 +268,36 @@ def tool_span(name: str, attributes: Mapping[str, AttributeValue] | None = None)
         yield span
 
 
+# --- configuration ------------------------------------------------------------------------
+#
+# The SDK reads the OTEL_* variables itself: TracerProvider the sampler (OTEL_TRACES_SAMPLER and
+# _ARG) and span limits, Resource.create OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES,
+# BatchSpanProcessor OTEL_BSP_*, OTLPSpanExporter the endpoint, headers, timeout, compression
+# and certificates. Prowzi adds only three things:
+# - strict validation: where the SDK would log a warning and fall back to a default (an
+#   unknown sampler samples everything, a bad timeout becomes 10 s), a bad value is a
+#   ConfigError naming its variable, before any SDK object is made;
+# - the choice of exporters (OTEL_TRACES_EXPORTER is read by the SDK's auto-instrumentation
+#   only) and the offline default: with no exporter and no OTLP endpoint, tracing is off and
+#   the SDK is not imported (an offline tool should not retry a collector nobody started);
+# - ``service.name=prowzi`` and ``service.version`` when the variables do not name them.
+
+
+def _invalid(name: str, value: str, expected: str) -> ConfigError:
+    return ConfigError(f"invalid {name}={value!r}: {expected}")
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     value = env.get(name, "").strip().lower()
     if value in ("", "false", "0", "no"):
         return False
     if value in ("true", "1", "yes"):
         return True
-    raise ConfigError(f"invalid {name}={env[name]!r}: use true or false")
+    raise _invalid(name, env[name], "use true or false")
 
 
 def _exporter_names(env: Mapping[str, str]) -> list[str]:
+    """The exporters OTEL_TRACES_EXPORTER asks for; unset: ``otlp`` if an endpoint is set."""
     raw = env.get(OTEL_TRACES_EXPORTER)
     if raw is None or not raw.strip():
         has_endpoint = any(
@@ -297,79 +308,79 @@ def _exporter_names(env: Mapping[str, str]) -> list[str]:
     names = [n.strip().lower() for n in raw.split(",") if n.strip()]
     unknown = [n for n in names if n not in _EXPORTERS]
     if unknown:
-        raise ConfigError(
-            f"invalid {OTEL_TRACES_EXPORTER}={raw!r}: {', '.join(unknown)} not supported; "
-            f"use {', '.join(_EXPORTERS)}"
+        raise _invalid(
+            OTEL_TRACES_EXPORTER,
+            raw,
+            f"{', '.join(unknown)} not supported; use {', '.join(_EXPORTERS)}",
         )
     return [n for n in names if n != "none"]
 
 
-def _sampler(env: Mapping[str, str]) -> Sampler:
-    from opentelemetry.sdk.trace import sampling
-
-    name = env.get(OTEL_TRACES_SAMPLER, "").strip().lower() or "parentbased_always_on"
-    if name not in _SAMPLERS:
-        raise ConfigError(
-            f"invalid {OTEL_TRACES_SAMPLER}={name!r}: use one of {', '.join(_SAMPLERS)}"
-        )
-    if name.endswith("traceidratio"):
-        raw = env.get(OTEL_TRACES_SAMPLER_ARG, "").strip() or "1.0"
-        try:
-            rate = float(raw)
-        except ValueError:
-            rate = -1.0
-        if not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"invalid {OTEL_TRACES_SAMPLER_ARG}={raw!r}: a ratio between 0 and 1")
-        ratio = sampling.TraceIdRatioBased(rate)
-        return sampling.ParentBased(ratio) if name.startswith("parentbased") else ratio
-    return {
-        "always_on": sampling.ALWAYS_ON,
-        "always_off": sampling.ALWAYS_OFF,
-        "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
-        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
-    }[name]
+def _check_provider_settings(env: Mapping[str, str]) -> None:
+    """The variables TracerProvider and Resource.create read."""
+    sampler = env.get(OTEL_TRACES_SAMPLER, "")
+    # The SDK lower-cases the name but does not strip it; blank is its default.
+    if sampler and sampler.lower() not in _SAMPLERS:
+        raise _invalid(OTEL_TRACES_SAMPLER, sampler, f"use one of {', '.join(_SAMPLERS)}")
+    arg = env.get(OTEL_TRACES_SAMPLER_ARG, "")
+    # Unset, the SDK uses the specification's default ratio, 1.0.
+    ratio = sampler.lower().endswith("traceidratio") and arg.strip()
+    if ratio and not 0.0 <= _number(arg) <= 1.0:
+        raise _invalid(OTEL_TRACES_SAMPLER_ARG, arg, "a ratio between 0 and 1")
+    _check_pairs(env, OTEL_RESOURCE_ATTRIBUTES)
 
 
-def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    for var in (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL):
-        protocol = env.get(var, "").strip()
-        if protocol:
-            if protocol != "http/protobuf":
-                raise ConfigError(f"invalid {var}={protocol!r}: only http/protobuf is supported")
-            break
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def _check_otlp_settings(env: Mapping[str, str]) -> None:
+    """The variables OTLPSpanExporter reads, and the protocol it speaks."""
+    from urllib.parse import urlsplit
 
-    endpoint = env.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "").strip() or None
-    if endpoint is None:
-        base = env.get(OTEL_EXPORTER_OTLP_ENDPOINT, "").strip()
-        if base:
-            endpoint = base.rstrip("/") + "/v1/traces"
-    headers = _parse_pairs(
-        env.get(OTEL_EXPORTER_OTLP_TRACES_HEADERS, "") or env.get(OTEL_EXPORTER_OTLP_HEADERS, "")
-    )
-    # Timeout, compression and TLS variables are read by the exporter itself.
-    return OTLPSpanExporter(endpoint=endpoint, headers=headers or None)
+    for signal in ("TRACES_", ""):
+        protocol = env.get(f"{_OTLP}{signal}PROTOCOL", "").strip()
+        if protocol and protocol != "http/protobuf":
+            raise _invalid(f"{_OTLP}{signal}PROTOCOL", protocol, "only http/protobuf is supported")
+        name = f"{_OTLP}{signal}ENDPOINT"
+        endpoint = env.get(name, "")
+        if endpoint:
+            url = urlsplit(endpoint)
+            if (
+                url.scheme not in ("http", "https")
+                or not url.hostname
+                or endpoint != endpoint.strip()
+            ):
+                raise _invalid(name, endpoint, "an http:// or https:// URL")
+        name = f"{_OTLP}{signal}TIMEOUT"
+        timeout = env.get(name, "")
+        if timeout and not 0.0 < _number(timeout) < float("inf"):
+            raise _invalid(name, timeout, "a positive number of seconds")
+        name = f"{_OTLP}{signal}COMPRESSION"
+        compression = env.get(name, "")
+        if compression and compression.strip().lower() not in _COMPRESSIONS:
+            raise _invalid(name, compression, f"use one of {', '.join(_COMPRESSIONS)}")
+        _check_pairs(env, f"{_OTLP}{signal}HEADERS")
 
 
-def _parse_pairs(value: str) -> dict[str, str]:
-    """``k1=v1,k2=v2`` with percent-encoding, as OTEL_RESOURCE_ATTRIBUTES and headers use."""
-    from urllib.parse import unquote
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")  # fails every range check
 
-    pairs: dict[str, str] = {}
+
+def _check_pairs(env: Mapping[str, str], name: str) -> None:
+    """``k1=v1,k2=v2``: the SDK skips, with a warning, any item that is not a pair."""
+    value = env.get(name, "")
     for item in value.split(","):
-        key, sep, val = item.partition("=")
-        if sep and key.strip():
-            pairs[unquote(key.strip())] = unquote(val.strip())
-    return pairs
+        key, sep, _ = item.partition("=")
+        if item.strip() and not (sep and key.strip()):
+            raise _invalid(name, value, f"{item.strip()!r} is not key=value")
 
 
 def build_tracer(
-    env: Mapping[str, str] | None = None,
     *,
     exporters: list[SpanExporter] | None = None,
     install_global: bool = True,
 ) -> RunTracer:
-    """The tracer the standard ``OTEL_*`` variables ask for.
+    """The tracer the process's ``OTEL_*`` variables ask for.
 
     Returns :class:`NullTracer` (without importing the SDK) when ``OTEL_SDK_DISABLED`` is true
     or no exporter is configured. ``exporters`` replaces the configured ones (tests pass an
@@ -378,12 +389,15 @@ def build_tracer(
     stage spans; it is skipped when a global provider already exists. A bad value raises
     :class:`ConfigError` naming the variable.
     """
-    env = os.environ if env is None else env
+    env = os.environ  # what the SDK reads, so what is checked
     if _flag(env, OTEL_SDK_DISABLED):
         return NullTracer()
     names = _exporter_names(env) if exporters is None else []
     if exporters is None and not names:
         return NullTracer()
+    _check_provider_settings(env)
+    if "otlp" in names:
+        _check_otlp_settings(env)
 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -392,38 +406,34 @@ def build_tracer(
         SimpleSpanProcessor,
     )
 
-    sampler = _sampler(env)
-    provider = TracerProvider(resource=_resource(env), sampler=sampler)
+    provider = TracerProvider(resource=_resource())  # the sampler comes from the variables
     if exporters is not None:
         for exporter in exporters:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        for name in names:
-            if name == "console":
-                provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-            else:
-                provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(env)))
+    for name in names:
+        if name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if install_global:
         _install_global(provider)
     return OtelTracer(provider)
 
 
-def _resource(env: Mapping[str, str]) -> Resource:
-    """``service.name=prowzi``, overridden by OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME."""
-    from opentelemetry.sdk.resources import Resource
+def _resource() -> Resource:
+    """The SDK's resource from the variables, with Prowzi's service name and version as defaults."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 
     from prowzi import __version__
 
-    attributes: dict[str, AttributeValue] = {
-        "service.name": "prowzi",
-        "service.version": __version__,
-    }
-    attributes.update(_parse_pairs(env.get(OTEL_RESOURCE_ATTRIBUTES, "")))
-    service_name = env.get(OTEL_SERVICE_NAME, "").strip()
-    if service_name:
-        attributes["service.name"] = service_name
-    # Resource.create adds the telemetry.sdk.* attributes; ours win over its detectors.
-    return Resource.create(attributes)
+    # Resource.create adds telemetry.sdk.* and the variables' attributes, and names an unnamed
+    # service "unknown_service" (the specification's default), which Prowzi names instead.
+    resource = Resource({SERVICE_VERSION: __version__}).merge(Resource.create())
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "prowzi"}))
+    return resource
 
 
 def _install_global(provider: TracerProvider) -> None:
