@@ -1,5 +1,6 @@
-"""``prowzi serve`` over real HTTP on loopback: start, list, get, follow (SSE), cancel, resume,
-bad requests, the queue, and SIGTERM with runs in flight followed by a resuming restart."""
+"""``prowzi serve`` over real HTTP on loopback: start, list, get, follow (SSE: replay, resume,
+keep-alives, a client that goes away), cancel, resume, bad requests, the queue, and SIGTERM
+with runs in flight followed by a resuming restart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,19 @@ def free_port() -> int:
 
 
 class Service:
-    """A ``prowzi serve`` subprocess in ``cwd``."""
+    """A ``prowzi serve`` subprocess in ``cwd``; or, with ``script``, a Python process that
+    runs it (``{port}`` in the script is the port to listen on)."""
 
-    def __init__(self, cwd: Path, *args: str, **env: str) -> None:
+    def __init__(self, cwd: Path, *args: str, script: str | None = None, **env: str) -> None:
         self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cwd / f"serve-{self.port}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
+        command: Sequence[str] = (
+            [sys.executable, "-c", script.format(port=self.port)]
+            if script is not None
+            else [
                 sys.executable,
                 "-m",
                 "prowzi.cli.main",
@@ -47,7 +51,10 @@ class Service:
                 "--log-level",
                 "warning",
                 *args,
-            ],
+            ]
+        )
+        self.process = subprocess.Popen(
+            command,
             cwd=cwd,
             env=subprocess_env(**env),
             stdout=self._log,
@@ -475,3 +482,101 @@ def test_the_service_checkpoints_to_an_object_store_and_resumes_from_it(
     manager = CheckpointManager(store=store)
     manager.verify_chain(sid)
     assert manager.latest(sid).completed_stages == list(STAGES)  # type: ignore[union-attr]
+
+
+def test_a_run_this_process_did_not_execute_is_replayed_from_its_log_and_resumable(
+    tmp_path: Path,
+) -> None:
+    first = Service(tmp_path)
+    try:
+        sid = first.start_run()
+        first.wait_state(sid, "completed")
+        live = first.events(sid)
+    finally:
+        first.stop()
+    second = Service(tmp_path)  # its journal holds no unfinished run: sid is not a record
+    try:
+        replayed = second.events(sid)
+        assert [m["event"] for m in replayed] == [m["event"] for m in live[:-1]] + ["end"]
+        assert [m["id"] for m in replayed[:-1]] == list(range(1, len(replayed)))
+        assert replayed[-1] == {"event": "end", "data": {"state": "replayed"}}
+        tail = second.events(sid, last_event_id=replayed[-3]["id"])
+        assert tail == replayed[-2:]
+        assert second.client.get("/readyz").json()["event_streams"] == 0
+    finally:
+        second.stop()
+
+
+def _open_streams(service: Service) -> int:
+    return int(service.client.get("/readyz").json()["event_streams"])
+
+
+def test_a_client_that_goes_away_mid_stream_is_noticed_while_the_run_goes_on(
+    slow_service: Service,
+) -> None:
+    svc = slow_service
+    sid = svc.start_run()
+    assert _open_streams(svc) == 0
+    with (
+        httpx.Client(base_url=svc.url, timeout=30) as client,
+        client.stream("GET", f"/runs/{sid}/events") as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        assert next(lines) == "id: 1"
+        assert next(lines) == "event: workflow_started"
+        assert _open_streams(svc) == 1
+    # The connection is closed mid-run: the server cancels the stream's generator.
+    deadline = time.monotonic() + 10
+    while _open_streams(svc) != 0:
+        assert time.monotonic() < deadline, "the server still streams to a client that left"
+        time.sleep(0.02)
+    assert svc.client.get(f"/runs/{sid}").json()["state"] == "running"
+    # The run was not disturbed, and another client can still follow it to its end.
+    messages = svc.events(sid)
+    assert messages[0]["event"] == "workflow_started"
+    assert messages[-1]["data"]["state"] == "completed"
+    assert _open_streams(svc) == 0
+
+
+KEEPALIVE_SECONDS = 0.25
+SERVE_WITH_KEEPALIVE = (
+    "from pathlib import Path\n"
+    "from prowzi.config import get_config\n"
+    "from prowzi.service.app import ServiceSettings\n"
+    "from prowzi.service.server import serve\n"
+    f"settings = ServiceSettings(max_concurrent=1, keepalive_seconds={KEEPALIVE_SECONDS})\n"
+    "serve(get_config(), settings, port={port}, log_level='warning')\n"
+)
+
+
+def test_an_idle_stream_gets_keepalive_comments_at_the_configured_interval(
+    tmp_path: Path,
+) -> None:
+    svc = Service(tmp_path, script=SERVE_WITH_KEEPALIVE, PROWZI_TEST_DELAY="0.5")
+    try:
+        running = svc.start_run("first")
+        queued = svc.start_run("second")  # waits for the slot: its stream is idle
+        arrivals: list[tuple[float, str]] = []
+        with (
+            httpx.Client(base_url=svc.url, timeout=30) as client,
+            client.stream("GET", f"/runs/{queued}/events") as response,
+        ):
+            assert response.status_code == 200
+            opened = time.monotonic()
+            for line in response.iter_lines():
+                if line:
+                    arrivals.append((time.monotonic() - opened, line))
+                if time.monotonic() - opened > 8 * KEEPALIVE_SECONDS:
+                    break
+        assert svc.client.get(f"/runs/{queued}").json()["state"] == "queued"
+        assert {line for _, line in arrivals} == {": keepalive"}, arrivals
+        times = [t for t, _ in arrivals]
+        assert len(times) >= 6, times
+        gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+        assert all(KEEPALIVE_SECONDS * 0.6 < gap < KEEPALIVE_SECONDS * 2.5 for gap in gaps), gaps
+        for sid in (queued, running):
+            assert svc.client.post(f"/runs/{sid}/cancel").status_code == 202
+    finally:
+        svc.stop()
