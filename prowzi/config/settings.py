@@ -1,30 +1,87 @@
-"""Prowzi's settings, resolved in one place.
+"""Prowzi's settings, read from the environment by pydantic-settings and nothing else.
 
 Precedence: constructor argument > ``PROWZI_<FIELD>`` environment variable > default. Nothing
 reads the environment at import time: :func:`get_config` builds a fresh config when called.
 Assignments after construction are validated, so ``config.max_retries = -1`` raises.
+
+:class:`ProwziConfig` is made of two small settings classes that read-only commands
+(``prowzi sessions``, ``show``, ``monitor``, ``replay``) build alone, each validating only its
+own fields: :class:`TelemetryLocation` and :class:`CheckpointLocation`. A bad setting those
+commands do not use (``PROWZI_MAX_RETRIES=many``) does not stop them, and the checkpoint
+location, which they use only to tell whether a session is still running, cannot stop them
+from reading telemetry.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prowzi.config.paths import (
-    DEFAULT_CHECKPOINT_DIR,
-    DEFAULT_TELEMETRY_DIR,
-    ENV_PREFIX,
-    check_store_url,
-    not_a_directory,
-)
 from prowzi.errors import ConfigError
 
+ENV_PREFIX = "PROWZI_"
+DEFAULT_CHECKPOINT_DIR = Path("./prowzi_checkpoints")
+DEFAULT_TELEMETRY_DIR = Path("./prowzi_telemetry")
+STORE_SCHEMES = ("file", "s3", "az", "azure", "memory")
 
-class ProwziConfig(BaseSettings):
-    """Every setting Prowzi reads. Each field ``x`` is also set by ``PROWZI_X``."""
+
+def not_a_directory(path: Path) -> str | None:
+    """Why ``path`` cannot be a directory setting (it exists and is something else), or None.
+
+    Checked when the setting is read, so a command names the setting instead of failing on
+    some file inside it later."""
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a directory"
+    except OSError:
+        pass  # cannot tell (no permission, a name too long): the command that uses it says
+    return None
+
+
+def check_store_url(value: str) -> str:
+    """A store location: a path, or ``scheme://container[/prefix]`` of a known scheme (else
+    ``ValueError`` saying why). :func:`prowzi.storage.remote.open_store` opens it."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value  # a path
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}: use s3://, az://, file:// or a path")
+    if scheme in ("s3", "az", "azure") and not rest.split("/", 1)[0]:
+        raise ValueError(f"no bucket or container in {value!r}")
+    return value
+
+
+def _no_empty_path(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _a_directory(value: Path) -> Path:
+    problem = not_a_directory(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _a_store_url(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return check_store_url(value.strip())
+
+
+DirectorySetting = Annotated[Path, BeforeValidator(_no_empty_path), AfterValidator(_a_directory)]
+"""A directory: not empty, and not something other than a directory."""
+
+StoreUrl = Annotated[str, AfterValidator(_a_store_url)]
+"""A store location (:func:`check_store_url`), not empty."""
+
+
+class _Settings(BaseSettings):
+    """What every settings class shares: the prefix, strictness, one-line errors."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -34,20 +91,68 @@ class ProwziConfig(BaseSettings):
         case_sensitive=False,
     )
 
-    # Checkpoints
-    enable_checkpointing: bool = Field(False, description="Save a checkpoint after stages.")
-    checkpoint_dir: Path = Field(
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments are validated; a bad value is a :class:`ConfigError` naming it."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Read the settings from the environment (and ``overrides``); a bad value raises
+        :class:`ConfigError` with one line naming its variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+
+class TelemetryLocation(_Settings):
+    """Where sessions are recorded: all that reading them needs."""
+
+    telemetry_dir: DirectorySetting = Field(
+        DEFAULT_TELEMETRY_DIR, description="Telemetry directory.", validate_default=True
+    )
+    telemetry_url: StoreUrl | None = Field(
+        None,
+        description="A store that also holds each session's JSON file (sessions/<id>.json), "
+        "so `prowzi sessions` and `show` work from any machine that reaches it: "
+        "s3://bucket/prefix, az://container/prefix, file:///path or a path. Event logs stay "
+        "in telemetry_dir.",
+    )
+
+
+class CheckpointLocation(_Settings):
+    """Where checkpoints are kept: all that finding them (and their leases) needs."""
+
+    checkpoint_dir: DirectorySetting = Field(
         DEFAULT_CHECKPOINT_DIR, description="Checkpoint store.", validate_default=True
     )
-    checkpoint_interval: int = Field(1, ge=1, description="Checkpoint every N stages.")
-    checkpoint_key: SecretStr | None = Field(
-        None, description="HMAC key; when set, unsigned or wrongly signed checkpoints are refused."
-    )
-    checkpoint_url: str | None = Field(
+    checkpoint_url: StoreUrl | None = Field(
         None,
         description="Where checkpoints live when not in checkpoint_dir: s3://bucket/prefix, "
         "az://container/prefix, file:///path or a path. Credentials and endpoints come from "
         "each cloud's standard variables (AWS_*, AZURE_STORAGE_*).",
+    )
+
+    @property
+    def checkpoint_location(self) -> Path | str:
+        """The checkpoint store: ``checkpoint_url`` when set, else ``checkpoint_dir``."""
+        return self.checkpoint_url or self.checkpoint_dir
+
+
+class ProwziConfig(CheckpointLocation, TelemetryLocation):
+    """Every setting Prowzi reads. Each field ``x`` is also set by ``PROWZI_X``.
+
+    ``checkpoint_dir``, ``checkpoint_url``, ``telemetry_dir`` and ``telemetry_url`` come from
+    :class:`CheckpointLocation` and :class:`TelemetryLocation`."""
+
+    # Checkpoints
+    enable_checkpointing: bool = Field(False, description="Save a checkpoint after stages.")
+    checkpoint_interval: int = Field(1, ge=1, description="Checkpoint every N stages.")
+    checkpoint_key: SecretStr | None = Field(
+        None, description="HMAC key; when set, unsigned or wrongly signed checkpoints are refused."
     )
     checkpoint_compression: Literal["none", "zlib", "zstd"] = Field(
         "zstd", description="Compression of checkpoint payloads."
@@ -73,16 +178,6 @@ class ProwziConfig(BaseSettings):
 
     # Telemetry
     enable_telemetry: bool = Field(True, description="Write per-session telemetry files.")
-    telemetry_dir: Path = Field(
-        DEFAULT_TELEMETRY_DIR, description="Telemetry directory.", validate_default=True
-    )
-    telemetry_url: str | None = Field(
-        None,
-        description="A store that also holds each session's JSON file (sessions/<id>.json), "
-        "so `prowzi sessions` and `show` work from any machine that reaches it: "
-        "s3://bucket/prefix, az://container/prefix, file:///path or a path. Event logs stay "
-        "in telemetry_dir.",
-    )
 
     # Stage loop
     max_retries: int = Field(3, ge=0, le=100, description="Retries after a stage's first try.")
@@ -112,40 +207,11 @@ class ProwziConfig(BaseSettings):
     )
 
     # Output and observability
-    output_dir: Path = Field(Path("."), description="Where `prowzi run` writes documents.")
+    output_dir: DirectorySetting = Field(
+        Path("."), description="Where `prowzi run` writes documents."
+    )
     pushgateway_url: str | None = Field(None, description="Push metrics here after a batch run.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Assignments are validated; a bad value is a :class:`ConfigError` naming it."""
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc)) from None
-
-    @field_validator("checkpoint_dir", "telemetry_dir", "output_dir", mode="before")
-    @classmethod
-    def _no_empty_path(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    @field_validator("checkpoint_url", "telemetry_url")
-    @classmethod
-    def _a_store_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return check_store_url(value.strip())
-
-    @field_validator("checkpoint_dir", "telemetry_dir", "output_dir")
-    @classmethod
-    def _a_directory(cls, value: Path) -> Path:
-        problem = not_a_directory(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -166,7 +232,4 @@ def get_config(**overrides: Any) -> ProwziConfig:
 
     Raises :class:`ConfigError` with a one-line message naming the bad variable.
     """
-    try:
-        return ProwziConfig(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+    return ProwziConfig.load(**overrides)
