@@ -484,6 +484,33 @@ def test_a_corrupt_session_file_is_a_clear_error(tmp_path: Path, content: str, r
         TelemetryCollector(tmp_path).load_session("bad")
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"started_at": "0001-01-01T00:00:00+14:00"}, "'started_at' is invalid: .* out of range"),
+        ({"started_at": "2024-01-15T10:30:00"}, "'started_at' is invalid: .* no time zone"),
+        ({"started_at": 1_700_000_000}, "'started_at' is invalid: .* not a string"),
+        ({"total_retries": True}, "'total_retries' is invalid"),
+        ({"total_duration_seconds": "1"}, "'total_duration_seconds' is invalid"),
+        ({"failed_stages": [1]}, "'failed_stages.0' is invalid"),
+        ({"metadata": []}, "'metadata' is invalid"),
+    ],
+)
+def test_a_session_file_with_a_mistyped_field_is_corrupt_and_the_listing_goes_on(
+    tmp_path: Path, change: dict[str, Any], reason: str
+) -> None:
+    """A field of the wrong type, or a time UTC cannot hold (issue 15 item 4), makes that
+    session corrupt, with the field named; the other sessions still list."""
+    _record_sessions(tmp_path, 2)
+    path = tmp_path / "s000.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CorruptSessionError, match=reason):
+        TelemetryCollector(tmp_path).load_session("s000")
+    listed = {s.session_id: s for s in TelemetryCollector(tmp_path).list_sessions()}
+    assert listed["s000"].status == "corrupt" and listed["s001"].status == "completed"
+    assert listed["s000"].error is not None and "is invalid" in listed["s000"].error
+
+
 def test_a_session_file_from_a_newer_format_is_refused(tmp_path: Path) -> None:
     record(TelemetryCollector(tmp_path), doc_example_run().events)
     data = session_file(tmp_path)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import heapq
 import logging
 import os
@@ -86,9 +87,12 @@ from prowzi.workflows.events import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
+    validation_reason,
 )
 
 if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
     from prowzi.workflows.session_index import IndexRow, SessionIndex
 
 log = logging.getLogger("prowzi.telemetry")
@@ -132,7 +136,10 @@ def parse_timestamp(value: object) -> datetime:
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if dt.tzinfo is None:
         raise ValueError(f"timestamp {value!r} has no time zone")
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is before the first UTC instant
+        raise ValueError(f"timestamp {value!r} is out of range") from None
 
 
 def _utc(ts: float) -> datetime:
@@ -170,26 +177,6 @@ class StageMetrics:
         if self.error is not None:
             record["error"] = self.error
         return record
-
-    @classmethod
-    def from_dict(cls, data: object) -> StageMetrics:
-        if not isinstance(data, dict):
-            raise ValueError("a stage record is not an object")
-        details = data.get("details", {})
-        error = data.get("error")
-        if not isinstance(details, dict):
-            raise ValueError("a stage record's details is not an object")
-        if error is not None and not isinstance(error, str):
-            raise ValueError("a stage record's error is not a string")
-        return cls(
-            stage=_typed(data, "stage", str),
-            status=_typed(data, "status", str),
-            attempt=_typed(data, "attempt", int),
-            duration_seconds=float(_typed(data, "duration_seconds", int | float)),
-            timestamp=parse_timestamp(data.get("timestamp")),
-            details=details,
-            error=error,
-        )
 
 
 @dataclass(slots=True)
@@ -261,48 +248,113 @@ class WorkflowMetrics:
         }
 
     @classmethod
+    def from_json(cls, data: bytes | str) -> WorkflowMetrics:
+        """Parse a session file's content; raises ``ValueError`` saying what is wrong (its
+        JSON, or which field is missing or of the wrong type)."""
+        from pydantic import ValidationError
+
+        try:
+            return _session_file_adapter().validate_json(data, strict=True)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                if error["type"] == "json_invalid":
+                    raise ValueError(_json_problem(data)) from None
+                if not error["loc"] and error["type"] in ("model_type", "model_attributes_type"):
+                    raise ValueError("the content is not a JSON object") from None
+            raise ValueError(validation_reason(exc)) from None
+
+    @classmethod
     def from_dict(cls, data: object) -> WorkflowMetrics:
-        """Parse a session file's content; raises ``ValueError`` saying what is wrong."""
-        if not isinstance(data, dict):
-            raise ValueError("the content is not a JSON object")
-        metadata = data.get("metadata", {})
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata is not an object")
-        version = metadata.get("format_version", SESSION_FORMAT_VERSION)
-        if isinstance(version, int) and version > SESSION_FORMAT_VERSION:
-            raise ValueError(
-                f"it was written by a newer Prowzi (format {version}, this one reads "
-                f"{SESSION_FORMAT_VERSION})"
-            )
-        stages = data.get("stages")
-        failed = data.get("failed_stages")
-        if not isinstance(stages, list):
-            raise ValueError("'stages' is missing or not a list")
-        if not isinstance(failed, list) or not all(isinstance(s, str) for s in failed):
-            raise ValueError("'failed_stages' is missing or not a list of names")
-        completed_at = data.get("completed_at")
-        return cls(
-            session_id=_typed(data, "session_id", str),
-            prompt=_typed(data, "prompt", str),
-            started_at=parse_timestamp(data.get("started_at")),
-            completed_at=None if completed_at is None else parse_timestamp(completed_at),
-            total_duration_seconds=float(_typed(data, "total_duration_seconds", int | float)),
-            stages=[StageMetrics.from_dict(s) for s in stages],
-            total_retries=_typed(data, "total_retries", int),
-            failed_stages=list(failed),
-            success=_typed(data, "success", bool),
-            metadata=metadata,
+        """:meth:`from_json` for content already parsed."""
+        try:
+            encoded = orjson.dumps(data)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        return cls.from_json(encoded)
+
+
+def _json_problem(data: bytes | str) -> str:
+    """Why ``data`` is not JSON: empty, truncated, or not JSON at all."""
+    if not data.strip():
+        return "empty"
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return "truncated JSON" if "unexpected end" in str(exc).lower() else "not JSON"
+    return "not JSON"
+
+
+@functools.cache
+def _session_file_adapter() -> TypeAdapter[WorkflowMetrics]:
+    """The validator of session files: the design document's keys, each of its type
+    (strictly: a boolean is not a count), timestamps ISO-8601 with a zone
+    (:func:`parse_timestamp`), a newer format refused before anything else is looked at.
+    Built on first use: listing from the index needs no pydantic."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import (
+        AfterValidator,
+        BaseModel,
+        ConfigDict,
+        PlainValidator,
+        TypeAdapter,
+        model_validator,
+        with_config,
+    )
+    from typing_extensions import TypedDict
+
+    Time = Annotated[datetime, PlainValidator(parse_timestamp)]
+
+    @with_config(ConfigDict(strict=True))
+    class StageRecord(TypedDict):  # a dict: faster to turn into StageMetrics than a model
+        stage: str
+        status: str
+        attempt: int
+        duration_seconds: float
+        timestamp: Time
+        details: NotRequired[dict[str, Any]]
+        error: NotRequired[str | None]
+
+    class SessionFile(BaseModel):
+        model_config = ConfigDict(strict=True)
+        session_id: str
+        prompt: str
+        started_at: Time
+        completed_at: Time | None = None
+        total_duration_seconds: float
+        stages: list[StageRecord]
+        total_retries: int
+        failed_stages: list[str]
+        success: bool
+        metadata: dict[str, Any] = {}
+
+        @model_validator(mode="before")
+        @classmethod
+        def _not_newer(cls, data: Any) -> Any:
+            metadata = data.get("metadata") if isinstance(data, dict) else None
+            version = metadata.get("format_version") if isinstance(metadata, dict) else None
+            if isinstance(version, int) and version > SESSION_FORMAT_VERSION:
+                raise ValueError(
+                    f"it was written by a newer Prowzi (format {version}, this one reads "
+                    f"{SESSION_FORMAT_VERSION})"
+                )
+            return data
+
+    def metrics(record: SessionFile) -> WorkflowMetrics:
+        return WorkflowMetrics(
+            session_id=record.session_id,
+            prompt=record.prompt,
+            started_at=record.started_at,
+            completed_at=record.completed_at,
+            total_duration_seconds=record.total_duration_seconds,
+            stages=[StageMetrics(**stage) for stage in record.stages],
+            total_retries=record.total_retries,
+            failed_stages=record.failed_stages,
+            success=record.success,
+            metadata=record.metadata,
         )
 
-
-def _typed(data: dict[str, Any], key: str, kind: Any) -> Any:
-    if key not in data:
-        raise ValueError(f"'{key}' is missing")
-    value = data[key]
-    # bool is an int to Python; a count or duration of true is still corrupt
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"'{key}' has the wrong type ({type(value).__name__})")
-    return value
+    return TypeAdapter(Annotated[SessionFile, AfterValidator(metrics)])  # type: ignore[arg-type]
 
 
 class CorruptSessionError(TelemetryError):
@@ -1076,12 +1128,7 @@ class TelemetryCollector:
 
     def _parse(self, session_id: str, path: Path | str, data: bytes) -> WorkflowMetrics:
         try:
-            metrics = WorkflowMetrics.from_dict(orjson.loads(data))
-        except orjson.JSONDecodeError as exc:
-            reason = "not JSON" if data.strip() else "empty"
-            if data.strip() and "unexpected end" in str(exc).lower():
-                reason = "truncated JSON"
-            raise self._corrupt(session_id, path, reason) from None
+            metrics = WorkflowMetrics.from_json(data)
         except ValueError as exc:
             raise self._corrupt(session_id, path, str(exc)) from None
         if metrics.session_id != session_id:
