@@ -245,3 +245,86 @@ def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
             await mgr.resume("unknown")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("value", ["soon", 1e20])
+def test_get_run_of_a_session_whose_log_has_a_mistyped_line_is_a_clear_409(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: object
+) -> None:
+    """Issue 15 item 5: ``GET /runs/{id}`` of a session (no file, only its event log) whose
+    log has a field of the wrong type answers as for any unreadable log, never 500."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from telemetry_events import DOC_SESSION, doc_example_run
+
+    from prowzi.config import get_config
+    from prowzi.service.app import ServiceSettings, create_app
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    monkeypatch.chdir(tmp_path)
+    config = get_config(telemetry_dir=tmp_path / "telemetry")
+    collector = TelemetryCollector(config.telemetry_dir, background=False, fsync=False)
+    for event in doc_example_run().events:
+        collector.handle(event)
+    collector.close()
+    (config.telemetry_dir / f"{DOC_SESSION}.json").unlink()
+    log = config.telemetry_dir / "events" / f"{DOC_SESSION}.jsonl"
+    lines = log.read_text().splitlines()
+    line = json.loads(lines[3])
+    line["timestamp"] = value
+    lines[3] = json.dumps(line)
+    log.write_text("\n".join(lines) + "\n")
+    app = create_app(config, ServiceSettings(state_dir=tmp_path / "state"))
+    with TestClient(app) as client:
+        response = client.get(f"/runs/{DOC_SESSION}")
+        assert response.status_code == 409, response.text
+        assert "line 4 is not a valid event: 'timestamp'" in response.text
+        assert client.get("/runs").status_code == 200
+
+
+def test_the_journal_skips_bad_entries_and_ignores_what_is_not_a_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries are read strictly (a boolean is not a count, a session id is one Prowzi
+    makes): a bad entry is skipped with a warning naming the field; the others are kept."""
+    import json
+
+    journal = RunJournal(tmp_path, fsync=False)
+    good = {
+        "session_id": "good-1",
+        "state": "interrupted",
+        "kind": "run",
+        "prompt": "p",
+        "max_results_per_query": 15,
+        "created_at": 1,
+        "updated_at": 2.5,
+    }
+    bad = [
+        {**good, "session_id": "../escape"},
+        {**good, "session_id": "b2", "max_results_per_query": True},
+        {**good, "session_id": "b3", "state": "dreaming"},
+        {**good, "session_id": "b4", "created_at": "yesterday"},
+        {key: value for key, value in good.items() if key != "prompt"} | {"session_id": "b5"},
+        ["not", "an", "object"],
+    ]
+    journal.path.write_text(json.dumps({"version": 1, "runs": [good, *bad]}))
+    with caplog.at_level("WARNING", logger="prowzi.service"):
+        entries = journal.load()
+    assert list(entries) == ["good-1"]
+    entry = entries["good-1"]
+    assert (entry.state, entry.created_at, entry.updated_at) == ("interrupted", 1.0, 2.5)
+    skipped = [r.getMessage() for r in caplog.records if "bad run journal entry" in r.message]
+    assert len(skipped) == len(bad)
+    assert any("'max_results_per_query' is invalid" in m for m in skipped)
+    assert any("'session_id' is invalid" in m for m in skipped)
+    assert any("'prompt' is missing" in m for m in skipped)
+    for content in ('{"version": 2, "runs": []}', '{"version": "1", "runs": []}'):
+        journal.path.write_text(content)
+        assert journal.load() == {}
+        assert "is newer than this Prowzi's" in caplog.records[-1].getMessage()
+    for content in ("[]", '{"version": 1}', '{"version": 1, "runs": {}}', "nonsense"):
+        journal.path.write_text(content)
+        assert journal.load() == {}
+    journal.save(entries)
+    assert RunJournal(tmp_path, fsync=False).load() == entries

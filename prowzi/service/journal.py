@@ -13,10 +13,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 
 from prowzi.ids import validate_session_id
 from prowzi.storage.files import atomic_write, ensure_private_dir
+from prowzi.workflows.events import validation_reason
 
 log = logging.getLogger("prowzi.service")
 
@@ -38,7 +41,11 @@ RunKind = Literal["run", "resume"]
 
 @dataclass(slots=True)
 class JournalEntry:
-    session_id: str
+    """One run as the journal keeps it; read back through :data:`_ENTRY` (pydantic, strict:
+    a boolean is not a count, a session id is one Prowzi would make)."""
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"strict": True}
+    session_id: Annotated[str, AfterValidator(validate_session_id)]
     state: RunState
     kind: RunKind
     prompt: str
@@ -46,31 +53,15 @@ class JournalEntry:
     created_at: float
     updated_at: float
 
-    @classmethod
-    def from_dict(cls, data: Any) -> JournalEntry:
-        if not isinstance(data, dict):
-            raise ValueError("entry is not an object")
-        state = data.get("state")
-        kind = data.get("kind")
-        if state not in RUN_STATES or kind not in ("run", "resume"):
-            raise ValueError(f"bad state {state!r} or kind {kind!r}")
-        prompt = data.get("prompt")
-        results = data.get("max_results_per_query")
-        created = data.get("created_at")
-        updated = data.get("updated_at")
-        if not isinstance(prompt, str) or not isinstance(results, int):
-            raise ValueError("bad prompt or max_results_per_query")
-        if not isinstance(created, int | float) or not isinstance(updated, int | float):
-            raise ValueError("bad timestamps")
-        return cls(
-            session_id=validate_session_id(data.get("session_id")),
-            state=state,
-            kind=kind,
-            prompt=prompt,
-            max_results_per_query=results,
-            created_at=float(created),
-            updated_at=float(updated),
-        )
+
+_ENTRY = TypeAdapter(JournalEntry)
+
+
+class _JournalFile(BaseModel, strict=True):
+    """The journal's envelope; its entries are read one by one, so a bad one is skipped."""
+
+    version: int
+    runs: list[Any]
 
 
 class RunJournal:
@@ -89,24 +80,28 @@ class RunJournal:
         except (OSError, ValueError) as exc:
             log.error("ignoring unreadable run journal %s: %s", self.path, exc)
             return {}
-        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
-            log.error("ignoring run journal %s: not a journal", self.path)
-            return {}
-        version = data.get("version")
-        if not isinstance(version, int) or version > JOURNAL_VERSION:
+        try:
+            journal: _JournalFile | None = _JournalFile.model_validate(data)
+        except ValidationError as exc:
+            if any(error["loc"][:1] != ("version",) for error in exc.errors()):
+                log.error("ignoring run journal %s: not a journal", self.path)
+                return {}
+            journal = None  # a journal, of a format this Prowzi does not know
+        if journal is None or journal.version > JOURNAL_VERSION:
             log.error(
                 "ignoring run journal %s: format %r is newer than this Prowzi's (%d)",
                 self.path,
-                version,
+                data.get("version"),
                 JOURNAL_VERSION,
             )
             return {}
         entries: dict[str, JournalEntry] = {}
-        for item in data["runs"]:
+        for item in journal.runs:
             try:
-                entry = JournalEntry.from_dict(item)
-            except ValueError as exc:
-                log.warning("skipping a bad run journal entry: %s", exc)
+                # JSON again: strict JSON validation reads an object into the dataclass
+                entry = _ENTRY.validate_json(json.dumps(item))
+            except ValidationError as exc:
+                log.warning("skipping a bad run journal entry: %s", validation_reason(exc))
                 continue
             entries[entry.session_id] = entry
         return entries
