@@ -183,6 +183,39 @@ def test_progress_callback_receives_stage_and_payload_sync_or_async() -> None:
     assert ("intent", "started") in seen and ("turnitin", "completed") in seen
 
 
+def test_an_event_callback_receives_the_events_themselves(tmp_path: Any) -> None:
+    """A ProgressListener (any EventCallback) given as the progress callback gets the run's
+    events as the sinks do, the very objects, with no (stage, payload) round trip; it still
+    records the run under its own session id, and a plain callback still gets payloads."""
+    from prowzi.cli.monitor import ProgressListener
+    from prowzi.workflows import events as ev
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    class Seen(ev.EventCallback):
+        def __init__(self) -> None:
+            self.events: list[ev.Event] = []
+
+        def on_event(self, event: ev.Event) -> None:
+            self.events.append(event)
+
+        def __call__(self, stage: str, payload: dict[str, Any]) -> None:
+            raise AssertionError("called with (stage, payload)")
+
+    seen = Seen()
+    orch, rec, _ = make()
+    asyncio.run(orch.run_research("x", progress_callback=seen))
+    assert seen.events and all(a is b for a, b in zip(seen.events, rec.events, strict=True))
+
+    telemetry = TelemetryCollector(tmp_path, background=False, fsync=False)
+    listener = ProgressListener(telemetry=telemetry, session_id="my-session-123")
+    orch, rec, _ = make()
+    result = asyncio.run(orch.run_research("x", progress_callback=listener))
+    assert listener.errors == 0 and listener.run_session_id == result.metadata["session_id"]
+    metrics = telemetry.load_session("my-session-123")
+    assert metrics.success is True and metrics.completed_stage_count == 7
+    assert metrics.metadata["run_session_id"] == result.metadata["session_id"]
+
+
 def test_a_user_agent_replaces_one_stage_only() -> None:
     class MyIntent:
         async def __call__(self, ctx: StageContext) -> BaseModel:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -37,8 +37,9 @@ from prowzi.workflows.eventlog import EventLogReader
 from prowzi.workflows.eventlog import writer_gone as header_writer_gone
 from prowzi.workflows.events import (
     Event,
+    EventCallback,
     WorkflowStarted,
-    event_from_record,
+    event_from_progress,
 )
 from prowzi.workflows.telemetry import (
     DEFAULT_STAGE_COUNT,
@@ -63,28 +64,6 @@ SYMBOLS: dict[str, tuple[str, str, str]] = {
 }
 
 _DETAIL_LABELS = {"sources_count": "Sources"}
-
-
-def event_from_progress(stage: str, payload: Mapping[str, Any]) -> Event | None:
-    """The event a progress callback's ``(stage, payload)`` came from (the inverse of
-    :func:`prowzi.workflows.events.progress_payload`), or None if it is not one."""
-    record = dict(payload)
-    status = record.pop("status", None)
-    if not isinstance(status, str):
-        return None
-    if stage == "workflow" and status in ("started", "completed", "failed"):
-        record["event"] = f"workflow_{status}"
-    elif status == "checkpoint_saved":
-        record["event"] = status
-        record["stage"] = stage
-    else:
-        record["event"] = f"stage_{status}"
-        record["stage"] = stage
-    try:
-        return event_from_record(record)
-    except (TypeError, ValueError) as exc:
-        log.debug("progress payload for %s is not an event: %s", stage, exc)
-        return None
 
 
 # --- the monitor -------------------------------------------------------------------------
@@ -287,8 +266,12 @@ def _details(record: StageMetrics) -> str:
 # --- the progress callback -------------------------------------------------------------------
 
 
-class ProgressListener:
+class ProgressListener(EventCallback):
     """A progress callback ``(stage, payload)`` that records the run and drives a monitor.
+
+    Given as a run's progress callback, it receives the run's events themselves
+    (:class:`~prowzi.workflows.events.EventCallback`); called with ``(stage, payload)``, it
+    turns them back into events.
 
     Session ids: the orchestrator generates the run's id, and the caller may name another
     (the design document's ``"my-session-123"``). The listener records under the id it was
@@ -314,15 +297,13 @@ class ProgressListener:
         self.run_session_id: str | None = None
         self.errors = 0
 
-    def __call__(self, stage: str, payload: dict[str, Any]) -> None:
+    def on_event(self, event: Event) -> None:
+        """:meth:`handle`, never raising: a progress callback must not fail the run."""
         try:
-            event = event_from_progress(stage, payload)
-            if event is None:
-                return
             self.handle(event)
-        except Exception:  # a progress callback must not fail the run
+        except Exception:
             self.errors += 1
-            log.exception("progress listener failed on %s", stage)
+            log.exception("progress listener failed on %s", event.kind)
 
     def handle(self, event: Event) -> None:
         """Record and show one event (an :class:`EventSink`-style entry point)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -309,15 +310,58 @@ def progress_payload(event: Event) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def event_from_progress(stage: str, payload: Mapping[str, Any]) -> Event | None:
+    """The event a progress callback's ``(stage, payload)`` came from (the inverse of
+    :func:`progress_payload`), or None if it is not one."""
+    record = dict(payload)
+    status = record.pop("status", None)
+    if not isinstance(status, str):
+        return None
+    if stage == "workflow" and status in ("started", "completed", "failed"):
+        record["event"] = f"workflow_{status}"
+    elif status == "checkpoint_saved":
+        record["event"] = status
+        record["stage"] = stage
+    else:
+        record["event"] = f"stage_{status}"
+        record["stage"] = stage
+    try:
+        return event_from_record(record)
+    except ValueError as exc:
+        log.debug("progress payload for %s is not an event: %s", stage, exc)
+        return None
+
+
+class EventCallback(ABC):
+    """A progress callback that takes the events themselves.
+
+    :class:`CallbackSink` hands such a callback each event (:meth:`on_event`), with no
+    ``(stage, payload)`` in between. Called as any progress callback is,
+    ``callback(stage, payload)``, it turns the payload back into its event.
+    """
+
+    @abstractmethod
+    def on_event(self, event: Event) -> Awaitable[None] | None:
+        """Observe one event of the run."""
+
+    def __call__(self, stage: str, payload: dict[str, Any]) -> Awaitable[None] | None:
+        event = event_from_progress(stage, payload)
+        return None if event is None else self.on_event(event)
+
+
 class CallbackSink:
-    """Adapts a user's ``callback(stage, payload)``, sync or async, into a sink."""
+    """Adapts a user's ``callback(stage, payload)``, sync or async, into a sink; an
+    :class:`EventCallback` receives the events themselves."""
 
     name = "callback"
 
     def __init__(self, callback: ProgressCallback) -> None:
         self._callback = callback
+        self._on_event = callback.on_event if isinstance(callback, EventCallback) else None
 
     def handle(self, event: Event) -> Awaitable[None] | None:
+        if self._on_event is not None:
+            return self._on_event(event)
         converted = progress_payload(event)
         if converted is None:
             return None
