@@ -176,9 +176,22 @@ def test_help_shows_flags_without_a_value_placeholder(command: str) -> None:
     rows = {
         found[1]: found[2]
         for line in out.stdout.splitlines()
-        if (found := re.match(r"│[ *]*(--[a-z-]+)\s+(.*)", line))
+        if (found := re.match(r"\s+(--[a-z-]+)\s+(.*)", line))
     }
     assert rows["--help"].startswith("Show")  # the description follows the flag directly
     if command == "resume":
         assert rows["--dry-run"].startswith("Print")
         assert rows["--set"].startswith("<key=value>") and rows["--from-stage"].startswith("<str>")
+
+
+def test_prowzi_alone_prints_the_help() -> None:
+    from typer.testing import CliRunner
+
+    from prowzi.cli.main import app
+
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: prowzi [OPTIONS] COMMAND [ARGS]...")
+    for command in ("run", "resume", "sessions", "show", "serve"):
+        assert f"\n  {command} " in result.stdout
+    assert result.stderr == ""

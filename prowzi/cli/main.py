@@ -7,7 +7,6 @@ Command modules import only typer and the standard library at module level, so t
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import typer
 
@@ -16,59 +15,44 @@ from prowzi.cli import checkpoint_cmds, run_cmd, serve_cmd, telemetry_cmds
 app = typer.Typer(
     name="prowzi",
     help="Prowzi: turn a research prompt into a cited document, durably and observably.",
-    no_args_is_help=True,
     add_completion=False,
+    # Errors are one line (main() below), never a traceback or a panel.
     pretty_exceptions_enable=False,
+    # Plain help, as git's: flags are shown bare (rich help labels every flag ``<bool>`` as if
+    # it took a value, though ``--dry-run true`` is a usage error), and --help imports no rich.
+    rich_markup_mode=None,
 )
 
 for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd):
     _module.register(app)
 
 
-def _show_flags_bare() -> None:
-    """Recent typer versions label a flag with its type in rich help (``--dry-run <bool>``),
-    as if it took a value, though ``--dry-run true`` is a usage error. Flags are shown bare,
-    as click's plain help and git do; options that take a value keep their type."""
-    from typer.core import TyperOption
-
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "prowzi_flags_bare", False):
-        return  # a typer without the label, or already adjusted
-
-    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
-        if self.is_flag and not self.count:
-            return None
-        return shown(self, ctx)  # type: ignore[no-any-return]
-
-    display_type_rich.prowzi_flags_bare = True  # type: ignore[attr-defined]
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
-
-
-_show_flags_bare()
-
-
-# click's usage errors (bad option values, missing arguments, unknown commands) derive from
-# this; it is found through a public typer name because typer vendors click.
-_CLICK_ERROR: type[Exception] = next(
-    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"
-)
+@app.callback(invoke_without_command=True)
+def _no_command(ctx: typer.Context) -> None:
+    """``prowzi`` alone prints the help and exits 0."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 def main() -> None:
-    """Run the app; a usage error is one ``error:`` line and exit 2, never a panel."""
+    """Run the app; a usage error is one ``error:`` line and exit 2, never a panel.
+
+    ``standalone_mode=False`` makes typer raise its errors instead of printing them (as
+    several lines, or a panel); they are all :class:`typer.TyperException` (click's
+    ``ClickException``, which typer vendors, derives from it: hence the pin in pyproject.toml).
+    """
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except _CLICK_ERROR as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            sys.exit(0)  # the help was printed
-        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
-        context = getattr(exc, "ctx", None)
+    except typer.TyperException as exc:
+        message = " ".join(exc.format_message().split())
+        context: typer.Context | None = getattr(exc, "ctx", None)
         hint = f" (see: {context.command_path} --help)" if context is not None else ""
         typer.echo(f"error: {message}{hint}", err=True)
-        sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 
