@@ -475,3 +475,57 @@ def test_resuming_a_running_session_says_so_before_any_plan(tmp_path: Path) -> N
     assert lines[-1].startswith(f"note: session busy is locked by pid {os.getpid()} on ")
     free = _prowzi(tmp_path, "resume", "busy", "--from-stage", "search", "--dry-run")
     assert free.returncode == 0 and "note:" not in free.stdout
+
+
+def test_worker_threads_run_calls_bounded_and_never_hold_up_the_exit() -> None:
+    """The executor behind ``asyncio.to_thread`` in a command: results and errors come back,
+    no more than ``max_workers`` calls run at once, calls not started by shutdown are
+    cancelled, and a call blocked for good does not keep the process alive."""
+    import threading
+
+    from prowzi.cli._threads import DaemonThreads
+
+    executor = DaemonThreads(max_workers=2)
+    assert executor.submit(pow, 2, 10).result(timeout=10) == 1024
+    with pytest.raises(ZeroDivisionError):
+        executor.submit(lambda: 1 / 0).result(timeout=10)
+    gate = threading.Event()
+    running: list[int] = []
+    lock = threading.Lock()
+    peak = [0]
+
+    def hold(n: int) -> int:
+        with lock:
+            running.append(n)
+            peak[0] = max(peak[0], len(running))
+        gate.wait(10)
+        with lock:
+            running.remove(n)
+        return n
+
+    futures = [executor.submit(hold, n) for n in range(5)]
+    time.sleep(0.2)
+    assert peak[0] == 2 and sum(f.running() for f in futures) == 2
+    executor.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    finished = [f for f in futures if not f.cancelled()]
+    assert len(finished) == 2 and all(f.result(timeout=10) in range(5) for f in finished)
+    assert sum(f.cancelled() for f in futures) == 3
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(pow, 2, 2)
+
+    code = (
+        "import asyncio, time\n"
+        "from prowzi.cli._threads import DaemonThreads\n"
+        "loop = asyncio.new_event_loop()\n"
+        "loop.set_default_executor(DaemonThreads(max_workers=2))\n"
+        "async def main():\n"
+        "    asyncio.get_running_loop().run_in_executor(None, time.sleep, 60)\n"
+        "    await asyncio.sleep(0.1)\n"
+        "loop.run_until_complete(main())\n"
+        "raise SystemExit(7)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert proc.returncode == 7, proc.stderr
+    assert time.monotonic() - started < 10

@@ -78,16 +78,17 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     raise :class:`Interrupted`. A second signal exits at once.
 
     Unlike :func:`asyncio.run`, an interrupted run does not wait for agent work still going on
-    in worker threads (a thread cannot be stopped, only abandoned): see
-    :func:`exit_interrupted`.
+    in worker threads (a thread cannot be stopped, only abandoned): they are daemon threads
+    (:class:`~prowzi.cli._threads.DaemonThreads`), so the process can exit while they run.
     """
     import asyncio
     import signal
-    from concurrent.futures import ThreadPoolExecutor
+
+    from prowzi.cli._threads import DaemonThreads
 
     received: list[int] = []
     loop = asyncio.new_event_loop()
-    executor = ThreadPoolExecutor(thread_name_prefix="prowzi-worker")
+    executor = DaemonThreads(max_workers=min(32, (os.cpu_count() or 1) + 4))
     loop.set_default_executor(executor)
 
     async def main() -> T:
@@ -97,7 +98,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         for signum in (signal.SIGINT, signal.SIGTERM):
 
             def cancel(signum: int = signum) -> None:
-                if received:  # the second signal: the user means it
+                if received:
+                    # the second signal: the user means now, without the cleanup the first
+                    # one is waiting for (os._exit is the documented way to skip it)
                     os.write(2, b"error: interrupted again; exiting now\n")
                     os._exit(128 + signum)
                 received.append(signum)
@@ -128,21 +131,12 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 def exit_interrupted(exc: Interrupted, resume_hint: str | None) -> NoReturn:
     """Leave after SIGINT/SIGTERM with ``128 + signal``, printing ``resume_hint`` if any.
 
-    If agent work is still running in a worker thread, the process exits without waiting for
-    it, after the exit hooks (telemetry, tracing) have run; the run's state was saved first.
+    Agent work still running in a worker thread is abandoned (the run's state was saved
+    first); the exit hooks (telemetry, tracing) run as on any exit.
     """
-    import atexit
-    import threading
-
     if resume_hint:
         typer.echo(f"interrupted: {resume_hint}", err=True)
-    code = 128 + exc.signum
-    if threading.active_count() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        atexit._run_exitfuncs()
-        os._exit(code)
-    raise typer.Exit(code)
+    raise typer.Exit(128 + exc.signum)
 
 
 def exit_failed(exc: Exception, resume_hint: str | None) -> NoReturn:
