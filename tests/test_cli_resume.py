@@ -1,4 +1,6 @@
-"""Real ``prowzi`` processes: signals save completed work; one writer per session."""
+"""``prowzi resume``, ``checkpoints`` and ``cleanup``: real processes where signals, locks
+held by another process or exit codes of the entry point are the point (signals save completed
+work; one writer per session), typer's ``CliRunner`` where only the command's output is."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from typer.testing import CliRunner, Result
 
 from prowzi.agents.base import StageContext
+from prowzi.cli.main import app
 from prowzi.config import ProwziConfig
 from prowzi.errors import PermanentError, WorkflowFailedError
 from prowzi.workflows import ProwziOrchestrator
@@ -204,16 +208,28 @@ def _prowzi(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_checkpoints_lists_with_filters(tmp_path: Path) -> None:
+def _invoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> Result:
+    """A command run in this process, in ``tmp_path``; an exception it lets out fails the
+    test."""
+    monkeypatch.chdir(tmp_path)
+    settings = {k: v for k, v in env(tmp_path).items() if k.startswith("PROWZI_")}
+    result = CliRunner().invoke(app, list(args), env=settings)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_cli_checkpoints_lists_with_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _sessions(tmp_path, "one", "two")
-    rows = _prowzi(tmp_path, "checkpoints", "--session", "two", "--json")
-    assert rows.returncode == 0, rows.stderr
+    rows = _invoke(tmp_path, monkeypatch, "checkpoints", "--session", "two", "--json")
+    assert rows.exit_code == 0, rows.stderr
     listed = [line for line in rows.stdout.splitlines() if line]
     assert len(listed) == 7 and all('"session_id":"two"' in line for line in listed)
     sidecar = json.loads((tmp_path / "checkpoints" / "two_intent.json").read_text())
     as_listed = {json.loads(line)["checkpoint_id"]: json.loads(line) for line in listed}
     assert as_listed["two_intent"]["created_at"] == sidecar["created_at"]  # same spelling, "Z"
-    one_stage = _prowzi(tmp_path, "checkpoints", "--stage", "search")
+    one_stage = _invoke(tmp_path, monkeypatch, "checkpoints", "--stage", "search")
     assert sorted(line.split()[0] for line in one_stage.stdout.splitlines()) == [
         "one_search",
         "two_search",
@@ -222,12 +238,10 @@ def test_cli_checkpoints_lists_with_filters(tmp_path: Path) -> None:
         re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", line.split()[1])
         for line in one_stage.stdout.splitlines()
     )
-    recent = _prowzi(tmp_path, "checkpoints", "--since", "1h")
+    recent = _invoke(tmp_path, monkeypatch, "checkpoints", "--since", "1h")
     assert len(recent.stdout.splitlines()) == 14
-    bad = _prowzi(tmp_path, "checkpoints", "--session", "../x")
-    assert (
-        bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
-    )
+    bad = _invoke(tmp_path, monkeypatch, "checkpoints", "--session", "../x")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("as_json", [False, True])
@@ -341,19 +355,23 @@ def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path)
     assert session.metadata["output_path"] == "papers/mine.md"
 
 
-def test_resume_without_checkpoints_explains_why(tmp_path: Path) -> None:
-    proc = _prowzi(tmp_path, "resume", "never-checkpointed")
-    assert proc.returncode == 1
+def test_resume_without_checkpoints_explains_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = _invoke(tmp_path, monkeypatch, "resume", "never-checkpointed")
+    assert proc.exit_code == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" in proc.stderr
 
 
-def test_resume_from_a_stage_without_a_checkpoint_names_the_ones_there(tmp_path: Path) -> None:
+def test_resume_from_a_stage_without_a_checkpoint_names_the_ones_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manager = _sessions(tmp_path, "sparse")
     for stage in ("intent", "search"):
         manager.store.delete(f"sparse_{stage}.pkl")
     for args in (("sparse", "--from-stage", "search"), ("sparse_search",)):
-        proc = _prowzi(tmp_path, "resume", *args, "--dry-run")
-        assert proc.returncode == 1
+        proc = _invoke(tmp_path, monkeypatch, "resume", *args, "--dry-run")
+        assert proc.exit_code == 1
         assert proc.stderr.count("\n") == 1 and "--enable-checkpoints" not in proc.stderr
         assert proc.stderr.startswith("error: no checkpoint sparse_search in ")
         assert proc.stderr.rstrip().endswith(

@@ -1,4 +1,8 @@
-"""``prowzi run`` as a user runs it: a real process, real files, one-line errors."""
+"""``prowzi run`` as a user runs it: a real process, real files, one-line errors.
+
+A real process where the entry point (``main()``: usage errors, exit codes) is the point;
+typer's ``CliRunner`` where only a command's own behaviour is.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
 import prowzi as prowzi_pkg
+from prowzi.cli.main import app
 
 PROMPT = "Write a research paper on quantum computing"
 
@@ -58,8 +64,16 @@ def assert_citations_resolve_into_the_corpus(text: str) -> None:
             assert record in _record_ids(SAMPLE / path), f"no record {source} in the corpus"
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode != 0
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """A command run in this process; an exception it lets out fails the test."""
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str] | Result, *needles: str) -> None:
+    code = proc.returncode if isinstance(proc, subprocess.CompletedProcess) else proc.exit_code
+    assert code != 0
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -161,17 +175,17 @@ def test_corpus_without_readable_documents_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_invalid_environment_variable_is_named(variable: str, value: str) -> None:
-    proc = prowzi("run", PROMPT, env={variable: value})
-    assert_one_line_error(proc, variable)
-    assert proc.returncode == 2
+    result = invoke("run", PROMPT, env={variable: value})
+    assert_one_line_error(result, variable)
+    assert result.exit_code == 2 and result.stdout == ""
 
 
 @pytest.mark.parametrize("command", ["run", "resume", "cleanup", "checkpoints", "serve"])
 def test_help_shows_flags_without_a_value_placeholder(command: str) -> None:
     """A flag takes no value (``--dry-run true`` is a usage error), so its help row must not
     suggest one; options that take a value keep their type."""
-    out = prowzi(command, "--help", env={"COLUMNS": "120"})
-    assert out.returncode == 0, out.stderr
+    out = invoke(command, "--help", env={"COLUMNS": "120"})
+    assert out.exit_code == 0, out.stderr
     assert "<bool>" not in out.stdout
     rows = {
         found[1]: found[2]
@@ -185,11 +199,7 @@ def test_help_shows_flags_without_a_value_placeholder(command: str) -> None:
 
 
 def test_prowzi_alone_prints_the_help() -> None:
-    from typer.testing import CliRunner
-
-    from prowzi.cli.main import app
-
-    result = CliRunner().invoke(app, [])
+    result = invoke()
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Usage: prowzi [OPTIONS] COMMAND [ARGS]...")
     for command in ("run", "resume", "sessions", "show", "serve"):
