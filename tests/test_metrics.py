@@ -313,6 +313,22 @@ def test_serve_metrics_serves_openmetrics_on_loopback(registry: CollectorRegistr
     server.close()  # idempotent
 
 
+def test_serve_metrics_negotiates_like_prometheus_client(registry: CollectorRegistry) -> None:
+    import gzip
+
+    ProwziMetrics(registry)
+    with serve_metrics(registry, 0) as server:
+        with urllib.request.urlopen(server.url, timeout=5) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            assert b"prowzi_runs_started_total 0.0" in response.read()
+        request = urllib.request.Request(
+            server.url, headers={"Accept": OPENMETRICS, "Accept-Encoding": "gzip"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(response.read()) == render(registry, OPENMETRICS)[0]
+
+
 def test_the_default_registry_is_private() -> None:
     first, second = ProwziMetrics(), ProwziMetrics()
     assert first.registry is not second.registry
@@ -371,22 +387,18 @@ def test_200_orchestrated_runs_leave_the_series_count_of_the_first(
     assert "trace_id=" in text
 
 
-def test_fast_openmetrics_writer_matches_prometheus_client(registry: CollectorRegistry) -> None:
+def test_openmetrics_exposition_is_prometheus_clients_own(registry: CollectorRegistry) -> None:
     from prometheus_client.openmetrics.exposition import generate_latest
-
-    from prowzi.observability.metrics import openmetrics_exposition
 
     metrics = ProwziMetrics(registry)
     feed(metrics, run_events("s1"))
     feed(metrics, run_events("s2", outcome="failure"))
-    assert openmetrics_exposition(registry) == generate_latest(registry)
+    assert render(registry, OPENMETRICS)[0] == generate_latest(registry)
 
 
-def test_names_the_fast_writer_cannot_write_fall_back(registry: CollectorRegistry) -> None:
+def test_names_that_need_escaping_are_prometheus_clients_too(registry: CollectorRegistry) -> None:
     from prometheus_client import Gauge
     from prometheus_client.openmetrics.exposition import generate_latest
 
-    from prowzi.observability.metrics import openmetrics_exposition
-
     Gauge("a:b", 'help with "quotes"\nand lines', ("x",), registry=registry).labels('q"\\').set(1)
-    assert openmetrics_exposition(registry) == generate_latest(registry)
+    assert render(registry, OPENMETRICS)[0] == generate_latest(registry)
