@@ -235,3 +235,86 @@ def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
     finally:
         prometheus.close()
         service.stop()
+
+
+def fed_registry() -> Any:
+    """A registry after a few runs of events, each stage attempt with its trace exemplar."""
+    from prometheus_client import CollectorRegistry
+    from test_metrics import feed, run_events
+
+    from prowzi.observability.metrics import ProwziMetrics
+
+    registry = CollectorRegistry()
+    metrics = ProwziMetrics(registry)
+    for i, outcome in enumerate(("success", "failure", "cancelled")):
+        feed(metrics, run_events(f"run-{i}", outcome=outcome, trace_id=f"{i + 1:032x}"))
+    return registry
+
+
+def exposed_exemplars(registry: Any) -> set[tuple[str, str]]:
+    """(trace_id, span_id) of the stage-duration exemplars in the OpenMetrics exposition."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from prowzi.observability.metrics import render
+
+    body, _ = render(registry, "application/openmetrics-text; version=1.0.0")
+    return {
+        (s.exemplar.labels["trace_id"], s.exemplar.labels["span_id"])
+        for family in text_string_to_metric_families(body.decode())
+        if family.name == "prowzi_stage_duration_seconds"
+        for s in family.samples
+        if s.exemplar is not None
+    }
+
+
+def test_promtool_lints_the_exposition() -> None:
+    """promtool (2.42) lints the classic text format only; the OpenMetrics output, exemplars
+    included, is parsed by a real Prometheus in the next test."""
+    from test_stack_support import require_tool
+
+    from prowzi.observability.metrics import render
+
+    body, content_type = render(fed_registry(), None)
+    assert content_type.startswith("text/plain")
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_parses_the_openmetrics_of_serve_metrics_and_keeps_its_exemplars(
+    tmp_path: Path,
+) -> None:
+    """``prowzi run --metrics-port``'s endpoint (prometheus_client's server), scraped for real."""
+    from prowzi.observability.metrics import serve_metrics
+
+    registry = fed_registry()
+    with serve_metrics(registry, 0) as server:
+        prometheus = Prometheus(tmp_path, f"127.0.0.1:{server.port}")
+        try:
+            deadline = time.monotonic() + 30
+            while prometheus.value("prowzi_runs_started_total") is None:
+                assert time.monotonic() < deadline, "prometheus never scraped serve_metrics"
+                time.sleep(0.2)
+            (target,) = prometheus.api("targets")["activeTargets"]
+            assert target["health"] == "up" and target["lastError"] == "", target
+            assert prometheus.value("prowzi_runs_started_total") == 3
+            assert prometheus.value('prowzi_runs_completed_total{outcome="cancelled"}') == 1
+            now = time.time()
+            exemplar_sets = prometheus.api(
+                "query_exemplars",
+                query="prowzi_stage_duration_seconds_bucket",
+                start=str(now - 300),
+                end=str(now + 5),
+            )
+            stored = {
+                (e["labels"]["trace_id"], e["labels"]["span_id"])
+                for s in exemplar_sets
+                for e in s["exemplars"]
+            }
+            assert stored and stored == exposed_exemplars(registry)
+        finally:
+            prometheus.close()
