@@ -1036,6 +1036,41 @@ def test_a_forged_session_index_is_not_trusted(tmp_path: Path) -> None:
         ]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        'summary = \'{"done": "seven", "failed": "planning"}\'',
+        "summary = '{\"retries\": true}'",
+        "summary = '[1]'",
+        "status = 'weird'",
+        "started = 1e20",
+    ],
+)
+def test_an_index_row_of_the_wrong_types_is_read_again_from_its_file(
+    tmp_path: Path, change: str
+) -> None:
+    """An index entry is validated (strict types, a status readers report, a time a date can
+    hold) even under a signature that matches its file: a bad one is read again from the
+    file, never shown and never a traceback."""
+    import sqlite3
+
+    _record_sessions(tmp_path / "t", 3)
+    collector = TelemetryCollector(tmp_path / "t")
+    expected = [s.to_dict() for s in collector.list_sessions()]
+    collector._session_index().close()
+    with sqlite3.connect(collector.index_path) as db:
+        db.execute(f"UPDATE sessions SET {change} WHERE session_id = 's001'")
+    listed = TelemetryCollector(tmp_path / "t").list_sessions()
+    assert [s.to_dict() for s in listed if s.session_id != "s001"] == [
+        e for e in expected if e["session_id"] != "s001"
+    ]
+    (row,) = [s for s in listed if s.session_id == "s001"]
+    if change.startswith("summary"):
+        assert row.to_dict() == next(e for e in expected if e["session_id"] == "s001")
+    else:  # the columns a row is selected by are the index's; the rest is the file's
+        assert row.stages_completed == 1 and row.prompt == "topic 1"
+
+
 def test_an_unwritable_cache_directory_still_lists(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -641,21 +641,61 @@ def _corrupt_entry(session_id: str, modified: float, reason: str) -> dict[str, A
 
 
 def _summary(entry: dict[str, Any]) -> SessionSummary:
-    completed = entry.get("completed")
-    started = entry.get("started")
-    return SessionSummary(
-        session_id=entry["session_id"],
-        status=entry["status"],
-        prompt=entry.get("prompt", ""),
-        started_at=_utc(started) if isinstance(started, int | float) else None,
-        completed_at=_utc(completed) if isinstance(completed, int | float) else None,
-        total_duration_seconds=entry.get("duration", 0.0),
-        total_retries=entry.get("retries", 0),
-        stages_completed=entry.get("done", 0),
-        stages_total=entry.get("total", DEFAULT_STAGE_COUNT),
-        failed_stages=tuple(entry.get("failed", ())),
-        error=entry.get("error"),
-    )
+    """The listing row of an index entry (:func:`_entry`, :func:`_corrupt_entry`, or one read
+    back from the session index). Raises ``ValueError`` for an entry that is not one (a
+    damaged or foreign index: the caller reads the session's record instead)."""
+    return _summary_adapter().validate_python(entry)
+
+
+@functools.cache
+def _summary_adapter() -> TypeAdapter[SessionSummary]:
+    """The validator of index entries (strict: a count is an int, a time a number that a date
+    can hold, a status one a reader reports)."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import AfterValidator, ConfigDict, TypeAdapter, with_config
+    from typing_extensions import TypedDict
+
+    def in_range(value: float) -> float:
+        try:
+            _utc(value)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"time {value!r} is out of range") from None
+        return value
+
+    Time = Annotated[float, AfterValidator(in_range)] | None
+
+    @with_config(ConfigDict(strict=True))
+    class IndexEntry(TypedDict):
+        session_id: str
+        status: SessionStatus
+        prompt: NotRequired[str]
+        started: NotRequired[Time]
+        completed: NotRequired[Time]
+        duration: NotRequired[float]
+        retries: NotRequired[int]
+        done: NotRequired[int]
+        total: NotRequired[int]
+        failed: NotRequired[list[str]]
+        error: NotRequired[str | None]
+
+    def summary(entry: IndexEntry) -> SessionSummary:
+        started, completed = entry.get("started"), entry.get("completed")
+        return SessionSummary(
+            session_id=entry["session_id"],
+            status=entry["status"],
+            prompt=entry.get("prompt", ""),
+            started_at=None if started is None else _utc(started),
+            completed_at=None if completed is None else _utc(completed),
+            total_duration_seconds=entry.get("duration", 0.0),
+            total_retries=entry.get("retries", 0),
+            stages_completed=entry.get("done", 0),
+            stages_total=entry.get("total", DEFAULT_STAGE_COUNT),
+            failed_stages=tuple(entry.get("failed", ())),
+            error=entry.get("error"),
+        )
+
+    return TypeAdapter(Annotated[IndexEntry, AfterValidator(summary)])  # type: ignore[arg-type]
 
 
 def _file_signature(st: os.stat_result) -> str:
