@@ -429,6 +429,25 @@ def test_a_log_from_a_newer_format_is_refused(tmp_path: Path) -> None:
         read_events(path)
 
 
+def test_a_log_header_keeps_its_typed_fields_and_needs_an_integer_version(
+    tmp_path: Path,
+) -> None:
+    """A header's fields of the wrong type are None (the rest still says who wrote the
+    log); a header without an integer version (a boolean is not one) is corrupt."""
+    path = tmp_path / "log.jsonl"
+    started = doc_example_run().events[0]
+    header = {"event": "log_opened", "v": 1, "pid": "x", "host": "h", "timestamp": "soon"}
+    path.write_text(json.dumps(header) + "\n" + json.dumps(started.as_record()) + "\n")
+    reader = EventLogReader(path)
+    assert reader.read_all() == [started]
+    (parsed,) = reader.headers
+    assert (parsed.version, parsed.pid, parsed.host, parsed.timestamp) == (1, None, "h", None)
+    for version in ("true", '"1"', "null"):
+        path.write_text(f'{{"event": "log_opened", "v": {version}}}\n')
+        with pytest.raises(TelemetryError, match="line 1 is a log header without a version"):
+            read_events(path)
+
+
 def test_a_writer_cuts_a_partial_line_left_by_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     EventLogWriter(path).close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -36,6 +37,9 @@ from prowzi.errors import TelemetryError
 from prowzi.host import boot_id
 from prowzi.storage.files import SHARED_FILE, fsync_directory, open_nofollow, read_nofollow
 from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 log = logging.getLogger("prowzi.telemetry")
 
@@ -316,29 +320,71 @@ def decode_line(line: bytes, where: str) -> Event | LogHeader | None:
 
 
 def _header(record: dict[str, Any], where: str) -> LogHeader:
-    version = record.get("v")
-    if not isinstance(version, int):
-        raise TelemetryError(f"{where} is a log header without a version")
-    if version > LOG_FORMAT_VERSION:
-        raise TelemetryError(
-            f"{where} was written by a newer Prowzi (log format {version}, this one reads "
-            f"{LOG_FORMAT_VERSION}); upgrade to read it"
-        )
-    pid = record.get("pid")
-    host = record.get("host")
-    ts = record.get("timestamp")
-    boot = record.get("boot")
-    ticks = record.get("start_ticks")
-    pidns = record.get("pidns")
-    return LogHeader(
-        version=version,
-        pid=pid if isinstance(pid, int) else None,
-        host=host if isinstance(host, str) else None,
-        timestamp=float(ts) if isinstance(ts, int | float) else None,
-        boot_id=boot if isinstance(boot, str) else None,
-        start_ticks=ticks if isinstance(ticks, int) else None,
-        pid_namespace=pidns if isinstance(pidns, int) else None,
+    from pydantic import ValidationError
+
+    try:
+        return _header_adapter().validate_python(record)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            if error["type"] == "value_error":  # a newer format
+                raise TelemetryError(f"{where} {error.get('ctx', {}).get('error')}") from None
+        raise TelemetryError(f"{where} is a log header without a version") from None
+
+
+@functools.cache
+def _header_adapter() -> TypeAdapter[LogHeader]:
+    """The validator of log headers: a version (strictly an int) no newer than this Prowzi's;
+    each other field is kept when it has its type and is None otherwise (a header tells who
+    wrote the log, and an odd field must not hide the rest)."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import (
+        AfterValidator,
+        ConfigDict,
+        TypeAdapter,
+        ValidationError,
+        ValidatorFunctionWrapHandler,
+        WrapValidator,
+        with_config,
     )
+    from typing_extensions import TypedDict
+
+    def or_none(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
+
+    def supported(version: int) -> int:
+        if version > LOG_FORMAT_VERSION:
+            raise ValueError(
+                f"was written by a newer Prowzi (log format {version}, this one reads "
+                f"{LOG_FORMAT_VERSION}); upgrade to read it"
+            )
+        return version
+
+    @with_config(ConfigDict(strict=True))
+    class Header(TypedDict):
+        v: Annotated[int, AfterValidator(supported)]
+        pid: NotRequired[Annotated[int | None, WrapValidator(or_none)]]
+        host: NotRequired[Annotated[str | None, WrapValidator(or_none)]]
+        timestamp: NotRequired[Annotated[float | None, WrapValidator(or_none)]]
+        boot: NotRequired[Annotated[str | None, WrapValidator(or_none)]]
+        start_ticks: NotRequired[Annotated[int | None, WrapValidator(or_none)]]
+        pidns: NotRequired[Annotated[int | None, WrapValidator(or_none)]]
+
+    def header(fields: Header) -> LogHeader:
+        return LogHeader(
+            version=fields["v"],
+            pid=fields.get("pid"),
+            host=fields.get("host"),
+            timestamp=fields.get("timestamp"),
+            boot_id=fields.get("boot"),
+            start_ticks=fields.get("start_ticks"),
+            pid_namespace=fields.get("pidns"),
+        )
+
+    return TypeAdapter(Annotated[Header, AfterValidator(header)])  # type: ignore[arg-type]
 
 
 def read_events(path: Path) -> list[Event]:
