@@ -1058,9 +1058,10 @@ def test_a_forged_session_index_is_not_trusted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        'summary = \'{"done": "seven", "failed": "planning"}\'',
-        "summary = '{\"retries\": true}'",
-        "summary = '[1]'",
+        # a summary is a JSON blob (a text one is not even read)
+        """summary = CAST('{"done": "seven", "failed": "planning"}' AS BLOB)""",
+        """summary = CAST('{"retries": true}' AS BLOB)""",
+        "summary = CAST('[1]' AS BLOB)",
         "status = 'weird'",
         "started = 1e20",
     ],
@@ -1087,7 +1088,7 @@ def test_an_index_row_of_the_wrong_types_is_read_again_from_its_file(
     if change.startswith("summary"):
         assert row.to_dict() == next(e for e in expected if e["session_id"] == "s001")
     else:  # the columns a row is selected by are the index's; the rest is the file's
-        assert row.stages_completed == 1 and row.prompt == "topic 1"
+        assert (row.status, row.stages_completed, row.prompt) == ("completed", 1, "topic 1")
 
 
 def test_an_unwritable_cache_directory_still_lists(

@@ -173,3 +173,32 @@ def test_a_raising_sink_never_fails_the_run_or_the_telemetry() -> None:
     )
     assert result.metadata["session_id"] == "rs-1"
     assert session_file("rs-1")["success"] is True
+
+
+@pytest.mark.parametrize("value", ["soon", 1e20])
+def test_a_resume_records_its_events_past_a_mistyped_log_line(value: object) -> None:
+    """Issue 15 item 5: a resumed session whose log has a line of the wrong types (skipped,
+    as a line that is not JSON is) records all of the resume's events and ends completed,
+    not "interrupted 4/7" forever."""
+    broken = FailsFirst("writing", PermanentError("no words"), times=99)
+    with pytest.raises(WorkflowFailedError):
+        asyncio.run(
+            orchestrator({"writing": broken}, enable_checkpointing=True).run_research(
+                "q", session_id="typo-1"
+            )
+        )
+    log = Path("telemetry") / "events" / "typo-1.jsonl"
+    lines = log.read_text().splitlines()
+    line = json.loads(lines[2])
+    assert line["event"] == "stage_started"
+    line["timestamp"] = value
+    lines[2] = json.dumps(line)
+    log.write_text("\n".join(lines) + "\n")
+    resumed = orchestrator(enable_checkpointing=True)
+    asyncio.run(resumed.resume_from_checkpoint("typo-1"))
+    data = session_file("typo-1")
+    assert data["success"] is True and data["metadata"]["runs"] == 2
+    collector = TelemetryCollector(Path("telemetry"))
+    assert collector.load_session("typo-1").completed_stage_count == 7
+    (row,) = collector.list_sessions()
+    assert (row.status, row.stages_completed) == ("completed", 7)
