@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -158,6 +159,20 @@ def test_progress_payloads_convert_back_to_their_events() -> None:
         assert event_from_progress(*converted) == event
     assert event_from_progress("intent", {"status": "weird"}) is None
     assert event_from_progress("intent", {"no": "status"}) is None
+
+
+def test_progress_payloads_keep_their_values_and_bad_ones_are_not_events() -> None:
+    """A payload made in this process converts back with its values as they were (a path
+    stays a path); one of the wrong types, or with a time no date can hold, is no event."""
+    run = RunScript().start()
+    started = dataclasses.replace(
+        run.events[0], parameters={"corpus_dir": Path("/corpus"), "max_results_per_query": 3}
+    )
+    converted = progress_payload(started)
+    assert converted is not None and event_from_progress(*converted) == started
+    for bad in ({"timestamp": "soon"}, {"timestamp": 1e20}, {"unknown_field": 1}):
+        stage, payload = converted
+        assert event_from_progress(stage, {**payload, **bad}) is None
 
 
 def test_the_listener_records_under_its_own_session_id(tmp_path: Path) -> None:

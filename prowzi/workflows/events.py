@@ -159,12 +159,14 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def event_from_record(record: dict[str, Any]) -> Event:
+def event_from_record(record: dict[str, Any], *, strict: bool = True) -> Event:
     """Rebuild an event from :meth:`Event.as_record` output (e.g. a line of an event log).
 
-    The record is validated (pydantic, strictly, as JSON): a field of the wrong type
-    (``"timestamp": "soon"``), a timestamp no date can hold (``1e20``), a missing or unknown
-    field is a ``ValueError`` saying which, never an event that breaks its readers later."""
+    The record is validated (pydantic): a field of the wrong type (``"timestamp": "soon"``),
+    a timestamp no date can hold (``1e20``), a missing or unknown field is a ``ValueError``
+    saying which, never an event that breaks its readers later. ``strict`` (what was read
+    from a file) checks it as JSON, where a boolean is not a number; ``strict=False`` (a
+    record made in this process) converts what it can and keeps values JSON cannot hold."""
     data = dict(record)
     kind = data.pop("event", None)
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
@@ -172,12 +174,15 @@ def event_from_record(record: dict[str, Any]) -> Event:
         raise ValueError(f"unknown event kind {kind!r}")
     from pydantic import ValidationError
 
+    adapter = _record_adapter(cls)
     try:
-        encoded = orjson.dumps(data)
-    except TypeError as exc:  # a value JSON cannot hold: not what a log line gives
-        raise ValueError(str(exc)) from None
-    try:
-        return _record_adapter(cls).validate_json(encoded)
+        if not strict:
+            return adapter.validate_python(data, strict=False)
+        try:
+            encoded = orjson.dumps(data)
+        except TypeError as exc:  # a value JSON cannot hold: not what a log line gives
+            raise ValueError(str(exc)) from None
+        return adapter.validate_json(encoded)
     except ValidationError as exc:
         raise ValueError(validation_reason(exc)) from None
 
@@ -326,7 +331,7 @@ def event_from_progress(stage: str, payload: Mapping[str, Any]) -> Event | None:
         record["event"] = f"stage_{status}"
         record["stage"] = stage
     try:
-        return event_from_record(record)
+        return event_from_record(record, strict=False)
     except ValueError as exc:
         log.debug("progress payload for %s is not an event: %s", stage, exc)
         return None
