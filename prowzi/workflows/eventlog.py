@@ -7,7 +7,9 @@ record, ``{"event": "log_opened", "v": 1, "pid": ..., "host": ...}``; readers us
 log written by a newer format and to tell which process is writing.
 
 A reader tolerates a partial last line while the log is being written (it waits for the rest);
-a complete line that is not a JSON object is corruption, reported with its line number.
+a complete line that is not a JSON object, or not a valid event (a field of the wrong type, a
+time no date can hold: :func:`~prowzi.workflows.events.event_from_record` validates it), is
+corruption, reported with its line number; :func:`iter_events_lenient` skips such lines.
 
 Writers and readers open the log through :mod:`prowzi.storage.files` (``O_NOFOLLOW``, regular
 files only): a symlink or FIFO planted at a log's name is refused, never followed, appended to
