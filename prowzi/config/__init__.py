@@ -1,6 +1,9 @@
-"""Configuration: :class:`ProwziConfig` and :func:`get_config`.
+"""Configuration: :class:`ProwziConfig` and :func:`get_config`; pydantic-settings is the one
+reader of the ``PROWZI_*`` variables.
 
-Imported lazily: pydantic-settings is loaded only when the configuration is built.
+Imported lazily: pydantic-settings is loaded only when settings are read, so ``prowzi --help``
+does without it. Read-only commands read only the parts they use, :class:`TelemetryLocation`
+and :class:`CheckpointLocation`, of which :class:`ProwziConfig` is made.
 """
 
 from __future__ import annotations
@@ -8,9 +11,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prowzi.config.settings import ProwziConfig, describe_validation_error, get_config
+    from prowzi.config.settings import (
+        CheckpointLocation,
+        ProwziConfig,
+        TelemetryLocation,
+        describe_validation_error,
+        get_config,
+    )
 
-__all__ = ["ProwziConfig", "describe_validation_error", "get_config"]
+__all__ = [
+    "CheckpointLocation",
+    "ProwziConfig",
+    "TelemetryLocation",
+    "describe_validation_error",
+    "get_config",
+]
 
 
 def __getattr__(name: str) -> Any:
