@@ -82,9 +82,9 @@ from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
 from prowzi.config import ProwziConfig
 from prowzi.storage.blob import InMemoryBlobStore
+from prowzi.tracing import NullTracer
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
 from prowzi.workflows.orchestrator import ProwziOrchestrator
-from prowzi.workflows.tracing import NullTracer
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")

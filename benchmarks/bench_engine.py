@@ -25,8 +25,8 @@ from _stats import report
 
 from prowzi.config import ProwziConfig
 from prowzi.testing import noop_agents
+from prowzi.tracing import NullTracer
 from prowzi.workflows.orchestrator import ProwziOrchestrator
-from prowzi.workflows.tracing import NullTracer
 
 PROMPT = "Write a research paper on quantum computing"
 

@@ -29,19 +29,19 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
 
 from prowzi.config import ProwziConfig
-from prowzi.observability.metrics import ProwziMetrics, render, serve_metrics
-from prowzi.observability.tracing import OtelTracer, build_tracer
-from prowzi.testing import noop_agents
-from prowzi.workflows.events import (
+from prowzi.events import (
     CheckpointSaved,
     StageCompleted,
     StageStarted,
     WorkflowCompleted,
     WorkflowStarted,
 )
+from prowzi.observability.metrics import ProwziMetrics, render, serve_metrics
+from prowzi.observability.otel import OtelTracer, build_tracer
+from prowzi.testing import noop_agents
+from prowzi.tracing import NullTracer, RunTracer
 from prowzi.workflows.orchestrator import ProwziOrchestrator
 from prowzi.workflows.stages import STAGE_NAMES
-from prowzi.workflows.tracing import NullTracer, RunTracer
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 

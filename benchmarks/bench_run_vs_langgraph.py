@@ -36,8 +36,8 @@ from langgraph.graph import END, START, StateGraph
 
 from prowzi.config import ProwziConfig
 from prowzi.testing import STAGES, noop_agents
+from prowzi.tracing import NullTracer
 from prowzi.workflows.orchestrator import ProwziOrchestrator
-from prowzi.workflows.tracing import NullTracer
 
 PROMPT = "Write a research paper on quantum computing"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from _stats import percentile
 
-from prowzi.workflows import events as ev
+from prowzi import events as ev
 from prowzi.workflows.telemetry import TelemetryCollector
 
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prowzi.workflows.events import Event
+from prowzi.events import Event
 
 
 class Recorder:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from prowzi.workflows import events as ev
+from prowzi import events as ev
 
 STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 DOC_SESSION = "abc123-def456"

@@ -22,9 +22,9 @@ from prowzi.agents.base import StageContext
 from prowzi.cli.main import app
 from prowzi.config import ProwziConfig
 from prowzi.errors import PermanentError, WorkflowFailedError
+from prowzi.tracing import NullTracer
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
-from prowzi.workflows.tracing import NullTracer
 
 TESTS = Path(__file__).resolve().parent
 PROWZI = str(Path(sys.executable).parent / "prowzi")

@@ -48,8 +48,8 @@ def _fork(
         return pid
     code = 1
     try:
+        from prowzi.tracing import NullTracer
         from prowzi.workflows.orchestrator import ProwziOrchestrator
-        from prowzi.workflows.tracing import NullTracer
 
         config = _config(checkpoints, **(settings or {}))
         orch = ProwziOrchestrator(config=config, tracer=NullTracer())

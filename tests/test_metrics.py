@@ -9,8 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from prowzi.observability.metrics import ProwziMetrics, render, serve_metrics
-from prowzi.workflows.events import (
+from prowzi.events import (
     CheckpointFailed,
     CheckpointSaved,
     Event,
@@ -22,6 +21,7 @@ from prowzi.workflows.events import (
     WorkflowFailed,
     WorkflowStarted,
 )
+from prowzi.observability.metrics import ProwziMetrics, render, serve_metrics
 from prowzi.workflows.stages import STAGE_NAMES
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -347,7 +347,7 @@ def test_200_orchestrated_runs_leave_the_series_count_of_the_first(
     from prowzi.agents.base import StageContext
     from prowzi.config import ProwziConfig
     from prowzi.errors import PermanentError, TransientError, WorkflowFailedError
-    from prowzi.observability.tracing import build_tracer
+    from prowzi.observability.otel import build_tracer
     from prowzi.testing import noop_agents, noop_result
     from prowzi.workflows import ProwziOrchestrator
 

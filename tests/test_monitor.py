@@ -22,8 +22,8 @@ from prowzi.cli.monitor import (
     live_monitor,
     replay_session,
 )
+from prowzi.events import Event, progress_payload
 from prowzi.workflows.eventlog import EventLogReader
-from prowzi.workflows.events import Event, progress_payload
 from prowzi.workflows.telemetry import TelemetryCollector
 
 

@@ -18,10 +18,10 @@ from prowzi.errors import (
     TransientError,
     WorkflowFailedError,
 )
+from prowzi.events import StageCompleted, StageFailed, StageRetrying
 from prowzi.testing import noop_agents, noop_result
+from prowzi.tracing import NullTracer
 from prowzi.workflows import ProwziOrchestrator
-from prowzi.workflows.events import StageCompleted, StageFailed, StageRetrying
-from prowzi.workflows.tracing import NullTracer
 
 
 class Flaky:
@@ -187,8 +187,8 @@ def test_an_event_callback_receives_the_events_themselves(tmp_path: Any) -> None
     """A ProgressListener (any EventCallback) given as the progress callback gets the run's
     events as the sinks do, the very objects, with no (stage, payload) round trip; it still
     records the run under its own session id, and a plain callback still gets payloads."""
+    from prowzi import events as ev
     from prowzi.cli.monitor import ProgressListener
-    from prowzi.workflows import events as ev
     from prowzi.workflows.telemetry import TelemetryCollector
 
     class Seen(ev.EventCallback):

@@ -19,11 +19,11 @@ from prowzi.errors import (
     PermanentError,
     WorkflowFailedError,
 )
+from prowzi.events import StageCompleted, StageSkipped, WorkflowStarted
+from prowzi.tracing import NullTracer
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
-from prowzi.workflows.events import StageCompleted, StageSkipped, WorkflowStarted
 from prowzi.workflows.telemetry import TelemetryCollector
-from prowzi.workflows.tracing import NullTracer
 
 PROMPT = "Write a research paper on quantum computing"
 STAGES = ["intent", "planning", "search", "verification", "writing", "evaluation", "turnitin"]

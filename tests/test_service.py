@@ -325,7 +325,7 @@ def _killed_after_its_last_checkpoint(cwd: Path, session_id: str) -> None:
         "from prowzi.config import ProwziConfig\n"
         "from prowzi.testing import noop_agents\n"
         "from prowzi.workflows import ProwziOrchestrator\n"
-        "from prowzi.workflows.tracing import NullTracer\n"
+        "from prowzi.tracing import NullTracer\n"
         "config = ProwziConfig(enable_checkpointing=True,\n"
         "    checkpoint_dir=Path('prowzi_checkpoints'), telemetry_dir=Path('prowzi_telemetry'))\n"
         "orch = ProwziOrchestrator(config=config, agents=noop_agents(), tracer=NullTracer())\n"

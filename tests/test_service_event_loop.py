@@ -83,11 +83,11 @@ def serve(port: int) -> None:
     import uvicorn
 
     from prowzi.config import get_config
+    from prowzi.events import EventSink
     from prowzi.service.app import ServiceSettings, create_app
+    from prowzi.tracing import NullTracer
     from prowzi.workflows.checkpoint import CheckpointManager
-    from prowzi.workflows.events import EventSink
     from prowzi.workflows.orchestrator import ProwziOrchestrator
-    from prowzi.workflows.tracing import NullTracer
 
     config = get_config(enable_checkpointing=True)
     store = SlowPutStore(config.checkpoint_dir)

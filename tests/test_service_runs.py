@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from prowzi.errors import CheckpointNotFoundError
+from prowzi.events import EventSink, WorkflowCompleted, WorkflowStarted
 from prowzi.observability.metrics import ProwziMetrics
 from prowzi.service import runs
 from prowzi.service.journal import RunJournal
 from prowzi.service.runs import QueueFullError, RunConflictError, RunManager
-from prowzi.workflows.events import EventSink, WorkflowCompleted, WorkflowStarted
 
 
 class Plan:

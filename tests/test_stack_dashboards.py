@@ -258,10 +258,10 @@ def test_the_traces_panel_queries_tempo_with_traceql() -> None:
 
 def test_the_traceql_names_match_prowzis_tracer() -> None:
     """The span name and attributes the traces panel filters on are the ones Prowzi emits."""
-    from prowzi.observability import tracing
+    from prowzi.observability import otel
 
-    source = (REPO / "prowzi" / "observability" / "tracing.py").read_text(encoding="utf-8")
-    assert tracing.WORKFLOW_NAME == "prowzi.research"
+    source = (REPO / "prowzi" / "observability" / "otel.py").read_text(encoding="utf-8")
+    assert otel.WORKFLOW_NAME == "prowzi.research"
     assert 'f"invoke_workflow {WORKFLOW_NAME}"' in source
     for attribute in ("prowzi.stage", "prowzi.session_id", "prowzi.status"):
         assert f'"{attribute}"' in source

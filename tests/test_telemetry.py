@@ -16,9 +16,9 @@ import pytest
 from telemetry_events import DOC_SESSION, STAGES, RunScript, doc_example_run
 
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
+from prowzi.events import Event, EventBus, StageStarted, WorkflowStarted
 from prowzi.workflows import telemetry
 from prowzi.workflows.eventlog import EventLogReader, EventLogWriter, read_events
-from prowzi.workflows.events import Event, EventBus, StageStarted, WorkflowStarted
 from prowzi.workflows.telemetry import (
     CorruptSessionError,
     SessionRecorder,
@@ -677,7 +677,7 @@ def test_a_bus_with_failing_telemetry_still_delivers_every_event(tmp_path: Path)
 
 
 def test_the_collector_is_an_event_sink_named_telemetry(tmp_path: Path) -> None:
-    from prowzi.workflows.events import EventSink
+    from prowzi.events import EventSink
 
     collector = TelemetryCollector(tmp_path)
     assert isinstance(collector, EventSink) and collector.name == "telemetry"
@@ -788,7 +788,7 @@ def _dead_writer_appends(log: Path, event: Event) -> None:
         "import sys, orjson\n"
         "from pathlib import Path\n"
         "from prowzi.workflows.eventlog import EventLogWriter\n"
-        "from prowzi.workflows.events import event_from_record\n"
+        "from prowzi.events import event_from_record\n"
         "writer = EventLogWriter(Path(sys.argv[1]))\n"
         "writer.append_event(event_from_record(orjson.loads(sys.argv[2])))\n"
     )

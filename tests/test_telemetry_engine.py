@@ -15,12 +15,12 @@ from pydantic import BaseModel
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import PermanentError, TransientError, WorkflowFailedError
+from prowzi.events import Event
 from prowzi.testing import noop_agents, noop_result
+from prowzi.tracing import NullTracer
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.eventlog import read_events
-from prowzi.workflows.events import Event
 from prowzi.workflows.telemetry import TelemetryCollector
-from prowzi.workflows.tracing import NullTracer
 
 SCHEMA = json.loads(
     (Path(__file__).parent / "schemas" / "telemetry_session.schema.json").read_text()

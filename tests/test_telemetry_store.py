@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from prowzi.cli.main import app
 from prowzi.errors import ConfigError, SessionNotFoundError
+from prowzi.events import Event
 from prowzi.storage.blob import Blob, BlobInfo, StoreUnavailableError
 from prowzi.storage.local import LocalBlobStore
 from prowzi.workflows import telemetry
-from prowzi.workflows.events import Event
 from prowzi.workflows.telemetry import CorruptSessionError, TelemetryCollector
 
 

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from prowzi.errors import ConfigError, StageTimeoutError, TransientError, error_type
-from prowzi.observability.tracing import OtelTracer, build_tracer, tool_span
-from prowzi.workflows.tracing import NullTracer
+from prowzi.observability.otel import OtelTracer, build_tracer, tool_span
+from prowzi.tracing import NullTracer
 
 SESSION = "20261126-143501-9f3a1c2b"
 
@@ -397,7 +397,7 @@ def test_valid_otlp_variables_build_the_sdks_exporter(
 def test_disabled_tracing_does_not_import_the_sdk() -> None:
     code = (
         "import sys\n"
-        "from prowzi.observability.tracing import build_tracer\n"
+        "from prowzi.observability.otel import build_tracer\n"
         "t = build_tracer()\n"
         "with t.run('s', prompt='p', attributes={}) as r, r.stage('intent', 1):\n"
         "    pass\n"

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig
 from prowzi.errors import PermanentError, TransientError, WorkflowFailedError
-from prowzi.observability.tracing import OtelTracer, build_tracer
+from prowzi.observability.otel import OtelTracer, build_tracer
 from prowzi.testing import STAGES, noop_agents, noop_result
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.telemetry import TelemetryCollector

@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from prowzi.observability.tracing import OtelTracer, build_tracer
+from prowzi.observability.otel import OtelTracer, build_tracer
 
 
 class Receiver:

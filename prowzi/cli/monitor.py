@@ -32,15 +32,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from prowzi.ids import validate_session_id
-from prowzi.workflows.eventlog import EventLogReader
-from prowzi.workflows.eventlog import writer_gone as header_writer_gone
-from prowzi.workflows.events import (
+from prowzi.events import (
     Event,
     EventCallback,
     WorkflowStarted,
     event_from_progress,
 )
+from prowzi.ids import validate_session_id
+from prowzi.workflows.eventlog import EventLogReader
+from prowzi.workflows.eventlog import writer_gone as header_writer_gone
 from prowzi.workflows.telemetry import (
     DEFAULT_STAGE_COUNT,
     SessionRecorder,
@@ -270,7 +270,7 @@ class ProgressListener(EventCallback):
     """A progress callback ``(stage, payload)`` that records the run and drives a monitor.
 
     Given as a run's progress callback, it receives the run's events themselves
-    (:class:`~prowzi.workflows.events.EventCallback`); called with ``(stage, payload)``, it
+    (:class:`~prowzi.events.EventCallback`); called with ``(stage, payload)``, it
     turns them back into events.
 
     Session ids: the orchestrator generates the run's id, and the caller may name another

@@ -1,6 +1,6 @@
 """Prometheus metrics for runs, stages and checkpoints, fed by the event stream.
 
-:class:`ProwziMetrics` is an :class:`~prowzi.workflows.events.EventSink` (``name="metrics"``)
+:class:`ProwziMetrics` is an :class:`~prowzi.events.EventSink` (``name="metrics"``)
 on an injected :class:`~prometheus_client.CollectorRegistry`. Every label value comes from a
 closed set: stage names outside the known stages become ``other``, sink names outside the known
 sinks become ``other``; no session id or prompt ever becomes a label. Every label combination
@@ -37,7 +37,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.exposition import ALLOWUTF8
 from prometheus_client.registry import Collector
 
-from prowzi.workflows.events import (
+from prowzi.events import (
     CheckpointFailed,
     CheckpointSaved,
     Event,

@@ -41,6 +41,7 @@ from prowzi.errors import (
     SessionNotFoundError,
     TelemetryError,
 )
+from prowzi.events import Event, EventSink
 from prowzi.ids import new_session_id, validate_session_id
 from prowzi.observability.metrics import ProwziMetrics, render
 from prowzi.service.journal import RUN_STATES, RunJournal
@@ -51,13 +52,12 @@ from prowzi.service.runs import (
     RunRecord,
     ServiceUnavailableError,
 )
-from prowzi.workflows.events import Event, EventSink
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
+    from prowzi.tracing import RunTracer
     from prowzi.workflows.orchestrator import ProwziOrchestrator
     from prowzi.workflows.telemetry import TelemetryCollector
-    from prowzi.workflows.tracing import RunTracer
 
 log = logging.getLogger("prowzi.service")
 

@@ -17,9 +17,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 
+from prowzi.events import validation_reason
 from prowzi.ids import validate_session_id
 from prowzi.storage.files import atomic_write, ensure_private_dir
-from prowzi.workflows.events import validation_reason
 
 log = logging.getLogger("prowzi.service")
 

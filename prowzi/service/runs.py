@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prowzi.errors import CheckpointNotFoundError, ProwziError, WorkflowFailedError
+from prowzi.events import Event, EventSink, WorkflowStarted
 from prowzi.ids import validate_session_id
 from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
-from prowzi.workflows.events import Event, EventSink, WorkflowStarted
 
 if TYPE_CHECKING:
     from prowzi.observability.metrics import ProwziMetrics

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, cast
 
 from prowzi.agents.base import Agent
 from prowzi.errors import ConfigError, InvalidInputError, describe_exception
-from prowzi.workflows.events import EventSink
+from prowzi.events import EventSink
+from prowzi.tracing import RunTracer
 from prowzi.workflows.stages import StageSpec
-from prowzi.workflows.tracing import RunTracer
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -111,7 +111,7 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
 
 def build_tracer() -> RunTracer:
     """The tracer the standard ``OTEL_*`` variables ask for (a no-op when they ask for none)."""
-    from prowzi.observability.tracing import build_tracer as build
+    from prowzi.observability.otel import build_tracer as build
 
     return build()
 

@@ -8,7 +8,7 @@ log written by a newer format and to tell which process is writing.
 
 A reader tolerates a partial last line while the log is being written (it waits for the rest);
 a complete line that is not a JSON object, or not a valid event (a field of the wrong type, a
-time no date can hold: :func:`~prowzi.workflows.events.event_from_record` validates it), is
+time no date can hold: :func:`~prowzi.events.event_from_record` validates it), is
 corruption, reported with its line number; :func:`iter_events_lenient` skips such lines.
 
 Writers and readers open the log through :mod:`prowzi.storage.files` (``O_NOFOLLOW``, regular
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from prowzi.errors import TelemetryError
+from prowzi.events import EVENT_TYPES, Event, event_from_record
 from prowzi.host import boot_id
 from prowzi.storage.files import SHARED_FILE, fsync_directory, open_nofollow, read_nofollow
-from prowzi.workflows.events import EVENT_TYPES, Event, event_from_record
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter

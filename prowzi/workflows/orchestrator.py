@@ -47,11 +47,7 @@ from prowzi.errors import (
     error_type,
     is_transient,
 )
-from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
-from prowzi.storage.files import SHARED_FILE, atomic_write
-from prowzi.storage.lease import LeaseLostError
-from prowzi.workflows import composition
-from prowzi.workflows.events import (
+from prowzi.events import (
     SINK_TIMEOUT_SECONDS,
     CallbackSink,
     CheckpointFailed,
@@ -69,8 +65,12 @@ from prowzi.workflows.events import (
     WorkflowFailed,
     WorkflowStarted,
 )
+from prowzi.ids import new_session_id, split_checkpoint_id, validate_session_id
+from prowzi.storage.files import SHARED_FILE, atomic_write
+from prowzi.storage.lease import LeaseLostError
+from prowzi.tracing import RunSpan, RunTracer
+from prowzi.workflows import composition
 from prowzi.workflows.stages import RESEARCH_STAGES, StageSpec
-from prowzi.workflows.tracing import RunSpan, RunTracer
 
 if TYPE_CHECKING:
     from prowzi.workflows.checkpoint import CheckpointManager, WorkflowCheckpoint

@@ -55,6 +55,21 @@ import orjson
 
 from prowzi import __version__
 from prowzi.errors import InvalidInputError, SessionNotFoundError, TelemetryError
+from prowzi.events import (
+    CheckpointFailed,
+    CheckpointSaved,
+    Event,
+    StageCompleted,
+    StageEvent,
+    StageFailed,
+    StageRetrying,
+    StageSkipped,
+    StageStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowStarted,
+    validation_reason,
+)
 from prowzi.ids import validate_session_id
 from prowzi.storage.blob import BlobInfo, BlobNotFoundError, BlobStore
 from prowzi.storage.files import (
@@ -74,21 +89,6 @@ from prowzi.workflows.eventlog import (
     iter_events_lenient,
 )
 from prowzi.workflows.eventlog import writer_gone as header_writer_gone
-from prowzi.workflows.events import (
-    CheckpointFailed,
-    CheckpointSaved,
-    Event,
-    StageCompleted,
-    StageEvent,
-    StageFailed,
-    StageRetrying,
-    StageSkipped,
-    StageStarted,
-    WorkflowCompleted,
-    WorkflowFailed,
-    WorkflowStarted,
-    validation_reason,
-)
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter

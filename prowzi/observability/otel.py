@@ -17,7 +17,7 @@ their length.
 
 Configuration comes from the standard ``OTEL_*`` variables, read by the OpenTelemetry SDK itself;
 :func:`build_tracer` checks them first and picks the exporters. When tracing is off, it returns
-:class:`~prowzi.workflows.tracing.NullTracer` without importing the OpenTelemetry SDK.
+:class:`~prowzi.tracing.NullTracer` without importing the OpenTelemetry SDK.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prowzi.agents.base import AttributeValue
 from prowzi.errors import ConfigError
-from prowzi.workflows.tracing import NullTracer, RunSpan, RunTracer, StageSpan
+from prowzi.tracing import NullTracer, RunSpan, RunTracer, StageSpan
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -198,7 +198,7 @@ def _link(trace_id: str | None, span_id: str | None) -> list[Any]:
 
 
 class OtelTracer:
-    """A :class:`~prowzi.workflows.tracing.RunTracer` on an OpenTelemetry ``TracerProvider``."""
+    """A :class:`~prowzi.tracing.RunTracer` on an OpenTelemetry ``TracerProvider``."""
 
     def __init__(self, provider: TracerProvider) -> None:
         from prowzi import __version__

@@ -1,7 +1,7 @@
 """The engine's view of tracing: a run span, and one child span per stage attempt.
 
 The stage loop runs each attempt *inside* its span, so spans opened by agent code become its
-children. The OpenTelemetry implementation lives in :mod:`prowzi.observability.tracing`;
+children. The OpenTelemetry implementation lives in :mod:`prowzi.observability.otel`;
 :class:`NullTracer` is used when tracing is off.
 """
 
