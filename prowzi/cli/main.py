@@ -21,6 +21,7 @@ app = typer.Typer(
     # Plain help, as git's: flags are shown bare (rich help labels every flag ``<bool>`` as if
     # it took a value, though ``--dry-run true`` is a usage error), and --help imports no rich.
     rich_markup_mode=None,
+    context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
 )
 
 for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd):
