@@ -49,7 +49,6 @@ from prowzi.events import (
     WorkflowFailed,
     WorkflowStarted,
 )
-from prowzi.workflows.stages import STAGE_NAMES
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -126,11 +125,17 @@ class ProwziMetrics:
         self,
         registry: CollectorRegistry | None = None,
         *,
-        stages: Iterable[str] = STAGE_NAMES,
+        stages: Iterable[str] | None = None,
         sinks: Iterable[str] = KNOWN_SINKS,
     ) -> None:
         from prowzi import __version__
 
+        if stages is None:
+            # The engine's stage table, read here: observability imports no engine module
+            # at import time (the engine's composition root imports observability).
+            from prowzi.workflows.stages import STAGE_NAMES
+
+            stages = STAGE_NAMES
         # A fresh registry by default, never the process-global one.
         registry = CollectorRegistry() if registry is None else registry
         self.registry = registry
