@@ -82,12 +82,12 @@ from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
 from prowzi.config import ProwziConfig
 from prowzi.storage.blob import InMemoryBlobStore
+from prowzi.testing import STAGES
 from prowzi.tracing import NullTracer
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
 from prowzi.workflows.orchestrator import ProwziOrchestrator
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 PROMPT = "Write a research paper on quantum computing"
 OLD_DESIGN_BYTES = 333_000
 """What the old design (full, uncompressed snapshots) stored for a sample run's seven

@@ -26,9 +26,9 @@ from pathlib import Path
 from _stats import percentile
 
 from prowzi import events as ev
+from prowzi.testing import STAGES
 from prowzi.workflows.telemetry import TelemetryCollector
 
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 PROWZI = [sys.executable, "-m", "prowzi.cli.main"]
 
 

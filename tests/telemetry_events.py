@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import STAGES
+
 from prowzi import events as ev
 
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 DOC_SESSION = "abc123-def456"
 DOC_T0 = datetime(2024, 1, 15, 10, 30, 0, tzinfo=UTC).timestamp()
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
+from shared import PROMPT
 from test_checkpoint_support import STAGES, params, save_run, state_after
 
 from prowzi.errors import CheckpointError, CheckpointIntegrityError
@@ -34,7 +35,6 @@ from prowzi.workflows.checkpoint import CheckpointManager
 
 TESTS = Path(__file__).parent
 PROWZI = str(Path(sys.executable).parent / "prowzi")
-PROMPT = "Write a research paper on quantum computing"
 SLOW = ",".join(f"{s}=engine_agents:slow" for s in STAGES)
 
 

@@ -7,11 +7,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from shared import PROMPT
+
 from prowzi.config import ProwziConfig
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
-
-PROMPT = "Write a research paper on quantum computing"
 
 
 class _AlsoFull(CheckpointManager):

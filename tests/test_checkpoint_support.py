@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from shared import PROMPT, STAGES
 
 from prowzi.agents import models as m
 from prowzi.agents.base import RunParameters
 from prowzi.storage import format as fmt
 from prowzi.workflows.checkpoint import CheckpointManager, CheckpointMetadata
-
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
-PROMPT = "Write a research paper on quantum computing"
 
 
 def params(**changes: object) -> RunParameters:

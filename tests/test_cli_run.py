@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared import PROMPT
 from typer.testing import CliRunner, Result
 
 import prowzi as prowzi_pkg
 from prowzi.cli.main import app
-
-PROMPT = "Write a research paper on quantum computing"
 
 
 def prowzi(

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared import PROMPT
 from test_checkpoint_support import in_flight_writes
 
 from prowzi.config import ProwziConfig
@@ -24,7 +25,6 @@ from prowzi.errors import SessionNotFoundError
 from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.telemetry import TelemetryCollector
 
-PROMPT = "Write a research paper on quantum computing"
 KILLS = 110
 
 

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from shared import PROMPT, STAGES
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 TESTS = Path(__file__).parent
-PROMPT = "Write a research paper on quantum computing"
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 EXIT_MARK = "EXITED-WITH="
 
 

@@ -10,6 +10,8 @@ import pytest
 from design_samples import reader_namespace, run_sample, sample
 from pydantic import BaseModel
 from recording import Recorder
+from shared import PROMPT
+from shared import STAGES as SHARED_STAGES
 
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig
@@ -25,8 +27,7 @@ from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.telemetry import TelemetryCollector
 
-PROMPT = "Write a research paper on quantum computing"
-STAGES = ["intent", "planning", "search", "verification", "writing", "evaluation", "turnitin"]
+STAGES = list(SHARED_STAGES)
 
 
 async def broken_writer(ctx: StageContext) -> BaseModel:

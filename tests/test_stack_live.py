@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from shared import STAGES
 from test_stack_support import (
     CONTRACT,
     DOOMED_MARKER,
@@ -52,7 +53,6 @@ from test_stack_support import (
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
-STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation", "turnitin")
 PROMPTS = [
     "Write a research paper on quantum computing",
     "Survey the evidence on climate change adaptation",

@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 from pydantic import BaseModel
+from shared import STAGES as SHARED_STAGES
 
 from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig, get_config
@@ -25,7 +26,7 @@ from prowzi.workflows.telemetry import TelemetryCollector
 SCHEMA = json.loads(
     (Path(__file__).parent / "schemas" / "telemetry_session.schema.json").read_text()
 )
-STAGES = ["intent", "planning", "search", "verification", "writing", "evaluation", "turnitin"]
+STAGES = list(SHARED_STAGES)
 
 
 class FailsFirst:
