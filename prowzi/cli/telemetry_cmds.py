@@ -17,7 +17,6 @@ import typer
 from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from rich.console import Console
@@ -33,15 +32,15 @@ def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
 
 
-def _collector(writer_lock: Callable[[str], bool] | None = None) -> TelemetryCollector:
-    """The collector the commands read with. A session whose log shows a writer that is gone
-    is still running while a run or resume holds its checkpoint lock (a resume of an
-    interrupted session takes the lock before it logs anything)."""
+def _collector() -> TelemetryCollector:
+    """The collector the commands read with (:meth:`TelemetryCollector.reader`): a session
+    whose log shows a writer that is gone is still running while a live writer holds its
+    lease (a resume of an interrupted session takes it before it logs anything)."""
     from prowzi.workflows.telemetry import TelemetryCollector
 
-    directory = _directory("telemetry_dir")
-    store = _telemetry_url()
-    return TelemetryCollector(directory, writer_lock=writer_lock or _writer_lock(), store=store)
+    return TelemetryCollector.reader(
+        _directory("telemetry_dir"), store=_telemetry_url(), checkpoints=_checkpoint_location()
+    )
 
 
 def _telemetry_url() -> str | None:
@@ -55,18 +54,16 @@ def _telemetry_url() -> str | None:
         fail(str(exc), EXIT_USAGE)
 
 
-def _writer_lock() -> Callable[[str], bool]:
-    """``session_id -> whether a live writer holds its lease``. The checkpoint location is
-    looked up here, and an unusable setting answers "not held": a command that reads
-    telemetry alone never fails over it."""
+def _checkpoint_location() -> Path | str | None:
+    """Where the checkpoint store (and its leases) is; None when the setting is unusable: a
+    command that reads telemetry alone never fails over it."""
     from prowzi.config.paths import checkpoint_location
     from prowzi.errors import ConfigError
-    from prowzi.workflows.liveness import lease_probe
 
     try:
-        return lease_probe(checkpoint_location())
+        return checkpoint_location()
     except ConfigError:
-        return lambda _session_id: False
+        return None
 
 
 def _directory(field: DirectorySetting) -> Path:
@@ -339,8 +336,7 @@ def monitor(
         from prowzi.ids import validate_session_id
 
         validate_session_id(session_id)
-        held = _writer_lock()
-        collector = _collector(held)
+        collector = _collector()
         console = _console()
         log_path = collector.event_log_path(session_id)
         deadline = time.monotonic() + wait
@@ -365,7 +361,10 @@ def monitor(
         try:
             with view:
                 follow_session(
-                    reader, view, poll_interval=poll, writer_lock=lambda: held(session_id)
+                    reader,
+                    view,
+                    poll_interval=poll,
+                    writer_lock=lambda: collector.writer_alive(session_id),
                 )
         except KeyboardInterrupt:
             console.print("Detached; the run goes on.")

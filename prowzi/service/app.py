@@ -178,14 +178,13 @@ def create_app(
 
     def telemetry() -> TelemetryCollector:
         if not telemetry_reader:
-            from prowzi.workflows.liveness import lease_probe
             from prowzi.workflows.telemetry import TelemetryCollector
 
             telemetry_reader.append(
-                TelemetryCollector(
-                    output_dir=config.telemetry_dir,
-                    writer_lock=lease_probe(config.checkpoint_url or config.checkpoint_dir),
+                TelemetryCollector.reader(
+                    config.telemetry_dir,
                     store=config.telemetry_url,
+                    checkpoints=config.checkpoint_url or config.checkpoint_dir,
                 )
             )
         return telemetry_reader[0]

@@ -812,6 +812,34 @@ class TelemetryCollector:
         self._index: SessionIndex | None = None
         self._index_lock = threading.Lock()
 
+    @classmethod
+    def reader(
+        cls,
+        output_dir: Path | str,
+        *,
+        store: BlobStore | Path | str | None,
+        checkpoints: Path | str | None,
+    ) -> TelemetryCollector:
+        """The collector the CLI, the monitor and the service read with: a session whose log
+        shows a writer that is gone is still running while a live writer holds its lease in
+        the checkpoint store at ``checkpoints`` (:mod:`prowzi.workflows.liveness`; None: no
+        such store to ask)."""
+        from prowzi.workflows.liveness import lease_probe
+
+        probe = lease_probe(checkpoints) if checkpoints is not None else None
+        return cls(output_dir, writer_lock=probe, store=store)
+
+    def writer_alive(self, session_id: str) -> bool:
+        """Whether a live writer holds the session's lease (False without a probe, or when
+        the probe cannot tell)."""
+        if self._writer_lock is None:
+            return False
+        try:
+            return self._writer_lock(session_id)
+        except Exception as exc:
+            log.debug("could not probe the lease of %s: %s", session_id, exc)
+            return False
+
     # paths
 
     def session_path(self, session_id: str) -> Path:
