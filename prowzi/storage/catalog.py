@@ -29,12 +29,9 @@ import orjson
 from prowzi.storage.blob import BlobInfo
 from prowzi.storage.files import ensure_private_dir, open_nofollow
 
-__all__ = ["Catalog", "default_catalog_path", "open_cache"]
+__all__ = ["Catalog", "SqliteCache", "default_catalog_path", "open_cache"]
 
 log = logging.getLogger("prowzi.catalog")
-
-_SCHEMA = 2
-_COLUMNS = "name TEXT PRIMARY KEY, etag TEXT NOT NULL, row BLOB"
 
 
 def default_catalog_path(url: str) -> Path:
@@ -91,8 +88,13 @@ def _open_cache(path: Path | None, table: str, columns: str, schema: int) -> sql
     return db
 
 
-class Catalog:
-    """Rows (header JSON, or None for an unreadable blob) by blob name, kept by etag."""
+class SqliteCache:
+    """A derived SQLite cache of one table (see :func:`open_cache`), opened on first use and
+    shared by the threads of a process under :attr:`_mutex`. Subclasses name the table."""
+
+    TABLE: str
+    COLUMNS: str
+    SCHEMA: int
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -101,8 +103,31 @@ class Catalog:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = open_cache(self.path, "blobs", _COLUMNS, _SCHEMA)
+            self._db = self._reopen(self.path)
         return self._db
+
+    def _reopen(self, path: Path | None) -> sqlite3.Connection:
+        """Open the cache again, at ``path`` or (None) in memory: after a failure, a file
+        that cannot be used is not tried again by this process."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = open_cache(path, self.TABLE, self.COLUMNS, self.SCHEMA)
+        return self._db
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+class Catalog(SqliteCache):
+    """Rows (header JSON, or None for an unreadable blob) by blob name, kept by etag."""
+
+    TABLE = "blobs"
+    COLUMNS = "name TEXT PRIMARY KEY, etag TEXT NOT NULL, row BLOB"
+    SCHEMA = 2
 
     def rows(
         self,
@@ -117,8 +142,7 @@ class Catalog:
                 return self._rows(self._connect(), listing, read)
             except sqlite3.Error as exc:  # damaged under us: start again in memory
                 log.warning("the checkpoint catalog %s is unusable: %s", self.path, exc)
-                self._db = open_cache(None, "blobs", _COLUMNS, _SCHEMA)
-                return self._rows(self._db, listing, read)
+                return self._rows(self._reopen(None), listing, read)
 
     @staticmethod
     def _rows(
@@ -142,9 +166,3 @@ class Catalog:
                 db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", changed)
                 db.executemany("DELETE FROM blobs WHERE name = ?", [(n,) for n in known])
         return result
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._db is not None:
-                self._db.close()
-                self._db = None

@@ -20,39 +20,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from prowzi.storage.catalog import open_cache
+from prowzi.storage.catalog import SqliteCache
 
 __all__ = ["IndexRow", "SessionIndex"]
 
 log = logging.getLogger("prowzi.telemetry")
 
-_SCHEMA = 1
-_COLUMNS = (
-    "session_id TEXT PRIMARY KEY, started REAL NOT NULL, status TEXT NOT NULL, "
-    "signature TEXT NOT NULL, summary BLOB NOT NULL"
-)
 
 IndexRow = tuple[float, str, str, str]
 """``(started, session_id, status, signature)``: what listing needs to match records, filter
 and sort (newest first is the largest tuple). The summary itself is fetched for shown rows."""
 
 
-class SessionIndex:
+class SessionIndex(SqliteCache):
     """Rows and summaries (JSON) by session id, each kept with its record's signature."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._mutex = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = open_cache(self.path, "sessions", _COLUMNS, _SCHEMA)
-        return self._db
+    TABLE = "sessions"
+    COLUMNS = (
+        "session_id TEXT PRIMARY KEY, started REAL NOT NULL, status TEXT NOT NULL, "
+        "signature TEXT NOT NULL, summary BLOB NOT NULL"
+    )
+    SCHEMA = 1
 
     def _run(self, work: str, query: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
         with self._mutex:
@@ -66,15 +57,12 @@ class SessionIndex:
         """After a failed query: a file damaged or foreign under us is made again; a busy one
         (another process holds it too long) is left alone, and this process goes on in memory."""
         log.warning("the session index %s is unusable (%s): %s", self.path, work, exc)
-        if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
         busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
         if not busy and self.path is not None:  # damaged or foreign under us: made again
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     Path(f"{self.path}{suffix}").unlink()
-        self._db = open_cache(None if busy else self.path, "sessions", _COLUMNS, _SCHEMA)
+        self._reopen(None if busy else self.path)
 
     def rows(self) -> dict[str, IndexRow]:
         """Every row, by session id (typed by the query, whatever a foreign file holds)."""
@@ -129,9 +117,3 @@ class SessionIndex:
                     db.executemany("DELETE FROM sessions WHERE session_id = ?", gone)
             except sqlite3.Error as exc:
                 log.debug("cannot update the session index %s: %s", self.path, exc)
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
