@@ -99,20 +99,23 @@ class StageCompleted(StageEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StageRetrying(StageEvent):
-    kind: ClassVar[str] = "stage_retrying"
+class _AttemptFailed(StageEvent):
+    """What every failed attempt reports (one to be retried, or the last)."""
+
     duration_seconds: float
     error: str
     error_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRetrying(_AttemptFailed):
+    kind: ClassVar[str] = "stage_retrying"
     delay_seconds: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StageFailed(StageEvent):
+class StageFailed(_AttemptFailed):
     kind: ClassVar[str] = "stage_failed"
-    duration_seconds: float
-    error: str
-    error_type: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -73,38 +73,16 @@ KNOWN_SINKS = (
 """Sink names counted under their own label value; any other name is counted as ``other``."""
 
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
-STAGE_DURATION_BUCKETS = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-    300,
-    600,
-)
-CHECKPOINT_DURATION_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-)
+
+
+def _one_two_five(low: float, high: float) -> tuple[float, ...]:
+    """The 1-2.5-5 series (1, 2.5, 5 times each power of ten) from ``low`` to ``high``."""
+    steps = (round(m * 10.0**e, 12) for e in range(-6, 6) for m in (1, 2.5, 5))
+    return tuple(int(v) if v == int(v) else v for v in steps if low <= v <= high)
+
+
+STAGE_DURATION_BUCKETS = (*_one_two_five(0.005, 10), 30, 60, 120, 300, 600)
+CHECKPOINT_DURATION_BUCKETS = _one_two_five(0.0005, 2.5)
 CHECKPOINT_SIZE_BUCKETS = tuple(1024 * 4**i for i in range(10))  # 1 KiB .. 256 MiB
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 SIMILARITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
