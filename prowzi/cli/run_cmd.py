@@ -101,9 +101,10 @@ def _execute(
     metrics = None
     server = None
     if metrics_port is not None or push_url:
-        from prowzi.observability.metrics import ProwziMetrics, serve_metrics
+        from prowzi.observability.metrics import serve_metrics
+        from prowzi.workflows.composition import build_metrics
 
-        metrics = ProwziMetrics()
+        metrics = build_metrics()
         sinks.append(metrics)
         if metrics_port is not None:
             server = serve_metrics(metrics.registry, metrics_port)

@@ -52,6 +52,7 @@ from prowzi.service.runs import (
     RunRecord,
     ServiceUnavailableError,
 )
+from prowzi.workflows.composition import build_metrics, build_tracer
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -151,10 +152,9 @@ def create_app(
     run interrupted by a shutdown resumes where it stopped."""
     settings = settings or ServiceSettings()
     config = config.model_copy(update={"enable_checkpointing": True})
-    metrics = ProwziMetrics(registry if registry is not None else CollectorRegistry())
+    metrics = build_metrics(registry)
 
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
-        from prowzi.workflows.composition import build_tracer
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         return ProwziOrchestrator(

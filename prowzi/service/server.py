@@ -54,7 +54,7 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until SIGTERM/SIGINT; returns after the runs in flight were checkpointed."""
-    from prowzi.observability.otel import build_tracer, shutdown_tracer
+    from prowzi.workflows.composition import build_tracer, shutdown_tracer
 
     tracer = build_tracer()
     app = create_app(config, settings, tracer=tracer)

@@ -1,5 +1,7 @@
-"""The composition root: the one place that decides which agents, sinks, stores and tracer a
-:class:`~prowzi.workflows.orchestrator.ProwziOrchestrator` built from a config gets."""
+"""The composition root: the one place that decides which agents, sinks, metrics, stores and
+tracer a :class:`~prowzi.workflows.orchestrator.ProwziOrchestrator` built from a config gets,
+for the CLI and the service alike (readers of telemetry get their liveness probe from
+:meth:`~prowzi.workflows.telemetry.TelemetryCollector.reader`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from prowzi.tracing import RunTracer
 from prowzi.workflows.stages import StageSpec
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from prowzi.config import ProwziConfig
+    from prowzi.observability.metrics import ProwziMetrics
     from prowzi.workflows.checkpoint import CheckpointManager
 
 
@@ -114,6 +119,21 @@ def build_tracer() -> RunTracer:
     from prowzi.observability.otel import build_tracer as build
 
     return build()
+
+
+def shutdown_tracer(tracer: RunTracer) -> None:
+    """Flush and stop a tracer from :func:`build_tracer` (a no-op tracer has nothing to do)."""
+    from prowzi.observability.otel import shutdown_tracer as shutdown
+
+    shutdown(tracer)
+
+
+def build_metrics(registry: CollectorRegistry | None = None) -> ProwziMetrics:
+    """The Prometheus metrics sink, in ``registry`` (a fresh one by default, never the
+    process-global registry)."""
+    from prowzi.observability.metrics import ProwziMetrics
+
+    return ProwziMetrics(registry)
 
 
 def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:
