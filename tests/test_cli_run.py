@@ -146,6 +146,7 @@ def test_run_with_output_and_own_corpus(tmp_path: Path) -> None:
         (("bogus",), ("No such command",)),
         (("run", PROMPT, "--output", "."), ("is a directory",)),
         (("sessions", "--limit", "-1"), ("--limit",)),
+        (("run", PROMPT, "--session-id", ""), ("invalid session id ''",)),
     ],
 )
 def test_bad_input_gets_a_one_line_error(args: tuple[str, ...], needles: tuple[str, ...]) -> None:
@@ -204,3 +205,35 @@ def test_prowzi_alone_prints_the_help() -> None:
     for command in ("run", "resume", "sessions", "show", "serve"):
         assert f"\n  {command} " in result.stdout
     assert result.stderr == ""
+
+
+def test_a_session_with_checkpoints_is_not_reused_by_a_run_without_them(tmp_path: Path) -> None:
+    """Checkpointing off does not make a session id free: the second run would overwrite the
+    first's document and mix two runs in its telemetry. It is refused (exit 2), as with
+    checkpointing on, and the first session's document and telemetry are left as they were."""
+    dirs = {
+        "PROWZI_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "PROWZI_TELEMETRY_DIR": str(tmp_path / "telemetry"),
+    }
+    first = prowzi("run", PROMPT, "--enable-checkpoints", "--session-id", "t1", env=dirs)
+    assert first.returncode == 0, first.stderr
+    document = (tmp_path / "t1.md").read_bytes()
+    telemetry = sorted(
+        (p.name, p.read_bytes()) for p in (tmp_path / "telemetry").rglob("*") if p.is_file()
+    )
+    for extra in ((), ("--enable-checkpoints",)):
+        again = prowzi("run", "something else entirely", "--session-id", "t1", *extra, env=dirs)
+        assert again.returncode == 2, again.stderr
+        assert "Traceback" not in again.stderr
+        error = again.stderr.splitlines()[-1]
+        assert error.startswith("error: session t1 already exists (it has checkpoints)")
+        assert again.stdout == ""
+    assert (tmp_path / "t1.md").read_bytes() == document
+    assert (
+        sorted((p.name, p.read_bytes()) for p in (tmp_path / "telemetry").rglob("*") if p.is_file())
+        == telemetry
+    )
+    # a fresh id still runs without checkpoints
+    fresh = prowzi("run", PROMPT, "--session-id", "t2", env=dirs)
+    assert fresh.returncode == 0, fresh.stderr
+    assert (tmp_path / "t2.md").is_file()

@@ -278,3 +278,31 @@ def test_a_stuck_async_callback_is_abandoned_and_counted() -> None:
     result = asyncio.run(orch.run_research("x", progress_callback=stuck))
     assert result.metadata["sink_errors"] == {"callback": 1}
     assert len(recorder.of(StageCompleted)) == 7
+
+
+class _UnreachableStore:
+    """A checkpoint manager whose store cannot be reached."""
+
+    def has_session(self, session_id: str, stages: Any) -> bool:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_a_chosen_session_id_is_checked_but_an_unreachable_store_only_logs_when_not_needed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With checkpointing off a chosen id is still checked against the store (a session with
+    checkpoints is not reused), but a store that cannot be reached does not fail a run that
+    will not write to it: it is logged. With checkpointing on, it fails the run."""
+    orchestrator, _, _ = make()
+    orchestrator._checkpoints = _UnreachableStore()  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="prowzi.orchestrator"):
+        result = asyncio.run(orchestrator.run_research("x y", session_id="chosen"))
+    assert result.metadata["session_id"] == "chosen"
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not check whether session chosen already has checkpoints ([Errno 111] "
+        "Connection refused); checkpointing is off, so the run goes on"
+    ]
+    strict, _, _ = make(enable_checkpointing=True)
+    strict._checkpoints = _UnreachableStore()  # type: ignore[assignment]
+    with pytest.raises(ConnectionRefusedError):
+        asyncio.run(strict.run_research("x y", session_id="chosen"))

@@ -78,7 +78,7 @@ def run(
             check_corpus(config.corpus_dir)
         if enable_checkpoints:
             config.enable_checkpointing = True
-        sid = validate_session_id(session_id) if session_id else new_session_id()
+        sid = validate_session_id(session_id) if session_id is not None else new_session_id()
         document = check_output(output if output is not None else config.output_dir / f"{sid}.md")
         _execute(config, prompt, max_results, sid, document, monitor, metrics_port, pushgateway)
 

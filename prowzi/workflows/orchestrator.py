@@ -287,8 +287,11 @@ class ProwziOrchestrator:
         )
         if session_id is not None:
             sid = validate_session_id(session_id)
-            if self.config.enable_checkpointing:
-                await asyncio.to_thread(self._refuse_existing, sid)
+            # Refused with checkpointing off too: a run without checkpoints would still
+            # overwrite the session's document and mix two runs in its telemetry.
+            await asyncio.to_thread(
+                self._refuse_existing, sid, strict=self.config.enable_checkpointing
+            )
         else:
             sid = new_session_id()
         self.agents  # noqa: B018  (resolve agents before any event: a bad override fails fast)
@@ -477,9 +480,25 @@ class ProwziOrchestrator:
         )
         return plan, checkpoint
 
-    def _refuse_existing(self, session_id: str) -> None:
-        """A new session (a run with a chosen id, or a fork) must not overwrite another."""
-        if self.checkpoint_manager.has_session(session_id, (s.name for s in self.stages)):
+    def _refuse_existing(self, session_id: str, *, strict: bool = True) -> None:
+        """A new session (a run with a chosen id, or a fork) must not overwrite another.
+
+        ``strict=False`` (a run that will not checkpoint) only logs a store that cannot be
+        read: the run does not need the store, so it is not failed for it."""
+        stages = [s.name for s in self.stages]
+        try:
+            exists = self.checkpoint_manager.has_session(session_id, stages)
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning(
+                "could not check whether session %s already has checkpoints (%s); "
+                "checkpointing is off, so the run goes on",
+                session_id,
+                exc,
+            )
+            return
+        if exists:
             raise InvalidInputError(
                 f"session {session_id} already exists (it has checkpoints); continue it with "
                 f"`prowzi resume {session_id}` or choose another session id"
