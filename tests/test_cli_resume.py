@@ -355,6 +355,51 @@ def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path)
     assert session.metadata["output_path"] == "papers/mine.md"
 
 
+def _failed_at_writing(tmp_path: Path, session: str, *output: str) -> None:
+    marker = tmp_path / "fail-while-this-exists"
+    marker.touch()
+    first = subprocess.run(
+        [PROWZI, "run", "Write about quantum computing", "--session-id", session, *output],
+        env=env(
+            tmp_path,
+            PROWZI_AGENTS="writing=engine_agents:failing",
+            PROWZI_TEST_FAIL_MARKER=str(marker),
+            PROWZI_MAX_RETRIES="0",
+            PROWZI_ENABLE_CHECKPOINTING="true",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert first.returncode == 1, first.stderr
+    marker.unlink()
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"), [(("--output", "papers/mine.md"), "papers/mine.md"), ((), "red.md")]
+)
+def test_telemetry_cannot_redirect_where_a_resume_writes(
+    tmp_path: Path, output: tuple[str, ...], expected: str
+) -> None:
+    """The session's telemetry file is not signed: an ``output_path`` edited in it must not
+    choose the file a resume overwrites. The resume writes where the run was asked to (as
+    its checkpoint records it), else ``<session>.md``."""
+    _failed_at_writing(tmp_path, "red", *output)
+    telemetry = tmp_path / "telemetry" / "red.json"
+    record = json.loads(telemetry.read_text(encoding="utf-8"))
+    record["metadata"]["output_path"] = "victim.cfg"
+    telemetry.write_text(json.dumps(record), encoding="utf-8")
+    victim = tmp_path / "victim.cfg"
+    victim.write_text("precious = true\n", encoding="utf-8")
+
+    resumed = _prowzi(tmp_path, "resume", "red")
+    assert resumed.returncode == 0, resumed.stderr
+    assert victim.read_text(encoding="utf-8") == "precious = true\n"
+    assert f"Document: {expected}" in resumed.stdout
+    assert (tmp_path / expected).read_text(encoding="utf-8").count("## References") == 1
+
+
 def test_resume_without_checkpoints_explains_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -368,3 +368,27 @@ def test_rerunning_a_stage_that_revised_its_input_reruns_that_inputs_producer(
     fresh = asyncio.run(fresh_orch.run_research(PROMPT))
     assert forked.document == fresh.document
     assert forked.initial_evaluation == fresh.initial_evaluation
+
+
+def test_the_checkpoint_records_where_the_run_writes_and_a_resume_cannot_change_it(
+    tmp_path: Path,
+) -> None:
+    """The output path is a verified field of the checkpoint (telemetry is never trusted for
+    a write target); it is not a parameter a resume may change, and a fork records its own."""
+    orch, _ = make(tmp_path, {"writing": broken_writer})
+    with pytest.raises(WorkflowFailedError):
+        asyncio.run(orch.run_research(PROMPT, session_id="w", document_path="papers/w.md"))
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.latest("w").parameters["output_path"] == "papers/w.md"  # type: ignore[union-attr]
+    assert orch.plan_resume("w").output_path == "papers/w.md"
+    with pytest.raises(InvalidInputError, match="unknown parameter"):
+        orch.plan_resume("w", parameters={"output_path": "victim.cfg"})
+    resumed, _ = make(tmp_path)
+    result = asyncio.run(
+        resumed.resume_from_checkpoint(
+            "w", parameters={"max_results_per_query": 3}, document_path=tmp_path / "fork.md"
+        )
+    )
+    fork = result.metadata["session_id"]
+    assert manager.latest(fork).parameters["output_path"] == str(tmp_path / "fork.md")  # type: ignore[union-attr]
+    assert (tmp_path / "fork.md").is_file()

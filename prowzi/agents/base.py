@@ -27,6 +27,12 @@ class RunParameters(BaseModel):
     corpus_dir: str | None = None
     relevance_threshold: float = Field(0.15, ge=0, le=1)
     evaluation_threshold: float = Field(0.75, ge=0, le=1)
+    output_path: str | None = Field(
+        None,
+        description="Where the run was asked to write its document, as given. Not a stage "
+        "input (no stage reads it, changing it forks nothing): it is recorded so that a "
+        "resume in place writes there again from the checkpoint, never from telemetry.",
+    )
 
     @field_validator("prompt")
     @classmethod

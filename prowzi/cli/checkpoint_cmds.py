@@ -125,24 +125,16 @@ def resume(
 
 def _previous_output(config: Any, plan: Any) -> Path:
     """Where the document goes: the path the session's first run asked for when resuming in
-    place (from its telemetry), else ``<session>.md`` in the output directory."""
+    place, as the session's verified checkpoint records it, else ``<session>.md`` in the
+    output directory. Never from telemetry: its files are not signed, and a write target
+    taken from them could be redirected onto any file."""
     default: Path = config.output_dir / f"{plan.session_id}.md"
-    if plan.fork or not config.enable_telemetry:
-        return default
-    from prowzi.errors import ConfigError, TelemetryError
-    from prowzi.workflows.telemetry import TelemetryCollector
-
-    try:
-        previous = TelemetryCollector(
-            config.telemetry_dir, store=config.telemetry_url
-        ).load_session(plan.session_id)
-    except (TelemetryError, ConfigError, OSError):  # an unusable telemetry store too
-        return default
-    recorded = previous.metadata.get("output_path")
-    if not isinstance(recorded, str) or not recorded:
+    recorded = plan.output_path
+    if plan.fork or not isinstance(recorded, str) or not recorded:
         return default
     path = Path(recorded)
-    # The telemetry file is not signed: honour only a path inside the working directory.
+    # Only a path inside the working directory (a service's document, recorded absolute,
+    # is its own, not this command's).
     if path.is_absolute() or ".." in path.parts:
         return default
     return check_output(path)

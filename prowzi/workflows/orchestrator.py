@@ -77,7 +77,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prowzi.orchestrator")
 
-PARAMETER_NAMES: tuple[str, ...] = tuple(RunParameters.model_fields)
+PARAMETER_NAMES: tuple[str, ...] = tuple(
+    name for name in RunParameters.model_fields if name != "output_path"
+)
+"""The run parameters a resume may change (``output_path`` is where, not what, a run writes)."""
 
 
 class ResearchResult(WorkflowState):
@@ -110,6 +113,9 @@ class ResumePlan:
     latest_checkpoint_id: str | None = None
     """The source session's latest checkpoint when planned (a fork from an earlier one is
     time travel)."""
+    output_path: str | None = None
+    """Where the source session's run was asked to write its document, as its verified
+    checkpoint records it (None for a checkpoint written before it was recorded)."""
 
     @property
     def rerun(self) -> list[str]:
@@ -284,6 +290,7 @@ class ProwziOrchestrator:
             corpus_dir=str(corpus) if corpus is not None else None,
             relevance_threshold=self.config.relevance_threshold,
             evaluation_threshold=self.config.evaluation_threshold,
+            output_path=str(document_path) if document_path is not None else None,
         )
         if session_id is not None:
             sid = validate_session_id(session_id)
@@ -393,7 +400,8 @@ class ProwziOrchestrator:
         meta = checkpoint.metadata
         # a complete plan runs nothing: no changed parameter was used
         changed = {} if plan.complete else {k: v[1] for k, v in plan.changed_parameters.items()}
-        params = self._parameters(**{**meta.parameters, **changed})
+        output = {"output_path": str(document) if document is not None else None}
+        params = self._parameters(**{**meta.parameters, **changed, **output})
         state = checkpoint.to_state()
         specs = {s.name: s for s in self.stages}
         kept = {f for p in plan.stages if p.mode == "restore" for f in specs[p.stage].writes}
@@ -477,6 +485,7 @@ class ProwziOrchestrator:
             changed_parameters=changed,
             stages=stages,
             latest_checkpoint_id=latest.checkpoint_id if latest is not None else None,
+            output_path=old.output_path,
         )
         return plan, checkpoint
 
