@@ -15,7 +15,7 @@ from prowzi.errors import CheckpointNotFoundError
 from prowzi.events import EventSink, WorkflowCompleted, WorkflowStarted
 from prowzi.observability.metrics import ProwziMetrics
 from prowzi.service import runs
-from prowzi.service.journal import RunJournal
+from prowzi.service.journal import JournalUnreadableError, RunJournal
 from prowzi.service.runs import QueueFullError, RunConflictError, RunManager
 
 
@@ -283,7 +283,7 @@ def test_get_run_of_a_session_whose_log_has_a_mistyped_line_is_a_clear_409(
         assert client.get("/runs").status_code == 200
 
 
-def test_the_journal_skips_bad_entries_and_ignores_what_is_not_a_journal(
+def test_the_journal_skips_bad_entries_and_refuses_what_is_not_a_journal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Entries are read strictly (a boolean is not a count, a session id is one Prowzi
@@ -319,12 +319,41 @@ def test_the_journal_skips_bad_entries_and_ignores_what_is_not_a_journal(
     assert any("'max_results_per_query' is invalid" in m for m in skipped)
     assert any("'session_id' is invalid" in m for m in skipped)
     assert any("'prompt' is missing" in m for m in skipped)
-    for content in ('{"version": 2, "runs": []}', '{"version": "1", "runs": []}'):
+    # A journal that cannot be read is an error naming it, and is left as it is: it may
+    # list interrupted runs, and treating it as empty would have the next write wipe them.
+    for content, reason in [
+        ('{"version": 2, "runs": []}', "format 2 is not this Prowzi's (1)"),
+        ('{"version": "1", "runs": []}', "format '1' is not this Prowzi's (1)"),
+        ('{"version": 0, "runs": []}', "format 0 is not this Prowzi's (1)"),
+        ("[]", "not a run journal"),
+        ('{"version": 1}', "not a run journal"),
+        ('{"version": 1, "runs": {}}', "not a run journal"),
+        ("nonsense", "not JSON"),
+        ('{"version": 1, "ru', "not JSON"),
+    ]:
         journal.path.write_text(content)
-        assert journal.load() == {}
-        assert "is newer than this Prowzi's" in caplog.records[-1].getMessage()
-    for content in ("[]", '{"version": 1}', '{"version": 1, "runs": {}}', "nonsense"):
-        journal.path.write_text(content)
-        assert journal.load() == {}
+        with pytest.raises(JournalUnreadableError, match="unreadable") as raised:
+            journal.load()
+        assert str(journal.path) in str(raised.value) and reason in str(raised.value)
+        assert journal.path.read_text() == content
+    journal.path.unlink()
+    assert journal.load() == {}  # no journal yet: no runs
     journal.save(entries)
     assert RunJournal(tmp_path, fsync=False).load() == entries
+
+
+def test_a_manager_does_not_start_over_an_unreadable_journal(tmp_path: Path) -> None:
+    """Even without ``prowzi serve``'s check, the manager's start refuses such a journal
+    rather than rewriting it with no runs."""
+    mgr, _, _ = manager(tmp_path)
+    path = tmp_path / "state" / "runs.json"
+    path.parent.mkdir()
+    path.write_text('{"version": 2, "runs": [{"session_id": "x"}]}')
+
+    async def main() -> None:
+        with pytest.raises(JournalUnreadableError):
+            await mgr.start(resume_interrupted=False)
+
+    asyncio.run(main())
+    assert path.read_text() == '{"version": 2, "runs": [{"session_id": "x"}]}'
+    assert not mgr.accepting

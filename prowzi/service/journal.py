@@ -17,9 +17,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 
+from prowzi.errors import ProwziError
 from prowzi.events import validation_reason
 from prowzi.ids import validate_session_id
-from prowzi.storage.files import atomic_write, ensure_private_dir
+from prowzi.storage.files import atomic_write, ensure_private_dir, read_nofollow
 
 log = logging.getLogger("prowzi.service")
 
@@ -64,6 +65,10 @@ class _JournalFile(BaseModel, strict=True):
     runs: list[Any]
 
 
+class JournalUnreadableError(ProwziError):
+    """The run journal exists but cannot be read; the service refuses to start over it."""
+
+
 class RunJournal:
     """Reads and atomically rewrites ``<state_dir>/runs.json``."""
 
@@ -72,29 +77,30 @@ class RunJournal:
         self._fsync = fsync
 
     def load(self) -> dict[str, JournalEntry]:
-        """The journal's entries; an unreadable journal is logged and treated as empty."""
+        """The journal's entries (none when there is no journal yet).
+
+        A journal that cannot be read (truncated, not JSON, not a journal, a format this
+        Prowzi does not know, a symlink) raises :class:`JournalUnreadableError` naming the
+        file: it may hold interrupted runs and their prompts, so it is never treated as empty
+        (which the next write would make it)."""
         try:
-            data = json.loads(self.path.read_bytes())
+            data = json.loads(read_nofollow(self.path))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
-            log.error("ignoring unreadable run journal %s: %s", self.path, exc)
-            return {}
+        except OSError as exc:
+            raise self._unreadable(exc.strerror or str(exc)) from exc
+        except ValueError as exc:
+            raise self._unreadable(f"not JSON ({exc})") from exc
         try:
             journal: _JournalFile | None = _JournalFile.model_validate(data)
         except ValidationError as exc:
             if any(error["loc"][:1] != ("version",) for error in exc.errors()):
-                log.error("ignoring run journal %s: not a journal", self.path)
-                return {}
+                raise self._unreadable("not a run journal") from exc
             journal = None  # a journal, of a format this Prowzi does not know
-        if journal is None or journal.version > JOURNAL_VERSION:
-            log.error(
-                "ignoring run journal %s: format %r is newer than this Prowzi's (%d)",
-                self.path,
-                data.get("version"),
-                JOURNAL_VERSION,
+        if journal is None or journal.version != JOURNAL_VERSION:
+            raise self._unreadable(
+                f"format {data.get('version')!r} is not this Prowzi's ({JOURNAL_VERSION})"
             )
-            return {}
         entries: dict[str, JournalEntry] = {}
         for item in journal.runs:
             try:
@@ -105,6 +111,12 @@ class RunJournal:
                 continue
             entries[entry.session_id] = entry
         return entries
+
+    def _unreadable(self, reason: str) -> JournalUnreadableError:
+        return JournalUnreadableError(
+            f"the run journal {self.path} is unreadable: {reason}; it is left as it is "
+            "(it may list interrupted runs): repair it, or move it aside to start afresh"
+        )
 
     def save(self, entries: dict[str, JournalEntry]) -> None:
         """Prune ``entries`` and write them (both at once, in the caller's thread)."""

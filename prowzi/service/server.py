@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from prowzi.service.app import ServiceSettings, create_app
+from prowzi.service.journal import RunJournal
 from prowzi.service.runs import RunManager
+from prowzi.service.state import StateDirectory
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -53,7 +55,25 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
 ) -> None:
-    """Serve until SIGTERM/SIGINT; returns after the runs in flight were checkpointed."""
+    """Serve until SIGTERM/SIGINT; returns after the runs in flight were checkpointed.
+
+    Before anything listens, the state directory is locked for the service's lifetime (one
+    service owns one state directory) and its run journal is read: a directory another
+    service holds, a path that is not a directory or a journal that cannot be read stop the
+    start-up with an error (:class:`~prowzi.errors.ProwziError`) and leave the files as they
+    are."""
+    state = StateDirectory(settings.state_dir)
+    state.acquire()
+    try:
+        RunJournal(settings.state_dir).load()  # unreadable: refuse now, before serving
+        _serve(config, settings, host=host, port=port, log_level=log_level)
+    finally:
+        state.release()
+
+
+def _serve(
+    config: ProwziConfig, settings: ServiceSettings, *, host: str, port: int, log_level: str
+) -> None:
     from prowzi.workflows.composition import build_tracer, shutdown_tracer
 
     tracer = build_tracer()
