@@ -1,6 +1,7 @@
 """``prowzi serve`` against a hostile or unlucky user (issue 15), over real processes and real
-HTTP on loopback: one service per state directory, an unreadable journal left as it is and a
-state directory that is a file."""
+HTTP on loopback: one service per state directory, an unreadable journal left as it is, a
+state directory that is a file, hostile ``Last-Event-ID`` headers, booleans posing as counts
+and a chunked body past the size limit."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from test_service import Service, free_port
 from test_service_support import subprocess_env
+
+from prowzi.service.app import MAX_BODY_BYTES
 
 
 def serve_refused(cwd: Path, *args: str) -> tuple[int, str]:
@@ -128,3 +133,99 @@ def test_a_state_dir_that_is_a_file_is_a_usage_error_at_start_up(tmp_path: Path)
     assert code == 2
     assert "--state-dir a-file/below cannot be used" in one_line(stderr)
     assert (tmp_path / "a-file").read_text() == "not a directory"
+
+
+# --- 6, 15, 3: requests -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str]]:
+    """A service, and a completed run in it."""
+    svc = Service(tmp_path_factory.mktemp("hardening"))
+    sid = svc.start_run()
+    svc.wait_state(sid, "completed")
+    yield svc, sid
+    svc.stop()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"9" * 5000, b"\xb2", b"1\xb2", "\u0663".encode(), b"abc", b"-1", b"1" * 19],
+    ids=["5000-digits", "latin1-superscript", "digit-and-superscript", "utf8", "abc", "neg", "19"],
+)
+def test_a_hostile_last_event_id_is_a_400(served: tuple[Service, str], value: bytes) -> None:
+    svc, sid = served
+    for path in (f"/runs/{sid}/events", "/runs/20990101-000000-deadbeef/events"):
+        response = svc.client.get(path, headers={"Last-Event-ID": value})
+        assert response.status_code == 400, response.text
+        assert "invalid Last-Event-ID" in response.json()["detail"]
+
+
+def test_a_good_last_event_id_still_resumes_the_stream(served: tuple[Service, str]) -> None:
+    svc, sid = served
+    messages = svc.events(sid)
+    assert svc.events(sid, last_event_id=messages[-3]["id"]) == messages[-2:]
+    beyond = svc.events(sid, last_event_id=10**17)
+    assert [m["event"] for m in beyond] == ["end"]
+
+
+@pytest.mark.parametrize("value", [True, False, "3", 3.0, 2.5, None])
+def test_max_results_per_query_must_be_an_integer(
+    served: tuple[Service, str], value: object
+) -> None:
+    svc, _ = served
+    response = svc.client.post("/runs", json={"prompt": "p", "max_results_per_query": value})
+    assert response.status_code == 422, response.text
+    assert "max_results_per_query" in response.json()["detail"]
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_chunked_body_meets_the_same_size_limit_and_is_not_held_in_memory(
+    served: tuple[Service, str],
+) -> None:
+    svc, _ = served
+    body_mib = 64
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(body_mib):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    before = _peak_rss_kib(svc.process.pid)
+    response = svc.client.post(
+        "/runs", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert response.status_code == 413, response.text[:200]
+    assert f"larger than {MAX_BODY_BYTES} bytes" in response.json()["detail"]
+    grown_mib = (_peak_rss_kib(svc.process.pid) - before) / 1024
+    assert grown_mib < body_mib / 4, f"peak memory grew {grown_mib:.0f} MiB"
+    # The same body with a Content-Length: the same answer.
+    sized = svc.client.post(
+        "/runs", content=b"".join(chunks()), headers={"Content-Type": "application/json"}
+    )
+    assert sized.status_code == 413
+    assert sized.json() == response.json()
+    # Exactly at the limit, chunked, a body is read (and judged on its content), one byte
+    # over, refused.
+    padding = b" " * (MAX_BODY_BYTES - len(b'{"prompt": "p"}'))
+    for extra, status in ((b"", 202), (b" ", 413)):
+        body = b'{"prompt": "p"}' + padding + extra
+        framed = svc.client.post(
+            "/runs",
+            content=iter([body[:10], body[10:]]),
+            headers={"Content-Type": "application/json"},
+        )
+        assert framed.request.headers["transfer-encoding"] == "chunked"
+        assert framed.status_code == status, framed.text[:200]
+    # The connection and the service go on.
+    assert svc.client.get("/healthz").json() == {"status": "ok"}
+    with httpx.Client(base_url=svc.url) as fresh:
+        assert fresh.get("/readyz").status_code == 200

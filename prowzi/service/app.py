@@ -8,9 +8,10 @@ disk or store does not hold up other requests and event streams.
 Server-Sent Events are ``sse-starlette``'s :class:`EventSourceResponse`: it frames the
 messages, sends the keep-alive comments and notices a client that goes away (the stream's
 generator is then cancelled; ``/readyz`` counts the streams open).
-Errors are JSON objects with a ``detail`` message: 400 for a malformed id, 404 for an unknown
-run, 409 for a request that does not fit the run's state, 413 for an oversized body, 422 for
-an invalid body, 429 when the queue is full, 503 while shutting down.
+Errors are JSON objects with a ``detail`` message: 400 for a malformed id (or Last-Event-ID),
+404 for an unknown run, 409 for a request that does not fit the run's state, 413 for a body over
+64 KiB however it is framed, 422 for an invalid body (read strictly: a boolean is not a count),
+429 when the queue is full, 503 while shutting down.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prowzi import __version__
 from prowzi.errors import (
@@ -82,9 +85,10 @@ class ServiceSettings:
 
 
 class RunRequest(BaseModel):
-    """Start a run. Unknown fields (such as a path) are refused."""
+    """Start a run. Unknown fields (such as a path) are refused, and values are read
+    strictly: a boolean or a string is not a count."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=10_000, description="The research prompt.")
     max_results_per_query: int = Field(15, ge=1, le=1000)
@@ -247,13 +251,7 @@ def create_app(
     async def _bad_id(request: Request, exc: InvalidIdentifierError) -> JSONResponse:
         return _error(400, str(exc))
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -383,7 +381,9 @@ def create_app(
         ``keepalive_seconds``.
         """
         sid = _session(session_id)
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        after = _last_event_id(last_event_id)
+        if after is None:
+            return _error(400, "invalid Last-Event-ID: send back the id of a message received")
         record = manager.records.get(sid)
         stream: AsyncIterator[ServerSentEvent]
         if record is not None:
@@ -482,6 +482,72 @@ def create_app(
         }
 
     return app
+
+
+_EVENT_ID_DIGITS = 18
+"""A Last-Event-ID longer than this is no id the service sent (ids count a run's events)."""
+
+
+def _last_event_id(value: str | None) -> int | None:
+    """The sequence number a reconnecting client sends back (0 when it sends none); ``None``
+    for anything that is not one: only ASCII digits, at most :data:`_EVENT_ID_DIGITS`."""
+    if not value:
+        return 0
+    if len(value) > _EVENT_ID_DIGITS or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes is answered 413, however
+    it is framed. A ``Content-Length`` above the limit is refused before the body is read;
+    a body without one (``Transfer-Encoding: chunked``) is counted as it arrives and refused
+    as soon as it passes the limit, so memory never holds more than ``limit`` bytes of it.
+    A body within the limit is handed on unchanged, then the connection's later messages
+    (such as a disconnect, which event streams watch for)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None:
+            if not (length.isascii() and length.isdigit()) or int(length) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server delivers no more than that
+            return
+        if "transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body
+            return
+        received: list[Message] = []
+        total = 0
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away: the app sees it
+            total += len(message.get("body", b""))
+            if total > self.limit:
+                received.clear()
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, f"request body larger than {self.limit} bytes")
+        await response(scope, receive, send)
 
 
 class _StreamCount:
