@@ -55,6 +55,7 @@ from prowzi.service.runs import (
     RunRecord,
     ServiceUnavailableError,
 )
+from prowzi.storage.files import read_nofollow
 from prowzi.workflows.composition import build_metrics, build_tracer
 
 if TYPE_CHECKING:
@@ -352,10 +353,17 @@ def create_app(
         """The run's cited markdown document, once the run has completed."""
         sid = _session(session_id)
         path = manager.document_path(sid)
-        try:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8") if path else None
-        except FileNotFoundError:
-            text = None
+        text = None
+        if path is not None:
+            try:
+                # Never through a symlink planted among the documents (nor a FIFO, nor a
+                # directory): only the regular file the run wrote is served.
+                data = await asyncio.to_thread(read_nofollow, path)
+                text = data.decode("utf-8")
+            except FileNotFoundError:
+                pass
+            except (OSError, UnicodeDecodeError) as exc:
+                log.warning("not serving %s: %s", path, exc)
         if text is None:
             record = manager.records.get(sid)
             state = f" (state: {record.state})" if record is not None else ""
