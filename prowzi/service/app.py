@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from prowzi.errors import (
     SessionNotFoundError,
     TelemetryError,
 )
-from prowzi.events import Event, EventSink
+from prowzi.events import EventSink
 from prowzi.ids import new_session_id, validate_session_id
 from prowzi.observability.metrics import ProwziMetrics, render
 from prowzi.service.journal import RUN_STATES, RunJournal
@@ -61,6 +60,7 @@ from prowzi.workflows.composition import build_metrics, build_tracer
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.tracing import RunTracer
+    from prowzi.workflows.eventlog import EventLogReader
     from prowzi.workflows.orchestrator import ProwziOrchestrator
     from prowzi.workflows.telemetry import TelemetryCollector
 
@@ -393,19 +393,17 @@ def create_app(
         if after is None:
             return _error(400, "invalid Last-Event-ID: send back the id of a message received")
         record = manager.records.get(sid)
-        stream: AsyncIterator[ServerSentEvent]
+        stream: AsyncIterator[ServerSentEvent] | AsyncIterator[bytes]
         if record is not None:
             stream = _follow(streams, manager, record, after)
         else:
             try:
-                events = await asyncio.to_thread(
-                    telemetry().read_events, sid, tolerate_partial=True
-                )
+                replay = await asyncio.to_thread(_LogReplay.open, telemetry(), sid, after)
             except SessionNotFoundError:
                 return _error(404, f"no run or session {sid}")
             except TelemetryError as exc:
                 return _error(409, f"session {sid} has no readable event log: {exc}")
-            stream = _replay(streams, sid, events, after)
+            stream = _replay(streams, replay)
         return EventSourceResponse(
             stream,
             headers={"Cache-Control": "no-cache"},
@@ -601,17 +599,64 @@ async def _follow(
         )
 
 
-async def _replay(
-    streams: _StreamCount, session_id: str, events: list[Event], after: int
-) -> AsyncIterator[ServerSentEvent]:
-    """The log read (in a worker thread) before the response began: each message is made
-    as it is sent, and the events already sent are let go."""
-    with streams.held(session_id):
-        pending = deque(events[after:])
-        events.clear()
-        seq = after
-        while pending:
-            seq += 1
-            data = pending.popleft().as_record()
-            yield _message(seq, str(data.get("event", "event")), data)
-        yield _message(None, "end", {"state": "replayed"})
+_REPLAY_CHUNK = 1 << 17
+"""Bytes of an event log a replay reads, parses and sends at a time: its memory is about this
+(times a small factor for the parsed events and their messages), whatever the log's size."""
+
+
+class _LogReplay:
+    """The recorded event log of a session this process did not run, turned into SSE messages
+    one chunk of the log at a time. :meth:`next_batch` does blocking work (reading, parsing,
+    encoding) and runs in a worker thread; the event loop only sends its bytes."""
+
+    def __init__(self, session_id: str, reader: EventLogReader, after: int) -> None:
+        self.session_id = session_id
+        self.reader = reader
+        self.after = after
+        self.seq = 0
+        self.done = False
+        self.first: bytes = b""
+
+    @classmethod
+    def open(cls, telemetry: TelemetryCollector, session_id: str, after: int) -> _LogReplay:
+        """A replay with its first chunk already read: a missing log
+        (:class:`SessionNotFoundError`) or one unreadable from the start
+        (:class:`TelemetryError`) is known before the response begins."""
+        replay = cls(session_id, telemetry.follow(session_id), after)
+        replay.first = replay.next_batch()
+        return replay
+
+    def next_batch(self) -> bytes:
+        """The messages of the next chunk of the log, encoded (empty when the chunk held none
+        to send); sets :attr:`done` when the log has been read to its end."""
+        events = self.reader.poll(_REPLAY_CHUNK)
+        out = bytearray()
+        for event in events:
+            self.seq += 1
+            if self.seq > self.after:
+                data = event.as_record()
+                out += _message(self.seq, str(data.get("event", "event")), data).encode()
+        if self.reader.caught_up:
+            self.done = True
+            if self.reader.partial_bytes:
+                log.warning("event log of %s ends with a partial line; ignored", self.session_id)
+        return bytes(out)
+
+
+async def _replay(streams: _StreamCount, replay: _LogReplay) -> AsyncIterator[bytes]:
+    """Send a log's messages as they are read, a chunk at a time (read in worker threads), so
+    neither the log's size nor the number of replays holds up the event loop or fills memory."""
+    with streams.held(replay.session_id):
+        batch, replay.first = replay.first, b""
+        while True:
+            if batch:
+                yield batch
+            if replay.done:
+                break
+            try:
+                batch = await asyncio.to_thread(replay.next_batch)
+            except TelemetryError as exc:
+                log.warning("replay of %s stopped: %s", replay.session_id, exc)
+                yield _message(None, "end", {"state": "unreadable", "error": str(exc)}).encode()
+                return
+        yield _message(None, "end", {"state": "replayed"}).encode()

@@ -70,19 +70,29 @@ def open_nofollow(path: Path, flags: int = os.O_RDONLY, mode: int = PRIVATE_FILE
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
-def read_nofollow(path: Path, offset: int = 0) -> bytes:
-    """The bytes of the regular file at ``path`` from ``offset``. A symlink is refused (``ELOOP``),
-    and so is anything else that is not a regular file (``EINVAL``: a FIFO would block the
-    reader for ever); a missing file is ``FileNotFoundError``."""
+def read_nofollow(path: Path, offset: int = 0, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` from ``offset`` (at most ``max_bytes`` of them,
+    so a caller can go through a large file in chunks of bounded size). A symlink is refused
+    (``ELOOP``), and so is anything else that is not a regular file (``EINVAL``: a FIFO would
+    block the reader for ever); a missing file is ``FileNotFoundError``."""
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, not {max_bytes}")
     fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        left = max_bytes
         chunks = []
-        while chunk := os.pread(fd, max(st.st_size - offset, 1 << 16), offset):
+        while left is None or left > 0:
+            want = max(st.st_size - offset, 1 << 16)
+            chunk = os.pread(fd, want if left is None else min(want, left), offset)
+            if not chunk:
+                break
             chunks.append(chunk)
             offset += len(chunk)
+            if left is not None:
+                left -= len(chunk)
         return b"".join(chunks)
     finally:
         os.close(fd)

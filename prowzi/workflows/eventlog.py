@@ -242,7 +242,7 @@ class EventLogReader:
     Unknown event kinds (from a newer Prowzi of the same format version) are skipped.
     """
 
-    __slots__ = ("_pending", "headers", "line_no", "offset", "path")
+    __slots__ = ("_pending", "caught_up", "headers", "line_no", "offset", "path")
 
     def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = path
@@ -250,20 +250,32 @@ class EventLogReader:
         self.line_no = 0
         self.headers: list[LogHeader] = []
         self._pending = b""
+        self.caught_up = False  # the last poll read up to the end of the file as it was
 
-    def poll(self) -> list[Event]:
-        """New events since the last call. Raises :class:`TelemetryError` on a corrupt line."""
+    def poll(self, max_bytes: int | None = None) -> list[Event]:
+        """New events since the last call. Raises :class:`TelemetryError` on a corrupt line.
+
+        With ``max_bytes``, reads at most that many bytes of the file, so going through a large
+        log takes memory for one chunk of it (and a line longer than a chunk); :attr:`caught_up`
+        then tells whether more was already there to read.
+        """
         try:
-            data = read_nofollow(self.path, self.offset)
+            data = read_nofollow(self.path, self.offset, max_bytes)
         except FileNotFoundError:
             raise TelemetryError(f"event log {self.path} does not exist") from None
         except OSError as exc:
             raise TelemetryError(f"cannot read event log {self.path}: {exc}") from None
+        self.caught_up = max_bytes is None or len(data) < max_bytes
         if not data:
             return []
         self.offset += len(data)
-        buffer = self._pending + data
+        if b"\n" not in data:  # (part of) one long line: keep it for the next call
+            self._pending += data
+            return []
+        buffer = self._pending + data if self._pending else data
+        del data
         lines = buffer.split(b"\n")
+        del buffer
         self._pending = lines.pop()
         events: list[Event] = []
         for line in lines:
