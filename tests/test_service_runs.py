@@ -11,12 +11,12 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 
-from prowzi.errors import CheckpointNotFoundError
+from prowzi.errors import CheckpointNotFoundError, SessionLockedError
 from prowzi.events import EventSink, WorkflowCompleted, WorkflowStarted
 from prowzi.observability.metrics import ProwziMetrics
 from prowzi.service import runs
 from prowzi.service.journal import JournalUnreadableError, RunJournal
-from prowzi.service.runs import QueueFullError, RunConflictError, RunManager
+from prowzi.service.runs import QueueFullError, RunConflictError, RunManager, SessionBusyError
 
 
 class Plan:
@@ -24,8 +24,19 @@ class Plan:
         self.complete = complete
 
 
+class FakeLeases:
+    """The checkpoint manager's lease view: ``held`` maps a session to its holder."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}
+
+    def lock_holder(self, session_id: str) -> str | None:
+        return self.held.get(session_id)
+
+
 class FakeOrchestrator:
-    """Emits a start and an end event around ``delay`` seconds; checkpoints are a set."""
+    """Emits a start and an end event around ``delay`` seconds; checkpoints are a set;
+    a run or resume of a session in ``checkpoint_manager.held`` cannot take its lease."""
 
     def __init__(self, sink: EventSink, delay: float = 0.05) -> None:
         self.sink = sink
@@ -33,6 +44,7 @@ class FakeOrchestrator:
         self.checkpointed: set[str] = set()
         self.complete: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self.checkpoint_manager = FakeLeases()
 
     async def run_research(
         self,
@@ -57,6 +69,9 @@ class FakeOrchestrator:
         return Plan(session_id in self.complete)
 
     async def _run(self, session_id: str, prompt: str) -> None:
+        holder = self.checkpoint_manager.held.get(session_id)
+        if holder is not None:
+            raise SessionLockedError(f"session {session_id} is locked by {holder}")
         self.sink.handle(
             WorkflowStarted(
                 session_id=session_id,
@@ -245,6 +260,59 @@ def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
             await mgr.resume("unknown")
 
     asyncio.run(main())
+
+
+def test_resume_of_a_session_another_process_holds_is_refused_and_records_nothing(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 item 11, in process: a held session is refused at once, naming the holder;
+    one whose lease is taken after the resume was accepted (before it could start) is not
+    recorded as failed: the record it replaced (here, an interrupted run) is put back."""
+
+    async def first_life() -> None:
+        mgr, made, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
+        await mgr.start(resume_interrupted=False)
+        mgr.submit("s1", "p", 15)
+        await asyncio.sleep(0.05)
+        made[0].checkpointed.add("s1")
+        await mgr.close()
+
+    async def second_life() -> None:
+        mgr, made, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
+        await mgr.start(resume_interrupted=False)
+        orchestrator = mgr.orchestrator
+        made[0].checkpointed.add("s1")
+        made[0].checkpoint_manager.held["s1"] = "pid 42 on cli-host"
+        with pytest.raises(SessionBusyError, match="s1 is locked by pid 42 on cli-host"):
+            await mgr.resume("s1")
+        assert mgr.records["s1"].state == "interrupted"
+        assert orchestrator is made[0] and made[0].calls == []
+        # Free when asked, taken before the run could start (it waits behind another run).
+        del made[0].checkpoint_manager.held["s1"]
+        mgr.submit("s2", "p", 15)
+        accepted = await mgr.resume("s1")
+        assert accepted.state == "queued"
+        made[0].checkpoint_manager.held["s1"] = "pid 43 on cli-host"
+        followed = [item async for item in mgr.follow(accepted)]
+        assert followed == []  # its followers' stream ends
+        await settle(mgr)
+        assert made[0].calls == [("run", "s2"), ("resume", "s1")]
+        assert mgr.records["s1"].state == "interrupted"  # not failed: it never started
+        assert accepted.error == "not started: session s1 is locked by pid 43 on cli-host"
+        await mgr.journal_written()
+        states = {e.session_id: e.state for e in RunJournal(tmp_path / "state").load().values()}
+        assert states == {"s1": "interrupted", "s2": "completed"}
+        # A session the service never knew, taken the same way, leaves no record at all.
+        made[0].checkpointed.add("s3")
+        accepted = await mgr.resume("s3")
+        made[0].checkpoint_manager.held["s3"] = "pid 44 on cli-host"
+        await settle(mgr)
+        assert "s3" not in mgr.records
+        assert "s3" not in RunJournal(tmp_path / "state").load()
+        await mgr.close()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
 
 
 @pytest.mark.parametrize("value", ["soon", 1e20])

@@ -17,15 +17,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prowzi.errors import CheckpointNotFoundError, ProwziError, WorkflowFailedError
+from prowzi.errors import (
+    CheckpointNotFoundError,
+    ProwziError,
+    SessionLockedError,
+    WorkflowFailedError,
+)
 from prowzi.events import Event, EventSink, WorkflowStarted
 from prowzi.ids import validate_session_id
 from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
+from prowzi.storage.lease import LeaseLostError
 
 if TYPE_CHECKING:
     from prowzi.observability.metrics import ProwziMetrics
@@ -51,6 +57,10 @@ class RunConflictError(ProwziError):
     """The request does not fit the run's state (cancel a finished run, resume a live one)."""
 
 
+class SessionBusyError(RunConflictError):
+    """Another process (a CLI ``prowzi run`` or ``resume``) holds the session's lease."""
+
+
 @dataclass(slots=True)
 class RunRecord:
     """One run (or resume) this process accepted."""
@@ -66,6 +76,10 @@ class RunRecord:
     next_seq: int = 1
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    replaces: RunRecord | None = None
+    """The record this one took the place of (an interrupted run being resumed), put back
+    if this run cannot start because another process holds the session; dropped once it
+    has started."""
 
     @property
     def session_id(self) -> str:
@@ -255,6 +269,8 @@ class RunManager:
     async def resume(self, session_id: str, *, settle_complete: bool = False) -> RunRecord:
         """Accept a resume of ``session_id`` from its latest checkpoint.
 
+        A session whose lease another process holds (a CLI ``prowzi run`` or ``resume`` in
+        progress) is refused at once with :class:`SessionBusyError` naming the holder.
         A session whose checkpoints are complete has nothing to resume, unless
         ``settle_complete``: its record says it was interrupted (killed after its last
         checkpoint), and the resume, running nothing, records it completed."""
@@ -262,8 +278,16 @@ class RunManager:
         existing = self.records.get(session_id)
         if existing is not None and not existing.done:
             raise RunConflictError(f"session {session_id} is {existing.state}; nothing to resume")
-        plan = await asyncio.to_thread(self.orchestrator.plan_resume, session_id)
-        if plan.complete and not settle_complete:
+        orchestrator = self.orchestrator
+
+        def plan() -> Any:
+            holder = orchestrator.checkpoint_manager.lock_holder(session_id)
+            if holder is not None:
+                raise SessionBusyError(f"session {session_id} is locked by {holder}")
+            return orchestrator.plan_resume(session_id)
+
+        resume_plan = await asyncio.to_thread(plan)
+        if resume_plan.complete and not settle_complete:
             raise RunConflictError(f"session {session_id} is complete; nothing to resume")
         # Another request may have resumed it, or filled the queue, while the plan was read.
         existing = self.records.get(session_id)
@@ -311,7 +335,8 @@ class RunManager:
             created_at=record.entry.created_at if record is not None else now,
             updated_at=now,
         )
-        record = RunRecord(entry=entry)
+        previous = record
+        record = RunRecord(entry=entry, replaces=previous)
         self.records[session_id] = record
         self._entries[session_id] = entry
         self._pending.append(record)
@@ -349,13 +374,40 @@ class RunManager:
                     entry.session_id, document_path=self.document_path(entry.session_id)
                 )
             self._set_state(record, "completed")
+        except SessionLockedError as exc:
+            if isinstance(exc, LeaseLostError):  # it ran, and lost its lease while running
+                self._set_state(record, "failed", error=str(exc))
+            else:
+                self._not_started(record, str(exc))
         except WorkflowFailedError as exc:
             self._set_state(record, "failed", error=str(exc))
         except Exception as exc:
             log.exception("run %s failed", entry.session_id)
             self._set_state(record, "failed", error=f"{type(exc).__name__}: {exc}")
 
+    def _not_started(self, record: RunRecord, reason: str) -> None:
+        """The run could not start: another process took the session's lease after the
+        request was accepted. Nothing is recorded against the session: the record it
+        replaced is put back (or none is kept, and its telemetry answers for it), and the
+        followers of this one see their stream end."""
+        log.warning("run %s not started: %s", record.session_id, reason)
+        record.error = f"not started: {reason}"
+        previous = record.replaces
+        record.replaces = None
+        if previous is not None:
+            self.records[record.session_id] = previous
+            self._entries[record.session_id] = previous.entry
+        else:
+            self.records.pop(record.session_id, None)
+            self._entries.pop(record.session_id, None)
+        self._save()
+        # Followers of this record end their stream: it is done, though never journaled so.
+        record.entry = replace(record.entry, state="cancelled")
+        record.finished_at = time.time()
+        record.notify()
+
     def _finished(self, record: RunRecord, task: asyncio.Task[None]) -> None:
+        record.replaces = None
         if task.cancelled() and not record.done:
             self._set_state(record, "interrupted" if self._shutting_down else "cancelled")
         self._running.discard(record.session_id)
@@ -370,6 +422,7 @@ class RunManager:
             record.error = error
         if record.done:
             record.finished_at = record.entry.updated_at
+            record.replaces = None
         self._entries[record.session_id] = record.entry
         self._save()
         record.notify()
