@@ -1,6 +1,7 @@
-"""Resuming over HTTP (issue 15, item 11), with real ``prowzi`` processes and real HTTP on
-loopback: a session a CLI process holds is refused at once (409, naming the holder) and
-never recorded as failed."""
+"""Resuming over HTTP (issue 15, items 11 and 12), with real ``prowzi`` processes and real HTTP
+on loopback: a session a CLI process holds is refused at once (409, naming the holder) and
+never recorded as failed; a run interrupted while still queued restarts from the beginning,
+with the prompt and parameters its journal kept."""
 
 from __future__ import annotations
 
@@ -67,3 +68,43 @@ def test_resuming_a_session_a_cli_run_holds_is_a_409_at_once_and_records_nothing
             cli.kill()
             cli.wait()
         assert svc.stop() in (0, -signal.SIGTERM)
+
+
+# --- 12: a run interrupted while queued -----------------------------------------------------
+
+
+def test_a_run_interrupted_while_queued_restarts_from_the_beginning_when_resumed(
+    tmp_path: Path,
+) -> None:
+    first = Service(tmp_path, "--max-concurrent", "1", "--max-queue", "5", PROWZI_TEST_DELAY="0.4")
+    running = first.start_run("the one running")
+    response = first.client.post(
+        "/runs", json={"prompt": "the one waiting", "max_results_per_query": 7}
+    )
+    assert response.status_code == 202, response.text
+    queued = response.json()["session_id"]
+    assert response.json()["state"] == "queued"
+    first.wait_checkpoint(running)
+    assert first.stop() in (0, -signal.SIGTERM), first.log()
+    assert not list((tmp_path / "prowzi_checkpoints").glob(f"{queued}_*"))
+
+    second = Service(tmp_path, PROWZI_TEST_DELAY="0.01")
+    try:
+        assert second.client.get(f"/runs/{queued}").json()["state"] == "interrupted"
+        response = second.client.post(f"/runs/{queued}/resume")
+        assert response.status_code == 202, response.text
+        info = second.wait_state(queued, "completed", "failed")
+        assert info["state"] == "completed", info
+        assert info["kind"] == "run"  # from the beginning: there was nothing to resume from
+        assert info["prompt"] == "the one waiting"
+        assert info["telemetry"]["success"] is True
+        assert info["telemetry"]["prompt"] == "the one waiting"
+        assert info["telemetry"]["metadata"]["parameters"]["max_results_per_query"] == 7
+        assert second.client.get(f"/runs/{queued}/document").status_code == 200
+        # The one that was running resumes from its checkpoint, as before.
+        assert second.client.post(f"/runs/{running}/resume").status_code == 202
+        assert second.wait_state(running, "completed", "failed")["state"] == "completed"
+        # A session nobody ran still has no checkpoint to resume from.
+        assert second.client.post("/runs/never-ran/resume").status_code == 404
+    finally:
+        second.stop()

@@ -262,6 +262,39 @@ def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_run_interrupted_while_queued_is_run_again_from_the_start_when_resumed(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 item 12, in process: a run still queued at shutdown has no checkpoint; a
+    resume runs it from the beginning with the prompt and parameters the journal kept. A
+    session without checkpoints that this service never queued is still "no checkpoint"."""
+
+    async def first_life() -> None:
+        mgr, _, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
+        await mgr.start(resume_interrupted=False)
+        mgr.submit("s1", "p1", 15)
+        assert mgr.submit("s2", "waiting", 7).state == "queued"
+        await mgr.close()
+
+    async def second_life() -> None:
+        mgr, made, _ = manager(tmp_path, delay=0.01)
+        assert sorted(await mgr.start(resume_interrupted=False)) == ["s1", "s2"]
+        record = await mgr.resume("s2")
+        assert (record.entry.kind, record.entry.prompt) == ("run", "waiting")
+        assert record.entry.max_results_per_query == 7
+        await settle(mgr)
+        assert made[0].calls == [("run", "s2")]
+        assert mgr.records["s2"].state == "completed"
+        with pytest.raises(RunConflictError, match="complete"):
+            await mgr.resume("s2")
+        with pytest.raises(CheckpointNotFoundError):
+            await mgr.resume("never-queued")
+        await mgr.close()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+
+
 def test_resume_of_a_session_another_process_holds_is_refused_and_records_nothing(
     tmp_path: Path,
 ) -> None:

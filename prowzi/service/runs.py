@@ -273,7 +273,10 @@ class RunManager:
         progress) is refused at once with :class:`SessionBusyError` naming the holder.
         A session whose checkpoints are complete has nothing to resume, unless
         ``settle_complete``: its record says it was interrupted (killed after its last
-        checkpoint), and the resume, running nothing, records it completed."""
+        checkpoint), and the resume, running nothing, records it completed. A run this
+        service accepted and that was interrupted before its first checkpoint (still queued
+        when the service stopped) has no checkpoint: it starts again from the beginning, with
+        the prompt and parameters its journal entry kept."""
         self._check_capacity()
         existing = self.records.get(session_id)
         if existing is not None and not existing.done:
@@ -286,7 +289,20 @@ class RunManager:
                 raise SessionBusyError(f"session {session_id} is locked by {holder}")
             return orchestrator.plan_resume(session_id)
 
-        resume_plan = await asyncio.to_thread(plan)
+        try:
+            resume_plan = await asyncio.to_thread(plan)
+        except CheckpointNotFoundError as exc:
+            restart = self.records.get(session_id)
+            if (
+                restart is None
+                or restart.state != "interrupted"
+                or restart.entry.kind != "run"
+                or exc.saved_stages
+            ):
+                raise
+            self._check_capacity()
+            entry = restart.entry
+            return self._admit(session_id, "run", entry.prompt, entry.max_results_per_query)
         if resume_plan.complete and not settle_complete:
             raise RunConflictError(f"session {session_id} is complete; nothing to resume")
         # Another request may have resumed it, or filled the queue, while the plan was read.
