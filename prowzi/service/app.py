@@ -398,7 +398,8 @@ def create_app(
             stream = _follow(streams, manager, record, after)
         else:
             try:
-                replay = await asyncio.to_thread(_LogReplay.open, telemetry(), sid, after)
+                async with streams.replay_turn:
+                    replay = await asyncio.to_thread(_LogReplay.open, telemetry(), sid, after)
             except SessionNotFoundError:
                 return _error(404, f"no run or session {sid}")
             except TelemetryError as exc:
@@ -562,6 +563,9 @@ class _StreamCount:
 
     def __init__(self) -> None:
         self.open = 0
+        # Replays take turns at the worker threads: parsing holds the GIL, so more at once
+        # would not be faster, only make the event loop wait longer for its turn.
+        self.replay_turn = asyncio.Semaphore(_REPLAY_WORKERS)
 
     @contextmanager
     def held(self, session_id: str) -> Iterator[None]:
@@ -604,6 +608,10 @@ _REPLAY_CHUNK = 1 << 17
 (times a small factor for the parsed events and their messages), whatever the log's size."""
 
 
+_REPLAY_WORKERS = 1
+"""Replays reading, parsing and encoding at once (each in a worker thread)."""
+
+
 class _LogReplay:
     """The recorded event log of a session this process did not run, turned into SSE messages
     one chunk of the log at a time. :meth:`next_batch` does blocking work (reading, parsing,
@@ -629,9 +637,10 @@ class _LogReplay:
     def next_batch(self) -> bytes:
         """The messages of the next chunk of the log, encoded (empty when the chunk held none
         to send); sets :attr:`done` when the log has been read to its end."""
-        events = self.reader.poll(_REPLAY_CHUNK)
         out = bytearray()
-        for event in events:
+        # each event is let go before the next is parsed: none lives long enough for the
+        # garbage collector to keep (and later scan) it, so collections stay short
+        for event in self.reader.iter_poll(_REPLAY_CHUNK):
             self.seq += 1
             if self.seq > self.after:
                 data = event.as_record()
@@ -654,7 +663,8 @@ async def _replay(streams: _StreamCount, replay: _LogReplay) -> AsyncIterator[by
             if replay.done:
                 break
             try:
-                batch = await asyncio.to_thread(replay.next_batch)
+                async with streams.replay_turn:
+                    batch = await asyncio.to_thread(replay.next_batch)
             except TelemetryError as exc:
                 log.warning("replay of %s stopped: %s", replay.session_id, exc)
                 yield _message(None, "end", {"state": "unreadable", "error": str(exc)}).encode()

@@ -259,6 +259,11 @@ class EventLogReader:
         log takes memory for one chunk of it (and a line longer than a chunk); :attr:`caught_up`
         then tells whether more was already there to read.
         """
+        return list(self.iter_poll(max_bytes))
+
+    def iter_poll(self, max_bytes: int | None = None) -> Iterator[Event]:
+        """:meth:`poll`, yielding each event as its line is parsed (the file is read at the
+        first ``next``): a caller that lets each event go before the next holds none of them."""
         try:
             data = read_nofollow(self.path, self.offset, max_bytes)
         except FileNotFoundError:
@@ -267,23 +272,21 @@ class EventLogReader:
             raise TelemetryError(f"cannot read event log {self.path}: {exc}") from None
         self.caught_up = max_bytes is None or len(data) < max_bytes
         if not data:
-            return []
+            return
         self.offset += len(data)
         if b"\n" not in data:  # (part of) one long line: keep it for the next call
             self._pending += data
-            return []
+            return
         buffer = self._pending + data if self._pending else data
         del data
         lines = buffer.split(b"\n")
         del buffer
         self._pending = lines.pop()
-        events: list[Event] = []
         for line in lines:
             self.line_no += 1
             event = self._decode(line)
             if event is not None:
-                events.append(event)
-        return events
+                yield event
 
     @property
     def partial_bytes(self) -> int:
