@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
+import pytest
 from test_service import Service
 from test_service_support import subprocess_env
 
@@ -209,3 +211,74 @@ def test_concurrent_replays_of_a_large_log_are_streamed_off_the_loop_in_bounded_
         assert svc.client.get("/readyz").json()["event_streams"] == 0
     finally:
         svc.stop()
+
+
+def _sse(text: str) -> list[dict[str, Any]]:
+    messages = []
+    for block in text.split("\n\n"):
+        message: dict[str, Any] = {}
+        for line in block.splitlines():
+            field, _, value = line.partition(": ")
+            if field == "id":
+                message["id"] = int(value)
+            elif field == "event":
+                message["event"] = value
+            elif field == "data":
+                message["data"] = json.loads(value)
+        if message:
+            messages.append(message)
+    return messages
+
+
+@pytest.mark.parametrize("chunk", [16, 100, 1000, 1 << 17])
+def test_a_replay_read_in_small_chunks_keeps_ids_resumes_and_reports_a_corrupt_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Whatever the chunk size: ids count the events, Last-Event-ID resumes after one, a
+    partial last line is ignored; a mistyped line in the first chunk is a 409 (the response
+    has not begun), one further on ends the stream with an ``end`` saying so."""
+    from fastapi.testclient import TestClient
+    from telemetry_events import DOC_SESSION, doc_example_run
+
+    from prowzi.config import get_config
+    from prowzi.service import app as service_app
+    from prowzi.service.app import ServiceSettings, create_app
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    monkeypatch.setattr(service_app, "_REPLAY_CHUNK", chunk)
+    monkeypatch.chdir(tmp_path)
+    config = get_config(telemetry_dir=tmp_path / "telemetry")
+    collector = TelemetryCollector(config.telemetry_dir, background=False, fsync=False)
+    run = doc_example_run()
+    for event in run.events:
+        collector.handle(event)
+    collector.close()
+    log = config.telemetry_dir / "events" / f"{DOC_SESSION}.jsonl"
+    whole = log.read_text()
+    kinds = [e.kind for e in run.events]
+    app = create_app(config, ServiceSettings(state_dir=tmp_path / "state"))
+    with TestClient(app) as client:
+        url = f"/runs/{DOC_SESSION}/events"
+        log.write_text(whole + '{"event": "stage_st')
+        replayed = _sse(client.get(url).text)
+        assert [m.get("event") for m in replayed] == [*kinds, "end"]
+        assert [m.get("id") for m in replayed] == [*range(1, len(kinds) + 1), None]
+        assert replayed[-1]["data"] == {"state": "replayed"}
+        tail = _sse(client.get(url, headers={"Last-Event-ID": "5"}).text)
+        assert tail == replayed[5:]
+
+        lines = whole.splitlines()
+        bad = json.loads(lines[-2])
+        bad["timestamp"] = "soon"
+        log.write_text("\n".join([*lines[:-2], json.dumps(bad), lines[-1]]) + "\n")
+        response = client.get(url)
+        if chunk >= len(whole):  # read before the response began
+            assert response.status_code == 409, response.text
+            assert f"line {len(lines) - 1} is not a valid event" in response.text
+        else:
+            assert response.status_code == 200
+            messages = _sse(response.text)
+            assert [m.get("event") for m in messages] == [*kinds[:-2], "end"]
+            assert messages[-1]["data"]["state"] == "unreadable"
+            assert f"line {len(lines) - 1} is not a valid event" in messages[-1]["data"]["error"]
+        assert client.get("/readyz").json()["event_streams"] == 0

@@ -408,6 +408,42 @@ def test_a_follower_waits_for_a_partial_last_line(tmp_path: Path) -> None:
     writer.close()
 
 
+def test_a_log_read_in_chunks_of_bounded_size_gives_every_event_once(tmp_path: Path) -> None:
+    """Issue 15 item 17: ``poll(max_bytes)`` reads at most that much; a line cut by a chunk's
+    end (or longer than a chunk) is finished by the next polls; ``caught_up`` says when the
+    end of the file was reached, and a partial last line is kept for later."""
+    from prowzi.storage.files import read_nofollow
+
+    path = tmp_path / "log.jsonl"
+    events = doc_example_run().events
+    lines = [json.dumps({"event": "log_opened", "v": 1})] + [
+        json.dumps(e.as_record()) for e in events
+    ]
+    path.write_text("\n".join(lines) + "\n" + lines[2][:20])
+    data = path.read_bytes()
+    assert read_nofollow(path, 5, max_bytes=7) == data[5:12]
+    assert read_nofollow(path, len(data) - 3, max_bytes=7) == data[-3:]
+    with pytest.raises(ValueError, match="positive"):
+        read_nofollow(path, max_bytes=0)
+    longest = max(len(line) for line in lines)
+    for chunk in (1, 7, 64, longest - 1, longest + 1, len(data) - 1, len(data), 1 << 20):
+        reader = EventLogReader(path)
+        seen: list[Event] = []
+        polls = 0
+        while True:
+            seen += reader.poll(chunk)
+            polls += 1
+            if reader.caught_up:
+                break
+        assert seen == events, chunk
+        assert reader.partial_bytes == 20, chunk
+        assert reader.line_no == len(lines), chunk
+        assert polls >= len(data) // chunk, chunk
+    with open(path, "a") as fh:
+        fh.write(lines[2][20:] + "\n")  # the partial line finished
+    assert reader.poll(1 << 20) == [events[1]] and reader.partial_bytes == 0
+
+
 def test_a_corrupt_line_is_reported_with_its_number(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     path.write_text('{"event": "log_opened", "v": 1}\nnot json\n')

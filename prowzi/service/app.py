@@ -623,6 +623,7 @@ class _LogReplay:
         self.after = after
         self.seq = 0
         self.done = False
+        self.error: str | None = None
         self.first: bytes = b""
 
     @classmethod
@@ -632,19 +633,27 @@ class _LogReplay:
         (:class:`TelemetryError`) is known before the response begins."""
         replay = cls(session_id, telemetry.follow(session_id), after)
         replay.first = replay.next_batch()
+        if replay.error is not None:
+            raise TelemetryError(replay.error)
         return replay
 
     def next_batch(self) -> bytes:
         """The messages of the next chunk of the log, encoded (empty when the chunk held none
-        to send); sets :attr:`done` when the log has been read to its end."""
+        to send); sets :attr:`done` when the log has been read to its end, or to a line it
+        cannot read (:attr:`error` says why; the messages before that line are returned)."""
         out = bytearray()
-        # each event is let go before the next is parsed: none lives long enough for the
-        # garbage collector to keep (and later scan) it, so collections stay short
-        for event in self.reader.iter_poll(_REPLAY_CHUNK):
-            self.seq += 1
-            if self.seq > self.after:
-                data = event.as_record()
-                out += _message(self.seq, str(data.get("event", "event")), data).encode()
+        try:
+            # each event is let go before the next is parsed: none lives long enough for the
+            # garbage collector to keep (and later scan) it, so collections stay short
+            for event in self.reader.iter_poll(_REPLAY_CHUNK):
+                self.seq += 1
+                if self.seq > self.after:
+                    data = event.as_record()
+                    out += _message(self.seq, str(data.get("event", "event")), data).encode()
+        except TelemetryError as exc:
+            self.error = str(exc)
+            self.done = True
+            return bytes(out)
         if self.reader.caught_up:
             self.done = True
             if self.reader.partial_bytes:
@@ -662,11 +671,10 @@ async def _replay(streams: _StreamCount, replay: _LogReplay) -> AsyncIterator[by
                 yield batch
             if replay.done:
                 break
-            try:
-                async with streams.replay_turn:
-                    batch = await asyncio.to_thread(replay.next_batch)
-            except TelemetryError as exc:
-                log.warning("replay of %s stopped: %s", replay.session_id, exc)
-                yield _message(None, "end", {"state": "unreadable", "error": str(exc)}).encode()
-                return
-        yield _message(None, "end", {"state": "replayed"}).encode()
+            async with streams.replay_turn:
+                batch = await asyncio.to_thread(replay.next_batch)
+        if replay.error is not None:
+            log.warning("replay of %s stopped: %s", replay.session_id, replay.error)
+            yield _message(None, "end", {"state": "unreadable", "error": replay.error}).encode()
+        else:
+            yield _message(None, "end", {"state": "replayed"}).encode()
