@@ -7,7 +7,9 @@ documents served, resume plans) runs in worker threads, never on the event loop,
 disk or store does not hold up other requests and event streams.
 Server-Sent Events are ``sse-starlette``'s :class:`EventSourceResponse`: it frames the
 messages, sends the keep-alive comments and notices a client that goes away (the stream's
-generator is then cancelled; ``/readyz`` counts the streams open).
+generator is then cancelled; ``/readyz`` counts the streams open). A recorded event log is
+replayed a bounded chunk at a time, read, parsed and encoded in a worker thread, so a log of
+any size takes the same memory and leaves the event loop free.
 Errors are JSON objects with a ``detail`` message: 400 for a malformed id (or Last-Event-ID),
 404 for an unknown run, 409 for a request that does not fit the run's state, 413 for a body over
 64 KiB however it is framed, 422 for an invalid body (read strictly: a boolean is not a count),
@@ -385,8 +387,9 @@ def create_app(
         Each message has ``id`` (a sequence number; send it back as ``Last-Event-ID`` to
         resume a stream), ``event`` (the event kind) and ``data`` (the event as JSON). A
         final ``end`` message carries the run's state. A run this process did not execute
-        replays its recorded event log. A quiet stream gets a ``: keepalive`` comment every
-        ``keepalive_seconds``.
+        replays its recorded event log, a chunk at a time (its ``end`` says ``replayed``, or
+        ``unreadable`` with the error when a line past the first chunk is corrupt). A quiet
+        stream gets a ``: keepalive`` comment every ``keepalive_seconds``.
         """
         sid = _session(session_id)
         after = _last_event_id(last_event_id)
