@@ -234,7 +234,7 @@ def test_a_chunked_body_meets_the_same_size_limit_and_is_not_held_in_memory(
 def test_a_symlink_planted_among_the_documents_is_never_served(tmp_path: Path) -> None:
     """Issue 15 item 7: ``documents/leak1.md -> a secret`` answers 404, not the secret."""
     secret = tmp_path / "secret.txt"
-    secret.write_text("the key is 42\n")
+    secret.write_text("the key is planted-secret-value\n")
     svc = Service(tmp_path)
     try:
         sid = svc.start_run()
@@ -243,11 +243,11 @@ def test_a_symlink_planted_among_the_documents_is_never_served(tmp_path: Path) -
         assert svc.client.get(f"/runs/{sid}/document").status_code == 200
         (documents / "leak1.md").symlink_to(secret)
         leaked = svc.client.get("/runs/leak1/document")
-        assert leaked.status_code == 404 and "42" not in leaked.text
+        assert leaked.status_code == 404 and "planted-secret" not in leaked.text
         own = documents / f"{sid}.md"
         own.unlink()
         own.symlink_to(secret)  # even in place of a real run's document
         replaced = svc.client.get(f"/runs/{sid}/document")
-        assert replaced.status_code == 404 and "42" not in replaced.text
+        assert replaced.status_code == 404 and "planted-secret" not in replaced.text
     finally:
         svc.stop()
