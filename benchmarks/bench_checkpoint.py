@@ -57,15 +57,11 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import http.client
 import os
 import pstats
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,12 +88,6 @@ PROMPT = "Write a research paper on quantum computing"
 OLD_DESIGN_BYTES = 333_000
 """What the old design (full, uncompressed snapshots) stored for a sample run's seven
 checkpoints, as issue 13 reports it."""
-LOOPBACK = "127.0.0.1"
-# Azurite's well-known development account and key (public, in Microsoft's documentation).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
 
 Side = Callable[[int], float]
 """One operation of an alternation: given the round (negative in warm-up), it does its work
@@ -525,135 +515,34 @@ def bench_list(root: Path, run: SampleRun, sessions: int) -> float:
 # --- remote ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
+def _servers() -> Any:
+    """The emulator starters the tests use (tests/emulator_servers.py: no pytest needed)."""
+    sys.path.insert(0, str(REPO / "tests"))
     try:
-        conn.request("GET", "/")
-        conn.getresponse().read()
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def _serve(name: str, argv: Sequence[str], workdir: Path) -> Iterator[int]:
-    """Start ``argv`` (``{port}`` filled in) on a free loopback port, in its own process
-    group, and yield the port once it answers; stop the group at the end."""
-    port = _free_port()
-    with (workdir / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [arg.replace("{port}", str(port)) for arg in argv],
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {workdir / f'{name}.log'}")
-            time.sleep(0.1)
-        yield port
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-def serving(
-    name: str, argv: Sequence[str], workdir: Path
-) -> contextlib.AbstractContextManager[int]:
-    """The tests' emulator starter (tests/emulators.py) when present, else :func:`_serve`."""
-    try:
-        sys.path.insert(0, str(REPO / "tests"))
-        from emulators import _serving  # type: ignore[import-not-found]
-    except ImportError:
-        return _serve(name, argv, workdir)
+        import emulator_servers  # type: ignore[import-not-found]
     finally:
         sys.path.remove(str(REPO / "tests"))
-    return _serving(name, argv, workdir)  # type: ignore[no-any-return]
-
-
-def s3_manager(port: int) -> CheckpointManager:
-    import boto3
-
-    from prowzi.storage.remote import open_store
-
-    env = {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{LOOPBACK}:{port}",
-    }
-    bucket = f"prowzi-bench-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    ).create_bucket(Bucket=bucket)
-    return CheckpointManager(store=open_store(f"s3://{bucket}/checkpoints", env=env))
-
-
-def azure_manager(port: int) -> CheckpointManager:
-    from azure.storage.blob import BlobServiceClient
-
-    from prowzi.storage.remote import open_store
-
-    connection = (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint=http://{LOOPBACK}:{port}/{AZURITE_ACCOUNT};"
-    )
-    container = f"prowzi-bench-{uuid.uuid4().hex[:12]}"
-    BlobServiceClient.from_connection_string(connection).create_container(container)
-    store = open_store(
-        f"az://{container}/checkpoints", env={"AZURE_STORAGE_CONNECTION_STRING": connection}
-    )
-    return CheckpointManager(store=store)
+    return emulator_servers
 
 
 def bench_remote(root: Path, run: SampleRun, rounds: int) -> None:
-    moto_argv = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", "{port}"]
-    azurite = shutil.which("azurite-blob")
-    if azurite is None:
+    from prowzi.storage.remote import open_store
+
+    servers = _servers()
+    if shutil.which("azurite-blob") is None:
         print("Remote: azurite-blob is not on PATH (npm install -g azurite): skipped")
         return
-    azurite_argv = [
-        azurite,
-        "--blobHost",
-        LOOPBACK,
-        "--blobPort",
-        "{port}",
-        "--skipApiVersionCheck",
-        "--loose",
-        "--inMemoryPersistence",
-        "--disableTelemetry",
-        "--silent",
-    ]
     for name in ("moto", "azurite"):
         (root / name).mkdir()
     with (
-        serving("moto", moto_argv, root / "moto") as moto_port,
-        serving("azurite", azurite_argv, root / "azurite") as azurite_port,
+        servers.start_moto(root / "moto") as moto,
+        servers.start_azurite(root / "azurite") as azurite,
     ):
+        s3 = open_store(f"s3://{servers.new_bucket(moto)}/checkpoints", env=moto.env())
+        azure = open_store(f"az://{servers.new_container(azurite)}/checkpoints", env=azurite.env())
         managers = {
-            "S3 (moto)": s3_manager(moto_port),
-            "Azure (Azurite)": azure_manager(azurite_port),
+            "S3 (moto)": CheckpointManager(store=s3),
+            "Azure (Azurite)": CheckpointManager(store=azure),
         }
         sides: dict[str, Side] = {}
         for label, manager in managers.items():

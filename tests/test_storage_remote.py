@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from emulators import LOOPBACK, AzureEmulator, S3Emulator, free_port
+from emulator_servers import LOOPBACK, AzureEmulator, S3Emulator, free_port
 
 from prowzi.errors import ConfigError, InvalidIdentifierError
 from prowzi.storage import remote
