@@ -35,6 +35,7 @@ __all__ = [
     "fsync_directory",
     "open_nofollow",
     "read_nofollow",
+    "read_regular",
 ]
 
 PRIVATE_DIR = 0o700
@@ -75,6 +76,14 @@ def read_nofollow(path: Path, offset: int = 0, max_bytes: int | None = None) -> 
     so a caller can go through a large file in chunks of bounded size). A symlink is refused
     (``ELOOP``), and so is anything else that is not a regular file (``EINVAL``: a FIFO would
     block the reader for ever); a missing file is ``FileNotFoundError``."""
+    return read_regular(path, offset, max_bytes)[0]
+
+
+def read_regular(
+    path: Path, offset: int = 0, max_bytes: int | None = None, *, max_size: int | None = None
+) -> tuple[bytes, os.stat_result]:
+    """:func:`read_nofollow`, with the file's ``stat`` as read (the one the bytes belong to);
+    a file larger than ``max_size`` is refused (``EFBIG``) without being read."""
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, not {max_bytes}")
     fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -82,6 +91,8 @@ def read_nofollow(path: Path, offset: int = 0, max_bytes: int | None = None) -> 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if max_size is not None and st.st_size > max_size:
+            raise OSError(errno.EFBIG, f"larger than {max_size >> 20} MiB", str(path))
         left = max_bytes
         chunks = []
         while left is None or left > 0:
@@ -93,7 +104,7 @@ def read_nofollow(path: Path, offset: int = 0, max_bytes: int | None = None) -> 
             offset += len(chunk)
             if left is not None:
                 left -= len(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), st
     finally:
         os.close(fd)
 

@@ -31,7 +31,13 @@ from prowzi.storage.blob import (
     UnsafeBlobError,
     validate_blob_name,
 )
-from prowzi.storage.files import TEMP_PREFIX, atomic_write, ensure_private_dir, open_nofollow
+from prowzi.storage.files import (
+    TEMP_PREFIX,
+    atomic_write,
+    ensure_private_dir,
+    open_nofollow,
+    read_regular,
+)
 
 __all__ = ["MAX_BLOB_BYTES", "LocalBlobStore"]
 
@@ -75,29 +81,15 @@ class LocalBlobStore:
     def get(self, name: str) -> Blob:
         path = self._path(name)
         try:
-            fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+            data, st = read_regular(path, max_size=MAX_BLOB_BYTES)
         except FileNotFoundError:
             raise BlobNotFoundError(name) from None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR):
-                raise UnsafeBlobError(
-                    exc.errno, "not a regular file (a symlink?)", str(path)
-                ) from None
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.EINVAL, errno.EFBIG):
+                what = "not a regular file (a symlink?)" if exc.errno == errno.ELOOP else None
+                raise UnsafeBlobError(exc.errno, what or exc.strerror, str(path)) from None
             raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeBlobError(errno.EINVAL, "not a regular file", str(path))
-            if st.st_size > MAX_BLOB_BYTES:
-                raise UnsafeBlobError(
-                    errno.EFBIG, f"larger than {MAX_BLOB_BYTES >> 20} MiB", str(path)
-                )
-            chunks = []
-            while chunk := os.read(fd, max(st.st_size, 1 << 16)):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        return Blob(b"".join(chunks), BlobInfo(name, st.st_size, st.st_mtime, _etag(st)))
+        return Blob(data, BlobInfo(name, st.st_size, st.st_mtime, _etag(st)))
 
     def head(self, name: str) -> BlobInfo | None:
         path = self._path(name)
