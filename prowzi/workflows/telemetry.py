@@ -47,7 +47,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -1358,6 +1358,76 @@ class TelemetryCollector:
             self._reported_summary(r, reported(r), entries.get(r[1]), blobs.get(r[1]))
             for r in selected
         ]
+
+    def cleanup(
+        self,
+        *,
+        older_than: timedelta,
+        keep_last: int = 0,
+        dry_run: bool = False,
+        is_running: Callable[[str], bool] | None = None,
+        on_running: Callable[[str], None] | None = None,
+        on_error: Callable[[str, OSError], None] | None = None,
+    ) -> list[str]:
+        """Delete the telemetry of sessions last written more than ``older_than`` ago: the
+        session file, the event log and the store's copy.
+
+        The ``keep_last`` newest sessions are kept whatever their age, and a running session
+        is never touched (``on_running`` hears of each that was old enough to go); besides
+        what its file, log and lease say, ``is_running`` may know of more. An entry
+        that cannot be deleted is reported to ``on_error`` and the rest goes on. Returns the
+        deleted (or, with ``dry_run``, the deletable) session ids."""
+        if older_than < timedelta(0):
+            raise InvalidInputError("older_than must not be negative")
+        if keep_last < 0:
+            raise InvalidInputError("keep_last must not be negative")
+        cutoff = time.time() - older_than.total_seconds()
+        sessions = self.list_sessions(limit=None)  # newest first
+        deleted: list[str] = []
+        for summary in sessions[keep_last:]:
+            session_id = summary.session_id
+            paths = (self.session_path(session_id), self.event_log_path(session_id))
+            if self._last_written(session_id, paths) >= cutoff:
+                continue
+            if (
+                summary.status == "running"
+                or self.writer_alive(session_id)
+                or (is_running is not None and is_running(session_id))
+            ):
+                if on_running is not None:
+                    on_running(session_id)
+                continue
+            deleted.append(session_id)
+            if dry_run:
+                continue
+            for path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    if on_error is not None:
+                        on_error(str(path), exc)
+            store = self.store
+            if store is not None:
+                try:
+                    store.delete(_store_name(session_id))
+                except OSError as exc:
+                    if on_error is not None:
+                        on_error(store.describe(_store_name(session_id)), exc)
+        return deleted
+
+    def _last_written(self, session_id: str, paths: Iterable[Path]) -> float:
+        """When the session's telemetry was last written: its newest file or store blob."""
+        times = []
+        for path in paths:
+            with contextlib.suppress(OSError):
+                times.append(path.lstat().st_mtime)
+        store = self.store
+        if store is not None:
+            with contextlib.suppress(OSError):
+                blob = store.head(_store_name(session_id))
+                if blob is not None:
+                    times.append(blob.modified)
+        return max(times, default=0.0)
 
     def _reported_summary(
         self, row: IndexRow, status: str, entry: Any, blob: BlobInfo | None
