@@ -505,42 +505,30 @@ class SessionRecorder:
                 )
             )
             return True
+        details: dict[str, Any]
         if isinstance(event, StageCompleted):
-            record = StageMetrics(
-                event.stage,
-                "completed",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details=dict(event.details),
-            )
+            details, error = dict(event.details), None
             if event.stage in metrics.failed_stages:
                 metrics.failed_stages.remove(event.stage)
         elif isinstance(event, StageRetrying):
             metrics.total_retries += 1
-            record = StageMetrics(
-                event.stage,
-                "retrying",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details={"error_type": event.error_type, "delay_seconds": event.delay_seconds},
-                error=event.error,
-            )
+            details = {"error_type": event.error_type, "delay_seconds": event.delay_seconds}
+            error = event.error
         elif isinstance(event, StageFailed):
-            record = StageMetrics(
-                event.stage,
-                "failed",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details={"error_type": event.error_type},
-                error=event.error,
-            )
+            details, error = {"error_type": event.error_type}, event.error
             if event.stage not in metrics.failed_stages:
                 metrics.failed_stages.append(event.stage)
         else:
             return False
+        record = StageMetrics(
+            event.stage,
+            event.status,
+            event.attempt,
+            event.duration_seconds,
+            when,
+            details=details,
+            error=error,
+        )
         index = self._open.pop(event.stage, None)
         if (
             index is not None
@@ -1211,13 +1199,7 @@ class TelemetryCollector:
     def read_events(self, session_id: str, *, tolerate_partial: bool = False) -> list[Event]:
         """The session's events from its log. A corrupt line is an error; so is a partial last
         line unless ``tolerate_partial`` (a log still being written, or cut by a crash)."""
-        path = self.event_log_path(session_id)
-        if not os.path.lexists(path):  # a planted symlink is refused when read, below
-            if self.session_path(session_id).exists():
-                raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
-            raise SessionNotFoundError(
-                f"no telemetry for session {session_id!r} in {self.output_dir}"
-            )
+        path = self._existing_log(session_id)
         reader = EventLogReader(path)
         if not tolerate_partial:
             return reader.read_all()
@@ -1228,14 +1210,19 @@ class TelemetryCollector:
 
     def follow(self, session_id: str) -> EventLogReader:
         """A reader at the start of the session's log; call its ``poll()`` to follow it."""
+        return EventLogReader(self._existing_log(session_id))
+
+    def _existing_log(self, session_id: str) -> Path:
+        """The session's event log; :class:`SessionNotFoundError` when the session is unknown,
+        :class:`TelemetryError` when only its log is missing."""
         path = self.event_log_path(session_id)
-        if not os.path.lexists(path):  # a planted symlink is refused when read, below
+        if not os.path.lexists(path):  # a planted symlink is refused when read
             if self.session_path(session_id).exists():
                 raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
             raise SessionNotFoundError(
                 f"no telemetry for session {session_id!r} in {self.output_dir}"
             )
-        return EventLogReader(path)
+        return path
 
     def _derive(self, session_id: str, *, tolerate_partial: bool) -> WorkflowMetrics:
         events = self.read_events(session_id, tolerate_partial=tolerate_partial)
