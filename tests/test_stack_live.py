@@ -21,17 +21,16 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from otlp_receiver import OtlpReceiver
 from shared import STAGES
 from test_stack_support import (
     CONTRACT,
@@ -72,55 +71,6 @@ pytestmark = pytest.mark.timeout(600)
 # --- an OTLP/HTTP trace receiver on loopback ---------------------------------------------------
 
 
-@dataclass
-class TraceReceiver:
-    server: ThreadingHTTPServer
-    trace_ids: set[str] = field(default_factory=set)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-@pytest.fixture
-def receiver() -> Iterator[TraceReceiver]:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-        ExportTraceServiceResponse,
-    )
-
-    state: dict[str, TraceReceiver] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        state["r"].trace_ids.add(span.trace_id.hex())
-            payload = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state["r"] = TraceReceiver(server)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state["r"]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 # --- processes ---------------------------------------------------------------------------------
 
 
@@ -154,7 +104,7 @@ class Stack:
     prometheus: str
     instance: str
     started: float
-    receiver: TraceReceiver
+    receiver: OtlpReceiver
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.prometheus}/api/v1/{path}", params=params, timeout=30)
@@ -186,7 +136,7 @@ def prometheus_config(prowzi_target: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
+def stack(tmp_path: Path, receiver: OtlpReceiver) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     require_tool("promtool")
     prowzi_port, prometheus_port = free_port(), free_port()
@@ -206,7 +156,7 @@ def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
         OTEL_SERVICE_NAME="prowzi",
         OTEL_TRACES_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
         OTEL_BSP_SCHEDULE_DELAY="200",
     )
     prowzi_log = tmp_path / "prowzi.log"
