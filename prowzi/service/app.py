@@ -221,9 +221,11 @@ def create_app(
         """Apply ``PROWZI_RETENTION``: delete what finished sessions older than ``age`` left
         (:func:`prowzi.workflows.retention.sweep`) and forget their runs; at start-up, then
         every quarter of ``age`` (at least a second apart, at most an hour)."""
+        from prowzi.workflows.checkpoint import CheckpointManager
         from prowzi.workflows.retention import sweep
 
         period = min(max(age.total_seconds() / 4, 1.0), 3600.0)
+        checkpoints = CheckpointManager.from_config(config)
         while True:
             try:
                 swept = await asyncio.to_thread(
@@ -232,6 +234,8 @@ def create_app(
                     older_than=age,
                     documents_dir=manager.documents_dir,
                     is_running=manager.is_active,
+                    manager=checkpoints,
+                    reader=telemetry(),
                 )
                 forgotten = manager.expire(time.time() - age.total_seconds())
                 if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
