@@ -1,0 +1,232 @@
+"""Celery workers on a real redis-server: exactly one runner per session, whatever the queue
+delivers, and nothing completed lost when a worker or the broker goes away (issue 19).
+
+Every test starts real ``prowzi worker`` processes (tests/workers.py) on its own Redis
+database of one ``redis-server`` on loopback; agents are no-ops that sleep a little per stage
+(tests/worker_agents.py), so a run lasts long enough to be interrupted in the middle."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from emulator_servers import RedisServer, start_redis
+from worker_agents import SlowNoop
+from workers import Fleet, wait_for
+
+from prowzi.workers.app import submit
+from prowzi.workflows.checkpoint import CheckpointManager
+from prowzi.workflows.orchestrator import ProwziOrchestrator
+from prowzi.workflows.stages import STAGE_NAMES
+
+pytestmark = pytest.mark.timeout(120)
+
+_DATABASES = iter(range(1, 16))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with start_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
+    """Workers sharing a fresh Redis database, store and telemetry directory."""
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{next(_DATABASES)}"
+    fleet = Fleet(root=tmp_path / "fleet", broker_url=url)
+    fleet.root.mkdir()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def _single_process_document(prompt: str, root: Path) -> str:
+    """The document an ordinary one-process run writes for ``prompt`` with the same agents."""
+    orchestrator = ProwziOrchestrator(
+        config=_local_config(root), agents={s: SlowNoop(s) for s in STAGE_NAMES}
+    )
+    path = root / "single.md"
+    asyncio.run(orchestrator.run_research(prompt, document_path=path))
+    return path.read_text()
+
+
+def _local_config(root: Path):  # type: ignore[no-untyped-def]
+    from prowzi.config import get_config
+
+    return get_config(
+        checkpoint_dir=root / "single-checkpoints",
+        telemetry_dir=root / "single-telemetry",
+        enable_checkpointing=True,
+    )
+
+
+def _stage_starts(fleet: Fleet, session_id: str) -> dict[str, int]:
+    starts: dict[str, int] = {}
+    for event in fleet.events(session_id):
+        if event.get("event") == "stage_started":
+            starts[event["stage"]] = starts.get(event["stage"], 0) + 1
+    return starts
+
+
+def _runs(fleet: Fleet, session_id: str) -> list[dict[str, object]]:
+    return [e for e in fleet.events(session_id) if e.get("event") == "workflow_started"]
+
+
+def test_twenty_runs_on_three_workers_each_complete_once_with_the_single_process_document(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.stage_delay = 0.02
+    workers = fleet.start(3, concurrency=2)
+    config = fleet.config()
+    prompts = [f"Write a report on topic number {i}" for i in range(20)]
+    sessions = [submit(config, prompt) for prompt in prompts]
+    wait_for("20 runs to complete", lambda: fleet.done(sessions), timeout=60)
+
+    for prompt, sid in zip(prompts, sessions, strict=True):
+        assert fleet.completions(sid) == 1, fleet.events(sid)
+        assert len(_runs(fleet, sid)) == 1
+        document = (fleet.documents / f"{sid}.md").read_text()
+        assert document == _single_process_document(prompt, tmp_path / sid)
+    # Each worker says what it ran: together, every run once, and nothing left in flight.
+    per_worker = [w.metrics() for w in workers]
+    assert sum(m['prowzi_worker_deliveries_total{outcome="completed"}'] for m in per_worker) == 20
+    assert all(m["prowzi_worker_runs_in_flight"] == 0 for m in per_worker)
+    assert all(m["prowzi_worker_queue_depth"] == 0 for m in per_worker)
+    ran_on = {str(r["metadata"]["worker"]) for s in sessions for r in _runs(fleet, s)}  # type: ignore[index]
+    assert len(ran_on) > 1, "the runs were spread over the workers"
+
+
+def test_kill_9_mid_run_the_runs_are_finished_by_another_worker_from_their_checkpoints(
+    fleet: Fleet,
+) -> None:
+    fleet.stage_delay = 0.25
+    (doomed,) = fleet.start(1, concurrency=2)
+    config = fleet.config()
+    sessions = [submit(config, f"Write a report on killed run {i}") for i in range(2)]
+    wait_for(
+        "both runs to checkpoint their planning stage",
+        lambda: all("planning" in fleet.checkpointed(s) for s in sessions),
+    )
+    (survivor,) = fleet.start(1, concurrency=2, wait=False)
+    doomed.signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    saved_at_kill = {s: fleet.checkpointed(s) for s in sessions}
+    wait_for(f"{survivor.name} to start", survivor.ready, timeout=60)
+    # Redis gives the dead worker's runs back after the visibility timeout.
+    wait_for("both runs to complete", lambda: fleet.done(sessions), timeout=60)
+
+    for sid in sessions:
+        assert fleet.completions(sid) == 1
+        first, second = _runs(fleet, sid)
+        assert second["resumed_from"] is not None
+        assert second["metadata"]["worker"] != first["metadata"]["worker"]  # type: ignore[index]
+        assert second["metadata"]["lease_found"] in ("expired", "dead")  # type: ignore[index]
+        # No completed stage ran again: what was saved at the kill was restored, not re-run.
+        starts = _stage_starts(fleet, sid)
+        for stage in saved_at_kill[sid]:
+            assert starts[stage] == 1, (stage, starts)
+        skipped = {e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_skipped"}
+        assert set(saved_at_kill[sid]) <= skipped
+        # The attempt the kill cut short shows in telemetry beside the new worker's.
+        assert any(n == 2 for n in starts.values()) or len(saved_at_kill[sid]) == 7
+        CheckpointManager(fleet.checkpoints).load_checkpoint(sid)  # the chain verifies
+    metrics = survivor.metrics()
+    taken = sum(
+        metrics[f'prowzi_worker_lease_takeovers_total{{reason="{r}"}}']
+        for r in ("expired", "holder_gone")
+    )
+    assert taken == 2
+
+
+def test_the_same_run_delivered_twice_at_once_runs_once_and_the_other_is_a_duplicate(
+    fleet: Fleet,
+) -> None:
+    fleet.stage_delay = 0.15
+    workers = fleet.start(2, concurrency=1)
+    config = fleet.config()
+    sid = submit(config, "Write a report on double delivery")
+    submit(config, "Write a report on double delivery", session_id=sid)  # the redelivery
+    wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
+    wait_for(
+        "both deliveries to end",
+        lambda: fleet.total('prowzi_worker_deliveries_total{outcome="completed"}')
+        + fleet.total('prowzi_worker_deliveries_total{outcome="duplicate"}')
+        == 2,
+        timeout=10,
+    )
+    assert fleet.total('prowzi_worker_deliveries_total{outcome="duplicate"}') == 1
+    assert fleet.completions(sid) == 1
+    assert len(_runs(fleet, sid)) == 1
+    assert all(n == 1 for n in _stage_starts(fleet, sid).values())
+    manager = CheckpointManager(fleet.checkpoints)
+    checkpoint = manager.load_checkpoint(sid)  # sha256, chain and fencing token verified
+    assert checkpoint.metadata.completed_stages == list(STAGE_NAMES)
+    assert len(workers) == 2
+
+
+def test_a_run_delivered_again_after_it_completed_runs_nothing(fleet: Fleet) -> None:
+    fleet.start(1, concurrency=1)
+    config = fleet.config()
+    sid = submit(config, "Write a report on idempotence")
+    wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
+    submit(config, "Write a report on idempotence", session_id=sid)
+    wait_for(
+        "the second delivery to end",
+        lambda: fleet.total('prowzi_worker_deliveries_total{outcome="already_complete"}') == 1,
+        timeout=20,
+    )
+    assert fleet.completions(sid) == 1
+    assert len(_runs(fleet, sid)) == 1
+
+
+def test_redis_restarted_during_runs_they_finish_and_new_submissions_succeed(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    fleet.stage_delay = 0.2
+    fleet.start(2, concurrency=2)
+    config = fleet.config()
+    before = [submit(config, f"Write a report on a broker restart {i}") for i in range(3)]
+    wait_for(
+        "the runs to be under way",
+        lambda: all(fleet.checkpointed(s) for s in before),
+    )
+    redis_server.restart(down_for=0.5)
+    after = [submit(config, f"Write a report after the restart {i}") for i in range(2)]
+    wait_for("every run to complete", lambda: fleet.done(before + after), timeout=60)
+    for sid in before + after:
+        assert fleet.completions(sid) == 1
+        assert all(n == 1 for n in _stage_starts(fleet, sid).values())
+
+
+def test_sigterm_checkpoints_the_workers_runs_and_another_worker_finishes_them(
+    fleet: Fleet,
+) -> None:
+    fleet.stage_delay = 0.25
+    (leaving,) = fleet.start(1, concurrency=2)
+    config = fleet.config()
+    sessions = [submit(config, f"Write a report on a graceful stop {i}") for i in range(2)]
+    wait_for(
+        "both runs to checkpoint their intent stage",
+        lambda: all(fleet.checkpointed(s) for s in sessions),
+    )
+    (staying,) = fleet.start(1, concurrency=2)
+    leaving.signal(signal.SIGTERM)
+    assert leaving.proc.wait(20) == 0
+    # What the leaving worker had completed, it checkpointed before it went.
+    for sid in sessions:
+        started = {e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"}
+        assert started <= set(fleet.checkpointed(sid))
+    wait_for("both runs to complete", lambda: fleet.done(sessions), timeout=30)
+    for sid in sessions:
+        assert fleet.completions(sid) == 1
+        first, second = _runs(fleet, sid)
+        assert second["metadata"]["worker"] != first["metadata"]["worker"]  # type: ignore[index]
+        assert all(n <= 2 for n in _stage_starts(fleet, sid).values())
+        completed = [e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"]
+        assert sorted(completed) == sorted(STAGE_NAMES)  # each stage completed exactly once
+    assert staying.metrics()['prowzi_worker_deliveries_total{outcome="completed"}'] == 2
