@@ -104,7 +104,8 @@ def test_twenty_runs_on_three_workers_each_complete_once_with_the_single_process
 def test_kill_9_mid_run_the_runs_are_finished_by_another_worker_from_their_checkpoints(
     fleet: Fleet,
 ) -> None:
-    fleet.stage_delay = 0.25
+    fleet.stage_delay = 0.15
+    fleet.run_time_limit = 3.0  # Redis gives a dead worker's runs back after 3 s + 2 ttl
     (doomed,) = fleet.start(1, concurrency=2)
     config = fleet.config()
     sessions = [submit(config, f"Write a report on killed run {i}") for i in range(2)]
@@ -154,9 +155,11 @@ def test_the_same_run_delivered_twice_at_once_runs_once_and_the_other_is_a_dupli
     wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
     wait_for(
         "both deliveries to end",
-        lambda: fleet.total('prowzi_worker_deliveries_total{outcome="completed"}')
-        + fleet.total('prowzi_worker_deliveries_total{outcome="duplicate"}')
-        == 2,
+        lambda: (
+            fleet.total('prowzi_worker_deliveries_total{outcome="completed"}')
+            + fleet.total('prowzi_worker_deliveries_total{outcome="duplicate"}')
+            == 2
+        ),
         timeout=10,
     )
     assert fleet.total('prowzi_worker_deliveries_total{outcome="duplicate"}') == 1
@@ -214,13 +217,14 @@ def test_sigterm_checkpoints_the_workers_runs_and_another_worker_finishes_them(
         "both runs to checkpoint their intent stage",
         lambda: all(fleet.checkpointed(s) for s in sessions),
     )
-    (staying,) = fleet.start(1, concurrency=2)
+    (staying,) = fleet.start(1, concurrency=2, wait=False)  # it takes what is handed back
     leaving.signal(signal.SIGTERM)
     assert leaving.proc.wait(20) == 0
     # What the leaving worker had completed, it checkpointed before it went.
     for sid in sessions:
         started = {e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"}
         assert started <= set(fleet.checkpointed(sid))
+    wait_for(f"{staying.name} to start", staying.ready, timeout=60)
     wait_for("both runs to complete", lambda: fleet.done(sessions), timeout=30)
     for sid in sessions:
         assert fleet.completions(sid) == 1

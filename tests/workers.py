@@ -24,7 +24,9 @@ TESTS = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.05) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -162,9 +164,12 @@ class Fleet:
         return started
 
     def stop(self) -> None:
+        """After a test: kill what is left (a graceful stop is what some tests test)."""
         for worker in self.workers:
-            with contextlib.suppress(Exception):
-                worker.stop()
+            if worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+                worker.proc.wait(10)
 
     # --- reading what the workers did ----------------------------------------------------
 
@@ -189,6 +194,4 @@ class Fleet:
 
     def total(self, metric: str) -> float:
         """``metric`` summed over every live worker's /metrics."""
-        return sum(
-            w.metrics().get(metric, 0.0) for w in self.workers if w.proc.poll() is None
-        )
+        return sum(w.metrics().get(metric, 0.0) for w in self.workers if w.proc.poll() is None)
