@@ -234,3 +234,62 @@ def test_sigterm_checkpoints_the_workers_runs_and_another_worker_finishes_them(
         completed = [e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"]
         assert sorted(completed) == sorted(STAGE_NAMES)  # each stage completed exactly once
     assert staying.metrics()['prowzi_worker_deliveries_total{outcome="completed"}'] == 2
+
+
+def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
+    fleet: Fleet,
+) -> None:
+    import subprocess
+    import sys
+
+    from test_tracing_otlp import Receiver
+
+    receiver = Receiver()
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    fleet.extra_env.update(otel)
+    try:
+        fleet.start(1, concurrency=1)
+        # Submitted by another process (the CLI), as a client on another machine would.
+        submitted = subprocess.run(
+            [sys.executable, "-m", "prowzi.cli.main", "run", "--submit", "Write a traced report"],
+            env=fleet.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        sid = submitted.stdout.strip()
+        wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
+
+        def spans() -> list[object]:
+            return [
+                span
+                for request in receiver.requests
+                for resource in request.resource_spans
+                for scope in resource.scope_spans
+                for span in scope.spans
+            ]
+
+        wait_for(
+            "the last stage's span",
+            lambda: any(s.name == "invoke_agent prowzi.turnitin" for s in spans()),  # type: ignore[attr-defined]
+            timeout=20,
+        )
+        by_name = {s.name: s for s in spans()}  # type: ignore[attr-defined]
+        send = by_name["send prowzi.research"]
+        queued = by_name["process prowzi.research"]
+        run = by_name["invoke_workflow prowzi.research"]
+        stages = [by_name[f"invoke_agent prowzi.{stage}"] for stage in STAGE_NAMES]
+        assert {s.trace_id for s in (send, queued, run, *stages)} == {send.trace_id}
+        assert queued.parent_span_id == send.span_id
+        assert run.parent_span_id == send.span_id
+        assert all(s.parent_span_id == run.span_id for s in stages)
+        # The queue wait: from the submission to the worker taking the run.
+        assert queued.start_time_unix_nano >= send.start_time_unix_nano
+        assert queued.end_time_unix_nano <= run.start_time_unix_nano
+    finally:
+        receiver.close()
