@@ -3,7 +3,7 @@ delivers, and nothing completed lost when a worker or the broker goes away (issu
 
 Every test starts real ``prowzi worker`` processes (tests/workers.py) on its own Redis
 database of one ``redis-server`` on loopback; agents are no-ops that sleep a little per stage
-(tests/worker_agents.py), so a run lasts long enough to be interrupted in the middle."""
+(tests/test_service_support.py), so a run lasts long enough to be interrupted in the middle."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from emulator_servers import RedisServer, start_redis
-from worker_agents import SlowNoop
+from test_service_support import agent
 from workers import Fleet, wait_for
 
 from prowzi.workers.app import submit
@@ -48,7 +48,7 @@ def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
 def _single_process_document(prompt: str, root: Path) -> str:
     """The document an ordinary one-process run writes for ``prompt`` with the same agents."""
     orchestrator = ProwziOrchestrator(
-        config=_local_config(root), agents={s: SlowNoop(s) for s in STAGE_NAMES}
+        config=_local_config(root), agents={s: agent(_local_config(root)) for s in STAGE_NAMES}
     )
     path = root / "single.md"
     asyncio.run(orchestrator.run_research(prompt, document_path=path))
@@ -293,3 +293,75 @@ def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
         assert queued.end_time_unix_nano <= run.start_time_unix_nano
     finally:
         receiver.close()
+
+
+def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine_and_cancels(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The service, ``prowzi monitor`` and ``prowzi show`` each run with telemetry
+    directories of their own (another machine's); they see the workers' runs through the
+    broker's event streams and the shared telemetry store."""
+    import subprocess
+    import sys
+
+    from test_service import Service
+    from test_service_support import subprocess_env
+
+    shared = tmp_path / "shared-telemetry"
+    shared.mkdir()
+    fleet.stage_delay = 0.2
+    fleet.extra_env["PROWZI_TELEMETRY_URL"] = shared.as_uri()
+    (worker,) = fleet.start(1, concurrency=2)
+    service_machine = tmp_path / "service-machine"
+    service_machine.mkdir()
+    service = Service(
+        service_machine,
+        PROWZI_BROKER_URL=fleet.broker_url,
+        PROWZI_TELEMETRY_URL=shared.as_uri(),
+        PROWZI_CHECKPOINT_DIR=str(fleet.checkpoints),
+        PROWZI_OUTPUT_DIR=str(fleet.documents),
+    )
+    try:
+        sid = service.start_run("Write a report on the service and its workers")
+        messages = service.events(sid)
+        kinds = [m["event"] for m in messages]
+        assert kinds.count("stage_completed") == len(STAGE_NAMES)
+        assert kinds[-2:] == ["workflow_completed", "end"]
+        info = service.wait_state(sid, "completed")
+        assert info["telemetry"]["success"] is True
+        document = service.client.get(f"/runs/{sid}/document")
+        assert document.status_code == 200
+        assert document.text == (fleet.documents / f"{sid}.md").read_text()
+        # It ran on the worker: the service's own telemetry directory has no log of it.
+        assert not (service_machine / "prowzi_telemetry" / "events" / f"{sid}.jsonl").exists()
+        assert fleet.completions(sid) == 1
+
+        # A third machine follows and inspects it.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        env = subprocess_env(PROWZI_BROKER_URL=fleet.broker_url)
+        monitor = subprocess.run(
+            [sys.executable, "-m", "prowzi.cli.main", "monitor", sid],
+            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert monitor.returncode == 0, monitor.stderr
+        assert "7/7" in monitor.stdout
+        shown = subprocess.run(
+            [sys.executable, "-m", "prowzi.cli.main", "show", sid],
+            cwd=elsewhere, env={**env, "PROWZI_TELEMETRY_URL": shared.as_uri()},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "completed" in shown.stdout
+
+        # Cancelling through the API reaches the worker running the run.
+        doomed = service.start_run("Write a report that is cancelled")
+        wait_for("a checkpoint of the run", lambda: fleet.checkpointed(doomed))
+        assert service.client.post(f"/runs/{doomed}/cancel").status_code == 202
+        service.wait_state(doomed, "cancelled", timeout=30)
+        last = fleet.events(doomed)[-1]
+        assert last["event"] == "workflow_failed" and last["cancelled"] is True
+        assert 0 < len(fleet.checkpointed(doomed)) < len(STAGE_NAMES)
+        assert worker.metrics()['prowzi_worker_deliveries_total{outcome="cancelled"}'] == 1
+    finally:
+        service.stop()

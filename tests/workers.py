@@ -102,14 +102,14 @@ class Fleet:
         return self.root / "documents"
 
     def env(self) -> dict[str, str]:
-        from worker_agents import AGENTS
+        from test_service_support import agents_setting
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PROWZI_", "OTEL_"))}
         env.update(
             PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             PROWZI_BROKER_URL=self.broker_url,
-            PROWZI_AGENTS=AGENTS,
-            PROWZI_TEST_STAGE_DELAY=str(self.stage_delay),
+            PROWZI_AGENTS=agents_setting(),
+            PROWZI_TEST_DELAY=str(self.stage_delay),
             PROWZI_CHECKPOINT_DIR=str(self.checkpoints),
             PROWZI_TELEMETRY_DIR=str(self.telemetry),
             PROWZI_OUTPUT_DIR=str(self.documents),

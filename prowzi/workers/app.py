@@ -118,8 +118,6 @@ def submit(
 
     The submitter's trace context travels with the message: with a tracer, a ``send`` span
     here becomes the parent of the run's spans on the worker."""
-    if not prompt.strip():
-        raise ValueError("the prompt is empty")
     sid = validate_session_id(session_id) if session_id is not None else new_session_id()
     from prowzi.observability.otel import submit_span
     from prowzi.tracing import NullTracer

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,6 +38,7 @@ from prowzi.ids import validate_session_id
 
 if TYPE_CHECKING:
     import redis
+    import redis.asyncio
 
 log = logging.getLogger("prowzi.workers")
 
@@ -126,6 +127,37 @@ class RedisEventStream:
                 time.sleep(0.2 * (attempt + 1))
 
 
+class _RunEnd:
+    """Turns stream entries into events and knows when the run is over: completed, failed,
+    or cancelled for good (a cancellation after a :data:`REQUEUED` entry is a worker handing
+    the run back; the follower waits for the worker that continues it)."""
+
+    def __init__(self) -> None:
+        self.last = "0"
+        self.over = False
+        self._requeued = False
+
+    def read(self, answer: Any) -> list[Event]:
+        events = []
+        for _stream, entries in answer or ():
+            for entry_id, fields in entries:
+                self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                record = orjson.loads(fields[b"r"])
+                if "control" in record:
+                    self._requeued = self._requeued or record["control"] == REQUEUED
+                    continue
+                event = event_from_record(record)
+                if isinstance(event, WorkflowStarted):
+                    self._requeued = False
+                events.append(event)
+                if isinstance(event, WorkflowCompleted) or (
+                    isinstance(event, WorkflowFailed) and not (event.cancelled and self._requeued)
+                ):
+                    self.over = True
+                    return events
+        return events
+
+
 def follow_run(
     client: redis.Redis,
     session_id: str,
@@ -133,32 +165,27 @@ def follow_run(
     block: float = 1.0,
     stop: Callable[[], bool] | None = None,
 ) -> Iterator[Event]:
-    """The session's events from its first, then live ones, until the run ends: completed,
-    failed, or cancelled for good (a cancellation after a :data:`REQUEUED` entry is a worker
-    handing the run back; the follower waits for the worker that continues it).
-
-    ``stop()`` is asked between reads (every ``block`` seconds at most) and ends the follow
-    early. Connection errors propagate (the caller decides whether to try again)."""
+    """The session's events from its first, then live ones, until the run is over (see
+    :class:`_RunEnd`). ``stop()`` is asked between reads (every ``block`` seconds at most) and
+    ends the follow early. Connection errors propagate (the caller decides what to do)."""
     key = stream_key(session_id)
-    last = "0"
-    requeued = False
-    while stop is None or not stop():
-        answer: Any = client.xread({key: last}, count=500, block=max(1, int(block * 1000)))
-        for _stream, entries in answer or ():
-            for entry_id, fields in entries:
-                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                record = orjson.loads(fields[b"r"])
-                if "control" in record:
-                    requeued = requeued or record["control"] == REQUEUED
-                    continue
-                event = event_from_record(record)
-                if isinstance(event, WorkflowStarted):
-                    requeued = False
-                yield event
-                if isinstance(event, WorkflowCompleted) or (
-                    isinstance(event, WorkflowFailed) and not (event.cancelled and requeued)
-                ):
-                    return
+    end = _RunEnd()
+    while not end.over and (stop is None or not stop()):
+        answer = client.xread({key: end.last}, count=500, block=max(1, int(block * 1000)))
+        yield from end.read(answer)
+
+
+async def follow_run_async(
+    client: redis.asyncio.Redis, session_id: str, *, block: float = 1.0
+) -> AsyncIterator[Event]:
+    """:func:`follow_run` for an event loop (the service follows many runs at once on one
+    loop, without a thread each)."""
+    key = stream_key(session_id)
+    end = _RunEnd()
+    while not end.over:
+        answer = await client.xread({key: end.last}, count=500, block=max(1, int(block * 1000)))
+        for event in end.read(answer):
+            yield event
 
 
 CANCEL_PREFIX = "prowzi:cancel:"
@@ -183,6 +210,7 @@ __all__ = [
     "cancel_requested",
     "connect",
     "follow_run",
+    "follow_run_async",
     "request_cancel",
     "stream_key",
 ]

@@ -343,24 +343,25 @@ class ProwziOrchestrator:
         It takes the session's lease first (:class:`~prowzi.errors.SessionLockedError` when
         a live writer holds it: this delivery is a duplicate), then, under that lease, runs
         the session from the start when it has no checkpoint, continues it from its latest
-        checkpoint when it has one (its writer died), and returns None without running or
+        checkpoint when it has one (its writer died; ``prompt`` and ``max_results_per_query``
+        are then the checkpoint's), and returns None without running or
         recording anything when every stage is already checkpointed. Checkpoints are always
         on. ``metadata`` goes into the run's ``workflow_started`` event."""
         sid = validate_session_id(session_id)
-        corpus = self.config.corpus_dir
-        params = self._parameters(
-            prompt=prompt,
-            max_results_per_query=max_results_per_query,
-            corpus_dir=str(corpus) if corpus is not None else None,
-            relevance_threshold=self.config.relevance_threshold,
-            evaluation_threshold=self.config.evaluation_threshold,
-            output_path=str(document_path) if document_path is not None else None,
-        )
         self.agents  # noqa: B018
         manager = self.checkpoint_manager
         async with _off_loop(manager.session_lock(sid)):
             latest = await asyncio.to_thread(manager.latest, sid)
             if latest is None:
+                corpus = self.config.corpus_dir
+                params = self._parameters(
+                    prompt=prompt,
+                    max_results_per_query=max_results_per_query,
+                    corpus_dir=str(corpus) if corpus is not None else None,
+                    relevance_threshold=self.config.relevance_threshold,
+                    evaluation_threshold=self.config.evaluation_threshold,
+                    output_path=str(document_path) if document_path is not None else None,
+                )
                 run = self._new_run(sid, params, None, document_path)
                 run.force_checkpoints = True
             else:
