@@ -558,8 +558,7 @@ def workers_row() -> Row:
             ),
             count_stat(
                 "Workers up",
-                "Worker processes Prometheus scrapes successfully now "
-                '(up{job="prowzi-worker"}).',
+                'Worker processes Prometheus scrapes successfully now (up{job="prowzi-worker"}).',
                 'sum(up{job="prowzi-worker"}) or on() vector(0)',
                 "up",
                 (None, "red"),
