@@ -401,11 +401,11 @@ class RunManager:
         checkpoints) and follow its events from the broker to its end."""
         entry = record.entry
         try:
-            await asyncio.to_thread(
+            position = await asyncio.to_thread(
                 remote.submit, entry.session_id, entry.prompt, entry.max_results_per_query
             )
             last: Event | None = None
-            async for event in remote.follow(entry.session_id):
+            async for event in remote.follow(entry.session_id, after=position):
                 self._sink.handle(event)
                 last = event
         except Exception as exc:  # the broker is down: the run was not queued, or is lost to us

@@ -29,10 +29,13 @@ class RemoteRuns:
         # No socket timeout on the follower's client: a blocking read waits by design.
         self._async = redis.asyncio.Redis.from_url(config.broker_url, socket_connect_timeout=2)
 
-    def submit(self, session_id: str, prompt: str, max_results_per_query: int) -> None:
-        """Enqueue the run (blocking I/O: call it from a worker thread)."""
+    def submit(self, session_id: str, prompt: str, max_results_per_query: int) -> str:
+        """Enqueue the run; returns the session's event stream position before it, to follow
+        from (blocking I/O: call it from a worker thread)."""
         from prowzi.workers.app import submit
+        from prowzi.workers.streams import stream_position
 
+        position = stream_position(self._redis, session_id)
         submit(
             self.config,
             prompt,
@@ -40,11 +43,13 @@ class RemoteRuns:
             max_results_per_query=max_results_per_query,
             tracer=self.tracer,
         )
+        return position
 
-    async def follow(self, session_id: str) -> AsyncIterator[Event]:
+    async def follow(self, session_id: str, after: str = "0") -> AsyncIterator[Event]:
+        """The run's events after stream entry ``after``, to the run's end."""
         from prowzi.workers.streams import follow_run_async
 
-        async for event in follow_run_async(self._async, session_id):
+        async for event in follow_run_async(self._async, session_id, after=after):
             yield event
 
     def cancel(self, session_id: str) -> None:

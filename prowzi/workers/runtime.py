@@ -33,11 +33,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from prowzi.errors import SessionLockedError, WorkflowFailedError
+from prowzi.errors import ConfigError, SessionLockedError, WorkflowFailedError
+from prowzi.events import WorkflowFailed
 from prowzi.storage.lease import LeaseLostError
 
 if TYPE_CHECKING:
@@ -70,7 +72,8 @@ class WorkerRuntime:
         from prowzi.workflows.composition import build_metrics
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
-        assert config.broker_url is not None  # checked by make_app before a worker starts
+        if not config.broker_url:
+            raise ConfigError("no broker configured: set PROWZI_BROKER_URL")
         self.config = config
         self.name = f"{socket.gethostname()} pid {os.getpid()}"
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -92,7 +95,7 @@ class WorkerRuntime:
         self._thread.start()
         self.metrics_server: MetricsServer | None = None
         self._stream: RedisEventStream | None = next(
-            (s for s in self.orchestrator._sinks() if isinstance(s, RedisEventStream)), None
+            (s for s in self.orchestrator.event_sinks() if isinstance(s, RedisEventStream)), None
         )
 
     # --- metrics ----------------------------------------------------------------------------
@@ -148,6 +151,19 @@ class WorkerRuntime:
         orchestrator = self.orchestrator
         leases = orchestrator.checkpoint_manager.leases
         if await asyncio.to_thread(cancel_requested, self.redis, sid):
+            # Cancelled while queued: nothing ran, but followers elsewhere hear the run ended.
+            if self._stream is not None:
+                self._stream.handle(
+                    WorkflowFailed(
+                        session_id=sid,
+                        timestamp=time.time(),
+                        duration_seconds=0.0,
+                        stage=None,
+                        error="cancelled before it started",
+                        error_type="cancelled",
+                        cancelled=True,
+                    )
+                )
             self.metrics.deliveries.labels("cancelled").inc()
             return "cancelled"
         self._runs[sid] = task

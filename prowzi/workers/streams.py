@@ -132,8 +132,8 @@ class _RunEnd:
     or cancelled for good (a cancellation after a :data:`REQUEUED` entry is a worker handing
     the run back; the follower waits for the worker that continues it)."""
 
-    def __init__(self) -> None:
-        self.last = "0"
+    def __init__(self, after: str = "0") -> None:
+        self.last = after
         self.over = False
         self._requeued = False
 
@@ -158,30 +158,42 @@ class _RunEnd:
         return events
 
 
+def stream_position(client: redis.Redis, session_id: str) -> str:
+    """The id of the session's latest stream entry ("0" when it has none): follow from here
+    to see only what a run submitted now will publish."""
+    entries: Any = client.xrevrange(stream_key(session_id), count=1)
+    if not entries:
+        return "0"
+    entry_id = entries[0][0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
 def follow_run(
     client: redis.Redis,
     session_id: str,
     *,
     block: float = 1.0,
     stop: Callable[[], bool] | None = None,
+    after: str = "0",
 ) -> Iterator[Event]:
-    """The session's events from its first, then live ones, until the run is over (see
-    :class:`_RunEnd`). ``stop()`` is asked between reads (every ``block`` seconds at most) and
-    ends the follow early. Connection errors propagate (the caller decides what to do)."""
+    """The session's events after entry ``after`` (from its first by default), then live
+    ones, until the run is over (see :class:`_RunEnd`). ``stop()`` is asked between reads
+    (every ``block`` seconds at most) and ends the follow early. Connection errors propagate
+    (the caller decides what to do)."""
     key = stream_key(session_id)
-    end = _RunEnd()
+    end = _RunEnd(after)
     while not end.over and (stop is None or not stop()):
         answer = client.xread({key: end.last}, count=500, block=max(1, int(block * 1000)))
         yield from end.read(answer)
 
 
 async def follow_run_async(
-    client: redis.asyncio.Redis, session_id: str, *, block: float = 1.0
+    client: redis.asyncio.Redis, session_id: str, *, block: float = 1.0, after: str = "0"
 ) -> AsyncIterator[Event]:
     """:func:`follow_run` for an event loop (the service follows many runs at once on one
     loop, without a thread each)."""
     key = stream_key(session_id)
-    end = _RunEnd()
+    end = _RunEnd(after)
     while not end.over:
         answer = await client.xread({key: end.last}, count=500, block=max(1, int(block * 1000)))
         for event in end.read(answer):
@@ -213,4 +225,5 @@ __all__ = [
     "follow_run_async",
     "request_cancel",
     "stream_key",
+    "stream_position",
 ]

@@ -256,6 +256,11 @@ class ProwziOrchestrator:
             self._checkpoints = composition.build_checkpoint_manager(self.config)
         return self._checkpoints
 
+    def event_sinks(self) -> list[EventSink]:
+        """The sinks every run of this orchestrator feeds (the configured ones, then
+        ``sinks``); a run's progress callback is added per run."""
+        return self._sinks()
+
     def _sinks(self) -> list[EventSink]:
         key = (
             self.config.enable_telemetry,
