@@ -172,7 +172,9 @@ def test_the_same_run_delivered_twice_at_once_runs_once_and_the_other_is_a_dupli
     assert len(workers) == 2
 
 
-def test_a_run_delivered_again_after_it_completed_runs_nothing(fleet: Fleet) -> None:
+def test_a_run_delivered_again_after_it_completed_runs_nothing_and_a_cancelled_one_never_runs(
+    fleet: Fleet,
+) -> None:
     fleet.start(1, concurrency=1)
     config = fleet.config()
     sid = submit(config, "Write a report on idempotence")
@@ -185,6 +187,19 @@ def test_a_run_delivered_again_after_it_completed_runs_nothing(fleet: Fleet) -> 
     )
     assert fleet.completions(sid) == 1
     assert len(_runs(fleet, sid)) == 1
+
+    # A run cancelled while it waits in the queue never runs, and its followers hear so.
+    from prowzi.events import WorkflowFailed
+    from prowzi.ids import new_session_id
+    from prowzi.workers.streams import connect, follow_run, request_cancel
+
+    client = connect(fleet.broker_url)
+    doomed = new_session_id()
+    request_cancel(client, doomed, 60)
+    submit(config, "Write a report that never starts", session_id=doomed)
+    (end,) = list(follow_run(client, doomed, block=0.2))
+    assert isinstance(end, WorkflowFailed) and end.cancelled
+    assert fleet.checkpointed(doomed) == [] and fleet.events(doomed) == []
 
 
 def test_redis_restarted_during_runs_they_finish_and_new_submissions_succeed(
@@ -365,3 +380,48 @@ def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine
         assert worker.metrics()['prowzi_worker_deliveries_total{outcome="cancelled"}'] == 1
     finally:
         service.stop()
+
+
+# --- bad input: one line, a non-zero exit, nothing queued ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "needle"),
+    [
+        (["worker"], {}, 2, "PROWZI_BROKER_URL"),
+        (["run", "x", "--submit"], {}, 2, "PROWZI_BROKER_URL"),
+        (["worker"], {"PROWZI_BROKER_URL": "http://localhost:6379"}, 2, "PROWZI_BROKER_URL"),
+        (["worker", "--loglevel", "LOUD"], {"PROWZI_BROKER_URL": "redis://h/0"}, 2, "--loglevel"),
+        (["worker", "--queues", " , "], {"PROWZI_BROKER_URL": "redis://h/0"}, 2, "--queues"),
+        (
+            ["run", "x", "--submit", "--output", "doc.md"],
+            {"PROWZI_BROKER_URL": "redis://h/0"},
+            2,
+            "--output",
+        ),
+        (
+            ["run", "x", "--submit", "--session-id", "../etc"],
+            {"PROWZI_BROKER_URL": "redis://h/0"},
+            2,
+            "session",
+        ),
+    ],
+)
+def test_worker_and_submit_refuse_bad_input_in_one_line(
+    args: list[str], env: dict[str, str], code: int, needle: str
+) -> None:
+    from test_cli_run import assert_one_line_error, invoke
+
+    result = invoke(*args, env=env)
+    assert result.exit_code == code
+    assert_one_line_error(result, needle)
+
+
+def test_submitting_to_a_broker_that_is_down_is_one_line_and_exit_1() -> None:
+    from emulator_servers import free_port
+    from test_cli_run import assert_one_line_error, invoke
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = invoke("run", "Write a report", "--submit", env={"PROWZI_BROKER_URL": url})
+    assert result.exit_code == 1
+    assert_one_line_error(result, "cannot submit the run", url)
