@@ -17,6 +17,7 @@ from emulator_servers import RedisServer, start_redis
 from test_service_support import agent
 from workers import Fleet, wait_for
 
+from prowzi.config import ProwziConfig, get_config
 from prowzi.workers.app import submit
 from prowzi.workflows.checkpoint import CheckpointManager
 from prowzi.workflows.orchestrator import ProwziOrchestrator
@@ -55,9 +56,7 @@ def _single_process_document(prompt: str, root: Path) -> str:
     return path.read_text()
 
 
-def _local_config(root: Path):  # type: ignore[no-untyped-def]
-    from prowzi.config import get_config
-
+def _local_config(root: Path) -> ProwziConfig:
     return get_config(
         checkpoint_dir=root / "single-checkpoints",
         telemetry_dir=root / "single-telemetry",

@@ -76,7 +76,9 @@ def celery_settings(config: ProwziConfig) -> dict[str, Any]:
         # A broker restart must not cancel runs in flight: their checkpoints and leases are in
         # the store, not in Redis, and the redelivery that may follow ends as a duplicate.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A worker started before Redis (compose, a rollout) waits for it instead of exiting.
         "broker_connection_retry_on_startup": True,
+        # Logging is Prowzi's (PROWZI_LOG_LEVEL, one format for every command), not Celery's.
         "worker_hijack_root_logger": False,
     }
 
