@@ -212,6 +212,7 @@ def test_redis_restarted_during_runs_they_finish_and_new_submissions_succeed(
         "the runs to be under way",
         lambda: all(fleet.checkpointed(s) for s in before),
     )
+    assert any(fleet.completions(s) == 0 for s in before), "no run was in flight"
     redis_server.restart(down_for=0.5)
     after = [submit(config, f"Write a report after the restart {i}") for i in range(2)]
     wait_for("every run to complete", lambda: fleet.done(before + after), timeout=60)
