@@ -58,7 +58,9 @@ def celery_settings(config: ProwziConfig) -> dict[str, Any]:
         # who continues it.
         "task_acks_late": True,
         # A worker child that is lost (killed, out of memory) rejects its message back to the
-        # queue instead of acknowledging a run that never finished.
+        # queue instead of acknowledging a run that never finished. (That is Celery's process
+        # pool; `prowzi worker` runs threads, so a lost worker is a lost process, and its
+        # unacknowledged messages come back after the visibility timeout below.)
         "task_reject_on_worker_lost": True,
         # One message per free slot: a run takes minutes, and a worker that reserved more
         # would sit on runs that idle workers could start now.
