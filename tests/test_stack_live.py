@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from emulator_servers import RedisServer
 from otlp_receiver import OtlpReceiver
 from shared import STAGES
 from test_stack_support import (
@@ -121,8 +122,9 @@ class Stack:
         return float(result[0]["value"][1]) if result else 0.0
 
 
-def prometheus_config(prowzi_target: str) -> dict[str, Any]:
-    """The repository's prometheus.yml, pointed at the test's Prowzi, scraping every second."""
+def prometheus_config(prowzi_target: str, worker_target: str) -> dict[str, Any]:
+    """The repository's prometheus.yml, pointed at the test's Prowzi and its idle
+    ``prowzi worker``, scraping every second."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES_FILE)]
@@ -131,7 +133,11 @@ def prometheus_config(prowzi_target: str) -> dict[str, Any]:
     job.pop("file_sd_configs")
     job["scrape_interval"] = "1s"
     job["static_configs"] = [{"targets": [prowzi_target]}]
-    config["scrape_configs"] = [job]
+    (workers,) = [j for j in config["scrape_configs"] if j["job_name"] == "prowzi-worker"]
+    workers.pop("dns_sd_configs")
+    workers["scrape_interval"] = "1s"
+    workers["static_configs"] = [{"targets": [worker_target]}]
+    config["scrape_configs"] = [job, workers]
     return config
 
 
@@ -180,8 +186,31 @@ def stack(tmp_path: Path, receiver: OtlpReceiver) -> Iterator[Stack]:
         stdout=prowzi_log.open("wb"),
         stderr=subprocess.STDOUT,
     )
+    # A `prowzi worker` on a real redis-server, idle: the stack's worker panels and alerts
+    # read its families (the runs here go through the service's own slots).
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(redis_dir)
+    redis.start()
+    worker_port = free_port()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prowzi.cli.main",
+            "worker",
+            "--concurrency=1",
+            f"--metrics-port={worker_port}",
+        ],
+        env={**env, "PROWZI_BROKER_URL": redis.url},
+        cwd=tmp_path,
+        stdout=(tmp_path / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(prometheus_config(instance)), encoding="utf-8")
+    config_file.write_text(
+        yaml.safe_dump(prometheus_config(instance, f"127.0.0.1:{worker_port}")), encoding="utf-8"
+    )
     check = subprocess.run(
         ["promtool", "check", "config", str(config_file)], capture_output=True, text=True
     )
@@ -205,10 +234,13 @@ def stack(tmp_path: Path, receiver: OtlpReceiver) -> Iterator[Stack]:
         prometheus_url = f"http://127.0.0.1:{prometheus_port}"
         _wait_http(f"{prowzi_url}/readyz", prowzi, prowzi_log, 60)
         _wait_http(f"{prometheus_url}/-/ready", prometheus, prometheus_log, 60)
+        _wait_http(f"http://127.0.0.1:{worker_port}/metrics", worker, tmp_path / "worker.log", 60)
         yield Stack(prowzi_url, prometheus_url, instance, time.time(), receiver)
     finally:
         _stop(prometheus)
         _stop(prowzi)
+        _stop(worker)
+        redis.stop()
 
 
 def run_workload(stack: Stack) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prowzi.cli._common import EXIT_USAGE, fail, user_errors
+from prowzi.cli._common import EXIT_USAGE, fail, load_config, user_errors
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -348,6 +348,8 @@ def monitor(
         except KeyboardInterrupt:
             return
         view = WorkflowMonitor(session_id, console=console)
+        if not log_path.exists() and _follow_from_broker(session_id, view, wait):
+            return
         if not log_path.exists():
             # recorded without a log (or the log was removed): the file is all there is
             view.show(collector.load_session(session_id))
@@ -368,6 +370,38 @@ def monitor(
                 )
         except KeyboardInterrupt:
             console.print("Detached; the run goes on.")
+
+
+def _follow_from_broker(session_id: str, view: Any, wait: float) -> bool:
+    """Follow a run on another machine's worker through its Redis event stream (with
+    ``PROWZI_BROKER_URL``); False when there is no broker or no stream for the session."""
+    import time
+
+    config = load_config()
+    if not config.broker_url:
+        return False
+    from redis.exceptions import RedisError
+
+    from prowzi.workers.streams import connect, follow_run, stream_key
+
+    client = connect(config.broker_url, timeout=10)
+    deadline = time.monotonic() + wait
+    try:
+        while not client.exists(stream_key(session_id)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        events = follow_run(client, session_id, block=0.5)
+        try:
+            with view:
+                for event in events:
+                    view.apply(event)
+        except KeyboardInterrupt:
+            view.console.print("Detached; the run goes on.")
+            return True
+    except (OSError, RedisError) as exc:
+        fail(f"cannot follow {session_id} through {config.broker_url}: {exc}", 1)
+    return True
 
 
 def replay(

@@ -180,6 +180,12 @@ def create_app(
         )
 
     factory = orchestrator_factory or default_factory
+    remote = None
+    if config.broker_url:
+        # With a broker the workers run the runs; documents are where they write them.
+        from prowzi.workers.client import RemoteRuns
+
+        remote = RemoteRuns(config, tracer if tracer is not None else build_tracer())
     manager = RunManager(
         lambda sink: factory(sink, metrics),
         RunJournal(settings.state_dir),
@@ -187,7 +193,8 @@ def create_app(
         max_concurrent=settings.max_concurrent,
         max_queue=settings.max_queue,
         shutdown_timeout=settings.shutdown_timeout,
-        documents_dir=settings.state_dir / "documents",
+        documents_dir=settings.state_dir / "documents" if remote is None else config.output_dir,
+        remote=remote,
     )
     telemetry_reader: list[TelemetryCollector] = []
 
@@ -278,6 +285,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
             await manager.close()
+            if remote is not None:
+                await remote.close()
 
     app = FastAPI(
         title="Prowzi",
