@@ -24,9 +24,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -232,33 +234,40 @@ def create_app(
         from prowzi.workflows.retention import sweep
 
         period = min(max(age.total_seconds() / 4, 1.0), 3600.0)
-        checkpoints = CheckpointManager.from_config(config)
-        while True:
-            try:
-                swept = await asyncio.to_thread(
-                    sweep,
-                    config,
-                    older_than=age,
-                    documents_dir=manager.documents_dir,
-                    is_running=manager.is_active,
-                    manager=checkpoints,
-                    reader=telemetry(),
-                )
-                forgotten = manager.expire(time.time() - age.total_seconds())
-                if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
-                    log.info(
-                        "retention: deleted %d checkpoint(s), the telemetry of %d session(s) "
-                        "and %d document(s); forgot %d run(s)",
-                        len(swept.checkpoints),
-                        len(swept.telemetry),
-                        len(swept.documents),
-                        len(forgotten),
-                    )
-                for problem in swept.errors:
-                    log.warning("retention: could not delete %s", problem)
-            except Exception as exc:  # a sweep that fails is retried; the service goes on
-                log.warning("retention: the sweep failed: %s", exc)
-            await asyncio.sleep(period)
+        job = partial(
+            sweep,
+            config,
+            older_than=age,
+            documents_dir=manager.documents_dir,
+            is_running=manager.is_active,
+            manager=CheckpointManager.from_config(config),
+            reader=telemetry(),
+        )
+        # A thread of its own: a sweep lists the whole store, and the memory a thread frees
+        # stays with that thread's allocator arena. Sweeps taking turns on the shared pool
+        # would leave a sweep's worth of memory behind in each of its threads.
+        thread = ThreadPoolExecutor(1, thread_name_prefix="prowzi-retention")
+        try:
+            while True:
+                try:
+                    swept = await asyncio.get_running_loop().run_in_executor(thread, job)
+                    forgotten = manager.expire(time.time() - age.total_seconds())
+                    if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
+                        log.info(
+                            "retention: deleted %d checkpoint(s), the telemetry of %d "
+                            "session(s) and %d document(s); forgot %d run(s)",
+                            len(swept.checkpoints),
+                            len(swept.telemetry),
+                            len(swept.documents),
+                            len(forgotten),
+                        )
+                    for problem in swept.errors:
+                        log.warning("retention: could not delete %s", problem)
+                except Exception as exc:  # a sweep that fails is retried; the service goes on
+                    log.warning("retention: the sweep failed: %s", exc)
+                await asyncio.sleep(period)
+        finally:
+            thread.shutdown(wait=False, cancel_futures=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
