@@ -185,21 +185,21 @@ def evaluate(
     if sources is not None:
         by_id = {s.source_id: s for s in sources}
         checked = _support.cited_sentences([s.body for s in body.sections], refs, by_id)
+        failing = sum(1 for c in checked if not c.supported)
         unsupported = {c.sentence for c in checked if not c.supported}
-        unsupported_share = len(unsupported) / len(checked) if checked else 0.0
+        unsupported_share = failing / len(checked) if checked else 0.0
         criteria.append(
             RubricScore(
                 criterion="support",
                 score=1.0 - unsupported_share if checked else 0.0,
                 weight=WEIGHTS["support"],
-                note=f"{len(checked) - len(unsupported)}/{len(checked)} cited sentences "
+                note=f"{len(checked) - failing}/{len(checked)} cited sentences "
                 "supported by the passage they cite",
             )
         )
-        if unsupported:
+        if failing:
             recommendations.append(
-                f"cite only what the cited passage says: {len(unsupported)} cited sentence(s) "
-                "unsupported"
+                f"cite only what the cited passage says: {failing} cited sentence(s) unsupported"
             )
 
     # citation density

@@ -201,6 +201,14 @@ class Reference(BaseModel):
     origin: str = "corpus"
     metadata_source: dict[str, str] = Field(default_factory=dict)
 
+    def describe(self) -> str:
+        """One line for ``prowzi show``: the reference, where it is, and where each of its
+        metadata fields came from."""
+        where = f"corpus {self.source_id}" if self.origin == "corpus" else self.origin
+        fields = ", ".join(f"{k} from {v}" for k, v in sorted(self.metadata_source.items()))
+        year = self.year or "n.d."
+        return f"[{self.number}] {self.title} ({year}); {where}" + (f"; {fields}" if fields else "")
+
 
 class DraftSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -271,6 +279,7 @@ class EvaluationStageResult(_Result):
         }
         if self.evaluation.unsupported_share is not None:
             details["unsupported_share"] = round(self.evaluation.unsupported_share, 4)
+        details["reference_sources"] = [r.describe() for r in self.draft.references]
         return details
 
 

@@ -507,7 +507,9 @@ def read_text(relative: str, path: Path, raw: str, meta: Meta) -> Document:
         else None
     )
     if title_heading is not None:
-        meta.put("title", plain_rst(title_heading[2]).replace("\n", " ") or None, "rst-title")
+        # Sphinx writes an em dash as "---": ":mod:`logging` --- Logging facility for Python".
+        title = plain_rst(title_heading[2]).replace("\n", " ").replace(" --- ", " — ")
+        meta.put("title", title or None, "rst-title")
     for m in _RST_FIELD.finditer(raw[:5000]):
         name, value = m.group(1).lower(), m.group(2).strip()
         if name.startswith("author"):
@@ -661,8 +663,11 @@ def read_html(relative: str, path: Path, raw: str, meta: Meta) -> Document:
 
 
 _PAGE_NUMBER_LINE = re.compile(r"^\s*[-–—]?\s*\d{1,4}\s*[-–—]?\s*$")
+# Placeholders producers write when a document has no title ("Untitled", enscript's
+# "Enscript Output", a word processor's file name): no title at all is more honest.
 _JUNK_TITLE = re.compile(
-    r"^(?:untitled|microsoft word|document\d*$|slide \d+)|\.(?:docx?|tex|dvi|pdf|ps|txt|odt)$",
+    r"^(?:untitled|microsoft word|enscript output|document\d*$|slide \d+)"
+    r"|\.(?:docx?|tex|dvi|pdf|ps|txt|odt)$",
     re.I,
 )
 
@@ -677,6 +682,21 @@ def _pdf_text(page: Any) -> str:
     kept = [line for line in lines if not _PAGE_NUMBER_LINE.match(line)]
     # Layout mode keeps blank lines between paragraphs; lines of one paragraph are joined.
     return unicodedata.normalize("NFKC", re.sub(r"\n{3,}", "\n\n", "\n".join(kept))).strip()
+
+
+def _respace(fragment: str, page_text: str) -> str:
+    """``fragment`` as the page's text spells it: text runs drop the spaces a typesetter made
+    by positioning ("LarvalSeeding"), the page's laid-out lines keep them."""
+    key = re.sub(r"\s+", "", fragment)
+    if not key:
+        return fragment
+    lines = [line for line in page_text.splitlines() if line.strip()][:30]
+    for i in range(len(lines)):
+        for j in range(i + 1, min(i + 4, len(lines) + 1)):
+            candidate = " ".join(lines[i:j])
+            if re.sub(r"\s+", "", candidate) == key:
+                return candidate
+    return fragment
 
 
 def _first_page_layout(page: Any) -> tuple[str, str]:
@@ -730,6 +750,8 @@ def read_pdf(relative: str, path: Path, meta: Meta) -> Document:
         layout_title, layout_author = (
             _first_page_layout(reader.pages[0]) if reader.pages else ("", "")
         )
+        layout_title = _respace(layout_title, pages[0] if pages else "")
+        layout_author = _respace(layout_author, pages[0] if pages else "")
         info: Mapping[str, Any] = reader.metadata or {}
         xmp = _xmp(reader)
     except Unreadable:
@@ -762,8 +784,11 @@ def read_pdf(relative: str, path: Path, meta: Meta) -> Document:
     if info_title and not _JUNK_TITLE.search(info_title):
         meta.put("title", info_title, "pdf-info")
     meta.put("authors", authors_of(str(info.get("/Author") or "").strip()), "pdf-info")
-    meta.put("title", xmp.get("title"), "pdf-xmp")
-    meta.put("authors", xmp.get("authors"), "pdf-xmp")
+    xmp_title = xmp.get("title")
+    if xmp_title and not _JUNK_TITLE.search(xmp_title):
+        meta.put("title", xmp_title, "pdf-xmp")
+    xmp_authors = [a for name in xmp.get("authors", ()) for a in authors_of(name)]
+    meta.put("authors", tuple(xmp_authors), "pdf-xmp")
     meta.put("year", xmp.get("year"), "pdf-xmp")
     meta.put("doi", normalise_doi(xmp.get("doi")), "pdf-xmp")
     blocks = [
