@@ -197,7 +197,9 @@ def test_bib_and_manifest_override_what_was_guessed(pdf_corpus: Path, tmp_path: 
         "  author = {Tide, Mara and Current, Leo},\n  year = 2019,\n"
         "  doi = {10.5555/reef.1},\n  file = {reef-nursery.pdf}\n}\n"
         "@book{standalone,\n  title = {Reefs of the World},\n  author = {Atoll, Ann},\n"
-        "  year = {1999},\n  abstract = {A survey of coral reefs of every ocean.}\n}\n",
+        "  year = {1999},\n  abstract = {A survey of coral reefs of every ocean.}\n}\n"
+        "@article{larvae,\n  title = {Seeding Coral Larvae},\n  year = {2020},\n"
+        "  abstract = {Keyed by the file's stem, this entry describes papers/larvae.pdf.}\n}\n",
         encoding="utf-8",
     )
     (root / "prowzi-corpus.json").write_text(
@@ -217,6 +219,18 @@ def test_bib_and_manifest_override_what_was_guessed(pdf_corpus: Path, tmp_path: 
     assert set(nursery.metadata_source.values()) == {"bibtex"}
     assert "refs.bib#tide2019" not in docs  # it describes a file, so it is no record of its own
     assert docs["refs.bib#standalone"].title == "Reefs of the World"
+    larvae = docs["papers/larvae.pdf"]
+    assert (larvae.title, larvae.year, larvae.authors) == (
+        "Seeding Coral Larvae",
+        2020,
+        ("Iris Polyp",),  # the layout's author line stands where the entry names none
+    )
+    assert dict(larvae.metadata_source) == {
+        "title": "bibtex",
+        "year": "bibtex",
+        "authors": "pdf-layout",
+    }
+    assert "refs.bib#larvae" not in docs
     notes = docs["reef-monitoring-notes.pdf"]
     assert (notes.title, notes.year) == ("Reef Notes", 2022)
     assert dict(notes.metadata_source) == {"title": "manifest", "year": "manifest"}

@@ -56,10 +56,12 @@ from prowzi.agents.models import CorpusInfo
 from prowzi.errors import CorpusError
 from prowzi.sources.ingest import (
     CSV_MANIFEST_NAME,
+    DOCUMENT_SUFFIXES,
     MANIFEST_NAME,
     SUPPORTED_SUFFIXES,
     CorpusFile,
     Overrides,
+    file_key,
     load_overrides,
     make_passages,
     read_file,
@@ -261,7 +263,10 @@ def _as_oserror(exc: BaseException) -> OSError | None:
 
 def _overrides(scan: CorpusScan) -> Overrides:
     bibs = [f for f in scan.files if f.relative.lower().endswith(".bib")]
-    return load_overrides(scan.root, scan.manifest, bibs)
+    stems = [
+        file_key(f.relative) for f in scan.files if f.relative.lower().endswith(DOCUMENT_SUFFIXES)
+    ]
+    return load_overrides(scan.root, scan.manifest, bibs, stems)
 
 
 def load_corpus(path: str | os.PathLike[str]) -> LoadedCorpus:

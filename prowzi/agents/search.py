@@ -1,6 +1,9 @@
 """The search stage: every planned query against the corpus index, merged per source.
 
-Each query returns at most ``max_results_per_query`` documents by BM25. A document must contain
+Each query returns at most ``max_results_per_query`` documents, ranked by their best passage
+(BM25 over passages), each with the passages that matched; a source keeps its best
+:data:`MAX_PASSAGES_PER_SOURCE` passages over all queries, which the writer quotes with their
+page or section. A document must contain
 at least one of the topic's words (the *anchors*) to qualify, so a generic query word
 ("challenges") cannot pull in a document about something else. A source found by several
 queries keeps its best score and the list of queries that found it. When the corpus does not

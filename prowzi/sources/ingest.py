@@ -168,6 +168,11 @@ def identifiers_in(text: str, meta: Meta) -> None:
             meta.put("url", f"https://arxiv.org/abs/{meta.values['arxiv']}", "text-arxiv")
 
 
+def file_key(relative: str) -> str:
+    """The stem a ``.bib`` entry's key may name: ``papers/shor94.pdf`` -> ``shor94``."""
+    return Path(relative).stem.removesuffix(".rst")
+
+
 def pretty_stem(path: Path) -> str:
     return " ".join(re.split(r"[_\-\s]+", path.stem.removesuffix(".rst"))).strip() or path.name
 
@@ -185,7 +190,7 @@ class Overrides:
 
     def apply(self, relative: str, meta: Meta) -> None:
         path = Path(relative)
-        for key in (path.stem.removesuffix(".rst"), path.name, relative):
+        for key in (file_key(relative), path.name, relative):
             found = self.by_path.get(key)
             if found is not None and found[1] == "bibtex":
                 meta.merge(found[0], "bibtex")
@@ -195,19 +200,33 @@ class Overrides:
                 meta.merge(found[0], "manifest")
 
 
+def _bib_file_field(value: Any) -> str | None:
+    """The file a ``file`` field names: ``paper.pdf``, or JabRef's ``:paper.pdf:PDF``."""
+    parts = [p.strip() for p in str(value or "").split(":")]
+    return next((p for p in parts if p.lower().endswith(DOCUMENT_SUFFIXES)), None)
+
+
 def load_overrides(
-    root: Path, manifest: Mapping[str, Any], bib_files: Iterable[CorpusFile]
+    root: Path,
+    manifest: Mapping[str, Any],
+    bib_files: Iterable[CorpusFile],
+    stems: Iterable[str] = (),
 ) -> Overrides:
+    """The overrides of a corpus; ``stems`` are its documents' file stems, which a ``.bib``
+    entry's key may name instead of a ``file`` field."""
     overrides = Overrides()
+    known_stems = set(stems)
     for f in bib_files:
         for entry in _bib_entries(f):
-            target = str(entry.get("file", "")).split(":")[0].strip() or None
+            target = _bib_file_field(entry.get("file"))
             key = str(entry.get("ID", ""))
             if target:
                 overrides.by_path[target] = (entry, "bibtex")
                 overrides.bib_claimed.add(f"{f.relative}#{key}")
             elif key:
                 overrides.by_path.setdefault(key, (entry, "bibtex"))
+                if key in known_stems:
+                    overrides.bib_claimed.add(f"{f.relative}#{key}")
     documents = manifest.get("documents")
     if isinstance(documents, dict):
         for rel, fields in documents.items():
@@ -677,11 +696,22 @@ class Unreadable(Exception):
 
 
 def _pdf_text(page: Any) -> str:
-    text = page.extract_text(extraction_mode="layout")
-    lines = [" ".join(line.split()) for line in text.splitlines()]
-    kept = [line for line in lines if not _PAGE_NUMBER_LINE.match(line)]
-    # Layout mode keeps blank lines between paragraphs; lines of one paragraph are joined.
-    return unicodedata.normalize("NFKC", re.sub(r"\n{3,}", "\n\n", "\n".join(kept))).strip()
+    """A page's text in paragraphs: pypdf's layout mode keeps each line's indentation, so a
+    blank line or a line indented past the page's left margin (a first-line indent, a
+    centred heading) starts a new paragraph."""
+    raw = [line.rstrip() for line in page.extract_text(extraction_mode="layout").splitlines()]
+    raw = [line for line in raw if not _PAGE_NUMBER_LINE.match(line)]
+    indents = [len(line) - len(line.lstrip()) for line in raw if line.strip()]
+    margin = min(indents, default=0)
+    out: list[str] = []
+    for line in raw:
+        if not line.strip():
+            out.append("")
+            continue
+        if len(line) - len(line.lstrip()) > margin + 2 and out and out[-1]:
+            out.append("")
+        out.append(" ".join(line.split()))
+    return unicodedata.normalize("NFKC", re.sub(r"\n{3,}", "\n\n", "\n".join(out))).strip()
 
 
 def _respace(fragment: str, page_text: str) -> str:
