@@ -472,3 +472,39 @@ def test_a_planted_unsupported_citation_lowers_the_score(tmp_path: Path) -> None
     result = evaluate(draft, state.plan, ids, "research_paper", 0.75, verified)
     assert result.unsupported_share == 1.0
     assert not result.passed
+
+
+def test_show_lists_references_with_their_metadata_source(pdf_corpus: Path, tmp_path: Path) -> None:
+    prowzi = str(Path(sys.executable).parent / "prowzi")
+    env = {**os.environ, "COLUMNS": "200"}
+    run = subprocess.run(
+        [prowzi, "run", REEFS, "--corpus", str(pdf_corpus), "--output", "reefs.md"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    session = re.search(r"Session: (\S+)", run.stdout + run.stderr)
+    assert session is not None, run.stdout
+    show = subprocess.run(
+        [prowzi, "show", session.group(1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert show.returncode == 0, show.stderr
+    out = show.stdout
+    references = out.split("References", 1)[1].split("Checkpoints", 1)[0]
+    assert "Larval Seeding of Coral Reefs (n.d.); corpus papers/larvae.pdf" in references
+    assert "authors from pdf-layout, title from pdf-layout" in references
+    assert (
+        "reef monitoring notes (n.d.); corpus reef-monitoring-notes.pdf; title from file-name"
+        in (references)
+    )
+    assert "origins: corpus 3" in out
