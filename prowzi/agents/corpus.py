@@ -293,21 +293,19 @@ def _no_document_error(root: Path, any_files: bool, skipped: list[tuple[str, str
     return _error(f"corpus directory {root} holds no readable document ({first})")
 
 
-def check_corpus(path: str | os.PathLike[str]) -> CorpusInfo:
+def check_corpus(
+    path: str | os.PathLike[str], index_dir: str | os.PathLike[str] | None = None
+) -> CorpusInfo:
     """Check that ``path`` is a usable corpus and describe it.
+
+    It opens (building or updating) the corpus's index in ``index_dir`` (else the default), so
+    a run that checks its corpus up front reads each file once, not twice.
 
     Raises :class:`CorpusError` with a one-line message when the directory is missing, is a
     file, or holds no readable document.
     """
-    loaded = load_corpus(path)
-    if not loaded.documents:
-        raise _no_document_error(loaded.scan.root, bool(loaded.scan.files), loaded.skipped)
-    return CorpusInfo(
-        path=str(loaded.scan.root),
-        documents=len(loaded.documents),
-        fingerprint=loaded.scan.fingerprint,
-        sample=loaded.scan.sample,
-    )
+    with CorpusIndex.open(path, index_dir) as index:
+        return index.info
 
 
 # --- the index ----------------------------------------------------------------------------

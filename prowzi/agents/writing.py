@@ -205,7 +205,19 @@ class Composer:
         self._sections_per_source: Counter[str] = Counter()
         self._template = 0
         self._surnames = {w for s in verified for a in s.authors for w in _text.words(a)}
+        labels = Counter(_ref_label(s) for s in verified)
+        self._ambiguous = {label for label, n in labels.items() if n > 1}
         self._queries_recorded = any(s.queries for s in verified)
+
+    def _label(self, source: Source) -> str:
+        """``Shor (1994)``; with the title when two verified sources would share the label
+        (two undated works by one author: ``Sajip, "logging.config" (n.d.)``)."""
+        label = _ref_label(source)
+        if label not in self._ambiguous or not source.authors:
+            return label
+        who = _draft.author_label(list(source.authors), None)
+        title = source.title.replace('"', "'")
+        return f'{who}, "{title}" ({source.year or "n.d."})'
 
     # -- choosing evidence -----------------------------------------------------------------
 
@@ -278,7 +290,7 @@ class Composer:
     def _evidence_sentence(self, quote: _Quote) -> str:
         template = _EVIDENCE_TEMPLATES[self._template % len(_EVIDENCE_TEMPLATES)]
         self._template += 1
-        label = _ref_label(quote.source)
+        label = self._label(quote.source)
         plural = len(quote.source.authors) > 1
         return template.format(
             ref=label,
@@ -320,7 +332,7 @@ class Composer:
         if len(distinct) == 1:
             only = distinct[0]
             return [
-                f"Only one verified source in the corpus, {_ref_label(only.source)}, speaks "
+                f"Only one verified source in the corpus, {self._label(only.source)}, speaks "
                 "directly to this section."
             ]
         sentences = []
@@ -333,7 +345,7 @@ class Composer:
                     t in _text.words(q.text) or _text.stem(t) in _text.stems(q.text) for t in themes
                 )
             ]
-            names = _join([_ref_label(q.source) for q in sharing])
+            names = _join([self._label(q.source) for q in sharing])
             sentences.append(
                 f"{names[:1].upper()}{names[1:]} share a concern with {_join(themes)}."
             )
@@ -344,8 +356,8 @@ class Composer:
             old, new = dated[0], dated[-1]
             span = (new.source.year or 0) - (old.source.year or 0)
             sentences.append(
-                f"The evidence here spans {_plural(span, 'year')}, from {_ref_label(old.source)} "
-                f"to {_ref_label(new.source)}."
+                f"The evidence here spans {_plural(span, 'year')}, from {self._label(old.source)} "
+                f"to {self._label(new.source)}."
             )
         return sentences
 
@@ -366,7 +378,7 @@ class Composer:
         )
         found = [s for s in self.sources_for(section) if self.book.number_of(s)][:2]
         if not quotes and found:
-            cited = [_ref_label(s) for s in found]
+            cited = [self._label(s) for s in found]
             verb = (
                 "are the corpus sources that bear"
                 if len(found) > 1
@@ -429,7 +441,7 @@ class Composer:
 
         def label(n: int) -> str:
             source = by_source.get(refs[n].source_id)
-            return _ref_label(source) if source else f'"{refs[n].title}"'
+            return self._label(source) if source else f'"{refs[n].title}"'
 
         # These sentences speak about the document and its sources, not about the world: no
         # passage says them, so they name sources without citing them.
