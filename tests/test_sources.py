@@ -24,7 +24,7 @@ from test_agents_pipeline import QUANTUM, Recorder, make_config, run_all
 
 from prowzi.agents import _draft, _support
 from prowzi.agents.corpus import CorpusIndex, load_corpus
-from prowzi.agents.evaluation import evaluate
+from prowzi.agents.evaluation import evaluate, run_evaluation
 from prowzi.agents.models import DraftSection, WorkflowState
 from prowzi.agents.writing import assemble
 
@@ -456,6 +456,15 @@ def test_a_planted_unsupported_citation_lowers_the_score(tmp_path: Path) -> None
     assert clean_share == 0.0
     assert planted_share is not None and planted_share > 0
     assert planted < clean
+    # Below the threshold, the revision removes the unsupported sentence.
+    planted_state = _with_sentence(
+        state, "Bananas grow best on frozen tundra under permanent darkness [1]."
+    )
+    assert planted_state.draft is not None
+    revised = run_evaluation(planted_state.draft, state.plan, state.intent, verified, 1.0)
+    assert revised.initial_evaluation.unsupported_share == planted_share
+    assert "Bananas" not in revised.draft.markdown
+    assert revised.evaluation.unsupported_share == 0.0
 
     # A document of connective filler that cites sources for words they do not hold fails.
     filler = [
@@ -508,3 +517,18 @@ def test_show_lists_references_with_their_metadata_source(pdf_corpus: Path, tmp_
         in (references)
     )
     assert "origins: corpus 3" in out
+
+
+def test_real_html_gives_its_text_and_sections_without_site_furniture(tmp_path: Path) -> None:
+    """Python's own HTML documentation (Sphinx), as a user might drop a saved page in."""
+    root = tmp_path / "html"
+    root.mkdir()
+    shutil.copy(PYTHON_DOCS.parents[1] / "library" / "logging.handlers.html", root)
+    (document,) = load_corpus(root).documents
+    assert document.title == "logging.handlers — Logging handlers"
+    assert dict(document.metadata_source) == {"title": "html-title"}
+    sections = {p.section for p in document.passages}
+    assert {"StreamHandler", "RotatingFileHandler", "SysLogHandler"} <= sections
+    assert "sends logging output to streams" in document.text
+    for furniture in ("Previous topic", "Quick search", "Navigation", "var "):
+        assert furniture not in document.text

@@ -598,16 +598,30 @@ class _HTMLText(HTMLParser):
         self.meta: dict[str, str] = {}
         self.blocks: list[tuple[str, str | None]] = []
         self.h1 = ""
-        self._skip = 0
+        self._skip_tag: str | None = None
+        """The element being skipped (script, navigation...) and how deep inside it we are."""
+        self._skip_depth = 0
         self._in_title = False
         self._heading: str | None = None
         self._heading_text: list[str] = []
         self._section: str | None = None
         self._buffer: list[str] = []
 
+    def _boilerplate(self, attrs: list[tuple[str, str | None]]) -> bool:
+        """An element a site wraps around its content: navigation, sidebars, footers."""
+        a = {k.lower(): (v or "").lower() for k, v in attrs}
+        if a.get("role") in {"navigation", "banner", "contentinfo", "search"}:
+            return True
+        classes = set(re.split(r"[\s_-]+", a.get("class", "")))
+        return bool(classes & {"sidebar", "sphinxsidebar", "related", "footer", "nav", "navbar"})
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skip += 1
+        if self._skip_tag is not None:
+            self._skip_depth += tag == self._skip_tag
+            return
+        if tag in self._SKIP or (tag in {"div", "aside", "ul"} and self._boilerplate(attrs)):
+            self._flush()
+            self._skip_tag, self._skip_depth = tag, 1
         elif tag == "title":
             self._in_title = True
         elif tag == "meta":
@@ -622,9 +636,13 @@ class _HTMLText(HTMLParser):
             self._flush()
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skip = max(0, self._skip - 1)
-        elif tag == "title":
+        if self._skip_tag is not None:
+            if tag == self._skip_tag:
+                self._skip_depth -= 1
+                if self._skip_depth == 0:
+                    self._skip_tag = None
+            return
+        if tag == "title":
             self._in_title = False
         elif tag == self._heading:
             text = " ".join("".join(self._heading_text).split()).rstrip("¶").strip()
@@ -637,7 +655,7 @@ class _HTMLText(HTMLParser):
             self._flush()
 
     def handle_data(self, data: str) -> None:
-        if self._skip:
+        if self._skip_tag is not None:
             return
         if self._in_title:
             self.title += data
