@@ -109,9 +109,12 @@ def scanned_pdf(out: Path, title: str, pages: Sequence[Sequence[str]]) -> Path:
     return out
 
 
-def encrypted_pdf(out: Path, title: str, pages: Sequence[Sequence[str]]) -> Path:
-    return _pdfwrite(
-        groff_ps(ms_source(title, [], pages)),
-        out,
-        extra=["-sOwnerPassword=owner-secret", "-sUserPassword=user-secret"],
-    )
+def encrypted_pdf(
+    out: Path, title: str, pages: Sequence[Sequence[str]], user_password: str = "user-secret"
+) -> Path:
+    """Encrypted with an owner password and, unless ``user_password`` is empty, a password
+    needed to open it (without one, any reader opens it: only permissions are restricted)."""
+    extra = ["-sOwnerPassword=owner-secret"]
+    if user_password:
+        extra.append(f"-sUserPassword={user_password}")
+    return _pdfwrite(groff_ps(ms_source(title, [], pages)), out, extra=extra)

@@ -343,6 +343,12 @@ def test_bad_input_is_skipped_with_a_reason_and_the_run_goes_on(
     shutil.copy(pdf_corpus / "reef-nursery.pdf", root / "good.pdf")
     (root / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\ngarbage\n")
     encrypted_pdf(root / "locked.pdf", "Locked Reef Data", [["Coral reef data behind a password."]])
+    encrypted_pdf(
+        root / "restricted.pdf",
+        "Restricted Reef Data",
+        [["Coral reef restoration data anyone may open and read."]],
+        user_password="",
+    )
     (root / "empty.md").write_bytes(b"")
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
     with open(root / "huge.txt", "wb") as fh:  # 200 MB (sparse: no disk is spent on it)
@@ -367,7 +373,9 @@ def test_bad_input_is_skipped_with_a_reason_and_the_run_goes_on(
     assert reasons["sub/up"] == "symbolic link loop"
     assert state.search is not None and state.search.skipped
     assert state.draft is not None
-    assert [r.source_id for r in state.draft.references] == ["good.pdf"]
+    assert "restricted.pdf" not in reasons  # encrypted, but opens without a password
+    assert {s.source_id for s in state.search.sources} == {"good.pdf", "restricted.pdf"}
+    assert state.draft.references
 
 
 def test_python_docs_report_cites_corpus_files_and_says_nd(tmp_path: Path) -> None:
@@ -532,3 +540,29 @@ def test_real_html_gives_its_text_and_sections_without_site_furniture(tmp_path: 
     assert "sends logging output to streams" in document.text
     for furniture in ("Previous topic", "Quick search", "Navigation", "var "):
         assert furniture not in document.text
+
+
+def test_the_monitor_shows_sources_by_origin_and_leaves_the_reference_list_to_show() -> None:
+    from datetime import UTC, datetime
+
+    from prowzi.cli.monitor import _details
+    from prowzi.workflows.telemetry import StageMetrics
+
+    search = StageMetrics(
+        "search",
+        "completed",
+        1,
+        0.1,
+        datetime.now(UTC),
+        {"sources_count": 15, "origins": {"corpus": 12, "crossref": 3}},
+    )
+    assert _details(search) == "Sources: 15, From: corpus 12, crossref 3"
+    evaluation = StageMetrics(
+        "evaluation",
+        "completed",
+        1,
+        0.1,
+        datetime.now(UTC),
+        {"score": 0.97, "unsupported_share": 0.05, "reference_sources": ["[1] A (n.d.); corpus a"]},
+    )
+    assert _details(evaluation) == "Score: 0.97, Unsupported share: 0.05"

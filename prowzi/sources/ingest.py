@@ -783,13 +783,16 @@ def _first_page_layout(page: Any) -> tuple[str, str]:
 
 def read_pdf(relative: str, path: Path, meta: Meta) -> Document:
     import pypdf
-    from pypdf.errors import FileNotDecryptedError, PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
 
+    aes = "encrypted PDF (AES, with no password): reading it needs the cryptography package"
     try:
         reader = pypdf.PdfReader(path)
         if reader.is_encrypted:
             try:
                 opened = bool(reader.decrypt(""))
+            except DependencyError:
+                raise Unreadable(aes) from None
             except Exception:
                 opened = False
             if not opened:
@@ -806,6 +809,8 @@ def read_pdf(relative: str, path: Path, meta: Meta) -> Document:
         raise
     except FileNotDecryptedError:
         raise Unreadable("encrypted PDF (needs a password)") from None
+    except DependencyError:
+        raise Unreadable(aes) from None
     except (
         PdfReadError,
         ValueError,
