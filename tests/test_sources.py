@@ -204,31 +204,47 @@ def test_bib_and_manifest_override_what_was_guessed(pdf_corpus: Path, tmp_path: 
     )
     (root / "prowzi-corpus.json").write_text(
         json.dumps(
-            {"documents": {"reef-monitoring-notes.pdf": {"title": "Reef Notes", "year": 2022}}}
+            {
+                "documents": {
+                    "reef-monitoring-notes.pdf": {"title": "Reef Notes", "year": 2022},
+                    "reef-nursery.pdf": {"year": 2018},  # the manifest beats the .bib
+                }
+            }
         ),
+        encoding="utf-8",
+    )
+    (root / "prowzi-corpus.csv").write_text(
+        "path,url,authors\npapers/larvae.pdf,https://example.org/larvae,Iris Polyp; Ray Reef\n",
         encoding="utf-8",
     )
     docs = {d.source_id: d for d in load_corpus(root).documents}
     nursery = docs["reef-nursery.pdf"]
     assert (nursery.title, nursery.year, nursery.doi) == (
         "Coral Gardening: A Field Guide",
-        2019,
+        2018,
         "10.5555/reef.1",
     )
     assert nursery.authors == ("Tide, Mara", "Current, Leo")
-    assert set(nursery.metadata_source.values()) == {"bibtex"}
+    assert dict(nursery.metadata_source) == {
+        "title": "bibtex",
+        "authors": "bibtex",
+        "doi": "bibtex",
+        "year": "manifest",
+    }
     assert "refs.bib#tide2019" not in docs  # it describes a file, so it is no record of its own
     assert docs["refs.bib#standalone"].title == "Reefs of the World"
-    larvae = docs["papers/larvae.pdf"]
-    assert (larvae.title, larvae.year, larvae.authors) == (
+    larvae = docs["papers/larvae.pdf"]  # the .bib entry by its key, and the CSV manifest
+    assert (larvae.title, larvae.year, larvae.authors, larvae.url) == (
         "Seeding Coral Larvae",
         2020,
-        ("Iris Polyp",),  # the layout's author line stands where the entry names none
+        ("Iris Polyp", "Ray Reef"),
+        "https://example.org/larvae",
     )
     assert dict(larvae.metadata_source) == {
         "title": "bibtex",
         "year": "bibtex",
-        "authors": "pdf-layout",
+        "authors": "manifest",
+        "url": "manifest",
     }
     assert "refs.bib#larvae" not in docs
     notes = docs["reef-monitoring-notes.pdf"]

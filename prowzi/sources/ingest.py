@@ -181,23 +181,23 @@ def pretty_stem(path: Path) -> str:
 class Overrides:
     """Metadata a user wrote down beside the documents: ``.bib`` entries and the manifest.
 
-    ``by_path`` maps a corpus-relative path (or a bare file name, or a stem) to (fields,
-    source); ``bib_claimed`` holds the ``.bib`` entries that describe a file and so are not
-    also records of their own."""
+    ``bibtex`` maps a corpus-relative path, a bare file name or a stem (an entry's key) to the
+    entry's fields; ``manifest`` maps a relative path or a file name to its fields (the
+    manifest is applied last, so it wins); ``bib_claimed`` holds the ``.bib`` entries that
+    describe a file and so are not also records of their own."""
 
-    by_path: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    bibtex: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, dict[str, Any]] = field(default_factory=dict)
     bib_claimed: set[str] = field(default_factory=set)
 
     def apply(self, relative: str, meta: Meta) -> None:
-        path = Path(relative)
-        for key in (file_key(relative), path.name, relative):
-            found = self.by_path.get(key)
-            if found is not None and found[1] == "bibtex":
-                meta.merge(found[0], "bibtex")
-        for key in (path.name, relative):
-            found = self.by_path.get(key)
-            if found is not None and found[1] == "manifest":
-                meta.merge(found[0], "manifest")
+        name = Path(relative).name
+        for key in (file_key(relative), name, relative):
+            if key in self.bibtex:
+                meta.merge(self.bibtex[key], "bibtex")
+        for key in (name, relative):
+            if key in self.manifest:
+                meta.merge(self.manifest[key], "manifest")
 
 
 def _bib_file_field(value: Any) -> str | None:
@@ -221,17 +221,17 @@ def load_overrides(
             target = _bib_file_field(entry.get("file"))
             key = str(entry.get("ID", ""))
             if target:
-                overrides.by_path[target] = (entry, "bibtex")
+                overrides.bibtex[target] = entry
                 overrides.bib_claimed.add(f"{f.relative}#{key}")
             elif key:
-                overrides.by_path.setdefault(key, (entry, "bibtex"))
+                overrides.bibtex.setdefault(key, entry)
                 if key in known_stems:
                     overrides.bib_claimed.add(f"{f.relative}#{key}")
     documents = manifest.get("documents")
     if isinstance(documents, dict):
         for rel, fields in documents.items():
             if isinstance(fields, dict):
-                overrides.by_path[str(rel)] = (fields, "manifest")
+                overrides.manifest[str(rel)] = fields
     csv_path = root / CSV_MANIFEST_NAME
     if csv_path.is_file():
         try:
@@ -239,7 +239,7 @@ def load_overrides(
                 for row in csv.DictReader(fh):
                     rel = (row.get("path") or row.get("file") or "").strip()
                     if rel:
-                        overrides.by_path[rel] = ({k: v for k, v in row.items() if v}, "manifest")
+                        overrides.manifest[rel] = {k: v for k, v in row.items() if v}
         except (OSError, UnicodeDecodeError, csv.Error):
             pass  # an unreadable CSV manifest overrides nothing; the documents still load
     return overrides
