@@ -546,8 +546,8 @@ def read_text(relative: str, path: Path, raw: str, meta: Meta) -> Document:
     if "authors" not in meta.values:
         authors = _text_unique(_strip_email(a) for a in _RST_AUTHOR_DIRECTIVE.findall(raw[:5000]))
         meta.put("authors", tuple(a for a in authors if a), "rst-docinfo")
-    if fm:
-        meta.merge(parse_front_matter(fm.group(1)), "front-matter")
+    front = parse_front_matter(fm.group(1)) if fm else {}
+    meta.merge(front, "front-matter")
     sections: list[tuple[int, int, str]] = []
     offsets = [0]
     for line in body_lines:
@@ -563,7 +563,7 @@ def read_text(relative: str, path: Path, raw: str, meta: Meta) -> Document:
     ]
     text = "\n\n".join(p for p, _, _ in blocks)
     abstract = blocks[0][0] if blocks else ""
-    return _finish(relative, path, meta, abstract, text, blocks)
+    return _finish(relative, path, meta, abstract, text, blocks, truthy(front.get("sample")))
 
 
 def _text_unique(items: Iterable[str]) -> list[str]:
