@@ -183,6 +183,11 @@ def test_reading_formats_markdown_rst_html_docx_and_identifiers(tmp_path: Path) 
     assert preprint.year == 2021
     assert preprint.metadata_source["doi"] == "text-doi"
     assert preprint.metadata_source["year"] == "text-arxiv"
+    assert preprint.arxiv_id == "2103.01234"
+    with CorpusIndex.open(root, tmp_path / "index") as index:  # the index keeps it too
+        (hit,) = index.search("mangrove", 1)
+    source = hit.document.to_source()
+    assert (source.arxiv_id, source.metadata_source["arxiv_id"]) == ("2103.01234", "text-arxiv")
 
     survey = docs["survey.docx"]
     assert (survey.title, survey.authors) == ("Salt Marsh Survey", ("Marsh Walker",))
@@ -348,7 +353,9 @@ def test_a_run_over_pdfs_cites_titles_and_pages(pdf_corpus: Path, tmp_path: Path
     skipped = [e[1] for e in observers["search"].events if e[0] == "corpus.skipped"]
     assert {"path": "scanned-memo.pdf", "reason": skipped[0]["reason"]} in skipped
     assert str(skipped[0]["reason"]).startswith("no text layer")
-    assert state.search.telemetry_details()["origins"] == {"corpus": len(state.search.sources)}
+    assert state.search.telemetry_details()["sources_by_origin"] == {
+        "corpus": len(state.search.sources)
+    }
 
 
 def test_bad_input_is_skipped_with_a_reason_and_the_run_goes_on(
@@ -540,7 +547,7 @@ def test_show_lists_references_with_their_metadata_source(pdf_corpus: Path, tmp_
         "reef monitoring notes (n.d.); corpus reef-monitoring-notes.pdf; title from file-name"
         in (references)
     )
-    assert "origins: corpus 3" in out
+    assert "sources_by_origin: corpus 3" in out
 
 
 def test_real_html_gives_its_text_and_sections_without_site_furniture(tmp_path: Path) -> None:
@@ -570,7 +577,7 @@ def test_the_monitor_shows_sources_by_origin_and_leaves_the_reference_list_to_sh
         1,
         0.1,
         datetime.now(UTC),
-        {"sources_count": 15, "origins": {"corpus": 12, "crossref": 3}},
+        {"sources_count": 15, "sources_by_origin": {"corpus": 12, "crossref": 3}},
     )
     assert _details(search) == "Sources: 15, From: corpus 12, crossref 3"
     evaluation = StageMetrics(

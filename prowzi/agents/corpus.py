@@ -90,7 +90,7 @@ __all__ = [
     "source_body",
 ]
 
-INDEX_FORMAT = 4
+INDEX_FORMAT = 5
 """Bumped whenever the index schema or the document parsing changes."""
 
 # bm25() column weights for (title, authors, section, body): a query word in the title says
@@ -341,7 +341,7 @@ class Hit:
 
 _DOC_COLUMNS = (
     "d.source_id, d.title, d.authors, d.year, d.url, d.doi, d.abstract, d.text, d.sample,"
-    " d.origin, d.metadata_source, d.location"
+    " d.origin, d.metadata_source, d.location, d.arxiv_id"
 )
 
 
@@ -557,6 +557,7 @@ def _row_document(row: Sequence[Any]) -> Document:
         origin=row[9],
         metadata_source=json.loads(row[10]),
         location=row[11],
+        arxiv_id=row[12],
     )
 
 
@@ -572,7 +573,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             " file TEXT NOT NULL, title TEXT NOT NULL, authors TEXT NOT NULL, year INTEGER,"
             " url TEXT, doi TEXT, abstract TEXT NOT NULL, text TEXT NOT NULL,"
             " sample INTEGER NOT NULL, origin TEXT NOT NULL, metadata_source TEXT NOT NULL,"
-            " location TEXT)"
+            " location TEXT, arxiv_id TEXT)"
         )
         conn.execute("CREATE INDEX docs_file ON docs (file)")
         conn.execute(
@@ -602,8 +603,8 @@ def _remove_file(conn: sqlite3.Connection, relative: str) -> None:
 def _insert_document(conn: sqlite3.Connection, relative: str, doc: Document) -> None:
     cursor = conn.execute(
         "INSERT INTO docs (source_id, file, title, authors, year, url, doi, abstract, text,"
-        " sample, origin, metadata_source, location) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " ?, ?)",
+        " sample, origin, metadata_source, location, arxiv_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+        " ?, ?, ?, ?, ?, ?)",
         (
             doc.source_id,
             relative,
@@ -618,6 +619,7 @@ def _insert_document(conn: sqlite3.Connection, relative: str, doc: Document) -> 
             doc.origin,
             json.dumps(dict(doc.metadata_source), sort_keys=True),
             doc.location,
+            doc.arxiv_id,
         ),
     )
     rowid = cursor.lastrowid

@@ -92,6 +92,7 @@ class Source(BaseModel):
     score: float = Field(0.0, description="Best BM25 relevance over the queries (higher=better).")
     queries: list[str] = Field(default_factory=list, description="Queries that found it.")
     origin: str = Field("corpus", description="'corpus' or the online provider's name.")
+    arxiv_id: str | None = None
     metadata_source: dict[str, str] = Field(
         default_factory=dict, description="Where each metadata field came from."
     )
@@ -144,7 +145,7 @@ class SearchAgentResult(_Result):
         details: dict[str, Any] = {
             "sources_count": len(self.sources),
             "queries": len(self.queries),
-            "origins": self.origins(),
+            "sources_by_origin": self.origins(),
         }
         if self.skipped:
             details["skipped_files"] = len(self.skipped)

@@ -63,7 +63,7 @@ SYMBOLS: dict[str, tuple[str, str, str]] = {
     "pending": ("·", "pending", "dim"),
 }
 
-_DETAIL_LABELS = {"sources_count": "Sources", "origins": "From"}
+_DETAIL_LABELS = {"sources_count": "Sources", "sources_by_origin": "From"}
 _LONG_DETAILS = frozenset({"reference_sources"})
 """Details too long for a monitor row (``prowzi show`` lists them)."""
 

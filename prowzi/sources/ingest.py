@@ -99,6 +99,8 @@ class Meta:
         self.put("year", year_of(raw.get("year", raw.get("date"))), source)
         self.put("url", url_of(raw.get("url")), source)
         self.put("doi", normalise_doi(raw.get("doi")), source)
+        eprint = raw.get("eprint") if str(raw.get("archiveprefix", "")).lower() == "arxiv" else None
+        self.put("arxiv_id", arxiv_id_of(raw.get("arxiv_id") or raw.get("arxiv") or eprint), source)
 
 
 def strip_braces(value: str) -> str:
@@ -142,6 +144,14 @@ def url_of(value: Any) -> str | None:
     return None
 
 
+def arxiv_id_of(value: Any) -> str | None:
+    """``arXiv:2103.01234v2`` or ``2103.01234`` -> ``2103.01234`` (no version)."""
+    if not isinstance(value, str):
+        return None
+    m = re.search(r"(\d{4}\.\d{4,5})(?:v\d+)?\b", value)
+    return m.group(1) if m else None
+
+
 def truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in {"true", "yes"})
 
@@ -160,12 +170,12 @@ def identifiers_in(text: str, meta: Meta) -> None:
     if doi and "doi" not in meta.values:
         meta.put("doi", doi.group(1).rstrip(".,;)]"), "text-doi")
     arxiv = _ARXIV_IN_TEXT.search(head)
-    if arxiv:
-        meta.put("arxiv", arxiv.group(0).split(":", 1)[1].strip(), "text-arxiv")
+    if arxiv and "arxiv_id" not in meta.values:
+        meta.put("arxiv_id", arxiv_id_of(arxiv.group(0)), "text-arxiv")
         if "year" not in meta.values and 1 <= int(arxiv.group(2)) <= 12:
             meta.put("year", 2000 + int(arxiv.group(1)), "text-arxiv")
         if "url" not in meta.values:
-            meta.put("url", f"https://arxiv.org/abs/{meta.values['arxiv']}", "text-arxiv")
+            meta.put("url", f"https://arxiv.org/abs/{meta.values['arxiv_id']}", "text-arxiv")
 
 
 def file_key(relative: str) -> str:
@@ -943,6 +953,7 @@ def parse_record(source_id: str, record: Any, source: str = "record") -> Documen
         sample=truthy(record.get("sample")),
         metadata_source=meta.sources,
         location=source_id.split("#", 1)[0],
+        arxiv_id=meta.values.get("arxiv_id"),
     )
 
 
@@ -1020,7 +1031,6 @@ def _finish(
     sources = dict(meta.sources)
     if "title" not in values:
         sources["title"] = "file-name"
-    sources.pop("arxiv", None)
     return Document(
         source_id=relative,
         title=" ".join(str(title).split()),
@@ -1034,6 +1044,7 @@ def _finish(
         metadata_source=sources,
         passages=make_passages(blocks),
         location=relative,
+        arxiv_id=values.get("arxiv_id"),
     )
 
 
@@ -1106,6 +1117,7 @@ def _with_meta(doc: Document, meta: Meta) -> Document:
         year=values.get("year", doc.year),
         url=values.get("url", doc.url),
         doi=values.get("doi", doc.doi),
+        arxiv_id=values.get("arxiv_id", doc.arxiv_id),
         metadata_source=sources,
     )
 

@@ -12,7 +12,8 @@ fills what it knows:
   ``"crossref"``...), so a reader can judge it; nothing is ever invented;
 - ``passages``: the text split into passages with their page (PDF) or section (heading); left
   empty, the index splits ``abstract``/``text`` itself;
-- ``location``: where to find the document when it has no URL or DOI (a corpus file's path).
+- ``location``: where to find the document when it has no URL or DOI (a corpus file's path);
+- ``arxiv_id``: an arXiv identifier (``2103.01234``), for deduplication across sources.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Document:
     metadata_source: Mapping[str, str] = field(default_factory=dict)
     passages: tuple[Passage, ...] = ()
     location: str | None = None
+    arxiv_id: str | None = None
 
     @property
     def body(self) -> str:
@@ -104,6 +106,7 @@ class Document:
             origin=self.origin,
             metadata_source=dict(self.metadata_source),
             location=self.location,
+            arxiv_id=self.arxiv_id,
             passages=[
                 SourcePassage(text=p.text, page=p.page, section=p.section, score=s)
                 for p, s in passages
