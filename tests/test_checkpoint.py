@@ -181,6 +181,7 @@ def verified_state() -> m.WorkflowState:
         verified=sources[:3],
         rejected=[m.RejectedSource(source=sources[3], reasons=["off topic"])],
         relevance_threshold=0.15,
+        warnings=[],  # every field set, as verify() sets them (issue 16 added this one)
     )
     search = state.search.model_copy(update={"sources": sources})
     return state.model_copy(update={"search": search, "verification": verification})

@@ -85,7 +85,7 @@ def run(
         if config.corpus_dir is not None:
             from prowzi.agents.corpus import check_corpus
 
-            check_corpus(config.corpus_dir)
+            check_corpus(config.corpus_dir, config.index_dir)
         if enable_checkpoints:
             config.enable_checkpointing = True
         sid = validate_session_id(session_id) if session_id is not None else new_session_id()

@@ -237,6 +237,12 @@ def show(
         _print_session(metrics, status, checkpoints, log_path if log_path.exists() else None)
 
 
+def _detail(value: object) -> str:
+    if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
 def _print_session(
     metrics: WorkflowMetrics, status: str, checkpoints: list[str], log_path: Path | None
 ) -> None:
@@ -290,11 +296,16 @@ def _print_session(
     table.add_column("At (UTC)", no_wrap=True)
     table.add_column("Details / error", overflow="fold", ratio=1, min_width=10)
     styles = {"completed": "green", "failed": "red", "retrying": "yellow", "skipped": "blue"}
+    references: list[str] = []
     for record in metrics.stages:
+        details = dict(record.details)
+        listed = details.pop("reference_sources", None)
+        if isinstance(listed, list):
+            references = [str(r) for r in listed]  # the last evaluation's draft wins
         info = (
             Text(record.error or "", style="red")
             if record.error
-            else Text("\n".join(f"{k}: {v}" for k, v in record.details.items()))
+            else Text("\n".join(f"{k}: {_detail(v)}" for k, v in details.items()))
         )
         table.add_row(
             record.stage,
@@ -305,6 +316,11 @@ def _print_session(
             info,
         )
     console.print(table)
+    if references:
+        # Each reference with where it is and where its metadata came from (issue 16).
+        console.print(Text("References", style="bold"))
+        for line in references:
+            console.print(Text(f"  {line}"))
     console.print(Text("Checkpoints", style="bold"))
     if not checkpoints:
         console.print("  none")
