@@ -64,6 +64,36 @@ class _NullObserver:
 NULL_OBSERVER: StageObserver = _NullObserver()
 
 
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """One request to a language model (or one answer replayed from the cache).
+
+    ``outcome`` is ``ok``, ``cached``, ``rate_limited`` or ``error``; ``model`` is the
+    configured model name (a bounded label), tokens as the server's ``usage`` reported them."""
+
+    model: str
+    outcome: str
+    duration_seconds: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def model_call_details(calls: list[ModelCall]) -> dict[str, Any]:
+    """What a stage attempt's model calls add to its telemetry details (nothing without any):
+    answered calls, cached answers, failed requests, tokens and cost."""
+    if not calls:
+        return {}
+    return {
+        "llm_calls": sum(c.outcome == "ok" for c in calls),
+        "llm_cached_calls": sum(c.outcome == "cached" for c in calls),
+        "llm_failed_requests": sum(c.outcome in ("rate_limited", "error") for c in calls),
+        "input_tokens": sum(c.input_tokens for c in calls),
+        "output_tokens": sum(c.output_tokens for c in calls),
+        "cost_usd": round(sum(c.cost_usd for c in calls), 6),
+    }
+
+
 @dataclass(slots=True)
 class StageContext:
     """Everything one stage attempt may read. Agents must not mutate ``state``."""
@@ -76,6 +106,10 @@ class StageContext:
     config: ProwziConfig
     observer: StageObserver = NULL_OBSERVER
     details: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    """Facts this attempt adds to its ``stage_completed`` details, beside its result's."""
+    model_calls: list[ModelCall] = field(default_factory=list)
+    """The model calls of this attempt, for telemetry details and metrics."""
 
     def annotate(self, key: str, value: AttributeValue | list[str]) -> None:
         """Record a fact about this attempt (``prowzi.<stage>.<key>`` on the span)."""

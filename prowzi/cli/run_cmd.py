@@ -19,6 +19,7 @@ from prowzi.cli._common import (
     user_errors,
     warn_unsaved,
 )
+from prowzi.cli._llm_options import LlmModel, MaxCost, MaxTokens, NoCache, apply_llm_options
 
 if TYPE_CHECKING:
     from prowzi.workflows.orchestrator import ResearchResult
@@ -60,10 +61,15 @@ def run(
             "--pushgateway", help="Push metrics here at the end (PROWZI_PUSHGATEWAY_URL)."
         ),
     ] = None,
+    llm: LlmModel = None,
+    max_cost: MaxCost = None,
+    max_tokens: MaxTokens = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Run the research workflow for PROMPT and write a cited markdown document."""
     config = load_config()
     with user_errors():
+        apply_llm_options(config, llm, max_cost, max_tokens, no_cache)
         from prowzi.ids import new_session_id, validate_session_id
 
         if not prompt.strip():

@@ -71,6 +71,11 @@ def resolve_agents(
             )
     agents: dict[str, Agent] = {}
     defaults: dict[str, Agent] | None = None
+    if config.llm_model and not names.issubset({*overrides, *configured}):
+        # A model is configured: its agents replace the offline defaults where they exist.
+        from prowzi.llm.agents import llm_agents
+
+        defaults = {**_offline_defaults(config), **llm_agents(config)}
     for spec in stages:
         if spec.name in overrides:
             agents[spec.name] = overrides[spec.name]
@@ -93,13 +98,17 @@ def resolve_agents(
             agents[spec.name] = agent
         else:
             if defaults is None:
-                from prowzi.agents import default_agents
-
-                defaults = default_agents(config)
+                defaults = _offline_defaults(config)
             if spec.name not in defaults:
                 raise InvalidInputError(f"no agent for stage '{spec.name}'")
             agents[spec.name] = defaults[spec.name]
     return agents
+
+
+def _offline_defaults(config: ProwziConfig) -> dict[str, Agent]:
+    from prowzi.agents import default_agents
+
+    return default_agents(config)
 
 
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
