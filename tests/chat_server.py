@@ -173,7 +173,26 @@ def _kind(body: dict[str, Any]) -> str:
     return "text"
 
 
-_STOP = set("a an the on of in for and to about write research paper report essay review".split())
+_STOP = set(
+    [
+        "a",
+        "an",
+        "the",
+        "on",
+        "of",
+        "in",
+        "for",
+        "and",
+        "to",
+        "about",
+        "write",
+        "research",
+        "paper",
+        "report",
+        "essay",
+        "review",
+    ]
+)
 
 
 def _topic(body: dict[str, Any]) -> str:
@@ -237,8 +256,9 @@ def _prose(body: dict[str, Any], *, invent: bool) -> str:
     if invent:
         out.append("Later surveys confirm every one of these findings [42].")
         if heads:
+            first = heads[0].group(1)
             out.append(
-                f'The authors insist that "quantum computers never make mistakes" [{heads[0].group(1)}].'
+                f'The authors insist that "quantum computers never make mistakes" [{first}].'
             )
         out.append("\nReferences\n[42] An invented survey of everything, 2031.")
     return " ".join(out)

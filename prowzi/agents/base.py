@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +92,22 @@ def model_call_details(calls: list[ModelCall]) -> dict[str, Any]:
         "output_tokens": sum(c.output_tokens for c in calls),
         "cost_usd": round(sum(c.cost_usd for c in calls), 6),
     }
+
+
+def format_model_usage(details: Iterable[Mapping[str, Any]]) -> str | None:
+    """``"1234 tokens (1000 in, 234 out), $0.0123, 3 cached"`` summed over stage details
+    (of completed attempts); None when no model was called."""
+    rows = [d for d in details if "llm_calls" in d]
+    if not rows:
+        return None
+    tokens_in = sum(int(d.get("input_tokens", 0)) for d in rows)
+    tokens_out = sum(int(d.get("output_tokens", 0)) for d in rows)
+    cost = sum(float(d.get("cost_usd", 0.0)) for d in rows)
+    cached = sum(int(d.get("llm_cached_calls", 0)) for d in rows)
+    return (
+        f"{tokens_in + tokens_out} tokens ({tokens_in} in, {tokens_out} out), "
+        f"${cost:.4f}, {cached} cached"
+    )
 
 
 @dataclass(slots=True)

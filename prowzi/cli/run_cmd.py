@@ -110,7 +110,7 @@ def _execute(
         from prowzi.observability.metrics import serve_metrics
         from prowzi.workflows.composition import build_metrics
 
-        metrics = build_metrics()
+        metrics = build_metrics(config=config)
         sinks.append(metrics)
         if metrics_port is not None:
             server = serve_metrics(metrics.registry, metrics_port)

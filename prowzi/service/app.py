@@ -159,7 +159,7 @@ def create_app(
     run interrupted by a shutdown resumes where it stopped."""
     settings = settings or ServiceSettings()
     config = config.model_copy(update={"enable_checkpointing": True})
-    metrics = build_metrics(registry)
+    metrics = build_metrics(registry, config)
 
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
         from prowzi.workflows.orchestrator import ProwziOrchestrator

@@ -137,12 +137,25 @@ def shutdown_tracer(tracer: RunTracer) -> None:
     shutdown(tracer)
 
 
-def build_metrics(registry: CollectorRegistry | None = None) -> ProwziMetrics:
+def build_metrics(
+    registry: CollectorRegistry | None = None, config: ProwziConfig | None = None
+) -> ProwziMetrics:
     """The Prometheus metrics sink, in ``registry`` (a fresh one by default, never the
-    process-global registry)."""
+    process-global registry); ``config`` names the models that get their own label value."""
     from prowzi.observability.metrics import ProwziMetrics
 
-    return ProwziMetrics(registry)
+    return ProwziMetrics(registry, models=llm_models(config) if config is not None else ())
+
+
+def llm_models(config: ProwziConfig) -> list[str]:
+    """The configured models (the bounded set of model label values)."""
+    from prowzi.config.settings import parse_prices, parse_stage_models
+
+    models = {*parse_stage_models(config.llm_stage_models).values()}
+    models |= set(parse_prices(config.llm_prices))
+    if config.llm_model:
+        models.add(config.llm_model)
+    return sorted(models)
 
 
 def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:
