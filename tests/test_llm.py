@@ -217,7 +217,7 @@ def test_malformed_json_is_asked_again_once(server: ChatServer, tmp_path: Path) 
     result = run(config)
     first, second = server.chat_requests("IntentAnswer")
     assert len(second.body["messages"]) == len(first.body["messages"]) + 2
-    assert "does not match the schema" in second.body["messages"][-1]["content"]
+    assert "the answer is not JSON" in second.body["messages"][-1]["content"]
     assert result.intent is not None and result.intent.topic == "quantum computing"
     assert stage_details(config, result.metadata["session_id"])["intent"]["reasks"] == 1
 

@@ -228,6 +228,12 @@ class ProwziConfig(CheckpointLocation, TelemetryLocation):
     llm_stage_models: str | None = Field(
         None, description="Per-stage model overrides: 'writing=gpt-4o,evaluation=gpt-4o-mini'."
     )
+    llm_response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema",
+        description="How typed answers are asked for: 'json_schema' (the OpenAI form: OpenAI, "
+        "vLLM, Ollama, LM Studio, LiteLLM) or 'json_object' with a 'schema' beside it "
+        "(llama-cpp-python's server, which constrains the answer to the schema that way).",
+    )
     llm_temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature.")
     llm_max_output_tokens: int = Field(
         1024, ge=1, le=1_000_000, description="Limit on one answer's tokens."

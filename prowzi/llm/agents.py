@@ -23,6 +23,7 @@ apply). Facts for telemetry (``citations_dropped``, ``quotes_dropped``,
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=BaseModel)
 
-_Short = Annotated[str, Field(min_length=1, max_length=80)]
+_Short = Annotated[str, Field(min_length=1, max_length=60)]
 
 
 class IntentAnswer(BaseModel):
@@ -67,10 +68,10 @@ class IntentAnswer(BaseModel):
     document_type: Literal[
         "research_paper", "literature_review", "survey", "essay", "report", "overview"
     ]
-    field: str = Field(min_length=1, max_length=60)
-    topic: str = Field(min_length=1, max_length=200)
-    keywords: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
-        min_length=1, max_length=10
+    field: str = Field(min_length=1, max_length=40)
+    topic: str = Field(min_length=1, max_length=120)
+    keywords: list[Annotated[str, Field(min_length=1, max_length=30)]] = Field(
+        min_length=1, max_length=6
     )
 
 
@@ -78,15 +79,15 @@ class SectionAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: _Short
-    purpose: str = Field(max_length=300)
-    queries: list[_Short] = Field(min_length=1, max_length=3)
+    purpose: str = Field(max_length=120)
+    queries: list[_Short] = Field(min_length=1, max_length=2)
 
 
 class PlanAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    title: str = Field(min_length=1, max_length=150)
-    sections: list[SectionAnswer] = Field(min_length=3, max_length=7)
+    title: str = Field(min_length=1, max_length=100)
+    sections: list[SectionAnswer] = Field(min_length=2, max_length=6)
 
 
 Score = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -96,7 +97,7 @@ class CriterionAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     score: Score
-    note: str = Field(max_length=200)
+    note: str = Field(max_length=100)
 
 
 class EvaluationAnswer(BaseModel):
@@ -107,7 +108,7 @@ class EvaluationAnswer(BaseModel):
     density: CriterionAnswer
     length: CriterionAnswer
     structure: CriterionAnswer
-    recommendations: list[Annotated[str, Field(max_length=200)]] = Field(max_length=5)
+    recommendations: list[Annotated[str, Field(max_length=120)]] = Field(max_length=3)
 
 
 def strict_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -153,7 +154,13 @@ class _Agent:
                     answer.content,
                 )
             try:
-                return answer_type.model_validate_json(answer.content)
+                # strict=False: a raw newline inside a string (small models write them) is
+                # still that string; anything else that is not JSON is refused
+                data = json.loads(answer.content, strict=False)
+            except json.JSONDecodeError as exc:
+                raise InvalidAnswer(f"the answer is not JSON ({exc})", answer.content) from None
+            try:
+                return answer_type.model_validate(data)
             except ValidationError as exc:
                 raise InvalidAnswer(_describe_invalid(exc), answer.content) from None
 
@@ -230,7 +237,7 @@ class LlmIntentAgent(_Agent):
                 "role": "system",
                 "content": "You classify a request for a piece of academic writing. Give the "
                 "document type, the academic field (snake_case, such as computer_science), "
-                "the topic in the request's own words, and up to 10 search keywords. "
+                "the topic in the request's own words, and up to 6 search keywords. "
                 "Answer with JSON only.",
             },
             {"role": "user", "content": ctx.params.prompt},
@@ -258,9 +265,9 @@ class LlmPlanningAgent(_Agent):
         messages = [
             {
                 "role": "system",
-                "content": "You plan an academic document. Give its title and 4 to 6 sections: "
+                "content": "You plan an academic document. Give its title and 2 to 6 sections: "
                 "the first 'Introduction', the last 'Conclusion'. For each section give its "
-                "purpose in one sentence and 1 to 3 short search queries (a few keywords "
+                "purpose in one short sentence and 1 or 2 short search queries (a few keywords "
                 "each) that find sources for it. Answer with JSON only.",
             },
             {
@@ -461,7 +468,7 @@ class LlmEvaluationAgent(_Writer):
                 "planned sections are present and substantive), citations (statements cite "
                 "the numbered references), density (most sentences carry a citation), length "
                 "(long enough for the document type), structure (title, introduction first, "
-                "conclusion last, references at the end). Then give up to 5 concrete "
+                "conclusion last, references at the end). Then give up to 3 concrete "
                 "recommendations. Answer with JSON only.",
             },
             {

@@ -132,6 +132,7 @@ class LlmSettings:
     max_call_retries: int
     max_cost_usd: float | None
     max_tokens: int | None
+    response_format: str = "json_schema"
 
     @classmethod
     def from_config(cls, config: ProwziConfig) -> LlmSettings:
@@ -155,6 +156,7 @@ class LlmSettings:
             max_call_retries=config.llm_max_call_retries,
             max_cost_usd=config.llm_max_cost_usd,
             max_tokens=config.llm_max_tokens,
+            response_format=config.llm_response_format,
         )
 
     def model_for(self, stage: str) -> str:
@@ -335,7 +337,9 @@ class LlmClient:
             "temperature": self.settings.temperature,
             "max_tokens": max_tokens or self.settings.max_output_tokens,
         }
-        if schema is not None:
+        if schema is not None and self.settings.response_format == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        elif schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": schema_name, "schema": schema, "strict": True},
@@ -504,6 +508,9 @@ class LlmClient:
             "gen_ai.request.temperature": float(request["temperature"]),
             "gen_ai.request.max_tokens": int(request["max_tokens"]),
             "gen_ai.output.type": "json" if "response_format" in request else "text",
+            "gen_ai.request.response_format": request.get("response_format", {}).get(
+                "type", "text"
+            ),
             "server.address": self._server[0],
             "server.port": self._server[1],
             "prowzi.stage": ctx.stage,
