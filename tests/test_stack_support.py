@@ -62,6 +62,11 @@ CONTRACT: dict[str, str] = {
     "prowzi_turnitin_similarity_ratio": "histogram",
     "prowzi_service_queue_depth": "gauge",
     "prowzi_service_active_runs": "gauge",
+    # the LLM back end (issue 17)
+    "prowzi_llm_tokens_total": "counter",
+    "prowzi_llm_cost_usd_total": "counter",
+    "prowzi_llm_calls_total": "counter",
+    "prowzi_llm_call_duration_seconds": "histogram",
 }
 # Series Prometheus itself writes for every scrape target, and for alerts.
 PROMETHEUS_SYNTHETIC = frozenset(
@@ -78,6 +83,7 @@ REQUIRED_ALERTS = frozenset(
         "ProwziTargetDown",
         "ProwziTelemetrySinkErrors",
         "ProwziCheckpointWriteFailures",
+        "ProwziLlmRateLimited",
     }
 )
 
