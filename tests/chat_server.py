@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -270,6 +271,12 @@ def _handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             return None
+
+        def setup(self) -> None:
+            super().setup()
+            # headers and body go out in separate writes: without this, the client's delayed
+            # ACK holds the body back ~40 ms (Nagle), which is no cost of the client
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def _send(self, status: int, payload: bytes, extra: dict[str, str] | None = None) -> None:
             self.send_response(status)
