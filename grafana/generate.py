@@ -732,6 +732,10 @@ SENT = 'outcome!="cached"'
 def language_model() -> Row:
     """Tokens, cost and rate limits of the LLM agents' model calls (prowzi_llm_*)."""
     calls = sel("prowzi_llm_calls_total", stage=True)
+    limited = sum_by("model", rate(sel("prowzi_llm_calls_total", LIMITED, stage=True)))
+    sent = sum_by("model", rate(sel("prowzi_llm_calls_total", SENT, stage=True)))
+    durations = sel("prowzi_llm_call_duration_seconds_bucket", stage=True)
+    durations_count = sel("prowzi_llm_call_duration_seconds_count", stage=True)
     return Row(
         "Language model",
         [
@@ -770,13 +774,11 @@ def language_model() -> Row:
             ),
             timeseries(
                 "Rate-limited share",
-                "Per model, the share of requests sent that were answered HTTP 429. Alert "
-                "ProwziLlmRateLimited fires above 20% for 10 minutes.",
+                "Per model, the share of requests sent that were answered HTTP 429 (0 while "
+                "none are sent). Alert ProwziLlmRateLimited fires above 20% for 10 minutes.",
                 "percentunit",
                 Query(
-                    sum_by("model", rate(sel("prowzi_llm_calls_total", LIMITED, stage=True)))
-                    + " / "
-                    + sum_by("model", rate(sel("prowzi_llm_calls_total", SENT, stage=True))),
+                    f"({limited} / ({sent} > 0)) or (0 * {sent})",
                     legend="{{model}}",
                 ),
                 defaults={"min": 0, "max": 1},
@@ -784,15 +786,12 @@ def language_model() -> Row:
             ),
             timeseries(
                 "Model call p95 duration",
-                "95th percentile of one model request's duration by stage "
-                "(prowzi_llm_call_duration_seconds).",
+                "95th percentile of one model request's duration by stage, 0 while there are "
+                "none (prowzi_llm_call_duration_seconds).",
                 "s",
                 Query(
-                    hq(
-                        0.95,
-                        "stage",
-                        rate(sel("prowzi_llm_call_duration_seconds_bucket", stage=True)),
-                    ),
+                    f"({hq(0.95, 'stage', rate(durations))} >= 0)"
+                    f" or (0 * {sum_by('stage', rate(durations_count))})",
                     legend="{{stage}} p95",
                 ),
                 width=12,

@@ -31,9 +31,8 @@ def test_a_real_model_run_cites_only_verified_sources_and_quotes_verbatim(
             **os.environ,
             "PROWZI_LLM_BASE_URL": base_url,
             "PROWZI_LLM_RESPONSE_FORMAT": "json_object",
-            "PROWZI_LLM_MAX_OUTPUT_TOKENS": "200",
+            "PROWZI_LLM_MAX_OUTPUT_TOKENS": "160",  # prose; a typed answer gets its schema's bound
             "PROWZI_LLM_CONTEXT_TOKENS": "512",
-            "PROWZI_LLM_TEMPERATURE": "0",
             "PROWZI_EVALUATION_THRESHOLD": "0",  # no revision pass: one evaluation call
             "PROWZI_LLM_TIMEOUT_SECONDS": "300",
             "PROWZI_STAGE_TIMEOUT_SECONDS": "900",

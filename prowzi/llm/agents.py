@@ -134,6 +134,27 @@ def strict_schema(model: type[BaseModel]) -> dict[str, Any]:
     return result
 
 
+def answer_token_bound(schema: dict[str, Any]) -> int:
+    """An upper bound on the tokens of a JSON answer the schema allows (bounded strings and
+    arrays, as every answer schema here has), so a typed answer is never cut off by a limit
+    smaller than the schema itself permits. About 3 characters a token, plus spacing."""
+
+    def chars(node: dict[str, Any]) -> int:
+        if "enum" in node:
+            return max(len(json.dumps(v)) for v in node["enum"])
+        kind = node.get("type")
+        if kind == "object":
+            props = node.get("properties", {})
+            return 2 + sum(len(k) + 6 + chars(v) for k, v in props.items())
+        if kind == "array":
+            return 2 + int(node.get("maxItems", 10)) * (chars(node.get("items", {})) + 2)
+        if kind == "string":
+            return 2 + int(node.get("maxLength", 200)) * 2  # escapes, unusual characters
+        return 24
+
+    return chars(schema) // 3 + 32
+
+
 class _Agent:
     """What the four agents share: the client and the typed, re-asked call."""
 
@@ -145,6 +166,7 @@ class _Agent:
     ) -> M:
         """A typed answer: ``json_schema`` output, validated, re-asked once (module doc)."""
         schema = strict_schema(answer_type)
+        limit = answer_token_bound(schema)
 
         def accept(answer: ChatAnswer) -> M:
             if answer.finish_reason == "length":
@@ -168,7 +190,13 @@ class _Agent:
             ctx,
             messages,
             accept,
-            lambda m: self.client.request(ctx, m, schema=schema, schema_name=answer_type.__name__),
+            lambda m: self.client.request(
+                ctx,
+                m,
+                schema=schema,
+                schema_name=answer_type.__name__,
+                max_tokens=max(self.client.settings.max_output_tokens, limit),
+            ),
         )
         return result
 
