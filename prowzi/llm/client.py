@@ -287,8 +287,7 @@ class LlmClient:
         if s.max_cost_usd is None and s.max_tokens is None:
             return
         spent = self.spend(session_id)
-        prompt = sum(len(str(m.get("content", ""))) for m in request["messages"])
-        next_in = estimate_tokens("x" * prompt) if prompt else 1
+        next_in = sum(estimate_tokens(str(m.get("content", ""))) for m in request["messages"])
         next_out = int(request.get("max_tokens") or s.max_output_tokens)
         if s.max_tokens is not None and spent.tokens + next_in + next_out > s.max_tokens:
             raise BudgetExceededError(
