@@ -4,11 +4,13 @@ request cannot carry one."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from chat_server import ChatServer
+from test_metrics_prometheus import Prometheus
 from test_service import Service
 
 MODEL = "fake-model"
@@ -62,3 +64,31 @@ def test_post_runs_accepts_a_model_and_a_budget_never_a_key(
     failed = svc.wait_state(small.json()["session_id"], "completed", "failed")
     assert failed["state"] == "failed" and "budget exceeded" in failed["error"]
     assert KEY not in svc.log()
+
+
+def test_a_real_prometheus_scrapes_tokens_cost_and_calls_of_a_service_run(
+    llm_service: tuple[Service, ChatServer], tmp_path: Path
+) -> None:
+    svc, chat = llm_service
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{svc.port}")
+    try:
+        sid = svc.client.post("/runs", json={"prompt": "quantum computing", "model": MODEL})
+        assert svc.wait_state(sid.json()["session_id"], "completed")["state"] == "completed"
+        sent_in, sent_out = chat.usage_totals()
+        answered = sum(r.status == 200 for r in chat.chat_requests())
+        expected = {
+            f'sum(prowzi_llm_tokens_total{{model="{MODEL}", type="input"}})': sent_in,
+            f'sum(prowzi_llm_tokens_total{{model="{MODEL}", type="output"}})': sent_out,
+            f'sum(prowzi_llm_calls_total{{model="{MODEL}", outcome="ok"}})': answered,
+            f'sum(prowzi_llm_call_duration_seconds_count{{model="{MODEL}"}})': answered,
+            f'sum(prowzi_llm_cost_usd_total{{model="{MODEL}"}}) * 1e6': sent_in + sent_out,
+        }
+        deadline = time.monotonic() + 20
+        while True:
+            seen = {q: prometheus.value(q) for q in expected}
+            if all(v is not None and abs(v - expected[q]) < 1e-6 for q, v in seen.items()):
+                break
+            assert time.monotonic() < deadline, (seen, expected)
+            time.sleep(0.5)
+    finally:
+        prometheus.close()
