@@ -14,7 +14,8 @@ Faults are scripted per kind of request (the schema's name, or ``"text"`` for pr
 faults each request of that kind takes in turn before answering normally: ``429`` (with
 ``Retry-After``), ``500``, ``401``, ``malformed`` (a schema answer that is not JSON),
 ``length`` (cut off, ``finish_reason: length``), ``garbage`` (an HTTP body that is not JSON),
-``invent`` (prose citing a source it was not given, a misquote, and a reference list).
+``invent`` (prose citing a source it was not given, a misquote, and a reference list),
+``slow`` (an answer 1.5 s late).
 Every request is recorded: its time, its body's sha256, its kind, its status, the ``usage``
 it was answered with.
 """
@@ -63,7 +64,7 @@ class ChatServer:
         self.score = 9
         self.models_status = 200
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), _handler(self))
+        self._server = _Server((LOOPBACK, 0), _handler(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.base_url = f"http://{LOOPBACK}:{self.port}/v1"
@@ -103,7 +104,9 @@ class ChatServer:
         with self._lock:
             faults = self.faults.get(kind) or []
             fault = faults.pop(0) if faults else None
-        delay = self.delay.get(kind, 0.0)
+        delay = self.delay.get(kind, 0.0) + (
+            1.5 if fault is not None and fault.kind == "slow" else 0
+        )
         if delay:
             time.sleep(delay)
         status, extra, payload, usage = self._respond(body, kind, fault)
@@ -165,6 +168,15 @@ class ChatServer:
             "usage": usage,
         }
         return 200, {}, json.dumps(doc).encode(), usage
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (a timeout) closed its connection: that is expected."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _kind(body: dict[str, Any]) -> str:

@@ -127,6 +127,9 @@ def test_prowzi_run_llm_writes_a_cited_document_and_counts_every_token(
     shown = cli("show", session, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "tokens" in shown.stdout.lower() and "$" in shown.stdout
+    monitored = cli("monitor", session, env={}, cwd=tmp_path)
+    assert monitored.returncode == 0, monitored.stderr
+    assert "Model usage:" in monitored.stdout and "tokens $" in monitored.stdout
     # the key is nowhere: outputs, checkpoints, cache, telemetry, the document
     assert KEY not in proc.stdout + proc.stderr + shown.stdout + shown.stderr
     assert KEY.encode() not in all_bytes_under(tmp_path)
@@ -145,6 +148,25 @@ def test_429_with_retry_after_is_honoured_then_succeeds(server: ChatServer, tmp_
     details = stage_details(llm_config(tmp_path, server), result.metadata["session_id"])
     assert details["intent"]["llm_failed_requests"] == 1
     assert details["intent"]["llm_calls"] == 1
+
+
+def test_a_timeout_is_transient_and_retried(server: ChatServer, tmp_path: Path) -> None:
+    server.script("IntentAnswer", Fault("slow"))
+    config = llm_config(tmp_path, server, llm_timeout_seconds=0.5)
+    result = run(config)
+    deadline = time.monotonic() + 5  # the slow answer is recorded when the server sends it
+    while len(server.chat_requests("IntentAnswer")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    slow, retried = sorted(server.chat_requests("IntentAnswer"), key=lambda r: r.at)
+    assert retried.at - slow.at >= 0.5  # the client gave up on the first after its timeout
+    details = stage_details(config, result.metadata["session_id"])["intent"]
+    assert details["llm_failed_requests"] == 1 and details["llm_calls"] == 1
+
+
+def test_a_budget_without_a_model_is_refused(tmp_path: Path) -> None:
+    proc = cli("run", PROMPT, "--max-cost", "1", env={}, cwd=tmp_path)
+    assert proc.returncode == 2 and "needs a model" in proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_retry_after_as_an_http_date() -> None:

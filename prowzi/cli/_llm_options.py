@@ -46,3 +46,10 @@ def apply_llm_options(
         config.llm_max_tokens = max_tokens
     if no_cache:
         config.llm_cache = False
+    if not config.llm_model and (max_cost is not None or max_tokens is not None):
+        from prowzi.errors import ConfigError
+
+        raise ConfigError(
+            "a budget (--max-cost, --max-tokens) needs a model: pass --llm MODEL or set "
+            "PROWZI_LLM_MODEL"
+        )
