@@ -163,10 +163,14 @@ def test_a_timeout_is_transient_and_retried(server: ChatServer, tmp_path: Path) 
     assert details["llm_failed_requests"] == 1 and details["llm_calls"] == 1
 
 
-def test_a_budget_without_a_model_is_refused(tmp_path: Path) -> None:
+def test_a_budget_without_a_model_or_a_price_is_refused(server: ChatServer, tmp_path: Path) -> None:
     proc = cli("run", PROMPT, "--max-cost", "1", env={}, cwd=tmp_path)
     assert proc.returncode == 2 and "needs a model" in proc.stderr
     assert proc.stderr.count("\n") == 1
+    unpriced = {**cli_env(server), "PROWZI_LLM_PRICES": "other=1/1"}
+    proc = cli("run", PROMPT, "--llm", MODEL, "--max-cost", "1", env=unpriced, cwd=tmp_path)
+    assert proc.returncode == 2 and f"needs the price of '{MODEL}'" in proc.stderr
+    assert not server.chat_requests()
 
 
 def test_retry_after_as_an_http_date() -> None:

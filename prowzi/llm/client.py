@@ -142,12 +142,20 @@ class LlmSettings:
                 "(set PROWZI_LLM_MODEL or pass --llm MODEL)"
             )
         key = config.llm_api_key.get_secret_value() if config.llm_api_key else None
+        prices = parse_prices(config.llm_prices)
+        stage_models = parse_stage_models(config.llm_stage_models)
+        unpriced = sorted({config.llm_model, *stage_models.values()} - set(prices))
+        if config.llm_max_cost_usd is not None and unpriced:
+            raise ConfigError(
+                "invalid setting llm_prices (PROWZI_LLM_PRICES): a cost budget (--max-cost) "
+                f"needs the price of {', '.join(repr(m) for m in unpriced)}"
+            )
         return cls(
             base_url=config.llm_base_url,
             api_key=key or None,
             model=config.llm_model,
-            stage_models=parse_stage_models(config.llm_stage_models),
-            prices=parse_prices(config.llm_prices),
+            stage_models=stage_models,
+            prices=prices,
             temperature=config.llm_temperature,
             max_output_tokens=config.llm_max_output_tokens,
             context_tokens=config.llm_context_tokens,
