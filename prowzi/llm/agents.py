@@ -161,6 +161,10 @@ class _Agent:
     def __init__(self, client: LlmClient) -> None:
         self.client = client
 
+    async def aclose(self) -> None:
+        """Close the shared client's connections (the service does, after a run)."""
+        await self.client.aclose()
+
     async def ask(
         self, ctx: StageContext, messages: list[dict[str, str]], answer_type: type[M]
     ) -> M:

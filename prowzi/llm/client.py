@@ -542,6 +542,12 @@ class LlmClient:
             message = [{"role": "assistant", "content": answer.content}]
             span.set_attribute("gen_ai.output.messages", orjson.dumps(message).decode())
 
+    async def aclose(self) -> None:
+        """Close this event loop's connections (idempotent; a client is usable again)."""
+        current = self._loops.pop(id(asyncio.get_running_loop()), None)
+        if current is not None:
+            await current.http.aclose()
+
     # --- set-up -------------------------------------------------------------------------
 
     def check_server(self) -> None:

@@ -13,6 +13,7 @@ changes arrive during one write; checkpoint plans are read in worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -391,6 +392,7 @@ class RunManager:
 
     async def _execute(self, record: RunRecord) -> None:
         entry = record.entry
+        closing: list[Any] = []
         try:
             orchestrator = self.orchestrator
             if self._llm_factory is not None and (
@@ -398,7 +400,8 @@ class RunManager:
             ):
                 orchestrator = self._llm_factory(self._sink, entry)
                 # its agents ask the model server first: off the loop
-                await asyncio.to_thread(getattr, orchestrator, "agents")
+                agents = await asyncio.to_thread(getattr, orchestrator, "agents")
+                closing = [a for a in agents.values() if hasattr(a, "aclose")][:1]
             if entry.kind == "run":
                 await orchestrator.run_research(
                     entry.prompt,
@@ -421,6 +424,10 @@ class RunManager:
         except Exception as exc:
             log.exception("run %s failed", entry.session_id)
             self._set_state(record, "failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for agent in closing:  # this run's own model client (its agents share it)
+                with contextlib.suppress(Exception):
+                    await agent.aclose()
 
     def _not_started(self, record: RunRecord, reason: str) -> None:
         """The run could not start: another process took the session's lease after the
