@@ -144,7 +144,7 @@ def test_429_with_retry_after_is_honoured_then_succeeds(server: ChatServer, tmp_
     first, second = server.chat_requests("IntentAnswer")[:2]
     assert first.status == 429 and second.status == 200
     waited = second.at - first.answered_at
-    assert 2.0 <= waited < 3.5, waited
+    assert 2.0 <= waited < 5.0, waited  # Retry-After: 2, and no backoff of our own on top
     details = stage_details(llm_config(tmp_path, server), result.metadata["session_id"])
     assert details["intent"]["llm_failed_requests"] == 1
     assert details["intent"]["llm_calls"] == 1
