@@ -788,7 +788,82 @@ def stages() -> dict[str, Any]:
         "prowzi-stages",
         "Prowzi / Stages",
         "Per-stage throughput, errors, latency (with exemplars linking to traces) and retries.",
-        [throughput, latency, retries, summary],
+        [throughput, latency, retries, summary, language_model()],
+    )
+
+
+LIMITED = 'outcome="rate_limited"'
+SENT = 'outcome!="cached"'
+
+
+def language_model() -> Row:
+    """Tokens, cost and rate limits of the LLM agents' model calls (prowzi_llm_*)."""
+    calls = sel("prowzi_llm_calls_total", stage=True)
+    limited = sum_by("model", rate(sel("prowzi_llm_calls_total", LIMITED, stage=True)))
+    sent = sum_by("model", rate(sel("prowzi_llm_calls_total", SENT, stage=True)))
+    durations = sel("prowzi_llm_call_duration_seconds_bucket", stage=True)
+    durations_count = sel("prowzi_llm_call_duration_seconds_count", stage=True)
+    return Row(
+        "Language model",
+        [
+            timeseries(
+                "Tokens per minute",
+                "Input and output tokens of model calls per minute by stage and type, as the "
+                "server's usage reported them (prowzi_llm_tokens_total; cached answers count "
+                "none).",
+                "short",
+                Query(
+                    sum_by("stage, type", rate(sel("prowzi_llm_tokens_total", stage=True)))
+                    + " * 60",
+                    legend="{{stage}} {{type}}",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Cost per hour",
+                "US dollars per hour of model calls by stage and model at the configured "
+                "prices, PROWZI_LLM_PRICES (prowzi_llm_cost_usd_total).",
+                "currencyUSD",
+                Query(
+                    sum_by("stage, model", rate(sel("prowzi_llm_cost_usd_total", stage=True)))
+                    + " * 3600",
+                    legend="{{stage}} {{model}}",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Model requests by outcome",
+                "Model requests per second by outcome: ok, rate_limited (HTTP 429), error, "
+                "cached (answered from the cache, not sent) (prowzi_llm_calls_total).",
+                "reqps",
+                Query(sum_by("model, outcome", rate(calls)), "{{model}} {{outcome}}"),
+                width=8,
+            ),
+            timeseries(
+                "Rate-limited share",
+                "Per model, the share of requests sent that were answered HTTP 429 (0 while "
+                "none are sent). Alert ProwziLlmRateLimited fires above 20% for 10 minutes.",
+                "percentunit",
+                Query(
+                    f"({limited} / ({sent} > 0)) or (0 * {sent})",
+                    legend="{{model}}",
+                ),
+                defaults={"min": 0, "max": 1},
+                width=12,
+            ),
+            timeseries(
+                "Model call p95 duration",
+                "95th percentile of one model request's duration by stage, 0 while there are "
+                "none (prowzi_llm_call_duration_seconds).",
+                "s",
+                Query(
+                    f"({hq(0.95, 'stage', rate(durations))} >= 0)"
+                    f" or (0 * {sum_by('stage', rate(durations_count))})",
+                    legend="{{stage}} p95",
+                ),
+                width=12,
+            ),
+        ],
     )
 
 

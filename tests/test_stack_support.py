@@ -68,6 +68,11 @@ CONTRACT: dict[str, str] = {
     "prowzi_worker_deliveries_total": "counter",
     "prowzi_worker_lease_takeovers_total": "counter",
     "prowzi_worker_leases_lost_total": "counter",
+    # the LLM back end (issue 17)
+    "prowzi_llm_tokens_total": "counter",
+    "prowzi_llm_cost_usd_total": "counter",
+    "prowzi_llm_calls_total": "counter",
+    "prowzi_llm_call_duration_seconds": "histogram",
 }
 # Series Prometheus itself writes for every scrape target, and for alerts.
 PROMETHEUS_SYNTHETIC = frozenset(
@@ -87,6 +92,7 @@ REQUIRED_ALERTS = frozenset(
         "ProwziWorkerQueueBacklogGrowing",
         "ProwziWorkersDown",
         "ProwziLeaseTakeovers",
+        "ProwziLlmRateLimited",
     }
 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +64,52 @@ class _NullObserver:
 NULL_OBSERVER: StageObserver = _NullObserver()
 
 
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """One request to a language model (or one answer replayed from the cache).
+
+    ``outcome`` is ``ok``, ``cached``, ``rate_limited`` or ``error``; ``model`` is the
+    configured model name (a bounded label), tokens as the server's ``usage`` reported them."""
+
+    model: str
+    outcome: str
+    duration_seconds: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def model_call_details(calls: list[ModelCall]) -> dict[str, Any]:
+    """What a stage attempt's model calls add to its telemetry details (nothing without any):
+    answered calls, cached answers, failed requests, tokens and cost."""
+    if not calls:
+        return {}
+    return {
+        "llm_calls": sum(c.outcome == "ok" for c in calls),
+        "llm_cached_calls": sum(c.outcome == "cached" for c in calls),
+        "llm_failed_requests": sum(c.outcome in ("rate_limited", "error") for c in calls),
+        "input_tokens": sum(c.input_tokens for c in calls),
+        "output_tokens": sum(c.output_tokens for c in calls),
+        "cost_usd": round(sum(c.cost_usd for c in calls), 6),
+    }
+
+
+def format_model_usage(details: Iterable[Mapping[str, Any]]) -> str | None:
+    """``"1234 tokens (1000 in, 234 out), $0.0123, 3 cached"`` summed over stage details
+    (of completed attempts); None when no model was called."""
+    rows = [d for d in details if "llm_calls" in d]
+    if not rows:
+        return None
+    tokens_in = sum(int(d.get("input_tokens", 0)) for d in rows)
+    tokens_out = sum(int(d.get("output_tokens", 0)) for d in rows)
+    cost = sum(float(d.get("cost_usd", 0.0)) for d in rows)
+    cached = sum(int(d.get("llm_cached_calls", 0)) for d in rows)
+    return (
+        f"{tokens_in + tokens_out} tokens ({tokens_in} in, {tokens_out} out), "
+        f"${cost:.4f}, {cached} cached"
+    )
+
+
 @dataclass(slots=True)
 class StageContext:
     """Everything one stage attempt may read. Agents must not mutate ``state``."""
@@ -76,6 +122,10 @@ class StageContext:
     config: ProwziConfig
     observer: StageObserver = NULL_OBSERVER
     details: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    """Facts this attempt adds to its ``stage_completed`` details, beside its result's."""
+    model_calls: list[ModelCall] = field(default_factory=list)
+    """The model calls of this attempt, for telemetry details and metrics."""
 
     def annotate(self, key: str, value: AttributeValue | list[str]) -> None:
         """Record a fact about this attempt (``prowzi.<stage>.<key>`` on the span)."""

@@ -21,6 +21,7 @@ from prowzi.cli._common import (
     user_errors,
     warn_unsaved,
 )
+from prowzi.cli._llm_options import LlmModel, MaxCost, MaxTokens, NoCache, apply_llm_options
 
 
 def register(app: typer.Typer) -> None:
@@ -59,9 +60,15 @@ def resume(
     output: Annotated[
         Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
     ] = None,
+    llm: LlmModel = None,
+    max_cost: MaxCost = None,
+    max_tokens: MaxTokens = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Continue a session from its latest (or a named) checkpoint."""
     config = load_config()
+    with user_errors():
+        apply_llm_options(config, llm, max_cost, max_tokens, no_cache)
     changes = _parse_sets(set_ or [])
     if output is not None:
         check_output(output)
@@ -71,6 +78,8 @@ def resume(
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         orchestrator = ProwziOrchestrator(config=config)
+        if not dry_run:
+            orchestrator.agents  # noqa: B018  (a bad agent or model setting fails first)
         session, _ = split_checkpoint_id(checkpoint_id)
         holder = orchestrator.checkpoint_manager.lock_holder(session)
         if holder is not None and not dry_run:

@@ -32,6 +32,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from prowzi.agents.base import format_model_usage
 from prowzi.events import (
     Event,
     EventCallback,
@@ -228,6 +229,9 @@ class WorkflowMonitor:
             " completed",
             f"Total Retries: {metrics.total_retries}",
         ]
+        usage = format_model_usage(r.details for r in metrics.stages if r.status == "completed")
+        if usage:
+            lines.append(f"Model usage: {usage}")
         text = Text("\n".join(lines) + "\n")
         if self.interrupted is not None and metrics.completed_at is None:
             text.append("Success: ✗ (interrupted)", style="red")
@@ -258,7 +262,13 @@ def _details(record: StageMetrics) -> str:
     if record.status == "skipped":
         return "Restored from checkpoint"
     parts = []
-    for key, value in record.details.items():
+    details = dict(record.details)
+    if "llm_calls" in details:  # model usage first, compactly: the row may be cut off
+        tokens = int(details.pop("input_tokens", 0)) + int(details.pop("output_tokens", 0))
+        parts.append(f"{tokens} tokens ${float(details.pop('cost_usd', 0.0)):.4f}")
+        for key in ("llm_calls", "llm_cached_calls", "llm_failed_requests"):
+            details.pop(key, None)
+    for key, value in details.items():
         if key in _LONG_DETAILS:
             continue
         label = _DETAIL_LABELS.get(key, key.replace("_", " ").capitalize())

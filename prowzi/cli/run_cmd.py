@@ -19,6 +19,7 @@ from prowzi.cli._common import (
     user_errors,
     warn_unsaved,
 )
+from prowzi.cli._llm_options import LlmModel, MaxCost, MaxTokens, NoCache, apply_llm_options
 
 if TYPE_CHECKING:
     from prowzi.workflows.orchestrator import ResearchResult
@@ -67,10 +68,15 @@ def run(
             help="Enqueue the run for `prowzi worker` (PROWZI_BROKER_URL); print its session id.",
         ),
     ] = False,
+    llm: LlmModel = None,
+    max_cost: MaxCost = None,
+    max_tokens: MaxTokens = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Run the research workflow for PROMPT and write a cited markdown document."""
     config = load_config()
     with user_errors():
+        apply_llm_options(config, llm, max_cost, max_tokens, no_cache)
         from prowzi.ids import new_session_id, validate_session_id
 
         if not prompt.strip():
@@ -153,7 +159,7 @@ def _execute(
         from prowzi.observability.metrics import serve_metrics
         from prowzi.workflows.composition import build_metrics
 
-        metrics = build_metrics()
+        metrics = build_metrics(config=config)
         sinks.append(metrics)
         if metrics_port is not None:
             server = serve_metrics(metrics.registry, metrics_port)

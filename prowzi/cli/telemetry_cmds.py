@@ -272,6 +272,11 @@ def _print_session(
     head.add_row("Duration", _duration(metrics.total_duration_seconds))
     head.add_row("Stages", f"{metrics.completed_stage_count}/{metrics.stage_total} completed")
     head.add_row("Retries", str(metrics.total_retries))
+    from prowzi.agents.base import format_model_usage
+
+    usage = format_model_usage(r.details for r in metrics.stages if r.status == "completed")
+    if usage:
+        head.add_row("Model usage", usage)
     head.add_row("Failed stages", ", ".join(metrics.failed_stages) or "-")
     if metrics.metadata.get("error"):
         head.add_row("Error", str(metrics.metadata["error"]))

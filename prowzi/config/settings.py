@@ -19,7 +19,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prowzi.errors import ConfigError
@@ -254,6 +261,80 @@ class ProwziConfig(CheckpointLocation, TelemetryLocation):
         0.75, ge=0, le=1, description="Evaluation score below which one revision pass runs."
     )
 
+    # Language model (the LLM agents run when llm_model is set; see prowzi/llm)
+    llm_base_url: str = Field(
+        "http://127.0.0.1:11434/v1",
+        description="Base URL of an OpenAI Chat Completions server (OpenAI, Azure OpenAI, "
+        "Ollama, vLLM, llama.cpp's server, LM Studio, LiteLLM).",
+    )
+    llm_api_key: SecretStr | None = Field(
+        None, description="API key sent as a bearer token; never logged, printed or stored."
+    )
+    llm_model: str | None = Field(
+        None, description="Model for the LLM agents; unset: the offline agents run."
+    )
+    llm_stage_models: str | None = Field(
+        None, description="Per-stage model overrides: 'writing=gpt-4o,evaluation=gpt-4o-mini'."
+    )
+    llm_response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema",
+        description="How typed answers are asked for: 'json_schema' (the OpenAI form: OpenAI, "
+        "vLLM, Ollama, LM Studio, LiteLLM) or 'json_object' with a 'schema' beside it "
+        "(llama-cpp-python's server, which constrains the answer to the schema that way).",
+    )
+    llm_temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature.")
+    llm_max_output_tokens: int = Field(
+        1024, ge=1, le=1_000_000, description="Limit on one answer's tokens."
+    )
+    llm_context_tokens: int = Field(
+        8192, ge=512, le=10_000_000, description="The model's context window, for fitting sources."
+    )
+    llm_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="Limit on one request.")
+    llm_concurrency: int = Field(4, ge=1, le=256, description="Requests in flight per run.")
+    llm_max_call_retries: int = Field(
+        4, ge=0, le=20, description="Retries of one request on 429, 5xx, timeouts, disconnects."
+    )
+    llm_prices: str | None = Field(
+        None,
+        description="USD per million input/output tokens per model: 'gpt-4o-mini=0.15/0.60,...'.",
+    )
+    llm_cache: bool = Field(True, description="Cache answers beside the checkpoints.")
+    llm_cache_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="Cache size limit; least recently used go first."
+    )
+    llm_max_cost_usd: float | None = Field(None, ge=0, description="Budget in USD per run.")
+    llm_max_tokens: int | None = Field(None, ge=0, description="Budget in tokens per run.")
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _check_llm_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host")
+        return value
+
+    @field_validator("llm_model")
+    @classmethod
+    def _check_llm_model(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip() if value is not None else None
+
+    @field_validator("llm_stage_models")
+    @classmethod
+    def _check_stage_models(cls, value: str | None) -> str | None:
+        parse_stage_models(value)
+        return value
+
+    @field_validator("llm_prices")
+    @classmethod
+    def _check_prices(cls, value: str | None) -> str | None:
+        parse_prices(value)
+        return value
+
     # Output and observability
     output_dir: DirectorySetting = Field(
         Path("."), description="Where `prowzi run` writes documents."
@@ -274,6 +355,45 @@ class ProwziConfig(CheckpointLocation, TelemetryLocation):
         description="Longest a run may take on a worker; then it is checkpointed and stopped.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+LLM_STAGES = ("intent", "planning", "writing", "evaluation")
+"""The stages that have an LLM agent."""
+
+
+def parse_stage_models(value: str | None) -> dict[str, str]:
+    """``"writing=m1,evaluation=m2"`` -> ``{"writing": "m1", ...}`` (``ValueError`` saying why)."""
+    out: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        stage, sep, model = (p.strip() for p in item.partition("="))
+        if not sep or not model:
+            raise ValueError(f"{item.strip()!r} is not 'stage=model'")
+        if stage not in LLM_STAGES:
+            raise ValueError(f"{stage!r} has no LLM agent; stages are {', '.join(LLM_STAGES)}")
+        out[stage] = model
+    return out
+
+
+def parse_prices(value: str | None) -> dict[str, tuple[float, float]]:
+    """``"m=0.15/0.60,..."`` (USD per million input/output tokens) -> ``{"m": (0.15, 0.6)}``."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        model, sep, price = (p.strip() for p in item.rpartition("="))
+        prices = price.split("/")
+        try:
+            pair = (float(prices[0]), float(prices[1])) if len(prices) == 2 else None
+        except ValueError:
+            pair = None
+        if not sep or not model or pair is None or min(pair) < 0 or max(pair) > 1e6:
+            raise ValueError(
+                f"{item.strip()!r} is not 'model=input/output' (USD per million tokens)"
+            )
+        out[model] = pair
+    return out
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -53,6 +53,8 @@ from prowzi.events import (
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
+    from prowzi.agents.base import ModelCall
+
 log = logging.getLogger("prowzi.metrics")
 
 OTHER = "other"
@@ -61,6 +63,8 @@ STAGE_OUTCOMES = ("completed", "failed", "retrying", "skipped")
 ERROR_TYPES = ("transient", "timeout", "permanent")
 CHECKPOINT_OUTCOMES = ("success", "failure")
 EVALUATION_PHASES = ("initial", "final")
+LLM_OUTCOMES = ("ok", "rate_limited", "error", "cached")
+TOKEN_TYPES = ("input", "output")
 KNOWN_SINKS = (
     "telemetry",
     "event_log",
@@ -83,6 +87,7 @@ def _one_two_five(low: float, high: float) -> tuple[float, ...]:
 
 
 STAGE_DURATION_BUCKETS = (*_one_two_five(0.005, 10), 30, 60, 120, 300, 600)
+LLM_CALL_DURATION_BUCKETS = (*_one_two_five(0.001, 10), 30, 60, 120, 300)
 CHECKPOINT_DURATION_BUCKETS = _one_two_five(0.0005, 2.5)
 CHECKPOINT_SIZE_BUCKETS = tuple(1024 * 4**i for i in range(10))  # 1 KiB .. 256 MiB
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
@@ -106,6 +111,7 @@ class ProwziMetrics:
         *,
         stages: Iterable[str] | None = None,
         sinks: Iterable[str] = KNOWN_SINKS,
+        models: Iterable[str] = (),
     ) -> None:
         from prowzi import __version__
 
@@ -124,6 +130,8 @@ class ProwziMetrics:
         sink_labels = (*sorted(self._sinks), OTHER)
         self._active: set[str] = set()
         self._lock = threading.Lock()
+        self._models = frozenset(models)
+        model_labels = (*sorted(self._models), OTHER)
 
         build_info = Gauge(
             "prowzi_build_info",
@@ -225,6 +233,51 @@ class ProwziMetrics:
             "prowzi_service_active_runs", "Runs the service is executing.", registry=registry
         )
 
+        # Model calls (prowzi.llm): the model label is a configured model or "other".
+        llm_tokens = Counter(
+            "prowzi_llm_tokens",
+            "Tokens of model calls as the server's usage reported them, by stage, model and "
+            "type (input or output); cached answers count none.",
+            ("stage", "model", "type"),
+            registry=registry,
+        )
+        llm_cost = Counter(
+            "prowzi_llm_cost_usd",
+            "Cost of model calls in US dollars at the configured prices, by stage and model.",
+            ("stage", "model"),
+            registry=registry,
+        )
+        llm_calls = Counter(
+            "prowzi_llm_calls",
+            "Model requests by outcome: ok, rate_limited (HTTP 429), error (5xx, timeouts, "
+            "refusals, malformed answers) and cached (answered from the cache, not sent).",
+            ("stage", "model", "outcome"),
+            registry=registry,
+        )
+        llm_duration = Histogram(
+            "prowzi_llm_call_duration_seconds",
+            "Duration of one model request (or cache lookup), by stage and model.",
+            ("stage", "model"),
+            buckets=LLM_CALL_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._llm_tokens = {
+            (s, m, t): llm_tokens.labels(s, m, t)
+            for s in stage_labels
+            for m in model_labels
+            for t in TOKEN_TYPES
+        }
+        self._llm_cost = {(s, m): llm_cost.labels(s, m) for s in stage_labels for m in model_labels}
+        self._llm_calls = {
+            (s, m, o): llm_calls.labels(s, m, o)
+            for s in stage_labels
+            for m in model_labels
+            for o in LLM_OUTCOMES
+        }
+        self._llm_duration = {
+            (s, m): llm_duration.labels(s, m) for s in stage_labels for m in model_labels
+        }
+
         # Children are bound once: every label value exists from the start (fixed series
         # count, zeros instead of gaps) and handling an event costs dictionary lookups only.
         self._runs_completed = {o: runs_completed.labels(o) for o in RUN_OUTCOMES}
@@ -278,6 +331,21 @@ class ProwziMetrics:
         elif isinstance(event, WorkflowFailed):
             outcome = "cancelled" if event.cancelled else "failure"
             self._finish(event.session_id, outcome, event.duration_seconds)
+
+    def observe_model_calls(self, stage: str, calls: Iterable[ModelCall]) -> None:
+        """Count a stage attempt's model calls (the orchestrator hands them over)."""
+        stage = self._stage(stage)
+        for call in calls:
+            model = call.model if call.model in self._models else OTHER
+            outcome = call.outcome if call.outcome in LLM_OUTCOMES else "error"
+            self._llm_calls[stage, model, outcome].inc()
+            self._llm_duration[stage, model].observe(max(call.duration_seconds, 0.0))
+            if call.input_tokens:
+                self._llm_tokens[stage, model, "input"].inc(call.input_tokens)
+            if call.output_tokens:
+                self._llm_tokens[stage, model, "output"].inc(call.output_tokens)
+            if call.cost_usd:
+                self._llm_cost[stage, model].inc(call.cost_usd)
 
     def sink_error(self, sink_name: str, exc: BaseException) -> None:
         """``EventBus(on_error=...)`` hook: count a failing sink under a closed-set name."""

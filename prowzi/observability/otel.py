@@ -78,12 +78,29 @@ def _hex_ids(span: Span) -> tuple[str | None, str | None]:
 class OtelStageSpan:
     """One stage attempt's span (``invoke_agent prowzi.<stage>``)."""
 
-    __slots__ = ("_span", "_status", "span_id", "trace_id")
+    __slots__ = ("_span", "_status", "_tracer", "span_id", "trace_id")
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, tracer: Tracer | None = None) -> None:
         self._span = span
+        self._tracer = tracer
         self._status: str | None = None
         self.trace_id, self.span_id = _hex_ids(span)
+
+    @contextmanager
+    def child_span(self, name: str, attributes: Mapping[str, AttributeValue]) -> Iterator[Span]:
+        """A ``CLIENT`` span under this stage's span (a model call), ended when the block
+        ends; the caller records its outcome."""
+        from opentelemetry import trace
+
+        tracer = self._tracer or trace.get_tracer(INSTRUMENTATION_NAME)
+        with tracer.start_as_current_span(
+            name,
+            kind=trace.SpanKind.CLIENT,
+            attributes=dict(attributes),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
 
     def set_attribute(self, key: str, value: AttributeValue | list[str]) -> None:
         self._span.set_attribute(key, value)
@@ -126,7 +143,7 @@ class OtelRunSpan:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span,
-            _closing(span, OtelStageSpan(span)) as wrapper,
+            _closing(span, OtelStageSpan(span, self._tracer)) as wrapper,
         ):
             yield wrapper
 

@@ -53,7 +53,7 @@ from prowzi.errors import (
 from prowzi.events import EventSink
 from prowzi.ids import new_session_id, validate_session_id
 from prowzi.observability.metrics import ProwziMetrics, render
-from prowzi.service.journal import RUN_STATES, RunJournal
+from prowzi.service.journal import RUN_STATES, JournalEntry, RunJournal
 from prowzi.service.runs import (
     QueueFullError,
     RunConflictError,
@@ -62,7 +62,7 @@ from prowzi.service.runs import (
     ServiceUnavailableError,
 )
 from prowzi.storage.files import read_nofollow
-from prowzi.workflows.composition import build_metrics, build_tracer
+from prowzi.workflows.composition import build_metrics, build_tracer, llm_models
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -105,6 +105,16 @@ class RunRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=10_000, description="The research prompt.")
     max_results_per_query: int = Field(15, ge=1, le=1000)
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Run the LLM agents with this model: one the server's configuration "
+        "names (PROWZI_LLM_MODEL, _STAGE_MODELS, _PRICES). The server's API key is used; a "
+        "request never carries one.",
+    )
+    max_cost_usd: float | None = Field(None, ge=0, description="Budget of model calls, USD.")
+    max_tokens: int | None = Field(None, ge=0, description="Budget of model calls, tokens.")
 
     @field_validator("prompt")
     @classmethod
@@ -169,13 +179,30 @@ def create_app(
     run interrupted by a shutdown resumes where it stopped."""
     settings = settings or ServiceSettings()
     config = config.model_copy(update={"enable_checkpointing": True})
-    metrics = build_metrics(registry)
+    metrics = build_metrics(registry, config)
 
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         return ProwziOrchestrator(
             config=config,
+            sinks=[metrics, sink],
+            tracer=tracer if tracer is not None else build_tracer(),
+            on_sink_error=metrics.sink_error,
+        )
+
+    def llm_factory(sink: EventSink, entry: JournalEntry) -> ProwziOrchestrator:
+        from prowzi.workflows.orchestrator import ProwziOrchestrator
+
+        run_config = config.model_copy(
+            update={
+                "llm_model": entry.model or config.llm_model,
+                "llm_max_cost_usd": entry.max_cost_usd,
+                "llm_max_tokens": entry.max_tokens,
+            }
+        )
+        return ProwziOrchestrator(
+            config=run_config,
             sinks=[metrics, sink],
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
@@ -197,6 +224,7 @@ def create_app(
         shutdown_timeout=settings.shutdown_timeout,
         documents_dir=settings.state_dir / "documents" if remote is None else config.output_dir,
         remote=remote,
+        llm_orchestrator_factory=llm_factory if orchestrator_factory is None else None,
     )
     telemetry_reader: list[TelemetryCollector] = []
 
@@ -333,8 +361,21 @@ def create_app(
     async def start_run(body: RunRequest) -> Any:
         """Queue a run; it starts as soon as a slot is free. Returns its session id."""
         session_id = new_session_id()
+        llm: dict[str, Any] = {}
+        if body.model is not None or body.max_cost_usd is not None or body.max_tokens is not None:
+            allowed = llm_models(config)
+            if body.model is None and not config.llm_model:
+                return _error(400, "a budget needs a model: no model is configured")
+            if body.model is not None and body.model not in allowed:
+                offered = ", ".join(allowed) or "none (PROWZI_LLM_MODEL is not set)"
+                return _error(400, f"model {body.model!r} is not configured; configured: {offered}")
+            llm = {
+                "model": body.model,
+                "max_cost_usd": body.max_cost_usd,
+                "max_tokens": body.max_tokens,
+            }
         try:
-            record = manager.submit(session_id, body.prompt, body.max_results_per_query)
+            record = manager.submit(session_id, body.prompt, body.max_results_per_query, **llm)
         except ServiceUnavailableError as exc:
             return _error(503, str(exc), {"Retry-After": "30"})
         except QueueFullError as exc:

@@ -53,6 +53,10 @@ class JournalEntry:
     max_results_per_query: int
     created_at: float
     updated_at: float
+    model: str | None = None
+    """The LLM model the run was asked to use (one the server configures), if any."""
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None
 
 
 _ENTRY = TypeAdapter(JournalEntry)

@@ -13,6 +13,7 @@ changes arrive during one write; checkpoint plans are read in worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -155,6 +156,8 @@ class RunManager:
         shutdown_timeout: float = 30.0,
         documents_dir: Path | None = None,
         remote: RemoteRuns | None = None,
+        llm_orchestrator_factory: Callable[[EventSink, JournalEntry], ProwziOrchestrator]
+        | None = None,
     ) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
@@ -167,6 +170,7 @@ class RunManager:
         self._metrics = metrics
         self._sink = _RouterSink(self)
         self._factory = orchestrator_factory
+        self._llm_factory = llm_orchestrator_factory
         self._orchestrator: ProwziOrchestrator | None = None
         self._pending: deque[RunRecord] = deque()
         self._running: set[str] = set()
@@ -266,12 +270,15 @@ class RunManager:
 
     # --- requests -----------------------------------------------------------------------
 
-    def submit(self, session_id: str, prompt: str, max_results_per_query: int) -> RunRecord:
-        """Accept a new run; raises when shutting down or when the queue is full."""
+    def submit(
+        self, session_id: str, prompt: str, max_results_per_query: int, **llm: Any
+    ) -> RunRecord:
+        """Accept a new run; raises when shutting down or when the queue is full. ``llm``:
+        ``model``, ``max_cost_usd``, ``max_tokens`` (the run's LLM options)."""
         if session_id in self.records:
             raise RunConflictError(f"session {session_id} already exists")
         self._check_capacity()
-        return self._admit(session_id, "run", prompt, max_results_per_query)
+        return self._admit(session_id, "run", prompt, max_results_per_query, **llm)
 
     async def resume(self, session_id: str, *, settle_complete: bool = False) -> RunRecord:
         """Accept a resume of ``session_id`` from its latest checkpoint.
@@ -360,9 +367,17 @@ class RunManager:
 
     # --- execution ----------------------------------------------------------------------
 
-    def _admit(self, session_id: str, kind: RunKind, prompt: str, results: int) -> RunRecord:
+    def _admit(
+        self, session_id: str, kind: RunKind, prompt: str, results: int, **llm: Any
+    ) -> RunRecord:
         now = time.time()
         record = self.records.get(session_id)
+        if not llm and record is not None:  # a resume keeps the run's LLM options
+            llm = {
+                "model": record.entry.model,
+                "max_cost_usd": record.entry.max_cost_usd,
+                "max_tokens": record.entry.max_tokens,
+            }
         entry = JournalEntry(
             session_id=session_id,
             state="queued",
@@ -371,6 +386,7 @@ class RunManager:
             max_results_per_query=results,
             created_at=record.entry.created_at if record is not None else now,
             updated_at=now,
+            **llm,
         )
         previous = record
         record = RunRecord(entry=entry, replaces=previous)
@@ -425,8 +441,16 @@ class RunManager:
             await self._execute_remote(record, self.remote)
             return
         entry = record.entry
-        orchestrator = self.orchestrator
+        closing: list[Any] = []
         try:
+            orchestrator = self.orchestrator
+            if self._llm_factory is not None and (
+                entry.model or entry.max_cost_usd is not None or entry.max_tokens is not None
+            ):
+                orchestrator = self._llm_factory(self._sink, entry)
+                # its agents ask the model server first: off the loop
+                agents = await asyncio.to_thread(getattr, orchestrator, "agents")
+                closing = [a for a in agents.values() if hasattr(a, "aclose")][:1]
             if entry.kind == "run":
                 await orchestrator.run_research(
                     entry.prompt,
@@ -449,6 +473,10 @@ class RunManager:
         except Exception as exc:
             log.exception("run %s failed", entry.session_id)
             self._set_state(record, "failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for agent in closing:  # this run's own model client (its agents share it)
+                with contextlib.suppress(Exception):
+                    await agent.aclose()
 
     def _not_started(self, record: RunRecord, reason: str) -> None:
         """The run could not start: another process took the session's lease after the

@@ -71,6 +71,11 @@ def resolve_agents(
             )
     agents: dict[str, Agent] = {}
     defaults: dict[str, Agent] | None = None
+    if config.llm_model and not names.issubset({*overrides, *configured}):
+        # A model is configured: its agents replace the offline defaults where they exist.
+        from prowzi.llm.agents import llm_agents
+
+        defaults = {**_offline_defaults(config), **llm_agents(config)}
     for spec in stages:
         if spec.name in overrides:
             agents[spec.name] = overrides[spec.name]
@@ -93,13 +98,17 @@ def resolve_agents(
             agents[spec.name] = agent
         else:
             if defaults is None:
-                from prowzi.agents import default_agents
-
-                defaults = default_agents(config)
+                defaults = _offline_defaults(config)
             if spec.name not in defaults:
                 raise InvalidInputError(f"no agent for stage '{spec.name}'")
             agents[spec.name] = defaults[spec.name]
     return agents
+
+
+def _offline_defaults(config: ProwziConfig) -> dict[str, Agent]:
+    from prowzi.agents import default_agents
+
+    return default_agents(config)
 
 
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
@@ -134,12 +143,25 @@ def shutdown_tracer(tracer: RunTracer) -> None:
     shutdown(tracer)
 
 
-def build_metrics(registry: CollectorRegistry | None = None) -> ProwziMetrics:
+def build_metrics(
+    registry: CollectorRegistry | None = None, config: ProwziConfig | None = None
+) -> ProwziMetrics:
     """The Prometheus metrics sink, in ``registry`` (a fresh one by default, never the
-    process-global registry)."""
+    process-global registry); ``config`` names the models that get their own label value."""
     from prowzi.observability.metrics import ProwziMetrics
 
-    return ProwziMetrics(registry)
+    return ProwziMetrics(registry, models=llm_models(config) if config is not None else ())
+
+
+def llm_models(config: ProwziConfig) -> list[str]:
+    """The configured models (the bounded set of model label values)."""
+    from prowzi.config.settings import parse_prices, parse_stage_models
+
+    models = {*parse_stage_models(config.llm_stage_models).values()}
+    models |= set(parse_prices(config.llm_prices))
+    if config.llm_model:
+        models.add(config.llm_model)
+    return sorted(models)
 
 
 def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:

@@ -34,7 +34,13 @@ from tenacity import (
 )
 
 from prowzi import __version__
-from prowzi.agents.base import Agent, RunParameters, StageContext
+from prowzi.agents.base import (
+    Agent,
+    ModelCall,
+    RunParameters,
+    StageContext,
+    model_call_details,
+)
 from prowzi.agents.models import WorkflowState
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import (
@@ -896,8 +902,11 @@ class ProwziOrchestrator:
             )
             t0 = time.perf_counter()
             try:
-                async with asyncio.timeout(timeout) as scope:
-                    result = await agent(ctx)
+                try:
+                    async with asyncio.timeout(timeout) as scope:
+                        result = await agent(ctx)
+                finally:
+                    _observe_model_calls(bus, spec.name, ctx.model_calls)
                 updates = spec.unpack(result)
             except Exception as exc:
                 last["duration"] = time.perf_counter() - t0
@@ -923,7 +932,11 @@ class ProwziOrchestrator:
                     stage=spec.name,
                     attempt=number,
                     duration_seconds=duration,
-                    details=_details(result),
+                    details={
+                        **_details(result),
+                        **ctx.telemetry,
+                        **model_call_details(ctx.model_calls),
+                    },
                     trace_id=span.trace_id,
                     span_id=span.span_id,
                 ),
@@ -1001,6 +1014,21 @@ def _result_metadata(
         "restored_stages": restored_stages,
         "document_path": document_path,
     }
+
+
+def _observe_model_calls(bus: EventBus, stage: str, calls: list[ModelCall]) -> None:
+    """Hand an attempt's model calls to the sinks that count them (the metrics sink's
+    ``observe_model_calls``); a sink that fails is logged, as on the bus."""
+    if not calls:
+        return
+    for sink in bus.sinks:
+        observe = getattr(sink, "observe_model_calls", None)
+        if observe is None:
+            continue
+        try:
+            observe(stage, list(calls))
+        except Exception:
+            log.exception("sink %s failed to count model calls", getattr(sink, "name", sink))
 
 
 def _details(result: BaseModel) -> dict[str, Any]:
