@@ -103,7 +103,8 @@ def resolve_agents(
 
 
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
-    """The sinks every run of this config feeds: the JSON telemetry and its event log."""
+    """The sinks every run of this config feeds: the JSON telemetry and its event log, and
+    the webhook outbox when the settings name an endpoint."""
     sinks: list[EventSink] = []
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
@@ -111,7 +112,18 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
         sinks.append(
             TelemetryCollector(output_dir=config.telemetry_dir, store=config.telemetry_url)
         )
+    if config.webhook_url or config.webhooks:
+        sinks.append(build_webhook_sink(config))
     return sinks
+
+
+def build_webhook_sink(config: ProwziConfig) -> EventSink:
+    """A sink writing this config's webhook deliveries to its outbox (whose worker, one per
+    process and outbox, is started here: it also delivers what earlier processes left)."""
+    from prowzi.webhooks import webhooks_for
+    from prowzi.webhooks.sink import WebhookSink
+
+    return WebhookSink(webhooks_for(config))
 
 
 def build_tracer() -> RunTracer:

@@ -255,7 +255,13 @@ class ProwziOrchestrator:
         return self._checkpoints
 
     def _sinks(self) -> list[EventSink]:
-        key = (self.config.enable_telemetry, self.config.telemetry_dir, self.config.telemetry_url)
+        key = (
+            self.config.enable_telemetry,
+            self.config.telemetry_dir,
+            self.config.telemetry_url,
+            self.config.webhook_url,
+            self.config.webhooks,
+        )
         if self._config_sinks is None or self._config_sinks[0] != key:
             self._config_sinks = (key, composition.build_sinks(self.config))
         return [*self._config_sinks[1], *self._extra_sinks]
