@@ -106,6 +106,10 @@ def _execute(
 
         metrics = build_metrics()
         sinks.append(metrics)
+        if config.webhook_url or config.webhooks:
+            from prowzi.webhooks import webhooks_for
+
+            metrics.watch_webhooks(webhooks_for(config).deliverer)
         if metrics_port is not None:
             server = serve_metrics(metrics.registry, metrics_port)
     orchestrator = ProwziOrchestrator(

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.storage.blob import BlobStore
 
-__all__ = ["Subscription", "Webhooks", "close_all", "drain", "webhooks_for"]
+__all__ = ["Subscription", "Webhooks", "close_all", "drain", "release", "webhooks_for"]
 
 _SUBSCRIPTION_REFRESH = 1.0
 
@@ -118,6 +118,15 @@ def drain(config: ProwziConfig, timeout: float | None = None) -> int:
         left = deliverer.drain(list(deliverer.written), max(0.0, deadline - time.monotonic()))
         remaining += len(left)
     return remaining
+
+
+def release(webhooks: Webhooks) -> None:
+    """Stop one :class:`Webhooks`' worker and forget it (a service shutting down)."""
+    with _REGISTRY_LOCK:
+        for key, value in list(_REGISTRY.items()):
+            if value is webhooks:
+                del _REGISTRY[key]
+    webhooks.deliverer.stop()
 
 
 def close_all() -> None:
