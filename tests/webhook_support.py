@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -136,8 +137,10 @@ class Receiver:
 
 def webhook_env(url: str, outbox: str, **extra: str) -> dict[str, str]:
     """The environment of a ``prowzi`` process delivering to ``url``."""
-    env = {
-        **os.environ,
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROWZI_", "OTEL_"))}
+    tests = str(Path(__file__).resolve().parent)
+    env |= {
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
         "PROWZI_WEBHOOK_URL": url,
         "PROWZI_WEBHOOK_SECRET": SECRET,
         "PROWZI_WEBHOOK_ALLOW_PRIVATE": "true",

@@ -1,0 +1,243 @@
+"""Webhooks in one process: real runs of the engine (no-op agents) deliver to real HTTP
+receivers on loopback (tests/webhook_support.py), which verify every signature with the
+``standardwebhooks`` package, as a receiver would."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from standardwebhooks.webhooks import Webhook
+from webhook_support import SECRET, Receiver
+
+from prowzi.config import ProwziConfig, get_config
+from prowzi.errors import ConfigError, InvalidInputError
+from prowzi.observability.metrics import ProwziMetrics
+from prowzi.testing import STAGES, noop_agents
+from prowzi.webhooks import close_all, drain, webhooks_for
+from prowzi.webhooks.outbox import Outbox
+from prowzi.webhooks.subscriptions import create
+from prowzi.workflows import ProwziOrchestrator
+
+RUN_EVENTS = ["run.started", *["stage.completed"] * len(STAGES), "run.completed"]
+
+
+@pytest.fixture(autouse=True)
+def _workers() -> Iterator[None]:
+    yield
+    close_all()  # each test's worker stops and gives its outbox's lease up
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver().start()
+    yield found
+    found.stop()
+
+
+def _config(url: str, **settings: Any) -> ProwziConfig:
+    return get_config(
+        webhook_url=url,
+        webhook_secret=SECRET,
+        webhook_allow_private=True,
+        webhook_retry_schedule=settings.pop("schedule", "0.05s,0.05s,0.05s"),
+        **settings,
+    )
+
+
+def _run(config: ProwziConfig, prompt: str = "Write a report on webhooks") -> dict[str, Any]:
+    orchestrator = ProwziOrchestrator(config=config, agents=noop_agents())
+    result = asyncio.run(orchestrator.run_research(prompt))
+    return result.metadata
+
+
+def _log(config: ProwziConfig) -> list[dict[str, Any]]:
+    return webhooks_for(config).outbox.records()
+
+
+def test_every_event_of_a_run_arrives_once_in_order_with_a_verifiable_signature(
+    receiver: Receiver,
+) -> None:
+    config = _config(receiver.url, enable_checkpointing=True)
+    sessions = [_run(config)["session_id"], _run(config)["session_id"]]
+    assert drain(config, 20) == 0
+
+    verifier = Webhook(SECRET)
+    per_session: dict[str, list[str]] = {sid: [] for sid in sessions}
+    ids = []
+    for request in receiver.delivered():
+        payload = verifier.verify(request.body, request.headers)  # raises if forged
+        assert payload["version"] == 1
+        per_session[payload["data"]["session_id"]].append(payload["type"])
+        ids.append(request.id)
+        assert len(request.body) < 1024  # a summary, never the document itself
+        assert b"produced by a no-op agent" not in request.body
+    assert len(ids) == len(set(ids)) == len(receiver.requests)  # once each, no retries
+    expected = ["run.started"]
+    for _stage in STAGES:
+        expected += ["stage.completed", "checkpoint.saved"]
+    expected.append("run.completed")
+    for sid in sessions:
+        assert per_session[sid] == expected
+    first = receiver.delivered()[1].json()
+    assert first["data"]["stage"] == STAGES[0]
+    assert first["data"]["attempt"] == 1
+    assert first["data"]["links"]["run"] == f"/runs/{sessions[0]}"
+    assert {r["outcome"] for r in _log(config)} == {"delivered"}
+
+
+def test_a_receiver_answering_500_twice_then_200_gets_the_third_try_after_backoff(
+    receiver: Receiver,
+) -> None:
+    receiver.answer = lambda n, r: (500 if n < 2 else 200, {}, 0.0)
+    config = _config(receiver.url, schedule="0.4s,0.8s", webhook_events="run.started")
+    _run(config)
+    assert drain(config, 20) == 0
+
+    assert [r.status for r in receiver.requests] == [500, 500, 200]
+    assert len({r.id for r in receiver.requests}) == 1
+    first, second = (b.at - a.at for a, b in zip(receiver.requests, receiver.requests[1:]))
+    assert first >= 0.4 * 0.75  # the schedule's delays, jittered by at most 25%
+    assert second >= 0.8 * 0.75
+    (record,) = _log(config)
+    assert (record["outcome"], record["attempts"], record["last_status"]) == ("delivered", 3, 200)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(receiver: Receiver, status: int) -> None:
+    receiver.answer = lambda n, r: (status, {"Retry-After": "1"}, 0.0) if n == 0 else (200, {}, 0)
+    config = _config(receiver.url, schedule="0.01s", webhook_events="run.started")
+    _run(config)
+    assert drain(config, 20) == 0
+
+    assert [r.status for r in receiver.requests] == [status, 200]
+    assert receiver.requests[1].at - receiver.requests[0].at >= 0.95
+
+
+def test_410_disables_the_endpoint(receiver: Receiver) -> None:
+    receiver.answer = lambda n, r: (410, {}, 0.0)
+    config = _config(receiver.url)
+    _run(config)
+    assert drain(config, 20) == 0
+
+    assert len(receiver.requests) == 1  # nothing more was sent after the 410
+    outcomes = [r["outcome"] for r in _log(config)]
+    assert outcomes == ["disabled"] * len(RUN_EVENTS)
+    webhooks = webhooks_for(config)
+    (endpoint,) = webhooks.subscriptions()
+    assert webhooks.outbox.endpoint_state(endpoint)["disabled"] is True
+    _run(config)  # a later run queues nothing for a disabled endpoint
+    assert len(_log(config)) == len(RUN_EVENTS)
+
+
+def test_another_4xx_fails_that_delivery_and_the_next_goes_on(receiver: Receiver) -> None:
+    receiver.answer = lambda n, r: (400 if n == 0 else 200, {}, 0.0)
+    config = _config(receiver.url)
+    _run(config)
+    assert drain(config, 20) == 0
+
+    log = _log(config)
+    assert [(r["type"], r["outcome"], r["attempts"]) for r in log[:2]] == [
+        ("run.started", "failed", 1),
+        ("stage.completed", "delivered", 1),
+    ]
+    assert [r["outcome"] for r in log[2:]] == ["delivered"] * (len(RUN_EVENTS) - 2)
+
+
+def test_a_slow_receiver_never_slows_the_run(receiver: Receiver) -> None:
+    receiver.answer = lambda n, r: (200, {}, 1.0)  # a second per answer
+    config = _config(receiver.url)
+    started = time.perf_counter()
+    metadata = _run(config)
+    took = time.perf_counter() - started
+    # Delivering the run's events one after another takes 11 s; the run did not wait for them.
+    assert took < 1.0, took
+    assert metadata.get("sink_errors") is None
+    pending = [r for r in _log(config) if r["outcome"] == "pending"]
+    assert len(pending) >= len(RUN_EVENTS) - 2
+
+
+def test_a_private_address_is_refused_without_the_allow_setting() -> None:
+    with pytest.raises(ConfigError) as literal:
+        get_config(webhook_url="http://169.254.169.254/latest", webhook_secret=SECRET)
+    assert "169.254.169.254 is a link-local address" in str(literal.value)
+    assert "PROWZI_WEBHOOK_ALLOW_PRIVATE" in str(literal.value)
+    assert SECRET not in str(literal.value)
+
+    # A host name is checked after DNS resolution: this machine's name resolves to loopback.
+    host = socket.gethostname()
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, 80)}
+    assert all(a.startswith("127.") or a == "::1" for a in addresses), addresses
+    outbox = Outbox(webhooks_for(get_config()).outbox.store)
+    with pytest.raises(InvalidInputError) as resolved:
+        create(outbox, f"http://{host}:9/hook", None, allow_private=False)
+    assert f"{host} resolves to 127." in str(resolved.value)
+
+
+def test_a_name_resolving_to_loopback_gets_no_delivery(receiver: Receiver) -> None:
+    host = socket.gethostname()
+    config = _config(receiver.url.replace("127.0.0.1", host), webhook_events="run.started")
+    config.webhook_allow_private = False  # as set in production; the name is no literal
+    _run(config)
+    assert drain(config, 20) == 0
+
+    assert receiver.requests == []
+    (record,) = _log(config)
+    assert record["outcome"] == "failed"
+    assert record["last_error"].startswith(f"refused: {host} resolves to 127.")
+
+
+def test_a_redirect_is_not_followed(receiver: Receiver) -> None:
+    target = Receiver().start()
+    try:
+        receiver.answer = lambda n, r: (302, {"Location": target.url}, 0.0)
+        config = _config(receiver.url, webhook_events="run.started")
+        _run(config)
+        assert drain(config, 20) == 0
+        assert len(receiver.requests) == 1
+        assert target.requests == []
+        (record,) = _log(config)
+        assert record["outcome"] == "failed"
+        assert "redirect not followed" in record["last_error"]
+    finally:
+        target.stop()
+
+
+def test_metrics_count_deliveries_and_watch_the_outbox(receiver: Receiver) -> None:
+    receiver.answer = lambda n, r: (500 if n == 0 else 200, {}, 0.0)
+    config = _config(receiver.url)
+    registry = CollectorRegistry()
+    metrics = ProwziMetrics(registry)
+    metrics.watch_webhooks(webhooks_for(config).deliverer)
+    _run(config)
+    assert drain(config, 20) == 0
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    total = "prowzi_webhook_deliveries_total"
+    assert value(total, event_type="run.started", outcome="retrying") == 1
+    assert value(total, event_type="run.started", outcome="delivered") == 1
+    assert value(total, event_type="stage.completed", outcome="delivered") == len(STAGES)
+    assert value("prowzi_webhook_delivery_duration_seconds_count") == len(RUN_EVENTS) + 1
+    assert value("prowzi_webhook_outbox_depth") == 0
+    assert value("prowzi_webhook_outbox_oldest_pending_age_seconds") == 0
+
+    receiver.answer = lambda n, r: (503, {"Retry-After": "60"}, 0.0)
+    _run(config)
+    assert receiver.wait_for(lambda r: any(q.status == 503 for q in r.requests))
+    assert value("prowzi_webhook_outbox_depth") == len(RUN_EVENTS)
+    assert value("prowzi_webhook_outbox_oldest_pending_age_seconds") > 0
+
+
+def test_the_outbox_lives_beside_the_checkpoints(tmp_path: Path) -> None:
+    config = get_config(checkpoint_dir=tmp_path / "state" / "checkpoints")
+    assert config.webhook_outbox_location == tmp_path / "state" / "prowzi_webhooks"
+    config = get_config(checkpoint_url="s3://bucket/prefix")
+    assert config.webhook_outbox_location == "s3://bucket/prefix/webhooks"
