@@ -132,8 +132,10 @@ def test_410_disables_the_endpoint(receiver: Receiver) -> None:
     webhooks = webhooks_for(config)
     (endpoint,) = webhooks.subscriptions()
     assert webhooks.outbox.endpoint_state(endpoint)["disabled"] is True
-    _run(config)  # a later run queues nothing for a disabled endpoint
-    assert len(_log(config)) == len(RUN_EVENTS)
+    _run(config)  # a later run's deliveries are logged, not sent
+    assert drain(config, 20) == 0
+    assert len(receiver.requests) == 1
+    assert [r["outcome"] for r in _log(config)] == ["disabled"] * 2 * len(RUN_EVENTS)
 
 
 def test_another_4xx_fails_that_delivery_and_the_next_goes_on(receiver: Receiver) -> None:
