@@ -68,21 +68,21 @@ def webhook_router(webhooks: Callable[[], Webhooks], allow_private: bool) -> API
             )
         except InvalidInputError as exc:
             return _error(400, str(exc))
-        hub.refresh()
+        await asyncio.to_thread(hub.reload)
         return {**info(subscription, {}), "secret": secret}
 
     @router.get("", response_model=list[SubscriptionInfo])
     async def list_subscriptions() -> Any:
         hub = webhooks()
-        hub.refresh()
-        found = await asyncio.to_thread(hub.subscriptions)
+        await asyncio.to_thread(hub.reload)
+        found = hub.subscriptions()
         disabled = hub.deliverer.disabled()
         return [info(s, disabled) for s in found.values()]
 
     async def _stored(subscription_id: str) -> subs.Subscription | JSONResponse:
         hub = webhooks()
-        hub.refresh()
-        found = (await asyncio.to_thread(hub.subscriptions)).get(subscription_id)
+        await asyncio.to_thread(hub.reload)
+        found = hub.subscriptions().get(subscription_id)
         if found is None:
             return _error(404, f"no webhook subscription {subscription_id}")
         if found.source != "api":
@@ -98,7 +98,7 @@ def webhook_router(webhooks: Callable[[], Webhooks], allow_private: bool) -> API
             return found
         hub = webhooks()
         await asyncio.to_thread(hub.outbox.delete_subscription, found.id)
-        hub.refresh()
+        await asyncio.to_thread(hub.reload)
         return Response(status_code=204)
 
     @router.post("/{subscription_id}/rotate", response_model=SecretRotated)
@@ -108,7 +108,7 @@ def webhook_router(webhooks: Callable[[], Webhooks], allow_private: bool) -> API
             return found
         hub = webhooks()
         secret = await asyncio.to_thread(subs.rotate, hub.outbox, found)
-        hub.refresh()
+        await asyncio.to_thread(hub.reload)
         return {"id": found.id, "secret": secret}
 
     return router

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Subscription", "Webhooks", "close_all", "drain", "release", "webhooks_for"]
 
-_SUBSCRIPTION_REFRESH = 1.0
-
 
 class Webhooks:
     """One outbox, its subscriptions and its delivery worker."""
@@ -47,6 +45,7 @@ class Webhooks:
         self.deliverer = Deliverer(
             self.outbox,
             self.subscriptions,
+            on_scan=self.reload,
             schedule=parse_schedule(config.webhook_retry_schedule),
             timeout=config.webhook_timeout_seconds,
             allow_private=config.webhook_allow_private,
@@ -54,18 +53,19 @@ class Webhooks:
         )
 
     def subscriptions(self) -> dict[str, Subscription]:
-        """Endpoint id -> subscription: the settings' and the stored ones (re-read at most
-        once a second)."""
+        """Endpoint id -> subscription: the settings' and the stored ones (read from the
+        store the first time, then again by :meth:`reload`: the worker does every second)."""
+        if self._stored_at == float("-inf"):
+            self.reload()
         with self._lock:
-            if time.monotonic() - self._stored_at >= _SUBSCRIPTION_REFRESH:
-                self._stored = {s.id: s for s in from_store(self.outbox)}
-                self._stored_at = time.monotonic()
             return {**self._stored, **self._settings}
 
-    def refresh(self) -> None:
-        """Read the stored subscriptions again now (after the API changed them)."""
+    def reload(self) -> None:
+        """Read the stored subscriptions again (blocking: not on an event loop)."""
+        stored = {s.id: s for s in from_store(self.outbox)}
         with self._lock:
-            self._stored_at = float("-inf")
+            self._stored = stored
+            self._stored_at = time.monotonic()
 
     def subscribed(self, event_type: str) -> list[Subscription]:
         """The subscriptions that receive ``event_type`` (a disabled endpoint's deliveries

@@ -6,7 +6,9 @@ layout of our own to get subtly wrong); httpx gives per-phase timeouts, redirect
 default, streamed bodies (read up to a limit) and connection reuse in a small, typed client.
 Both are imported when the first delivery is made, never by ``prowzi --help``.
 
-The worker is one daemon thread per outbox. Only the process that holds the outbox's
+The worker is one daemon thread per outbox, which hands each due lane's next entry to a
+small pool of sender threads (lanes go in parallel, so one slow receiver holds up only its
+own lanes). Only the process that holds the outbox's
 delivery lease (``leases/webhook-delivery.json``) sends, so two processes never send the
 same entry at once; the others write entries and wait (``prowzi run``'s bounded wait at its
 end) for the holder to deliver them, and take the lease over when its holder dies. Each
@@ -29,6 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -190,7 +193,9 @@ class Deliverer:
         allow_private: bool = False,
         lease_ttl: float = 30.0,
         poll: float = 1.0,
+        concurrency: int = 8,
         rng: Callable[[], float] = random.random,
+        on_scan: Callable[[], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self._subscriptions = subscriptions
@@ -199,7 +204,11 @@ class Deliverer:
         self.allow_private = allow_private
         self.lease_ttl = lease_ttl
         self.poll = poll
+        self.concurrency = concurrency
+        self._on_scan = on_scan
         self._rng = rng
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: set[tuple[str, str]] = set()
         self.observers: list[WebhookObserver] = []
         self._cond = threading.Condition()
         self._lanes: dict[tuple[str, str], list[str]] = {}
@@ -284,6 +293,8 @@ class Deliverer:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(self.timeout + 5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         held, self._held = self._held, None
         if held is not None:
             held.release()
@@ -339,12 +350,20 @@ class Deliverer:
             from prowzi.storage.lease import SessionLeases
 
             try:
-                self._held = SessionLeases(self.outbox.store, ttl=self.lease_ttl).hold(LEASE_NAME)
+                held = SessionLeases(self.outbox.store, ttl=self.lease_ttl).hold(LEASE_NAME)
             except SessionLockedError:
                 return
-            self._next_scan = 0.0  # a new holder reads the whole outbox first
+            try:
+                self._scan()  # a new holder knows the whole outbox before it says it holds
+            except BaseException:
+                held.release()
+                raise
+            self._held = held
+            self._next_scan = time.monotonic() + self.poll
 
     def _scan(self) -> None:
+        if self._on_scan is not None:
+            self._on_scan()  # subscriptions made or deleted elsewhere (the service's API)
         names = set(self.outbox.pending_names())
         disabled = self.outbox.disabled_endpoints()
         with self._cond:
@@ -357,12 +376,18 @@ class Deliverer:
                     self._done((parsed[0], parsed[1]), name)
 
     def _deliver_due(self) -> float:
-        """Make one attempt on each lane whose head is due; returns how long to wait."""
+        """Start an attempt on each lane whose head is due and that has none in flight (in
+        the sender pool: lanes go in parallel, each lane one at a time); returns how long
+        to wait before looking again."""
         subscriptions = self._subscriptions()
         now = time.time()
         wait = self.poll
         with self._cond:
-            lanes = [(lane, names[0]) for lane, names in self._lanes.items() if names]
+            lanes = [
+                (lane, names[0])
+                for lane, names in self._lanes.items()
+                if names and lane not in self._in_flight
+            ]
         for lane, name in lanes:
             if self._stopping:
                 return 0.0
@@ -381,18 +406,41 @@ class Deliverer:
                         endpoint,
                     )
                 continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.concurrency, thread_name_prefix="prowzi-webhook-send"
+                )
+            with self._cond:
+                self._in_flight.add(lane)
+            self._pool.submit(self._try_head, lane, name, subscription)
+        return max(0.0, wait)
+
+    def _http(self) -> httpx.Client:
+        with self._cond:
+            if self._client is None:
+                self._client = new_client(self.timeout)
+            return self._client
+
+    def _try_head(self, lane: tuple[str, str], name: str, subscription: Subscription) -> None:
+        """One attempt on a lane's head (in a sender thread)."""
+        try:
             entry = self._entries.get(name) or self.outbox.load(name)
             if entry is None:
                 self._done(lane, name)
-                wait = 0.0
-                continue
-            if entry.next_attempt_at > time.time():
-                self._next_at[lane] = entry.next_attempt_at
-                wait = min(wait, entry.next_attempt_at - time.time())
-                continue
-            self._attempt(lane, entry, subscription)
-            wait = 0.0
-        return max(0.0, wait)
+            elif entry.next_attempt_at > time.time():
+                with self._cond:
+                    self._next_at[lane] = entry.next_attempt_at
+            else:
+                self._attempt(lane, entry, subscription)
+        except Exception as exc:  # the store is down, say: the lane is tried again later
+            log.warning("webhook delivery of %s: %s: %s", name, type(exc).__name__, exc)
+            with self._cond:
+                self._next_at[lane] = time.time() + self.poll
+        finally:
+            with self._cond:
+                self._in_flight.discard(lane)
+                self._wake = True
+                self._cond.notify_all()
 
     def _attempt(self, lane: tuple[str, str], entry: Entry, subscription: Subscription) -> None:
         if entry.endpoint in self._disabled:
@@ -400,10 +448,8 @@ class Deliverer:
             self._observe(entry.type, "disabled", None)
             self._done(lane, entry.name)
             return
-        if self._client is None:
-            self._client = new_client(self.timeout)
         result = send(
-            self._client, subscription, entry.id, entry.body, allow_private=self.allow_private
+            self._http(), subscription, entry.id, entry.body, allow_private=self.allow_private
         )
         attempts = entry.attempts + 1
         entry = replace(
@@ -433,7 +479,8 @@ class Deliverer:
         with self._cond:
             if entry.name in self._pending:
                 self._entries[entry.name] = entry
-        self._next_at[lane] = entry.next_attempt_at
+        with self._cond:
+            self._next_at[lane] = entry.next_attempt_at
         self._observe(entry.type, "retrying", result.seconds)
 
     def _observe(self, event_type: str, outcome: str, seconds: float | None) -> None:
