@@ -62,6 +62,11 @@ CONTRACT: dict[str, str] = {
     "prowzi_turnitin_similarity_ratio": "histogram",
     "prowzi_service_queue_depth": "gauge",
     "prowzi_service_active_runs": "gauge",
+    # webhooks (issue 18)
+    "prowzi_webhook_deliveries_total": "counter",
+    "prowzi_webhook_delivery_duration_seconds": "histogram",
+    "prowzi_webhook_outbox_depth": "gauge",
+    "prowzi_webhook_outbox_oldest_pending_age_seconds": "gauge",
 }
 # Series Prometheus itself writes for every scrape target, and for alerts.
 PROMETHEUS_SYNTHETIC = frozenset(
@@ -78,6 +83,7 @@ REQUIRED_ALERTS = frozenset(
         "ProwziTargetDown",
         "ProwziTelemetrySinkErrors",
         "ProwziCheckpointWriteFailures",
+        "ProwziWebhookOutboxGrowing",
     }
 )
 
