@@ -244,3 +244,27 @@ def test_the_outbox_lives_beside_the_checkpoints(tmp_path: Path) -> None:
     assert config.webhook_outbox_location == tmp_path / "state" / "prowzi_webhooks"
     config = get_config(checkpoint_url="s3://bucket/prefix")
     assert config.webhook_outbox_location == "s3://bucket/prefix/webhooks"
+
+
+def test_the_readme_verification_example_verifies_a_real_delivery(receiver: Receiver) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Webhooks\n", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    secret = section.split("export PROWZI_WEBHOOK_SECRET=", 1)[1].split()[0]
+    assert secret in example
+    namespace: dict[str, Any] = {}
+    exec(example, namespace)
+
+    config = get_config(
+        webhook_url=receiver.url,
+        webhook_secret=secret,
+        webhook_allow_private=True,
+        webhook_events="run.completed",
+    )
+    sid = _run(config)["session_id"]
+    assert drain(config, 20) == 0
+    (request,) = receiver.delivered()
+    payload = namespace["receive"](request.body, request.headers)
+    assert (payload["type"], payload["data"]["session_id"]) == ("run.completed", sid)
+    with pytest.raises(Exception, match="No matching signature"):
+        namespace["receive"](request.body.replace(b"run.completed", b"run.failed"), request.headers)

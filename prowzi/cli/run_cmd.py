@@ -10,6 +10,7 @@ import typer
 from prowzi.cli._common import (
     Interrupted,
     check_output,
+    drain_webhooks,
     exit_failed,
     exit_interrupted,
     fail,
@@ -144,7 +145,7 @@ def _execute(
     except WorkflowFailedError as exc:
         exit_failed(exc, resume_hint(config, sid))
     finally:
-        _drain_webhooks(config)
+        drain_webhooks(config)
         if metrics is not None and push_url:
             from prowzi.observability.metrics import push_metrics
 
@@ -157,22 +158,6 @@ def _execute(
     if interrupted is not None:
         exit_interrupted(interrupted, resume_hint(config, sid))
     _summary(result, document)
-
-
-def _drain_webhooks(config: Any) -> None:
-    """Wait a bounded time for this run's webhook deliveries; leave the rest in the outbox."""
-    if not (config.webhook_url or config.webhooks):
-        return
-    from prowzi.webhooks import drain
-
-    pending = drain(config)
-    if pending:
-        typer.echo(
-            f"warning: {pending} webhook deliveries still pending after "
-            f"{config.webhook_drain_seconds:g}s; they stay in the outbox for the next Prowzi "
-            "process or the service (`prowzi webhooks list --pending`)",
-            err=True,
-        )
 
 
 def _summary(result: ResearchResult, document: Path) -> None:
