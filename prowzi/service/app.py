@@ -535,7 +535,11 @@ def _webhooks_wanted(config: ProwziConfig) -> bool:
     from prowzi.webhooks.outbox import OUTBOX, SUBSCRIPTIONS
 
     store = open_store(config.webhook_outbox_location)
-    return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
+    try:
+        return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
+    except OSError as exc:  # the store is down: webhooks start with the first subscription
+        log.warning("cannot read the webhook outbox at %s: %s", store.url, exc)
+        return False
 
 
 class _LazyWebhookSink:
