@@ -27,11 +27,11 @@ from __future__ import annotations
 import bisect
 import email.utils
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -207,7 +207,7 @@ class Deliverer:
         self.concurrency = concurrency
         self._on_scan = on_scan
         self._rng = rng
-        self._pool: ThreadPoolExecutor | None = None
+        self._senders: _Senders | None = None
         self._in_flight: set[tuple[str, str]] = set()
         self.observers: list[WebhookObserver] = []
         self._cond = threading.Condition()
@@ -293,12 +293,14 @@ class Deliverer:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(self.timeout + 5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._senders is not None:
+            self._senders.stop()  # an attempt in flight is abandoned: it is sent again later
         held, self._held = self._held, None
         if held is not None:
             held.release()
-        if self._client is not None:
+        with self._cond:
+            idle = not self._in_flight
+        if self._client is not None and idle:
             self._client.close()
 
     # --- the worker thread ----------------------------------------------------------------
@@ -406,13 +408,11 @@ class Deliverer:
                         endpoint,
                     )
                 continue
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.concurrency, thread_name_prefix="prowzi-webhook-send"
-                )
+            if self._senders is None:
+                self._senders = _Senders(self.concurrency)
             with self._cond:
                 self._in_flight.add(lane)
-            self._pool.submit(self._try_head, lane, name, subscription)
+            self._senders.submit(self._try_head, lane, name, subscription)
         return max(0.0, wait)
 
     def _http(self) -> httpx.Client:
@@ -493,3 +493,34 @@ class Deliverer:
 
 def _seq_of(parsed: tuple[str, str, str, str] | None) -> int:
     return int(parsed[2]) if parsed is not None and parsed[2].isdigit() else 0
+
+
+class _Senders:
+    """``count`` daemon threads taking attempts from a queue. Daemon threads, not a
+    ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: an attempt waiting on
+    a slow receiver must not hold up the end of ``prowzi run`` past its bounded wait."""
+
+    def __init__(self, count: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"prowzi-webhook-send-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args = item
+            fn(*args)
+
+    def stop(self) -> None:
+        for _thread in self._threads:
+            self._queue.put(None)
