@@ -78,15 +78,18 @@ def _user_agent() -> str:
     return f"Prowzi-Webhooks/{__version__}"
 
 
-def sign_headers(secret: str, message_id: str, body: str, now: float) -> dict[str, str]:
-    """The Standard Webhooks headers of one attempt (the timestamp is the attempt's)."""
+def sign_headers(secret: str, message_id: str, body: str, now: float, *also: str) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt (the timestamp is the attempt's). With
+    ``also`` (a secret just rotated away), one signature per secret, space-separated, as the
+    specification allows: a receiver with either secret verifies."""
     from standardwebhooks.webhooks import Webhook
 
     when = datetime.fromtimestamp(int(now), UTC)
+    signatures = [Webhook(key).sign(message_id, when, body) for key in (secret, *also)]
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(int(now)),
-        "webhook-signature": Webhook(secret).sign(message_id, when, body),
+        "webhook-signature": " ".join(signatures),
     }
 
 
@@ -140,7 +143,13 @@ def send(
     headers = {
         "content-type": "application/json",
         "host": host_header(subscription.url),
-        **sign_headers(subscription.secret.get_secret_value(), message_id, body, now),
+        **sign_headers(
+            subscription.secret.get_secret_value(),
+            message_id,
+            body,
+            now,
+            *subscription.previous_secrets(now),
+        ),
     }
     extensions: dict[str, Any] = {}
     if subscription.url.startswith("https://"):

@@ -19,7 +19,6 @@ from pydantic import SecretStr
 
 from prowzi.config.webhooks import (
     check_events,
-    check_secret,
     check_url,
     configured_endpoints,
     literal_private,
@@ -41,6 +40,14 @@ class Subscription:
     source: str
     """``settings`` or ``api``."""
     created_at: float | None = None
+    previous_secret: SecretStr | None = None
+    """The secret before the last rotation, also signed with until ``previous_until``."""
+    previous_until: float = 0.0
+
+    def previous_secrets(self, now: float) -> tuple[str, ...]:
+        if self.previous_secret is None or now >= self.previous_until:
+            return ()
+        return (self.previous_secret.get_secret_value(),)
 
     def wants(self, event_type: str) -> bool:
         return self.events is None or event_type in self.events
@@ -84,6 +91,10 @@ def from_store(outbox: Outbox) -> list[Subscription]:
                     tuple(record["events"]) if record.get("events") else None,
                     "api",
                     record.get("created_at"),
+                    SecretStr(str(record["previous_secret"]))
+                    if record.get("previous_secret")
+                    else None,
+                    float(record.get("previous_until") or 0.0),
                 )
             )
         except (KeyError, TypeError):
@@ -140,10 +151,15 @@ def create(
     return subscription, secret
 
 
+ROTATION_GRACE_SECONDS = 86400.0
+"""For a day after a rotation, deliveries are signed with the old secret too."""
+
+
 def rotate(outbox: Outbox, subscription: Subscription) -> str:
-    """Give an API subscription a new secret; returns it (shown once)."""
+    """Give an API subscription a new secret; returns it (shown once). For
+    :data:`ROTATION_GRACE_SECONDS` deliveries carry a signature with the old one as well,
+    so receivers can switch without missing a delivery."""
     secret = new_secret()
-    check_secret(SecretStr(secret))
     outbox.put_subscription(
         {
             "id": subscription.id,
@@ -151,6 +167,8 @@ def rotate(outbox: Outbox, subscription: Subscription) -> str:
             "secret": secret,
             "events": list(subscription.events) if subscription.events else None,
             "created_at": subscription.created_at,
+            "previous_secret": subscription.secret.get_secret_value(),
+            "previous_until": time.time() + ROTATION_GRACE_SECONDS,
         },
         create=False,
     )
