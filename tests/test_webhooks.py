@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
-from webhook_support import SECRET, Receiver
+from webhook_support import SECRET, Receiver, webhook_env
 
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import ConfigError, InvalidInputError
@@ -137,6 +139,28 @@ def test_410_disables_the_endpoint(receiver: Receiver) -> None:
     assert drain(config, 20) == 0
     assert len(receiver.requests) == 1
     assert [r["outcome"] for r in _log(config)] == ["disabled"] * 2 * len(RUN_EVENTS)
+
+
+def test_an_endpoint_enabled_again_gets_what_it_missed_redelivered(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.answer = lambda n, r: (410 if n == 0 else 200, {}, 0.0)
+    config = _config(receiver.url, webhook_events="run.started,run.completed")
+    _run(config)
+    assert drain(config, 20) == 0
+    log = _log(config)
+    missed, endpoint = [r["id"] for r in log], log[0]["endpoint"]
+    assert len(missed) == 2
+    close_all()  # the commands below deliver, in processes of their own
+
+    env = webhook_env(receiver.url, str(config.webhook_outbox_location))
+    command = [sys.executable, "-m", "prowzi.cli.main", "webhooks"]
+    for args in (["enable", endpoint], *(["redeliver", m] for m in missed)):
+        done = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert [r.id for r in receiver.delivered()] == missed
+    again = subprocess.run([*command, "enable", endpoint], env=env, capture_output=True, text=True)
+    assert (again.returncode, again.stderr) == (1, f"error: endpoint {endpoint} is not disabled\n")
 
 
 def test_another_4xx_fails_that_delivery_and_the_next_goes_on(receiver: Receiver) -> None:

@@ -164,6 +164,20 @@ def deliver(
         typer.echo(f"{len(names) - len(left)} delivered or given up, {len(left)} pending")
 
 
+@webhooks_app.command("enable")
+def enable(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint id (see `list --json`).")],
+) -> None:
+    """Deliver to an endpoint again after it answered 410 Gone (redeliver what it missed)."""
+    config = load_config()
+    with user_errors():
+        outbox = _outbox(config)
+        if not outbox.endpoint_state(endpoint).get("disabled"):
+            fail(f"endpoint {endpoint} is not disabled")
+        outbox.set_disabled(endpoint, False)
+        typer.echo(f"{endpoint}: enabled")
+
+
 @webhooks_app.command("test")
 def test(
     endpoint: Annotated[
