@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
@@ -293,3 +294,122 @@ def test_the_readme_verification_example_verifies_a_real_delivery(receiver: Rece
     assert (payload["type"], payload["data"]["session_id"]) == ("run.completed", sid)
     with pytest.raises(Exception, match="No matching signature"):
         namespace["receive"](request.body.replace(b"run.completed", b"run.failed"), request.headers)
+
+
+def test_several_endpoints_from_prowzi_webhooks_each_get_their_events(
+    receiver: Receiver,
+) -> None:
+    other = Receiver().start()
+    try:
+        endpoints = [
+            {"url": receiver.url, "secret": SECRET, "events": ["run.started", "run.completed"]},
+            {"url": other.url, "secret": SECRET},
+        ]
+        config = get_config(webhooks=orjson.dumps(endpoints).decode(), webhook_allow_private=True)
+        _run(config)
+        assert drain(config, 20) == 0
+        verifier = Webhook(SECRET)
+        assert [verifier.verify(r.body, r.headers)["type"] for r in receiver.delivered()] == [
+            "run.started",
+            "run.completed",
+        ]
+        assert [r.json()["type"] for r in other.delivered()] == RUN_EVENTS
+    finally:
+        other.stop()
+    with pytest.raises(ConfigError) as bad:
+        get_config(webhooks='[{"url": "http://example.com/", "secret": "whsec_short"}]')
+    assert "webhooks (PROWZI_WEBHOOKS): item 0:" in str(bad.value)
+    assert "whsec_short" not in str(bad.value)
+
+
+class _FlakyThenBroken:
+    """Verification fails transiently on its first attempt, then for good."""
+
+    async def __call__(self, ctx: Any) -> Any:
+        from prowzi.errors import PermanentError, TransientError
+
+        if ctx.attempt == 1:
+            raise TransientError("the index is busy")
+        raise PermanentError("the sources are unreadable")
+
+
+class _Stuck:
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def __call__(self, ctx: Any) -> Any:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+def test_failures_retries_and_cancellations_are_sent(receiver: Receiver) -> None:
+    config = _config(receiver.url, retry_backoff_base=0.0, retry_backoff_max=0.0)
+    agents = {**noop_agents(), "verification": _FlakyThenBroken()}
+    orchestrator = ProwziOrchestrator(config=config, agents=agents)
+    with pytest.raises(Exception, match="verification"):
+        asyncio.run(orchestrator.run_research("Write a report on failures"))
+
+    stuck = _Stuck()
+    cancelled = ProwziOrchestrator(config=config, agents={**noop_agents(), "search": stuck})
+
+    async def cancel_midway() -> None:
+        task = asyncio.create_task(cancelled.run_research("Write a report on patience"))
+        await stuck.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    assert drain(config, 20) == 0
+
+    sessions: dict[str, list[dict[str, Any]]] = {}
+    for request in receiver.delivered():  # in order per session (sessions go in parallel)
+        payload = request.json()
+        sessions.setdefault(payload["data"]["session_id"], []).append(payload)
+    failed_run, cancelled_run = sessions.values()
+    assert [p["type"] for p in failed_run] == [
+        "run.started",
+        "stage.completed",
+        "stage.completed",
+        "stage.completed",
+        "stage.retrying",
+        "stage.failed",
+        "run.failed",
+    ]
+    retrying, failed, run_failed = failed_run[-3:]
+    assert (retrying["data"]["stage"], retrying["data"]["attempt"]) == ("verification", 1)
+    assert retrying["data"]["error"] == "TransientError: the index is busy"
+    assert (failed["data"]["attempt"], failed["data"]["error_type"]) == (2, "permanent")
+    assert run_failed["data"]["stage"] == "verification"
+    assert [p["type"] for p in cancelled_run] == [
+        "run.started",
+        "stage.completed",
+        "stage.completed",
+        "run.cancelled",
+    ]
+
+
+def test_a_receiver_that_never_answers_times_out_and_gets_a_retry(receiver: Receiver) -> None:
+    huge = "x" * (1 << 20)
+    receiver.answer = lambda n, r: (200, {"x-padding": "1"}, 5.0) if n == 0 else (200, {}, 0.0)
+    config = _config(receiver.url, webhook_events="run.started", webhook_timeout_seconds=0.5)
+    _run(config)
+    assert drain(config, 20) == 0
+    (record,) = _log(config)
+    assert record["outcome"] == "delivered"
+    assert record["attempts"] == 2
+    assert len(receiver.requests) == 2
+    assert huge not in str(record)
+
+
+def test_secrets_never_reach_the_logs(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    receiver.answer = lambda n, r: (500, {}, 0.0) if n == 0 else (410, {}, 0.0)
+    config = _config(receiver.url)
+    _run(config)
+    assert drain(config, 20) == 0
+    stored = b"".join(p.read_bytes() for p in Path(config.webhook_outbox_location).rglob("*.json"))
+    assert SECRET.encode() not in stored  # settings' secrets stay in the settings
+    assert caplog.records
+    assert SECRET not in caplog.text
+    assert SECRET.removeprefix("whsec_") not in caplog.text
