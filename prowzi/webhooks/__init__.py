@@ -114,7 +114,7 @@ def drain(config: ProwziConfig, timeout: float | None = None) -> int:
     remaining = 0
     for webhooks in found:
         deliverer = webhooks.deliverer
-        left = deliverer.drain(list(deliverer.written), max(0.0, deadline - time.monotonic()))
+        left = deliverer.drain(deliverer.unfinished(), max(0.0, deadline - time.monotonic()))
         remaining += len(left)
     return remaining
 

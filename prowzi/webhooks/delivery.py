@@ -223,8 +223,9 @@ class Deliverer:
         self._lanes: dict[tuple[str, str], list[str]] = {}
         self._next_at: dict[tuple[str, str], float] = {}
         self._pending: set[str] = set()
-        self.written: list[str] = []
-        """Entries this process wrote (what ``prowzi run`` waits for at its end)."""
+        self.written: set[str] = set()
+        """Entries this process wrote and has not seen finished (what ``prowzi run`` waits
+        for at its end)."""
         self._entries: dict[str, Entry] = {}
         self._disabled: dict[str, str] = {}
         self._held: HeldLease | None = None
@@ -248,11 +249,16 @@ class Deliverer:
         """Entries this process just wrote: queue them and wake the worker."""
         with self._cond:
             for entry in entries:
-                self.written.append(entry.name)
+                self.written.add(entry.name)
                 self._entries[entry.name] = entry
                 self._queue(entry.name)
             self._wake = True
             self._cond.notify_all()
+
+    def unfinished(self) -> list[str]:
+        """The entries this process wrote that it has not seen finished."""
+        with self._cond:
+            return list(self.written)
 
     def disabled(self) -> dict[str, str]:
         with self._cond:
@@ -289,8 +295,6 @@ class Deliverer:
             if not remaining or left <= 0:
                 break
             with self._cond:
-                self._wake = True
-                self._cond.notify_all()
                 self._cond.wait(min(left, 0.05))
         return remaining
 
@@ -332,6 +336,7 @@ class Deliverer:
                 self._next_at.pop(lane, None)
             self._pending.discard(name)
             self._entries.pop(name, None)
+            self.written.discard(name)
             self._cond.notify_all()
 
     def _run(self) -> None:
