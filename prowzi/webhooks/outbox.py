@@ -37,6 +37,7 @@ LOG = "log/"
 SUBSCRIPTIONS = "subscriptions/"
 ENDPOINTS = "endpoints/"
 OUTCOMES = ("delivered", "failed", "disabled")
+_REQUIRED = frozenset({"id", "endpoint", "session_id", "type", "body", "seq"})
 
 
 def new_message_id() -> str:
@@ -203,6 +204,8 @@ class Outbox:
                     record = orjson.loads(self.store.get(info.name).data)
                 except (BlobNotFoundError, orjson.JSONDecodeError):
                     continue  # delivered meanwhile, or not ours
+                if not isinstance(record, dict) or not record.keys() >= _REQUIRED:
+                    continue  # not a record this Prowzi wrote
                 if pending:
                     record["outcome"] = "pending"
                 record["name"] = info.name
