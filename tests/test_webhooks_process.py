@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ def test_kill_9_with_deliveries_pending_then_a_later_process_delivers_each_exact
     receiver.answer = lambda n, r: (200, {}, 0.0)
     second_env = {**env, "PROWZI_WEBHOOK_DRAIN_SECONDS": "30"}
     _prowzi(second_env, "run", "Write a report on webhook retries", cwd=tmp_path)
+    # The run waited for its own deliveries; whatever of the killed run's is left (none,
+    # usually: both sessions went in parallel) goes now.
+    _prowzi(second_env, "webhooks", "deliver", "--wait", "30", cwd=tmp_path)
 
     sessions = _by_session(receiver)
     assert len(sessions) == 2
@@ -132,7 +136,7 @@ def test_kill_9_with_deliveries_pending_then_a_later_process_delivers_each_exact
 
 
 def test_webhooks_commands_show_redeliver_and_test(tmp_path: Path, receiver: Receiver) -> None:
-    env = webhook_env(receiver.url, str(tmp_path / "outbox"))
+    env = webhook_env(receiver.url, str(tmp_path / "outbox"), PROWZI_WEBHOOK_DRAIN_SECONDS="30")
     _prowzi(env, "run", "Write a report on webhooks", cwd=tmp_path)
     log = _log(env, tmp_path)
     assert len(log) == len(RUN_EVENTS)
@@ -221,11 +225,13 @@ def test_service_subscriptions_api_shows_a_secret_once_and_signs_with_it(
         assert client.delete(f"/webhooks/subscriptions/{sub_id}").status_code == 204
         assert client.get("/webhooks/subscriptions").json() == []
         assert client.delete(f"/webhooks/subscriptions/{sub_id}").status_code == 404
-        metrics = client.get("/metrics").text
-        assert (
+        counted = (
             'prowzi_webhook_deliveries_total{event_type="run.completed",outcome="delivered"} 2.0'
-            in metrics
         )
+        deadline = time.monotonic() + 20  # counted once logged, just after the answer
+        while counted not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, client.get("/metrics").text
+            time.sleep(0.05)
     finally:
         svc.stop()
 
