@@ -24,8 +24,9 @@ from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import ConfigError, InvalidInputError
 from prowzi.observability.metrics import ProwziMetrics
 from prowzi.testing import STAGES, noop_agents
-from prowzi.webhooks import close_all, drain, webhooks_for
+from prowzi.webhooks import Webhooks, close_all, drain, webhooks_for
 from prowzi.webhooks.outbox import Outbox
+from prowzi.webhooks.sink import WebhookSink
 from prowzi.webhooks.subscriptions import create
 from prowzi.workflows import ProwziOrchestrator
 
@@ -442,3 +443,34 @@ def test_secrets_never_reach_the_logs(receiver: Receiver, caplog: pytest.LogCapt
     assert caplog.records
     assert SECRET not in caplog.text
     assert SECRET.removeprefix("whsec_") not in caplog.text
+
+
+def test_a_process_without_the_delivery_lease_waits_for_the_holder_to_deliver(
+    receiver: Receiver,
+) -> None:
+    """Two deliverers on one outbox (a service and a `prowzi run`, say): only the lease
+    holder sends; the other's run waits for its own entries to leave the outbox."""
+    config = _config(receiver.url)
+    holder = webhooks_for(config)
+    assert receiver.wait_for(lambda r: holder.deliverer.holds_lease, timeout=10)
+    other = Webhooks(config).start()
+    try:
+        orchestrator = ProwziOrchestrator(
+            config=get_config(), agents=noop_agents(), sinks=[WebhookSink(other)]
+        )
+        asyncio.run(orchestrator.run_research("Write a report on sharing"))
+        assert not other.deliverer.holds_lease
+        assert other.deliverer.drain(other.deliverer.unfinished(), 20) == []
+        (events,) = _by_session(receiver).values()
+        assert events == RUN_EVENTS
+        assert len(receiver.requests) == len(RUN_EVENTS)  # each sent once, by the holder
+    finally:
+        other.deliverer.stop()
+
+
+def _by_session(receiver: Receiver) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for request in receiver.delivered():
+        payload = Webhook(SECRET).verify(request.body, request.headers)
+        found.setdefault(payload["data"]["session_id"], []).append(payload["type"])
+    return found
