@@ -28,7 +28,16 @@ class Webhooks:
     """One outbox, its subscriptions and its delivery worker."""
 
     def __init__(self, config: ProwziConfig, store: BlobStore | None = None) -> None:
+        import importlib.util
+
         from prowzi.config.webhooks import parse_schedule
+        from prowzi.errors import ConfigError
+
+        missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"webhooks need {' and '.join(missing)}: pip install 'prowzi[webhooks]'"
+            )
         from prowzi.storage.remote import open_store
 
         self.outbox = Outbox(
