@@ -957,6 +957,45 @@ def health() -> dict[str, Any]:
             ),
         ],
     )
+    webhooks = Row(
+        "Webhooks",
+        [
+            timeseries(
+                "Webhook deliveries by outcome",
+                "Webhook delivery attempts per minute by outcome "
+                "(prowzi_webhook_deliveries_total): delivered (2xx), retrying (to be tried "
+                "again), failed (a 4xx, a refused address or the retry schedule used up), "
+                "disabled (the endpoint answered 410 Gone).",
+                "opm",
+                Query(
+                    sum_by("outcome", rate(sel("prowzi_webhook_deliveries_total"))) + " * 60",
+                    legend="{{outcome}}",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Webhook outbox",
+                "Deliveries waiting in the outbox (prowzi_webhook_outbox_depth, left axis) and "
+                "the age of the oldest (prowzi_webhook_outbox_oldest_pending_age_seconds). "
+                "A growing outbox fires ProwziWebhookOutboxGrowing.",
+                "short",
+                Query(sum_by("instance", sel("prowzi_webhook_outbox_depth")), legend="pending"),
+                Query(
+                    f"max({sel('prowzi_webhook_outbox_oldest_pending_age_seconds')})",
+                    legend="oldest age (s)",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Webhook delivery latency",
+                "Median and 95th percentile of the time from sending a webhook to the "
+                "receiver's answer (prowzi_webhook_delivery_duration_seconds).",
+                "s",
+                *quantiles("prowzi_webhook_delivery_duration_seconds"),
+                width=8,
+            ),
+        ],
+    )
     scrape = Row(
         "Scrape health",
         [
@@ -994,9 +1033,9 @@ def health() -> dict[str, Any]:
     return _dashboard(
         "prowzi-health",
         "Prowzi / Checkpoints & telemetry health",
-        "Checkpoint writes, latency and size; event-sink errors; and Prometheus's view of the "
-        "Prowzi scrape target.",
-        [checkpoints, sinks, scrape],
+        "Checkpoint writes, latency and size; event-sink errors; webhook deliveries and "
+        "their outbox; and Prometheus's view of the Prowzi scrape target.",
+        [checkpoints, sinks, webhooks, scrape],
     )
 
 

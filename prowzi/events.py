@@ -162,6 +162,36 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+WEBHOOK_EVENT_TYPES = (
+    "run.started",
+    "stage.completed",
+    "stage.failed",
+    "stage.retrying",
+    "checkpoint.saved",
+    "run.completed",
+    "run.failed",
+    "run.cancelled",
+)
+"""The event types webhooks deliver (:func:`webhook_type`)."""
+
+
+def webhook_type(event: Event) -> str | None:
+    """The webhook event type of ``event``, or None when webhooks do not send it."""
+    if isinstance(event, WorkflowFailed):
+        return "run.cancelled" if event.cancelled else "run.failed"
+    return _WEBHOOK_TYPES.get(event.kind)
+
+
+_WEBHOOK_TYPES = {
+    "workflow_started": "run.started",
+    "stage_completed": "stage.completed",
+    "stage_failed": "stage.failed",
+    "stage_retrying": "stage.retrying",
+    "checkpoint_saved": "checkpoint.saved",
+    "workflow_completed": "run.completed",
+}
+
+
 def event_from_record(record: dict[str, Any], *, strict: bool = True) -> Event:
     """Rebuild an event from :meth:`Event.as_record` output (e.g. a line of an event log).
 

@@ -18,6 +18,7 @@ import pytest
 from otlp_receiver import OtlpReceiver
 from test_service import Service, free_port
 
+from prowzi.events import WEBHOOK_EVENT_TYPES
 from prowzi.testing import STAGES
 
 PROMETHEUS = shutil.which("prometheus")
@@ -43,6 +44,10 @@ FAMILIES: dict[str, set[str]] = {
     "prowzi_turnitin_similarity_ratio": set(),
     "prowzi_service_queue_depth": set(),
     "prowzi_service_active_runs": set(),
+    "prowzi_webhook_deliveries_total": {"event_type", "outcome"},
+    "prowzi_webhook_delivery_duration_seconds": set(),
+    "prowzi_webhook_outbox_depth": set(),
+    "prowzi_webhook_outbox_oldest_pending_age_seconds": set(),
 }
 HISTOGRAMS = {
     "prowzi_run_duration_seconds",
@@ -51,12 +56,17 @@ HISTOGRAMS = {
     "prowzi_checkpoint_size_bytes",
     "prowzi_evaluation_score",
     "prowzi_turnitin_similarity_ratio",
+    "prowzi_webhook_delivery_duration_seconds",
 }
 CLOSED = {
     "stage": {*STAGES, "other"},
-    "outcome": {"success", "failure", "cancelled", "completed", "failed", "retrying", "skipped"},
+    "outcome": {
+        *("success", "failure", "cancelled", "completed", "failed", "retrying", "skipped"),
+        *("delivered", "disabled"),  # webhook deliveries
+    },
     "error_type": {"transient", "timeout", "permanent"},
     "phase": {"initial", "final"},
+    "event_type": {*WEBHOOK_EVENT_TYPES, "other"},
 }
 
 

@@ -73,6 +73,11 @@ CONTRACT: dict[str, str] = {
     "prowzi_llm_cost_usd_total": "counter",
     "prowzi_llm_calls_total": "counter",
     "prowzi_llm_call_duration_seconds": "histogram",
+    # webhooks (issue 18)
+    "prowzi_webhook_deliveries_total": "counter",
+    "prowzi_webhook_delivery_duration_seconds": "histogram",
+    "prowzi_webhook_outbox_depth": "gauge",
+    "prowzi_webhook_outbox_oldest_pending_age_seconds": "gauge",
 }
 # Series Prometheus itself writes for every scrape target, and for alerts.
 PROMETHEUS_SYNTHETIC = frozenset(
@@ -93,6 +98,7 @@ REQUIRED_ALERTS = frozenset(
         "ProwziWorkersDown",
         "ProwziLeaseTakeovers",
         "ProwziLlmRateLimited",
+        "ProwziWebhookOutboxGrowing",
     }
 )
 

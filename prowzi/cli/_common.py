@@ -184,3 +184,19 @@ def check_output(path: Path) -> Path:
     if not parent.is_dir():
         fail(f"--output {path}: {parent} is not a directory", EXIT_USAGE)
     return path
+
+
+def drain_webhooks(config: ProwziConfig) -> None:
+    """Wait a bounded time for this run's webhook deliveries; leave the rest in the outbox."""
+    if not (config.webhook_url or config.webhooks):
+        return
+    from prowzi.webhooks import drain
+
+    pending = drain(config)
+    if pending:
+        typer.echo(
+            f"warning: {pending} webhook deliveries still pending after "
+            f"{config.webhook_drain_seconds:g}s; they stay in the outbox for the next Prowzi "
+            "process or the service (`prowzi webhooks list --pending`)",
+            err=True,
+        )

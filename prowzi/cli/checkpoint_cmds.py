@@ -12,6 +12,7 @@ from prowzi.cli._common import (
     EXIT_USAGE,
     Interrupted,
     check_output,
+    drain_webhooks,
     exit_failed,
     exit_interrupted,
     fail,
@@ -126,6 +127,8 @@ def resume(
             exit_interrupted(exc, resume_hint(config, plan.session_id, plan.source_session_id))
         except WorkflowFailedError as exc:
             exit_failed(exc, resume_hint(config, plan.session_id, plan.source_session_id))
+        finally:
+            drain_webhooks(config)
         typer.echo(f"Session: {result.metadata['session_id']}")
         typer.echo(f"Document: {document}")
         warn_unsaved(result.metadata)

@@ -10,7 +10,14 @@ import sys
 
 import typer
 
-from prowzi.cli import checkpoint_cmds, run_cmd, serve_cmd, telemetry_cmds, worker_cmd
+from prowzi.cli import (
+    checkpoint_cmds,
+    run_cmd,
+    serve_cmd,
+    telemetry_cmds,
+    webhook_cmds,
+    worker_cmd,
+)
 
 app = typer.Typer(
     name="prowzi",
@@ -24,7 +31,7 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
 )
 
-for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd, worker_cmd):
+for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd, worker_cmd, webhook_cmds):
     _module.register(app)
 
 

@@ -10,6 +10,7 @@ import typer
 from prowzi.cli._common import (
     Interrupted,
     check_output,
+    drain_webhooks,
     exit_failed,
     exit_interrupted,
     fail,
@@ -161,6 +162,10 @@ def _execute(
 
         metrics = build_metrics(config=config)
         sinks.append(metrics)
+        if config.webhook_url or config.webhooks:
+            from prowzi.webhooks import webhooks_for
+
+            metrics.watch_webhooks(webhooks_for(config).deliverer)
         if metrics_port is not None:
             server = serve_metrics(metrics.registry, metrics_port)
     orchestrator = ProwziOrchestrator(
@@ -195,6 +200,7 @@ def _execute(
     except WorkflowFailedError as exc:
         exit_failed(exc, resume_hint(config, sid))
     finally:
+        drain_webhooks(config)
         if metrics is not None and push_url:
             from prowzi.observability.metrics import push_metrics
 

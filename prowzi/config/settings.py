@@ -26,15 +26,26 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prowzi.config.webhooks import (
+    RetrySchedule,
+    WebhookEvents,
+    WebhookList,
+    WebhookSecret,
+    WebhookUrl,
+    check_webhook_settings,
+)
 from prowzi.errors import ConfigError
 
 ENV_PREFIX = "PROWZI_"
 DEFAULT_CHECKPOINT_DIR = Path("./prowzi_checkpoints")
 DEFAULT_TELEMETRY_DIR = Path("./prowzi_telemetry")
 STORE_SCHEMES = ("file", "s3", "az", "azure", "memory")
+SECRET_FIELDS = frozenset({"checkpoint_key", "webhook_secret", "webhooks"})
+"""Settings whose values an error message never shows."""
 
 
 def not_a_directory(path: Path) -> str | None:
@@ -356,6 +367,66 @@ class ProwziConfig(CheckpointLocation, TelemetryLocation):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    # Webhooks (checked by prowzi.config.webhooks; delivered by prowzi.webhooks)
+    webhook_url: WebhookUrl | None = Field(
+        None, description="One webhook endpoint (http:// or https://); needs webhook_secret."
+    )
+    webhook_secret: WebhookSecret | None = Field(
+        None, description="Its Standard Webhooks secret: 'whsec_' and base64 of 24-64 bytes."
+    )
+    webhook_events: WebhookEvents | None = Field(
+        None, description="Comma-separated event types it receives (default: all)."
+    )
+    webhooks: WebhookList | None = Field(
+        None,
+        description="Several endpoints: a JSON list of {url, secret, events}; events a list "
+        "of event types (default: all).",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow endpoints on loopback, link-local, private or metadata addresses "
+        "(checked after DNS resolution).",
+    )
+    webhook_retry_schedule: RetrySchedule = Field(
+        "5s,5m,30m,2h,5h,10h,10h",
+        description="Delays before each retry of a delivery (s, m, h or d), jittered; after "
+        "the last, the delivery has failed (the default spans about 28 h).",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Connect and read timeout of one delivery attempt."
+    )
+    webhook_drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="How long `prowzi run` waits at its end for pending deliveries; the rest "
+        "stay in the outbox for the next Prowzi process or the service.",
+    )
+    webhook_outbox: StoreUrl | None = Field(
+        None,
+        description="Where the webhook outbox and delivery log are kept (a path or store URL); "
+        "default: prowzi_webhooks beside checkpoint_dir, or <checkpoint_url>/webhooks.",
+    )
+    webhook_link_base: str | None = Field(
+        None,
+        description="The service's public URL, prefixed to the links in payloads "
+        "(default: relative links such as /runs/<id>).",
+    )
+
+    @model_validator(mode="after")
+    def _webhooks_consistent(self) -> Self:
+        check_webhook_settings(self)
+        return self
+
+    @property
+    def webhook_outbox_location(self) -> Path | str:
+        """The outbox store: ``webhook_outbox``, else beside the checkpoints."""
+        if self.webhook_outbox:
+            return self.webhook_outbox
+        if self.checkpoint_url:
+            return self.checkpoint_url.rstrip("/") + "/webhooks"
+        return self.checkpoint_dir.absolute().parent / "prowzi_webhooks"
+
 
 LLM_STAGES = ("intent", "planning", "writing", "evaluation")
 """The stages that have an LLM agent."""
@@ -400,10 +471,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad setting and its environment variable."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        if not err["loc"]:  # a check across settings: its message names them
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
+        loc = ".".join(str(p) for p in err["loc"])
         var = f"{ENV_PREFIX}{loc.upper()}"
         value = err.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float | bool) else ""
+        if loc.split(".")[0] in SECRET_FIELDS:
+            shown = ""  # never print a secret
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc} ({var}{shown}): {message}")
     return "invalid setting " + "; ".join(parts)

@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -57,6 +57,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prowzi.metrics")
 
+
+class WebhookOutbox(Protocol):
+    """What :meth:`ProwziMetrics.watch_webhooks` reads (the webhook delivery worker)."""
+
+    observers: list[Any]
+
+    def depth(self) -> int: ...
+
+    def oldest_pending_age(self) -> float: ...
+
+
 OTHER = "other"
 RUN_OUTCOMES = ("success", "failure", "cancelled")
 STAGE_OUTCOMES = ("completed", "failed", "retrying", "skipped")
@@ -78,6 +89,9 @@ KNOWN_SINKS = (
 """Sink names counted under their own label value; any other name is counted as ``other``."""
 
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "disabled")
+"""How a webhook delivery attempt ended: delivered (2xx), retrying (it will be tried again),
+failed (a 4xx, a refused address, or the retry schedule used up), disabled (410 Gone)."""
 
 
 def _one_two_five(low: float, high: float) -> tuple[float, ...]:
@@ -98,6 +112,7 @@ TIMESTAMP_GAUGES = (
     "prowzi_last_run_success_timestamp_seconds",
 )
 SERVICE_GAUGES = ("prowzi_service_queue_depth", "prowzi_service_active_runs")
+WEBHOOK_LATENCY_BUCKETS = _one_two_five(0.001, 10)
 
 
 class ProwziMetrics:
@@ -277,6 +292,28 @@ class ProwziMetrics:
         self._llm_duration = {
             (s, m): llm_duration.labels(s, m) for s in stage_labels for m in model_labels
         }
+        webhook_deliveries = Counter(
+            "prowzi_webhook_deliveries",
+            "Webhook delivery attempts, by event type and outcome.",
+            ("event_type", "outcome"),
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            "prowzi_webhook_delivery_duration_seconds",
+            "Time from sending a webhook to its receiver's answer (or the attempt's failure).",
+            buckets=WEBHOOK_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_outbox_depth = Gauge(
+            "prowzi_webhook_outbox_depth",
+            "Webhook deliveries waiting in the outbox.",
+            registry=registry,
+        )
+        self.webhook_oldest_pending = Gauge(
+            "prowzi_webhook_outbox_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery waiting in the outbox (0: none).",
+            registry=registry,
+        )
 
         # Children are bound once: every label value exists from the start (fixed series
         # count, zeros instead of gaps) and handling an event costs dictionary lookups only.
@@ -292,6 +329,13 @@ class ProwziMetrics:
         self._checkpoint_writes = {o: checkpoint_writes.labels(o) for o in CHECKPOINT_OUTCOMES}
         self._sink_errors = {s: sink_errors.labels(s) for s in sink_labels}
         self._evaluation_score = {p: evaluation_score.labels(p) for p in EVALUATION_PHASES}
+        from prowzi.events import WEBHOOK_EVENT_TYPES
+
+        self._webhook_deliveries = {
+            (t, o): webhook_deliveries.labels(t, o)
+            for t in (*WEBHOOK_EVENT_TYPES, OTHER)
+            for o in WEBHOOK_OUTCOMES
+        }
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -346,6 +390,24 @@ class ProwziMetrics:
                 self._llm_tokens[stage, model, "output"].inc(call.output_tokens)
             if call.cost_usd:
                 self._llm_cost[stage, model].inc(call.cost_usd)
+
+    def delivery(self, event_type: str, outcome: str, seconds: float | None) -> None:
+        """A webhook delivery attempt (the delivery worker's observer hook)."""
+        child = self._webhook_deliveries.get((event_type, outcome))
+        if child is None:
+            child = self._webhook_deliveries[
+                OTHER, outcome if outcome in WEBHOOK_OUTCOMES else "failed"
+            ]
+        child.inc()
+        if seconds is not None:
+            self.webhook_latency.observe(max(seconds, 0.0))
+
+    def watch_webhooks(self, deliverer: WebhookOutbox) -> None:
+        """Count ``deliverer``'s attempts, and read its outbox depth and oldest pending age
+        at each scrape."""
+        deliverer.observers.append(self)
+        self.webhook_outbox_depth.set_function(deliverer.depth)
+        self.webhook_oldest_pending.set_function(deliverer.oldest_pending_age)
 
     def sink_error(self, sink_name: str, exc: BaseException) -> None:
         """``EventBus(on_error=...)`` hook: count a failing sink under a closed-set name."""

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +50,7 @@ from prowzi.errors import (
     SessionNotFoundError,
     TelemetryError,
 )
-from prowzi.events import EventSink
+from prowzi.events import Event, EventSink
 from prowzi.ids import new_session_id, validate_session_id
 from prowzi.observability.metrics import ProwziMetrics, render
 from prowzi.service.journal import RUN_STATES, JournalEntry, RunJournal
@@ -67,6 +67,7 @@ from prowzi.workflows.composition import build_metrics, build_tracer, llm_models
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.tracing import RunTracer
+    from prowzi.webhooks import Webhooks
     from prowzi.workflows.eventlog import EventLogReader
     from prowzi.workflows.orchestrator import ProwziOrchestrator
     from prowzi.workflows.telemetry import TelemetryCollector
@@ -181,12 +182,28 @@ def create_app(
     config = config.model_copy(update={"enable_checkpointing": True})
     metrics = build_metrics(registry, config)
 
+    hub: list[Webhooks] = []
+
+    def webhooks() -> Webhooks:
+        """The service's webhooks (its subscriptions, outbox and delivery worker), started
+        at the first use: at start-up when there is anything to deliver or anyone to
+        deliver to, else at the first subscription."""
+        if not hub:
+            from prowzi.webhooks import webhooks_for
+
+            hub.append(webhooks_for(config))
+            metrics.watch_webhooks(hub[0].deliverer)
+        return hub[0]
+
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
+        # Subscriptions made through the API get every run's events; when the settings name
+        # endpoints, the orchestrator's configured sinks already include the webhook sink.
+        configured = config.webhook_url or config.webhooks
         return ProwziOrchestrator(
             config=config,
-            sinks=[metrics, sink],
+            sinks=[metrics, sink, *([] if configured else [_LazyWebhookSink(hub)])],
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
         )
@@ -299,6 +316,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if await asyncio.to_thread(_webhooks_wanted, config):
+            # Started with the service: it delivers what earlier processes left.
+            await asyncio.to_thread(webhooks)
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
         if interrupted:
             log.warning(
@@ -324,6 +344,10 @@ def create_app(
             await manager.close()
             if remote is not None:
                 await remote.close()
+            if hub:
+                from prowzi.webhooks import release
+
+                await asyncio.to_thread(release, hub[0])
 
     app = FastAPI(
         title="Prowzi",
@@ -354,6 +378,10 @@ def create_app(
         return _error(400, str(exc))
 
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+
+    from prowzi.service.webhooks_api import webhook_router
+
+    app.include_router(webhook_router(webhooks, config.webhook_allow_private))
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -614,6 +642,42 @@ def create_app(
 
 _EVENT_ID_DIGITS = 18
 """A Last-Event-ID longer than this is no id the service sent (ids count a run's events)."""
+
+
+def _webhooks_wanted(config: ProwziConfig) -> bool:
+    """Whether the settings name an endpoint, or the outbox holds subscriptions or
+    deliveries (a look at the store, in a worker thread)."""
+    if config.webhook_url or config.webhooks:
+        return True
+    from prowzi.storage.remote import open_store
+    from prowzi.webhooks.outbox import OUTBOX, SUBSCRIPTIONS
+
+    store = open_store(config.webhook_outbox_location)
+    try:
+        return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
+    except OSError as exc:  # the store is down: webhooks start with the first subscription
+        log.warning("cannot read the webhook outbox at %s: %s", store.url, exc)
+        return False
+
+
+class _LazyWebhookSink:
+    """The webhook sink of the service's webhooks once they are started (before the first
+    subscription, nothing subscribes to anything)."""
+
+    name = "webhook"
+
+    def __init__(self, hub: list[Webhooks]) -> None:
+        self._hub = hub
+        self._sink: EventSink | None = None
+
+    def handle(self, event: Event) -> Awaitable[None] | None:
+        if not self._hub:
+            return None
+        if self._sink is None:
+            from prowzi.webhooks.sink import WebhookSink
+
+            self._sink = WebhookSink(self._hub[0])
+        return self._sink.handle(event)
 
 
 def _last_event_id(value: str | None) -> int | None:

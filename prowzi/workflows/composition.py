@@ -113,7 +113,8 @@ def _offline_defaults(config: ProwziConfig) -> dict[str, Agent]:
 
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
     """The sinks every run of this config feeds: the JSON telemetry and its event log, and
-    with a broker (``PROWZI_BROKER_URL``) the run's Redis event stream."""
+    with a broker (``PROWZI_BROKER_URL``) the run's Redis event stream; the webhook outbox
+    when the settings name an endpoint."""
     sinks: list[EventSink] = []
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
@@ -126,7 +127,18 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
         from prowzi.workers.streams import RedisEventStream
 
         sinks.append(RedisEventStream(config.broker_url))
+    if config.webhook_url or config.webhooks:
+        sinks.append(build_webhook_sink(config))
     return sinks
+
+
+def build_webhook_sink(config: ProwziConfig) -> EventSink:
+    """A sink writing this config's webhook deliveries to its outbox (whose worker, one per
+    process and outbox, is started here: it also delivers what earlier processes left)."""
+    from prowzi.webhooks import webhooks_for
+    from prowzi.webhooks.sink import WebhookSink
+
+    return WebhookSink(webhooks_for(config))
 
 
 def build_tracer() -> RunTracer:

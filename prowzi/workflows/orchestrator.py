@@ -273,6 +273,8 @@ class ProwziOrchestrator:
             self.config.telemetry_dir,
             self.config.telemetry_url,
             self.config.broker_url,
+            self.config.webhook_url,
+            self.config.webhooks,
         )
         if self._config_sinks is None or self._config_sinks[0] != key:
             self._config_sinks = (key, composition.build_sinks(self.config))
