@@ -74,6 +74,12 @@ class Source(BaseModel):
     text: str = ""
     score: float = Field(0.0, description="Best BM25 relevance over the queries (higher=better).")
     queries: list[str] = Field(default_factory=list, description="Queries that found it.")
+    # Online providers (issue 16 item 4, prowzi.sources.providers): where it was found.
+    origin: str = Field("corpus", description="'corpus' or the online provider that found it.")
+    arxiv_id: str | None = None
+    metadata_source: str | None = Field(
+        None, description="Where the metadata came from (a provider's name for its results)."
+    )
 
 
 class QueryResult(BaseModel):
@@ -97,12 +103,20 @@ class SearchAgentResult(_Result):
     sources: list[Source] = Field(default_factory=list)
     corpus: CorpusInfo
     message: str | None = Field(None, description="Set when the corpus covers the topic thinly.")
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per online provider: results, queries, requests by outcome, error.",
+    )
 
     def telemetry_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {
             "sources_count": len(self.sources),
             "queries": len(self.queries),
         }
+        if self.providers:  # online providers (issue 16 item 4)
+            origins = [s.origin for s in self.sources]
+            details["sources_by_origin"] = {o: origins.count(o) for o in dict.fromkeys(origins)}
+            details["providers"] = self.providers
         if self.message:
             details["message"] = self.message
         return details

@@ -1,0 +1,1 @@
+"""Where sources come from beyond the local corpus (:mod:`prowzi.sources.providers`)."""

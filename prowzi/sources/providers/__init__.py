@@ -1,0 +1,31 @@
+"""Online scholarly search providers: Crossref, arXiv, OpenAlex, Semantic Scholar, PubMed.
+
+Off by default; ``--providers crossref,arxiv`` (or ``PROWZI_PROVIDERS``) turns them on for the
+search stage, beside the local corpus. Each provider's base URL is a setting
+(``PROWZI_<PROVIDER>_URL``). See :mod:`~prowzi.sources.providers.http` for rate limits, retries
+and the cache, :mod:`~prowzi.sources.providers.records` for the record and the merge, and
+:mod:`~prowzi.sources.providers.stage` for what the search stage does with them.
+"""
+
+from prowzi.sources.providers.base import ProviderError
+from prowzi.sources.providers.records import ProviderRecord, merge_records
+from prowzi.sources.providers.search import (
+    PROVIDERS,
+    ProviderReport,
+    ProvidersFailedError,
+    lookup_dois,
+    lookup_dois_blocking,
+    search_providers,
+)
+
+__all__ = [
+    "PROVIDERS",
+    "ProviderError",
+    "ProviderRecord",
+    "ProviderReport",
+    "ProvidersFailedError",
+    "lookup_dois",
+    "lookup_dois_blocking",
+    "merge_records",
+    "search_providers",
+]

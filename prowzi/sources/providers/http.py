@@ -1,0 +1,327 @@
+"""HTTP for the providers: rate limits, ``Retry-After``, the on-disk cache, request accounting.
+
+Why httpx: it is async (the search stage queries every provider at once on the run's event
+loop) and its transports compose, so the rate limiter and the cache are layers around the
+network rather than code in every provider; it is already what the test suite speaks HTTP
+with. Why hishel for the cache: it is the maintained HTTP cache for httpx, follows RFC 9111
+(validators: ``ETag``/``Last-Modified`` answered by 304) and keeps entries in one SQLite file
+per provider with a TTL; a checkpoint-store blob per response would mean writing an HTTP cache
+ourselves.
+
+The layers of one provider's client, outermost first:
+
+1. **cache** (hishel, RFC 9111, stale entries allowed up to ``provider_cache_ttl_seconds``
+   unless the service said ``no-cache`` or ``must-revalidate``, in which case hishel
+   revalidates with the validators it stored): a question answered within the TTL is answered
+   from disk and nothing is sent, so a re-run or a resume sends zero requests;
+2. **pacing and retries** (:class:`_ProviderTransport`): waits for the provider's
+   :class:`RateLimiter`; a 429 or 503 pauses *every* user of that provider for its
+   ``Retry-After`` (seconds or an HTTP date) and is retried, up to ``provider_max_retries``;
+   a ``Retry-After`` longer than ``provider_max_retry_after_seconds`` is not waited for;
+   connection errors and other 5xx are retried with a short backoff;
+3. **network** (httpx's own transport).
+
+Every request is counted once, by provider and outcome (``ok``, ``rate_limited``, ``error``,
+``cached``), in the search's :class:`RequestTally` and by the process's request observers
+(the Prometheus metrics, wired in :mod:`prowzi.workflows.composition`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+if TYPE_CHECKING:
+    from prowzi.config.settings import ProviderSettings
+
+log = logging.getLogger("prowzi.providers")
+
+OUTCOMES = ("ok", "rate_limited", "error", "cached")
+"""What became of one request."""
+
+PUBLISHED_INTERVALS: dict[str, float] = {
+    # arXiv API Terms of Use: no more than one request every three seconds, one at a time.
+    "arxiv": 3.0,
+    # Crossref REST API, public and polite pools: the published per-user rate (the service
+    # also advertises it in X-Rate-Limit-Limit/-Interval); a tenth of a second keeps well under.
+    "crossref": 0.1,
+    # OpenAlex: at most 10 requests per second.
+    "openalex": 0.1,
+    # Semantic Scholar: 1 request per second with a key; the keyless pool is shared by all
+    # users and throttled, so a keyless client waits 3 s (see interval_for).
+    "semanticscholar": 1.0,
+    # NCBI E-utilities: 3 requests per second without an API key, 10 with one.
+    "pubmed": 1 / 3,
+}
+"""Seconds between two requests to each provider, from each service's published rules."""
+
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 8.0
+
+
+def interval_for(provider: str, settings: ProviderSettings) -> float:
+    """The pause between two requests to ``provider``: the setting if given, else the
+    service's published rule (faster with a key where the service says so)."""
+    if provider in settings.provider_intervals:
+        return settings.provider_intervals[provider]
+    if provider == "semanticscholar" and settings.semanticscholar_api_key is None:
+        return 3.0
+    if provider == "pubmed" and settings.pubmed_api_key is not None:
+        return 0.1
+    return PUBLISHED_INTERVALS[provider]
+
+
+class RateLimiter:
+    """Spaces the starts of requests to one service at least ``interval`` seconds apart.
+
+    Thread-safe and free of any event loop, so concurrent runs in one process (the service's
+    runs, or runs in worker threads with loops of their own) share it. A ``Retry-After``
+    pushes the next start out for everyone (:meth:`hold`). Written here rather than taken from
+    aiolimiter, whose limiter belongs to one event loop and knows nothing of ``Retry-After``.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def reserve(self) -> float:
+        """Claim the next start; how long to wait for it."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+            return start - now
+
+    def hold(self, seconds: float) -> None:
+        """No request starts within ``seconds`` from now."""
+        with self._lock:
+            self._next = max(self._next, self._clock() + seconds)
+
+    async def wait(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+_limiters: dict[tuple[str, str], RateLimiter] = {}
+_limiters_lock = threading.Lock()
+
+
+def limiter_for(provider: str, base_url: str, interval: float) -> RateLimiter:
+    """The process's one limiter for this provider at this address (created on first use;
+    its interval follows the latest setting)."""
+    with _limiters_lock:
+        limiter = _limiters.get((provider, base_url))
+        if limiter is None:
+            limiter = _limiters[provider, base_url] = RateLimiter(interval)
+        limiter.interval = interval
+        return limiter
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP date; None if absent or
+    unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+# --- accounting -----------------------------------------------------------------------------
+
+
+class RequestObserver(Protocol):
+    """Told about every provider request in the process (the Prometheus metrics are one)."""
+
+    def provider_request(self, provider: str, outcome: str, seconds: float) -> None: ...
+
+
+_observers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def add_request_observer(observer: RequestObserver) -> None:
+    """Tell ``observer`` about every provider request from now on (held weakly: an observer
+    nobody else holds stops being told)."""
+    _observers.add(observer)
+
+
+def _notify(provider: str, outcome: str, seconds: float) -> None:
+    for observer in list(_observers):
+        try:
+            observer.provider_request(provider, outcome, seconds)
+        except Exception:  # an observer never breaks a search
+            log.exception("provider request observer %r failed", observer)
+
+
+@dataclass(slots=True)
+class RequestTally:
+    """The requests of one search, by provider and outcome."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record(self, provider: str, outcome: str, seconds: float) -> None:
+        per = self.counts.setdefault(provider, dict.fromkeys(OUTCOMES, 0))
+        per[outcome] += 1
+        _notify(provider, outcome, seconds)
+
+    def of(self, provider: str) -> dict[str, int]:
+        return dict(self.counts.get(provider, dict.fromkeys(OUTCOMES, 0)))
+
+
+# --- the layers -----------------------------------------------------------------------------
+
+
+class _ProviderTransport(httpx.AsyncBaseTransport):
+    """Pacing, ``Retry-After`` and retries around the network transport (layer 2)."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        provider: str,
+        limiter: RateLimiter,
+        tally: RequestTally,
+        settings: ProviderSettings,
+    ) -> None:
+        self._inner = inner
+        self._provider = provider
+        self._limiter = limiter
+        self._tally = tally
+        self._max_retries = settings.provider_max_retries
+        self._max_wait = settings.provider_max_retry_after_seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            await self._limiter.wait()
+            started = time.perf_counter()
+            try:
+                response = await self._inner.handle_async_request(request)
+            except httpx.TransportError:
+                self._tally.record(self._provider, "error", time.perf_counter() - started)
+                if attempt >= self._max_retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX))
+                continue
+            seconds = time.perf_counter() - started
+            status = response.status_code
+            if status in (429, 503):
+                self._tally.record(self._provider, "rate_limited", seconds)
+                wait = retry_after_seconds(response.headers.get("retry-after"))
+                if wait is None:
+                    wait = min(_BACKOFF_FIRST * 2**attempt, _BACKOFF_MAX)
+                if attempt >= self._max_retries or wait > self._max_wait:
+                    return response  # the caller reports the refusal
+                await response.aread()
+                await response.aclose()
+                log.info("%s answered %d: waiting %.2fs", self._provider, status, wait)
+                self._limiter.hold(wait)
+                attempt += 1
+                continue
+            if status >= 500 and attempt < self._max_retries:
+                self._tally.record(self._provider, "error", seconds)
+                await response.aread()
+                await response.aclose()
+                attempt += 1
+                await asyncio.sleep(min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX))
+                continue
+            self._tally.record(self._provider, "ok" if status < 400 else "error", seconds)
+            return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _CountCached(httpx.AsyncBaseTransport):
+    """Counts the answers the cache gave without asking the network (outside layer 1)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, provider: str, tally: RequestTally):
+        self._inner = inner
+        self._provider = provider
+        self._tally = tally
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        started = time.perf_counter()
+        response = await self._inner.handle_async_request(request)
+        status = response.extensions.get("caching")
+        if status is not None and status.from_cache and not status.revalidated:
+            self._tally.record(self._provider, "cached", time.perf_counter() - started)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/prowzi/providers``, else ``~/.cache/prowzi/providers``."""
+    from prowzi.agents.corpus import default_index_dir
+
+    return default_index_dir().parent / "providers"
+
+
+def user_agent(settings: ProviderSettings) -> str:
+    from prowzi import __version__
+
+    contact = f"; mailto:{settings.contact_email}" if settings.contact_email else ""
+    return f"Prowzi/{__version__} (https://pypi.org/project/prowzi/{contact})"
+
+
+def build_client(
+    provider: str,
+    base_url: str,
+    settings: ProviderSettings,
+    tally: RequestTally,
+    *,
+    headers: dict[str, str] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An HTTP client for one provider: cache, pacing and retries, network (see the module
+    docstring). ``transport`` replaces the network layer."""
+    limiter = limiter_for(provider, base_url, interval_for(provider, settings))
+    network = transport if transport is not None else httpx.AsyncHTTPTransport()
+    layered: httpx.AsyncBaseTransport = _ProviderTransport(
+        network, provider, limiter, tally, settings
+    )
+    ttl = settings.provider_cache_ttl_seconds
+    if ttl > 0:
+        import hishel
+        from hishel.httpx import AsyncCacheTransport
+
+        from prowzi.storage.files import ensure_private_dir
+
+        directory = settings.provider_cache_dir or default_cache_dir()
+        ensure_private_dir(Path(directory).expanduser())
+        storage = hishel.AsyncSqliteStorage(
+            database_path=Path(directory).expanduser() / f"{provider}.sqlite", default_ttl=ttl
+        )
+        cached = AsyncCacheTransport(
+            next_transport=layered,
+            storage=storage,
+            rfc=hishel.CacheOptions(shared=False, allow_stale=True),
+        )
+        layered = _CountCached(cached, provider, tally)
+    return httpx.AsyncClient(
+        transport=layered,
+        timeout=settings.provider_timeout_seconds,
+        headers={"User-Agent": user_agent(settings), **(headers or {})},
+        follow_redirects=True,
+    )
