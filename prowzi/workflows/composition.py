@@ -130,10 +130,13 @@ def shutdown_tracer(tracer: RunTracer) -> None:
 
 def build_metrics(registry: CollectorRegistry | None = None) -> ProwziMetrics:
     """The Prometheus metrics sink, in ``registry`` (a fresh one by default, never the
-    process-global registry)."""
+    process-global registry). It also counts the online providers' requests."""
     from prowzi.observability.metrics import ProwziMetrics
+    from prowzi.sources.observe import add_request_observer
 
-    return ProwziMetrics(registry)
+    metrics = ProwziMetrics(registry)
+    add_request_observer(metrics)
+    return metrics
 
 
 def build_checkpoint_manager(config: ProwziConfig) -> CheckpointManager:

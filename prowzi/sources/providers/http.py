@@ -23,7 +23,8 @@ The layers of one provider's client, outermost first:
 
 Every request is counted once, by provider and outcome (``ok``, ``rate_limited``, ``error``,
 ``cached``), in the search's :class:`RequestTally` and by the process's request observers
-(the Prometheus metrics, wired in :mod:`prowzi.workflows.composition`).
+(:mod:`prowzi.sources.observe`; the Prometheus metrics are one, wired in
+:mod:`prowzi.workflows.composition`).
 """
 
 from __future__ import annotations
@@ -33,21 +34,21 @@ import email.utils
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import httpx
+
+from prowzi.sources.observe import REQUEST_OUTCOMES, notify
 
 if TYPE_CHECKING:
     from prowzi.config.settings import ProviderSettings
 
 log = logging.getLogger("prowzi.providers")
 
-OUTCOMES = ("ok", "rate_limited", "error", "cached")
-"""What became of one request."""
+OUTCOMES = REQUEST_OUTCOMES
 
 PUBLISHED_INTERVALS: dict[str, float] = {
     # arXiv API Terms of Use: no more than one request every three seconds, one at a time.
@@ -149,29 +150,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 # --- accounting -----------------------------------------------------------------------------
 
 
-class RequestObserver(Protocol):
-    """Told about every provider request in the process (the Prometheus metrics are one)."""
-
-    def provider_request(self, provider: str, outcome: str, seconds: float) -> None: ...
-
-
-_observers: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def add_request_observer(observer: RequestObserver) -> None:
-    """Tell ``observer`` about every provider request from now on (held weakly: an observer
-    nobody else holds stops being told)."""
-    _observers.add(observer)
-
-
-def _notify(provider: str, outcome: str, seconds: float) -> None:
-    for observer in list(_observers):
-        try:
-            observer.provider_request(provider, outcome, seconds)
-        except Exception:  # an observer never breaks a search
-            log.exception("provider request observer %r failed", observer)
-
-
 @dataclass(slots=True)
 class RequestTally:
     """The requests of one search, by provider and outcome."""
@@ -181,7 +159,7 @@ class RequestTally:
     def record(self, provider: str, outcome: str, seconds: float) -> None:
         per = self.counts.setdefault(provider, dict.fromkeys(OUTCOMES, 0))
         per[outcome] += 1
-        _notify(provider, outcome, seconds)
+        notify(provider, outcome, seconds)
 
     def of(self, provider: str) -> dict[str, int]:
         return dict(self.counts.get(provider, dict.fromkeys(OUTCOMES, 0)))
@@ -262,8 +240,8 @@ class _CountCached(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
         response = await self._inner.handle_async_request(request)
-        status = response.extensions.get("caching")
-        if status is not None and status.from_cache and not status.revalidated:
+        status = response.extensions.get("caching") or {}  # hishel's CacheStatus
+        if status.get("from_cache") and not status.get("revalidated"):
             self._tally.record(self._provider, "cached", time.perf_counter() - started)
         return response
 
