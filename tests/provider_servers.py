@@ -433,7 +433,7 @@ def _handler(server: ProviderServer) -> type[BaseHTTPRequestHandler]:
             provider = by_prefix.get(prefix)
             params = {k: v[-1] for k, v in parse_qs(split.query).items()}
             seen = Seen(
-                provider or "?", "/" + rest, params, dict(self.headers.items()), time.monotonic()
+                provider or "?", "/" + rest, params, {k.lower(): v for k, v in self.headers.items()}, time.monotonic()
             )
             with server._lock:
                 server.requests.append(seen)
@@ -452,7 +452,7 @@ def _handler(server: ProviderServer) -> type[BaseHTTPRequestHandler]:
             headers = {"ETag": etag, "Last-Modified": "Thu, 01 Jan 2026 00:00:00 GMT"}
             if provider in server.cache_control:
                 headers["Cache-Control"] = server.cache_control[provider]
-            if status == 200 and self.headers.get("If-None-Match") == etag:
+            if status == 200 and self.headers.get("if-none-match") == etag:
                 self.answer(seen, 304, kind, b"", headers)
                 return
             self.answer(seen, status, kind, body, headers)

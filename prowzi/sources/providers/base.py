@@ -17,6 +17,7 @@ from xml.etree import ElementTree
 import httpx
 
 from prowzi.errors import ProwziError
+from prowzi.sources.providers.http import forget_answer
 from prowzi.sources.providers.records import ProviderRecord
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Provider(ABC):
         try:
             return response.json()
         except ValueError as exc:
+            await forget_answer(client, response)
             raise ProviderError(self.name, f"malformed answer (not JSON: {exc})") from None
 
     async def get_xml(
@@ -135,6 +137,7 @@ class Provider(ABC):
         try:
             return ElementTree.fromstring(response.content)
         except ElementTree.ParseError as exc:
+            await forget_answer(client, response)
             raise ProviderError(self.name, f"malformed answer (not XML: {exc})") from None
 
     def malformed(self, what: str) -> ProviderError:

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,8 @@ import httpx
 from prowzi.sources.observe import REQUEST_OUTCOMES, notify
 
 if TYPE_CHECKING:
+    from hishel import AsyncBaseStorage
+
     from prowzi.config.settings import ProviderSettings
 
 log = logging.getLogger("prowzi.providers")
@@ -96,6 +100,7 @@ class RateLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._next = 0.0
+        self._held_until = 0.0
 
     def reserve(self) -> float:
         """Claim the next start; how long to wait for it."""
@@ -106,14 +111,23 @@ class RateLimiter:
             return start - now
 
     def hold(self, seconds: float) -> None:
-        """No request starts within ``seconds`` from now."""
+        """No request starts within ``seconds`` from now, not even one already waiting."""
         with self._lock:
-            self._next = max(self._next, self._clock() + seconds)
+            until = self._clock() + seconds
+            self._held_until = max(self._held_until, until)
+            self._next = max(self._next, until)
+
+    def held(self) -> float:
+        """How long a hold still lasts (0: none)."""
+        with self._lock:
+            return max(0.0, self._held_until - self._clock())
 
     async def wait(self) -> None:
+        """Wait for this request's start, and for any hold that began while waiting."""
         delay = self.reserve()
-        if delay > 0:
+        while delay > 0:
             await asyncio.sleep(delay)
+            delay = self.held()
 
 
 _limiters: dict[tuple[str, str], RateLimiter] = {}
@@ -229,16 +243,35 @@ class _ProviderTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-class _CountCached(httpx.AsyncBaseTransport):
-    """Counts the answers the cache gave without asking the network (outside layer 1)."""
+def cache_key(request: httpx.Request) -> str:
+    """The cache entry of a request: its method and URL (query string included)."""
+    return hashlib.sha256(f"{request.method} {request.url}".encode()).hexdigest()
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, provider: str, tally: RequestTally):
+
+class _CountCached(httpx.AsyncBaseTransport):
+    """Counts the answers the cache gave without asking the network, and can forget an
+    answer (outside layer 1)."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        provider: str,
+        tally: RequestTally,
+        storage: AsyncBaseStorage,
+    ) -> None:
         self._inner = inner
         self._provider = provider
         self._tally = tally
+        self._storage = storage
+
+    async def forget(self, request: httpx.Request) -> None:
+        for entry in await self._storage.get_entries(cache_key(request)):
+            await self._storage.remove_entry(entry.id)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
+        # hishel's per-request setting: our key, so that forget() finds the entry.
+        request.extensions = {**request.extensions, "caching": {"key": cache_key(request)}}
         response = await self._inner.handle_async_request(request)
         status = response.extensions.get("caching") or {}  # hishel's CacheStatus
         if status.get("from_cache") and not status.get("revalidated"):
@@ -247,6 +280,17 @@ class _CountCached(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+_caches: weakref.WeakKeyDictionary[httpx.AsyncClient, _CountCached] = weakref.WeakKeyDictionary()
+
+
+async def forget_answer(client: httpx.AsyncClient, response: httpx.Response) -> None:
+    """Drop the cached copy of ``response`` (an answer that did not parse must not be served
+    again from the cache)."""
+    cache = _caches.get(client)
+    if cache is not None:
+        await cache.forget(response.request)
 
 
 def default_cache_dir() -> Path:
@@ -296,10 +340,14 @@ def build_client(
             storage=storage,
             rfc=hishel.CacheOptions(shared=False, allow_stale=True),
         )
-        layered = _CountCached(cached, provider, tally)
-    return httpx.AsyncClient(
+        counted = _CountCached(cached, provider, tally, storage)
+        layered = counted
+    client = httpx.AsyncClient(
         transport=layered,
         timeout=settings.provider_timeout_seconds,
         headers={"User-Agent": user_agent(settings), **(headers or {})},
         follow_redirects=True,
     )
+    if ttl > 0:
+        _caches[client] = counted
+    return client

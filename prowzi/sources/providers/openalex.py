@@ -53,7 +53,9 @@ class OpenAlex(Provider):
             raise self.malformed("no meta or results")
         records = [r for r in (self.record(w) for w in results) if r is not None]
         count = meta.get("count")
-        more = bool(results) and isinstance(count, int) and number * rows < count
+        served = meta.get("per_page")
+        per_page = served if isinstance(served, int) else rows
+        more = bool(results) and isinstance(count, int) and number * per_page < count
         return records, number + 1 if more else None
 
     def record(self, work: Any) -> ProviderRecord | None:
