@@ -432,9 +432,8 @@ def _handler(server: ProviderServer) -> type[BaseHTTPRequestHandler]:
             prefix, _, rest = split.path.lstrip("/").partition("/")
             provider = by_prefix.get(prefix)
             params = {k: v[-1] for k, v in parse_qs(split.query).items()}
-            seen = Seen(
-                provider or "?", "/" + rest, params, {k.lower(): v for k, v in self.headers.items()}, time.monotonic()
-            )
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            seen = Seen(provider or "?", "/" + rest, params, headers, time.monotonic())
             with server._lock:
                 server.requests.append(seen)
                 queue = server.faults.get(provider or "")
