@@ -307,7 +307,7 @@ def test_requests_to_a_provider_are_spaced_by_its_interval_across_concurrent_run
     server: ProviderServer, tmp_path: Path
 ) -> None:
     config = settings(
-        server, tmp_path, provider_intervals="arxiv=0.3", provider_cache_ttl_seconds=0
+        server, tmp_path, provider_intervals="arxiv=0.5", provider_cache_ttl_seconds=0
     )
     errors: list[BaseException] = []
 
@@ -325,7 +325,9 @@ def test_requests_to_a_provider_are_spaced_by_its_interval_across_concurrent_run
     assert not errors
     starts = sorted(r.at for r in server.seen("arxiv"))
     assert len(starts) == 4
-    assert all(b - a >= 0.28 for a, b in itertools.pairwise(starts)), starts
+    # as the server saw them: 0.1 s of the 0.5 s is left for the loopback's jitter on a busy
+    # machine (a request leaves on time but a connection's set-up may delay its arrival)
+    assert all(b - a >= 0.4 for a, b in itertools.pairwise(starts)), starts
 
 
 def test_the_published_intervals_apply_unless_a_setting_overrides_them() -> None:
