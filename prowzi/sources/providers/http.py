@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import hashlib
 import logging
+import ssl
 import threading
 import time
 import weakref
@@ -293,6 +295,15 @@ async def forget_answer(client: httpx.AsyncClient, response: httpx.Response) -> 
         await cache.forget(response.request)
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The one TLS context of the process (certifi's roots, as httpx uses by default): loading
+    the roots takes tens of milliseconds, too long to repeat for every client."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/prowzi/providers``, else ``~/.cache/prowzi/providers``."""
     from prowzi.agents.corpus import default_index_dir
@@ -319,7 +330,7 @@ def build_client(
     """An HTTP client for one provider: cache, pacing and retries, network (see the module
     docstring). ``transport`` replaces the network layer."""
     limiter = limiter_for(provider, base_url, interval_for(provider, settings))
-    network = transport if transport is not None else httpx.AsyncHTTPTransport()
+    network = transport if transport is not None else httpx.AsyncHTTPTransport(verify=tls_context())
     layered: httpx.AsyncBaseTransport = _ProviderTransport(
         network, provider, limiter, tally, settings
     )

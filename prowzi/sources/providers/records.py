@@ -22,6 +22,7 @@ _DOI_SHAPE = re.compile(r"^10\.\d{4,9}/\S+$")
 _ARXIV_NEW = re.compile(r"(\d{4}\.\d{4,5})(?:v\d+)?$")
 _ARXIV_OLD = re.compile(r"([a-z-]+(?:\.[A-Z]{2})?/\d{7})(?:v\d+)?$", re.IGNORECASE)
 _ARXIV_DOI = re.compile(r"^10\.48550/arxiv\.(.+)$", re.IGNORECASE)
+_WORDS = re.compile(r"[^\W_]+")
 
 
 def normalise_doi(value: str | None) -> str | None:
@@ -56,9 +57,11 @@ def normalise_title(title: str | None) -> str:
     ("Quantum  Error-Correction!" and "quantum error correction" are the same title)."""
     if not title:
         return ""
-    decomposed = unicodedata.normalize("NFKD", title)
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(re.findall(r"[^\W_]+", plain.lower()))
+    plain = title
+    if not title.isascii():
+        decomposed = unicodedata.normalize("NFKD", title)
+        plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(_WORDS.findall(plain.lower()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,9 @@ class ProviderRecord:
         doi = normalise_doi(self.doi)
         if doi:
             keys.append(("doi", doi))
-        arxiv = normalise_arxiv_id(self.arxiv_id) or normalise_arxiv_id(self.doi)
+        arxiv = normalise_arxiv_id(self.arxiv_id) or (
+            normalise_arxiv_id(doi) if doi and doi.startswith("10.48550/") else None
+        )
         if arxiv:
             keys.append(("arxiv", arxiv))
         title = normalise_title(self.title)
@@ -143,7 +148,6 @@ def group_duplicates(records: Sequence[ProviderRecord]) -> list[list[int]]:
     order. Two records are the same work when they share a DOI, an arXiv id or a normalised
     title, directly or through a third record of the group."""
     groups: list[list[int]] = []
-    merged: list[ProviderRecord] = []
     index: dict[tuple[str, str], int] = {}
     for position, record in enumerate(records):
         keys = record.keys()
@@ -151,11 +155,9 @@ def group_duplicates(records: Sequence[ProviderRecord]) -> list[list[int]]:
         if hit is None:
             hit = len(groups)
             groups.append([position])
-            merged.append(record)
         else:
             groups[hit].append(position)
-            merged[hit] = _complete(merged[hit], record)
-        for key in (*keys, *merged[hit].keys()):
+        for key in keys:  # a group answers to every key of every member
             index.setdefault(key, hit)
     return groups
 

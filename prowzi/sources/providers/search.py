@@ -27,7 +27,7 @@ from prowzi.errors import TransientError
 from prowzi.sources.providers.arxiv import Arxiv
 from prowzi.sources.providers.base import Provider, ProviderError, describe_http_error
 from prowzi.sources.providers.crossref import Crossref
-from prowzi.sources.providers.http import OUTCOMES, RequestTally, build_client
+from prowzi.sources.providers.http import OUTCOMES, RequestTally, build_client, tls_context
 from prowzi.sources.providers.openalex import OpenAlex
 from prowzi.sources.providers.pubmed import PubMed
 from prowzi.sources.providers.records import ProviderRecord, normalise_doi
@@ -113,6 +113,7 @@ async def search_providers(
     Raises :class:`ProvidersFailedError` when every provider failed before answering any query.
     """
     tally = RequestTally()
+    await asyncio.to_thread(tls_context)  # loaded once per process, off the event loop
     reports = {name: ProviderReport(name) for name in providers}
     found: dict[str, list[ProviderHit]] = {name: [] for name in providers}
 
