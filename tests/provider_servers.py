@@ -18,10 +18,10 @@ request parameters and response format, from the invented works in
   ``PubmedArticleSet`` with its DOCTYPE).
 
 Real faults on demand: a queue of scripted answers per provider (a status with headers, such
-as 429 with ``Retry-After``; a malformed body), a cap on page size (as every real service has),
-and ``Cache-Control`` to send. Every answer carries an ``ETag``; ``If-None-Match`` with it gets
-a 304. Every request is recorded (provider, path, parameters, headers, time). No pytest here,
-so a benchmark can start it too.
+as 429 with ``Retry-After``; a malformed body; an answer too late), a cap on page size (as
+every real service has), and ``Cache-Control`` to send. Every answer carries an ``ETag``;
+``If-None-Match`` with it gets a 304. Every request is recorded (provider, path, parameters,
+headers, time). No pytest here, so a benchmark can start it too.
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ class Seen:
 
 @dataclass(slots=True)
 class Fault:
-    """A scripted answer: ``status`` with ``headers``, or a malformed body (``malformed``)."""
+    """A scripted answer: ``status`` with ``headers``, a malformed body (``malformed``), or the
+    usual answer ``delay`` seconds late."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     malformed: bool = False
+    delay: float = 0.0
 
 
 class ProviderServer:
@@ -441,6 +443,8 @@ def _handler(server: ProviderServer) -> type[BaseHTTPRequestHandler]:
             if provider is None:
                 self.answer(seen, 404, "text/plain", b"no such service", {})
                 return
+            if fault is not None and fault.delay:
+                time.sleep(fault.delay)
             if fault is not None and fault.status != 200:
                 self.answer(seen, fault.status, "text/plain", b"slow down", fault.headers)
                 return

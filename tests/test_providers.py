@@ -271,6 +271,19 @@ def test_a_provider_that_is_down_degrades_the_search(
     assert {h.record.origin for h in result.hits} == {"crossref", "pubmed"}
 
 
+def test_a_provider_that_answers_too_late_times_out_and_the_others_answer(
+    server: ProviderServer, tmp_path: Path
+) -> None:
+    server.script("openalex", Fault(delay=3.0))
+    config = settings(server, tmp_path, provider_timeout_seconds=0.5, provider_max_retries=0)
+    started = time.monotonic()
+    result = search(config, ["openalex", "crossref"])
+    assert time.monotonic() - started < 2.5
+    openalex, crossref = result.reports
+    assert openalex.error is not None and openalex.error.startswith("no answer: ReadTimeout")
+    assert openalex.requests["error"] == 1 and crossref.results == 6
+
+
 def test_every_provider_down_fails_the_search_naming_each(tmp_path: Path) -> None:
     config = get_config(
         crossref_url=f"http://127.0.0.1:{closed_port()}",

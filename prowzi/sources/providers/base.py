@@ -107,7 +107,8 @@ class Provider(ABC):
         try:
             response = await client.get(self.url(path), params=params)
         except httpx.HTTPError as exc:
-            raise ProviderError(self.name, f"unreachable: {describe_http_error(exc)}") from None
+            what = "unreachable" if isinstance(exc, httpx.ConnectError) else "no answer"
+            raise ProviderError(self.name, f"{what}: {describe_http_error(exc)}") from None
         if response.status_code == 404:
             return response
         if not response.is_success:
