@@ -2,7 +2,8 @@
 
 ``noop_agents()`` returns an agent per research stage that produces a minimal, valid result
 without touching a corpus, so the engine (retries, checkpoints, telemetry) can be exercised
-and benchmarked on its own.
+and benchmarked on its own. ``noop`` is the same as a ``PROWZI_AGENTS`` factory, for a real
+``prowzi`` process: ``PROWZI_AGENTS="intent=prowzi.testing:noop,planning=prowzi.testing:noop,..."``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from prowzi.agents import models as m
 from prowzi.agents.base import Agent, StageContext
+from prowzi.config import ProwziConfig
 
 
 def _draft(ctx: StageContext) -> m.WritingAgentResult:
@@ -66,3 +68,17 @@ STAGES = ("intent", "planning", "search", "verification", "writing", "evaluation
 def noop_agents() -> dict[str, Agent]:
     """One no-op agent per research stage."""
     return {stage: NoopAgent(stage) for stage in STAGES}
+
+
+async def _noop(ctx: StageContext) -> BaseModel:
+    return noop_result(ctx.stage, ctx)
+
+
+def noop(config: ProwziConfig) -> Agent:
+    """A ``PROWZI_AGENTS`` factory: the no-op agent of whichever stage it is named for."""
+    return _noop
+
+
+def noop_setting() -> str:
+    """The ``PROWZI_AGENTS`` value that makes every research stage a no-op."""
+    return ",".join(f"{stage}=prowzi.testing:noop" for stage in STAGES)

@@ -251,3 +251,61 @@ def test_a_symlink_planted_among_the_documents_is_never_served(tmp_path: Path) -
         assert replaced.status_code == 404 and "planted-secret" not in replaced.text
     finally:
         svc.stop()
+
+
+# --- 4: one out-of-range timestamp ------------------------------------------------------------
+
+
+def test_an_out_of_range_timestamp_marks_one_session_corrupt_for_the_cli_and_the_service(
+    tmp_path: Path,
+) -> None:
+    """A session file whose ``started_at`` UTC cannot hold is that session's problem only:
+    ``prowzi sessions`` lists it as corrupt beside the good one, ``show`` of it is a one-line
+    error, and a service that did not run it lists it, answers 409 for it and for its resume,
+    and serves the good session as before."""
+    first = Service(tmp_path, PROWZI_TEST_DELAY="0.01")
+    try:
+        good, bad = first.start_run(), first.start_run()
+        first.wait_state(good, "completed")
+        first.wait_state(bad, "completed")
+    finally:
+        first.stop()
+    path = tmp_path / "prowzi_telemetry" / f"{bad}.json"
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "started_at": "0001-01-01T00:00:00+14:00"})
+    )
+
+    def prowzi(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "prowzi.cli.main", *args],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = prowzi("sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    statuses = {s["session_id"]: s["status"] for s in json.loads(listed.stdout)}
+    assert statuses == {good: "completed", bad: "corrupt"}
+    shown = prowzi("show", bad)
+    assert shown.returncode == 1
+    assert "started_at" in one_line(shown.stderr) and "out of range" in shown.stderr
+    assert prowzi("show", good).returncode == 0
+
+    # A service on another state directory knows these sessions from telemetry only.
+    second = Service(tmp_path, "--state-dir", "other_state")
+    try:
+        runs = second.client.get("/runs")
+        assert runs.status_code == 200, runs.text
+        states = {r["session_id"]: r["state"] for r in runs.json()["runs"]}
+        assert states == {good: "completed", bad: "corrupt"}
+        one = second.client.get(f"/runs/{bad}")
+        assert one.status_code == 409 and "out of range" in one.json()["detail"], one.text
+        resumed = second.client.post(f"/runs/{bad}/resume")
+        assert resumed.status_code == 409, resumed.text
+        assert second.client.get(f"/runs/{good}").json()["state"] == "completed"
+    finally:
+        second.stop()
+    assert "Traceback" not in second.log()

@@ -108,3 +108,32 @@ def test_a_run_interrupted_while_queued_restarts_from_the_beginning_when_resumed
         assert second.client.post("/runs/never-ran/resume").status_code == 404
     finally:
         second.stop()
+
+
+def test_a_run_the_service_left_interrupted_and_the_cli_finished_shows_completed(
+    tmp_path: Path,
+) -> None:
+    """The journal says interrupted; a ``prowzi resume`` from the CLI finished the run since.
+    The service reports what telemetry says (completed), in ``GET /runs/{id}`` and the list."""
+    first = Service(tmp_path, PROWZI_TEST_DELAY="0.4")
+    sid = first.start_run("finished elsewhere")
+    first.wait_checkpoint(sid)
+    assert first.stop() in (0, -signal.SIGTERM), first.log()
+
+    second = Service(tmp_path, PROWZI_TEST_DELAY="0.01")
+    try:
+        assert second.client.get(f"/runs/{sid}").json()["state"] == "interrupted"
+        resumed = subprocess.run(
+            [sys.executable, "-m", "prowzi.cli.main", "resume", sid],
+            cwd=tmp_path,
+            env=subprocess_env(PROWZI_TEST_DELAY="0.01"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert second.client.get(f"/runs/{sid}").json()["state"] == "completed"
+        listed = {r["session_id"]: r["state"] for r in second.client.get("/runs").json()["runs"]}
+        assert listed[sid] == "completed"
+    finally:
+        second.stop()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -177,57 +176,64 @@ def checkpoints(
             typer.echo("no checkpoints", err=True)
 
 
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
 def parse_age(text: str) -> timedelta:
-    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"``, ``"1w"`` -> a timedelta."""
-    match = _AGE.fullmatch(text.strip().lower())
-    if not match:
-        fail(f"invalid age {text!r}: use a number and a unit, e.g. 30m, 12h, 7d", EXIT_USAGE)
-    value, unit = match.groups()
+    """An ``--older-than`` or ``--since`` value; a bad one is a usage error."""
+    from prowzi.config.settings import parse_age as parse
+
     try:
-        age = timedelta(**{_UNITS[unit]: float(value)})
-        datetime.now(UTC) - age
-    except OverflowError:
-        fail(f"invalid age {text!r}: too large", EXIT_USAGE)
-    return age
+        return parse(text)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def cleanup(
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Delete checkpoints older than this, e.g. 7d.")
+        str,
+        typer.Option("--older-than", help="Delete what sessions older than this left, e.g. 7d."),
     ],
     keep_last: Annotated[
         int, typer.Option("--keep-last", min=0, help="Always keep the N newest sessions.")
     ] = 0,
+    state_dir: Annotated[
+        Path,
+        typer.Option("--state-dir", help="The service state directory whose documents go too."),
+    ] = Path("prowzi_service"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
 ) -> None:
-    """Delete old checkpoints. A running session's checkpoints are never deleted."""
+    """Delete old sessions' checkpoints, telemetry and service documents. A running session
+    keeps everything."""
     age = parse_age(older_than)
     config = load_config()
     with user_errors():
         from prowzi.workflows.checkpoint import CheckpointManager
+        from prowzi.workflows.retention import sweep
 
-        manager = CheckpointManager.from_config(config)
-        running: list[str] = []
-        failed: list[str] = []
-        removed: list[Any] = manager.cleanup(
+        swept = sweep(
+            config,
             older_than=age,
             keep_last=keep_last,
             dry_run=dry_run,
-            on_running=running.append,
-            on_error=lambda where, exc: failed.append(f"{where}: {exc.strerror or exc}"),
+            documents_dir=state_dir / "documents",
         )
         verb = "would delete" if dry_run else "deleted"
-        for checkpoint_id in removed:
+        for checkpoint_id in swept.checkpoints:
             typer.echo(f"{verb} {checkpoint_id}")
-        for session in running:
+        for session_id in swept.telemetry:
+            typer.echo(f"{verb} telemetry of {session_id}")
+        for session_id in swept.documents:
+            typer.echo(f"{verb} document of {session_id}")
+        manager = CheckpointManager.from_config(config)
+        for session in sorted(swept.running):
             holder = manager.lock_holder(session) or "another process"
             typer.echo(f"kept session {session}: it is running (locked by {holder})", err=True)
-        for problem in failed:
+        for problem in swept.errors:
             typer.echo(f"could not delete {problem}", err=True)
-        typer.echo(f"{verb} {len(removed)} checkpoint(s)", err=True)
-        if failed:
+        if swept.telemetry or swept.documents:
+            typer.echo(
+                f"{verb} telemetry of {len(swept.telemetry)} session(s) and "
+                f"{len(swept.documents)} document(s)",
+                err=True,
+            )
+        typer.echo(f"{verb} {len(swept.checkpoints)} checkpoint(s)", err=True)
+        if swept.errors:
             raise typer.Exit(1)

@@ -14,6 +14,8 @@ from reading telemetry.
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -54,6 +56,32 @@ def check_store_url(value: str) -> str:
     return value
 
 
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"``, ``"1w"`` -> a timedelta (else ``ValueError``
+    saying why): the one reader of ages, for ``--older-than``, ``--since`` and
+    ``PROWZI_RETENTION``."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if not match:
+        raise ValueError(f"invalid age {text!r}: use a number and a unit, e.g. 30m, 12h, 7d")
+    value, unit = match.groups()
+    try:
+        age = timedelta(**{_UNITS[unit]: float(value)})
+        datetime.now(UTC) - age
+    except OverflowError:
+        raise ValueError(f"invalid age {text!r}: too large") from None
+    return age
+
+
+def _an_age(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_age(value) if value.strip() else None
+    return value
+
+
 def _no_empty_path(value: Any) -> Any:
     if isinstance(value, str) and not value.strip():
         raise ValueError("must not be empty")
@@ -75,6 +103,9 @@ def _a_store_url(value: str) -> str:
 
 DirectorySetting = Annotated[Path, BeforeValidator(_no_empty_path), AfterValidator(_a_directory)]
 """A directory: not empty, and not something other than a directory."""
+
+Age = Annotated[timedelta | None, BeforeValidator(_an_age)]
+"""An age such as ``30m``, ``12h`` or ``7d`` (:func:`parse_age`); empty means none."""
 
 StoreUrl = Annotated[str, AfterValidator(_a_store_url)]
 """A store location (:func:`check_store_url`), not empty."""
@@ -286,6 +317,14 @@ class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
 
     # Telemetry
     enable_telemetry: bool = Field(True, description="Write per-session telemetry files.")
+
+    # Retention
+    retention: Age = Field(
+        None,
+        description="`prowzi serve` deletes what a finished session left (its checkpoints, "
+        "telemetry and service document) once it is this old, e.g. 30d; unset keeps all. "
+        "`prowzi cleanup --older-than` does the same on demand.",
+    )
 
     # Stage loop
     max_retries: int = Field(3, ge=0, le=100, description="Retries after a stage's first try.")

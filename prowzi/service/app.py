@@ -19,11 +19,14 @@ Errors are JSON objects with a ``detail`` message: 400 for a malformed id (or La
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -85,6 +88,11 @@ class ServiceSettings:
 
 
 # --- request and response bodies ------------------------------------------------------------
+
+
+_TAKEN_ON = ("running", "completed")
+"""Telemetry states that overrule a run the journal left interrupted: a resume elsewhere (the
+CLI) took it on since. (Telemetry says failed for the interruption itself: that does not.)"""
 
 
 class RunRequest(BaseModel):
@@ -209,6 +217,38 @@ def create_app(
         except TelemetryError:
             return False
 
+    async def retain(age: timedelta) -> None:
+        """Apply ``PROWZI_RETENTION``: delete what finished sessions older than ``age`` left
+        (:func:`prowzi.workflows.retention.sweep`) and forget their runs; at start-up, then
+        every quarter of ``age`` (at least a second apart, at most an hour)."""
+        from prowzi.workflows.retention import sweep
+
+        period = min(max(age.total_seconds() / 4, 1.0), 3600.0)
+        while True:
+            try:
+                swept = await asyncio.to_thread(
+                    sweep,
+                    config,
+                    older_than=age,
+                    documents_dir=manager.documents_dir,
+                    is_running=manager.is_active,
+                )
+                forgotten = manager.expire(time.time() - age.total_seconds())
+                if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
+                    log.info(
+                        "retention: deleted %d checkpoint(s), the telemetry of %d session(s) "
+                        "and %d document(s); forgot %d run(s)",
+                        len(swept.checkpoints),
+                        len(swept.telemetry),
+                        len(swept.documents),
+                        len(forgotten),
+                    )
+                for problem in swept.errors:
+                    log.warning("retention: could not delete %s", problem)
+            except Exception as exc:  # a sweep that fails is retried; the service goes on
+                log.warning("retention: the sweep failed: %s", exc)
+            await asyncio.sleep(period)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
@@ -221,9 +261,18 @@ def create_app(
                 if settings.resume_interrupted
                 else "; resume with POST /runs/{id}/resume or start with --resume-interrupted",
             )
+        sweeper = (
+            asyncio.create_task(retain(config.retention), name="prowzi-retention")
+            if config.retention is not None
+            else None
+        )
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await manager.close()
 
     app = FastAPI(
@@ -311,6 +360,8 @@ def create_app(
             else:
                 info.stages_completed = summary.stages_completed
                 info.stages_total = summary.stages_total
+                if info.state == "interrupted" and summary.status in _TAKEN_ON:
+                    info.state = summary.status
         selected = [r for r in runs.values() if state is None or r.state == state]
         return RunList(runs=selected[:limit])
 
@@ -334,10 +385,14 @@ def create_app(
             return _error(404, f"no run or session {sid}")
         if metrics is not None:
             data = metrics.to_dict()
-            if info is None:
-                # A session this process did not run: its log, and perhaps a lease, tell.
+            if info is None or info.state == "interrupted":
+                # A session this process did not run, or one it left interrupted that a
+                # resume elsewhere may have taken on: its log, and perhaps a lease, tell.
                 state = await asyncio.to_thread(reader.status_of, metrics)
-                info = RunInfo(session_id=sid, state=state, prompt=metrics.prompt)
+                if info is None:
+                    info = RunInfo(session_id=sid, state=state, prompt=metrics.prompt)
+                elif state in _TAKEN_ON:
+                    info.state = state
             info.telemetry = data
             info.stages_completed = metrics.completed_stage_count
             info.stages_total = metrics.stage_total

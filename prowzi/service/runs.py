@@ -445,6 +445,25 @@ class RunManager:
         if record.done:
             self._forget_old_runs()
 
+    def is_active(self, session_id: str) -> bool:
+        """Whether this service has the session queued or running."""
+        record = self.records.get(session_id)
+        return record is not None and record.state in ("queued", "running")
+
+    def expire(self, cutoff: float) -> list[str]:
+        """Forget the finished runs last updated before ``cutoff`` (retention: their
+        documents and telemetry are gone too). Interrupted runs stay: they wait for a resume.
+        Returns their ids."""
+        gone = [
+            sid for sid, e in self._entries.items() if e.state in FINISHED and e.updated_at < cutoff
+        ]
+        for session_id in gone:
+            del self._entries[session_id]
+            self.records.pop(session_id, None)
+        if gone:
+            self._save()
+        return gone
+
     def _forget_old_runs(self) -> None:
         # Interrupted runs stay: they wait for a resume.
         finished = [r for r in self.records.values() if r.state in FINISHED]

@@ -525,47 +525,40 @@ def check_invalid_names(open_store: StoreOpener) -> None:
     _expect(after == before, f"refused names changed the store: {sorted(set(after) - set(before))}")
 
 
+def _race_puts(open_store: StoreOpener, name: str, racers: int, base: str | None) -> None:
+    """``racers`` handles racing a conditional put of ``name``: create-only when ``base`` is
+    None, else if-match ``base``. Exactly one wins, the others get PreconditionFailedError,
+    and the blob holds the winner's bytes."""
+    stores = [open_store() for _ in range(racers)]
+    what = f"{'create_only' if base is None else 'if_match'} race on {name!r}"
+    outcomes = _race(
+        [
+            partial(s.put, name, f"writer {i}".encode(), create_only=base is None, if_match=base)
+            for i, s in enumerate(stores)
+        ],
+        what,
+    )
+    winner = _one_winner(outcomes, PreconditionFailedError, what)
+    etag = outcomes[winner][1]
+    assert isinstance(etag, str)
+    _expect_blob(stores[0], name, f"writer {winner}".encode(), etag, "the race's winner")
+
+
 @_register(BLOB_CHECKS)
 def check_racing_create_only(open_store: StoreOpener) -> None:
-    """Two handles racing a create_only put of one name: exactly one wins, the other gets
-    PreconditionFailedError, and the blob holds the winner's bytes."""
+    """Two handles racing a create_only put of one name: exactly one wins."""
     ns = _namespace()
     for round_ in range(_RACE_ROUNDS * 2):
-        name = f"{ns}/race-{round_}"
-        stores = [open_store(), open_store()]
-        outcomes = _race(
-            [
-                partial(s.put, name, f"writer {i}".encode(), create_only=True)
-                for i, s in enumerate(stores)
-            ],
-            f"create_only race on {name!r}",
-        )
-        winner = _one_winner(outcomes, PreconditionFailedError, f"create_only race on {name!r}")
-        etag = outcomes[winner][1]
-        assert isinstance(etag, str)
-        _expect_blob(stores[0], name, f"writer {winner}".encode(), etag, "the race's winner")
+        _race_puts(open_store, f"{ns}/race-{round_}", 2, None)
 
 
 @_register(BLOB_CHECKS)
 def check_racing_if_match(open_store: StoreOpener) -> None:
-    """Eight handles racing if_match puts on one etag: exactly one wins, the others get
-    PreconditionFailedError, and the blob holds the winner's bytes."""
+    """Eight handles racing if_match puts on one etag: exactly one wins."""
     ns = _namespace()
     for round_ in range(_RACE_ROUNDS):
         name = f"{ns}/race-{round_}"
-        base = open_store().put(name, b"base")
-        stores = [open_store() for _ in range(_RACERS)]
-        outcomes = _race(
-            [
-                partial(s.put, name, f"writer {i}".encode(), if_match=base)
-                for i, s in enumerate(stores)
-            ],
-            f"if_match race on {name!r}",
-        )
-        winner = _one_winner(outcomes, PreconditionFailedError, f"if_match race on {name!r}")
-        etag = outcomes[winner][1]
-        assert isinstance(etag, str)
-        _expect_blob(stores[0], name, f"writer {winner}".encode(), etag, "the race's winner")
+        _race_puts(open_store, name, _RACERS, open_store().put(name, b"base"))
 
 
 @_register(BLOB_CHECKS, "durable_across_instances")

@@ -49,7 +49,7 @@ import re
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote, urlsplit
 
 from prowzi.errors import ConfigError, InvalidIdentifierError
@@ -310,18 +310,28 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _picked(values: Mapping[str, str], **names: str) -> dict[str, str]:
+    """``{setting: values[name]}`` for each ``setting=name`` whose value is set (not empty)."""
+    return {setting: values[name] for setting, name in names.items() if values.get(name)}
+
+
 def _open_s3(location: str, env: Mapping[str, str]) -> ObjectBlobStore:
     bucket, prefix = _bucket_and_prefix(location, _S3_BUCKET_RE, "bucket")
     _require_obstore(location)
     from obstore.store import S3Store
 
-    config: S3Config = {"conditional_put": "etag"}
-    if env.get("AWS_ACCESS_KEY_ID"):
-        config["access_key_id"] = env["AWS_ACCESS_KEY_ID"]
-    if env.get("AWS_SECRET_ACCESS_KEY"):
-        config["secret_access_key"] = env["AWS_SECRET_ACCESS_KEY"]
-    if env.get("AWS_SESSION_TOKEN"):
-        config["session_token"] = env["AWS_SESSION_TOKEN"]
+    config = cast(
+        "S3Config",
+        {
+            "conditional_put": "etag",
+            **_picked(
+                env,
+                access_key_id="AWS_ACCESS_KEY_ID",
+                secret_access_key="AWS_SECRET_ACCESS_KEY",
+                session_token="AWS_SESSION_TOKEN",
+            ),
+        },
+    )
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         config["region"] = region
@@ -362,15 +372,17 @@ def parse_connection_string(value: str) -> AzureConfig:
             # The message never repeats the string: it holds the account key.
             raise ConfigError("AZURE_STORAGE_CONNECTION_STRING is not of the form Key=value;...")
         fields[key.strip().lower()] = val.strip()
-    config: AzureConfig = {}
+    config = cast(
+        "AzureConfig",
+        _picked(
+            fields,
+            account_name="accountname",
+            account_key="accountkey",
+            sas_key="sharedaccesssignature",
+        ),
+    )
     if _truthy(fields.get("usedevelopmentstorage")):
         config["use_emulator"] = True
-    if fields.get("accountname"):
-        config["account_name"] = fields["accountname"]
-    if fields.get("accountkey"):
-        config["account_key"] = fields["accountkey"]
-    if fields.get("sharedaccesssignature"):
-        config["sas_key"] = fields["sharedaccesssignature"]
     if fields.get("blobendpoint"):
         config["endpoint"] = fields["blobendpoint"].rstrip("/")
         if "account_name" not in config and (account := _account_of(config["endpoint"])):
@@ -395,11 +407,14 @@ def _open_azure(location: str, env: Mapping[str, str]) -> ObjectBlobStore:
     if env.get("AZURE_STORAGE_CONNECTION_STRING"):
         config = parse_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"])
     else:
-        config = {}
-        if env.get("AZURE_STORAGE_ACCOUNT_NAME"):
-            config["account_name"] = env["AZURE_STORAGE_ACCOUNT_NAME"]
-        if env.get("AZURE_STORAGE_ACCOUNT_KEY"):
-            config["account_key"] = env["AZURE_STORAGE_ACCOUNT_KEY"]
+        config = cast(
+            "AzureConfig",
+            _picked(
+                env,
+                account_name="AZURE_STORAGE_ACCOUNT_NAME",
+                account_key="AZURE_STORAGE_ACCOUNT_KEY",
+            ),
+        )
         if _truthy(env.get("AZURE_STORAGE_USE_EMULATOR")):
             config["use_emulator"] = True
     # The emulator speaks plain HTTP, as may an endpoint given as http://.

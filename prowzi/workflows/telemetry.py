@@ -47,7 +47,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -505,42 +505,30 @@ class SessionRecorder:
                 )
             )
             return True
+        details: dict[str, Any]
         if isinstance(event, StageCompleted):
-            record = StageMetrics(
-                event.stage,
-                "completed",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details=dict(event.details),
-            )
+            details, error = dict(event.details), None
             if event.stage in metrics.failed_stages:
                 metrics.failed_stages.remove(event.stage)
         elif isinstance(event, StageRetrying):
             metrics.total_retries += 1
-            record = StageMetrics(
-                event.stage,
-                "retrying",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details={"error_type": event.error_type, "delay_seconds": event.delay_seconds},
-                error=event.error,
-            )
+            details = {"error_type": event.error_type, "delay_seconds": event.delay_seconds}
+            error = event.error
         elif isinstance(event, StageFailed):
-            record = StageMetrics(
-                event.stage,
-                "failed",
-                event.attempt,
-                event.duration_seconds,
-                when,
-                details={"error_type": event.error_type},
-                error=event.error,
-            )
+            details, error = {"error_type": event.error_type}, event.error
             if event.stage not in metrics.failed_stages:
                 metrics.failed_stages.append(event.stage)
         else:
             return False
+        record = StageMetrics(
+            event.stage,
+            event.status,
+            event.attempt,
+            event.duration_seconds,
+            when,
+            details=details,
+            error=error,
+        )
         index = self._open.pop(event.stage, None)
         if (
             index is not None
@@ -1211,13 +1199,7 @@ class TelemetryCollector:
     def read_events(self, session_id: str, *, tolerate_partial: bool = False) -> list[Event]:
         """The session's events from its log. A corrupt line is an error; so is a partial last
         line unless ``tolerate_partial`` (a log still being written, or cut by a crash)."""
-        path = self.event_log_path(session_id)
-        if not os.path.lexists(path):  # a planted symlink is refused when read, below
-            if self.session_path(session_id).exists():
-                raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
-            raise SessionNotFoundError(
-                f"no telemetry for session {session_id!r} in {self.output_dir}"
-            )
+        path = self._existing_log(session_id)
         reader = EventLogReader(path)
         if not tolerate_partial:
             return reader.read_all()
@@ -1228,14 +1210,19 @@ class TelemetryCollector:
 
     def follow(self, session_id: str) -> EventLogReader:
         """A reader at the start of the session's log; call its ``poll()`` to follow it."""
+        return EventLogReader(self._existing_log(session_id))
+
+    def _existing_log(self, session_id: str) -> Path:
+        """The session's event log; :class:`SessionNotFoundError` when the session is unknown,
+        :class:`TelemetryError` when only its log is missing."""
         path = self.event_log_path(session_id)
-        if not os.path.lexists(path):  # a planted symlink is refused when read, below
+        if not os.path.lexists(path):  # a planted symlink is refused when read
             if self.session_path(session_id).exists():
                 raise TelemetryError(f"session {session_id!r} has no event log ({path} is missing)")
             raise SessionNotFoundError(
                 f"no telemetry for session {session_id!r} in {self.output_dir}"
             )
-        return EventLogReader(path)
+        return path
 
     def _derive(self, session_id: str, *, tolerate_partial: bool) -> WorkflowMetrics:
         events = self.read_events(session_id, tolerate_partial=tolerate_partial)
@@ -1358,6 +1345,76 @@ class TelemetryCollector:
             self._reported_summary(r, reported(r), entries.get(r[1]), blobs.get(r[1]))
             for r in selected
         ]
+
+    def cleanup(
+        self,
+        *,
+        older_than: timedelta,
+        keep_last: int = 0,
+        dry_run: bool = False,
+        is_running: Callable[[str], bool] | None = None,
+        on_running: Callable[[str], None] | None = None,
+        on_error: Callable[[str, OSError], None] | None = None,
+    ) -> list[str]:
+        """Delete the telemetry of sessions last written more than ``older_than`` ago: the
+        session file, the event log and the store's copy.
+
+        The ``keep_last`` newest sessions are kept whatever their age, and a running session
+        is never touched (``on_running`` hears of each that was old enough to go); besides
+        what its file, log and lease say, ``is_running`` may know of more. An entry
+        that cannot be deleted is reported to ``on_error`` and the rest goes on. Returns the
+        deleted (or, with ``dry_run``, the deletable) session ids."""
+        if older_than < timedelta(0):
+            raise InvalidInputError("older_than must not be negative")
+        if keep_last < 0:
+            raise InvalidInputError("keep_last must not be negative")
+        cutoff = time.time() - older_than.total_seconds()
+        sessions = self.list_sessions(limit=None)  # newest first
+        deleted: list[str] = []
+        for summary in sessions[keep_last:]:
+            session_id = summary.session_id
+            paths = (self.session_path(session_id), self.event_log_path(session_id))
+            if self._last_written(session_id, paths) >= cutoff:
+                continue
+            if (
+                summary.status == "running"
+                or self.writer_alive(session_id)
+                or (is_running is not None and is_running(session_id))
+            ):
+                if on_running is not None:
+                    on_running(session_id)
+                continue
+            deleted.append(session_id)
+            if dry_run:
+                continue
+            for path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    if on_error is not None:
+                        on_error(str(path), exc)
+            store = self.store
+            if store is not None:
+                try:
+                    store.delete(_store_name(session_id))
+                except OSError as exc:
+                    if on_error is not None:
+                        on_error(store.describe(_store_name(session_id)), exc)
+        return deleted
+
+    def _last_written(self, session_id: str, paths: Iterable[Path]) -> float:
+        """When the session's telemetry was last written: its newest file or store blob."""
+        times = []
+        for path in paths:
+            with contextlib.suppress(OSError):
+                times.append(path.lstat().st_mtime)
+        store = self.store
+        if store is not None:
+            with contextlib.suppress(OSError):
+                blob = store.head(_store_name(session_id))
+                if blob is not None:
+                    times.append(blob.modified)
+        return max(times, default=0.0)
 
     def _reported_summary(
         self, row: IndexRow, status: str, entry: Any, blob: BlobInfo | None

@@ -1,0 +1,140 @@
+"""Retention: what finished sessions leave behind, deleted once it is old.
+
+A session leaves checkpoints (the checkpoint store), telemetry (its session file, event log and
+store copy) and, when the service ran it, a document in the service's state directory. One
+function deletes all three for ``prowzi cleanup --older-than`` and for ``prowzi serve`` with
+``PROWZI_RETENTION`` set, so the two never disagree on what "old" means:
+
+- checkpoints go a session at a time, by their newest checkpoint
+  (:meth:`CheckpointManager.cleanup`);
+- telemetry goes by when it was last written (:meth:`TelemetryCollector.cleanup`);
+- a document goes by its modification time (it is written once, when its run ends).
+
+A running session (one whose lease is held) keeps everything. ``keep_last`` keeps the newest N
+sessions of each kind whatever their age.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from prowzi.config import ProwziConfig
+from prowzi.errors import InvalidIdentifierError
+from prowzi.ids import validate_session_id
+
+
+@dataclass
+class Swept:
+    """What one sweep deleted (or, for a dry run, would delete), and what it could not."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint ids."""
+    telemetry: list[str] = field(default_factory=list)
+    """Session ids whose telemetry went."""
+    documents: list[str] = field(default_factory=list)
+    """Session ids whose service document went."""
+    running: set[str] = field(default_factory=set)
+    """Old enough to go, but running: kept."""
+    errors: list[str] = field(default_factory=list)
+    """``where: why`` of each entry that could not be deleted."""
+
+
+def sweep(
+    config: ProwziConfig,
+    *,
+    older_than: timedelta,
+    keep_last: int = 0,
+    dry_run: bool = False,
+    documents_dir: Path | None = None,
+    is_running: Callable[[str], bool] | None = None,
+) -> Swept:
+    """Delete checkpoints, telemetry and (with ``documents_dir``) service documents of
+    sessions older than ``older_than``, never a running session's. ``is_running`` adds what
+    the caller knows to the leases (the service's own runs)."""
+    from prowzi.workflows.checkpoint import CheckpointManager
+    from prowzi.workflows.telemetry import TelemetryCollector
+
+    swept = Swept()
+
+    def failed(where: str, exc: OSError) -> None:
+        swept.errors.append(f"{where}: {exc.strerror or exc}")
+
+    manager = CheckpointManager.from_config(config)
+    swept.checkpoints = manager.cleanup(
+        older_than=older_than,
+        keep_last=keep_last,
+        dry_run=dry_run,
+        on_running=swept.running.add,
+        on_error=failed,
+    )
+    reader = TelemetryCollector.reader(
+        config.telemetry_dir, store=config.telemetry_url, checkpoints=config.checkpoint_location
+    )
+    swept.telemetry = reader.cleanup(
+        older_than=older_than,
+        keep_last=keep_last,
+        dry_run=dry_run,
+        is_running=is_running,
+        on_running=swept.running.add,
+        on_error=failed,
+    )
+    if documents_dir is not None:
+        swept.documents = _sweep_documents(
+            documents_dir,
+            cutoff=time.time() - older_than.total_seconds(),
+            keep_last=keep_last,
+            dry_run=dry_run,
+            running=lambda sid: manager.is_locked(sid) or bool(is_running and is_running(sid)),
+            swept=swept,
+            failed=failed,
+        )
+    return swept
+
+
+def _sweep_documents(
+    directory: Path,
+    *,
+    cutoff: float,
+    keep_last: int,
+    dry_run: bool,
+    running: Callable[[str], bool],
+    swept: Swept,
+    failed: Callable[[str, OSError], None],
+) -> list[str]:
+    """Delete ``<session>.md`` files in ``directory`` last written before ``cutoff``."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        failed(str(directory), exc)
+        return []
+    documents: list[tuple[float, str, Path]] = []
+    for entry in entries:
+        if not entry.name.endswith(".md"):
+            continue
+        try:
+            session_id = validate_session_id(entry.name[:-3])
+            documents.append((entry.stat(follow_symlinks=False).st_mtime, session_id, Path(entry)))
+        except (InvalidIdentifierError, OSError):
+            continue  # not one of ours, or gone since the listing
+    documents.sort(reverse=True)
+    deleted: list[str] = []
+    for modified, session_id, path in documents[keep_last:]:
+        if modified >= cutoff:
+            continue
+        if running(session_id):
+            swept.running.add(session_id)
+            continue
+        deleted.append(session_id)
+        if not dry_run:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                failed(str(path), exc)
+    return deleted
