@@ -650,3 +650,18 @@ def test_prowzi_run_refuses_an_unknown_provider_in_one_line(tmp_path: Path) -> N
         "error: invalid --providers 'crossref,scholar': unknown provider(s) scholar: use "
         "crossref, arxiv, openalex, semanticscholar, pubmed"
     )
+
+
+def test_without_the_providers_extra_prowzi_run_says_what_to_install(tmp_path: Path) -> None:
+    # hishel made unimportable in this process, as on an install without the extra
+    code = (
+        "import sys; sys.modules['hishel'] = None; from prowzi.cli.main import main; "
+        "sys.argv = ['prowzi', 'run', 'Write about reefs', '--providers', 'crossref']; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: the online providers need hishel: pip install 'prowzi[providers]'"
+    )

@@ -7,9 +7,15 @@ and the cache, :mod:`~prowzi.sources.providers.records` for the record and the m
 :mod:`~prowzi.sources.providers.stage` for what the search stage does with them.
 """
 
-from prowzi.sources.providers.base import ProviderError
-from prowzi.sources.providers.records import ProviderRecord, merge_records
-from prowzi.sources.providers.search import (
+from prowzi.sources import require_providers
+
+# First, so that a missing 'providers' extra is one line naming it (a ConfigError), not an
+# ImportError from deep inside, whichever module of the package is imported.
+require_providers()
+
+from prowzi.sources.providers.base import ProviderError  # noqa: E402
+from prowzi.sources.providers.records import ProviderRecord, merge_records  # noqa: E402
+from prowzi.sources.providers.search import (  # noqa: E402
     PROVIDERS,
     ProviderReport,
     ProvidersFailedError,
