@@ -343,10 +343,41 @@ def test_requests_to_a_provider_are_spaced_by_its_interval_across_concurrent_run
     assert all(b - a >= 0.4 for a, b in itertools.pairwise(starts)), starts
 
 
+@pytest.mark.parametrize(("contact", "together"), [(None, False), (CONTACT, True)])
+def test_crossref_s_public_pool_takes_one_request_at_a_time_and_the_polite_pool_three(
+    server: ProviderServer, tmp_path: Path, contact: str | None, together: bool
+) -> None:
+    server.script("crossref", Fault(delay=0.6))
+    config = settings(
+        server,
+        tmp_path,
+        contact_email=contact,
+        provider_intervals="crossref=0",
+        provider_cache_ttl_seconds=0,
+    )
+
+    async def two_searches() -> None:
+        await asyncio.gather(
+            search_providers(config, ["crossref"], [QUERY], 5),
+            search_providers(config, ["crossref"], ["coral calcification"], 5),
+        )
+
+    asyncio.run(two_searches())
+    first, second = sorted(r.at for r in server.seen("crossref"))
+    if together:
+        assert second - first < 0.4  # both under way at once
+    else:
+        assert second - first >= 0.55  # the second waited for the first's (slow) answer
+
+
 def test_the_published_intervals_apply_unless_a_setting_overrides_them() -> None:
-    from prowzi.sources.providers.http import interval_for
+    from prowzi.sources.providers.http import concurrency_for, interval_for
 
     config = get_config()
+    assert (interval_for("crossref", config), concurrency_for("crossref", config)) == (0.2, 1)
+    polite = get_config(contact_email=CONTACT)
+    assert (interval_for("crossref", polite), concurrency_for("crossref", polite)) == (0.1, 3)
+    assert concurrency_for("arxiv", config) == 1
     assert interval_for("arxiv", config) == 3.0  # one request every three seconds
     assert interval_for("pubmed", config) == pytest.approx(1 / 3)
     assert interval_for("pubmed", get_config(pubmed_api_key="k")) == 0.1

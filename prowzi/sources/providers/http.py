@@ -30,6 +30,7 @@ Every request is counted once, by provider and outcome (``ok``, ``rate_limited``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import hashlib
@@ -38,7 +39,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,8 +60,9 @@ OUTCOMES = REQUEST_OUTCOMES
 PUBLISHED_INTERVALS: dict[str, float] = {
     # arXiv API Terms of Use: no more than one request every three seconds, one at a time.
     "arxiv": 3.0,
-    # Crossref REST API, public and polite pools: the published per-user rate (the service
-    # also advertises it in X-Rate-Limit-Limit/-Interval); a tenth of a second keeps well under.
+    # Crossref REST API: the polite pool (requests with a mailto) 10 requests per second and 3
+    # at a time, the public pool 5 per second and 1 at a time (see interval_for and
+    # PUBLISHED_CONCURRENCY; the service also advertises X-Rate-Limit-Limit/-Interval).
     "crossref": 0.1,
     # OpenAlex: at most 10 requests per second.
     "openalex": 0.1,
@@ -72,7 +74,17 @@ PUBLISHED_INTERVALS: dict[str, float] = {
 }
 """Seconds between two requests to each provider, from each service's published rules."""
 
+PUBLISHED_CONCURRENCY: dict[str, int | None] = {
+    "arxiv": 1,  # "a single connection at a time"
+    "crossref": 3,  # the polite pool; the public pool's is 1 (see concurrency_for)
+    "openalex": None,  # no published limit on requests at once
+    "semanticscholar": 1,  # one request per second leaves nothing to overlap
+    "pubmed": None,
+}
+"""How many requests to each provider may be under way at once (None: no published limit)."""
+
 _BACKOFF_FIRST = 0.5
+_POLL = 0.01
 _BACKOFF_MAX = 8.0
 
 
@@ -85,11 +97,21 @@ def interval_for(provider: str, settings: ProviderSettings) -> float:
         return 3.0
     if provider == "pubmed" and settings.pubmed_api_key is not None:
         return 0.1
+    if provider == "crossref" and not settings.contact_email:
+        return 0.2  # the public pool
     return PUBLISHED_INTERVALS[provider]
 
 
+def concurrency_for(provider: str, settings: ProviderSettings) -> int | None:
+    """How many requests to ``provider`` may be under way at once, by its published rules."""
+    if provider == "crossref" and not settings.contact_email:
+        return 1  # the public pool
+    return PUBLISHED_CONCURRENCY[provider]
+
+
 class RateLimiter:
-    """Spaces the starts of requests to one service at least ``interval`` seconds apart.
+    """Spaces the starts of requests to one service at least ``interval`` seconds apart, with
+    at most ``concurrency`` under way at once (None: no limit).
 
     Thread-safe and free of any event loop, so concurrent runs in one process (the service's
     runs, or runs in worker threads with loops of their own) share it. A ``Retry-After``
@@ -97,12 +119,19 @@ class RateLimiter:
     aiolimiter, whose limiter belongs to one event loop and knows nothing of ``Retry-After``.
     """
 
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float,
+        concurrency: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interval = interval
+        self.concurrency = concurrency
         self._clock = clock
         self._lock = threading.Lock()
         self._next = 0.0
         self._held_until = 0.0
+        self._in_flight = 0
 
     def reserve(self) -> float:
         """Claim the next start; how long to wait for it."""
@@ -131,19 +160,45 @@ class RateLimiter:
             await asyncio.sleep(delay)
             delay = self.held()
 
+    def _try_enter(self) -> bool:
+        with self._lock:
+            if self.concurrency is not None and self._in_flight >= self.concurrency:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """``async with limiter.turn():`` send one request: a free place among the
+        ``concurrency`` (polled: the limiter belongs to no event loop), then its start."""
+        while not self._try_enter():
+            await asyncio.sleep(_POLL)
+        try:
+            await self.wait()
+            yield
+        finally:
+            self._leave()
+
 
 _limiters: dict[tuple[str, str], RateLimiter] = {}
 _limiters_lock = threading.Lock()
 
 
-def limiter_for(provider: str, base_url: str, interval: float) -> RateLimiter:
+def limiter_for(
+    provider: str, base_url: str, interval: float, concurrency: int | None = None
+) -> RateLimiter:
     """The process's one limiter for this provider at this address (created on first use;
-    its interval follows the latest setting)."""
+    its interval and concurrency follow the latest settings)."""
     with _limiters_lock:
         limiter = _limiters.get((provider, base_url))
         if limiter is None:
-            limiter = _limiters[provider, base_url] = RateLimiter(interval)
+            limiter = _limiters[provider, base_url] = RateLimiter(interval, concurrency)
         limiter.interval = interval
+        limiter.concurrency = concurrency
         return limiter
 
 
@@ -205,10 +260,11 @@ class _ProviderTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         attempt = 0
         while True:
-            await self._limiter.wait()
             started = time.perf_counter()
             try:
-                response = await self._inner.handle_async_request(request)
+                async with self._limiter.turn():
+                    started = time.perf_counter()
+                    response = await self._inner.handle_async_request(request)
             except httpx.TransportError:
                 self._tally.record(self._provider, "error", time.perf_counter() - started)
                 if attempt >= self._max_retries:
@@ -329,7 +385,9 @@ def build_client(
 ) -> httpx.AsyncClient:
     """An HTTP client for one provider: cache, pacing and retries, network (see the module
     docstring). ``transport`` replaces the network layer."""
-    limiter = limiter_for(provider, base_url, interval_for(provider, settings))
+    limiter = limiter_for(
+        provider, base_url, interval_for(provider, settings), concurrency_for(provider, settings)
+    )
     network = transport if transport is not None else httpx.AsyncHTTPTransport(verify=tls_context())
     layered: httpx.AsyncBaseTransport = _ProviderTransport(
         network, provider, limiter, tally, settings
