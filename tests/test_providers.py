@@ -24,7 +24,7 @@ from provider_servers import Fault, ProviderServer, load_works
 
 from prowzi.agents.models import CorpusInfo, QueryResult, SearchAgentResult, Source
 from prowzi.config import ProwziConfig, get_config
-from prowzi.errors import TransientError
+from prowzi.errors import ConfigError, TransientError
 from prowzi.sources.providers import ProvidersFailedError, lookup_dois_blocking, search_providers
 from prowzi.sources.providers.http import RateLimiter, retry_after_seconds
 from prowzi.sources.providers.records import (
@@ -695,4 +695,16 @@ def test_without_the_providers_extra_prowzi_run_says_what_to_install(tmp_path: P
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "error: the online providers need hishel: pip install 'prowzi[providers]'"
+    )
+
+
+def test_a_provider_url_that_is_not_http_is_refused_naming_its_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        get_config(arxiv_url="ftp://mirror.example/arxiv")
+    assert str(caught.value) == (
+        "invalid setting arxiv_url (PROWZI_ARXIV_URL='ftp://mirror.example/arxiv'): must be "
+        "an http:// or https:// URL with a host"
+    )
+    assert get_config(crossref_url="http://127.0.0.1:8/crossref/").crossref_url == (
+        "http://127.0.0.1:8/crossref"
     )

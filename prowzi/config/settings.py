@@ -218,6 +218,19 @@ def _provider_intervals(value: Any) -> Any:
     return value
 
 
+def _service_url(value: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host, without a trailing slash."""
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value.rstrip("/")
+
+
+ServiceUrl = Annotated[str, AfterValidator(_service_url)]
+"""A web service's base URL (:func:`_service_url`)."""
+
+
 class ProviderSettings(_Settings):
     """Online scholarly search providers: off unless ``providers`` names some."""
 
@@ -231,17 +244,17 @@ class ProviderSettings(_Settings):
         description="Sent to the providers that ask for a contact (Crossref's polite pool "
         "'mailto', PubMed's 'email', OpenAlex's 'mailto').",
     )
-    crossref_url: str = Field("https://api.crossref.org", description="Crossref REST API.")
-    arxiv_url: str = Field("https://export.arxiv.org/api", description="arXiv API.")
-    openalex_url: str = Field("https://api.openalex.org", description="OpenAlex API.")
+    crossref_url: ServiceUrl = Field("https://api.crossref.org", description="Crossref REST API.")
+    arxiv_url: ServiceUrl = Field("https://export.arxiv.org/api", description="arXiv API.")
+    openalex_url: ServiceUrl = Field("https://api.openalex.org", description="OpenAlex API.")
     openalex_api_key: SecretStr | None = Field(None, description="OpenAlex API key.")
-    semanticscholar_url: str = Field(
+    semanticscholar_url: ServiceUrl = Field(
         "https://api.semanticscholar.org/graph/v1", description="Semantic Scholar Graph API."
     )
     semanticscholar_api_key: SecretStr | None = Field(
         None, description="Semantic Scholar API key (optional; raises the rate limit)."
     )
-    pubmed_url: str = Field(
+    pubmed_url: ServiceUrl = Field(
         "https://eutils.ncbi.nlm.nih.gov/entrez/eutils", description="PubMed E-utilities."
     )
     pubmed_api_key: SecretStr | None = Field(
