@@ -121,8 +121,9 @@ def record_id(record: ProviderRecord) -> str:
     return f"{record.origin}:title:{normalise_title(record.title)}"
 
 
-def _complete(kept: ProviderRecord, other: ProviderRecord) -> ProviderRecord:
-    """``kept`` with the fields it lacks taken from ``other`` (never overwriting a value)."""
+def complete(kept: ProviderRecord, other: ProviderRecord) -> ProviderRecord:
+    """``kept`` with the fields it lacks taken from ``other`` (never overwriting a value), and
+    ``other``'s origin among those that also found it."""
     return replace(
         kept,
         authors=kept.authors or other.authors,
@@ -173,6 +174,6 @@ def merge_records(records: Iterable[ProviderRecord]) -> list[ProviderRecord]:
     for group in group_duplicates(items):
         record = items[group[0]]
         for position in group[1:]:
-            record = _complete(record, items[position])
+            record = complete(record, items[position])
         merged.append(record)
     return merged

@@ -24,6 +24,7 @@ from prowzi.agents.corpus import query_terms
 from prowzi.agents.models import QueryResult, SearchAgentResult, Source
 from prowzi.sources.providers.records import (
     ProviderRecord,
+    complete,
     group_duplicates,
     normalise_arxiv_id,
     normalise_doi,
@@ -100,7 +101,8 @@ def merge_with_corpus(
                 update={
                     "score": score,
                     "queries": queries,
-                    "doi": first.source.doi or next((r.doi for r in others if r.doi), None),
+                    "doi": first.source.doi
+                    or next((d for r in others if (d := normalise_doi(r.doi))), None),
                     "arxiv_id": first.source.arxiv_id
                     or next((r.arxiv_id for r in others if r.arxiv_id), None),
                 }
@@ -108,7 +110,7 @@ def merge_with_corpus(
         else:
             record = first.record
             for other in others:  # a later provider completes what the first lacks
-                record = _fill(record, other)
+                record = complete(record, other)
             source = Source(
                 source_id=record_id(record),
                 title=record.title,
@@ -150,21 +152,6 @@ def _corpus_kept_apart(groups: list[list[int]], candidates: list[_Candidate]) ->
         kept.append([i for i in group if i not in corpus[1:]])
         kept.extend([i] for i in corpus[1:])
     return kept
-
-
-def _fill(record: ProviderRecord, other: ProviderRecord) -> ProviderRecord:
-    from dataclasses import replace
-
-    return replace(
-        record,
-        authors=record.authors or other.authors,
-        year=record.year if record.year is not None else other.year,
-        doi=record.doi or other.doi,
-        arxiv_id=record.arxiv_id or other.arxiv_id,
-        url=record.url or other.url,
-        abstract=record.abstract or other.abstract,
-        full_text=record.full_text or other.full_text,
-    )
 
 
 async def add_provider_results(
