@@ -708,3 +708,41 @@ def test_a_provider_url_that_is_not_http_is_refused_naming_its_variable() -> Non
     assert get_config(crossref_url="http://127.0.0.1:8/crossref/").crossref_url == (
         "http://127.0.0.1:8/crossref"
     )
+
+
+def test_a_resume_searches_the_providers_its_run_was_given(
+    server: ProviderServer, tmp_path: Path
+) -> None:
+    down = f"http://127.0.0.1:{closed_port()}/arxiv"
+    failed = prowzi_run(
+        server,
+        tmp_path,
+        "Write a report on coral reef bleaching",
+        "--providers",
+        "arxiv",
+        "--enable-checkpoints",
+        "--session-id",
+        "reef-resume",
+        PROWZI_ARXIV_URL=down,
+        PROWZI_PROVIDER_MAX_RETRIES="0",
+        PROWZI_MAX_RETRIES="0",
+    )
+    assert failed.returncode == 1 and "prowzi resume reef-resume" in failed.stderr
+    assert server.seen() == []
+    # arXiv is back; nothing in the environment names a provider: the checkpoint does
+    resumed = subprocess.run(
+        [sys.executable, "-m", "prowzi.cli.main", "resume", "reef-resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            **server.env(),
+            "PROWZI_PROVIDER_INTERVALS": FAST,
+            "PROWZI_TELEMETRY_DIR": str(tmp_path / "telemetry"),
+        },
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert server.seen("arxiv")
+    assert search_details(tmp_path, "reef-resume")["providers"]["arxiv"]["results"] == 2

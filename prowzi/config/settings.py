@@ -179,7 +179,7 @@ PROVIDER_NAMES = ("crossref", "arxiv", "openalex", "semanticscholar", "pubmed")
 """The online scholarly search providers Prowzi can query, in their default order."""
 
 
-def _provider_list(value: Any) -> Any:
+def provider_list(value: Any) -> Any:
     """``"crossref, arxiv"`` (a variable, ``--providers``) or a list -> known names, once."""
     if value is None:
         return []
@@ -234,7 +234,7 @@ ServiceUrl = Annotated[str, AfterValidator(_service_url)]
 class ProviderSettings(_Settings):
     """Online scholarly search providers: off unless ``providers`` names some."""
 
-    providers: Annotated[list[str], NoDecode, BeforeValidator(_provider_list)] = Field(
+    providers: Annotated[list[str], NoDecode, BeforeValidator(provider_list)] = Field(
         default_factory=list,
         description="Online providers the search stage queries beside the corpus, e.g. "
         "'crossref,arxiv' (crossref, arxiv, openalex, semanticscholar, pubmed); none if unset.",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prowzi.agents import _text
+from prowzi.agents import _settings, _text
 from prowzi.agents.corpus import query_terms
 from prowzi.agents.models import QueryResult, SearchAgentResult, Source
 from prowzi.sources.providers.records import (
@@ -160,15 +160,14 @@ async def add_provider_results(
     """``result`` (the corpus's) with the providers' results merged in; per-provider details
     in ``providers``. Raises :class:`~prowzi.sources.providers.ProvidersFailedError` when every
     selected provider failed."""
-    config = ctx.config
-    names = list(config.providers)
+    names = _settings.providers(ctx)
     queries = [q.query for q in result.queries]
     search = await search_providers(
-        config,
+        ctx.config,
         names,
         queries,
         ctx.params.max_results_per_query,
-        fetch_full_text=config.fetch_full_text,
+        fetch_full_text=_settings.fetch_full_text(ctx),
     )
     sources, query_results = merge_with_corpus(result, search, anchors)
     reports = {r.provider: r.details() for r in search.reports}
