@@ -640,6 +640,7 @@ def test_prowzi_run_goes_on_when_a_provider_is_down_and_fails_when_all_are(
     assert "arxiv failed" in done.stdout
     details = search_details(tmp_path, "reef-down")
     assert "unreachable" in details["providers"]["arxiv"]["error"]
+    assert details["warnings"] == [f"arxiv failed: {details['providers']['arxiv']['error']}"]
     assert details["providers"]["crossref"]["results"] > 0
 
     failed = prowzi_run(

@@ -117,6 +117,11 @@ class SearchAgentResult(_Result):
             origins = [s.origin for s in self.sources]
             details["sources_by_origin"] = {o: origins.count(o) for o in dict.fromkeys(origins)}
             details["providers"] = self.providers
+            warnings = [
+                f"{n} failed: {p['error']}" for n, p in self.providers.items() if "error" in p
+            ]
+            if warnings:
+                details["warnings"] = warnings
         if self.message:
             details["message"] = self.message
         return details
