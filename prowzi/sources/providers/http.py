@@ -15,7 +15,8 @@ The layers of one provider's client, outermost first:
    revalidates with the validators it stored): a question answered within the TTL is answered
    from disk and nothing is sent, so a re-run or a resume sends zero requests;
 2. **pacing and retries** (:class:`_ProviderTransport`): waits for the provider's
-   :class:`RateLimiter`; a 429 or 503 pauses *every* user of that provider for its
+   :class:`RateLimiter` (its published spacing between requests and how many may be under way
+   at once, shared by every run in the process); a 429 or 503 pauses *every* user of that provider for its
    ``Retry-After`` (seconds or an HTTP date) and is retried, up to ``provider_max_retries``;
    a ``Retry-After`` longer than ``provider_max_retry_after_seconds`` is not waited for;
    connection errors and other 5xx are retried with a short backoff;
