@@ -747,3 +747,26 @@ def test_a_resume_searches_the_providers_its_run_was_given(
     assert resumed.returncode == 0, resumed.stderr
     assert server.seen("arxiv")
     assert search_details(tmp_path, "reef-resume")["providers"]["arxiv"]["results"] == 2
+
+
+def test_prowzi_run_fetches_full_text_only_with_the_flag(
+    server: ProviderServer, tmp_path: Path
+) -> None:
+    server.make_pdfs()
+    for session, flag in (("reef-abstracts", ()), ("reef-full", ("--fetch-full-text",))):
+        done = prowzi_run(
+            server,
+            tmp_path,
+            "Write a report on coral reef bleaching",
+            "--providers",
+            "arxiv",
+            "--session-id",
+            session,
+            *flag,
+            PROWZI_PROVIDER_CACHE_TTL_SECONDS="0",
+        )
+        assert done.returncode == 0, done.stderr
+    assert "full_texts" not in search_details(tmp_path, "reef-abstracts")["providers"]["arxiv"]
+    assert search_details(tmp_path, "reef-full")["providers"]["arxiv"]["full_texts"] == 2
+    pdfs = [r for r in server.seen("arxiv") if r.path.startswith("/pdf/")]
+    assert sorted(r.path for r in pdfs) == ["/pdf/2007.04321v1", "/pdf/2205.06789v1"]
