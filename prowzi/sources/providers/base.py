@@ -87,10 +87,12 @@ class Provider(ABC):
         records: list[ProviderRecord] = []
         start: Any = None
         rows = min(limit, self.max_page)
-        while len(records) < limit:
+        # Pages whose items are all unusable (no title) add nothing: a bound, not a loop
+        # through everything the service holds.
+        for _ in range(limit // rows + 2):
             page, start = await self.page(client, query, start, rows)
             records.extend(page)
-            if not page or start is None:
+            if len(records) >= limit or not page or start is None:
                 break
         return records[:limit]
 

@@ -16,8 +16,9 @@ The layers of one provider's client, outermost first:
    from disk and nothing is sent, so a re-run or a resume sends zero requests;
 2. **pacing and retries** (:class:`_ProviderTransport`): waits for the provider's
    :class:`RateLimiter` (its published spacing between requests and how many may be under way
-   at once, shared by every run in the process); a 429 or 503 pauses *every* user of that provider for its
-   ``Retry-After`` (seconds or an HTTP date) and is retried, up to ``provider_max_retries``;
+   at once, shared by every run in the process); a 429 or 503 pauses *every* user of that
+   provider for its ``Retry-After`` (seconds or an HTTP date) and is retried, up to
+   ``provider_max_retries``;
    a ``Retry-After`` longer than ``provider_max_retry_after_seconds`` is not waited for;
    connection errors and other 5xx are retried with a short backoff;
 3. **network** (httpx's own transport).
