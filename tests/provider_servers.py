@@ -101,6 +101,7 @@ class ProviderServer:
         self.faults: dict[str, deque[Fault]] = {p: deque() for p in PREFIXES}
         self.page_cap: dict[str, int] = {}
         self.cache_control: dict[str, str] = {}
+        self.extra_headers: dict[str, dict[str, str]] = {}
         self.pdfs: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -455,6 +456,7 @@ def _handler(server: ProviderServer) -> type[BaseHTTPRequestHandler]:
             headers = {"ETag": etag, "Last-Modified": "Thu, 01 Jan 2026 00:00:00 GMT"}
             if provider in server.cache_control:
                 headers["Cache-Control"] = server.cache_control[provider]
+            headers.update(server.extra_headers.get(provider, {}))
             if status == 200 and self.headers.get("if-none-match") == etag:
                 self.answer(seen, 304, kind, b"", headers)
                 return

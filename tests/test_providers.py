@@ -370,6 +370,20 @@ def test_crossref_s_public_pool_takes_one_request_at_a_time_and_the_polite_pool_
         assert second - first >= 0.55  # the second waited for the first's (slow) answer
 
 
+def test_a_stricter_rate_limit_the_service_advertises_is_followed(
+    server: ProviderServer, tmp_path: Path
+) -> None:
+    # Crossref's headers: this many requests per this interval
+    server.extra_headers["crossref"] = {"X-Rate-Limit-Limit": "2", "X-Rate-Limit-Interval": "1s"}
+    config = settings(server, tmp_path, provider_cache_ttl_seconds=0)
+    asyncio.run(
+        search_providers(config, ["crossref"], [QUERY, "coral calcification", "reef fish"], 5)
+    )
+    starts = [r.at for r in server.seen("crossref")]
+    assert len(starts) == 3
+    assert all(b - a >= 0.45 for a, b in itertools.pairwise(starts)), starts
+
+
 def test_the_published_intervals_apply_unless_a_setting_overrides_them() -> None:
     from prowzi.sources.providers.http import concurrency_for, interval_for
 

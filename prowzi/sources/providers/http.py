@@ -16,9 +16,10 @@ The layers of one provider's client, outermost first:
    from disk and nothing is sent, so a re-run or a resume sends zero requests;
 2. **pacing and retries** (:class:`_ProviderTransport`): waits for the provider's
    :class:`RateLimiter` (its published spacing between requests and how many may be under way
-   at once, shared by every run in the process); a 429 or 503 pauses *every* user of that
-   provider for its ``Retry-After`` (seconds or an HTTP date) and is retried, up to
-   ``provider_max_retries``;
+   at once, shared by every run in the process; a stricter limit the service advertises in
+   ``X-Rate-Limit-Limit``/``-Interval`` replaces the spacing); a 429 or 503 pauses *every*
+   user of that provider for its ``Retry-After`` (seconds or an HTTP date) and is retried, up
+   to ``provider_max_retries``;
    a ``Retry-After`` longer than ``provider_max_retry_after_seconds`` is not waited for;
    connection errors and other 5xx are retried with a short backoff;
 3. **network** (httpx's own transport).
@@ -134,6 +135,7 @@ class RateLimiter:
         self._next = 0.0
         self._held_until = 0.0
         self._in_flight = 0
+        self._last_start = 0.0
 
     def reserve(self) -> float:
         """Claim the next start; how long to wait for it."""
@@ -141,7 +143,16 @@ class RateLimiter:
             now = self._clock()
             start = max(now, self._next)
             self._next = start + self.interval
+            self._last_start = start
             return start - now
+
+    def slow_to(self, interval: float) -> None:
+        """Space requests at least ``interval`` apart from now on, counting from the last
+        start (a stricter limit the service advertised)."""
+        with self._lock:
+            if interval > self.interval:
+                self.interval = interval
+                self._next = max(self._next, self._last_start + interval)
 
     def hold(self, seconds: float) -> None:
         """No request starts within ``seconds`` from now, not even one already waiting."""
@@ -220,6 +231,20 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - current)
 
 
+def advertised_interval(headers: httpx.Headers) -> float | None:
+    """The spacing a service asks for in ``X-Rate-Limit-Limit`` / ``X-Rate-Limit-Interval``
+    (Crossref: "50" requests per "1s"), in seconds per request; None when it says nothing."""
+    limit, interval = headers.get("x-rate-limit-limit"), headers.get("x-rate-limit-interval")
+    if not limit or not interval:
+        return None
+    try:
+        count = int(limit.strip())
+        seconds = float(interval.strip().removesuffix("s"))
+    except ValueError:
+        return None
+    return seconds / count if count > 0 and seconds > 0 else None
+
+
 # --- accounting -----------------------------------------------------------------------------
 
 
@@ -276,6 +301,9 @@ class _ProviderTransport(httpx.AsyncBaseTransport):
                 continue
             seconds = time.perf_counter() - started
             status = response.status_code
+            advertised = advertised_interval(response.headers)
+            if advertised is not None:
+                self._limiter.slow_to(advertised)
             if status in (429, 503):
                 self._tally.record(self._provider, "rate_limited", seconds)
                 wait = retry_after_seconds(response.headers.get("retry-after"))
