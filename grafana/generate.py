@@ -496,8 +496,75 @@ def overview() -> dict[str, Any]:
         "prowzi-overview",
         "Prowzi / Overview",
         "Runs: throughput, success, duration, what is in flight, and the slowest traces.",
-        [runs, service, traces],
+        [runs, service, workers_row(), traces],
         extra_variables=[MIN_RUN_DURATION],
+    )
+
+
+def workers_row() -> Row:
+    """`prowzi worker` processes (Celery on Redis): the queue, what each worker runs, and how
+    deliveries end (duplicates, lease takeovers)."""
+    return Row(
+        "Workers",
+        [
+            timeseries(
+                "Broker queue depth",
+                "Runs waiting in the Redis queue for a worker (prowzi_worker_queue_depth, read "
+                "from the broker by every worker at scrape time, so the maximum over workers). "
+                "Alert ProwziWorkerQueueBacklogGrowing fires when it keeps growing.",
+                "short",
+                Query(f"max({sel('prowzi_worker_queue_depth')})", legend="queued"),
+                width=8,
+            ),
+            timeseries(
+                "Runs in flight per worker",
+                "Runs each worker process is executing (prowzi_worker_runs_in_flight); a worker "
+                "that disappears from here stopped being scraped (alert ProwziWorkersDown).",
+                "short",
+                Query(
+                    sum_by("instance", sel("prowzi_worker_runs_in_flight")),
+                    legend="{{instance}}",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Deliveries by outcome",
+                "What each delivery of a queued run ended as, per minute "
+                "(prowzi_worker_deliveries_total): duplicate = another live worker held the "
+                "session's lease; requeued = handed back by a worker that was stopping.",
+                "short",
+                Query(
+                    sum_by("outcome", rate(sel("prowzi_worker_deliveries_total"))) + " * 60",
+                    legend="{{outcome}}",
+                ),
+                width=8,
+            ),
+            timeseries(
+                "Lease takeovers and leases lost",
+                "Sessions continued by another worker after their worker's lease expired or "
+                "it died (prowzi_worker_lease_takeovers_total), and runs stopped because their "
+                "lease was taken over (prowzi_worker_leases_lost_total), per hour. Alert "
+                "ProwziLeaseTakeovers fires when workers keep dying mid-run.",
+                "short",
+                Query(
+                    sum_by("reason", rate(sel("prowzi_worker_lease_takeovers_total"))) + " * 3600",
+                    legend="takeover: {{reason}}",
+                ),
+                Query(
+                    sum_by("", rate(sel("prowzi_worker_leases_lost_total"))) + " * 3600",
+                    legend="lease lost",
+                ),
+                width=12,
+            ),
+            count_stat(
+                "Workers up",
+                'Worker processes Prometheus scrapes successfully now (up{job="prowzi-worker"}).',
+                'sum(up{job="prowzi-worker"}) or on() vector(0)',
+                "up",
+                (None, "red"),
+                (1, "green"),
+            ),
+        ],
     )
 
 

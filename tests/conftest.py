@@ -22,3 +22,6 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 
 # The S3 and Azure Blob emulators (tests/emulators.py), for the tests that ask for them.
 from emulators import azure_store, azurite, moto_s3, s3_store  # noqa: E402, F401
+
+# A real OTLP/HTTP trace receiver on loopback (tests/otlp_receiver.py).
+from otlp_receiver import receiver  # noqa: E402, F401

@@ -194,3 +194,72 @@ def new_container(emulator: AzureEmulator) -> str:
     container = unique("container")
     BlobServiceClient.from_connection_string(emulator.connection_string).create_container(container)
     return container
+
+
+class RedisServer:
+    """A real ``redis-server`` (the Debian package) on a free loopback port, its data in
+    ``workdir``, with the append-only file on, so a restart keeps the queue (as a broker in
+    production keeps it). :meth:`restart` stops it and starts it again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> None:
+        program = shutil.which("redis-server")
+        if program is None:
+            raise FileNotFoundError("redis-server is not on PATH: apt-get install redis-server")
+        argv = [
+            program,
+            "--port", str(self.port),
+            "--bind", LOOPBACK,
+            "--dir", str(self.workdir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        with (self.workdir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log_text = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log_text}")
+            time.sleep(0.05)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+@contextlib.contextmanager
+def start_redis(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

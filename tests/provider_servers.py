@@ -9,7 +9,7 @@ request parameters and response format, from the invented works in
   API's ``work-list`` and ``work`` messages; an unknown DOI is a 404 "Resource not found.";
 - ``/arxiv/query`` (``search_query`` of ``all:`` terms joined by ``AND``, ``start``,
   ``max_results``): an Atom feed with OpenSearch totals; ``/arxiv/pdf/{id}``: the e-print's PDF
-  (made by groff from its abstract, when the server starts);
+  (made from its abstract by groff and Ghostscript, with :meth:`ProviderServer.make_pdfs`);
 - ``/openalex/works`` (``search``, ``per-page``, ``page``): ``meta`` and ``results`` with
   abstracts as inverted indexes;
 - ``/s2/paper/search`` (``query``, ``offset``, ``limit``, ``fields``): ``total``, ``offset``,
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 import threading
 import time
 from collections import deque
@@ -139,16 +138,19 @@ class ProviderServer:
         with self._lock:
             return [r for r in self.requests if provider is None or r.provider == provider]
 
-    def make_pdfs(self) -> None:
-        """A PDF per arXiv work (title and abstract), produced by groff (a real PDF writer)."""
+    def make_pdfs(self, directory: Path) -> None:
+        """A PDF per arXiv work (its title, authors and abstract), made in ``directory`` by
+        groff and Ghostscript (tests/pdf_maker.py)."""
+        from pdf_maker import ms_pdf
+
         for work in self.works:
             if not work.get("arxiv"):
                 continue
-            source = f".TL\n{work['title']}\n.PP\n{work['abstract']}\n"
-            done = subprocess.run(
-                ["groff", "-ms", "-Tpdf"], input=source.encode(), capture_output=True, check=True
+            authors = [f"{given} {family}" for given, family in work["authors"]]
+            path = ms_pdf(
+                directory / f"{work['key']}.pdf", work["title"], authors, [[work["abstract"]]]
             )
-            self.pdfs[work["arxiv"]] = done.stdout
+            self.pdfs[work["arxiv"]] = path.read_bytes()
 
     # --- the APIs ---------------------------------------------------------------------------
 

@@ -1,10 +1,44 @@
-"""Constants the tests share: the stages (Prowzi's own table, via prowzi.testing) and the
-design document's prompt. This module holds no tests."""
+"""What the tests share: the stages (Prowzi's own table, via prowzi.testing), the design
+document's prompt, and a process that holds a session's lease. This module holds no tests."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prowzi.testing import STAGES
 
 PROMPT = "Write a research paper on quantum computing"
 
-__all__ = ["PROMPT", "STAGES"]
+
+@contextmanager
+def lease_held_by_a_child(store: str | os.PathLike[str], session: str) -> Iterator[int]:
+    """A child process that holds the session's lease in the checkpoint store ``store`` for
+    the ``with`` block (its pid is the value); it is killed outright (SIGKILL) at the end, so
+    its lease record stays behind, naming a process that is gone."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from prowzi.workflows.checkpoint import CheckpointManager\n"
+            f"with CheckpointManager({os.fspath(store)!r}).session_lock({session!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+
+
+__all__ = ["PROMPT", "STAGES", "lease_held_by_a_child"]

@@ -287,17 +287,22 @@ def test_verification_removes_duplicates_weak_and_incomplete_sources_with_reason
         src("complete-second.md", 4.0, title="Shared"),
     ]
     result = verify(sources, relevance_threshold=0.15)
-    assert [s.source_id for s in result.verified] == ["best.md", "fine.md", "complete-second.md"]
+    # Issue 16: a source with no author and no year is citable ("n.d."), with warnings.
+    assert [s.source_id for s in result.verified] == [
+        "best.md",
+        "anonymous.md",
+        "fine.md",
+        "complete-second.md",
+    ]
     reasons = {r.source.source_id: r.reasons for r in result.rejected}
     assert reasons["same-doi.md"] == ["duplicate of best.md (same DOI)"]
     assert reasons["same-url.md"] == ["duplicate of best.md (same URL)"]
     assert reasons["same-title.md"] == ["duplicate of best.md (same title)"]
     assert reasons["weak.md"] == ["relevance 0.10 of the best score is below the threshold 0.15"]
-    assert reasons["anonymous.md"] == ["missing metadata: no year and no authors"]
-    assert reasons["incomplete-first.md"] == [
-        "duplicate of complete-second.md (same title)",
-        "missing metadata: no year and no authors",
-    ]
+    assert "anonymous.md" not in reasons
+    assert reasons["incomplete-first.md"] == ["duplicate of complete-second.md (same title)"]
+    warnings = {w.source_id: w.warnings for w in result.warnings}
+    assert warnings == {"anonymous.md": ["no authors", "no year (cited as n.d.)"]}
     assert result.relevance_threshold == 0.15
 
 
@@ -383,7 +388,10 @@ def test_a_good_draft_passes_without_revision(quantum_state: WorkflowState) -> N
     assert quantum_state.evaluation == quantum_state.initial_evaluation
     assert quantum_state.draft is not None and quantum_state.draft.revision == 0
     criteria = {c.criterion: c.score for c in quantum_state.evaluation.criteria}
-    assert set(criteria) == {"coverage", "citations", "density", "length", "structure"}
+    # Issue 16 adds the support criterion: the cited passage must support the sentence.
+    assert set(criteria) == {"coverage", "citations", "support", "density", "length", "structure"}
+    assert criteria["support"] == 1.0
+    assert quantum_state.evaluation.unsupported_share == 0.0
     assert 0 <= quantum_state.evaluation.score <= 1
 
 
@@ -418,7 +426,9 @@ def test_revision_fixes_dangling_citations_and_adds_missing_sections(
     )
     broken = assemble(draft.title, sections, [*draft.references, outsider], [])
     verified_ids = {s.source_id for s in verification.verified}
-    before = evaluate(broken, plan, verified_ids, intent.document_type, 0.75)
+    before = evaluate(
+        broken, plan, verified_ids, intent.document_type, 0.75, list(verification.verified)
+    )
     assert not before.passed
     assert any("do not resolve: [42]" in r for r in before.recommendations)
     assert any("missing section" in r for r in before.recommendations)
@@ -801,4 +811,5 @@ def test_sources_without_recorded_queries_are_still_used(quantum_state: Workflow
     bare = [s.model_copy(update={"queries": []}) for s in quantum_state.verification.verified]
     draft = write_draft(quantum_state.intent, quantum_state.plan, bare)
     assert len(draft.references) >= 10
-    assert all(s.citations for s in draft.sections)
+    # Issue 16: the conclusion names sources without citing them (no passage says it).
+    assert all(s.citations for s in draft.sections[:-1])

@@ -7,10 +7,7 @@ import asyncio
 import hashlib
 import itertools
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from design_samples import reader_namespace, run_sample, sample
+from shared import lease_held_by_a_child
 from test_checkpoint_support import (
     STAGES,
     body_of,
@@ -183,6 +181,7 @@ def verified_state() -> m.WorkflowState:
         verified=sources[:3],
         rejected=[m.RejectedSource(source=sources[3], reasons=["off topic"])],
         relevance_threshold=0.15,
+        warnings=[],  # every field set, as verify() sets them (issue 16 added this one)
     )
     search = state.search.model_copy(update={"sources": sources})
     return state.model_copy(update={"search": search, "verification": verification})
@@ -1235,26 +1234,9 @@ def lease_token(manager: CheckpointManager, session: str) -> int:
 def test_a_holder_killed_with_sigkill_leaves_no_live_holder(manager: CheckpointManager) -> None:
     """The lease of a process that died on this machine is taken at once (not after its
     ttl), with a larger fencing token, which the new writer's checkpoints carry."""
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\n"
-            "from prowzi.workflows.checkpoint import CheckpointManager\n"
-            f"with CheckpointManager({str(manager.checkpoint_dir)!r}).session_lock({SESSION!r}):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(60)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        assert manager.lock_holder(SESSION) == f"pid {child.pid} on {socket.gethostname()}"
+    with lease_held_by_a_child(manager.checkpoint_dir, SESSION) as pid:
+        assert manager.lock_holder(SESSION) == f"pid {pid} on {socket.gethostname()}"
         killed_token = lease_token(manager, SESSION)
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
     assert not manager.is_locked(SESSION) and manager.lock_holder(SESSION) is None
     started = time.monotonic()
     with manager.session_lock(SESSION, timeout=0):

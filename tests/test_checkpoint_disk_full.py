@@ -8,13 +8,12 @@ import contextlib
 import errno
 import os
 import random
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shared import lease_held_by_a_child
 from test_checkpoint_support import (
     STAGES,
     full_state,
@@ -167,24 +166,8 @@ def test_a_sidecar_the_full_disk_has_no_room_for_does_not_fail_the_save(
 def kill_a_holder(directory: Path, session: str) -> None:
     """Take the session's lease in a child process, then kill it outright (SIGKILL): its
     lease record stays behind, naming a process that is gone."""
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time\n"
-            "from prowzi.workflows.checkpoint import CheckpointManager\n"
-            f"with CheckpointManager({str(directory)!r}).session_lock({session!r}):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(60)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+    with lease_held_by_a_child(directory, session):
+        pass
 
 
 def test_a_read_only_checkpoint_dir_can_still_be_listed_and_loaded(small_disk: Path) -> None:

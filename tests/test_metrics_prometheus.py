@@ -10,14 +10,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from otlp_receiver import OtlpReceiver
 from test_service import Service, free_port
-from test_tracing_otlp import Receiver
 
 from prowzi.testing import STAGES
 
@@ -111,6 +110,13 @@ class Prometheus:
         result = self.api("query", query=query)["result"]
         return float(result[0]["value"][1]) if result else None
 
+    def wait_for(self, query: str, timeout: float = 30) -> None:
+        """Until ``query`` has a value (the target was scraped)."""
+        deadline = time.monotonic() + timeout
+        while self.value(query) is None:
+            assert time.monotonic() < deadline, f"prometheus never had {query}"
+            time.sleep(0.2)
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(20)
@@ -118,15 +124,8 @@ class Prometheus:
         self._log.close()
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
 def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: OtlpReceiver
 ) -> None:
     marker = tmp_path / "fail-now"
     service = Service(
@@ -145,10 +144,7 @@ def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
     try:
         # Runs execute while Prometheus scrapes: two succeed (with a retried search), one is
         # cancelled after its first checkpoint.
-        deadline = time.monotonic() + 30
-        while prometheus.value("prowzi_runs_in_progress") is None:
-            assert time.monotonic() < deadline, "prometheus never scraped prowzi"
-            time.sleep(0.2)
+        prometheus.wait_for("prowzi_runs_in_progress")
         ok = [service.start_run("alpha"), service.start_run("beta")]
         cancelled = service.start_run("gamma")
         service.wait_state(ok[0], "running", "completed")
@@ -207,13 +203,7 @@ def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
         deadline = time.monotonic() + 10
         exported: set[str] = set()
         while not trace_ids & exported and time.monotonic() < deadline:
-            exported = {
-                span.trace_id.hex()
-                for request in receiver.requests
-                for rs in request.resource_spans
-                for ss in rs.scope_spans
-                for span in ss.spans
-            }
+            exported = receiver.trace_ids
             time.sleep(0.2)
         assert trace_ids & exported, (trace_ids, exported)
         for request in receiver.requests:
@@ -295,10 +285,7 @@ def test_prometheus_parses_the_openmetrics_of_serve_metrics_and_keeps_its_exempl
     with serve_metrics(registry, 0) as server:
         prometheus = Prometheus(tmp_path, f"127.0.0.1:{server.port}")
         try:
-            deadline = time.monotonic() + 30
-            while prometheus.value("prowzi_runs_started_total") is None:
-                assert time.monotonic() < deadline, "prometheus never scraped serve_metrics"
-                time.sleep(0.2)
+            prometheus.wait_for("prowzi_runs_started_total")
             (target,) = prometheus.api("targets")["activeTargets"]
             assert target["health"] == "up" and target["lastError"] == "", target
             assert prometheus.value("prowzi_runs_started_total") == 3

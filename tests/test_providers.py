@@ -454,15 +454,14 @@ def test_a_doi_is_looked_up_at_crossref(server: ProviderServer, tmp_path: Path) 
 
 
 def test_full_text_is_fetched_only_when_asked(server: ProviderServer, tmp_path: Path) -> None:
-    server.make_pdfs()
+    server.make_pdfs(tmp_path / "pdfs")
     config = settings(server, tmp_path, provider_cache_ttl_seconds=0)
     plain = search(config, ["arxiv"])
     assert all(not h.record.full_text for h in plain.hits)
     assert not [r for r in server.seen("arxiv") if r.path.startswith("/pdf/")]
     full = search(config, ["arxiv"], fetch_full_text=True)
     w4 = by_title(full, "arxiv")[WORKS["w4"]["title"]]
-    # groff kerns within words, and a PDF's text layer keeps the gaps: compare the letters
-    assert "exchangetheiralgalsymbionts" in "".join(w4.full_text.split())
+    assert "reef corals exchange their algal symbionts for heat tolerant clades" in w4.full_text
     assert full.reports[0].full_texts == 2
 
 
@@ -513,7 +512,15 @@ def test_provider_results_merge_with_the_corpus_without_duplicates() -> None:
     kept, symbionts = sorted(sources, key=lambda s: s.origin != "corpus")
     assert kept.origin == "corpus" and kept.text == corpus_source.text and kept.score == 1.0
     assert symbionts.origin == "arxiv" and symbionts.year == 2020  # completed from S2
-    assert symbionts.metadata_source == "arxiv" and symbionts.abstract == w4["abstract"]
+    assert symbionts.metadata_source == {  # each field from the first that had it
+        "title": "arxiv",
+        "arxiv_id": "arxiv",
+        "abstract": "arxiv",
+        "year": "semanticscholar",
+    }
+    assert symbionts.abstract == w4["abstract"]
+    # the corpus copy keeps its own title and text, and gains the authors it lacked
+    assert kept.authors == ["Ana Costa"] and kept.metadata_source["authors"] == "crossref"
     assert 0 < symbionts.score <= 1
     assert queries == [
         QueryResult(query=QUERY, source_ids=["notes/thermal.md", "arxiv:arxiv:2007.04321"])
@@ -611,7 +618,11 @@ def test_prowzi_run_with_providers_cites_their_results_beside_the_corpus(
     references = document.split("## References")[1]
     assert "Corpus: `thermal.md`" in references  # the corpus copy of w1, not Crossref's
     assert "10.5555/reef.2019.001" in references and references.count("reef.2019.001") == 1
-    assert "`crossref:doi:10.5555/reef.2015.007`" in references
+    assert (
+        "*Coral reef bleaching: a review of thermal thresholds*. "
+        "https://doi.org/10.5555/reef.2015.007. Found by crossref." in references
+    )
+    assert "Found by arxiv." in references and "Found by openalex." in references
     details = search_details(tmp_path, "reef-1")
     providers = details["providers"]
     assert set(providers) == set(ALL)
@@ -766,7 +777,7 @@ def test_a_resume_searches_the_providers_its_run_was_given(
 def test_prowzi_run_fetches_full_text_only_with_the_flag(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    server.make_pdfs()
+    server.make_pdfs(tmp_path / "pdfs")
     for session, flag in (("reef-abstracts", ()), ("reef-full", ("--fetch-full-text",))):
         done = prowzi_run(
             server,
@@ -784,3 +795,34 @@ def test_prowzi_run_fetches_full_text_only_with_the_flag(
     assert search_details(tmp_path, "reef-full")["providers"]["arxiv"]["full_texts"] == 2
     pdfs = [r for r in server.seen("arxiv") if r.path.startswith("/pdf/")]
     assert sorted(r.path for r in pdfs) == ["/pdf/2007.04321v1", "/pdf/2205.06789v1"]
+
+
+def test_a_doi_found_in_the_corpus_is_completed_from_crossref_when_providers_are_on(
+    server: ProviderServer, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "recovery.md").write_text(
+        f"---\ntitle: Reef recovery notes\ndoi: {WORKS['w3']['doi']}\n---\n\n"
+        "How coral reefs recover after coral reef bleaching, from our own field notes.\n"
+    )
+    done = prowzi_run(
+        server,
+        tmp_path,
+        "Write a report on coral reef bleaching",
+        "--corpus",
+        str(corpus),
+        "--providers",
+        "arxiv",  # not Crossref: the lookup goes to Crossref all the same
+        "--session-id",
+        "reef-doi",
+        "--output",
+        "reef.md",
+    )
+    assert done.returncode == 0, done.stderr
+    references = (tmp_path / "reef.md").read_text().split("## References")[1]
+    assert "Fay Hart (2018). *Reef recovery notes*." in references  # its own title kept
+    crossref = search_details(tmp_path, "reef-doi")["providers"]["crossref"]
+    assert (crossref["doi_lookups"], crossref["doi_completed"]) == (1, 1)
+    (lookup,) = server.seen("crossref")
+    assert lookup.path == f"/works/{WORKS['w3']['doi']}"

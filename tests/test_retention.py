@@ -13,22 +13,11 @@ import time
 from pathlib import Path
 
 from test_service import Service
-from test_service_support import subprocess_env
+from test_service_support import run_prowzi, subprocess_env
 
 from prowzi.workflows.checkpoint import CheckpointManager
 
 TWO_DAYS = 2 * 86400
-
-
-def prowzi(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prowzi.cli.main", *args],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def left_by(cwd: Path, sid: str) -> dict[str, bool]:
@@ -75,7 +64,7 @@ def test_cleanup_deletes_old_telemetry_and_documents_and_keeps_the_new_and_the_r
     age(tmp_path, old, TWO_DAYS)
     age(tmp_path, held, TWO_DAYS)
 
-    dry = prowzi(tmp_path, "cleanup", "--older-than", "1d", "--dry-run")
+    dry = run_prowzi(tmp_path, "cleanup", "--older-than", "1d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"would delete telemetry of {old}" in dry.stdout
     assert f"would delete document of {old}" in dry.stdout
@@ -83,7 +72,7 @@ def test_cleanup_deletes_old_telemetry_and_documents_and_keeps_the_new_and_the_r
 
     manager = CheckpointManager(tmp_path / "prowzi_checkpoints")
     with manager.session_lock(held):  # a run in progress, held by this process
-        done = prowzi(tmp_path, "cleanup", "--older-than", "1d")
+        done = run_prowzi(tmp_path, "cleanup", "--older-than", "1d")
     assert done.returncode == 0, done.stderr
     assert f"kept session {held}: it is running" in done.stderr
     assert done.stderr.splitlines()[-2:] == [
@@ -94,11 +83,11 @@ def test_cleanup_deletes_old_telemetry_and_documents_and_keeps_the_new_and_the_r
     assert left_by(tmp_path, old) == {**EVERYTHING, **gone}
     assert left_by(tmp_path, held) == EVERYTHING
     assert left_by(tmp_path, new) == EVERYTHING
-    listed = prowzi(tmp_path, "sessions", "--json")
+    listed = run_prowzi(tmp_path, "sessions", "--json")
     assert {s["session_id"] for s in json.loads(listed.stdout)} == {held, new}
 
     # With no age limit, --keep-last keeps the newest session of each kind.
-    everything = prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1")
+    everything = run_prowzi(tmp_path, "cleanup", "--older-than", "0s", "--keep-last", "1")
     assert everything.returncode == 0, everything.stderr
     assert left_by(tmp_path, new) == EVERYTHING
     assert not any(left_by(tmp_path, held).values())

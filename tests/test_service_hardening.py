@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_service import Service, free_port
-from test_service_support import subprocess_env
+from test_service_support import run_prowzi, subprocess_env
 
 from prowzi.service.app import MAX_BODY_BYTES
 
@@ -275,24 +275,14 @@ def test_an_out_of_range_timestamp_marks_one_session_corrupt_for_the_cli_and_the
         json.dumps({**json.loads(path.read_text()), "started_at": "0001-01-01T00:00:00+14:00"})
     )
 
-    def prowzi(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "prowzi.cli.main", *args],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    listed = prowzi("sessions", "--json")
+    listed = run_prowzi(tmp_path, "sessions", "--json")
     assert listed.returncode == 0, listed.stderr
     statuses = {s["session_id"]: s["status"] for s in json.loads(listed.stdout)}
     assert statuses == {good: "completed", bad: "corrupt"}
-    shown = prowzi("show", bad)
+    shown = run_prowzi(tmp_path, "show", bad)
     assert shown.returncode == 1
     assert "started_at" in one_line(shown.stderr) and "out of range" in shown.stderr
-    assert prowzi("show", good).returncode == 0
+    assert run_prowzi(tmp_path, "show", good).returncode == 0
 
     # A service on another state directory knows these sessions from telemetry only.
     second = Service(tmp_path, "--state-dir", "other_state")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from test_service import Service
-from test_service_support import subprocess_env
+from test_service_support import run_prowzi, subprocess_env
 
 # --- 11: a session a CLI process holds ------------------------------------------------------
 
@@ -123,14 +123,7 @@ def test_a_run_the_service_left_interrupted_and_the_cli_finished_shows_completed
     second = Service(tmp_path, PROWZI_TEST_DELAY="0.01")
     try:
         assert second.client.get(f"/runs/{sid}").json()["state"] == "interrupted"
-        resumed = subprocess.run(
-            [sys.executable, "-m", "prowzi.cli.main", "resume", sid],
-            cwd=tmp_path,
-            env=subprocess_env(PROWZI_TEST_DELAY="0.01"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        resumed = run_prowzi(tmp_path, "resume", sid, PROWZI_TEST_DELAY="0.01")
         assert resumed.returncode == 0, resumed.stderr
         assert second.client.get(f"/runs/{sid}").json()["state"] == "completed"
         listed = {r["session_id"]: r["state"] for r in second.client.get("/runs").json()["runs"]}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -67,3 +69,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def run_prowzi(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``prowzi ARGS`` in ``cwd`` as a real process with these agents, to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "prowzi.cli.main", *args],
+        cwd=cwd,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -25,7 +25,16 @@ from test_stack_support import (
     require_tool,
 )
 
-SERVICES = {"prowzi", "otel-collector", "tempo", "prometheus", "alertmanager", "grafana"}
+SERVICES = {
+    "prowzi",
+    "worker",
+    "redis",
+    "otel-collector",
+    "tempo",
+    "prometheus",
+    "alertmanager",
+    "grafana",
+}
 
 
 def compose_env(**extra: str) -> dict[str, str]:
@@ -116,6 +125,8 @@ def test_health_checks_probe_the_ports_the_configs_listen_on(compose: dict[str, 
     assert "127.0.0.1:9093/-/ready" in probe("alertmanager")
     assert "127.0.0.1:3000/api/health" in probe("grafana")
     assert "127.0.0.1:8000/healthz" in probe("prowzi")
+    assert "127.0.0.1:9100/metrics" in probe("worker")
+    assert "ping" in probe("redis")
 
 
 def test_no_secret_is_written_in_the_compose_file(resolved: dict[str, Any]) -> None:
@@ -149,6 +160,35 @@ def test_prowzi_keeps_checkpoints_and_telemetry_on_named_volumes(compose: dict[s
     assert "--state-dir=/var/lib/prowzi/service" in prowzi["command"]
     assert mounts["/var/lib/prowzi/service"] == "prowzi-service"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+
+
+def test_worker_replicas_share_the_store_and_broker_with_the_service(
+    compose: dict[str, Any],
+) -> None:
+    prowzi, worker = compose["services"]["prowzi"], compose["services"]["worker"]
+    assert worker["image"] == prowzi["image"]
+    assert worker["command"][0] == "worker"
+    assert "--metrics-host=0.0.0.0" in worker["command"]
+    assert "--metrics-port=9100" in worker["command"]
+    assert worker["deploy"]["replicas"] >= 2
+    assert worker["environment"]["PROWZI_BROKER_URL"] == "redis://redis:6379/0"
+    assert worker["environment"] == prowzi["environment"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in worker["volumes"]}
+    service_mounts = {v.split(":")[1]: v.split(":")[0] for v in prowzi["volumes"]}
+    env = worker["environment"]
+    for var in ("PROWZI_CHECKPOINT_DIR", "PROWZI_TELEMETRY_DIR", "PROWZI_OUTPUT_DIR"):
+        assert mounts[env[var]] == service_mounts[env[var]], var
+    # A worker stopped by compose checkpoints and requeues its runs inside the grace period.
+    assert worker["stop_grace_period"] == "60s"
+    redis = compose["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "/data" in redis["volumes"][0]
+
+
+def test_prometheus_finds_every_worker_replica_by_dns() -> None:
+    config = load_yaml(DEPLOY / "prometheus.yml")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "prowzi-worker"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd == {"names": ["worker"], "type": "A", "port": 9100, "refresh_interval": "30s"}
 
 
 def test_the_prowzi_dockerfile_runs_prowzi_serve_on_port_8000() -> None:

@@ -21,17 +21,17 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from emulator_servers import RedisServer
+from otlp_receiver import OtlpReceiver
 from shared import STAGES
 from test_stack_support import (
     CONTRACT,
@@ -72,55 +72,6 @@ pytestmark = pytest.mark.timeout(600)
 # --- an OTLP/HTTP trace receiver on loopback ---------------------------------------------------
 
 
-@dataclass
-class TraceReceiver:
-    server: ThreadingHTTPServer
-    trace_ids: set[str] = field(default_factory=set)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-@pytest.fixture
-def receiver() -> Iterator[TraceReceiver]:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-        ExportTraceServiceResponse,
-    )
-
-    state: dict[str, TraceReceiver] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        state["r"].trace_ids.add(span.trace_id.hex())
-            payload = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state["r"] = TraceReceiver(server)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state["r"]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 # --- processes ---------------------------------------------------------------------------------
 
 
@@ -154,7 +105,7 @@ class Stack:
     prometheus: str
     instance: str
     started: float
-    receiver: TraceReceiver
+    receiver: OtlpReceiver
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.prometheus}/api/v1/{path}", params=params, timeout=30)
@@ -171,8 +122,9 @@ class Stack:
         return float(result[0]["value"][1]) if result else 0.0
 
 
-def prometheus_config(prowzi_target: str) -> dict[str, Any]:
-    """The repository's prometheus.yml, pointed at the test's Prowzi, scraping every second."""
+def prometheus_config(prowzi_target: str, worker_target: str) -> dict[str, Any]:
+    """The repository's prometheus.yml, pointed at the test's Prowzi and its idle
+    ``prowzi worker``, scraping every second."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES_FILE)]
@@ -181,12 +133,16 @@ def prometheus_config(prowzi_target: str) -> dict[str, Any]:
     job.pop("file_sd_configs")
     job["scrape_interval"] = "1s"
     job["static_configs"] = [{"targets": [prowzi_target]}]
-    config["scrape_configs"] = [job]
+    (workers,) = [j for j in config["scrape_configs"] if j["job_name"] == "prowzi-worker"]
+    workers.pop("dns_sd_configs")
+    workers["scrape_interval"] = "1s"
+    workers["static_configs"] = [{"targets": [worker_target]}]
+    config["scrape_configs"] = [job, workers]
     return config
 
 
 @pytest.fixture
-def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
+def stack(tmp_path: Path, receiver: OtlpReceiver) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     require_tool("promtool")
     prowzi_port, prometheus_port = free_port(), free_port()
@@ -206,7 +162,7 @@ def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
         OTEL_SERVICE_NAME="prowzi",
         OTEL_TRACES_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
         OTEL_BSP_SCHEDULE_DELAY="200",
     )
     prowzi_log = tmp_path / "prowzi.log"
@@ -230,8 +186,31 @@ def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
         stdout=prowzi_log.open("wb"),
         stderr=subprocess.STDOUT,
     )
+    # A `prowzi worker` on a real redis-server, idle: the stack's worker panels and alerts
+    # read its families (the runs here go through the service's own slots).
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(redis_dir)
+    redis.start()
+    worker_port = free_port()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prowzi.cli.main",
+            "worker",
+            "--concurrency=1",
+            f"--metrics-port={worker_port}",
+        ],
+        env={**env, "PROWZI_BROKER_URL": redis.url},
+        cwd=tmp_path,
+        stdout=(tmp_path / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(prometheus_config(instance)), encoding="utf-8")
+    config_file.write_text(
+        yaml.safe_dump(prometheus_config(instance, f"127.0.0.1:{worker_port}")), encoding="utf-8"
+    )
     check = subprocess.run(
         ["promtool", "check", "config", str(config_file)], capture_output=True, text=True
     )
@@ -255,10 +234,13 @@ def stack(tmp_path: Path, receiver: TraceReceiver) -> Iterator[Stack]:
         prometheus_url = f"http://127.0.0.1:{prometheus_port}"
         _wait_http(f"{prowzi_url}/readyz", prowzi, prowzi_log, 60)
         _wait_http(f"{prometheus_url}/-/ready", prometheus, prometheus_log, 60)
+        _wait_http(f"http://127.0.0.1:{worker_port}/metrics", worker, tmp_path / "worker.log", 60)
         yield Stack(prowzi_url, prometheus_url, instance, time.time(), receiver)
     finally:
         _stop(prometheus)
         _stop(prowzi)
+        _stop(worker)
+        redis.stop()
 
 
 def run_workload(stack: Stack) -> None:

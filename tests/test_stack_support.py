@@ -62,6 +62,12 @@ CONTRACT: dict[str, str] = {
     "prowzi_turnitin_similarity_ratio": "histogram",
     "prowzi_service_queue_depth": "gauge",
     "prowzi_service_active_runs": "gauge",
+    # prowzi worker (issue 19)
+    "prowzi_worker_queue_depth": "gauge",
+    "prowzi_worker_runs_in_flight": "gauge",
+    "prowzi_worker_deliveries_total": "counter",
+    "prowzi_worker_lease_takeovers_total": "counter",
+    "prowzi_worker_leases_lost_total": "counter",
 }
 # Series Prometheus itself writes for every scrape target, and for alerts.
 PROMETHEUS_SYNTHETIC = frozenset(
@@ -78,6 +84,9 @@ REQUIRED_ALERTS = frozenset(
         "ProwziTargetDown",
         "ProwziTelemetrySinkErrors",
         "ProwziCheckpointWriteFailures",
+        "ProwziWorkerQueueBacklogGrowing",
+        "ProwziWorkersDown",
+        "ProwziLeaseTakeovers",
     }
 )
 

@@ -3,66 +3,12 @@ service name, resource attributes and headers."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from otlp_receiver import OtlpReceiver
 
 from prowzi.observability.otel import OtelTracer, build_tracer
-
-
-class Receiver:
-    """A minimal OTLP/HTTP trace receiver: decodes each POST to /v1/traces."""
-
-    def __init__(self) -> None:
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.headers: list[dict[str, str]] = []
-        self.received = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                receiver.requests.append(request)
-                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
-                payload = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-                receiver.received.set()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 def attrs(kvs: Any) -> dict[str, Any]:
@@ -74,7 +20,7 @@ def attrs(kvs: Any) -> dict[str, Any]:
 
 
 def test_spans_arrive_with_service_name_and_resource_attributes(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -118,7 +64,7 @@ def test_spans_arrive_with_service_name_and_resource_attributes(
 
 
 def test_traces_endpoint_is_used_verbatim(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/v1/traces"}
     for name, value in env.items():

@@ -22,9 +22,26 @@ def is_references_heading(title: str) -> bool:
     return normalise_heading(title) in _REFERENCE_HEADINGS
 
 
-CITATION = re.compile(r"\[(\d+(?:\s*[,–-]\s*\d+)*)\]")
-"""A citation marker: ``[3]``, ``[1, 4]`` or ``[2-5]``. Reference entries start with the same
-``[n]`` label, so callers look for citations outside the References section."""
+CITATION = re.compile(r"\[(\d+(?:\s*[,–-]\s*\d+)*)(?:,\s*((?:pp?\.|§)\s*[^\]\[\n]+))?\]")
+"""A citation marker: ``[3]``, ``[1, 4]`` or ``[2-5]``, optionally with a locator: ``[3, p. 12]``
+or ``[3, § Basic Logging Tutorial]``. Reference entries start with the same ``[n]`` label, so
+callers look for citations outside the References section."""
+
+
+def citation(number: int, locator: str = "") -> str:
+    """``[3]`` or ``[3, p. 12]``; a locator cannot hold brackets or quotes."""
+    locator = " ".join(re.sub(r"[\[\]\"“”]", "", locator).split())
+    return f"[{number}, {locator}]" if locator else f"[{number}]"
+
+
+def cited_locators(text: str) -> list[tuple[int, str]]:
+    """(reference number, locator or "") of every citation in ``text``, in order."""
+    found: list[tuple[int, str]] = []
+    for match in CITATION.finditer(text):
+        locator = (match.group(2) or "").strip()
+        found.extend((n, locator) for n in cited_numbers(match.group(0)))
+    return found
+
 
 QUOTATION = re.compile(r"\"([^\"\n]+)\"|“([^”\n]+)”")
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
@@ -34,6 +51,9 @@ def cited_numbers(text: str) -> list[int]:
     """Every reference number cited in ``text``, in order, with repeats."""
     numbers: list[int] = []
     for match in CITATION.finditer(text):
+        if match.group(2):
+            numbers.append(int(match.group(1)))
+            continue
         for part in re.split(r"\s*,\s*", match.group(1)):
             bounds = re.split(r"\s*[–-]\s*", part)
             if len(bounds) == 2 and bounds[0].isdigit() and bounds[1].isdigit():
@@ -168,17 +188,23 @@ def author_label(authors: list[str], year: int | None) -> str:
 
 
 def format_reference(ref: Reference) -> str:
+    """``[n] Authors (year). *Title*. link. Corpus: `path`.``; a work with no year says
+    ``(n.d.)`` (no date), and one with no authors starts with its title."""
     parts = [f"[{ref.number}]"]
+    year = f"({ref.year})" if ref.year else "(n.d.)"
     if ref.authors:
-        parts.append(", ".join(ref.authors) + (f" ({ref.year})." if ref.year else "."))
-    elif ref.year:
-        parts.append(f"({ref.year}).")
-    parts.append(f"*{ref.title.rstrip('.')}*.")
+        parts.append(", ".join(ref.authors) + f" {year}.")
+        parts.append(f"*{ref.title.rstrip('.')}*.")
+    else:
+        parts.append(f"*{ref.title.rstrip('.')}* {year}.")
     if ref.doi:
         parts.append(f"https://doi.org/{ref.doi}.")
     elif ref.url:
         parts.append(f"{ref.url}.")
-    parts.append(f"Corpus: `{ref.source_id}`.")
+    if ref.origin == "corpus":
+        parts.append(f"Corpus: `{ref.source_id}`.")
+    else:
+        parts.append(f"Found by {ref.origin}.")
     return " ".join(parts)
 
 

@@ -9,14 +9,16 @@ stage         attributes                                     events
 intent        document_type, field, topic, keywords
 planning      sections, queries                              planning.section
 search        corpus, corpus_documents, corpus_sample,       search.query (results, top),
-              corpus_fingerprint, index, index_built,        search.source (score),
-              queries, sources_found, max_results_per_query, corpus.skipped (reason)
+              corpus_fingerprint, index, index_built,        search.source (score, origin),
+              files_indexed, passages, origins,              corpus.skipped (path, reason)
+              queries, sources_found, max_results_per_query,
               uncovered_words, message
-verification  relevance_threshold, verified, rejected        verification.rejected (reasons)
+verification  relevance_threshold, verified, rejected,       verification.rejected (reasons),
+              warnings                                       verification.warning (warnings)
 writing       words, sections, references, quotations,       writing.section
               citations
 evaluation    threshold, initial_score, score, revised,      evaluation.criterion,
-              passed                                         evaluation.revised
+              passed, unsupported_share                      evaluation.revised
 turnitin      similarity_ratio, flagged, flagged_sources,    turnitin.flagged (offsets)
               excluded_quoted_fingerprints, k, window,
               sources_compared

@@ -5,17 +5,26 @@ Rubric (each criterion scores 0..1; the score is their weighted mean):
 =============  ======  ==============================================================
 criterion      weight  measures
 =============  ======  ==============================================================
-coverage       0.30    planned sections present with a substantive body
-citations      0.25    every ``[n]`` resolves to a listed reference of a verified source,
+coverage       0.25    planned sections present with a substantive body
+citations      0.20    every ``[n]`` resolves to a listed reference of a verified source,
                        and every reference is cited
-density        0.20    share of sentences carrying a citation (full marks from 60%)
-length         0.15    words against a target for the document type
+support        0.20    share of cited sentences their cited passages support
+                       (:mod:`prowzi.agents._support`)
+density        0.15    share of sentences carrying a supported citation (full marks from
+                       40%)
+length         0.10    words against a target for the document type
 structure      0.10    title, Introduction first, Conclusion last, References at the end,
                        planned order kept, no empty section
 =============  ======  ==============================================================
 
+Support is measured when the verified sources are known (the stage always knows them); a
+document of connective filler that cites sources for words they do not contain loses both the
+support and the density marks, so it cannot pass. The unsupported share of cited sentences is
+reported in ``unsupported_share`` and in the stage's telemetry details.
+
 Below ``params.evaluation_threshold`` one revision pass runs: sentences citing a reference that
-does not resolve (or is not a verified source) are removed, missing planned sections are
+does not resolve (or is not a verified source, or whose cited passage does not support the
+sentence) are removed, missing planned sections are
 written, thin sections (every section, when the draft is short) get more quoted evidence, the
 conclusion is written afresh for the changed document, and references are renumbered in order
 of first citation. The revised draft has ``revision`` one higher; both evaluations are returned.
@@ -25,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prowzi.agents import _draft, _settings
+from prowzi.agents import _draft, _settings, _support
 from prowzi.agents.base import StageContext
 from prowzi.agents.models import (
     DraftSection,
@@ -43,7 +53,14 @@ from prowzi.agents.models import (
 from prowzi.agents.writing import Composer, ReferenceBook, assemble, notes_for
 from prowzi.errors import PermanentError
 
-WEIGHTS = {"coverage": 0.30, "citations": 0.25, "density": 0.20, "length": 0.15, "structure": 0.10}
+WEIGHTS = {
+    "coverage": 0.25,
+    "citations": 0.20,
+    "support": 0.20,
+    "density": 0.15,
+    "length": 0.10,
+    "structure": 0.10,
+}
 TARGET_WORDS = {
     "research_paper": 700,
     "literature_review": 800,
@@ -53,7 +70,10 @@ TARGET_WORDS = {
     "overview": 450,
 }
 DEFAULT_TARGET_WORDS = 600
-TARGET_DENSITY = 0.6
+TARGET_DENSITY = 0.4
+"""Full density marks from this share of sentences with a supported citation. Not higher: the
+sentences that connect quotations or describe the document carry no citation by design, since
+no passage says them."""
 MIN_SECTION_WORDS = 25
 THIN_SECTION_WORDS = 60
 
@@ -84,7 +104,10 @@ def evaluate(
     verified_ids: set[str] | None,
     document_type: str | None,
     threshold: float,
+    sources: Sequence[Source] | None = None,
 ) -> EvaluationAgentResult:
+    """Score ``draft``; with ``sources`` (the verified ones), also whether each cited sentence
+    is supported by the passage it cites."""
     body = _split(draft.markdown)
     by_heading = {_draft.normalise_heading(s.title): s for s in body.sections}
     recommendations: list[str] = []
@@ -156,16 +179,40 @@ def evaluate(
         )
     )
 
+    # support
+    unsupported_share: float | None = None
+    unsupported: set[str] = set()
+    if sources is not None:
+        by_id = {s.source_id: s for s in sources}
+        checked = _support.cited_sentences([s.body for s in body.sections], refs, by_id)
+        failing = sum(1 for c in checked if not c.supported)
+        unsupported = {c.sentence for c in checked if not c.supported}
+        unsupported_share = failing / len(checked) if checked else 0.0
+        criteria.append(
+            RubricScore(
+                criterion="support",
+                score=1.0 - unsupported_share if checked else 0.0,
+                weight=WEIGHTS["support"],
+                note=f"{len(checked) - failing}/{len(checked)} cited sentences "
+                "supported by the passage they cite",
+            )
+        )
+        if failing:
+            recommendations.append(
+                f"cite only what the cited passage says: {failing} cited sentence(s) unsupported"
+            )
+
     # citation density
     sentences = [s for sec in body.sections for s in _draft.split_sentences(sec.body)]
-    with_citation = sum(1 for s in sentences if _draft.CITATION.search(s))
+    with_citation = sum(1 for s in sentences if _draft.CITATION.search(s) and s not in unsupported)
     density = with_citation / len(sentences) if sentences else 0.0
     criteria.append(
         RubricScore(
             criterion="density",
             score=min(1.0, density / TARGET_DENSITY),
             weight=WEIGHTS["density"],
-            note=f"{with_citation}/{len(sentences)} sentences cite a source",
+            note=f"{with_citation}/{len(sentences)} sentences cite a source"
+            + (" that supports them" if sources is not None else ""),
         )
     )
     if density < TARGET_DENSITY:
@@ -219,6 +266,7 @@ def evaluate(
         passed=score >= threshold,
         criteria=criteria,
         recommendations=recommendations,
+        unsupported_share=unsupported_share,
     )
 
 
@@ -240,14 +288,26 @@ def _section(title: str, text: str) -> DraftSection:
     return DraftSection(title=title, text=text, citations=sorted(set(_draft.cited_numbers(text))))
 
 
-def _drop_invalid_citations(text: str, valid: set[int]) -> str:
+def _drop_invalid_citations(
+    text: str,
+    valid: set[int],
+    refs: dict[int, Reference] | None = None,
+    sources: dict[str, Source] | None = None,
+) -> str:
+    """``text`` without the sentences that cite an invalid reference or, given the references
+    and sources, a passage that does not support them."""
+
+    def keep(sentence: str) -> bool:
+        if not all(n in valid for n in _draft.cited_numbers(sentence)):
+            return False
+        if refs is None or sources is None or not _draft.CITATION.search(sentence):
+            return True
+        support = _support.sentence_support(sentence, refs, sources)
+        return support >= _support.SUPPORT_THRESHOLD
+
     paragraphs = []
     for paragraph in re.split(r"\n\s*\n", text):
-        kept = [
-            s
-            for s in _draft.split_sentences(paragraph)
-            if all(n in valid for n in _draft.cited_numbers(s))
-        ]
+        kept = [s for s in _draft.split_sentences(paragraph) if keep(s)]
         if kept:
             paragraphs.append(" ".join(kept))
     return "\n\n".join(paragraphs)
@@ -294,8 +354,10 @@ def revise(
     verified_ids = {s.source_id for s in verified}
     valid_refs = [r for r in draft.references if r.source_id in verified_ids]
     valid_numbers = {r.number for r in valid_refs}
+    by_number = {r.number: r for r in valid_refs}
+    by_id = {s.source_id: s for s in verified}
     cleaned = [
-        _section(s.title, _drop_invalid_citations(s.text, valid_numbers))
+        _section(s.title, _drop_invalid_citations(s.text, valid_numbers, by_number, by_id))
         for s in _sections_of(draft)
     ]
     composer = Composer(
@@ -358,12 +420,12 @@ def run_evaluation(
 ) -> EvaluationStageResult:
     verified_ids = {s.source_id for s in verified} if verified is not None else None
     document_type = intent.document_type if intent is not None else None
-    initial = evaluate(draft, plan, verified_ids, document_type, threshold)
+    initial = evaluate(draft, plan, verified_ids, document_type, threshold, verified)
     if initial.passed:
         return EvaluationStageResult(initial_evaluation=initial, evaluation=initial, draft=draft)
     short = any(c.criterion == "length" and c.score < 1 for c in initial.criteria)
     revised = revise(draft, plan, intent, verified or [], sample, message, expand=short)
-    final = evaluate(revised, plan, verified_ids, document_type, threshold)
+    final = evaluate(revised, plan, verified_ids, document_type, threshold, verified)
     return EvaluationStageResult(initial_evaluation=initial, evaluation=final, draft=revised)
 
 
@@ -394,6 +456,8 @@ class EvaluationAgent:
         ctx.annotate("score", result.evaluation.score)
         ctx.annotate("revised", revised)
         ctx.annotate("passed", result.evaluation.passed)
+        if result.evaluation.unsupported_share is not None:
+            ctx.annotate("unsupported_share", result.evaluation.unsupported_share)
         for phase, evaluation in (
             ("initial", result.initial_evaluation),
             ("final", result.evaluation),

@@ -59,8 +59,25 @@ class ResearchPlan(_Result):
 # --- search -------------------------------------------------------------------------------
 
 
+class SourcePassage(BaseModel):
+    """A passage of a source that a query matched, with where it sits in the document."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    page: int | None = Field(None, description="1-based page number (PDF).")
+    section: str | None = Field(None, description="The heading the passage sits under.")
+    score: float = 0.0
+
+    def locator(self) -> str:
+        """``p. 12``, ``§ Basic Logging Tutorial`` or ``""``."""
+        if self.page is not None:
+            return f"p. {self.page}"
+        return f"§ {self.section}" if self.section else ""
+
+
 class Source(BaseModel):
-    """One document found in the corpus."""
+    """One document found in the corpus (or by an online provider)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,11 +91,14 @@ class Source(BaseModel):
     text: str = ""
     score: float = Field(0.0, description="Best BM25 relevance over the queries (higher=better).")
     queries: list[str] = Field(default_factory=list, description="Queries that found it.")
-    # Online providers (issue 16 item 4, prowzi.sources.providers): where it was found.
-    origin: str = Field("corpus", description="'corpus' or the online provider that found it.")
+    origin: str = Field("corpus", description="'corpus' or the online provider's name.")
     arxiv_id: str | None = None
-    metadata_source: str | None = Field(
-        None, description="Where the metadata came from (a provider's name for its results)."
+    metadata_source: dict[str, str] = Field(
+        default_factory=dict, description="Where each metadata field came from."
+    )
+    location: str | None = Field(None, description="The corpus file, when there is one.")
+    passages: list[SourcePassage] = Field(
+        default_factory=list, description="The passages the queries matched, best first."
     )
 
 
@@ -98,6 +118,13 @@ class CorpusInfo(BaseModel):
     sample: bool = False
 
 
+class SkippedFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    reason: str
+
+
 class SearchAgentResult(_Result):
     queries: list[QueryResult] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
@@ -107,21 +134,32 @@ class SearchAgentResult(_Result):
         default_factory=dict,
         description="Per online provider: results, queries, requests by outcome, error.",
     )
+    skipped: list[SkippedFile] = Field(
+        default_factory=list, description="Corpus files that could not be used, with reasons."
+    )
+
+    def origins(self) -> dict[str, int]:
+        """How many sources came from each origin (the corpus, each provider)."""
+        counts: dict[str, int] = {}
+        for source in self.sources:
+            counts[source.origin] = counts.get(source.origin, 0) + 1
+        return dict(sorted(counts.items()))
 
     def telemetry_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {
             "sources_count": len(self.sources),
             "queries": len(self.queries),
+            "sources_by_origin": self.origins(),
         }
         if self.providers:  # online providers (issue 16 item 4)
-            origins = [s.origin for s in self.sources]
-            details["sources_by_origin"] = {o: origins.count(o) for o in dict.fromkeys(origins)}
             details["providers"] = self.providers
             warnings = [
                 f"{n} failed: {p['error']}" for n, p in self.providers.items() if "error" in p
             ]
             if warnings:
                 details["warnings"] = warnings
+        if self.skipped:
+            details["skipped_files"] = len(self.skipped)
         if self.message:
             details["message"] = self.message
         return details
@@ -137,13 +175,26 @@ class RejectedSource(BaseModel):
     reasons: list[str]
 
 
+class SourceWarning(BaseModel):
+    """A verified source with incomplete metadata: still citable, the gap said out loud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_id: str
+    warnings: list[str]
+
+
 class VerificationAgentResult(_Result):
     verified: list[Source] = Field(default_factory=list)
     rejected: list[RejectedSource] = Field(default_factory=list)
     relevance_threshold: float = 0.0
+    warnings: list[SourceWarning] = Field(default_factory=list)
 
     def telemetry_details(self) -> dict[str, Any]:
-        return {"verified": len(self.verified), "rejected": len(self.rejected)}
+        details: dict[str, Any] = {"verified": len(self.verified), "rejected": len(self.rejected)}
+        if self.warnings:
+            details["warnings"] = len(self.warnings)
+        return details
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -159,6 +210,16 @@ class Reference(BaseModel):
     year: int | None = None
     url: str | None = None
     doi: str | None = None
+    origin: str = "corpus"
+    metadata_source: dict[str, str] = Field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for ``prowzi show``: the reference, where it is, and where each of its
+        metadata fields came from."""
+        where = f"corpus {self.source_id}" if self.origin == "corpus" else self.origin
+        fields = ", ".join(f"{k} from {v}" for k, v in sorted(self.metadata_source.items()))
+        year = self.year or "n.d."
+        return f"[{self.number}] {self.title} ({year}); {where}" + (f"; {fields}" if fields else "")
 
 
 class DraftSection(BaseModel):
@@ -204,8 +265,15 @@ class EvaluationAgentResult(_Result):
     criteria: list[RubricScore] = Field(default_factory=list)
     recommendations: list[str] = Field(default_factory=list)
 
+    unsupported_share: float | None = Field(
+        None, description="Share of cited sentences their cited passages do not support."
+    )
+
     def telemetry_details(self) -> dict[str, Any]:
-        return {"score": round(self.score, 3), "passed": self.passed}
+        details: dict[str, Any] = {"score": round(self.score, 3), "passed": self.passed}
+        if self.unsupported_share is not None:
+            details["unsupported_share"] = round(self.unsupported_share, 4)
+        return details
 
 
 class EvaluationStageResult(_Result):
@@ -216,11 +284,15 @@ class EvaluationStageResult(_Result):
     draft: WritingAgentResult
 
     def telemetry_details(self) -> dict[str, Any]:
-        return {
+        details: dict[str, Any] = {
             "initial_score": round(self.initial_evaluation.score, 3),
             "score": round(self.evaluation.score, 3),
             "revised": self.draft.revision > 0,
         }
+        if self.evaluation.unsupported_share is not None:
+            details["unsupported_share"] = round(self.evaluation.unsupported_share, 4)
+        details["reference_sources"] = [r.describe() for r in self.draft.references]
+        return details
 
 
 # --- turnitin -----------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The search stage: every planned query against the corpus index, merged per source.
 
-Each query returns at most ``max_results_per_query`` documents by BM25. A document must contain
+Each query returns at most ``max_results_per_query`` documents, ranked by their best passage
+(BM25 over passages), each with the passages that matched; a source keeps its best
+:data:`MAX_PASSAGES_PER_SOURCE` passages over all queries, which the writer quotes with their
+page or section. A document must contain
 at least one of the topic's words (the *anchors*) to qualify, so a generic query word
 ("challenges") cannot pull in a document about something else. A source found by several
 queries keeps its best score and the list of queries that found it. When the corpus does not
@@ -15,12 +18,19 @@ from dataclasses import dataclass, field
 
 from prowzi.agents import _settings, _text
 from prowzi.agents.base import StageContext
-from prowzi.agents.corpus import CorpusIndex, Document, query_terms, resolve_corpus_dir
+from prowzi.agents.corpus import (
+    CorpusIndex,
+    Document,
+    Passage,
+    query_terms,
+    resolve_corpus_dir,
+)
 from prowzi.agents.models import (
     IntentAnalysis,
     QueryResult,
     ResearchPlan,
     SearchAgentResult,
+    SkippedFile,
     Source,
 )
 from prowzi.errors import PermanentError
@@ -29,11 +39,24 @@ THIN_RESULT_SOURCES = 3
 """Fewer sources than this is a thin result, reported in ``message``."""
 
 
+MAX_PASSAGES_PER_SOURCE = 6
+"""Passages a source keeps over all queries (its best ones, each matched by some query)."""
+
+
 @dataclass(slots=True)
 class _Found:
     document: Document
     score: float
     queries: list[str] = field(default_factory=list)
+    passages: dict[Passage, float] = field(default_factory=dict)
+
+    def add(self, passages: tuple[tuple[Passage, float], ...]) -> None:
+        for passage, score in passages:
+            self.passages[passage] = max(score, self.passages.get(passage, score))
+
+    def best_passages(self) -> list[tuple[Passage, float]]:
+        ranked = sorted(self.passages.items(), key=lambda p: -p[1])
+        return ranked[:MAX_PASSAGES_PER_SOURCE]
 
 
 @dataclass(slots=True)
@@ -43,6 +66,8 @@ class SearchOutcome:
     index_path: str | None
     skipped: list[tuple[str, str]]
     missing_anchors: list[str]
+    reindexed: int = 0
+    passages: int = 0
 
 
 GENERIC_WORDS = _text.word_set(
@@ -93,16 +118,20 @@ def run_search(
             for hit in hits:
                 entry = found.get(hit.document.source_id)
                 if entry is None:
-                    found[hit.document.source_id] = _Found(hit.document, hit.score, [query])
-                else:
-                    entry.score = max(entry.score, hit.score)
-                    entry.queries.append(query)
+                    entry = found[hit.document.source_id] = _Found(hit.document, hit.score)
+                entry.score = max(entry.score, hit.score)
+                entry.queries.append(query)
+                entry.add(hit.passages)
         missing = [a for a in anchors if index.document_frequency(a) == 0]
         info = index.info
         built, path, skipped = index.built, index.path, index.skipped
+        reindexed, passage_count = index.reindexed, index.passage_count()
     ranked = sorted(found.values(), key=lambda f: (-f.score, f.document.source_id))
     sources: list[Source] = [
-        f.document.to_source(score=f.score, queries=_text.unique(f.queries)) for f in ranked
+        f.document.to_source(
+            score=f.score, queries=_text.unique(f.queries), passages=f.best_passages()
+        )
+        for f in ranked
     ]
     topic = intent.topic if intent is not None else plan.title
     corpus_name = (
@@ -128,8 +157,16 @@ def run_search(
             f"{corpus_name[0].upper()}{corpus_name[1:]} covers '{topic}' thinly: "
             f"{len(sources)} source(s) found{gaps}."
         )
-    result = SearchAgentResult(queries=query_results, sources=sources, corpus=info, message=message)
-    return SearchOutcome(result, built, str(path) if path else None, skipped, missing)
+    result = SearchAgentResult(
+        queries=query_results,
+        sources=sources,
+        corpus=info,
+        message=message,
+        skipped=[SkippedFile(path=p, reason=r) for p, r in skipped],
+    )
+    return SearchOutcome(
+        result, built, str(path) if path else None, skipped, missing, reindexed, passage_count
+    )
 
 
 class SearchAgent:
@@ -161,6 +198,9 @@ class SearchAgent:
         ctx.annotate("corpus_sample", result.corpus.sample)
         ctx.annotate("corpus_fingerprint", result.corpus.fingerprint[:16])
         ctx.annotate("index_built", outcome.index_built)
+        ctx.annotate("files_indexed", outcome.reindexed)
+        ctx.annotate("passages", outcome.passages)
+        ctx.annotate("origins", [f"{k}={v}" for k, v in result.origins().items()])
         ctx.annotate("index", outcome.index_path or "in memory (the index directory is unwritable)")
         ctx.annotate("max_results_per_query", ctx.params.max_results_per_query)
         ctx.annotate("queries", [q.query for q in result.queries])
@@ -184,5 +224,6 @@ class SearchAgent:
                 source_id=source.source_id,
                 score=source.score,
                 queries=len(source.queries),
+                origin=source.origin,
             )
         return result

@@ -76,10 +76,17 @@ def _source_print(source: Source) -> _SourcePrint:
     )
 
 
-def _excluded_ranges(markdown: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(quoted-and-cited spans, other excluded spans such as the References section)."""
+def _excluded_ranges(
+    markdown: str, titles: frozenset[str] = frozenset()
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(quoted-and-cited spans, other excluded spans such as the References section and a
+    source's title in quotation marks: naming a work is not copying it)."""
     quoted = _draft.cited_quotations(markdown)
-    other = []
+    other = [
+        (start, end)
+        for start, end in _draft.quotations(markdown)
+        if _text.normalise_title(markdown[start + 1 : end - 1]) in titles
+    ]
     refs = _draft.references_start(markdown)
     if refs is not None:
         other.append((refs, len(markdown)))
@@ -93,7 +100,8 @@ def _inside(offset: int, ranges: list[tuple[int, int]]) -> bool:
 def check_similarity(markdown: str, sources: list[Source]) -> TurnitinAgentResult:
     spans = list(_text.word_spans(markdown))
     tokens = [t for t, _, _ in spans]
-    quoted, other = _excluded_ranges(markdown)
+    titles = frozenset(_text.normalise_title(s.title) for s in sources)
+    quoted, other = _excluded_ranges(markdown, titles)
     in_quote = [_inside(s, quoted) for _, s, _ in spans]
     in_other = [_inside(s, other) for _, s, _ in spans]
     hashes = kgram_hashes(tokens)

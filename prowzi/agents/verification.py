@@ -5,10 +5,14 @@ Three checks, each giving a reason when it fails:
 
 - relevance: a source's score divided by the best score must reach ``relevance_threshold``
   (BM25 scores have no absolute scale, so the threshold is relative to the best match);
-- metadata: a title, and a year or authors, and a URL, DOI or in-corpus path to find it by;
+- metadata: a title, and a URL, DOI or in-corpus path to find it by;
 - duplicates: the same DOI, URL or normalised title as a source already kept. Sources are
-  considered best first (sources that pass the other checks, then by score), so the copy kept is
-  the best one.
+  considered best first (sources that pass the other checks, then those with complete
+  metadata, then by score), so the copy kept is the best one.
+
+A source with a title and a location but no author or year is citable: the reference says
+"n.d." and names the file. Its missing fields are reported as warnings (``warnings`` of the
+result, and a ``verification.warning`` event), not as a reason to reject it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import re
 
 from prowzi.agents import _settings, _text
 from prowzi.agents.base import StageContext
-from prowzi.agents.models import RejectedSource, Source, VerificationAgentResult
+from prowzi.agents.models import (
+    RejectedSource,
+    Source,
+    SourceWarning,
+    VerificationAgentResult,
+)
 from prowzi.errors import PermanentError
 
 
@@ -45,11 +54,21 @@ def _metadata_problems(source: Source) -> list[str]:
     problems = []
     if not source.title.strip():
         problems.append("missing metadata: no title")
-    if source.year is None and not source.authors:
-        problems.append("missing metadata: no year and no authors")
-    if not (source.url or source.doi or source.source_id):
+    if not (source.url or source.doi or source.location or source.source_id):
         problems.append("missing metadata: no URL, DOI or corpus path")
     return problems
+
+
+def metadata_warnings(source: Source) -> list[str]:
+    """Gaps that leave a source citable (the reference says so) but worth knowing about."""
+    warnings = []
+    if not source.authors:
+        warnings.append("no authors")
+    if source.year is None:
+        warnings.append("no year (cited as n.d.)")
+    if source.metadata_source.get("title") == "file-name":
+        warnings.append("title taken from the file name")
+    return warnings
 
 
 def verify(sources: list[Source], relevance_threshold: float) -> VerificationAgentResult:
@@ -65,10 +84,12 @@ def verify(sources: list[Source], relevance_threshold: float) -> VerificationAge
             )
         problems.extend(_metadata_problems(source))
         reasons[source.source_id] = problems
+    warnings = {s.source_id: metadata_warnings(s) for s in sources}
     order = sorted(
         range(len(sources)),
         key=lambda i: (
             bool(reasons[sources[i].source_id]),
+            len(warnings[sources[i].source_id]),
             -sources[i].score,
             sources[i].source_id,
         ),
@@ -91,7 +112,14 @@ def verify(sources: list[Source], relevance_threshold: float) -> VerificationAge
         if reasons[s.source_id]
     ]
     return VerificationAgentResult(
-        verified=verified, rejected=rejected, relevance_threshold=relevance_threshold
+        verified=verified,
+        rejected=rejected,
+        relevance_threshold=relevance_threshold,
+        warnings=[
+            SourceWarning(source_id=s.source_id, warnings=warnings[s.source_id])
+            for s in verified
+            if warnings[s.source_id]
+        ],
     )
 
 
@@ -109,10 +137,17 @@ class VerificationAgent:
         ctx.annotate("relevance_threshold", threshold)
         ctx.annotate("verified", len(result.verified))
         ctx.annotate("rejected", len(result.rejected))
+        ctx.annotate("warnings", len(result.warnings))
         for rejected in result.rejected:
             ctx.event(
                 "verification.rejected",
                 source_id=rejected.source.source_id,
                 reasons="; ".join(rejected.reasons),
+            )
+        for warned in result.warnings:
+            ctx.event(
+                "verification.warning",
+                source_id=warned.source_id,
+                warnings="; ".join(warned.warnings),
             )
         return result

@@ -1,14 +1,16 @@
 """The writing stage: a markdown document with the planned sections, built only from verified
 sources.
 
-Each topic section quotes, for each of its best sources, the source sentence that best matches
-the section's queries, in quotation marks with a numbered citation; it never paraphrases a
-source's words into unmarked prose. Sentences the agent writes itself either connect the
-quotations with facts it can check (the words two sources share, the span of their years,
-which source informed most sections), citing the sources they speak about, or describe the
-document itself ("This section turns to..."), which is no claim about the world. References are
-numbered in order of first citation and list only verified corpus sources. The same inputs
-always give the same document.
+Each topic section quotes, for each of its best sources, the sentence of a matched passage that
+best matches the section's queries, in quotation marks with a numbered citation that points at
+the passage's page or section (``[3, p. 12]``, ``[3, § Handlers]``); it never paraphrases a
+source's words into unmarked prose. A sentence carries a citation only when the cited passage
+supports it (see :mod:`prowzi.agents._support`): the quotations do. Sentences the agent writes
+itself connect the quotations with facts it can check (the words two sources share, the span
+of their years, which source informed most sections) or describe the document itself ("This
+section turns to..."); they name sources but carry no citation, since no passage says them.
+References are numbered in order of first citation and list only verified sources, with
+"n.d." for a work without a year. The same inputs always give the same document.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ _DOCUMENT_NOUN = {
 }
 
 _EVIDENCE_TEMPLATES = (
-    'According to {ref}, "{quote}" [{n}].',
-    'As {ref} {put} it, "{quote}" [{n}].',
-    '{Ref} {make} the point directly: "{quote}" [{n}].',
-    'In the account of {ref}, "{quote}" [{n}].',
+    'According to {ref}, "{quote}" {cite}.',
+    'As {ref} {put} it, "{quote}" {cite}.',
+    '{Ref} {make} the point directly: "{quote}" {cite}.',
+    'In the account of {ref}, "{quote}" {cite}.',
 )
 _DANGLING_OPENERS = _text.word_set("this these it its they their such he she his her")
 
@@ -85,12 +87,18 @@ class ReferenceBook:
                 year=source.year,
                 url=source.url,
                 doi=source.doi,
+                origin=source.origin,
+                metadata_source=dict(source.metadata_source),
             )
             self._refs[source.source_id] = ref
         return ref.number
 
     def references(self) -> list[Reference]:
         return sorted(self._refs.values(), key=lambda r: r.number)
+
+    def number_of(self, source: Source) -> int | None:
+        ref = self._refs.get(source.source_id)
+        return ref.number if ref is not None else None
 
 
 def _clean_quote(sentence: str) -> str:
@@ -101,23 +109,38 @@ def _clean_quote(sentence: str) -> str:
     return " ".join(quote.split())
 
 
-def candidate_sentences(source: Source) -> list[str]:
-    """Sentences of a source that can stand alone as a quotation."""
-    seen: list[str] = []
-    for sentence in _text.sentences(f"{source.abstract}\n\n{source.text}"):
-        quote = _clean_quote(sentence)
-        n = len(quote.split())
-        if _MIN_QUOTE_WORDS <= n <= _MAX_QUOTE_WORDS and not quote[:1].islower():
-            seen.append(quote)
-    return _text.unique(seen)
+def _located_texts(source: Source) -> list[tuple[str, str]]:
+    """(text, locator) of what a source offers to quote: its matched passages (with page or
+    section) when the search recorded them, else its abstract and text."""
+    if not source.passages:
+        return [(f"{source.abstract}\n\n{source.text}", "")]
+    sections = {p.section for p in source.passages if p.section}
+    # A page always locates; a heading only when the source is long enough to need one.
+    locate_sections = len(source.text) > 3000 or len(sections) > 1
+    return [
+        (p.text, p.locator() if p.page is not None or locate_sections else "")
+        for p in sorted(source.passages, key=lambda p: (p.page or 0, -p.score))
+    ]
+
+
+def candidate_sentences(source: Source) -> list[tuple[str, str]]:
+    """(sentence, locator) of a source that can stand alone as a quotation."""
+    seen: dict[str, str] = {}
+    for text, locator in _located_texts(source):
+        for sentence in _text.sentences(text):
+            quote = _clean_quote(sentence)
+            n = len(quote.split())
+            if _MIN_QUOTE_WORDS <= n <= _MAX_QUOTE_WORDS and not quote[:1].islower():
+                seen.setdefault(quote, locator)
+    return list(seen.items())
 
 
 def _ref_label(source: Source) -> str:
     label = _draft.author_label(list(source.authors), source.year)
     if label:
-        return label
+        return label if source.year else f"{label} (n.d.)"
     title = source.title.replace('"', "'")
-    return f'"{title}" ({source.year})' if source.year else f'"{title}"'
+    return f'"{title}" ({source.year})' if source.year else f'"{title}" (n.d.)'
 
 
 def _lower_title(title: str) -> str:
@@ -152,6 +175,7 @@ class _Quote:
     source: Source
     number: int
     text: str
+    locator: str = ""
 
 
 class Composer:
@@ -175,13 +199,25 @@ class Composer:
         self._used = {
             (s.source_id, q)
             for s in verified
-            for q in self._candidates[s.source_id]
+            for q, _ in self._candidates[s.source_id]
             if q.rstrip(".!?;:,") in already_written
         }
         self._sections_per_source: Counter[str] = Counter()
         self._template = 0
         self._surnames = {w for s in verified for a in s.authors for w in _text.words(a)}
+        labels = Counter(_ref_label(s) for s in verified)
+        self._ambiguous = {label for label, n in labels.items() if n > 1}
         self._queries_recorded = any(s.queries for s in verified)
+
+    def _label(self, source: Source) -> str:
+        """``Shor (1994)``; with the title when two verified sources would share the label
+        (two undated works by one author: ``Sajip, "logging.config" (n.d.)``)."""
+        label = _ref_label(source)
+        if label not in self._ambiguous or not source.authors:
+            return label
+        who = _draft.author_label(list(source.authors), None)
+        title = source.title.replace('"', "'")
+        return f'{who}, "{title}" ({source.year or "n.d."})'
 
     # -- choosing evidence -----------------------------------------------------------------
 
@@ -212,9 +248,9 @@ class Composer:
             return []
         best_score = max(s.score for s in candidates) or 1.0
         query_stems = set(_text.stems(" ".join([section.title, *section.queries])))
-        scored: list[tuple[float, int, int, Source, str]] = []
+        scored: list[tuple[float, int, int, Source, str, str]] = []
         for rank, source in enumerate(candidates):
-            for position, quote in enumerate(self._candidates[source.source_id]):
+            for position, (quote, locator) in enumerate(self._candidates[source.source_id]):
                 if (source.source_id, quote) in self._used:
                     continue
                 stems = set(_text.stems(quote))
@@ -226,23 +262,25 @@ class Composer:
                 )
                 if _text.words(quote)[0] in _DANGLING_OPENERS:
                     value -= 1.5
-                scored.append((-value, rank, position, source, quote))
+                scored.append((-value, rank, position, source, quote, locator))
         scored.sort(key=lambda c: c[:3])
         per_source: Counter[str] = Counter()
-        chosen: list[tuple[Source, str]] = []
-        for _, _, _, source, quote in scored:
+        chosen: list[tuple[Source, str, str]] = []
+        for _, _, _, source, quote, locator in scored:
             if per_source[source.source_id] >= quotes_per_source:
                 continue
             if source.source_id not in per_source and len(per_source) >= sources:
                 continue
             per_source[source.source_id] += 1
-            chosen.append((source, quote))
-        order = {sid: i for i, sid in enumerate(_text.unique(src.source_id for src, _ in chosen))}
+            chosen.append((source, quote, locator))
+        order = {
+            sid: i for i, sid in enumerate(_text.unique(src.source_id for src, _, _ in chosen))
+        }
         chosen.sort(key=lambda c: order[c[0].source_id])
         quotes = []
-        for source, quote in chosen:
+        for source, quote, locator in chosen:
             self._used.add((source.source_id, quote))
-            quotes.append(_Quote(source, self.book.cite(source), quote))
+            quotes.append(_Quote(source, self.book.cite(source), quote, locator))
         for source_id in per_source:
             self._sections_per_source[source_id] += 1
         return quotes
@@ -252,7 +290,7 @@ class Composer:
     def _evidence_sentence(self, quote: _Quote) -> str:
         template = _EVIDENCE_TEMPLATES[self._template % len(_EVIDENCE_TEMPLATES)]
         self._template += 1
-        label = _ref_label(quote.source)
+        label = self._label(quote.source)
         plural = len(quote.source.authors) > 1
         return template.format(
             ref=label,
@@ -260,7 +298,7 @@ class Composer:
             put="put" if plural else "puts",
             make="make" if plural else "makes",
             quote=quote.text.rstrip(".!?;:,"),
-            n=quote.number,
+            cite=_draft.citation(quote.number, quote.locator),
         )
 
     def _themes(self, quotes: list[_Quote]) -> list[str]:
@@ -294,8 +332,8 @@ class Composer:
         if len(distinct) == 1:
             only = distinct[0]
             return [
-                f"Only one verified source in the corpus, {_ref_label(only.source)} "
-                f"[{only.number}], speaks directly to this section."
+                f"Only one verified source in the corpus, {self._label(only.source)}, speaks "
+                "directly to this section."
             ]
         sentences = []
         themes = self._themes(quotes)
@@ -307,8 +345,10 @@ class Composer:
                     t in _text.words(q.text) or _text.stem(t) in _text.stems(q.text) for t in themes
                 )
             ]
-            cites = ", ".join(f"[{q.number}]" for q in sharing)
-            sentences.append(f"These sources share a concern with {_join(themes)} {cites}.")
+            names = _join([self._label(q.source) for q in sharing])
+            sentences.append(
+                f"{names[:1].upper()}{names[1:]} share a concern with {_join(themes)}."
+            )
         dated = sorted(
             (q for q in distinct if q.source.year), key=lambda q: (q.source.year or 0, q.number)
         )
@@ -316,8 +356,8 @@ class Composer:
             old, new = dated[0], dated[-1]
             span = (new.source.year or 0) - (old.source.year or 0)
             sentences.append(
-                f"The evidence here spans {_plural(span, 'year')}, from {_ref_label(old.source)} "
-                f"[{old.number}] to {_ref_label(new.source)} [{new.number}]."
+                f"The evidence here spans {_plural(span, 'year')}, from {self._label(old.source)} "
+                f"to {self._label(new.source)}."
             )
         return sentences
 
@@ -336,9 +376,9 @@ class Composer:
         quotes = self._evidence(
             section, sources=3 if depth <= 1 else 5, quotes_per_source=1 if depth <= 1 else 2
         )
-        found = self.sources_for(section)[:2]
+        found = [s for s in self.sources_for(section) if self.book.number_of(s)][:2]
         if not quotes and found:
-            cited = [f"{_ref_label(s)} [{self.book.cite(s)}]" for s in found]
+            cited = [self._label(s) for s in found]
             verb = (
                 "are the corpus sources that bear"
                 if len(found) > 1
@@ -401,28 +441,28 @@ class Composer:
 
         def label(n: int) -> str:
             source = by_source.get(refs[n].source_id)
-            return _ref_label(source) if source else f'"{refs[n].title}"'
+            return self._label(source) if source else f'"{refs[n].title}"'
+
+        # These sentences speak about the document and its sources, not about the world: no
+        # passage says them, so they name sources without citing them.
 
         ranked = sorted(usage, key=lambda n: (-usage[n], n))
         if ranked and usage[ranked[0]] >= 2:
             top = ranked[0]
-            lead = f"{label(top)[:1].upper()}{label(top)[1:]} [{top}]"
+            lead = f"{label(top)[:1].upper()}{label(top)[1:]}"
             second = ranked[1] if len(ranked) > 1 and usage[ranked[1]] >= 2 else None
             if second is not None and usage[second] == usage[top]:
-                text = (
-                    f"{lead} and {label(second)} [{second}] informed the most sections "
-                    f"({usage[top]} each)"
-                )
+                text = f"{lead} and {label(second)} informed the most sections ({usage[top]} each)"
             else:
                 text = f"{lead} informed the most sections ({usage[top]})"
                 if second is not None:
-                    text += f", followed by {label(second)} [{second}] ({usage[second]})"
+                    text += f", followed by {label(second)} ({usage[second]})"
             sentences.append(text + ".")
         dated = sorted((n for n in refs if refs[n].year), key=lambda n: (refs[n].year or 0, n))
         if len(dated) >= 2 and refs[dated[0]].year != refs[dated[-1]].year:
             old, new = dated[0], dated[-1]
             sentences.append(
-                f"The sources range from {label(old)} [{old}] to {label(new)} [{new}], so the "
+                f"The sources range from {label(old)} to {label(new)}, so the "
                 f"picture drawn here reflects work from {refs[old].year} to {refs[new].year}."
             )
         challenges = (
@@ -434,7 +474,7 @@ class Composer:
             else None
         )
         if challenges is not None:
-            cited = _join([f"{label(n)} [{n}]" for n in challenges.citations[:3]])
+            cited = _join([label(n) for n in challenges.citations[:3]])
             sentences.append(
                 f"The open questions gathered under {challenges.title} draw on {cited}, and mark "
                 f"where further work on {self.topic} is needed."

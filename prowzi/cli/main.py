@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from prowzi.cli import checkpoint_cmds, run_cmd, serve_cmd, telemetry_cmds
+from prowzi.cli import checkpoint_cmds, run_cmd, serve_cmd, telemetry_cmds, worker_cmd
 
 app = typer.Typer(
     name="prowzi",
@@ -24,7 +24,7 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
 )
 
-for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd):
+for _module in (run_cmd, checkpoint_cmds, telemetry_cmds, serve_cmd, worker_cmd):
     _module.register(app)
 
 

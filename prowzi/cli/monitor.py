@@ -63,7 +63,9 @@ SYMBOLS: dict[str, tuple[str, str, str]] = {
     "pending": ("·", "pending", "dim"),
 }
 
-_DETAIL_LABELS = {"sources_count": "Sources"}
+_DETAIL_LABELS = {"sources_count": "Sources", "sources_by_origin": "From"}
+_LONG_DETAILS = frozenset({"reference_sources"})
+"""Details too long for a monitor row (``prowzi show`` lists them)."""
 
 
 # --- the monitor -------------------------------------------------------------------------
@@ -257,8 +259,13 @@ def _details(record: StageMetrics) -> str:
         return "Restored from checkpoint"
     parts = []
     for key, value in record.details.items():
+        if key in _LONG_DETAILS:
+            continue
         label = _DETAIL_LABELS.get(key, key.replace("_", " ").capitalize())
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
+            shown = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
         parts.append(f"{label}: {shown}")
     return ", ".join(parts)
 

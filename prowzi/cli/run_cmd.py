@@ -74,6 +74,13 @@ def run(
             "--fetch-full-text", help="Fetch the open-access full text (arXiv PDFs) of results."
         ),
     ] = False,
+    submit: Annotated[
+        bool,
+        typer.Option(
+            "--submit",
+            help="Enqueue the run for `prowzi worker` (PROWZI_BROKER_URL); print its session id.",
+        ),
+    ] = False,
 ) -> None:
     """Run the research workflow for PROMPT and write a cited markdown document."""
     config = load_config()
@@ -84,12 +91,15 @@ def run(
             fail("the prompt is empty", 2)
         if not 1 <= max_results <= 1000:
             fail(f"invalid --max-results {max_results}: use a number from 1 to 1000", 2)
+        if submit:
+            _submit(config, prompt, max_results, session_id, corpus, output, monitor, metrics_port)
+            return
         if corpus is not None:
             config.corpus_dir = corpus
         if config.corpus_dir is not None:
             from prowzi.agents.corpus import check_corpus
 
-            check_corpus(config.corpus_dir)
+            check_corpus(config.corpus_dir, config.index_dir)
         if enable_checkpoints:
             config.enable_checkpointing = True
         _online_providers(config, providers, fetch_full_text)
@@ -114,6 +124,45 @@ def _online_providers(config: Any, providers: str | None, fetch_full_text: bool)
         from prowzi.sources import require_providers
 
         require_providers()
+
+
+def _submit(
+    config: Any,
+    prompt: str,
+    max_results: int,
+    session_id: str | None,
+    *local_only: object,
+) -> None:
+    """Enqueue the run; the worker uses its own corpus, output directory and metrics."""
+    from prowzi.ids import validate_session_id
+
+    if any(option not in (None, False) for option in local_only):
+        fail(
+            "--submit runs on a worker: --corpus, --output, --monitor and --metrics-port are "
+            "the worker's settings (follow it with `prowzi monitor SESSION`)",
+            2,
+        )
+    if not config.broker_url:
+        fail("--submit needs a broker: set PROWZI_BROKER_URL (e.g. redis://localhost:6379/0)", 2)
+    sid = validate_session_id(session_id) if session_id is not None else None
+    try:
+        from prowzi.workers.app import submit
+    except ImportError as exc:
+        fail(f"--submit needs Celery: pip install 'prowzi[workers]' ({exc})", 2)
+    from prowzi.workflows.composition import build_tracer, shutdown_tracer
+
+    tracer = build_tracer()
+    try:
+        sid = submit(
+            config, prompt, session_id=sid, max_results_per_query=max_results, tracer=tracer
+        )
+    except Exception as exc:  # the broker is down or refuses: one line, nothing queued
+        from prowzi.errors import describe_exception
+
+        fail(f"cannot submit the run to {config.broker_url}: {describe_exception(exc)}", 1)
+    finally:
+        shutdown_tracer(tracer)
+    typer.echo(sid)
 
 
 def _execute(

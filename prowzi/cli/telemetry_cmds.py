@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prowzi.cli._common import EXIT_USAGE, fail, user_errors
+from prowzi.cli._common import EXIT_USAGE, fail, load_config, user_errors
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -237,6 +237,12 @@ def show(
         _print_session(metrics, status, checkpoints, log_path if log_path.exists() else None)
 
 
+def _detail(value: object) -> str:
+    if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
 def _print_session(
     metrics: WorkflowMetrics, status: str, checkpoints: list[str], log_path: Path | None
 ) -> None:
@@ -290,11 +296,16 @@ def _print_session(
     table.add_column("At (UTC)", no_wrap=True)
     table.add_column("Details / error", overflow="fold", ratio=1, min_width=10)
     styles = {"completed": "green", "failed": "red", "retrying": "yellow", "skipped": "blue"}
+    references: list[str] = []
     for record in metrics.stages:
+        details = dict(record.details)
+        listed = details.pop("reference_sources", None)
+        if isinstance(listed, list):
+            references = [str(r) for r in listed]  # the last evaluation's draft wins
         info = (
             Text(record.error or "", style="red")
             if record.error
-            else Text("\n".join(f"{k}: {v}" for k, v in record.details.items()))
+            else Text("\n".join(f"{k}: {_detail(v)}" for k, v in details.items()))
         )
         table.add_row(
             record.stage,
@@ -305,6 +316,11 @@ def _print_session(
             info,
         )
     console.print(table)
+    if references:
+        # Each reference with where it is and where its metadata came from (issue 16).
+        console.print(Text("References", style="bold"))
+        for line in references:
+            console.print(Text(f"  {line}"))
     console.print(Text("Checkpoints", style="bold"))
     if not checkpoints:
         console.print("  none")
@@ -348,6 +364,8 @@ def monitor(
         except KeyboardInterrupt:
             return
         view = WorkflowMonitor(session_id, console=console)
+        if not log_path.exists() and _follow_from_broker(session_id, view, wait):
+            return
         if not log_path.exists():
             # recorded without a log (or the log was removed): the file is all there is
             view.show(collector.load_session(session_id))
@@ -368,6 +386,38 @@ def monitor(
                 )
         except KeyboardInterrupt:
             console.print("Detached; the run goes on.")
+
+
+def _follow_from_broker(session_id: str, view: Any, wait: float) -> bool:
+    """Follow a run on another machine's worker through its Redis event stream (with
+    ``PROWZI_BROKER_URL``); False when there is no broker or no stream for the session."""
+    import time
+
+    config = load_config()
+    if not config.broker_url:
+        return False
+    from redis.exceptions import RedisError
+
+    from prowzi.workers.streams import connect, follow_run, stream_key
+
+    client = connect(config.broker_url, timeout=10)
+    deadline = time.monotonic() + wait
+    try:
+        while not client.exists(stream_key(session_id)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        events = follow_run(client, session_id, block=0.5)
+        try:
+            with view:
+                for event in events:
+                    view.apply(event)
+        except KeyboardInterrupt:
+            view.console.print("Detached; the run goes on.")
+            return True
+    except (OSError, RedisError) as exc:
+        fail(f"cannot follow {session_id} through {config.broker_url}: {exc}", 1)
+    return True
 
 
 def replay(

@@ -95,6 +95,15 @@ def _a_directory(value: Path) -> Path:
     return value
 
 
+def _a_broker_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("use a Redis URL: redis://host:6379/0, rediss://... or unix://...")
+    return value
+
+
+BrokerUrl = Annotated[str, AfterValidator(_a_broker_url)]
+
+
 def _a_store_url(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -371,6 +380,20 @@ class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
         Path("."), description="Where `prowzi run` writes documents."
     )
     pushgateway_url: str | None = Field(None, description="Push metrics here after a batch run.")
+
+    # Workers (Celery on Redis; see prowzi/workers)
+    broker_url: BrokerUrl | None = Field(
+        None,
+        description="The Redis broker (redis://host:6379/0): `prowzi serve` and `prowzi run "
+        "--submit` enqueue runs there for `prowzi worker` processes, which publish the runs' "
+        "events there too.",
+    )
+    run_time_limit_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest a run may take on a worker; then it is checkpointed and stopped.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 

@@ -69,6 +69,7 @@ KNOWN_SINKS = (
     "webhook",
     "monitor",
     "service",
+    "redis_stream",
 )
 """Sink names counted under their own label value; any other name is counted as ``other``."""
 
@@ -521,10 +522,86 @@ def push_metrics(
     )
 
 
+DELIVERY_OUTCOMES = (
+    "completed",
+    "failed",
+    "cancelled",
+    "duplicate",
+    "already_complete",
+    "requeued",
+)
+TAKEOVER_REASONS = ("expired", "holder_gone")
+
+
+class WorkerMetrics:
+    """A worker's own families (``prowzi worker``), beside the run metrics in the same registry.
+
+    - ``prowzi_worker_queue_depth``: messages waiting in the broker queue, read at scrape time
+      (``queue_depth``, a callable, so a scrape sees the broker as it is);
+    - ``prowzi_worker_runs_in_flight``: runs this worker is executing now;
+    - ``prowzi_worker_deliveries_total{outcome}``: what each delivery of a run ended as
+      (``duplicate``: another live worker held the session's lease);
+    - ``prowzi_worker_lease_takeovers_total{reason}``: sessions continued from a checkpoint
+      whose writer's lease had ``expired`` or whose writer was gone (``holder_gone``);
+    - ``prowzi_worker_leases_lost_total``: runs stopped because their lease ran out and was
+      taken over while they ran.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, queue_depth: Callable[[], float] | None = None
+    ) -> None:
+        self.queue_depth = Gauge(
+            "prowzi_worker_queue_depth",
+            "Runs waiting in the broker queue (read from the broker at scrape time).",
+            registry=registry,
+        )
+        if queue_depth is not None:
+            self.queue_depth.set_function(_never_raising(queue_depth))
+        self.in_flight = Gauge(
+            "prowzi_worker_runs_in_flight", "Runs this worker is executing.", registry=registry
+        )
+        self.deliveries = Counter(
+            "prowzi_worker_deliveries_total",
+            "Deliveries of a run to this worker, by what they ended as.",
+            ("outcome",),
+            registry=registry,
+        )
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(outcome)
+        self.takeovers = Counter(
+            "prowzi_worker_lease_takeovers_total",
+            "Sessions this worker continued after their writer's lease expired or it died.",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in TAKEOVER_REASONS:
+            self.takeovers.labels(reason)
+        self.leases_lost = Counter(
+            "prowzi_worker_leases_lost_total",
+            "Runs stopped here because another worker took their expired lease over.",
+            registry=registry,
+        )
+
+
+def _never_raising(read: Callable[[], float]) -> Callable[[], float]:
+    """A scrape-time reading that reports NaN instead of failing the scrape (a broker that
+    is down must not hide every other metric)."""
+
+    def reading() -> float:
+        try:
+            return float(read())
+        except Exception as exc:
+            log.warning("cannot read the queue depth: %s", exc)
+            return float("nan")
+
+    return reading
+
+
 __all__ = [
     "KNOWN_SINKS",
     "MetricsServer",
     "ProwziMetrics",
+    "WorkerMetrics",
     "push_metrics",
     "render",
     "serve_metrics",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -249,6 +250,76 @@ class OtelTracer:
 
 
 @contextmanager
+def submit_span(tracer: RunTracer, session_id: str) -> Iterator[dict[str, str]]:
+    """A ``send prowzi.research`` span (kind PRODUCER) around enqueuing a run; yields the
+    W3C trace context (``traceparent``) the queued message carries, so the worker's spans
+    join this trace. Without an OpenTelemetry tracer the carrier holds whatever context is
+    current (none: an empty carrier) and no SDK is imported."""
+    if not isinstance(tracer, OtelTracer):
+        yield _carrier()
+        return
+    from opentelemetry.trace import SpanKind
+
+    with tracer._tracer.start_as_current_span(
+        f"send {WORKFLOW_NAME}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.operation.type": "send",
+            "messaging.system": "redis",
+            "prowzi.session_id": session_id,
+        },
+    ):
+        yield _carrier()
+
+
+def _carrier() -> dict[str, str]:
+    from opentelemetry.propagate import inject
+
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier
+
+
+@contextmanager
+def continue_trace(
+    tracer: RunTracer,
+    carrier: Mapping[str, str] | None,
+    *,
+    session_id: str,
+    queued_at: float | None,
+) -> Iterator[None]:
+    """Inside the block, spans are children of the context ``carrier`` names (the submitter's
+    ``send`` span), so a run's root span continues the trace that submitted it. A
+    ``process prowzi.research`` span (kind CONSUMER) from ``queued_at`` to now records the
+    queue wait. Call it in the task that runs the run: the context is the task's."""
+    if not isinstance(tracer, OtelTracer) or not carrier:
+        yield
+        return
+    from opentelemetry import context
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    token = context.attach(extract(dict(carrier)))
+    try:
+        if queued_at is not None:
+            waited = tracer._tracer.start_span(
+                f"process {WORKFLOW_NAME}",
+                kind=SpanKind.CONSUMER,
+                start_time=int(queued_at * 1e9),
+                attributes={
+                    "messaging.operation.type": "process",
+                    "messaging.system": "redis",
+                    "prowzi.session_id": session_id,
+                    "prowzi.queue.wait_seconds": max(0.0, time.time() - queued_at),
+                },
+            )
+            waited.end()
+        yield
+    finally:
+        context.detach(token)
+
+
+@contextmanager
 def tool_span(name: str, attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[Any]:
     """An ``execute_tool <name>`` span, child of the current stage span, for agent code.
 
@@ -455,6 +526,8 @@ def shutdown_tracer(tracer: RunTracer) -> None:
 __all__ = [
     "OtelTracer",
     "build_tracer",
+    "continue_trace",
     "shutdown_tracer",
+    "submit_span",
     "tool_span",
 ]

@@ -24,9 +24,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -180,6 +182,12 @@ def create_app(
         )
 
     factory = orchestrator_factory or default_factory
+    remote = None
+    if config.broker_url:
+        # With a broker the workers run the runs; documents are where they write them.
+        from prowzi.workers.client import RemoteRuns
+
+        remote = RemoteRuns(config, tracer if tracer is not None else build_tracer())
     manager = RunManager(
         lambda sink: factory(sink, metrics),
         RunJournal(settings.state_dir),
@@ -187,7 +195,8 @@ def create_app(
         max_concurrent=settings.max_concurrent,
         max_queue=settings.max_queue,
         shutdown_timeout=settings.shutdown_timeout,
-        documents_dir=settings.state_dir / "documents",
+        documents_dir=settings.state_dir / "documents" if remote is None else config.output_dir,
+        remote=remote,
     )
     telemetry_reader: list[TelemetryCollector] = []
 
@@ -221,33 +230,44 @@ def create_app(
         """Apply ``PROWZI_RETENTION``: delete what finished sessions older than ``age`` left
         (:func:`prowzi.workflows.retention.sweep`) and forget their runs; at start-up, then
         every quarter of ``age`` (at least a second apart, at most an hour)."""
+        from prowzi.workflows.checkpoint import CheckpointManager
         from prowzi.workflows.retention import sweep
 
         period = min(max(age.total_seconds() / 4, 1.0), 3600.0)
-        while True:
-            try:
-                swept = await asyncio.to_thread(
-                    sweep,
-                    config,
-                    older_than=age,
-                    documents_dir=manager.documents_dir,
-                    is_running=manager.is_active,
-                )
-                forgotten = manager.expire(time.time() - age.total_seconds())
-                if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
-                    log.info(
-                        "retention: deleted %d checkpoint(s), the telemetry of %d session(s) "
-                        "and %d document(s); forgot %d run(s)",
-                        len(swept.checkpoints),
-                        len(swept.telemetry),
-                        len(swept.documents),
-                        len(forgotten),
-                    )
-                for problem in swept.errors:
-                    log.warning("retention: could not delete %s", problem)
-            except Exception as exc:  # a sweep that fails is retried; the service goes on
-                log.warning("retention: the sweep failed: %s", exc)
-            await asyncio.sleep(period)
+        job = partial(
+            sweep,
+            config,
+            older_than=age,
+            documents_dir=manager.documents_dir,
+            is_running=manager.is_active,
+            manager=CheckpointManager.from_config(config),
+            reader=telemetry(),
+        )
+        # A thread of its own: a sweep lists the whole store, and the memory a thread frees
+        # stays with that thread's allocator arena. Sweeps taking turns on the shared pool
+        # would leave a sweep's worth of memory behind in each of its threads.
+        thread = ThreadPoolExecutor(1, thread_name_prefix="prowzi-retention")
+        try:
+            while True:
+                try:
+                    swept = await asyncio.get_running_loop().run_in_executor(thread, job)
+                    forgotten = manager.expire(time.time() - age.total_seconds())
+                    if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
+                        log.info(
+                            "retention: deleted %d checkpoint(s), the telemetry of %d "
+                            "session(s) and %d document(s); forgot %d run(s)",
+                            len(swept.checkpoints),
+                            len(swept.telemetry),
+                            len(swept.documents),
+                            len(forgotten),
+                        )
+                    for problem in swept.errors:
+                        log.warning("retention: could not delete %s", problem)
+                except Exception as exc:  # a sweep that fails is retried; the service goes on
+                    log.warning("retention: the sweep failed: %s", exc)
+                await asyncio.sleep(period)
+        finally:
+            thread.shutdown(wait=False, cancel_futures=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -274,6 +294,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
             await manager.close()
+            if remote is not None:
+                await remote.close()
 
     app = FastAPI(
         title="Prowzi",

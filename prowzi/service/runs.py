@@ -28,13 +28,14 @@ from prowzi.errors import (
     SessionLockedError,
     WorkflowFailedError,
 )
-from prowzi.events import Event, EventSink, WorkflowStarted
+from prowzi.events import Event, EventSink, WorkflowCompleted, WorkflowFailed, WorkflowStarted
 from prowzi.ids import validate_session_id
 from prowzi.service.journal import FINISHED, JournalEntry, RunJournal, RunKind, RunState
 from prowzi.storage.lease import LeaseLostError
 
 if TYPE_CHECKING:
     from prowzi.observability.metrics import ProwziMetrics
+    from prowzi.workers.client import RemoteRuns
     from prowzi.workflows.orchestrator import ProwziOrchestrator
 
 log = logging.getLogger("prowzi.service")
@@ -153,6 +154,7 @@ class RunManager:
         max_queue: int = 100,
         shutdown_timeout: float = 30.0,
         documents_dir: Path | None = None,
+        remote: RemoteRuns | None = None,
     ) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
@@ -173,6 +175,11 @@ class RunManager:
         self.documents_dir = documents_dir
         self._journal_dirty = False
         self._journal_writer: asyncio.Task[None] | None = None
+        self.remote = remote
+        self._background: set[asyncio.Task[None]] = set()
+        """With a broker: runs are enqueued for ``prowzi worker`` processes and followed
+        through their event streams; the broker's queue is the queue, so every accepted run
+        is submitted at once, up to ``max_concurrent + max_queue`` followed at a time."""
 
     @property
     def orchestrator(self) -> ProwziOrchestrator:
@@ -324,6 +331,14 @@ class RunManager:
             self._pending.remove(record)
             self._set_state(record, "cancelled")
             self._update_gauges()
+        elif self.remote is not None:
+            # The worker running it hears of it through the broker, checkpoints and stops;
+            # its last event ends this record's follower.
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.remote.cancel, session_id)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         elif record.task is not None:
             record.task.cancel()
         return record
@@ -331,6 +346,12 @@ class RunManager:
     def _check_capacity(self) -> None:
         if not self.accepting:
             raise ServiceUnavailableError("the service is shutting down; no new runs accepted")
+        if self.remote is not None:
+            if self.active >= self.max_concurrent + self.max_queue:
+                raise QueueFullError(
+                    f"{self.active} runs are queued or running on the workers; retry later"
+                )
+            return
         if self.active >= self.max_concurrent and len(self._pending) >= self.max_queue:
             raise QueueFullError(
                 f"all {self.max_concurrent} run slots are busy and {self.max_queue} runs "
@@ -361,7 +382,8 @@ class RunManager:
         return record
 
     def _dispatch(self) -> None:
-        while self._pending and len(self._running) < self.max_concurrent:
+        limit = self.max_concurrent if self.remote is None else self.max_concurrent + self.max_queue
+        while self._pending and len(self._running) < limit:
             record = self._pending.popleft()
             self._running.add(record.session_id)
             record.started_at = time.time()
@@ -374,7 +396,34 @@ class RunManager:
             record.task = task
         self._update_gauges()
 
+    async def _execute_remote(self, record: RunRecord, remote: RemoteRuns) -> None:
+        """Enqueue the run (a resume too: the worker continues a session that has
+        checkpoints) and follow its events from the broker to its end."""
+        entry = record.entry
+        try:
+            position = await asyncio.to_thread(
+                remote.submit, entry.session_id, entry.prompt, entry.max_results_per_query
+            )
+            last: Event | None = None
+            async for event in remote.follow(entry.session_id, after=position):
+                self._sink.handle(event)
+                last = event
+        except Exception as exc:  # the broker is down: the run was not queued, or is lost to us
+            log.error("run %s on the workers: %s", entry.session_id, exc)
+            self._set_state(record, "failed", error=f"broker: {type(exc).__name__}: {exc}")
+            return
+        if isinstance(last, WorkflowCompleted):
+            self._set_state(record, "completed")
+        elif isinstance(last, WorkflowFailed) and last.cancelled:
+            self._set_state(record, "cancelled", error=last.error)
+        else:
+            error = last.error if isinstance(last, WorkflowFailed) else "no end event"
+            self._set_state(record, "failed", error=error)
+
     async def _execute(self, record: RunRecord) -> None:
+        if self.remote is not None:
+            await self._execute_remote(record, self.remote)
+            return
         entry = record.entry
         orchestrator = self.orchestrator
         try:

@@ -1,12 +1,17 @@
-"""Where sources come from beyond the local corpus (:mod:`prowzi.sources.providers`)."""
+"""Where sources come from: the local corpus's files (:mod:`prowzi.sources.ingest`) and, beside
+it, the online providers (:mod:`prowzi.sources.providers`); both produce
+:class:`~prowzi.sources.records.Document` records."""
 
 from __future__ import annotations
 
 import importlib.util
 
 from prowzi.errors import ConfigError
+from prowzi.sources.records import Document, Passage
 
-PROVIDER_MODULES = ("httpx", "hishel", "anysqlite", "pypdf")
+__all__ = ["Document", "Passage", "require_providers"]
+
+PROVIDER_MODULES = ("httpx", "hishel", "anysqlite")
 """What the online providers import (the ``providers`` extra)."""
 
 

@@ -195,6 +195,19 @@ class SessionLeases:
         owner = found[0].get("owner")
         return owner if isinstance(owner, str) else "another process"
 
+    def status(self, session: str) -> str:
+        """The lease as a new writer would find it: ``free`` (never held, or released),
+        ``held`` (a live writer), ``expired`` (not renewed for ``ttl``) or ``dead`` (its
+        writer on this machine is gone, before the ttl ran out)."""
+        found = self._read(session)
+        if found is None or found[0].get("released"):
+            return "free"
+        now = time.time()
+        if _live(found[0], now):
+            return "held"
+        expires = found[0].get("expires_at")
+        return "dead" if isinstance(expires, int | float) and expires > now else "expired"
+
     def hold(self, session: str, *, owner: str | None = None, timeout: float = 0) -> HeldLease:
         """Acquire, and keep renewing until :meth:`HeldLease.release`; a context manager."""
         return HeldLease(self, self.acquire(session, owner=owner, timeout=timeout))

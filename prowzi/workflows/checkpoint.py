@@ -1015,23 +1015,18 @@ class CheckpointManager:
             raise InvalidInputError("older_than must not be negative")
         if keep_last < 0:
             raise InvalidInputError("keep_last must not be negative")
-        cutoff = datetime.now(UTC) - older_than
-        rows = self._rows()
-        blobs = self.store.list()
-        newest: dict[str, datetime] = {}
+        cutoff = (datetime.now(UTC) - older_than).timestamp()
+        # When a checkpoint was written is its blob's modification time: the listing has it,
+        # so no checkpoint is read (a sweep over a large store stays cheap).
+        newest: dict[str, float] = {}
         names: dict[str, list[str]] = {}
+        blobs = self.store.list()
         for blob in blobs:
             parsed = _session_of(blob.name)
             if parsed is None:
                 continue
-            row = rows.get(blob.name)
-            when = (
-                datetime.fromisoformat(row["created_at"])
-                if row
-                else datetime.fromtimestamp(blob.modified, UTC)
-            )
             session = parsed[0]
-            newest[session] = max(newest.get(session, when), when)
+            newest[session] = max(newest.get(session, blob.modified), blob.modified)
             names.setdefault(session, []).append(blob.name)
         kept = set(sorted(newest, key=lambda s: newest[s], reverse=True)[:keep_last])
         deleted: list[str] = []
@@ -1063,7 +1058,7 @@ class CheckpointManager:
             present = {b.name for b in blobs}
             for blob in blobs:
                 orphan = blob.name.endswith(".json") and "/" not in blob.name
-                old = datetime.fromtimestamp(blob.modified, UTC) < cutoff
+                old = blob.modified < cutoff
                 if orphan and old and f"{blob.name[:-5]}.pkl" not in present:
                     self._delete(blob.name, on_error)
             if isinstance(self.store, LocalBlobStore):

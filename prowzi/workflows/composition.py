@@ -103,7 +103,8 @@ def resolve_agents(
 
 
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
-    """The sinks every run of this config feeds: the JSON telemetry and its event log."""
+    """The sinks every run of this config feeds: the JSON telemetry and its event log, and
+    with a broker (``PROWZI_BROKER_URL``) the run's Redis event stream."""
     sinks: list[EventSink] = []
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
@@ -111,6 +112,11 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
         sinks.append(
             TelemetryCollector(output_dir=config.telemetry_dir, store=config.telemetry_url)
         )
+    if config.broker_url:
+        # With a broker, runs are followed from other machines through Redis streams.
+        from prowzi.workers.streams import RedisEventStream
+
+        sinks.append(RedisEventStream(config.broker_url))
     return sinks
 
 

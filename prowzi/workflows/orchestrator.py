@@ -175,6 +175,8 @@ class _Run:
     link_trace_id: str | None = None
     link_span_id: str | None = None
     force_checkpoints: bool = False
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+    """Added to the run's ``workflow_started`` metadata (a worker names itself there)."""
 
 
 @dataclass(slots=True)
@@ -254,8 +256,18 @@ class ProwziOrchestrator:
             self._checkpoints = composition.build_checkpoint_manager(self.config)
         return self._checkpoints
 
+    def event_sinks(self) -> list[EventSink]:
+        """The sinks every run of this orchestrator feeds (the configured ones, then
+        ``sinks``); a run's progress callback is added per run."""
+        return self._sinks()
+
     def _sinks(self) -> list[EventSink]:
-        key = (self.config.enable_telemetry, self.config.telemetry_dir, self.config.telemetry_url)
+        key = (
+            self.config.enable_telemetry,
+            self.config.telemetry_dir,
+            self.config.telemetry_url,
+            self.config.broker_url,
+        )
         if self._config_sinks is None or self._config_sinks[0] != key:
             self._config_sinks = (key, composition.build_sinks(self.config))
         return [*self._config_sinks[1], *self._extra_sinks]
@@ -304,15 +316,69 @@ class ProwziOrchestrator:
         else:
             sid = new_session_id()
         self.agents  # noqa: B018  (resolve agents before any event: a bad override fails fast)
-        run = _Run(
+        run = self._new_run(sid, params, progress_callback, document_path)
+        return await self._execute(run, lock=True)
+
+    def _new_run(
+        self,
+        sid: str,
+        params: RunParameters,
+        callback: ProgressCallback | None,
+        document_path: Path | str | None,
+    ) -> _Run:
+        return _Run(
             session_id=sid,
             params=params,
             state=WorkflowState(),
             plan=[PlannedStage(s.name, "run", ["new run"]) for s in self.stages],
-            callback=progress_callback,
+            callback=callback,
             document_path=Path(document_path) if document_path is not None else None,
         )
-        return await self._execute(run, lock=True)
+
+    async def deliver(
+        self,
+        prompt: str,
+        *,
+        session_id: str,
+        max_results_per_query: int = 15,
+        document_path: Path | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ResearchResult | None:
+        """Bring session ``session_id`` to completion, however often it is called: the body
+        of a queued task, which a queue may deliver more than once.
+
+        It takes the session's lease first (:class:`~prowzi.errors.SessionLockedError` when
+        a live writer holds it: this delivery is a duplicate), then, under that lease, runs
+        the session from the start when it has no checkpoint, continues it from its latest
+        checkpoint when it has one (its writer died; ``prompt`` and ``max_results_per_query``
+        are then the checkpoint's), and returns None without running or
+        recording anything when every stage is already checkpointed. Checkpoints are always
+        on. ``metadata`` goes into the run's ``workflow_started`` event."""
+        sid = validate_session_id(session_id)
+        self.agents  # noqa: B018
+        manager = self.checkpoint_manager
+        async with _off_loop(manager.session_lock(sid)):
+            latest = await asyncio.to_thread(manager.latest, sid)
+            if latest is None:
+                corpus = self.config.corpus_dir
+                params = self._parameters(
+                    prompt=prompt,
+                    max_results_per_query=max_results_per_query,
+                    corpus_dir=str(corpus) if corpus is not None else None,
+                    relevance_threshold=self.config.relevance_threshold,
+                    evaluation_threshold=self.config.evaluation_threshold,
+                    output_path=str(document_path) if document_path is not None else None,
+                )
+                run = self._new_run(sid, params, None, document_path)
+                run.force_checkpoints = True
+            else:
+                plan, checkpoint = await asyncio.to_thread(self._plan, sid, None, {}, None)
+                if plan.complete:
+                    return None
+                document = Path(document_path) if document_path is not None else None
+                run = self._resumed_run(plan, checkpoint, None, document)
+            run.extra_metadata = dict(metadata or {})
+            return await self._execute(run, lock=False)
 
     def plan_resume(
         self,
@@ -557,6 +623,7 @@ class ProwziOrchestrator:
                         metadata={
                             "prowzi_version": __version__,
                             "output_path": str(run.document_path) if run.document_path else None,
+                            **run.extra_metadata,
                         },
                     )
                 )

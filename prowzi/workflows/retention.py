@@ -22,10 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prowzi.config import ProwziConfig
 from prowzi.errors import InvalidIdentifierError
 from prowzi.ids import validate_session_id
+
+if TYPE_CHECKING:
+    from prowzi.workflows.checkpoint import CheckpointManager
+    from prowzi.workflows.telemetry import TelemetryCollector
 
 
 @dataclass
@@ -52,10 +57,14 @@ def sweep(
     dry_run: bool = False,
     documents_dir: Path | None = None,
     is_running: Callable[[str], bool] | None = None,
+    manager: CheckpointManager | None = None,
+    reader: TelemetryCollector | None = None,
 ) -> Swept:
     """Delete checkpoints, telemetry and (with ``documents_dir``) service documents of
     sessions older than ``older_than``, never a running session's. ``is_running`` adds what
-    the caller knows to the leases (the service's own runs)."""
+    the caller knows to the leases (the service's own runs). A caller that sweeps again and
+    again (the service) passes its ``manager`` and ``reader``, whose catalogs stay warm; else
+    they are made from ``config``."""
     from prowzi.workflows.checkpoint import CheckpointManager
     from prowzi.workflows.telemetry import TelemetryCollector
 
@@ -64,7 +73,7 @@ def sweep(
     def failed(where: str, exc: OSError) -> None:
         swept.errors.append(f"{where}: {exc.strerror or exc}")
 
-    manager = CheckpointManager.from_config(config)
+    manager = manager or CheckpointManager.from_config(config)
     swept.checkpoints = manager.cleanup(
         older_than=older_than,
         keep_last=keep_last,
@@ -72,7 +81,7 @@ def sweep(
         on_running=swept.running.add,
         on_error=failed,
     )
-    reader = TelemetryCollector.reader(
+    reader = reader or TelemetryCollector.reader(
         config.telemetry_dir, store=config.telemetry_url, checkpoints=config.checkpoint_location
     )
     swept.telemetry = reader.cleanup(

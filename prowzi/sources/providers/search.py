@@ -171,29 +171,34 @@ async def _with_full_text(
 
 
 def pdf_text(data: bytes) -> str:
-    """The text layer of a PDF ("" when it has none or cannot be read)."""
+    """The text layer of a PDF, page by page as the corpus reads one ("" when it has none or
+    cannot be read)."""
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+
+    from prowzi.sources.ingest import pdf_page_text
 
     try:
         reader = PdfReader(io.BytesIO(data))
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
-        log.warning("unreadable PDF: %s", exc)
+        pages = [pdf_page_text(page) for page in reader.pages]
+    except Exception as exc:  # pypdf raises a wide range of errors on broken files
+        log.warning("unreadable PDF: %s: %s", type(exc).__name__, exc)
         return ""
-    return "\n\n".join(" ".join(p.split()) for p in pages if p.strip())
+    return "\n\n".join(p for p in pages if p.strip())
 
 
 async def lookup_dois(
-    settings: ProviderSettings, dois: Iterable[str]
+    settings: ProviderSettings, dois: Iterable[str], tally: RequestTally | None = None
 ) -> dict[str, ProviderRecord | None]:
     """Crossref's record for each DOI (None: Crossref does not know it), through the same
-    rate limit and cache as searches. Raises :class:`ProviderError` when Crossref cannot be
-    asked."""
+    rate limit and cache as searches; the requests are counted in ``tally``. Raises
+    :class:`ProviderError` when Crossref cannot be asked."""
     crossref = Crossref(settings)
     wanted = list(dict.fromkeys(d for d in (normalise_doi(x) for x in dois) if d))
     found: dict[str, ProviderRecord | None] = {}
-    async with build_client("crossref", crossref.base_url, settings, RequestTally()) as client:
+    if not wanted:
+        return found
+    counts = tally if tally is not None else RequestTally()
+    async with build_client("crossref", crossref.base_url, settings, counts) as client:
         for doi in wanted:
             found[doi] = await crossref.lookup(client, doi)
     return found

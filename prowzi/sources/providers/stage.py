@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from prowzi.agents import _settings, _text
 from prowzi.agents.corpus import query_terms
 from prowzi.agents.models import QueryResult, SearchAgentResult, Source
+from prowzi.sources.providers.base import ProviderError
+from prowzi.sources.providers.http import RequestTally
 from prowzi.sources.providers.records import (
     ProviderRecord,
     complete,
@@ -30,10 +32,11 @@ from prowzi.sources.providers.records import (
     normalise_doi,
     record_id,
 )
-from prowzi.sources.providers.search import ProviderSearch, search_providers
+from prowzi.sources.providers.search import ProviderSearch, lookup_dois, search_providers
 
 if TYPE_CHECKING:
     from prowzi.agents.base import StageContext
+    from prowzi.config.settings import ProviderSettings
 
 log = logging.getLogger("prowzi.providers")
 
@@ -63,7 +66,7 @@ def _corpus_record(source: Source) -> ProviderRecord:
     return ProviderRecord(
         title=source.title,
         origin="corpus",
-        metadata_source=source.metadata_source or "corpus",
+        metadata_source="corpus",
         authors=tuple(source.authors),
         year=source.year,
         doi=source.doi,
@@ -97,15 +100,8 @@ def merge_with_corpus(
         queries = _text.unique(q for m in members for q in m.queries)
         others = [m.record for m in members[1:]]
         if first.source is not None:
-            source = first.source.model_copy(
-                update={
-                    "score": score,
-                    "queries": queries,
-                    "doi": first.source.doi
-                    or next((d for r in others if (d := normalise_doi(r.doi))), None),
-                    "arxiv_id": first.source.arxiv_id
-                    or next((r.arxiv_id for r in others if r.arxiv_id), None),
-                }
+            source = completed(first.source, others).model_copy(
+                update={"score": score, "queries": queries}
             )
         else:
             record = first.record
@@ -124,7 +120,7 @@ def merge_with_corpus(
                 score=score,
                 queries=queries,
                 origin=record.origin,
-                metadata_source=record.metadata_source,
+                metadata_source=provenance([m.record for m in members]),
             )
         sources.append(source)
         for i in group:
@@ -141,6 +137,75 @@ def merge_with_corpus(
         QueryResult(query=q, source_ids=_text.unique(ids)) for q, ids in per_query.items()
     ]
     return ranked, query_results
+
+
+_FIELDS = ("title", "authors", "year", "doi", "arxiv_id", "url", "abstract")
+
+
+def provenance(records: Sequence[ProviderRecord]) -> dict[str, str]:
+    """Where each field of the merged record came from: the first record that has it."""
+    found: dict[str, str] = {}
+    for record in records:
+        for name in _FIELDS:
+            if name not in found and getattr(record, name):
+                found[name] = record.metadata_source
+    return found
+
+
+def completed(source: Source, records: Sequence[ProviderRecord]) -> Source:
+    """A corpus source with the fields it lacks (authors, year, DOI, arXiv id, URL) taken from
+    the first of ``records`` that has each; its ``metadata_source`` names that provider. What
+    the corpus says is never replaced."""
+    update: dict[str, object] = {}
+    sources = dict(source.metadata_source)
+    for name in ("authors", "year", "doi", "arxiv_id", "url"):
+        if getattr(source, name):
+            continue
+        for record in records:
+            value = getattr(record, name)
+            if name == "doi":
+                value = normalise_doi(value)
+            elif name == "arxiv_id":
+                value = normalise_arxiv_id(value)
+            if value:
+                update[name] = list(value) if name == "authors" else value
+                sources[name] = record.metadata_source
+                break
+    if not update:
+        return source
+    return source.model_copy(update={**update, "metadata_source": sources})
+
+
+async def complete_from_crossref(
+    settings: ProviderSettings, sources: list[Source]
+) -> tuple[list[Source], dict[str, object]]:
+    """Corpus sources with a DOI but no authors or no year, completed from Crossref's record
+    of that DOI (issue 16 item 2: a found DOI is looked up when providers are on); and what
+    was done (``doi_lookups``, ``completed``, ``requests``, ``error``)."""
+    wanted = [
+        s for s in sources if s.origin == "corpus" and s.doi and (not s.authors or s.year is None)
+    ]
+    if not wanted:
+        return sources, {}
+    tally = RequestTally()
+    report: dict[str, object] = {"doi_lookups": len(wanted)}
+    try:
+        found = await lookup_dois(settings, [s.doi for s in wanted if s.doi], tally)
+    except ProviderError as exc:
+        report["error"] = str(exc).removeprefix("crossref: ")
+        found = {}
+    report["requests"] = tally.of("crossref")
+    out: list[Source] = []
+    done = 0
+    for source in sources:
+        record = found.get(normalise_doi(source.doi) or "") if source in wanted else None
+        if record is not None:
+            filled = completed(source, [record])
+            done += filled is not source
+            source = filled
+        out.append(source)
+    report["completed"] = done
+    return out, report
 
 
 def _corpus_kept_apart(groups: list[list[int]], candidates: list[_Candidate]) -> list[list[int]]:
@@ -171,6 +236,11 @@ async def add_provider_results(
     )
     sources, query_results = merge_with_corpus(result, search, anchors)
     reports = {r.provider: r.details() for r in search.reports}
+    sources, lookups = await complete_from_crossref(ctx.config, sources)
+    if lookups:
+        reports.setdefault("crossref", {}).update(
+            {f"doi_{k}" if k != "doi_lookups" else k: v for k, v in lookups.items()}
+        )
     ctx.annotate("providers", names)
     for report in search.reports:
         ctx.event(

@@ -1,0 +1,114 @@
+"""The record every source of documents produces: a :class:`Document` made of :class:`Passage`\\ s.
+
+The local corpus (:mod:`prowzi.sources.ingest`) and the online providers
+(``prowzi.sources.providers``) both produce :class:`Document` records; the search stage ranks
+their passages and turns the documents it keeps into :class:`~prowzi.agents.models.Source`\\ s.
+Only ``source_id`` and ``title`` are required; every other field has a default, so a provider
+fills what it knows:
+
+- ``origin``: where the record came from, ``"corpus"`` or a provider's name (``"crossref"``);
+- ``metadata_source``: for each metadata field set (``title``, ``authors``, ``year``, ``doi``,
+  ``url``), where its value came from (``"pdf-info"``, ``"bibtex"``, ``"file-name"``,
+  ``"crossref"``...), so a reader can judge it; nothing is ever invented;
+- ``passages``: the text split into passages with their page (PDF) or section (heading); left
+  empty, the index splits ``abstract``/``text`` itself;
+- ``location``: where to find the document when it has no URL or DOI (a corpus file's path);
+- ``arxiv_id``: an arXiv identifier (``2103.01234``), for deduplication across sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prowzi.agents.models import Source
+
+
+MAX_SOURCE_TEXT = 20_000
+"""Characters of a document's text a source carries whole; a longer one carries its found
+passages (checkpoints hold sources, and a 300-page PDF should not ride along in each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A stretch of a document's text, a few sentences to a few paragraphs long."""
+
+    text: str
+    page: int | None = None
+    """1-based page number (PDF)."""
+    section: str | None = None
+    """The heading the passage sits under (Markdown, reStructuredText, HTML, DOCX)."""
+
+    def locator(self) -> str:
+        """``p. 12`` or ``§ Basic Logging Tutorial`` (no brackets), or ``""``."""
+        if self.page is not None:
+            return f"p. {self.page}"
+        if self.section:
+            return f"§ {self.section}"
+        return ""
+
+
+def source_body(abstract: str, text: str) -> str:
+    """A document's prose once: its text, preceded by its abstract unless the text holds it."""
+    if not abstract or " ".join(abstract.split()) in " ".join(text.split()):
+        return text or abstract
+    return f"{abstract}\n\n{text}" if text else abstract
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One searchable document: a corpus file (or one record of it), or a provider's result."""
+
+    source_id: str
+    title: str
+    authors: tuple[str, ...] = ()
+    year: int | None = None
+    url: str | None = None
+    doi: str | None = None
+    abstract: str = ""
+    text: str = ""
+    sample: bool = False
+    origin: str = "corpus"
+    metadata_source: Mapping[str, str] = field(default_factory=dict)
+    passages: tuple[Passage, ...] = ()
+    location: str | None = None
+    arxiv_id: str | None = None
+
+    @property
+    def body(self) -> str:
+        return source_body(self.abstract, self.text)
+
+    def to_source(
+        self,
+        score: float = 0.0,
+        queries: Sequence[str] = (),
+        passages: Sequence[tuple[Passage, float]] = (),
+    ) -> Source:
+        from prowzi.agents.models import Source, SourcePassage
+
+        text = self.text
+        if len(text) > MAX_SOURCE_TEXT and passages:
+            # A long document travels with the passages the queries found, not all its pages.
+            text = "\n\n".join(p.text for p, _ in passages)
+        return Source(
+            source_id=self.source_id,
+            title=self.title,
+            authors=list(self.authors),
+            year=self.year,
+            url=self.url,
+            doi=self.doi,
+            abstract=self.abstract,
+            text=text,
+            score=score,
+            queries=list(queries),
+            origin=self.origin,
+            metadata_source=dict(self.metadata_source),
+            location=self.location,
+            arxiv_id=self.arxiv_id,
+            passages=[
+                SourcePassage(text=p.text, page=p.page, section=p.section, score=s)
+                for p, s in passages
+            ],
+        )
