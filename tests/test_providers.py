@@ -826,3 +826,23 @@ def test_a_doi_found_in_the_corpus_is_completed_from_crossref_when_providers_are
     assert (crossref["doi_lookups"], crossref["doi_completed"]) == (1, 1)
     (lookup,) = server.seen("crossref")
     assert lookup.path == f"/works/{WORKS['w3']['doi']}"
+
+
+def test_the_monitor_shows_each_provider_s_details_in_one_line() -> None:
+    from datetime import UTC, datetime
+
+    from prowzi.cli.monitor import _details
+    from prowzi.workflows.telemetry import StageMetrics
+
+    details = {
+        "sources_count": 3,
+        "providers": {
+            "crossref": {"results": 2, "requests": {"ok": 1, "cached": 0}},
+            "arxiv": {"results": 0, "error": "HTTP 503"},
+        },
+    }
+    search = StageMetrics("search", "completed", 1, 0.1, datetime.now(UTC), details)
+    assert _details(search) == (
+        "Sources: 3, Providers: crossref (results 2, requests (ok 1, cached 0)), "
+        "arxiv (results 0, error HTTP 503)"
+    )
