@@ -17,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 
 class OtlpReceiver:
@@ -55,16 +56,20 @@ class OtlpReceiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    @property
-    def trace_ids(self) -> set[str]:
-        """The trace id (hex) of every span received so far."""
-        return {
-            span.trace_id.hex()
+    def spans(self) -> list[Span]:
+        """Every span received so far."""
+        return [
+            span
             for request in list(self.requests)
             for resource_spans in request.resource_spans
             for scope_spans in resource_spans.scope_spans
             for span in scope_spans.spans
-        }
+        ]
+
+    @property
+    def trace_ids(self) -> set[str]:
+        """The trace id (hex) of every span received so far."""
+        return {span.trace_id.hex() for span in self.spans()}
 
     def close(self) -> None:
         self.server.shutdown()

@@ -257,9 +257,9 @@ def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
     import subprocess
     import sys
 
-    from test_tracing_otlp import Receiver
+    from otlp_receiver import OtlpReceiver
 
-    receiver = Receiver()
+    receiver = OtlpReceiver()
     otel = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
@@ -280,21 +280,12 @@ def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
         sid = submitted.stdout.strip()
         wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
 
-        def spans() -> list[object]:
-            return [
-                span
-                for request in receiver.requests
-                for resource in request.resource_spans
-                for scope in resource.scope_spans
-                for span in scope.spans
-            ]
-
         wait_for(
             "the last stage's span",
-            lambda: any(s.name == "invoke_agent prowzi.turnitin" for s in spans()),  # type: ignore[attr-defined]
+            lambda: any(s.name == "invoke_agent prowzi.turnitin" for s in receiver.spans()),
             timeout=20,
         )
-        by_name = {s.name: s for s in spans()}  # type: ignore[attr-defined]
+        by_name = {s.name: s for s in receiver.spans()}
         send = by_name["send prowzi.research"]
         queued = by_name["process prowzi.research"]
         run = by_name["invoke_workflow prowzi.research"]

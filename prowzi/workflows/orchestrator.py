@@ -278,6 +278,26 @@ class ProwziOrchestrator:
         except ValidationError as exc:
             raise InvalidInputError(_describe_parameter_error(exc)) from None
 
+    def _new_parameters(
+        self,
+        prompt: str,
+        max_results_per_query: int,
+        corpus_dir: Path | str | None,
+        document_path: Path | str | None,
+    ) -> RunParameters:
+        """A new run's parameters: the arguments, the rest from the config."""
+        corpus = corpus_dir if corpus_dir is not None else self.config.corpus_dir
+        return self._parameters(
+            prompt=prompt,
+            max_results_per_query=max_results_per_query,
+            corpus_dir=str(corpus) if corpus is not None else None,
+            relevance_threshold=self.config.relevance_threshold,
+            evaluation_threshold=self.config.evaluation_threshold,
+            output_path=str(document_path) if document_path is not None else None,
+            providers=tuple(self.config.providers),
+            fetch_full_text=self.config.fetch_full_text,
+        )
+
     # --- public API ---------------------------------------------------------------------
 
     async def run_research(
@@ -295,17 +315,7 @@ class ProwziOrchestrator:
         Raises :class:`InvalidInputError` for bad arguments and :class:`WorkflowFailedError`
         when a stage fails for good (after checkpointing the stages that completed).
         """
-        corpus = corpus_dir if corpus_dir is not None else self.config.corpus_dir
-        params = self._parameters(
-            prompt=prompt,
-            max_results_per_query=max_results_per_query,
-            corpus_dir=str(corpus) if corpus is not None else None,
-            relevance_threshold=self.config.relevance_threshold,
-            evaluation_threshold=self.config.evaluation_threshold,
-            output_path=str(document_path) if document_path is not None else None,
-            providers=tuple(self.config.providers),
-            fetch_full_text=self.config.fetch_full_text,
-        )
+        params = self._new_parameters(prompt, max_results_per_query, corpus_dir, document_path)
         if session_id is not None:
             sid = validate_session_id(session_id)
             # Refused with checkpointing off too: a run without checkpoints would still
@@ -360,15 +370,7 @@ class ProwziOrchestrator:
         async with _off_loop(manager.session_lock(sid)):
             latest = await asyncio.to_thread(manager.latest, sid)
             if latest is None:
-                corpus = self.config.corpus_dir
-                params = self._parameters(
-                    prompt=prompt,
-                    max_results_per_query=max_results_per_query,
-                    corpus_dir=str(corpus) if corpus is not None else None,
-                    relevance_threshold=self.config.relevance_threshold,
-                    evaluation_threshold=self.config.evaluation_threshold,
-                    output_path=str(document_path) if document_path is not None else None,
-                )
+                params = self._new_parameters(prompt, max_results_per_query, None, document_path)
                 run = self._new_run(sid, params, None, document_path)
                 run.force_checkpoints = True
             else:
