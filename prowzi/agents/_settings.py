@@ -29,3 +29,17 @@ def evaluation_threshold(ctx: StageContext) -> float:
     if "evaluation_threshold" in ctx.params.model_fields_set:
         return ctx.params.evaluation_threshold
     return ctx.config.evaluation_threshold
+
+
+def providers(ctx: StageContext) -> list[str]:
+    """The online providers to search (issue 16 item 4): ``params.providers``, else
+    ``config.providers``."""
+    if ctx.params.providers is not None:
+        return list(ctx.params.providers)
+    return list(ctx.config.providers)
+
+
+def fetch_full_text(ctx: StageContext) -> bool:
+    if ctx.params.fetch_full_text is not None:
+        return ctx.params.fetch_full_text
+    return ctx.config.fetch_full_text

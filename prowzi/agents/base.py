@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from prowzi.agents.models import WorkflowState
+from prowzi.config.settings import provider_list
 
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
@@ -32,6 +33,13 @@ class RunParameters(BaseModel):
         description="Where the run was asked to write its document, as given. Not a stage "
         "input (no stage reads it, changing it forks nothing): it is recorded so that a "
         "resume in place writes there again from the checkpoint, never from telemetry.",
+    )
+    # Online providers (issue 16 item 4): search inputs, so a resume keeps them.
+    providers: Annotated[tuple[str, ...], BeforeValidator(provider_list)] | None = Field(
+        None, description="Online providers the search stage queries (None: the configured)."
+    )
+    fetch_full_text: bool | None = Field(
+        None, description="Fetch open-access full text of provider results (None: configured)."
     )
 
     @field_validator("prompt")

@@ -10,9 +10,10 @@ intent        document_type, field, topic, keywords
 planning      sections, queries                              planning.section
 search        corpus, corpus_documents, corpus_sample,       search.query (results, top),
               corpus_fingerprint, index, index_built,        search.source (score, origin),
-              files_indexed, passages, origins,              corpus.skipped (path, reason)
-              queries, sources_found, max_results_per_query,
-              uncovered_words, message
+              files_indexed, passages, origins,              corpus.skipped (path, reason),
+              queries, sources_found, max_results_per_query, search.provider (results,
+              uncovered_words, message; with online          requests by outcome),
+              providers: providers, provider_sources         search.provider_failed (error)
 verification  relevance_threshold, verified, rejected,       verification.rejected (reasons),
               warnings                                       verification.warning (warnings)
 writing       words, sections, references, quotations,       writing.section

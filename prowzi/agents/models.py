@@ -130,6 +130,10 @@ class SearchAgentResult(_Result):
     sources: list[Source] = Field(default_factory=list)
     corpus: CorpusInfo
     message: str | None = Field(None, description="Set when the corpus covers the topic thinly.")
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per online provider: results, queries, requests by outcome, error.",
+    )
     skipped: list[SkippedFile] = Field(
         default_factory=list, description="Corpus files that could not be used, with reasons."
     )
@@ -147,6 +151,13 @@ class SearchAgentResult(_Result):
             "queries": len(self.queries),
             "sources_by_origin": self.origins(),
         }
+        if self.providers:  # online providers (issue 16 item 4)
+            details["providers"] = self.providers
+            warnings = [
+                f"{n} failed: {p['error']}" for n, p in self.providers.items() if "error" in p
+            ]
+            if warnings:
+                details["warnings"] = warnings
         if self.skipped:
             details["skipped_files"] = len(self.skipped)
         if self.message:

@@ -189,6 +189,10 @@ class SearchAgent:
             ctx.params.max_results_per_query,
         )
         result = outcome.result
+        if _settings.providers(ctx):  # online providers (issue 16 item 4): the whole hook
+            from prowzi.sources.providers.stage import add_provider_results
+
+            result = await add_provider_results(ctx, result, anchors_for(ctx.state.intent))
         ctx.annotate("corpus", result.corpus.path)
         ctx.annotate("corpus_documents", result.corpus.documents)
         ctx.annotate("corpus_sample", result.corpus.sample)

@@ -273,11 +273,21 @@ def _details(record: StageMetrics) -> str:
             continue
         label = _DETAIL_LABELS.get(key, key.replace("_", " ").capitalize())
         if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
-            shown = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+            shown = _counts(value)
         else:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
         parts.append(f"{label}: {shown}")
     return ", ".join(parts)
+
+
+def _counts(value: dict[str, Any]) -> str:
+    """``corpus 12, crossref 3``; a nested mapping (a provider's details) in parentheses."""
+    return (
+        ", ".join(
+            f"{k} ({_counts(v)})" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items()
+        )
+        or "-"
+    )
 
 
 # --- the progress callback -------------------------------------------------------------------

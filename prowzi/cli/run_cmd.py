@@ -62,6 +62,20 @@ def run(
             "--pushgateway", help="Push metrics here at the end (PROWZI_PUSHGATEWAY_URL)."
         ),
     ] = None,
+    providers: Annotated[
+        str | None,
+        typer.Option(
+            "--providers",
+            help="Online providers to search beside the corpus, e.g. crossref,arxiv "
+            "(crossref, arxiv, openalex, semanticscholar, pubmed; PROWZI_PROVIDERS).",
+        ),
+    ] = None,
+    fetch_full_text: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-full-text", help="Fetch the open-access full text (arXiv PDFs) of results."
+        ),
+    ] = False,
     submit: Annotated[
         bool,
         typer.Option(
@@ -95,9 +109,28 @@ def run(
             check_corpus(config.corpus_dir, config.index_dir)
         if enable_checkpoints:
             config.enable_checkpointing = True
+        _online_providers(config, providers, fetch_full_text)
         sid = validate_session_id(session_id) if session_id is not None else new_session_id()
         document = check_output(output if output is not None else config.output_dir / f"{sid}.md")
         _execute(config, prompt, max_results, sid, document, monitor, metrics_port, pushgateway)
+
+
+def _online_providers(config: Any, providers: str | None, fetch_full_text: bool) -> None:
+    """Apply ``--providers`` and ``--fetch-full-text`` (issue 16 item 4)."""
+    from prowzi.errors import ConfigError
+
+    if providers is not None:
+        try:
+            config.providers = providers
+        except ConfigError as exc:
+            detail = str(exc).split(": ", 1)[-1].split("): ", 1)[-1]
+            fail(f"invalid --providers {providers!r}: {detail}", 2)
+    if fetch_full_text:
+        config.fetch_full_text = True
+    if config.providers:
+        from prowzi.sources import require_providers
+
+        require_providers()
 
 
 def _submit(

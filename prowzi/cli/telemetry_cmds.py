@@ -239,7 +239,13 @@ def show(
 
 def _detail(value: object) -> str:
     if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
-        return ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        return (
+            ", ".join(
+                f"{k} ({_detail(v)})" if isinstance(v, dict) else f"{k} {v}"
+                for k, v in value.items()
+            )
+            or "-"
+        )
     return str(value)
 
 

@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from prowzi.config.webhooks import (
     RetrySchedule,
@@ -200,7 +200,128 @@ class CheckpointLocation(_Settings):
         return self.checkpoint_url or self.checkpoint_dir
 
 
-class ProwziConfig(CheckpointLocation, TelemetryLocation):
+# --- online search providers (issue 16, scope item 4) ---------------------------------------
+
+PROVIDER_NAMES = ("crossref", "arxiv", "openalex", "semanticscholar", "pubmed")
+"""The online scholarly search providers Prowzi can query, in their default order."""
+
+
+def provider_list(value: Any) -> Any:
+    """``"crossref, arxiv"`` (a variable, ``--providers``) or a list -> known names, once."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        return value
+    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    unknown = [n for n in names if n not in PROVIDER_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown provider(s) {', '.join(unknown)}: use {', '.join(PROVIDER_NAMES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _provider_intervals(value: Any) -> Any:
+    """``"arxiv=3,crossref=0.1"`` or a mapping -> {provider: seconds between requests}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            name, sep, seconds = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item.strip()!r} is not 'provider=seconds'")
+            pairs[name.strip().lower()] = seconds.strip()
+        value = pairs
+    if isinstance(value, dict):
+        unknown = [n for n in value if n not in PROVIDER_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown provider(s) {', '.join(unknown)}: use {', '.join(PROVIDER_NAMES)}"
+            )
+    return value
+
+
+def _service_url(value: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host, without a trailing slash."""
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value.rstrip("/")
+
+
+ServiceUrl = Annotated[str, AfterValidator(_service_url)]
+"""A web service's base URL (:func:`_service_url`)."""
+
+
+class ProviderSettings(_Settings):
+    """Online scholarly search providers: off unless ``providers`` names some."""
+
+    providers: Annotated[list[str], NoDecode, BeforeValidator(provider_list)] = Field(
+        default_factory=list,
+        description="Online providers the search stage queries beside the corpus, e.g. "
+        "'crossref,arxiv' (crossref, arxiv, openalex, semanticscholar, pubmed); none if unset.",
+    )
+    contact_email: str | None = Field(
+        None,
+        description="Sent to the providers that ask for a contact (Crossref's polite pool "
+        "'mailto', PubMed's 'email', OpenAlex's 'mailto').",
+    )
+    crossref_url: ServiceUrl = Field("https://api.crossref.org", description="Crossref REST API.")
+    arxiv_url: ServiceUrl = Field("https://export.arxiv.org/api", description="arXiv API.")
+    openalex_url: ServiceUrl = Field("https://api.openalex.org", description="OpenAlex API.")
+    openalex_api_key: SecretStr | None = Field(None, description="OpenAlex API key.")
+    semanticscholar_url: ServiceUrl = Field(
+        "https://api.semanticscholar.org/graph/v1", description="Semantic Scholar Graph API."
+    )
+    semanticscholar_api_key: SecretStr | None = Field(
+        None, description="Semantic Scholar API key (optional; raises the rate limit)."
+    )
+    pubmed_url: ServiceUrl = Field(
+        "https://eutils.ncbi.nlm.nih.gov/entrez/eutils", description="PubMed E-utilities."
+    )
+    pubmed_api_key: SecretStr | None = Field(
+        None, description="NCBI API key (optional; 10 instead of 3 requests per second)."
+    )
+    provider_intervals: Annotated[
+        dict[str, Annotated[float, Field(ge=0, le=3600)]],
+        NoDecode,
+        BeforeValidator(_provider_intervals),
+    ] = Field(
+        default_factory=dict,
+        description="Seconds between two requests to a provider, overriding its published "
+        "rule: 'arxiv=3,crossref=0.1'.",
+    )
+    provider_timeout_seconds: float = Field(
+        30.0, gt=0, le=600, description="Limit on one provider request."
+    )
+    provider_max_retries: int = Field(
+        3, ge=0, le=10, description="Retries of a request answered 429/503 (or failing)."
+    )
+    provider_max_retry_after_seconds: float = Field(
+        120.0,
+        ge=0,
+        le=3600,
+        description="A Retry-After longer than this is not waited for: the provider fails.",
+    )
+    provider_cache_dir: Path | None = Field(
+        None, description="On-disk HTTP cache of provider answers; a cache directory if unset."
+    )
+    provider_cache_ttl_seconds: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="How long a provider answer is reused without asking again (0: no cache).",
+    )
+    fetch_full_text: bool = Field(
+        False, description="Fetch open-access full text (arXiv PDFs) of provider results."
+    )
+
+
+class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
     """Every setting Prowzi reads. Each field ``x`` is also set by ``PROWZI_X``.
 
     ``checkpoint_dir``, ``checkpoint_url``, ``telemetry_dir`` and ``telemetry_url`` come from

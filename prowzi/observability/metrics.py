@@ -106,6 +106,7 @@ CHECKPOINT_DURATION_BUCKETS = _one_two_five(0.0005, 2.5)
 CHECKPOINT_SIZE_BUCKETS = tuple(1024 * 4**i for i in range(10))  # 1 KiB .. 256 MiB
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 SIMILARITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+PROVIDER_DURATION_BUCKETS = (*_one_two_five(0.001, 10), 30, 60)
 
 TIMESTAMP_GAUGES = (
     "prowzi_stage_last_completed_timestamp_seconds",
@@ -247,6 +248,31 @@ class ProwziMetrics:
         self.active_runs = Gauge(
             "prowzi_service_active_runs", "Runs the service is executing.", registry=registry
         )
+        # Online search providers (issue 16 item 4): fed by prowzi.sources.observe, not events.
+        from prowzi.config.settings import PROVIDER_NAMES
+        from prowzi.sources.observe import REQUEST_OUTCOMES
+
+        provider_labels = (*PROVIDER_NAMES, OTHER)
+        provider_requests = Counter(
+            "prowzi_provider_requests",
+            "Requests to online search providers, by provider and outcome (cached: answered "
+            "by the on-disk cache, nothing sent).",
+            ("provider", "outcome"),
+            registry=registry,
+        )
+        provider_duration = Histogram(
+            "prowzi_provider_request_duration_seconds",
+            "Duration of one provider request (a cached answer's too), by provider.",
+            ("provider",),
+            buckets=PROVIDER_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._provider_requests = {
+            (p, o): provider_requests.labels(p, o)
+            for p in provider_labels
+            for o in REQUEST_OUTCOMES
+        }
+        self._provider_duration = {p: provider_duration.labels(p) for p in provider_labels}
 
         # Model calls (prowzi.llm): the model label is a configured model or "other".
         llm_tokens = Counter(
@@ -408,6 +434,15 @@ class ProwziMetrics:
         deliverer.observers.append(self)
         self.webhook_outbox_depth.set_function(deliverer.depth)
         self.webhook_oldest_pending.set_function(deliverer.oldest_pending_age)
+
+    def provider_request(self, provider: str, outcome: str, seconds: float) -> None:
+        """A :class:`~prowzi.sources.observe.RequestObserver`: count one provider request."""
+        name = provider if (provider, outcome) in self._provider_requests else OTHER
+        child = self._provider_requests.get((name, outcome))
+        if child is None:
+            return  # an outcome outside the closed set is not a series
+        child.inc()
+        self._provider_duration[name].observe(max(seconds, 0.0))
 
     def sink_error(self, sink_name: str, exc: BaseException) -> None:
         """``EventBus(on_error=...)`` hook: count a failing sink under a closed-set name."""

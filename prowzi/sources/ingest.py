@@ -723,7 +723,7 @@ class Unreadable(Exception):
     """A file that cannot be read; its message is the skip reason."""
 
 
-def _pdf_text(page: Any) -> str:
+def pdf_page_text(page: Any) -> str:
     """A page's text in paragraphs: pypdf's layout mode keeps each line's indentation, so a
     blank line or a line indented past the page's left margin (a first-line indent, a
     centred heading) starts a new paragraph."""
@@ -807,7 +807,7 @@ def read_pdf(relative: str, path: Path, meta: Meta) -> Document:
                 opened = False
             if not opened:
                 raise Unreadable("encrypted PDF (needs a password)")
-        pages = [_pdf_text(page) for page in reader.pages]
+        pages = [pdf_page_text(page) for page in reader.pages]
         layout_title, layout_author = (
             _first_page_layout(reader.pages[0]) if reader.pages else ("", "")
         )

@@ -159,10 +159,14 @@ def build_metrics(
     registry: CollectorRegistry | None = None, config: ProwziConfig | None = None
 ) -> ProwziMetrics:
     """The Prometheus metrics sink, in ``registry`` (a fresh one by default, never the
-    process-global registry); ``config`` names the models that get their own label value."""
+    process-global registry); ``config`` names the models that get their own label value. It
+    also counts the online providers' requests."""
     from prowzi.observability.metrics import ProwziMetrics
+    from prowzi.sources.observe import add_request_observer
 
-    return ProwziMetrics(registry, models=llm_models(config) if config is not None else ())
+    metrics = ProwziMetrics(registry, models=llm_models(config) if config is not None else ())
+    add_request_observer(metrics)
+    return metrics
 
 
 def llm_models(config: ProwziConfig) -> list[str]:

@@ -302,6 +302,8 @@ class ProwziOrchestrator:
             relevance_threshold=self.config.relevance_threshold,
             evaluation_threshold=self.config.evaluation_threshold,
             output_path=str(document_path) if document_path is not None else None,
+            providers=tuple(self.config.providers),
+            fetch_full_text=self.config.fetch_full_text,
         )
 
     # --- public API ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ RESEARCH_STAGES: tuple[StageSpec, ...] = (
         m.SearchAgentResult,
         writes=("search",),
         reads=("intent", "plan"),
-        params=("max_results_per_query", "corpus_dir"),
+        params=("max_results_per_query", "corpus_dir", "providers", "fetch_full_text"),
     ),
     StageSpec(
         "verification",
