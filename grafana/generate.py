@@ -361,10 +361,18 @@ def last_time_stat(title: str, description: str, metric: str, legend: str, **kw:
     )
 
 
-def quantiles(metric: str, qs: Iterable[float] = (0.5, 0.95)) -> list[Query]:
-    return [
-        Query(hq(q, "", rate(sel(f"{metric}_bucket"))), legend=f"p{round(q * 100)}") for q in qs
-    ]
+def quantiles(
+    metric: str, qs: Iterable[float] = (0.5, 0.95), *, idle_zero: bool = False
+) -> list[Query]:
+    """Quantiles of a histogram. With ``idle_zero``, 0 while it observes nothing (a quantile of
+    no observations is NaN): for histograms that stay empty in many deployments."""
+    queries = []
+    for q in qs:
+        expr = hq(q, "", rate(sel(f"{metric}_bucket")))
+        if idle_zero:
+            expr = f"({expr} >= 0) or (0 * {sum_by('', rate(sel(f'{metric}_count')))})"
+        queries.append(Query(expr, legend=f"p{round(q * 100)}"))
+    return queries
 
 
 # --- the dashboards --------------------------------------------------------------------------
@@ -991,7 +999,7 @@ def health() -> dict[str, Any]:
                 "Median and 95th percentile of the time from sending a webhook to the "
                 "receiver's answer (prowzi_webhook_delivery_duration_seconds).",
                 "s",
-                *quantiles("prowzi_webhook_delivery_duration_seconds"),
+                *quantiles("prowzi_webhook_delivery_duration_seconds", idle_zero=True),
                 width=8,
             ),
         ],

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prowzi.agents import _draft, _settings
 from prowzi.agents.base import Agent, StageContext
 from prowzi.agents.evaluation import WEIGHTS
+from prowzi.agents.evaluation import evaluate as measure
 from prowzi.agents.models import (
     DraftSection,
     EvaluationAgentResult,
@@ -483,9 +484,25 @@ class LlmWritingAgent(_Writer):
 
 class LlmEvaluationAgent(_Writer):
     async def evaluate(
-        self, ctx: StageContext, draft: WritingAgentResult, plan: ResearchPlan, threshold: float
+        self,
+        ctx: StageContext,
+        draft: WritingAgentResult,
+        plan: ResearchPlan,
+        threshold: float,
+        verified: list[Source],
     ) -> EvaluationAgentResult:
+        """The model grades what a reader judges; support (whether each cited sentence's
+        passage says what it does) is measured, as the offline rubric measures it."""
         intent = ctx.state.intent
+        measured = measure(
+            draft,
+            plan,
+            {s.source_id for s in verified},
+            intent.document_type if intent else None,
+            threshold,
+            sources=verified,
+        )
+        support = next(c for c in measured.criteria if c.criterion == "support")
         kind = (intent.document_type if intent else "research_paper").replace("_", " ")
         settings = self.client.settings
         budget_chars = 4 * max(256, settings.context_tokens - settings.max_output_tokens - 600)
@@ -513,7 +530,9 @@ class LlmEvaluationAgent(_Writer):
         ]
         answer = await self.ask(ctx, messages, EvaluationAnswer)
         criteria = [
-            RubricScore(
+            support
+            if name == "support"
+            else RubricScore(
                 criterion=name,
                 score=getattr(answer, name).score / 10,
                 weight=weight,
@@ -522,12 +541,16 @@ class LlmEvaluationAgent(_Writer):
             for name, weight in WEIGHTS.items()
         ]
         score = sum(c.score * c.weight for c in criteria) / sum(WEIGHTS.values())
+        recommendations = [r.strip() for r in answer.recommendations if r.strip()]
+        if support.score < 1.0:
+            recommendations += [r for r in measured.recommendations if r.startswith("cite only")]
         return EvaluationAgentResult(
             score=score,
             threshold=threshold,
             passed=score >= threshold,
             criteria=criteria,
-            recommendations=[r.strip() for r in answer.recommendations if r.strip()],
+            recommendations=recommendations,
+            unsupported_share=measured.unsupported_share,
         )
 
     async def __call__(self, ctx: StageContext) -> EvaluationStageResult:
@@ -536,7 +559,7 @@ class LlmEvaluationAgent(_Writer):
         if draft is None:
             raise PermanentError("evaluation needs the writing stage's result")
         threshold = _settings.evaluation_threshold(ctx)
-        initial = await self.evaluate(ctx, draft, plan, threshold)
+        initial = await self.evaluate(ctx, draft, plan, threshold, verified)
         ctx.annotate("threshold", threshold)
         ctx.annotate("initial_score", initial.score)
         if initial.passed:
@@ -560,7 +583,7 @@ class LlmEvaluationAgent(_Writer):
                 notes_for(sample, message),
                 revision=draft.revision + 1,
             )
-            final = await self.evaluate(ctx, revised, plan, threshold)
+            final = await self.evaluate(ctx, revised, plan, threshold, verified)
             result = EvaluationStageResult(
                 initial_evaluation=initial, evaluation=final, draft=revised
             )
