@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from test_service_support import subprocess_env
 
@@ -45,6 +46,9 @@ from prowzi.service.journal import JournalEntry, RunJournal
 from prowzi.service.runs import RunManager
 from prowzi.storage.local import LocalBlobStore
 from prowzi.testing import STAGES, noop_result
+
+# Latency assertions: run alone, after the parallel run (scripts/test).
+pytestmark = pytest.mark.timing
 
 PUT_SECONDS = 0.2
 LIMIT_SECONDS = 0.05

@@ -23,6 +23,9 @@ from test_service_support import subprocess_env
 from prowzi import events as ev
 from prowzi.workflows.eventlog import HEADER_KIND, LOG_FORMAT_VERSION
 
+# Latency assertions: run alone, after the parallel run (scripts/test).
+pytestmark = pytest.mark.timing
+
 SID = "20260101-000000-bigl0g00"
 BULK = 150_000  # stage_completed records of ~390 bytes: a log of ~58 MB
 REPLAYS = 5
@@ -32,6 +35,7 @@ PAD = "p" * 180
 # probe): it checks the stream as it arrives and prints what it saw, holding none of it.
 CLIENT = r"""
 import json, sys, httpx
+
 url, sid, first_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
 expected_id, bulk_seen, kinds, end, size = first_id, 0, {}, None, 0
 with httpx.Client(base_url=url, timeout=60) as client:
