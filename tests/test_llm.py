@@ -176,12 +176,12 @@ def test_a_budget_without_a_model_or_a_price_is_refused(server: ChatServer, tmp_
 def test_retry_after_as_an_http_date() -> None:
     from email.utils import formatdate
 
-    from prowzi.llm.client import parse_retry_after
+    from prowzi.http import retry_after
 
     now = time.time()
-    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after("soon") is None
+    assert retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert retry_after("7") == 7.0
+    assert retry_after("soon") is None
 
 
 def test_500s_are_retried_then_exhausted_naming_the_stage_and_cause(

@@ -25,8 +25,9 @@ from provider_servers import Fault, ProviderServer, load_works
 from prowzi.agents.models import CorpusInfo, QueryResult, SearchAgentResult, Source
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import ConfigError, TransientError
+from prowzi.http import retry_after
 from prowzi.sources.providers import ProvidersFailedError, lookup_dois_blocking, search_providers
-from prowzi.sources.providers.http import RateLimiter, retry_after_seconds
+from prowzi.sources.providers.http import RateLimiter
 from prowzi.sources.providers.records import (
     ProviderRecord,
     merge_records,
@@ -233,12 +234,12 @@ def test_a_503_with_an_http_date_pauses_every_user_of_the_provider(
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
-    assert retry_after_seconds("7") == 7.0
+    assert retry_after("7") == 7.0
     now = 1_800_000_000.0
-    assert retry_after_seconds(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
-    assert retry_after_seconds(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds(None) is None
+    assert retry_after(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
+    assert retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
+    assert retry_after("soon") is None
+    assert retry_after(None) is None
 
 
 def test_a_retry_after_beyond_the_limit_fails_that_provider_and_the_others_answer(

@@ -32,7 +32,6 @@ Every call:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import random
@@ -49,6 +48,7 @@ import orjson
 from prowzi.agents.base import ModelCall, StageContext
 from prowzi.config.settings import parse_prices, parse_stage_models
 from prowzi.errors import ConfigError, PermanentError, TransientError
+from prowzi.http import retry_after
 from prowzi.llm.cache import ResponseCache, request_key
 
 if TYPE_CHECKING:
@@ -185,26 +185,6 @@ def provider_name(base_url: str) -> str:
     if host.endswith(".openai.azure.com"):
         return "azure.ai.openai"
     return "openai"
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
 
 
 def estimate_tokens(text: str) -> int:
@@ -443,7 +423,7 @@ class LlmClient:
                             if status == 429
                             else f"server error (HTTP {status} from {self._url})"
                         )
-                        delay = parse_retry_after(response.headers.get("retry-after"))
+                        delay = retry_after(response.headers.get("retry-after"))
                         _fail_span(span, str(status))
                     else:
                         message = _describe_refusal(status, response.content, self.settings, model)

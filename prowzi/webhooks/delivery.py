@@ -25,7 +25,6 @@ used up.
 from __future__ import annotations
 
 import bisect
-import email.utils
 import logging
 import queue
 import random
@@ -37,6 +36,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prowzi.errors import SessionLockedError
+from prowzi.http import retry_after
 from prowzi.webhooks.outbox import Entry, Outbox, parse_name
 from prowzi.webhooks.safety import UnsafeAddressError, connect_target, host_header
 
@@ -91,22 +91,6 @@ def sign_headers(secret: str, message_id: str, body: str, now: float, *also: str
         "webhook-timestamp": str(int(now)),
         "webhook-signature": " ".join(signatures),
     }
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
 
 
 def new_client(timeout: float) -> httpx.Client:
@@ -166,7 +150,8 @@ def send(
                 if received >= MAX_RESPONSE_BYTES:
                     break
             status = response.status_code
-            retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+            asked = retry_after(response.headers.get("retry-after"))
+            wait = min(asked, MAX_RETRY_AFTER) if asked is not None else None
     except httpx.TimeoutException as exc:
         return Attempt("retry", None, f"timeout: {type(exc).__name__}", _since(started))
     except httpx.HTTPError as exc:
@@ -177,7 +162,7 @@ def send(
     if status == 410:
         return Attempt("gone", status, "410 Gone: endpoint disabled", seconds)
     if status in (429, 503):
-        return Attempt("retry", status, f"HTTP {status}", seconds, retry_after)
+        return Attempt("retry", status, f"HTTP {status}", seconds, wait)
     if 300 <= status < 400:
         return Attempt("permanent", status, f"HTTP {status}: redirect not followed", seconds)
     if 400 <= status < 500:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
 import hashlib
 import logging
@@ -49,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from prowzi.http import retry_after
 from prowzi.sources.observe import REQUEST_OUTCOMES, notify
 
 if TYPE_CHECKING:
@@ -215,22 +215,6 @@ def limiter_for(
         return limiter
 
 
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP date; None if absent or
-    unreadable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
-
-
 def advertised_interval(headers: httpx.Headers) -> float | None:
     """The spacing a service asks for in ``X-Rate-Limit-Limit`` / ``X-Rate-Limit-Interval``
     (Crossref: "50" requests per "1s"), in seconds per request; None when it says nothing."""
@@ -306,7 +290,7 @@ class _ProviderTransport(httpx.AsyncBaseTransport):
                 self._limiter.slow_to(advertised)
             if status in (429, 503):
                 self._tally.record(self._provider, "rate_limited", seconds)
-                wait = retry_after_seconds(response.headers.get("retry-after"))
+                wait = retry_after(response.headers.get("retry-after"))
                 if wait is None:
                     wait = min(_BACKOFF_FIRST * 2**attempt, _BACKOFF_MAX)
                 if attempt >= self._max_retries or wait > self._max_wait:
