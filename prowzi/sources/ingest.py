@@ -43,7 +43,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from prowzi.sources.records import Document, Passage
+from prowzi.sources.records import Document, Passage, year_of
 
 logging.getLogger("pypdf").setLevel(logging.ERROR)  # font warnings are not the user's concern
 
@@ -117,17 +117,6 @@ def authors_of(value: Any) -> tuple[str, ...]:
     else:
         items = []
     return tuple(a for a in items if a)
-
-
-def year_of(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 1000 <= value <= 2999 else None
-    if isinstance(value, str):
-        m = re.match(r"^\s*(\d{4})\b", value)
-        return int(m.group(1)) if m else None
-    return None
 
 
 def normalise_doi(value: Any) -> str | None:

@@ -18,9 +18,10 @@ fills what it knows:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prowzi.agents.models import Source
@@ -112,3 +113,19 @@ class Document:
                 for p, s in passages
             ],
         )
+
+
+_YEAR = re.compile(r"\b(1\d{3}|2\d{3})\b")
+
+
+def year_of(value: Any) -> int | None:
+    """The year ``value`` gives (an int, or the first four-digit year in a date string), if
+    plausible: for every reader of metadata, a file's or a provider's."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1000 <= value <= 2999 else None
+    if isinstance(value, str):
+        m = _YEAR.search(value)
+        return int(m.group(1)) if m else None
+    return None

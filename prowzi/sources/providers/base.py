@@ -42,18 +42,6 @@ def plain_text(markup: str | None) -> str:
     return " ".join(html.unescape(_TAG.sub(" ", markup)).split())
 
 
-def year_of(value: Any) -> int | None:
-    """The first four-digit year in ``value`` (an int or a date string), if plausible."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 1000 <= value <= 2999 else None
-    if isinstance(value, str):
-        m = re.search(r"\b(1\d{3}|2\d{3})\b", value)
-        return int(m.group(1)) if m else None
-    return None
-
-
 class Provider(ABC):
     """One online scholarly index."""
 

@@ -15,8 +15,9 @@ from urllib.parse import quote
 
 import httpx
 
-from prowzi.sources.providers.base import Provider, plain_text, year_of
+from prowzi.sources.providers.base import Provider, plain_text
 from prowzi.sources.providers.records import ProviderRecord, normalise_doi
+from prowzi.sources.records import year_of
 
 SELECT = "DOI,title,author,issued,published,URL,abstract,link"
 
