@@ -43,6 +43,11 @@ class PermanentError(ProwziError):
     """A failure that retrying cannot fix: bad input, a bug, a missing resource."""
 
 
+class BudgetExceededError(PermanentError):
+    """The run's budget (``--max-cost``, ``--max-tokens``) would be exceeded: the run stops,
+    its completed stages checkpointed, resumable with a larger budget."""
+
+
 class StageTimeoutError(TransientError):
     """A stage attempt exceeded ``stage_timeout_seconds``."""
 
@@ -132,7 +137,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def error_type(exc: BaseException) -> str:
-    """A closed-set label for an error: ``timeout``, ``transient`` or ``permanent``."""
+    """A closed-set label for an error: ``timeout``, ``transient``, ``permanent`` or
+    ``budget`` (a run stopped by its budget: permanent, but the user's choice, not a fault)."""
     if isinstance(exc, StageTimeoutError | TimeoutError):
         return "timeout"
+    if isinstance(exc, BudgetExceededError):
+        return "budget"
     return "transient" if is_transient(exc) else "permanent"

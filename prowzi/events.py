@@ -171,6 +171,7 @@ WEBHOOK_EVENT_TYPES = (
     "run.completed",
     "run.failed",
     "run.cancelled",
+    "run.budget_exceeded",
 )
 """The event types webhooks deliver (:func:`webhook_type`)."""
 
@@ -178,7 +179,9 @@ WEBHOOK_EVENT_TYPES = (
 def webhook_type(event: Event) -> str | None:
     """The webhook event type of ``event``, or None when webhooks do not send it."""
     if isinstance(event, WorkflowFailed):
-        return "run.cancelled" if event.cancelled else "run.failed"
+        if event.cancelled:
+            return "run.cancelled"
+        return "run.budget_exceeded" if event.error_type == "budget" else "run.failed"
     return _WEBHOOK_TYPES.get(event.kind)
 
 

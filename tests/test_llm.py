@@ -416,6 +416,33 @@ def test_budget_stops_the_run_cleanly_and_a_larger_one_finishes_it(
     assert manager.load_checkpoint(session).metadata.completed_stages[-1] == "turnitin"
 
 
+def test_a_budget_stop_is_its_own_webhook_event(server: ChatServer, tmp_path: Path) -> None:
+    """Webhook subscribers hear ``run.budget_exceeded`` (not ``run.failed``) when a run stops
+    at its budget (issue 18)."""
+    from webhook_support import SECRET, Receiver
+
+    receiver = Receiver().start()
+    try:
+        env = cli_env(
+            server,
+            PROWZI_WEBHOOK_URL=receiver.url,
+            PROWZI_WEBHOOK_SECRET=SECRET,
+            PROWZI_WEBHOOK_ALLOW_PRIVATE="true",
+        )
+        stopped = cli("run", PROMPT, "--llm", MODEL, "--max-tokens", "2500", env=env, cwd=tmp_path)
+        assert stopped.returncode == 1 and "budget exceeded" in stopped.stderr
+
+        def types() -> list[str]:
+            return [r.json()["type"] for r in receiver.delivered()]
+
+        assert receiver.wait_for(lambda r: "run.budget_exceeded" in types()), types()
+        assert types()[0] == "run.started" and "run.failed" not in types()
+        (last,) = [r.json() for r in receiver.delivered() if r.json()["type"].startswith("run.b")]
+        assert last["data"]["error_type"] == "budget" and "budget exceeded" in last["data"]["error"]
+    finally:
+        receiver.stop()
+
+
 # --- observability -------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from prowzi import errors
 from prowzi.agents.base import ModelCall, StageContext
 from prowzi.config.settings import parse_prices, parse_stage_models
 from prowzi.errors import ConfigError, PermanentError, TransientError
@@ -78,7 +79,7 @@ class LlmPermanentError(PermanentError, LlmError):
     """The server refused the request for a reason retrying cannot fix."""
 
 
-class BudgetExceededError(PermanentError, LlmError):
+class BudgetExceededError(errors.BudgetExceededError, LlmError):
     """The next call would take the run past ``--max-cost`` or ``--max-tokens``."""
 
 
