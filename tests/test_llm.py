@@ -510,3 +510,46 @@ def test_spans_follow_genai_conventions_and_metrics_are_scraped(
     captured = [s for s in exporter.get_finished_spans() if s.name == f"chat {MODEL}"]
     assert all("gen_ai.input.messages" in (s.attributes or {}) for s in captured)
     assert all("gen_ai.output.messages" in (s.attributes or {}) for s in captured)
+
+
+def test_calls_in_flight_count_against_the_budget() -> None:
+    """Sections are written at once: each call reserves what it may cost before it is sent,
+    so six concurrent calls that may cost $12 each get two through a $25 budget, not six."""
+    import asyncio
+    import types
+
+    from prowzi.llm.client import BudgetExceededError, ChatAnswer, LlmClient, LlmSettings
+
+    settings = LlmSettings(
+        base_url="http://127.0.0.1:9/v1", api_key=None, model="m", stage_models={},
+        prices={"m": (1e6, 1e6)}, temperature=0, max_output_tokens=10, context_tokens=1000,
+        timeout=5, concurrency=8, max_call_retries=0, max_cost_usd=25.0, max_tokens=None,
+    )  # fmt: skip
+    client = LlmClient(settings)
+    sent: list[str] = []
+
+    async def send(ctx: Any, model: str, request: dict[str, Any]) -> ChatAnswer:
+        sent.append(model)
+        await asyncio.sleep(0.05)  # all six are in flight together
+        answer = ChatAnswer(
+            content="ok", finish_reason="stop", response_model=model,
+            input_tokens=1, output_tokens=10,
+        )  # fmt: skip
+        client._account(ctx.session_id, model, answer)
+        return answer
+
+    client._send = send  # type: ignore[method-assign]  # the server's side, in process
+    ctx = types.SimpleNamespace(session_id="s", stage="writing", model_calls=[], observer=None)
+
+    async def main() -> list[object]:
+        calls = [client.request(ctx, [{"role": "user", "content": "hi"}]) for _ in range(6)]
+        return await asyncio.gather(
+            *(client.chat(ctx, r, lambda a: a.content) for r in calls),  # type: ignore[arg-type]
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    assert results.count("ok") == 2 and len(sent) == 2
+    assert sum(isinstance(r, BudgetExceededError) for r in results) == 4
+    assert client.spend("s").cost_usd <= 25.0
+    assert (client.spend("s").reserved_tokens, client.spend("s").reserved_cost) == (0, 0.0)

@@ -110,6 +110,9 @@ class Spend:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    reserved_tokens: int = 0
+    """What calls in flight may still use (their estimates, until they end)."""
+    reserved_cost: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -271,25 +274,40 @@ class LlmClient:
         with self._lock:
             return self._spend.setdefault(session_id, Spend())
 
-    def _check_budget(self, session_id: str, model: str, request: dict[str, Any]) -> None:
+    def _reserve(self, session_id: str, model: str, request: dict[str, Any]) -> tuple[int, float]:
+        """Check the next call against the budget and reserve what it may use (calls of one
+        stage run at once: each must count what the others in flight may spend). Returns the
+        reservation, for :meth:`_release`."""
         s = self.settings
         if s.max_cost_usd is None and s.max_tokens is None:
-            return
-        spent = self.spend(session_id)
+            return 0, 0.0
         next_in = sum(estimate_tokens(str(m.get("content", ""))) for m in request["messages"])
         next_out = int(request.get("max_tokens") or s.max_output_tokens)
-        if s.max_tokens is not None and spent.tokens + next_in + next_out > s.max_tokens:
-            raise BudgetExceededError(
-                f"budget exceeded: {spent.tokens} tokens used, the next call may use up to "
-                f"{next_in + next_out}, the budget is {s.max_tokens} (--max-tokens)"
-            )
-        if s.max_cost_usd is not None:
-            next_cost = s.cost(model, next_in, next_out)
-            if spent.cost_usd + next_cost > s.max_cost_usd:
+        tokens, cost = next_in + next_out, s.cost(model, next_in, next_out)
+        with self._lock:
+            spent = self._spend.setdefault(session_id, Spend())
+            used_tokens = spent.tokens + spent.reserved_tokens
+            if s.max_tokens is not None and used_tokens + tokens > s.max_tokens:
                 raise BudgetExceededError(
-                    f"budget exceeded: ${spent.cost_usd:.6f} spent, the next call may cost up "
-                    f"to ${next_cost:.6f}, the budget is ${s.max_cost_usd:.6f} (--max-cost)"
+                    f"budget exceeded: {used_tokens} tokens used or in flight, the next call may "
+                    f"use up to {tokens}, the budget is {s.max_tokens} (--max-tokens)"
                 )
+            used_cost = spent.cost_usd + spent.reserved_cost
+            if s.max_cost_usd is not None and used_cost + cost > s.max_cost_usd:
+                raise BudgetExceededError(
+                    f"budget exceeded: ${used_cost:.6f} spent or in flight, the next call may "
+                    f"cost up to ${cost:.6f}, the budget is ${s.max_cost_usd:.6f} (--max-cost)"
+                )
+            spent.reserved_tokens += tokens
+            spent.reserved_cost += cost
+        return tokens, cost
+
+    def _release(self, session_id: str, reservation: tuple[int, float]) -> None:
+        """The call ended: what it spent is accounted (:meth:`_account`), not reserved."""
+        with self._lock:
+            spent = self._spend.setdefault(session_id, Spend())
+            spent.reserved_tokens -= reservation[0]
+            spent.reserved_cost -= reservation[1]
 
     def _account(self, session_id: str, model: str, answer: ChatAnswer) -> float:
         cost = self.settings.cost(model, answer.input_tokens, answer.output_tokens)
@@ -370,8 +388,11 @@ class LlmClient:
                         ModelCall(model, "cached", duration_seconds=time.perf_counter() - t0)
                     )
                     return value
-        self._check_budget(ctx.session_id, model, request)
-        answer = await self._send(ctx, model, request)
+        reservation = self._reserve(ctx.session_id, model, request)
+        try:
+            answer = await self._send(ctx, model, request)
+        finally:
+            self._release(ctx.session_id, reservation)
         value = accept(answer)
         if self.cache is not None:
             entry = {
