@@ -401,9 +401,9 @@ def test_a_receiver_that_never_answers_times_out_and_gets_a_retry(receiver: Rece
     assert len(receiver.requests) == 2
 
 
-def test_an_endless_answer_is_read_only_up_to_a_limit() -> None:
-    """A receiver that answers 200 and then streams for ever: the delivery is done after the
-    first few KiB (reading it all would never end)."""
+def test_an_endless_answer_is_not_read() -> None:
+    """A receiver that answers 200 and then streams for ever: the delivery is done with the
+    status (reading the body would never end)."""
     import socketserver
 
     class Endless(socketserver.BaseRequestHandler):
@@ -427,6 +427,48 @@ def test_an_endless_answer_is_read_only_up_to_a_limit() -> None:
         assert drain(config, 20) == 0
         (record,) = _log(config)
         assert (record["outcome"], record["last_status"]) == ("delivered", 200)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_that_drips_then_resets_after_its_200_is_delivered_at_once() -> None:
+    """A receiver that sends its 200, then a byte every half second, then resets: one attempt,
+    delivered, in about the time of the status (review finding: the body was read with a
+    timeout per chunk, so the attempt took 6 s under a 1 s timeout and then retried)."""
+    import socket
+    import socketserver
+    import struct
+
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+            try:
+                for _ in range(12):
+                    time.sleep(0.5)
+                    self.request.sendall(b"x")
+            except OSError:
+                return  # the client hung up
+            linger = struct.pack("ii", 1, 0)  # close with a reset
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        config = _config(url, webhook_events="run.started", webhook_timeout_seconds=1.0)
+        _run(config)
+        started = time.monotonic()
+        assert drain(config, 20) == 0
+        assert time.monotonic() - started < 3.0
+        (record,) = _log(config)
+        assert (record["outcome"], record["attempts"], record["last_status"]) == (
+            "delivered",
+            1,
+            200,
+        )
     finally:
         server.shutdown()
         server.server_close()
