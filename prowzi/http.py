@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+from urllib.parse import urlsplit
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -28,3 +29,13 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def redacted(url: str) -> str:
+    """``url`` for a message: without its user info (``redis://:password@host``,
+    ``s3://key:secret@bucket``) or query."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    if "@" in parts.netloc:
+        host = f"***@{host}"
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")

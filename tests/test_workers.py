@@ -416,3 +416,9 @@ def test_submitting_to_a_broker_that_is_down_is_one_line_and_exit_1() -> None:
     result = invoke("run", "Write a report", "--submit", env={"PROWZI_BROKER_URL": url})
     assert result.exit_code == 1
     assert_one_line_error(result, "cannot submit the run", url)
+    # A password in the broker URL is never shown (review finding).
+    secret = url.replace("redis://", "redis://:hunter2@")
+    result = invoke("run", "Write a report", "--submit", env={"PROWZI_BROKER_URL": secret})
+    assert result.exit_code == 1
+    assert_one_line_error(result, "cannot submit the run", url.replace("redis://", "redis://***@"))
+    assert "hunter2" not in result.output

@@ -165,8 +165,10 @@ def _submit(
         )
     except Exception as exc:  # the broker is down or refuses: one line, nothing queued
         from prowzi.errors import describe_exception
+        from prowzi.http import redacted
 
-        fail(f"cannot submit the run to {config.broker_url}: {describe_exception(exc)}", 1)
+        broker = redacted(config.broker_url)
+        fail(f"cannot submit the run to {broker}: {describe_exception(exc)}", 1)
     finally:
         shutdown_tracer(tracer)
     typer.echo(sid)

@@ -427,7 +427,9 @@ def _follow_from_broker(session_id: str, view: Any, wait: float) -> bool:
             view.console.print("Detached; the run goes on.")
             return True
     except (OSError, RedisError) as exc:
-        fail(f"cannot follow {session_id} through {config.broker_url}: {exc}", 1)
+        from prowzi.http import redacted
+
+        fail(f"cannot follow {session_id} through {redacted(config.broker_url)}: {exc}", 1)
     return True
 
 

@@ -44,7 +44,7 @@ ENV_PREFIX = "PROWZI_"
 DEFAULT_CHECKPOINT_DIR = Path("./prowzi_checkpoints")
 DEFAULT_TELEMETRY_DIR = Path("./prowzi_telemetry")
 STORE_SCHEMES = ("file", "s3", "az", "azure", "memory")
-SECRET_FIELDS = frozenset({"checkpoint_key", "webhook_secret", "webhooks"})
+SECRET_FIELDS = frozenset({"checkpoint_key", "webhook_secret", "webhooks", "broker_url"})
 """Settings whose values an error message never shows."""
 
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote, urlsplit
 
 from prowzi.errors import ConfigError, InvalidIdentifierError
+from prowzi.http import redacted
 from prowzi.storage.blob import (
     Blob,
     BlobInfo,
@@ -268,18 +269,9 @@ class ObjectBlobStore:
         return True
 
 
-def _redacted(location: str) -> str:
-    """``location`` for a message: without user info (``s3://key:secret@bucket``) or query."""
-    parts = urlsplit(location)
-    host = parts.netloc.rpartition("@")[2]
-    if "@" in parts.netloc:
-        host = f"***@{host}"
-    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-
-
 def _bucket_and_prefix(location: str, pattern: re.Pattern[str], what: str) -> tuple[str, str]:
     parts = urlsplit(location)
-    shown = _redacted(location)
+    shown = redacted(location)
     if "@" in parts.netloc or ":" in parts.netloc:
         raise ConfigError(f"invalid store location {shown}: credentials or a port in the URL")
     if parts.query or parts.fragment:
@@ -302,7 +294,7 @@ def _require_obstore(location: str) -> None:
         import obstore  # noqa: F401
     except ImportError:
         raise ConfigError(
-            f"store location {_redacted(location)} needs obstore: {_INSTALL_HINT}"
+            f"store location {redacted(location)} needs obstore: {_INSTALL_HINT}"
         ) from None
 
 
@@ -346,7 +338,7 @@ def _open_s3(location: str, env: Mapping[str, str]) -> ObjectBlobStore:
             retry_config=_retry_config(),
         )
     except Exception as exc:  # obstore checks its configuration here
-        raise ConfigError(f"cannot open {_redacted(location)}: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot open {redacted(location)}: {_one_line(exc)}") from None
     return ObjectBlobStore(store, url=f"s3://{bucket}", prefix=prefix)
 
 
@@ -399,7 +391,7 @@ def parse_connection_string(value: str) -> AzureConfig:
 def _open_azure(location: str, env: Mapping[str, str]) -> ObjectBlobStore:
     container, prefix = _bucket_and_prefix(location, _AZURE_CONTAINER_RE, "container")
     if "--" in container:
-        raise ConfigError(f"invalid store location {_redacted(location)}: '--' in the container")
+        raise ConfigError(f"invalid store location {redacted(location)}: '--' in the container")
     _require_obstore(location)
     from obstore.store import AzureStore
 
@@ -427,21 +419,17 @@ def _open_azure(location: str, env: Mapping[str, str]) -> ObjectBlobStore:
             retry_config=_retry_config(),
         )
     except Exception as exc:  # obstore checks its configuration here
-        raise ConfigError(f"cannot open {_redacted(location)}: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot open {redacted(location)}: {_one_line(exc)}") from None
     return ObjectBlobStore(store, url=f"az://{container}", prefix=prefix)
 
 
 def _open_file(location: str, durable: bool) -> LocalBlobStore:
     parts = urlsplit(location)
     if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"invalid store location {_redacted(location)}: use file:///absolute/path"
-        )
+        raise ConfigError(f"invalid store location {redacted(location)}: use file:///absolute/path")
     path = unquote(parts.path)
     if not path.startswith("/") or "\x00" in path:
-        raise ConfigError(
-            f"invalid store location {_redacted(location)}: use file:///absolute/path"
-        )
+        raise ConfigError(f"invalid store location {redacted(location)}: use file:///absolute/path")
     return LocalBlobStore(Path(path), durable=durable)
 
 
