@@ -12,6 +12,7 @@ import pytest
 from chat_server import ChatServer
 from test_metrics_prometheus import Prometheus
 from test_service import Service
+from webhook_support import Receiver
 
 MODEL = "fake-model"
 KEY = "sk-service-KEYNEVERINREQUESTS"
@@ -27,6 +28,7 @@ def llm_service(tmp_path: Path) -> Iterator[tuple[Service, ChatServer]]:
             PROWZI_LLM_API_KEY=KEY,
             PROWZI_LLM_MODEL=MODEL,
             PROWZI_LLM_PRICES=f"{MODEL}=1/1",
+            PROWZI_WEBHOOK_ALLOW_PRIVATE="true",  # the test's receiver is on loopback
         )
         try:
             yield svc, chat
@@ -38,6 +40,13 @@ def test_post_runs_accepts_a_model_and_a_budget_never_a_key(
     llm_service: tuple[Service, ChatServer],
 ) -> None:
     svc, chat = llm_service
+    # An endpoint subscribed through the API hears of runs with LLM options too.
+    receiver = Receiver().start()
+    subscribed = svc.client.post(
+        "/webhooks/subscriptions",
+        json={"url": receiver.url, "events": ["run.completed", "run.budget_exceeded"]},
+    )
+    assert subscribed.status_code in (200, 201), subscribed.text
     refused = svc.client.post("/runs", json={"prompt": "quantum computing", "api_key": "x"})
     assert refused.status_code == 422
     unknown = svc.client.post("/runs", json={"prompt": "quantum computing", "model": "gpt-9"})
@@ -64,6 +73,15 @@ def test_post_runs_accepts_a_model_and_a_budget_never_a_key(
     failed = svc.wait_state(small.json()["session_id"], "completed", "failed")
     assert failed["state"] == "failed" and "budget exceeded" in failed["error"]
     assert KEY not in svc.log()
+
+    def heard() -> set[tuple[str, str]]:
+        return {(r.json()["type"], r.json()["data"]["session_id"]) for r in receiver.delivered()}
+
+    expected = {("run.completed", sid), ("run.budget_exceeded", small.json()["session_id"])}
+    try:
+        assert receiver.wait_for(lambda r: expected <= heard()), heard()
+    finally:
+        receiver.stop()
 
 
 def test_a_real_prometheus_scrapes_tokens_cost_and_calls_of_a_service_run(

@@ -195,15 +195,18 @@ def create_app(
             metrics.watch_webhooks(hub[0].deliverer)
         return hub[0]
 
-    def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
-        from prowzi.workflows.orchestrator import ProwziOrchestrator
-
+    def run_sinks(sink: EventSink) -> list[EventSink]:
         # Subscriptions made through the API get every run's events; when the settings name
         # endpoints, the orchestrator's configured sinks already include the webhook sink.
         configured = config.webhook_url or config.webhooks
+        return [metrics, sink, *([] if configured else [_LazyWebhookSink(hub)])]
+
+    def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
+        from prowzi.workflows.orchestrator import ProwziOrchestrator
+
         return ProwziOrchestrator(
             config=config,
-            sinks=[metrics, sink, *([] if configured else [_LazyWebhookSink(hub)])],
+            sinks=run_sinks(sink),
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
         )
@@ -220,7 +223,7 @@ def create_app(
         )
         return ProwziOrchestrator(
             config=run_config,
-            sinks=[metrics, sink],
+            sinks=run_sinks(sink),
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
         )
