@@ -251,6 +251,35 @@ def test_sigterm_checkpoints_the_workers_runs_and_another_worker_finishes_them(
     assert staying.metrics()['prowzi_worker_deliveries_total{outcome="completed"}'] == 2
 
 
+def test_a_duplicate_delivery_to_the_worker_running_the_run_leaves_it_reachable_by_sigterm(
+    fleet: Fleet,
+) -> None:
+    """The same run delivered twice to one worker with two slots: the second delivery is a
+    duplicate, and the first stays the worker's run, so a SIGTERM still checkpoints it and
+    hands it back (review finding: the duplicate dropped the run from the worker's table)."""
+    fleet.stage_delay = 0.3
+    (leaving,) = fleet.start(1, concurrency=2)
+    config = fleet.config()
+    sid = submit(config, "Write a report on a duplicate and a stop")
+    wait_for("the run to checkpoint its intent stage", lambda: bool(fleet.checkpointed(sid)))
+    submit(config, "Write a report on a duplicate and a stop", session_id=sid)
+    wait_for(
+        "the duplicate",
+        lambda: leaving.metrics()['prowzi_worker_deliveries_total{outcome="duplicate"}'] == 1,
+    )
+    (staying,) = fleet.start(1, concurrency=1, wait=False)
+    leaving.signal(signal.SIGTERM)
+    assert leaving.proc.wait(20) == 0
+    wait_for(f"{staying.name} to start", staying.ready, timeout=60)
+    wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
+    assert fleet.completions(sid) == 1
+    completed = [e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"]
+    assert sorted(completed) == sorted(STAGE_NAMES)
+    # It was handed back and finished by the other worker, not left to run out the stop.
+    first, second = _runs(fleet, sid)
+    assert second["metadata"]["worker"] != first["metadata"]["worker"]  # type: ignore[index]
+
+
 def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
     fleet: Fleet,
 ) -> None:

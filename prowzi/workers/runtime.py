@@ -166,6 +166,12 @@ class WorkerRuntime:
                 )
             self.metrics.deliveries.labels("cancelled").inc()
             return "cancelled"
+        if sid in self._runs:
+            # This worker runs the session already: a duplicate delivery. (It must not replace
+            # the run's entry: SIGTERM and cancels reach runs through it.)
+            log.info("%s: duplicate delivery: this worker is running it", sid)
+            self.metrics.deliveries.labels("duplicate").inc()
+            return "duplicate"
         self._runs[sid] = task
         self.metrics.in_flight.inc()
         watcher = asyncio.get_running_loop().create_task(self._watch_cancel(sid, task))
