@@ -466,6 +466,21 @@ def test_full_text_is_fetched_only_when_asked(server: ProviderServer, tmp_path: 
     assert full.reports[0].full_texts == 2
 
 
+def test_a_pdf_over_the_size_limit_is_not_read(
+    server: ProviderServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full text is streamed and given up past the limit: the abstract stays the source."""
+    import prowzi.sources.providers.search as provider_search
+
+    server.make_pdfs(tmp_path / "pdfs")
+    monkeypatch.setattr(provider_search, "MAX_PDF_BYTES", 200)
+    config = settings(server, tmp_path, provider_cache_ttl_seconds=0)
+    full = search(config, ["arxiv"], fetch_full_text=True)
+    assert full.reports[0].full_texts == 0
+    assert all(not h.record.full_text for h in full.hits)
+    assert [r for r in server.seen("arxiv") if r.path.startswith("/pdf/")]  # it was asked
+
+
 # --- the search stage's merge ------------------------------------------------------------
 
 

@@ -155,15 +155,22 @@ async def _with_full_text(
     the PDF cannot be had or read: the abstract stays the source text)."""
     if record.origin != "arxiv" or not record.pdf_url or record.full_text:
         return record
+    data = bytearray()
     try:
-        response = await client.get(record.pdf_url)
+        # Streamed, and given up past MAX_PDF_BYTES: a huge or endless answer is never held.
+        async with client.stream("GET", record.pdf_url) as response:
+            if not response.is_success:
+                log.warning("full text of %s: HTTP %d", record.pdf_url, response.status_code)
+                return record
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > MAX_PDF_BYTES:
+                    log.warning("full text of %s: over %d bytes", record.pdf_url, MAX_PDF_BYTES)
+                    return record
     except httpx.HTTPError as exc:
         log.warning("full text of %s: %s", record.pdf_url, describe_http_error(exc))
         return record
-    if not response.is_success or len(response.content) > MAX_PDF_BYTES:
-        log.warning("full text of %s: HTTP %d", record.pdf_url, response.status_code)
-        return record
-    text = await asyncio.to_thread(pdf_text, response.content)
+    text = await asyncio.to_thread(pdf_text, bytes(data))
     if not text:
         return record
     report.full_texts += 1
