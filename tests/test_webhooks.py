@@ -211,6 +211,23 @@ def test_a_private_address_is_refused_without_the_allow_setting() -> None:
     assert f"{host} resolves to 127." in str(resolved.value)
 
 
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("[2002:7f00:1::]", "127.0.0.1 is a loopback address"),  # 6to4 around loopback
+        ("[2002:a00:1::]", "10.0.0.1 is a private address"),  # 6to4 around a private one
+        ("[::ffff:a00:1]", "10.0.0.1 is a private address"),  # IPv4-mapped
+        ("[fec0::1]", "fec0::1 is a site-local address"),
+        ("[fd00::1]", "fd00::1 is a private address"),
+    ],
+)
+def test_ipv6_forms_of_private_addresses_are_refused(host: str, why: str) -> None:
+    """IPv6 addresses that carry a private IPv4 one, and site-local ones (review finding)."""
+    with pytest.raises(ConfigError) as refused:
+        get_config(webhook_url=f"http://{host}/hook", webhook_secret=SECRET)
+    assert why in str(refused.value)
+
+
 def test_a_name_resolving_to_loopback_gets_no_delivery(receiver: Receiver) -> None:
     host = socket.gethostname()
     config = _config(receiver.url.replace("127.0.0.1", host), webhook_events="run.started")

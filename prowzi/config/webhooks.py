@@ -64,8 +64,13 @@ def address_problem(
 ) -> str | None:
     """Why a webhook must not go to ``address`` (loopback, private, link-local such as the
     cloud metadata address, ...), or None for a public address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return f"{address} is a site-local address"
+        # An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo) is judged by it.
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None:
+            address = embedded
     for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
         if getattr(address, f"is_{kind}"):
             return f"{address} is a {kind.replace('_', '-')} address"
