@@ -168,7 +168,8 @@ def deliver(
 def enable(
     endpoint: Annotated[str, typer.Argument(help="The endpoint id (see `list --json`).")],
 ) -> None:
-    """Deliver to an endpoint again after it answered 410 Gone (redeliver what it missed)."""
+    """Deliver to an endpoint again after it answered 410 Gone (what it missed stays in the
+    log: send it with `redeliver`)."""
     config = load_config()
     with user_errors():
         outbox = _outbox(config)
