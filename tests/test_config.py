@@ -144,7 +144,7 @@ def test_a_directory_setting_that_cannot_be_examined_is_left_to_its_user(
 def test_the_light_settings_are_the_configs_own_fields() -> None:
     """One reader: the settings read-only commands build are the very fields (and checks) of
     the full configuration, not a second copy."""
-    from prowzi.config.settings import CheckpointLocation, TelemetryLocation
+    from prowzi.config.locations import CheckpointLocation, TelemetryLocation
 
     for part in (TelemetryLocation, CheckpointLocation):
         assert issubclass(ProwziConfig, part)

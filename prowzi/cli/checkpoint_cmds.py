@@ -190,7 +190,7 @@ def checkpoints(
 
 def parse_age(text: str) -> timedelta:
     """An ``--older-than`` or ``--since`` value; a bad one is a usage error."""
-    from prowzi.config.settings import parse_age as parse
+    from prowzi.config.locations import parse_age as parse
 
     try:
         return parse(text)

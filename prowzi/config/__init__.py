@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prowzi.config.settings import (
+    from prowzi.config.locations import (
         CheckpointLocation,
-        ProwziConfig,
         TelemetryLocation,
         describe_validation_error,
-        get_config,
     )
+    from prowzi.config.settings import ProwziConfig, get_config
 
 __all__ = [
     "CheckpointLocation",
@@ -29,8 +28,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in ("ProwziConfig", "get_config"):
         from prowzi.config import settings
 
         return getattr(settings, name)
+    if name in __all__:  # what read-only commands need, without the whole configuration
+        from prowzi.config import locations
+
+        return getattr(locations, name)
     raise AttributeError(f"module 'prowzi.config' has no attribute {name!r}")
