@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -346,7 +347,6 @@ def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine
     shared.mkdir()
     fleet.stage_delay = 0.2
     fleet.extra_env["PROWZI_TELEMETRY_URL"] = shared.as_uri()
-    (worker,) = fleet.start(1, concurrency=2)
     service_machine = tmp_path / "service-machine"
     service_machine.mkdir()
     service = Service(
@@ -358,6 +358,12 @@ def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine
     )
     try:
         sid = service.start_run("Write a report on the service and its workers")
+        # No worker yet: the run waits in the broker's queue, and says so.
+        queued = service.wait_state(sid, "queued", timeout=10)
+        assert queued["started_at"] is None
+        time.sleep(0.5)
+        assert service.client.get(f"/runs/{sid}").json()["state"] == "queued"
+        (worker,) = fleet.start(1, concurrency=2)
         messages = service.events(sid)
         kinds = [m["event"] for m in messages]
         assert kinds.count("stage_completed") == len(STAGE_NAMES)

@@ -334,7 +334,7 @@ class RunManager:
             raise LookupError(session_id)
         if record.done:
             raise RunConflictError(f"session {session_id} is {record.state}; nothing to cancel")
-        if record.state == "queued":
+        if record in self._pending:  # queued here (a run on the workers is queued there)
             self._pending.remove(record)
             self._set_state(record, "cancelled")
             self._update_gauges()
@@ -420,8 +420,14 @@ class RunManager:
             position = await asyncio.to_thread(
                 remote.submit, entry.session_id, entry.prompt, entry.max_results_per_query
             )
+            # Queued in the broker until a worker takes it: its first event says so.
+            record.started_at = None
+            self._set_state(record, "queued")
             last: Event | None = None
             async for event in remote.follow(entry.session_id, after=position):
+                if record.state == "queued":
+                    record.started_at = event.timestamp
+                    self._set_state(record, "running")
                 self._sink.handle(event)
                 last = event
         except Exception as exc:  # the broker is down: the run was not queued, or is lost to us
