@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -306,3 +308,46 @@ def test_a_chosen_session_id_is_checked_but_an_unreachable_store_only_logs_when_
     strict._checkpoints = _UnreachableStore()  # type: ignore[assignment]
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(strict.run_research("x y", session_id="chosen"))
+
+
+def test_a_checkpoint_saved_while_the_run_is_cancelled_is_announced(tmp_path: Path) -> None:
+    """A cancellation (a service cancel, SIGTERM) that arrives while a checkpoint is being
+    written waits for the write; the checkpoint it made is announced (``checkpoint_saved``),
+    so telemetry lists every checkpoint that exists (found by a flaky service test)."""
+    import threading
+
+    from prowzi.events import CheckpointSaved
+    from prowzi.storage.local import LocalBlobStore
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    writing = threading.Event()
+
+    class SlowStore(LocalBlobStore):
+        def put(self, name: str, data: bytes, **options: Any) -> str:
+            if name.endswith(".pkl"):
+                writing.set()
+                time.sleep(0.3)
+            return super().put(name, data, **options)
+
+    config = ProwziConfig(enable_telemetry=False, enable_checkpointing=True)
+    recorder = Recorder()
+    manager = CheckpointManager(tmp_path, store=SlowStore(tmp_path))
+    orchestrator = ProwziOrchestrator(
+        config=config,
+        agents=noop_agents(),
+        sinks=[recorder],
+        tracer=NullTracer(),
+        checkpoint_manager=manager,
+    )
+
+    async def main() -> None:
+        run = asyncio.ensure_future(orchestrator.run_research("cancelled mid-save"))
+        await asyncio.to_thread(writing.wait, 10)  # the first checkpoint is being written
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(main())
+    announced = [e.checkpoint_id for e in recorder.of(CheckpointSaved)]
+    written = sorted(p.stem for p in tmp_path.glob("*.pkl"))
+    assert written and announced == written

@@ -79,7 +79,11 @@ from prowzi.workflows import composition
 from prowzi.workflows.stages import RESEARCH_STAGES, StageSpec
 
 if TYPE_CHECKING:
-    from prowzi.workflows.checkpoint import CheckpointManager, WorkflowCheckpoint
+    from prowzi.workflows.checkpoint import (
+        CheckpointManager,
+        CheckpointMetadata,
+        WorkflowCheckpoint,
+    )
 
 log = logging.getLogger("prowzi.orchestrator")
 
@@ -749,10 +753,24 @@ class ProwziOrchestrator:
                 span_id=run_span.span_id,
             )
         )
+
+        def saved(meta: CheckpointMetadata) -> CheckpointSaved:
+            return CheckpointSaved(
+                session_id=run.session_id,
+                timestamp=time.time(),
+                stage=stage,
+                checkpoint_id=meta.checkpoint_id,
+                path=manager.store.describe(f"{meta.checkpoint_id}.pkl"),
+                size_bytes=meta.payload_size,
+                duration_seconds=time.perf_counter() - started,
+                completed_stages=tuple(meta.completed_stages),
+            )
+
         try:
             # In a worker thread, so a slow store never stalls the loop; shielded, and awaited
             # to its end even when cancelled, so a cancellation (SIGTERM, a service cancel)
-            # cannot leave the failure path racing a second save of the same stage.
+            # cannot leave the failure path racing a second save of the same stage. A save
+            # that completes is announced even then: telemetry lists every checkpoint.
             try:
                 meta = await asyncio.shield(save)
             except asyncio.CancelledError:
@@ -760,6 +778,7 @@ class ProwziOrchestrator:
                 if not save.cancelled() and save.exception() is None:
                     pending.clear()
                     run.previous_hash = None
+                    await bus.emit(saved(save.result()))
                 raise
         except Exception as exc:  # disk full, permissions, a store error: the run goes on
             log.error(
@@ -785,18 +804,7 @@ class ProwziOrchestrator:
         # Bookkeeping before any await: the save is done whatever happens to this task now.
         pending.clear()
         run.previous_hash = None  # the chain now continues inside this session
-        await bus.emit(
-            CheckpointSaved(
-                session_id=run.session_id,
-                timestamp=time.time(),
-                stage=stage,
-                checkpoint_id=meta.checkpoint_id,
-                path=manager.store.describe(f"{meta.checkpoint_id}.pkl"),
-                size_bytes=meta.payload_size,
-                duration_seconds=time.perf_counter() - started,
-                completed_stages=tuple(meta.completed_stages),
-            )
-        )
+        await bus.emit(saved(meta))
         return True
 
     async def _run_stage(
