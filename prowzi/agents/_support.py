@@ -37,10 +37,6 @@ class SentenceSupport:
     supported: bool
 
 
-def _stems(text: str) -> set[str]:
-    return set(_text.stems(text))
-
-
 def _passage_text(source: Source, locator: str) -> str:
     if locator and source.passages:
         at = [p.text for p in source.passages if p.locator() == locator]
@@ -66,12 +62,12 @@ def sentence_support(
         source = sources.get(ref.source_id) if ref is not None else None
         if ref is None or source is None:
             return 0.0
-        naming |= _stems(" ".join([*source.authors, source.title, str(source.year or "")]))
+        naming |= _text.stem_set(" ".join([*source.authors, source.title, str(source.year or "")]))
         evidence.append(_passage_text(source, locator))
-    words = _stems(_draft.CITATION.sub(" ", sentence)) - naming
+    words = _text.stem_set(_draft.CITATION.sub(" ", sentence)) - naming
     if not words:
         return 1.0  # names a source and says nothing of its own: nothing to support
-    found = _stems("\n".join(evidence))
+    found = _text.stem_set("\n".join(evidence))
     return len(words & found) / len(words)
 
 

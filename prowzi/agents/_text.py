@@ -6,6 +6,7 @@ the same tokens, keywords and sentences.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 
@@ -92,6 +93,13 @@ def content_words(text: str) -> list[str]:
 
 def stems(text: str) -> list[str]:
     return [stem(w) for w in content_words(text)]
+
+
+@functools.lru_cache(maxsize=256)
+def stem_set(text: str) -> frozenset[str]:
+    """The stems of ``text``'s content words, as a set; cached, since support checks ask for
+    the same source's stems once per sentence that cites it."""
+    return frozenset(stems(text))
 
 
 def unique(items: Iterable[str]) -> list[str]:

@@ -273,18 +273,20 @@ def _details(record: StageMetrics) -> str:
             continue
         label = _DETAIL_LABELS.get(key, key.replace("_", " ").capitalize())
         if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
-            shown = _counts(value)
+            shown = counts_text(value)
         else:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
         parts.append(f"{label}: {shown}")
     return ", ".join(parts)
 
 
-def _counts(value: dict[str, Any]) -> str:
-    """``corpus 12, crossref 3``; a nested mapping (a provider's details) in parentheses."""
+def counts_text(value: dict[str, Any]) -> str:
+    """``corpus 12, crossref 3``; a nested mapping (a provider's details) in parentheses. The
+    monitor's and ``prowzi show``'s way of showing counts by name."""
     return (
         ", ".join(
-            f"{k} ({_counts(v)})" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items()
+            f"{k} ({counts_text(v)})" if isinstance(v, dict) else f"{k} {v}"
+            for k, v in value.items()
         )
         or "-"
     )

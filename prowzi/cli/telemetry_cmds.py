@@ -237,18 +237,6 @@ def show(
         _print_session(metrics, status, checkpoints, log_path if log_path.exists() else None)
 
 
-def _detail(value: object) -> str:
-    if isinstance(value, dict):  # counts by name: "corpus 12, crossref 3"
-        return (
-            ", ".join(
-                f"{k} ({_detail(v)})" if isinstance(v, dict) else f"{k} {v}"
-                for k, v in value.items()
-            )
-            or "-"
-        )
-    return str(value)
-
-
 def _print_session(
     metrics: WorkflowMetrics, status: str, checkpoints: list[str], log_path: Path | None
 ) -> None:
@@ -256,6 +244,7 @@ def _print_session(
     from rich.table import Table
     from rich.text import Text
 
+    from prowzi.cli.monitor import counts_text
     from prowzi.workflows.telemetry import format_timestamp
 
     console = _console()
@@ -316,7 +305,12 @@ def _print_session(
         info = (
             Text(record.error or "", style="red")
             if record.error
-            else Text("\n".join(f"{k}: {_detail(v)}" for k, v in details.items()))
+            else Text(
+                "\n".join(
+                    f"{k}: {counts_text(v) if isinstance(v, dict) else v}"
+                    for k, v in details.items()
+                )
+            )
         )
         table.add_row(
             record.stage,

@@ -86,12 +86,10 @@ def is_verbatim(quote: str, sources: list[Source]) -> bool:
 
 def support(sentence: str, sources: list[Source]) -> float:
     """The share of the sentence's content-word stems that occur in ``sources``."""
-    words = set(_text.stems(_draft.CITATION.sub(" ", sentence)))
+    words = _text.stem_set(_draft.CITATION.sub(" ", sentence))
     if not words:
         return 1.0
-    found: set[str] = set()
-    for source in sources:
-        found |= set(_text.stems(source_text(source)))
+    found = frozenset().union(*(_text.stem_set(source_text(source)) for source in sources))
     return len(words & found) / len(words)
 
 
