@@ -188,7 +188,7 @@ def check_output(path: Path) -> Path:
 
 def drain_webhooks(config: ProwziConfig) -> None:
     """Wait a bounded time for this run's webhook deliveries; leave the rest in the outbox."""
-    if not (config.webhook_url or config.webhooks):
+    if not config.webhooks_configured:
         return
     from prowzi.webhooks import drain
 

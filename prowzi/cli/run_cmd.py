@@ -197,7 +197,7 @@ def _execute(
 
         metrics = build_metrics(config=config)
         sinks.append(metrics)
-        if config.webhook_url or config.webhooks:
+        if config.webhooks_configured:
             from prowzi.webhooks import webhooks_for
 
             metrics.watch_webhooks(webhooks_for(config).deliverer)

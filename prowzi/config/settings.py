@@ -385,6 +385,12 @@ class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
         return self
 
     @property
+    def webhooks_configured(self) -> bool:
+        """Whether the settings name a webhook endpoint (PROWZI_WEBHOOK_URL or
+        PROWZI_WEBHOOKS); the service's API may add more."""
+        return bool(self.webhook_url or self.webhooks)
+
+    @property
     def webhook_outbox_location(self) -> Path | str:
         """The outbox store: ``webhook_outbox``, else beside the checkpoints."""
         if self.webhook_outbox:

@@ -599,14 +599,9 @@ def build_client(config: ProwziConfig, *, check: bool = False) -> LlmClient:
     cache = None
     if config.llm_cache:
         key = config.checkpoint_key.get_secret_value().encode() if config.checkpoint_key else None
-        if config.checkpoint_url:
-            from prowzi.storage.remote import open_store
+        from prowzi.storage.remote import open_store
 
-            store: Any = open_store(config.checkpoint_url, durable=config.checkpoint_fsync)
-        else:
-            from prowzi.storage.local import LocalBlobStore
-
-            store = LocalBlobStore(config.checkpoint_dir, durable=config.checkpoint_fsync)
+        store = open_store(config.checkpoint_location, durable=config.checkpoint_fsync)
         cache = ResponseCache(store, key=key, max_bytes=config.llm_cache_max_bytes)
     client = LlmClient(settings, cache)
     if check:

@@ -198,7 +198,7 @@ def create_app(
     def run_sinks(sink: EventSink) -> list[EventSink]:
         # Subscriptions made through the API get every run's events; when the settings name
         # endpoints, the orchestrator's configured sinks already include the webhook sink.
-        configured = config.webhook_url or config.webhooks
+        configured = config.webhooks_configured
         return [metrics, sink, *([] if configured else [_LazyWebhookSink(hub)])]
 
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
@@ -256,7 +256,7 @@ def create_app(
                 TelemetryCollector.reader(
                     config.telemetry_dir,
                     store=config.telemetry_url,
-                    checkpoints=config.checkpoint_url or config.checkpoint_dir,
+                    checkpoints=config.checkpoint_location,
                 )
             )
         return telemetry_reader[0]
@@ -650,7 +650,7 @@ _EVENT_ID_DIGITS = 18
 def _webhooks_wanted(config: ProwziConfig) -> bool:
     """Whether the settings name an endpoint, or the outbox holds subscriptions or
     deliveries (a look at the store, in a worker thread)."""
-    if config.webhook_url or config.webhooks:
+    if config.webhooks_configured:
         return True
     from prowzi.storage.remote import open_store
     from prowzi.webhooks.outbox import OUTBOX, SUBSCRIPTIONS

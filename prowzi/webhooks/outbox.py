@@ -64,10 +64,6 @@ class Entry:
     etag: str | None = field(default=None, compare=False)
 
     @property
-    def lane(self) -> tuple[str, str]:
-        return self.endpoint, self.session_id
-
-    @property
     def name(self) -> str:
         return f"{OUTBOX}{self.endpoint}/{self.session_id}/{self.seq}.{self.id}.json"
 
@@ -192,13 +188,21 @@ class Outbox:
 
     # --- the log ------------------------------------------------------------------------
 
-    def records(self, *, session_id: str | None = None) -> list[dict[str, Any]]:
-        """Every delivery, pending (``outcome: pending``) and finished, oldest first."""
+    def records(
+        self, *, session_id: str | None = None, message_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every delivery, pending (``outcome: pending``) and finished, oldest first; only
+        those of ``session_id`` or ``message_id`` when given (read from the names: no other
+        record is read)."""
         rows: list[dict[str, Any]] = []
         for prefix, pending in ((OUTBOX, True), (LOG, False)):
             for info in self.store.list(prefix):
                 parsed = parse_name(info.name)
-                if parsed is None or (session_id is not None and parsed[1] != session_id):
+                if (
+                    parsed is None
+                    or (session_id is not None and parsed[1] != session_id)
+                    or (message_id is not None and parsed[3] != message_id)
+                ):
                     continue
                 try:
                     record = orjson.loads(self.store.get(info.name).data)
@@ -215,7 +219,7 @@ class Outbox:
 
     def find(self, message_id: str) -> list[dict[str, Any]]:
         """Every record (pending or logged) of the message ``message_id``."""
-        return [r for r in self.records() if r.get("id") == message_id]
+        return [r for r in self.records(message_id=message_id) if r.get("id") == message_id]
 
     def redeliver(self, message_id: str) -> Entry:
         """Queue a finished delivery again, with the same ``webhook-id``, at the end of its

@@ -61,15 +61,6 @@ def host_header(url: str) -> str:
     return parts.netloc.rsplit("@", 1)[-1]
 
 
-def check_address(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool
-) -> None:
-    if not allow_private:
-        problem = address_problem(address)
-        if problem:
-            raise UnsafeAddressError(problem)
-
-
 def connect_target(
     url: str, allow_private: bool
 ) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -127,7 +127,7 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
         from prowzi.workers.streams import RedisEventStream
 
         sinks.append(RedisEventStream(config.broker_url))
-    if config.webhook_url or config.webhooks:
+    if config.webhooks_configured:
         sinks.append(build_webhook_sink(config))
     return sinks
 
