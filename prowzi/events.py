@@ -314,12 +314,25 @@ class EventBus:
                 if result is not None and inspect.isawaitable(result):
                     await asyncio.wait_for(result, self.timeout)
             except Exception as exc:  # a sink must never fail the run
-                self._sink_failed(sink, event, exc)
+                self._sink_failed(sink, event.kind, exc)
 
-    def _sink_failed(self, sink: EventSink, event: Event, exc: Exception) -> None:
+    def notify(self, method: str, *args: Any) -> None:
+        """Call ``method(*args)`` on each sink that has it: what a run tells its sinks that is
+        not an event (an attempt's model calls, for the metrics sink's
+        ``observe_model_calls``). Failures are isolated and counted as :meth:`emit`'s are."""
+        for sink in self.sinks:
+            call = getattr(sink, method, None)
+            if call is None:
+                continue
+            try:
+                call(*args)
+            except Exception as exc:  # a sink must never fail the run
+                self._sink_failed(sink, method, exc)
+
+    def _sink_failed(self, sink: EventSink, what: str, exc: Exception) -> None:
         name = getattr(sink, "name", type(sink).__name__)
         self.errors[name] = self.errors.get(name, 0) + 1
-        log.warning("event sink %s failed on %s: %s: %s", name, event.kind, type(exc).__name__, exc)
+        log.warning("event sink %s failed on %s: %s: %s", name, what, type(exc).__name__, exc)
         if self._on_error is not None:
             try:
                 self._on_error(name, exc)

@@ -36,7 +36,6 @@ from tenacity import (
 from prowzi import __version__
 from prowzi.agents.base import (
     Agent,
-    ModelCall,
     RunParameters,
     StageContext,
     model_call_details,
@@ -918,7 +917,8 @@ class ProwziOrchestrator:
                     async with asyncio.timeout(timeout) as scope:
                         result = await agent(ctx)
                 finally:
-                    _observe_model_calls(bus, spec.name, ctx.model_calls)
+                    if ctx.model_calls:
+                        bus.notify("observe_model_calls", spec.name, list(ctx.model_calls))
                 updates = spec.unpack(result)
             except Exception as exc:
                 last["duration"] = time.perf_counter() - t0
@@ -1026,21 +1026,6 @@ def _result_metadata(
         "restored_stages": restored_stages,
         "document_path": document_path,
     }
-
-
-def _observe_model_calls(bus: EventBus, stage: str, calls: list[ModelCall]) -> None:
-    """Hand an attempt's model calls to the sinks that count them (the metrics sink's
-    ``observe_model_calls``); a sink that fails is logged, as on the bus."""
-    if not calls:
-        return
-    for sink in bus.sinks:
-        observe = getattr(sink, "observe_model_calls", None)
-        if observe is None:
-            continue
-        try:
-            observe(stage, list(calls))
-        except Exception:
-            log.exception("sink %s failed to count model calls", getattr(sink, "name", sink))
 
 
 def _details(result: BaseModel) -> dict[str, Any]:

@@ -1370,11 +1370,21 @@ class TelemetryCollector:
             raise InvalidInputError("keep_last must not be negative")
         cutoff = time.time() - older_than.total_seconds()
         sessions = self.list_sessions(limit=None)  # newest first
+        store = self.store
+        # when each session's store copy was written: one listing, not a request per session
+        in_store: dict[str, float] = {}
+        if store is not None:
+            with contextlib.suppress(OSError):  # unreachable: its copies are not aged here
+                in_store = {b.name: b.modified for b in store.list(_STORE_PREFIX)}
         deleted: list[str] = []
         for summary in sessions[keep_last:]:
             session_id = summary.session_id
             paths = (self.session_path(session_id), self.event_log_path(session_id))
-            if self._last_written(session_id, paths) >= cutoff:
+            written = [in_store.get(_store_name(session_id), 0.0)]
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    written.append(path.lstat().st_mtime)
+            if max(written) >= cutoff:
                 continue
             if (
                 summary.status == "running"
@@ -1393,7 +1403,6 @@ class TelemetryCollector:
                 except OSError as exc:
                     if on_error is not None:
                         on_error(str(path), exc)
-            store = self.store
             if store is not None:
                 try:
                     store.delete(_store_name(session_id))
@@ -1401,20 +1410,6 @@ class TelemetryCollector:
                     if on_error is not None:
                         on_error(store.describe(_store_name(session_id)), exc)
         return deleted
-
-    def _last_written(self, session_id: str, paths: Iterable[Path]) -> float:
-        """When the session's telemetry was last written: its newest file or store blob."""
-        times = []
-        for path in paths:
-            with contextlib.suppress(OSError):
-                times.append(path.lstat().st_mtime)
-        store = self.store
-        if store is not None:
-            with contextlib.suppress(OSError):
-                blob = store.head(_store_name(session_id))
-                if blob is not None:
-                    times.append(blob.modified)
-        return max(times, default=0.0)
 
     def _reported_summary(
         self, row: IndexRow, status: str, entry: Any, blob: BlobInfo | None
