@@ -92,9 +92,15 @@ def test_twenty_runs_on_three_workers_each_complete_once_with_the_single_process
         assert len(_runs(fleet, sid)) == 1
         document = (fleet.documents / f"{sid}.md").read_text()
         assert document == _single_process_document(prompt, tmp_path / sid)
-    # Each worker says what it ran: together, every run once, and nothing left in flight.
+
+    # Each worker says what it ran: together, every run once, and nothing left in flight. (A
+    # delivery is counted once its run has returned, a moment after its last event.)
+    def completed() -> float:
+        key = 'prowzi_worker_deliveries_total{outcome="completed"}'
+        return sum(w.metrics()[key] for w in workers)
+
+    wait_for("the 20 deliveries to be counted", lambda: completed() == 20, timeout=10)
     per_worker = [w.metrics() for w in workers]
-    assert sum(m['prowzi_worker_deliveries_total{outcome="completed"}'] for m in per_worker) == 20
     assert all(m["prowzi_worker_runs_in_flight"] == 0 for m in per_worker)
     assert all(m["prowzi_worker_queue_depth"] == 0 for m in per_worker)
     ran_on = {str(r["metadata"]["worker"]) for s in sessions for r in _runs(fleet, s)}  # type: ignore[index]
@@ -136,12 +142,16 @@ def test_kill_9_mid_run_the_runs_are_finished_by_another_worker_from_their_check
         # The attempt the kill cut short shows in telemetry beside the new worker's.
         assert any(n == 2 for n in starts.values()) or len(saved_at_kill[sid]) == 7
         CheckpointManager(fleet.checkpoints).load_checkpoint(sid)  # the chain verifies
-    metrics = survivor.metrics()
-    taken = sum(
-        metrics[f'prowzi_worker_lease_takeovers_total{{reason="{r}"}}']
-        for r in ("expired", "holder_gone")
-    )
-    assert taken == 2
+
+    def taken() -> float:  # counted once each run has returned, a moment after its last event
+        metrics = survivor.metrics()
+        return sum(
+            metrics[f'prowzi_worker_lease_takeovers_total{{reason="{r}"}}']
+            for r in ("expired", "holder_gone")
+        )
+
+    wait_for("both takeovers to be counted", lambda: taken() == 2, timeout=10)
+    assert taken() == 2
 
 
 def test_the_same_run_delivered_twice_at_once_runs_once_and_the_other_is_a_duplicate(
@@ -249,7 +259,13 @@ def test_sigterm_checkpoints_the_workers_runs_and_another_worker_finishes_them(
         assert all(n <= 2 for n in _stage_starts(fleet, sid).values())
         completed = [e["stage"] for e in fleet.events(sid) if e.get("event") == "stage_completed"]
         assert sorted(completed) == sorted(STAGE_NAMES)  # each stage completed exactly once
-    assert staying.metrics()['prowzi_worker_deliveries_total{outcome="completed"}'] == 2
+    # The worker counts a delivery once its run has returned, a moment after the run's last
+    # event reached telemetry.
+    wait_for(
+        "both deliveries to be counted",
+        lambda: staying.metrics()['prowzi_worker_deliveries_total{outcome="completed"}'] == 2,
+        timeout=10,
+    )
 
 
 def test_a_duplicate_delivery_to_the_worker_running_the_run_leaves_it_reachable_by_sigterm(
@@ -403,7 +419,11 @@ def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine
         last = fleet.events(doomed)[-1]
         assert last["event"] == "workflow_failed" and last["cancelled"] is True
         assert 0 < len(fleet.checkpointed(doomed)) < len(STAGE_NAMES)
-        assert worker.metrics()['prowzi_worker_deliveries_total{outcome="cancelled"}'] == 1
+        wait_for(
+            "the cancelled delivery to be counted",
+            lambda: worker.metrics()['prowzi_worker_deliveries_total{outcome="cancelled"}'] == 1,
+            timeout=10,
+        )
     finally:
         service.stop()
 

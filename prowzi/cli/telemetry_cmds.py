@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prowzi.cli._common import EXIT_USAGE, fail, load_config, user_errors
+from prowzi.cli._common import EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -398,14 +398,17 @@ def _follow_from_broker(session_id: str, view: Any, wait: float) -> bool:
     ``PROWZI_BROKER_URL``); False when there is no broker or no stream for the session."""
     import time
 
-    config = load_config()
-    if not config.broker_url:
+    from prowzi.config.paths import broker_url
+
+    with user_errors():
+        broker = broker_url()
+    if not broker:
         return False
     from redis.exceptions import RedisError
 
     from prowzi.workers.streams import connect, follow_run, stream_key
 
-    client = connect(config.broker_url, timeout=10)
+    client = connect(broker, timeout=10)
     deadline = time.monotonic() + wait
     try:
         while not client.exists(stream_key(session_id)):
@@ -423,7 +426,7 @@ def _follow_from_broker(session_id: str, view: Any, wait: float) -> bool:
     except (OSError, RedisError) as exc:
         from prowzi.http import redacted
 
-        fail(f"cannot follow {session_id} through {redacted(config.broker_url)}: {exc}", 1)
+        fail(f"cannot follow {session_id} through {redacted(broker)}: {exc}", 1)
     return True
 
 

@@ -180,6 +180,17 @@ class CheckpointLocation(_Settings):
         return self.checkpoint_url or self.checkpoint_dir
 
 
+class BrokerLocation(_Settings):
+    """Where runs are queued for workers: what following a run on another machine needs."""
+
+    broker_url: BrokerUrl | None = Field(
+        None,
+        description="The Redis broker (redis://host:6379/0): `prowzi serve` and `prowzi run "
+        "--submit` enqueue runs there for `prowzi worker` processes, which publish the runs' "
+        "events there too.",
+    )
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad setting and its environment variable."""
     parts = []

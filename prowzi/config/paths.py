@@ -34,6 +34,13 @@ def checkpoint_location() -> Path | str:
     return CheckpointLocation.load().checkpoint_location
 
 
+def broker_url() -> str | None:
+    """``PROWZI_BROKER_URL``: the Redis broker workers run runs from, or None."""
+    from prowzi.config.locations import BrokerLocation
+
+    return BrokerLocation.load().broker_url
+
+
 def telemetry_url() -> str | None:
     """``PROWZI_TELEMETRY_URL``: the store that also holds the session files, or None."""
     from prowzi.config.locations import TelemetryLocation

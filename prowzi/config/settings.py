@@ -29,7 +29,7 @@ from pydantic_settings import NoDecode
 
 from prowzi.config.locations import (
     Age,
-    BrokerUrl,
+    BrokerLocation,
     CheckpointLocation,
     DirectorySetting,
     StoreUrl,
@@ -166,7 +166,7 @@ class ProviderSettings(_Settings):
     )
 
 
-class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
+class ProwziConfig(ProviderSettings, BrokerLocation, CheckpointLocation, TelemetryLocation):
     """Every setting Prowzi reads. Each field ``x`` is also set by ``PROWZI_X``.
 
     ``checkpoint_dir``, ``checkpoint_url``, ``telemetry_dir`` and ``telemetry_url`` come from
@@ -319,12 +319,6 @@ class ProwziConfig(ProviderSettings, CheckpointLocation, TelemetryLocation):
     pushgateway_url: str | None = Field(None, description="Push metrics here after a batch run.")
 
     # Workers (Celery on Redis; see prowzi/workers)
-    broker_url: BrokerUrl | None = Field(
-        None,
-        description="The Redis broker (redis://host:6379/0): `prowzi serve` and `prowzi run "
-        "--submit` enqueue runs there for `prowzi worker` processes, which publish the runs' "
-        "events there too.",
-    )
     run_time_limit_seconds: float = Field(
         3600.0,
         gt=0,
