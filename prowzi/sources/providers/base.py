@@ -94,13 +94,22 @@ class Provider(ABC):
     ) -> httpx.Response:
         """GET ``path``; a non-2xx answer (after the transport's retries) or no answer at all
         is a :class:`ProviderError`."""
+        response = await self.get_if_found(client, path, params)
+        if response is None:
+            raise ProviderError(self.name, "HTTP 404")
+        return response
+
+    async def get_if_found(
+        self, client: httpx.AsyncClient, path: str, params: dict[str, Any]
+    ) -> httpx.Response | None:
+        """As :meth:`get`, but None for a 404 (a lookup of something the service lacks)."""
         try:
             response = await client.get(self.url(path), params=params)
         except httpx.HTTPError as exc:
             what = "unreachable" if isinstance(exc, httpx.ConnectError) else "no answer"
             raise ProviderError(self.name, f"{what}: {describe_http_error(exc)}") from None
         if response.status_code == 404:
-            return response
+            return None
         if not response.is_success:
             retry = response.headers.get("retry-after")
             hint = f" (Retry-After: {retry})" if retry else ""
@@ -108,9 +117,10 @@ class Provider(ABC):
         return response
 
     async def get_json(self, client: httpx.AsyncClient, path: str, params: dict[str, Any]) -> Any:
-        response = await self.get(client, path, params)
-        if response.status_code == 404:
-            raise ProviderError(self.name, "HTTP 404")
+        return await self.json_of(client, await self.get(client, path, params))
+
+    async def json_of(self, client: httpx.AsyncClient, response: httpx.Response) -> Any:
+        """The answer as JSON; a malformed one is dropped from the cache and an error."""
         try:
             return response.json()
         except ValueError as exc:
@@ -123,8 +133,6 @@ class Provider(ABC):
         """The answer as XML (the standard library's parser: expat refuses external entities
         and, since 2.4.1, entity-expansion bombs)."""
         response = await self.get(client, path, params)
-        if response.status_code == 404:
-            raise ProviderError(self.name, "HTTP 404")
         try:
             return ElementTree.fromstring(response.content)
         except ElementTree.ParseError as exc:

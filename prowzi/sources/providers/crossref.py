@@ -54,13 +54,10 @@ class Crossref(Provider):
 
     async def lookup(self, client: httpx.AsyncClient, doi: str) -> ProviderRecord | None:
         """The work with this DOI, or None when Crossref does not know it."""
-        response = await self.get(client, f"works/{quote(doi, safe='/')}", self._params())
-        if response.status_code == 404:
+        response = await self.get_if_found(client, f"works/{quote(doi, safe='/')}", self._params())
+        if response is None:
             return None
-        try:
-            data = response.json()
-        except ValueError:
-            raise self.malformed("not JSON") from None
+        data = await self.json_of(client, response)
         message = data.get("message") if isinstance(data, dict) else None
         if not isinstance(message, dict):
             raise self.malformed("no message")
