@@ -28,15 +28,10 @@ from prowzi.errors import ConfigError, TransientError
 from prowzi.http import retry_after
 from prowzi.sources.providers import ProvidersFailedError, lookup_dois_blocking, search_providers
 from prowzi.sources.providers.http import RateLimiter
-from prowzi.sources.providers.records import (
-    ProviderRecord,
-    merge_records,
-    normalise_arxiv_id,
-    normalise_doi,
-    normalise_title,
-)
+from prowzi.sources.providers.records import ProviderRecord, merge_records
 from prowzi.sources.providers.search import ProviderHit, ProviderSearch
 from prowzi.sources.providers.stage import merge_with_corpus
+from prowzi.sources.records import normalise_arxiv_id, normalise_doi, normalise_title
 from prowzi.workflows.composition import build_metrics
 
 ALL = ["crossref", "arxiv", "openalex", "semanticscholar", "pubmed"]

@@ -43,7 +43,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from prowzi.sources.records import Document, Passage, year_of
+from prowzi.sources.records import Document, Passage, without_doi_prefix, year_of
 
 logging.getLogger("pypdf").setLevel(logging.ERROR)  # font warnings are not the user's concern
 
@@ -122,9 +122,7 @@ def authors_of(value: Any) -> tuple[str, ...]:
 def normalise_doi(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return None
-    doi = value.strip()
-    doi = re.sub(r"^(?:https?://(?:dx\.)?doi\.org/|doi:\s*)", "", doi, flags=re.I)
-    return doi or None
+    return without_doi_prefix(value) or None
 
 
 def url_of(value: Any) -> str | None:

@@ -18,8 +18,8 @@ from xml.etree import ElementTree
 import httpx
 
 from prowzi.sources.providers.base import Provider
-from prowzi.sources.providers.records import ProviderRecord, normalise_arxiv_id, normalise_doi
-from prowzi.sources.records import year_of
+from prowzi.sources.providers.records import ProviderRecord
+from prowzi.sources.records import normalise_arxiv_id, normalise_doi, year_of
 
 ATOM = "{http://www.w3.org/2005/Atom}"
 OPENSEARCH = "{http://a9.com/-/spec/opensearch/1.1/}"

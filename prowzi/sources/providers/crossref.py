@@ -16,8 +16,8 @@ from urllib.parse import quote
 import httpx
 
 from prowzi.sources.providers.base import Provider, plain_text
-from prowzi.sources.providers.records import ProviderRecord, normalise_doi
-from prowzi.sources.records import year_of
+from prowzi.sources.providers.records import ProviderRecord
+from prowzi.sources.records import normalise_doi, year_of
 
 SELECT = "DOI,title,author,issued,published,URL,abstract,link"
 

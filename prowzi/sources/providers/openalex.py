@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 
 from prowzi.sources.providers.base import Provider
-from prowzi.sources.providers.records import ProviderRecord, normalise_arxiv_id, normalise_doi
-from prowzi.sources.records import year_of
+from prowzi.sources.providers.records import ProviderRecord
+from prowzi.sources.records import normalise_arxiv_id, normalise_doi, year_of
 
 
 def abstract_from_inverted_index(index: Any) -> str:

@@ -18,8 +18,8 @@ from xml.etree import ElementTree
 import httpx
 
 from prowzi.sources.providers.base import Provider
-from prowzi.sources.providers.records import ProviderRecord, normalise_doi
-from prowzi.sources.records import year_of
+from prowzi.sources.providers.records import ProviderRecord
+from prowzi.sources.records import normalise_doi, year_of
 
 TOOL = "prowzi"
 

@@ -12,56 +12,10 @@ order they were selected) is kept and completed with what the others know.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-_DOI_PREFIX = re.compile(r"^(?:https?://(?:dx\.)?doi\.org/|doi:\s*)", re.IGNORECASE)
-_DOI_SHAPE = re.compile(r"^10\.\d{4,9}/\S+$")
-_ARXIV_NEW = re.compile(r"(\d{4}\.\d{4,5})(?:v\d+)?$")
-_ARXIV_OLD = re.compile(r"([a-z-]+(?:\.[A-Z]{2})?/\d{7})(?:v\d+)?$", re.IGNORECASE)
-_ARXIV_DOI = re.compile(r"^10\.48550/arxiv\.(.+)$", re.IGNORECASE)
-_WORDS = re.compile(r"[^\W_]+")
-
-
-def normalise_doi(value: str | None) -> str | None:
-    """``https://doi.org/10.1000/ABC`` -> ``10.1000/abc`` (DOIs are case-insensitive); None
-    when the value is not a DOI."""
-    if not value or not value.strip():
-        return None
-    doi = _DOI_PREFIX.sub("", value.strip()).strip().lower()
-    return doi if _DOI_SHAPE.match(doi) else None
-
-
-def normalise_arxiv_id(value: str | None) -> str | None:
-    """``http://arxiv.org/abs/2101.00001v2``, ``arXiv:2101.00001`` or the arXiv DOI
-    ``10.48550/arXiv.2101.00001`` -> ``2101.00001`` (no version); None when not an arXiv id."""
-    if not value or not value.strip():
-        return None
-    text = value.strip()
-    doi = _ARXIV_DOI.match(_DOI_PREFIX.sub("", text))
-    if doi:
-        text = doi.group(1)
-    text = re.sub(r"^arxiv:\s*", "", text, flags=re.IGNORECASE)
-    text = text.rstrip("/").removesuffix(".pdf")
-    for pattern in (_ARXIV_NEW, _ARXIV_OLD):
-        m = pattern.search(text)
-        if m:
-            return m.group(1).lower()
-    return None
-
-
-def normalise_title(title: str | None) -> str:
-    """A title reduced to its lower-case letters and digits, accents removed, for matching
-    ("Quantum  Error-Correction!" and "quantum error correction" are the same title)."""
-    if not title:
-        return ""
-    plain = title
-    if not title.isascii():
-        decomposed = unicodedata.normalize("NFKD", title)
-        plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(_WORDS.findall(plain.lower()))
+from prowzi.sources.records import normalise_arxiv_id, normalise_doi, normalise_title
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,9 @@ from prowzi.sources.providers.crossref import Crossref
 from prowzi.sources.providers.http import OUTCOMES, RequestTally, build_client, tls_context
 from prowzi.sources.providers.openalex import OpenAlex
 from prowzi.sources.providers.pubmed import PubMed
-from prowzi.sources.providers.records import ProviderRecord, normalise_doi
+from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.providers.semanticscholar import SemanticScholar
+from prowzi.sources.records import normalise_doi
 
 if TYPE_CHECKING:
     from prowzi.config.settings import ProviderSettings

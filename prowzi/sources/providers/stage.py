@@ -24,15 +24,9 @@ from prowzi.agents.corpus import query_terms
 from prowzi.agents.models import QueryResult, SearchAgentResult, Source
 from prowzi.sources.providers.base import ProviderError
 from prowzi.sources.providers.http import RequestTally
-from prowzi.sources.providers.records import (
-    ProviderRecord,
-    complete,
-    group_duplicates,
-    normalise_arxiv_id,
-    normalise_doi,
-    record_id,
-)
+from prowzi.sources.providers.records import ProviderRecord, complete, group_duplicates, record_id
 from prowzi.sources.providers.search import ProviderSearch, lookup_dois, search_providers
+from prowzi.sources.records import normalise_arxiv_id, normalise_doi
 
 if TYPE_CHECKING:
     from prowzi.agents.base import StageContext
