@@ -96,6 +96,27 @@ def test_a_receiver_down_for_the_whole_run_gets_every_event_from_a_later_process
         receiver.stop()
 
 
+def test_a_cli_run_delivers_to_a_subscription_made_through_the_api(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """No endpoint in the settings: the run finds the stored subscription in the outbox at
+    its start, and every event reaches it signed with the secret the API showed once."""
+    from prowzi.storage.remote import open_store
+    from prowzi.webhooks.outbox import Outbox
+    from prowzi.webhooks.subscriptions import create
+
+    outbox = tmp_path / "outbox"
+    _, secret = create(Outbox(open_store(outbox)), receiver.url, None, allow_private=True)
+    env = webhook_env("", str(outbox))
+    del env["PROWZI_WEBHOOK_URL"], env["PROWZI_WEBHOOK_SECRET"]
+    _prowzi(env, "run", "Write a report on webhooks", "--session-id", "stored-sub", cwd=tmp_path)
+    verifier = Webhook(secret)
+    received = [verifier.verify(r.body, r.headers) for r in receiver.delivered()]
+    assert [p["type"] for p in received if p["type"] != "checkpoint.saved"] == RUN_EVENTS
+    assert {p["data"]["session_id"] for p in received} == {"stored-sub"}
+    assert len({r.id for r in receiver.delivered()}) == len(received)  # each once
+
+
 def test_kill_9_with_deliveries_pending_then_a_later_process_delivers_each_exactly_once(
     tmp_path: Path, receiver: Receiver
 ) -> None:

@@ -326,9 +326,12 @@ def test_one_trace_runs_from_the_submission_through_the_queue_to_the_last_stage(
         sid = submitted.stdout.strip()
         wait_for("the run to complete", lambda: fleet.done([sid]), timeout=30)
 
+        # The run's span ends after its last stage's, and may reach the receiver in a later
+        # batch: wait for both.
+        last = {"invoke_agent prowzi.turnitin", "invoke_workflow prowzi.research"}
         wait_for(
-            "the last stage's span",
-            lambda: any(s.name == "invoke_agent prowzi.turnitin" for s in receiver.spans()),
+            "the last stage's and the run's spans",
+            lambda: last <= {s.name for s in receiver.spans()},
             timeout=20,
         )
         by_name = {s.name: s for s in receiver.spans()}
@@ -426,6 +429,51 @@ def test_a_service_with_a_broker_enqueues_runs_follows_them_from_another_machine
         )
     finally:
         service.stop()
+
+
+def test_a_subscription_made_through_the_service_gets_the_events_of_runs_on_workers(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The subscription lives in the outbox the service and the workers share (beside the
+    checkpoints); a worker started before it existed finds it at its next run's start and
+    every event of that run arrives once, in order, signed with the secret shown at
+    creation."""
+    from standardwebhooks.webhooks import Webhook
+    from test_service import Service
+    from webhook_support import Receiver
+
+    receiver = Receiver().start()
+    fleet.extra_env["PROWZI_WEBHOOK_ALLOW_PRIVATE"] = "true"
+    fleet.start(1)
+    service_machine = tmp_path / "service-machine"
+    service_machine.mkdir()
+    service = Service(
+        service_machine,
+        PROWZI_BROKER_URL=fleet.broker_url,
+        PROWZI_CHECKPOINT_DIR=str(fleet.checkpoints),
+        PROWZI_OUTPUT_DIR=str(fleet.documents),
+        PROWZI_WEBHOOK_ALLOW_PRIVATE="true",
+    )
+    wanted = ["run.started", "stage.completed", "run.completed"]
+    expected = ["run.started", *["stage.completed"] * len(STAGE_NAMES), "run.completed"]
+    try:
+        created = service.client.post(
+            "/webhooks/subscriptions", json={"url": receiver.url, "events": wanted}
+        )
+        assert created.status_code == 201, created.text
+        sid = service.start_run("Write a report on webhooks from the workers")
+        service.wait_state(sid, "completed")
+        assert fleet.completions(sid) == 1
+        assert receiver.wait_for(lambda r: len(r.delivered()) >= len(expected), timeout=30)
+        time.sleep(0.5)  # a duplicate would arrive now
+        verifier = Webhook(created.json()["secret"])
+        received = [verifier.verify(r.body, r.headers) for r in receiver.delivered()]
+        assert [p["type"] for p in received] == expected
+        assert {p["data"]["session_id"] for p in received} == {sid}
+        assert len({r.id for r in receiver.delivered()}) == len(expected)
+    finally:
+        service.stop()
+        receiver.stop()
 
 
 # --- bad input: one line, a non-zero exit, nothing queued ----------------------------------

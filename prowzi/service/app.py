@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +50,7 @@ from prowzi.errors import (
     SessionNotFoundError,
     TelemetryError,
 )
-from prowzi.events import Event, EventSink
+from prowzi.events import EventSink
 from prowzi.ids import new_session_id, validate_session_id
 from prowzi.observability.metrics import ProwziMetrics, render
 from prowzi.service.journal import RUN_STATES, JournalEntry, RunJournal
@@ -195,18 +195,12 @@ def create_app(
             metrics.watch_webhooks(hub[0].deliverer)
         return hub[0]
 
-    def run_sinks(sink: EventSink) -> list[EventSink]:
-        # Subscriptions made through the API get every run's events; when the settings name
-        # endpoints, the orchestrator's configured sinks already include the webhook sink.
-        configured = config.webhooks_configured
-        return [metrics, sink, *([] if configured else [_LazyWebhookSink(hub)])]
-
     def default_factory(sink: EventSink, metrics: ProwziMetrics) -> ProwziOrchestrator:
         from prowzi.workflows.orchestrator import ProwziOrchestrator
 
         return ProwziOrchestrator(
             config=config,
-            sinks=run_sinks(sink),
+            sinks=[metrics, sink],
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
         )
@@ -223,7 +217,7 @@ def create_app(
         )
         return ProwziOrchestrator(
             config=run_config,
-            sinks=run_sinks(sink),
+            sinks=[metrics, sink],
             tracer=tracer if tracer is not None else build_tracer(),
             on_sink_error=metrics.sink_error,
         )
@@ -319,7 +313,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if await asyncio.to_thread(_webhooks_wanted, config):
+        from prowzi.webhooks import wanted
+
+        if await asyncio.to_thread(wanted, config):
             # Started with the service: it delivers what earlier processes left.
             await asyncio.to_thread(webhooks)
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
@@ -645,42 +641,6 @@ def create_app(
 
 _EVENT_ID_DIGITS = 18
 """A Last-Event-ID longer than this is no id the service sent (ids count a run's events)."""
-
-
-def _webhooks_wanted(config: ProwziConfig) -> bool:
-    """Whether the settings name an endpoint, or the outbox holds subscriptions or
-    deliveries (a look at the store, in a worker thread)."""
-    if config.webhooks_configured:
-        return True
-    from prowzi.storage.remote import open_store
-    from prowzi.webhooks.outbox import OUTBOX, SUBSCRIPTIONS
-
-    store = open_store(config.webhook_outbox_location)
-    try:
-        return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
-    except OSError as exc:  # the store is down: webhooks start with the first subscription
-        log.warning("cannot read the webhook outbox at %s: %s", store.url, exc)
-        return False
-
-
-class _LazyWebhookSink:
-    """The webhook sink of the service's webhooks once they are started (before the first
-    subscription, nothing subscribes to anything)."""
-
-    name = "webhook"
-
-    def __init__(self, hub: list[Webhooks]) -> None:
-        self._hub = hub
-        self._sink: EventSink | None = None
-
-    def handle(self, event: Event) -> Awaitable[None] | None:
-        if not self._hub:
-            return None
-        if self._sink is None:
-            from prowzi.webhooks.sink import WebhookSink
-
-            self._sink = WebhookSink(self._hub[0])
-        return self._sink.handle(event)
 
 
 def _last_event_id(value: str | None) -> int | None:

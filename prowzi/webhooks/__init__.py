@@ -9,6 +9,7 @@ outbox from a run's events.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,16 @@ if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.storage.blob import BlobStore
 
-__all__ = ["Subscription", "Webhooks", "close_all", "drain", "release", "webhooks_for"]
+__all__ = [
+    "Subscription",
+    "Webhooks",
+    "close_all",
+    "drain",
+    "release",
+    "running",
+    "wanted",
+    "webhooks_for",
+]
 
 
 class Webhooks:
@@ -86,13 +96,15 @@ class Webhooks:
         return self
 
 
+log = logging.getLogger("prowzi.webhooks")
+
 _REGISTRY: dict[str, Webhooks] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
-def webhooks_for(config: ProwziConfig) -> Webhooks:
-    """This process's :class:`Webhooks` for the config's outbox, started."""
-    key = repr(
+def _key(config: ProwziConfig) -> str:
+    """What makes two configs share one :class:`Webhooks` in a process."""
+    return repr(
         (
             str(config.webhook_outbox_location),
             config.webhook_url,
@@ -104,6 +116,11 @@ def webhooks_for(config: ProwziConfig) -> Webhooks:
             config.webhook_timeout_seconds,
         )
     )
+
+
+def webhooks_for(config: ProwziConfig) -> Webhooks:
+    """This process's :class:`Webhooks` for the config's outbox, started."""
+    key = _key(config)
     with _REGISTRY_LOCK:
         found = _REGISTRY.get(key)
         if found is None:
@@ -111,6 +128,30 @@ def webhooks_for(config: ProwziConfig) -> Webhooks:
             if len(_REGISTRY) == 1:
                 atexit.register(close_all)
     return found.start()
+
+
+def running(config: ProwziConfig) -> Webhooks | None:
+    """This process's :class:`Webhooks` for the config if something started them, else
+    ``None`` (starts nothing, reads nothing)."""
+    with _REGISTRY_LOCK:
+        return _REGISTRY.get(_key(config))
+
+
+def wanted(config: ProwziConfig) -> bool:
+    """Whether this config has webhooks to run: the settings name an endpoint, or the
+    outbox holds subscriptions (made through the service's API) or deliveries an earlier
+    process left. Blocking (one or two listings of the store): not on an event loop."""
+    if config.webhooks_configured:
+        return True
+    from prowzi.storage.remote import open_store
+    from prowzi.webhooks.outbox import OUTBOX, SUBSCRIPTIONS
+
+    store = open_store(config.webhook_outbox_location)
+    try:
+        return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
+    except OSError as exc:  # the store is down: the webhooks start once it answers
+        log.warning("cannot read the webhook outbox at %s: %s", store.url, exc)
+        return False
 
 
 def drain(config: ProwziConfig, timeout: float | None = None) -> int:

@@ -114,7 +114,8 @@ def _offline_defaults(config: ProwziConfig) -> dict[str, Agent]:
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
     """The sinks every run of this config feeds: the JSON telemetry and its event log, and
     with a broker (``PROWZI_BROKER_URL``) the run's Redis event stream; the webhook outbox
-    when the settings name an endpoint."""
+    (at once when the settings name an endpoint, else from the first run that finds
+    subscriptions made through the service's API)."""
     sinks: list[EventSink] = []
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
@@ -129,6 +130,10 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
         sinks.append(RedisEventStream(config.broker_url))
     if config.webhooks_configured:
         sinks.append(build_webhook_sink(config))
+    else:
+        from prowzi.webhooks.sink import LateWebhookSink
+
+        sinks.append(LateWebhookSink(config))
     return sinks
 
 
