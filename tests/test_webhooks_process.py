@@ -117,6 +117,44 @@ def test_a_cli_run_delivers_to_a_subscription_made_through_the_api(
     assert len({r.id for r in receiver.delivered()}) == len(received)  # each once
 
 
+def test_cleanup_sweeps_old_delivery_logs_and_never_a_pending_delivery(tmp_path: Path) -> None:
+    """``prowzi cleanup --older-than`` deletes a session's delivery log by its newest record;
+    a session with a delivery still pending, a running one and a new one keep theirs."""
+    from prowzi.workflows.checkpoint import CheckpointManager
+
+    outbox = tmp_path / "outbox"
+    env = webhook_env("", str(outbox), PROWZI_WEBHOOK_RETRY_SCHEDULE="1h")
+    # The first two deliveries of each run are answered, then the receiver fails: each
+    # "waiting" run leaves two logged deliveries and the rest pending.
+    for sid, answered in (("old", 99), ("held", 99), ("new", 99), ("waiting", 2)):
+        receiver = Receiver(
+            answer=lambda n, r, answered=answered: (200 if n < answered else 500, {}, 0.0)
+        ).start()
+        env |= {"PROWZI_WEBHOOK_URL": receiver.url, "PROWZI_WEBHOOK_DRAIN_SECONDS": "3"}
+        _prowzi(env, "run", f"Write a report on {sid}", "--session-id", sid, cwd=tmp_path)
+        receiver.stop()
+    before = _log(env, tmp_path)
+    assert {r["session_id"] for r in before if r["outcome"] == "pending"} == {"waiting"}
+    two_days_ago = time.time() - 2 * 86400
+    for sid in ("old", "held", "waiting"):
+        for path in outbox.glob(f"*/*/{sid}/*.json"):
+            os.utime(path, (two_days_ago, two_days_ago))
+
+    dry = _prowzi(env, "cleanup", "--older-than", "1d", "--dry-run", cwd=tmp_path)
+    assert "would delete webhook delivery log of old" in dry.stdout
+    assert "waiting" not in dry.stdout and "of new" not in dry.stdout
+    assert _log(env, tmp_path) == before  # a dry run deletes nothing
+
+    with CheckpointManager(tmp_path / "prowzi_checkpoints").session_lock("held"):
+        done = _prowzi(env, "cleanup", "--older-than", "1d", cwd=tmp_path)
+    assert done.stdout.count("deleted webhook delivery log of") == 1
+    assert "deleted webhook delivery log of old" in done.stdout
+    assert "deleted the webhook delivery log of 1 session(s)" in done.stderr
+    after = _log(env, tmp_path)
+    assert after == [r for r in before if r["session_id"] != "old"]
+    assert {r["session_id"] for r in after} == {"held", "new", "waiting"}
+
+
 def test_kill_9_with_deliveries_pending_then_a_later_process_delivers_each_exactly_once(
     tmp_path: Path, receiver: Receiver
 ) -> None:

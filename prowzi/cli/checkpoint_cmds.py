@@ -212,8 +212,8 @@ def cleanup(
     ] = Path("prowzi_service"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
 ) -> None:
-    """Delete old sessions' checkpoints, telemetry and service documents. A running session
-    keeps everything."""
+    """Delete old sessions' checkpoints, telemetry, service documents and webhook delivery
+    logs. A running session keeps everything; pending webhook deliveries are never deleted."""
     age = parse_age(older_than)
     config = load_config()
     with user_errors():
@@ -234,6 +234,8 @@ def cleanup(
             typer.echo(f"{verb} telemetry of {session_id}")
         for session_id in swept.documents:
             typer.echo(f"{verb} document of {session_id}")
+        for session_id in swept.webhook_logs:
+            typer.echo(f"{verb} webhook delivery log of {session_id}")
         manager = CheckpointManager.from_config(config)
         for session in sorted(swept.running):
             holder = manager.lock_holder(session) or "another process"
@@ -244,6 +246,11 @@ def cleanup(
             typer.echo(
                 f"{verb} telemetry of {len(swept.telemetry)} session(s) and "
                 f"{len(swept.documents)} document(s)",
+                err=True,
+            )
+        if swept.webhook_logs:
+            typer.echo(
+                f"{verb} the webhook delivery log of {len(swept.webhook_logs)} session(s)",
                 err=True,
             )
         typer.echo(f"{verb} {len(swept.checkpoints)} checkpoint(s)", err=True)

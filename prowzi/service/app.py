@@ -294,13 +294,14 @@ def create_app(
                 try:
                     swept = await asyncio.get_running_loop().run_in_executor(thread, job)
                     forgotten = manager.expire(time.time() - age.total_seconds())
-                    if swept.checkpoints or swept.telemetry or swept.documents or forgotten:
+                    counts = (swept.checkpoints, swept.telemetry, swept.documents)
+                    if any(counts) or swept.webhook_logs or forgotten:
                         log.info(
                             "retention: deleted %d checkpoint(s), the telemetry of %d "
-                            "session(s) and %d document(s); forgot %d run(s)",
-                            len(swept.checkpoints),
-                            len(swept.telemetry),
-                            len(swept.documents),
+                            "session(s), %d document(s) and the webhook delivery log of %d "
+                            "session(s); forgot %d run(s)",
+                            *map(len, counts),
+                            len(swept.webhook_logs),
                             len(forgotten),
                         )
                     for problem in swept.errors:

@@ -8,7 +8,8 @@ Layout (every record a small JSON blob with a version ``v``):
   is the time in nanoseconds, increasing within a lane, so a listing sorted by name is the
   order of delivery per endpoint and session.
 - ``log/<endpoint>/<session>/<seq>.<msg>.json``: a finished delivery: the entry and how it
-  ended (``delivered``, ``failed``, ``disabled``), attempts, last status and error.
+  ended (``delivered``, ``failed``, ``disabled``), attempts, last status and error. Swept
+  a session at a time by retention (:meth:`Outbox.cleanup`), like checkpoints and telemetry.
 - ``subscriptions/<id>.json``: subscriptions made through the service's API (with their
   secret; the store is private, ``0600`` files).
 - ``endpoints/<id>.json``: an endpoint's state (disabled after a ``410 Gone``).
@@ -25,11 +26,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from prowzi.storage.blob import BlobNotFoundError, BlobStore, PreconditionFailedError
+
+if TYPE_CHECKING:
+    from prowzi.workflows.retention import Policy
 
 RECORD_VERSION = 1
 OUTBOX = "outbox/"
@@ -216,6 +220,37 @@ class Outbox:
                 rows.append(record)
         rows.sort(key=lambda r: (str(r.get("seq")), str(r.get("id"))))
         return rows
+
+    def cleanup(self, policy: Policy) -> list[str]:
+        """Delete the delivery log of sessions whose newest record was written before the
+        policy's cutoff (the blobs' times: no record is read). Kept besides what the policy
+        keeps: a session with a delivery still pending (the outbox is work, never swept).
+        Returns the session ids whose log went (or, for a dry run, would go)."""
+        pending = {parsed[1] for name in self.pending_names() if (parsed := parse_name(name))}
+        newest: dict[str, float] = {}
+        names: dict[str, list[str]] = {}
+        for info in self.store.list(LOG):
+            parsed = parse_name(info.name)
+            if parsed is None:
+                continue
+            newest[parsed[1]] = max(newest.get(parsed[1], info.modified), info.modified)
+            names.setdefault(parsed[1], []).append(info.name)
+        kept = set(sorted(newest, key=newest.__getitem__, reverse=True)[: policy.keep_last])
+        deleted: list[str] = []
+        for session, stamp in sorted(newest.items()):
+            if session in kept or session in pending or stamp >= policy.cutoff:
+                continue
+            if policy.running(session):
+                continue
+            deleted.append(session)
+            if policy.dry_run:
+                continue
+            for name in names[session]:
+                try:
+                    self.store.delete(name)
+                except OSError as exc:
+                    policy.failed(self.store.describe(name), exc)
+        return deleted
 
     def find(self, message_id: str) -> list[dict[str, Any]]:
         """Every record (pending or logged) of the message ``message_id``."""

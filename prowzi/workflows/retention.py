@@ -1,14 +1,16 @@
 """Retention: what finished sessions leave behind, deleted once it is old.
 
 A session leaves checkpoints (the checkpoint store), telemetry (its session file, event log and
-store copy) and, when the service ran it, a document in the service's state directory. One
-function deletes all three for ``prowzi cleanup --older-than`` and for ``prowzi serve`` with
-``PROWZI_RETENTION`` set, so the two never disagree on what "old" means:
+store copy), its webhook delivery log and, when the service ran it, a document in the service's
+state directory. One function deletes them all for ``prowzi cleanup --older-than`` and for
+``prowzi serve`` with ``PROWZI_RETENTION`` set, so the two never disagree on what "old" means:
 
 - checkpoints go a session at a time, by their newest checkpoint
   (:meth:`CheckpointManager.cleanup`);
 - telemetry goes by when it was last written (:meth:`TelemetryCollector.cleanup`);
-- a document goes by its modification time (it is written once, when its run ends).
+- a document goes by its modification time (it is written once, when its run ends);
+- the webhook delivery log goes a session at a time, by its newest record
+  (:meth:`~prowzi.webhooks.outbox.Outbox.cleanup`); pending deliveries are work, never swept.
 
 A running session (one whose lease is held) keeps everything. ``keep_last`` keeps the newest N
 sessions of each kind whatever their age.
@@ -33,6 +35,19 @@ if TYPE_CHECKING:
     from prowzi.workflows.telemetry import TelemetryCollector
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What one sweep deletes: what was last written before ``cutoff`` (seconds since the
+    epoch), but for the ``keep_last`` newest sessions of each kind and the ``running`` ones.
+    ``failed(where, error)`` hears of each entry that could not be deleted."""
+
+    cutoff: float
+    keep_last: int
+    dry_run: bool
+    running: Callable[[str], bool]
+    failed: Callable[[str, OSError], None]
+
+
 @dataclass
 class Swept:
     """What one sweep deleted (or, for a dry run, would delete), and what it could not."""
@@ -43,6 +58,8 @@ class Swept:
     """Session ids whose telemetry went."""
     documents: list[str] = field(default_factory=list)
     """Session ids whose service document went."""
+    webhook_logs: list[str] = field(default_factory=list)
+    """Session ids whose webhook delivery log went."""
     running: set[str] = field(default_factory=set)
     """Old enough to go, but running: kept."""
     errors: list[str] = field(default_factory=list)
@@ -92,36 +109,40 @@ def sweep(
         on_running=swept.running.add,
         on_error=failed,
     )
+    policy = Policy(
+        cutoff=time.time() - older_than.total_seconds(),
+        keep_last=keep_last,
+        dry_run=dry_run,
+        running=lambda sid: manager.is_locked(sid) or bool(is_running and is_running(sid)),
+        failed=failed,
+    )
+    swept.webhook_logs = _sweep_webhook_log(config, policy)
     if documents_dir is not None:
-        swept.documents = _sweep_documents(
-            documents_dir,
-            cutoff=time.time() - older_than.total_seconds(),
-            keep_last=keep_last,
-            dry_run=dry_run,
-            running=lambda sid: manager.is_locked(sid) or bool(is_running and is_running(sid)),
-            swept=swept,
-            failed=failed,
-        )
+        swept.documents = _sweep_documents(documents_dir, policy, swept)
     return swept
 
 
-def _sweep_documents(
-    directory: Path,
-    *,
-    cutoff: float,
-    keep_last: int,
-    dry_run: bool,
-    running: Callable[[str], bool],
-    swept: Swept,
-    failed: Callable[[str, OSError], None],
-) -> list[str]:
-    """Delete ``<session>.md`` files in ``directory`` last written before ``cutoff``."""
+def _sweep_webhook_log(config: ProwziConfig, policy: Policy) -> list[str]:
+    """The webhook delivery log's part of a sweep (nothing when there is no outbox)."""
+    from prowzi.storage.remote import open_store
+    from prowzi.webhooks.outbox import Outbox
+
+    outbox = Outbox(open_store(config.webhook_outbox_location))
+    try:
+        return outbox.cleanup(policy)
+    except OSError as exc:  # the store cannot be listed: the rest of the sweep stands
+        policy.failed(outbox.store.url, exc)
+        return []
+
+
+def _sweep_documents(directory: Path, policy: Policy, swept: Swept) -> list[str]:
+    """Delete ``<session>.md`` files in ``directory`` last written before the cutoff."""
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return []
     except OSError as exc:
-        failed(str(directory), exc)
+        policy.failed(str(directory), exc)
         return []
     documents: list[tuple[float, str, Path]] = []
     for entry in entries:
@@ -134,16 +155,16 @@ def _sweep_documents(
             continue  # not one of ours, or gone since the listing
     documents.sort(reverse=True)
     deleted: list[str] = []
-    for modified, session_id, path in documents[keep_last:]:
-        if modified >= cutoff:
+    for modified, session_id, path in documents[policy.keep_last :]:
+        if modified >= policy.cutoff:
             continue
-        if running(session_id):
+        if policy.running(session_id):
             swept.running.add(session_id)
             continue
         deleted.append(session_id)
-        if not dry_run:
+        if not policy.dry_run:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                failed(str(path), exc)
+                policy.failed(str(path), exc)
     return deleted
