@@ -15,13 +15,14 @@ makes exemplars visible), :func:`serve_metrics` (``/metrics`` for ``prowzi run
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import platform
 import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -267,11 +268,7 @@ class ProwziMetrics:
             buckets=PROVIDER_DURATION_BUCKETS,
             registry=registry,
         )
-        self._provider_requests = {
-            (p, o): provider_requests.labels(p, o)
-            for p in provider_labels
-            for o in REQUEST_OUTCOMES
-        }
+        self._provider_requests = _bound(provider_requests, provider_labels, REQUEST_OUTCOMES)
         self._provider_duration = {p: provider_duration.labels(p) for p in provider_labels}
 
         # Model calls (prowzi.llm): the model label is a configured model or "other".
@@ -302,22 +299,10 @@ class ProwziMetrics:
             buckets=LLM_CALL_DURATION_BUCKETS,
             registry=registry,
         )
-        self._llm_tokens = {
-            (s, m, t): llm_tokens.labels(s, m, t)
-            for s in stage_labels
-            for m in model_labels
-            for t in TOKEN_TYPES
-        }
-        self._llm_cost = {(s, m): llm_cost.labels(s, m) for s in stage_labels for m in model_labels}
-        self._llm_calls = {
-            (s, m, o): llm_calls.labels(s, m, o)
-            for s in stage_labels
-            for m in model_labels
-            for o in LLM_OUTCOMES
-        }
-        self._llm_duration = {
-            (s, m): llm_duration.labels(s, m) for s in stage_labels for m in model_labels
-        }
+        self._llm_tokens = _bound(llm_tokens, stage_labels, model_labels, TOKEN_TYPES)
+        self._llm_cost = _bound(llm_cost, stage_labels, model_labels)
+        self._llm_calls = _bound(llm_calls, stage_labels, model_labels, LLM_OUTCOMES)
+        self._llm_duration = _bound(llm_duration, stage_labels, model_labels)
         webhook_deliveries = Counter(
             "prowzi_webhook_deliveries",
             "Webhook delivery attempts, by event type and outcome.",
@@ -345,23 +330,17 @@ class ProwziMetrics:
         # count, zeros instead of gaps) and handling an event costs dictionary lookups only.
         self._runs_completed = {o: runs_completed.labels(o) for o in RUN_OUTCOMES}
         self._run_duration = {o: run_duration.labels(o) for o in RUN_OUTCOMES}
-        self._stage_executions = {
-            (s, o): stage_executions.labels(s, o) for s in stage_labels for o in STAGE_OUTCOMES
-        }
+        self._stage_executions = _bound(stage_executions, stage_labels, STAGE_OUTCOMES)
         self._stage_duration = {s: stage_duration.labels(s) for s in stage_labels}
-        self._stage_retries = {
-            (s, e): stage_retries.labels(s, e) for s in stage_labels for e in ERROR_TYPES
-        }
+        self._stage_retries = _bound(stage_retries, stage_labels, ERROR_TYPES)
         self._checkpoint_writes = {o: checkpoint_writes.labels(o) for o in CHECKPOINT_OUTCOMES}
         self._sink_errors = {s: sink_errors.labels(s) for s in sink_labels}
         self._evaluation_score = {p: evaluation_score.labels(p) for p in EVALUATION_PHASES}
         from prowzi.events import WEBHOOK_EVENT_TYPES
 
-        self._webhook_deliveries = {
-            (t, o): webhook_deliveries.labels(t, o)
-            for t in (*WEBHOOK_EVENT_TYPES, OTHER)
-            for o in WEBHOOK_OUTCOMES
-        }
+        self._webhook_deliveries = _bound(
+            webhook_deliveries, (*WEBHOOK_EVENT_TYPES, OTHER), WEBHOOK_OUTCOMES
+        )
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -483,6 +462,15 @@ class ProwziMetrics:
             value = _ratio(details.get("similarity"))
             if value is not None:
                 self.turnitin_similarity.observe(value)
+
+
+_Family = TypeVar("_Family", Counter, Gauge, Histogram)
+
+
+def _bound(family: _Family, *values: Iterable[str]) -> dict[tuple[str, ...], _Family]:
+    """The children of ``family`` for every combination of label values (one iterable per
+    label, in the family's label order), keyed by their label values."""
+    return {labels: family.labels(*labels) for labels in itertools.product(*values)}
 
 
 def _error_type(value: str) -> str:
