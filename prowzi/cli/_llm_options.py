@@ -1,7 +1,9 @@
-"""The LLM options ``prowzi run`` and ``prowzi resume`` share (``--llm``, budgets, cache)."""
+"""The options ``prowzi run`` and ``prowzi resume`` share: the LLM options (``--llm``,
+budgets, cache) and where the document goes (``--output``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -27,6 +29,9 @@ MaxTokens = Annotated[
 ]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the model answer cache.")
+]
+DocumentOutput = Annotated[
+    Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
 ]
 
 

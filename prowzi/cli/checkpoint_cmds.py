@@ -22,7 +22,14 @@ from prowzi.cli._common import (
     user_errors,
     warn_unsaved,
 )
-from prowzi.cli._llm_options import LlmModel, MaxCost, MaxTokens, NoCache, apply_llm_options
+from prowzi.cli._llm_options import (
+    DocumentOutput,
+    LlmModel,
+    MaxCost,
+    MaxTokens,
+    NoCache,
+    apply_llm_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -58,9 +65,7 @@ def resume(
             "repeatable.",
         ),
     ] = None,
-    output: Annotated[
-        Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
-    ] = None,
+    output: DocumentOutput = None,
     llm: LlmModel = None,
     max_cost: MaxCost = None,
     max_tokens: MaxTokens = None,

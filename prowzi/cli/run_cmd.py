@@ -20,7 +20,14 @@ from prowzi.cli._common import (
     user_errors,
     warn_unsaved,
 )
-from prowzi.cli._llm_options import LlmModel, MaxCost, MaxTokens, NoCache, apply_llm_options
+from prowzi.cli._llm_options import (
+    DocumentOutput,
+    LlmModel,
+    MaxCost,
+    MaxTokens,
+    NoCache,
+    apply_llm_options,
+)
 
 if TYPE_CHECKING:
     from prowzi.workflows.orchestrator import ResearchResult
@@ -42,9 +49,7 @@ def run(
         Path | None,
         typer.Option(help="Directory of .md/.txt/.json/.jsonl documents (default: the sample)."),
     ] = None,
-    output: Annotated[
-        Path | None, typer.Option(help="Where to write the document (default: <session>.md).")
-    ] = None,
+    output: DocumentOutput = None,
     enable_checkpoints: Annotated[
         bool, typer.Option("--enable-checkpoints", help="Checkpoint after stages (resumable).")
     ] = False,
