@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from prowzi.webhooks.delivery import Deliverer
+from prowzi.webhooks.delivery import Deliverer, DeliveryPolicy
 from prowzi.webhooks.outbox import Outbox
 from prowzi.webhooks.subscriptions import Subscription, from_settings, from_store
 
@@ -40,7 +40,6 @@ class Webhooks:
     def __init__(self, config: ProwziConfig, store: BlobStore | None = None) -> None:
         import importlib.util
 
-        from prowzi.config.webhooks import parse_schedule
         from prowzi.errors import ConfigError
 
         missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
@@ -62,13 +61,7 @@ class Webhooks:
         self._stored_at = float("-inf")
         self._lock = threading.Lock()
         self.deliverer = Deliverer(
-            self.outbox,
-            self.subscriptions,
-            on_scan=self.reload,
-            schedule=parse_schedule(config.webhook_retry_schedule),
-            timeout=config.webhook_timeout_seconds,
-            allow_private=config.webhook_allow_private,
-            lease_ttl=config.lease_ttl_seconds,
+            self.outbox, self.subscriptions, DeliveryPolicy.from_config(config), on_scan=self.reload
         )
 
     def subscriptions(self) -> dict[str, Subscription]:

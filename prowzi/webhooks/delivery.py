@@ -44,6 +44,7 @@ from prowzi.webhooks.safety import UnsafeAddressError, connect_target, host_head
 if TYPE_CHECKING:
     import httpx
 
+    from prowzi.config import ProwziConfig
     from prowzi.storage.lease import HeldLease
     from prowzi.webhooks.subscriptions import Subscription
 
@@ -169,6 +170,32 @@ def _since(started: float) -> float:
     return time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How a :class:`Deliverer` sends: the retry ``schedule`` (seconds before each retry),
+    the HTTP ``timeout``, whether private addresses are allowed, the delivery lease's
+    ``lease_ttl``, how often it looks at the outbox (``poll``) and how many endpoints it
+    sends to at once (``concurrency``)."""
+
+    schedule: tuple[float, ...]
+    timeout: float = 10.0
+    allow_private: bool = False
+    lease_ttl: float = 30.0
+    poll: float = 1.0
+    concurrency: int = 8
+
+    @classmethod
+    def from_config(cls, config: ProwziConfig) -> DeliveryPolicy:
+        from prowzi.config.webhooks import parse_schedule
+
+        return cls(
+            schedule=parse_schedule(config.webhook_retry_schedule),
+            timeout=config.webhook_timeout_seconds,
+            allow_private=config.webhook_allow_private,
+            lease_ttl=config.lease_ttl_seconds,
+        )
+
+
 class Deliverer:
     """The background worker of one outbox (see the module doc)."""
 
@@ -176,24 +203,14 @@ class Deliverer:
         self,
         outbox: Outbox,
         subscriptions: Callable[[], dict[str, Subscription]],
+        policy: DeliveryPolicy,
         *,
-        schedule: tuple[float, ...],
-        timeout: float = 10.0,
-        allow_private: bool = False,
-        lease_ttl: float = 30.0,
-        poll: float = 1.0,
-        concurrency: int = 8,
         rng: Callable[[], float] = random.random,
         on_scan: Callable[[], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self._subscriptions = subscriptions
-        self.schedule = schedule
-        self.timeout = timeout
-        self.allow_private = allow_private
-        self.lease_ttl = lease_ttl
-        self.poll = poll
-        self.concurrency = concurrency
+        self.policy = policy
         self._on_scan = on_scan
         self._rng = rng
         self._senders: _Senders | None = None
@@ -285,7 +302,7 @@ class Deliverer:
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.timeout + 5)
+            thread.join(self.policy.timeout + 5)
         if self._senders is not None:
             self._senders.stop()  # an attempt in flight is abandoned: it is sent again later
         held, self._held = self._held, None
@@ -324,19 +341,19 @@ class Deliverer:
             with self._cond:
                 if self._stopping:
                     return
-            wait = self.poll
+            wait = self.policy.poll
             try:
                 self._keep_lease()
                 if time.monotonic() >= self._next_scan:
                     self._scan()
-                    self._next_scan = time.monotonic() + self.poll
+                    self._next_scan = time.monotonic() + self.policy.poll
                 if self._held is not None:
                     wait = self._deliver_due()
             except Exception as exc:  # the store is down, say: try again later
                 log.warning("webhook delivery: %s: %s", type(exc).__name__, exc)
             with self._cond:
                 if not self._wake and not self._stopping and wait > 0:
-                    self._cond.wait(min(wait, self.poll))
+                    self._cond.wait(min(wait, self.policy.poll))
                 self._wake = False
 
     def _keep_lease(self) -> None:
@@ -346,7 +363,7 @@ class Deliverer:
             from prowzi.storage.lease import SessionLeases
 
             try:
-                held = SessionLeases(self.outbox.store, ttl=self.lease_ttl).hold(LEASE_NAME)
+                held = SessionLeases(self.outbox.store, ttl=self.policy.lease_ttl).hold(LEASE_NAME)
             except SessionLockedError:
                 return
             try:
@@ -355,7 +372,7 @@ class Deliverer:
                 held.release()
                 raise
             self._held = held
-            self._next_scan = time.monotonic() + self.poll
+            self._next_scan = time.monotonic() + self.policy.poll
 
     def _scan(self) -> None:
         if self._on_scan is not None:
@@ -377,7 +394,7 @@ class Deliverer:
         to wait before looking again."""
         subscriptions = self._subscriptions()
         now = time.time()
-        wait = self.poll
+        wait = self.policy.poll
         with self._cond:
             lanes = [
                 (lane, names[0])
@@ -403,7 +420,7 @@ class Deliverer:
                     )
                 continue
             if self._senders is None:
-                self._senders = _Senders(self.concurrency)
+                self._senders = _Senders(self.policy.concurrency)
             with self._cond:
                 self._in_flight.add(lane)
             self._senders.submit(self._try_head, lane, name, subscription)
@@ -412,7 +429,7 @@ class Deliverer:
     def _http(self) -> httpx.Client:
         with self._cond:
             if self._client is None:
-                self._client = new_client(self.timeout)
+                self._client = new_client(self.policy.timeout)
             return self._client
 
     def _try_head(self, lane: tuple[str, str], name: str, subscription: Subscription) -> None:
@@ -429,7 +446,7 @@ class Deliverer:
         except Exception as exc:  # the store is down, say: the lane is tried again later
             log.warning("webhook delivery of %s: %s: %s", name, type(exc).__name__, exc)
             with self._cond:
-                self._next_at[lane] = time.time() + self.poll
+                self._next_at[lane] = time.time() + self.policy.poll
         finally:
             with self._cond:
                 self._in_flight.discard(lane)
@@ -443,7 +460,11 @@ class Deliverer:
             self._done(lane, entry.name)
             return
         result = send(
-            self._http(), subscription, entry.id, entry.body, allow_private=self.allow_private
+            self._http(),
+            subscription,
+            entry.id,
+            entry.body,
+            allow_private=self.policy.allow_private,
         )
         attempts = entry.attempts + 1
         entry = replace(
@@ -459,13 +480,13 @@ class Deliverer:
             with self._cond:
                 self._disabled[entry.endpoint] = "410 Gone"
             log.warning("webhook endpoint %s answered 410 Gone: disabled", entry.endpoint)
-        if result.outcome in ("gone", "permanent") or attempts > len(self.schedule):
+        if result.outcome in ("gone", "permanent") or attempts > len(self.policy.schedule):
             outcome = "disabled" if result.outcome == "gone" else "failed"
             self.outbox.finish(entry, outcome, latency=result.seconds)
             self._observe(entry.type, outcome, result.seconds)
             self._done(lane, entry.name)
             return
-        delay = self.schedule[attempts - 1] * (1 - JITTER + 2 * JITTER * self._rng())
+        delay = self.policy.schedule[attempts - 1] * (1 - JITTER + 2 * JITTER * self._rng())
         if result.retry_after is not None:
             delay = result.retry_after
         entry = replace(entry, next_attempt_at=time.time() + delay)
