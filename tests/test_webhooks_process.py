@@ -295,6 +295,40 @@ def test_service_subscriptions_api_shows_a_secret_once_and_signs_with_it(
         svc.stop()
 
 
+def test_a_service_delivers_to_a_subscription_another_process_made_and_counts_it(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Started with an empty outbox, the service learns of a subscription stored later (by
+    another service sharing the outbox) at its next run's start, and its metrics watch the
+    deliveries from then on."""
+    from prowzi.storage.remote import open_store
+    from prowzi.webhooks.outbox import Outbox
+    from prowzi.webhooks.subscriptions import create
+
+    svc = Service(
+        tmp_path, PROWZI_WEBHOOK_ALLOW_PRIVATE="true", PROWZI_AGENTS=noop_agents_setting()
+    )
+    try:
+        outbox = Outbox(open_store(tmp_path / "prowzi_webhooks"))
+        _, secret = create(outbox, receiver.url, ["run.completed"], allow_private=True)
+        first = svc.client.post("/runs", json={"prompt": "Write a report on webhooks"}).json()
+        assert receiver.wait_for(lambda r: len(r.delivered()) == 1, timeout=30)
+        svc.client.get("/metrics")
+        svc.client.post("/runs", json={"prompt": "Write a report on more webhooks"})
+        assert receiver.wait_for(lambda r: len(r.delivered()) == 2, timeout=30)
+        payloads = [Webhook(secret).verify(r.body, r.headers) for r in receiver.delivered()]
+        assert payloads[0]["data"]["session_id"] == first["session_id"]
+        counted = (
+            'prowzi_webhook_deliveries_total{event_type="run.completed",outcome="delivered"} 1.0'
+        )
+        deadline = time.monotonic() + 20  # counted once logged, just after the answer
+        while counted not in svc.client.get("/metrics").text:
+            assert time.monotonic() < deadline, svc.client.get("/metrics").text
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+
+
 def test_the_service_refuses_a_private_subscription_without_the_allow_setting(
     tmp_path: Path,
 ) -> None:
