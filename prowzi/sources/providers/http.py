@@ -250,23 +250,26 @@ class RequestTally:
 # --- the layers -----------------------------------------------------------------------------
 
 
-class _ProviderTransport(httpx.AsyncBaseTransport):
+@dataclass(eq=False)
+class _Layer(httpx.AsyncBaseTransport):
+    """A layer of one provider's client around the next transport (``_inner``, closed with
+    it): what it sees is counted in the search's tally under the provider's name."""
+
+    _inner: httpx.AsyncBaseTransport
+    _provider: str
+    _tally: RequestTally
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@dataclass(eq=False)
+class _ProviderTransport(_Layer):
     """Pacing, ``Retry-After`` and retries around the network transport (layer 2)."""
 
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport,
-        provider: str,
-        limiter: RateLimiter,
-        tally: RequestTally,
-        settings: ProviderSettings,
-    ) -> None:
-        self._inner = inner
-        self._provider = provider
-        self._limiter = limiter
-        self._tally = tally
-        self._max_retries = settings.provider_max_retries
-        self._max_wait = settings.provider_max_retry_after_seconds
+    _limiter: RateLimiter
+    _max_retries: int
+    _max_wait: float
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         attempt = 0
@@ -311,30 +314,18 @@ class _ProviderTransport(httpx.AsyncBaseTransport):
             self._tally.record(self._provider, "ok" if status < 400 else "error", seconds)
             return response
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
 
 def cache_key(request: httpx.Request) -> str:
     """The cache entry of a request: its method and URL (query string included)."""
     return hashlib.sha256(f"{request.method} {request.url}".encode()).hexdigest()
 
 
-class _CountCached(httpx.AsyncBaseTransport):
+@dataclass(eq=False)
+class _CountCached(_Layer):
     """Counts the answers the cache gave without asking the network, and can forget an
     answer (outside layer 1)."""
 
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport,
-        provider: str,
-        tally: RequestTally,
-        storage: AsyncBaseStorage,
-    ) -> None:
-        self._inner = inner
-        self._provider = provider
-        self._tally = tally
-        self._storage = storage
+    _storage: AsyncBaseStorage
 
     async def forget(self, request: httpx.Request) -> None:
         for entry in await self._storage.get_entries(cache_key(request)):
@@ -349,9 +340,6 @@ class _CountCached(httpx.AsyncBaseTransport):
         if status.get("from_cache") and not status.get("revalidated"):
             self._tally.record(self._provider, "cached", time.perf_counter() - started)
         return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 _caches: weakref.WeakKeyDictionary[httpx.AsyncClient, _CountCached] = weakref.WeakKeyDictionary()
@@ -404,7 +392,12 @@ def build_client(
     )
     network = transport if transport is not None else httpx.AsyncHTTPTransport(verify=tls_context())
     layered: httpx.AsyncBaseTransport = _ProviderTransport(
-        network, provider, limiter, tally, settings
+        network,
+        provider,
+        tally,
+        limiter,
+        settings.provider_max_retries,
+        settings.provider_max_retry_after_seconds,
     )
     ttl = settings.provider_cache_ttl_seconds
     if ttl > 0:
