@@ -260,13 +260,8 @@ def evaluate(
 
     total = sum(c.weight for c in criteria)
     score = round(sum(c.score * c.weight for c in criteria) / total, 4)
-    return EvaluationAgentResult(
-        score=score,
-        threshold=threshold,
-        passed=score >= threshold,
-        criteria=criteria,
-        recommendations=recommendations,
-        unsupported_share=unsupported_share,
+    return EvaluationAgentResult.graded(
+        score, threshold, criteria, recommendations, unsupported_share
     )
 
 

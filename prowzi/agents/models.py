@@ -269,6 +269,26 @@ class EvaluationAgentResult(_Result):
         None, description="Share of cited sentences their cited passages do not support."
     )
 
+    @classmethod
+    def graded(
+        cls,
+        score: float,
+        threshold: float,
+        criteria: list[RubricScore],
+        recommendations: list[str],
+        unsupported_share: float | None,
+    ) -> EvaluationAgentResult:
+        """A grading's result, the rubric's or a model's: it passes when ``score`` reaches
+        ``threshold``."""
+        return cls(
+            score=score,
+            threshold=threshold,
+            passed=score >= threshold,
+            criteria=criteria,
+            recommendations=recommendations,
+            unsupported_share=unsupported_share,
+        )
+
     def telemetry_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {"score": round(self.score, 3), "passed": self.passed}
         if self.unsupported_share is not None:

@@ -544,13 +544,8 @@ class LlmEvaluationAgent(_Writer):
         recommendations = [r.strip() for r in answer.recommendations if r.strip()]
         if support.score < 1.0:
             recommendations += [r for r in measured.recommendations if r.startswith("cite only")]
-        return EvaluationAgentResult(
-            score=score,
-            threshold=threshold,
-            passed=score >= threshold,
-            criteria=criteria,
-            recommendations=recommendations,
-            unsupported_share=measured.unsupported_share,
+        return EvaluationAgentResult.graded(
+            score, threshold, criteria, recommendations, measured.unsupported_share
         )
 
     async def __call__(self, ctx: StageContext) -> EvaluationStageResult:
