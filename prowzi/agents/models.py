@@ -213,6 +213,11 @@ class Reference(BaseModel):
     origin: str = "corpus"
     metadata_source: dict[str, str] = Field(default_factory=dict)
 
+    @classmethod
+    def to(cls, source: Source, number: int) -> Reference:
+        """Reference ``number``, to ``source``: its other fields are the source's own."""
+        return cls(number=number, **source.model_dump(include=cls.model_fields.keys() - {"number"}))
+
     def describe(self) -> str:
         """One line for ``prowzi show``: the reference, where it is, and where each of its
         metadata fields came from."""

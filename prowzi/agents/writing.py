@@ -79,17 +79,8 @@ class ReferenceBook:
     def cite(self, source: Source) -> int:
         ref = self._refs.get(source.source_id)
         if ref is None:
-            ref = Reference(
-                number=max((r.number for r in self._refs.values()), default=0) + 1,
-                source_id=source.source_id,
-                title=source.title,
-                authors=list(source.authors),
-                year=source.year,
-                url=source.url,
-                doi=source.doi,
-                origin=source.origin,
-                metadata_source=dict(source.metadata_source),
-            )
+            number = max((r.number for r in self._refs.values()), default=0) + 1
+            ref = Reference.to(source, number)
             self._refs[source.source_id] = ref
         return ref.number
 
