@@ -181,14 +181,8 @@ class TurnitinAgent:
         ctx.annotate("window", result.window)
         ctx.annotate("sources_compared", len(sources))
         owners = Counter(p.source_id for p in result.flagged)
-        for passage in result.flagged:
-            ctx.event(
-                "turnitin.flagged",
-                source_id=passage.source_id,
-                start=passage.start,
-                end=passage.end,
-                shared_fingerprints=passage.shared_fingerprints,
-            )
+        for passage in result.flagged:  # where it is and whose, not the text itself
+            ctx.event("turnitin.flagged", **passage.model_dump(exclude={"text"}))
         if owners:
             ctx.annotate("flagged_sources", sorted(owners))
         return result
