@@ -345,28 +345,20 @@ _DOC_COLUMNS = (
 )
 
 
+@dataclass(eq=False, repr=False)
 class CorpusIndex:
     """A passage-level BM25 index of one corpus directory, kept in a SQLite FTS5 database."""
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        info: CorpusInfo,
-        path: Path | None,
-        built: bool,
-        skipped: list[tuple[str, str]],
-        reindexed: int = 0,
-    ) -> None:
-        self._conn = conn
-        self.info = info
-        self.path = path
-        """The index file, or None when the index had to be kept in memory."""
-        self.built = built
-        """Whether this open (re)indexed any file rather than reusing the index as it was."""
-        self.skipped = skipped
-        """Files and records skipped (those the index remembers, and links found by the scan)."""
-        self.reindexed = reindexed
-        """How many files this open read (0 when the index was reused as it was)."""
+    _conn: sqlite3.Connection
+    info: CorpusInfo
+    path: Path | None
+    """The index file, or None when the index had to be kept in memory."""
+    built: bool
+    """Whether this open (re)indexed any file rather than reusing the index as it was."""
+    skipped: list[tuple[str, str]]
+    """Files and records skipped (those the index remembers, and links found by the scan)."""
+    reindexed: int = 0
+    """How many files this open read (0 when the index was reused as it was)."""
 
     # -- opening -------------------------------------------------------------------------
 
