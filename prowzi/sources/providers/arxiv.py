@@ -17,7 +17,7 @@ from xml.etree import ElementTree
 
 import httpx
 
-from prowzi.sources.providers.base import Provider
+from prowzi.sources.providers.base import Page, Provider
 from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.records import normalise_arxiv_id, normalise_doi, year_of
 
@@ -44,9 +44,7 @@ class Arxiv(Provider):
     def base_url(self) -> str:
         return self.settings.arxiv_url
 
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         offset = int(start or 0)
         feed = await self.get_xml(
             client,

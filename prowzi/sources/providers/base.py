@@ -32,6 +32,9 @@ class ProviderError(ProwziError):
         self.provider = provider
 
 
+Page = tuple[list[ProviderRecord], Any]
+"""One page of a provider's results, and where the next page starts (None: no more)."""
+
 _TAG = re.compile(r"<[^>]+>")
 
 
@@ -62,9 +65,7 @@ class Provider(ABC):
         return {}
 
     @abstractmethod
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         """One page of results for ``query`` from ``start`` (None: the first page), at most
         ``rows`` long; and where the next page starts (None: no more)."""
 

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from prowzi.sources.providers.base import Provider, plain_text
+from prowzi.sources.providers.base import Page, Provider, plain_text
 from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.records import normalise_doi, year_of
 
@@ -36,9 +36,7 @@ class Crossref(Provider):
             params["mailto"] = self.settings.contact_email
         return params
 
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         offset = int(start or 0)
         data = await self.get_json(
             client, "works", self._params(query=query, rows=rows, offset=offset, select=SELECT)

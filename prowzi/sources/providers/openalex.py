@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from prowzi.sources.providers.base import Provider
+from prowzi.sources.providers.base import Page, Provider
 from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.records import normalise_arxiv_id, normalise_doi, year_of
 
@@ -38,9 +38,7 @@ class OpenAlex(Provider):
     def base_url(self) -> str:
         return self.settings.openalex_url
 
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         number = int(start or 1)
         params: dict[str, Any] = {"search": query, "per-page": rows, "page": number}
         if self.settings.openalex_api_key is not None:

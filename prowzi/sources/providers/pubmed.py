@@ -17,7 +17,7 @@ from xml.etree import ElementTree
 
 import httpx
 
-from prowzi.sources.providers.base import Provider
+from prowzi.sources.providers.base import Page, Provider
 from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.records import normalise_doi, year_of
 
@@ -44,9 +44,7 @@ class PubMed(Provider):
             params["api_key"] = self.settings.pubmed_api_key.get_secret_value()
         return params
 
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         offset = int(start or 0)
         data = await self.get_json(
             client,

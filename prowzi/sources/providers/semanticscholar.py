@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from prowzi.sources.providers.base import Provider
+from prowzi.sources.providers.base import Page, Provider
 from prowzi.sources.providers.records import ProviderRecord
 from prowzi.sources.records import normalise_arxiv_id, normalise_doi, year_of
 
@@ -31,9 +31,7 @@ class SemanticScholar(Provider):
         key = self.settings.semanticscholar_api_key
         return {"x-api-key": key.get_secret_value()} if key is not None else {}
 
-    async def page(
-        self, client: httpx.AsyncClient, query: str, start: Any, rows: int
-    ) -> tuple[list[ProviderRecord], Any]:
+    async def page(self, client: httpx.AsyncClient, query: str, start: Any, rows: int) -> Page:
         offset = int(start or 0)
         params = {"query": query, "offset": offset, "limit": rows, "fields": FIELDS}
         data = await self.get_json(client, "paper/search", params)
