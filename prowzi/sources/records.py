@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -94,25 +94,16 @@ class Document:
         if len(text) > MAX_SOURCE_TEXT and passages:
             # A long document travels with the passages the queries found, not all its pages.
             text = "\n\n".join(p.text for p, _ in passages)
+        found = [
+            SourcePassage(text=p.text, page=p.page, section=p.section, score=s) for p, s in passages
+        ]
+        # Every field the source shares with its document is the document's (validation makes
+        # the authors a list and the metadata a dict), except the text and the passages.
+        shared = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name in Source.model_fields
+        }
         return Source(
-            source_id=self.source_id,
-            title=self.title,
-            authors=list(self.authors),
-            year=self.year,
-            url=self.url,
-            doi=self.doi,
-            abstract=self.abstract,
-            text=text,
-            score=score,
-            queries=list(queries),
-            origin=self.origin,
-            metadata_source=dict(self.metadata_source),
-            location=self.location,
-            arxiv_id=self.arxiv_id,
-            passages=[
-                SourcePassage(text=p.text, page=p.page, section=p.section, score=s)
-                for p, s in passages
-            ],
+            **{**shared, "text": text, "passages": found}, score=score, queries=list(queries)
         )
 
 
