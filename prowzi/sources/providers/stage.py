@@ -56,18 +56,16 @@ class _Candidate:
     """The corpus's own source, for a corpus candidate."""
 
 
+_FIELDS = ("title", "authors", "year", "doi", "arxiv_id", "url", "abstract")
+"""A work's metadata: what a corpus record copies from its source, what provenance traces."""
+
+
 def _corpus_record(source: Source) -> ProviderRecord:
+    """The corpus source as a record: its metadata (:data:`_FIELDS`) as the corpus has it."""
+    metadata = {name: getattr(source, name) for name in _FIELDS}
+    metadata["authors"] = tuple(source.authors)  # the record is frozen
     return ProviderRecord(
-        title=source.title,
-        origin="corpus",
-        metadata_source="corpus",
-        authors=tuple(source.authors),
-        year=source.year,
-        doi=source.doi,
-        arxiv_id=source.arxiv_id,
-        url=source.url,
-        abstract=source.abstract,
-        source_id=source.source_id,
+        origin="corpus", metadata_source="corpus", source_id=source.source_id, **metadata
     )
 
 
@@ -131,9 +129,6 @@ def merge_with_corpus(
         QueryResult(query=q, source_ids=_text.unique(ids)) for q, ids in per_query.items()
     ]
     return ranked, query_results
-
-
-_FIELDS = ("title", "authors", "year", "doi", "arxiv_id", "url", "abstract")
 
 
 def provenance(records: Sequence[ProviderRecord]) -> dict[str, str]:
