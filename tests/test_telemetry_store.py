@@ -338,8 +338,9 @@ def test_a_run_records_its_session_in_the_configured_store(
     from prowzi.workflows.composition import build_sinks
 
     monkeypatch.setenv("PROWZI_TELEMETRY_URL", str(tmp_path / "store"))
-    (sink,) = build_sinks(get_config())
+    sink, webhooks = build_sinks(get_config())  # and the webhook sink, idle until subscribed
     assert isinstance(sink, TelemetryCollector)
+    assert webhooks.name == "webhook"
     record(sink, doc_example_run().events)
     sink.close()
     assert LocalBlobStore(tmp_path / "store").head(f"sessions/{DOC_SESSION}.json") is not None
