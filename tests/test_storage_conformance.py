@@ -94,7 +94,10 @@ def test_a_check_takes_a_store_or_an_opener() -> None:
 # -- the suite fails broken stores -------------------------------------------------------------
 
 
-class _IgnoresCreateOnly(InMemoryBlobStore):
+class _BrokenPut(InMemoryBlobStore):
+    """A store whose put does what ``broken_put`` does (each subclass breaks it its own way;
+    ``InMemoryBlobStore.put`` is the reference's), the rest as the reference store."""
+
     def put(
         self,
         name: str,
@@ -104,20 +107,20 @@ class _IgnoresCreateOnly(InMemoryBlobStore):
         if_match: str | None = None,
         durable: bool = True,
     ) -> str:
-        return super().put(name, data, if_match=if_match)
+        return self.broken_put(name, data, create_only, if_match)
+
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
+        raise NotImplementedError
 
 
-class _IgnoresIfMatch(InMemoryBlobStore):
-    def put(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        create_only: bool = False,
-        if_match: str | None = None,
-        durable: bool = True,
-    ) -> str:
-        return super().put(name, data, create_only=create_only)
+class _IgnoresCreateOnly(_BrokenPut):
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
+        return InMemoryBlobStore.put(self, name, data, if_match=if_match)
+
+
+class _IgnoresIfMatch(_BrokenPut):
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
+        return InMemoryBlobStore.put(self, name, data, create_only=create_only)
 
 
 class _UnsortedList(InMemoryBlobStore):
@@ -141,16 +144,8 @@ class _DeleteAlwaysTrue(InMemoryBlobStore):
         return True
 
 
-class _NoNameChecks(InMemoryBlobStore):
-    def put(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        create_only: bool = False,
-        if_match: str | None = None,
-        durable: bool = True,
-    ) -> str:
+class _NoNameChecks(_BrokenPut):
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
         with self._lock:
             self._version += 1
             etag = f"m{self._version}"
@@ -158,19 +153,11 @@ class _NoNameChecks(InMemoryBlobStore):
             return etag
 
 
-class _ContentEtags(InMemoryBlobStore):
+class _ContentEtags(_BrokenPut):
     """Etags from the bytes alone (as S3's MD5 etags are)."""
 
-    def put(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        create_only: bool = False,
-        if_match: str | None = None,
-        durable: bool = True,
-    ) -> str:
-        super().put(name, data, create_only=create_only, if_match=if_match)
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
+        InMemoryBlobStore.put(self, name, data, create_only=create_only, if_match=if_match)
         with self._lock:
             blob = self._blobs[name]
             etag = f"c{hash(bytes(data)) & 0xFFFFFFFF:x}"
@@ -178,25 +165,17 @@ class _ContentEtags(InMemoryBlobStore):
         return etag
 
 
-class _CheckThenAct(InMemoryBlobStore):
+class _CheckThenAct(_BrokenPut):
     """Conditional puts that test, then write, without holding the lock between."""
 
-    def put(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        create_only: bool = False,
-        if_match: str | None = None,
-        durable: bool = True,
-    ) -> str:
+    def broken_put(self, name: str, data: bytes, create_only: bool, if_match: str | None) -> str:
         current = self.head(name)
         if create_only and current is not None:
             raise PreconditionFailedError(name)
         if if_match is not None and (current is None or current.etag != if_match):
             raise PreconditionFailedError(name)
         time.sleep(0.02)  # another thread tests meanwhile
-        return super().put(name, data)
+        return InMemoryBlobStore.put(self, name, data)
 
 
 @pytest.mark.parametrize(
@@ -227,15 +206,9 @@ def test_a_racing_check_really_races() -> None:
     inside = 0
     lock = threading.Lock()
 
-    class Counting(InMemoryBlobStore):
-        def put(
-            self,
-            name: str,
-            data: bytes,
-            *,
-            create_only: bool = False,
-            if_match: str | None = None,
-            durable: bool = True,
+    class Counting(_BrokenPut):
+        def broken_put(
+            self, name: str, data: bytes, create_only: bool, if_match: str | None
         ) -> str:
             nonlocal inside, peak
             with lock:
@@ -243,7 +216,9 @@ def test_a_racing_check_really_races() -> None:
                 peak = max(peak, inside)
             try:
                 time.sleep(0.01)
-                return super().put(name, data, create_only=create_only, if_match=if_match)
+                return InMemoryBlobStore.put(
+                    self, name, data, create_only=create_only, if_match=if_match
+                )
             finally:
                 with lock:
                     inside -= 1
