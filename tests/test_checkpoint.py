@@ -27,6 +27,7 @@ from test_checkpoint_support import (
     params,
     rewrite,
     save_run,
+    save_stage,
     split,
     state_after,
 )
@@ -72,13 +73,7 @@ def manager(directory: Path) -> CheckpointManager:
 def test_save_writes_a_pkl_and_a_json_named_after_session_and_stage(
     manager: CheckpointManager, directory: Path
 ) -> None:
-    meta = manager.save(
-        session_id=SESSION,
-        stage="intent",
-        state=state_after("intent"),
-        completed_stages=["intent"],
-        parameters=params(),
-    )
+    meta = save_stage(manager, SESSION, "intent")
     assert meta.checkpoint_id == f"{SESSION}_intent"
     assert (directory / f"{SESSION}_intent.pkl").is_file()  # durable when save returns
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
@@ -91,11 +86,10 @@ def test_save_writes_a_pkl_and_a_json_named_after_session_and_stage(
 
 def test_metadata_records_what_the_issue_lists(manager: CheckpointManager) -> None:
     before = datetime.now(UTC)
-    meta = manager.save(
-        session_id=SESSION,
-        stage="planning",
-        state=state_after("planning"),
-        completed_stages=["intent", "planning"],
+    meta = save_stage(
+        manager,
+        SESSION,
+        "planning",
         parameters=params(max_results_per_query=30),
         trace_id="ab" * 16,
         span_id="cd" * 8,
@@ -129,13 +123,7 @@ def test_the_pkl_is_not_a_pickle(manager: CheckpointManager) -> None:
 
 def test_a_loaded_checkpoint_equals_the_saved_state(manager: CheckpointManager) -> None:
     state = full_state()
-    meta = manager.save(
-        session_id=SESSION,
-        stage="turnitin",
-        state=state,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    meta = save_stage(manager, SESSION, "turnitin", state=state)
     loaded = manager.load_checkpoint(f"{SESSION}_turnitin")
     assert isinstance(loaded, WorkflowCheckpoint)
     assert loaded.metadata == meta
@@ -149,25 +137,13 @@ def test_stage_metrics_with_values_orjson_cannot_encode_still_save(
     manager: CheckpointManager,
 ) -> None:
     state = state_after("intent").model_copy(update={"stage_metrics": {"big": 2**70}})
-    manager.save(
-        session_id=SESSION,
-        stage="intent",
-        state=state,
-        completed_stages=["intent"],
-        parameters=params(),
-    )
+    save_stage(manager, SESSION, "intent", state=state)
     assert manager.load_checkpoint(SESSION).stage_metrics == {"big": 2**70}
 
 
 def save_complete(manager: CheckpointManager, state: m.WorkflowState) -> None:
     """Save ``state`` as the checkpoint after the last stage of a complete run."""
-    manager.save(
-        session_id=SESSION,
-        stage="turnitin",
-        state=state,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    save_stage(manager, SESSION, "turnitin", state=state)
 
 
 def verified_state() -> m.WorkflowState:
@@ -350,13 +326,7 @@ def test_an_older_format_checkpoint_loads_lists_and_chains(
     assert loaded.to_state() == state
     assert (loaded.metadata.format_version, loaded.metadata.refs) == (FORMAT_VERSION, {})
     older.verify_chain(SESSION)
-    resumed = older.save(
-        session_id=SESSION,
-        stage="writing",
-        state=state_after("writing"),
-        completed_stages=list(STAGES[:5]),
-        parameters=params(),
-    )
+    resumed = save_stage(older, SESSION, "writing")
     assert resumed.refs == {} and resumed.previous_hash == loaded.metadata.payload_sha256
     assert older.load_checkpoint(SESSION).to_state() == state_after("writing")
     older.verify_chain(SESSION)
@@ -394,13 +364,7 @@ def test_zstd_is_the_default_compression_and_is_recorded(directory: Path) -> Non
     manager = CheckpointManager(directory)
     assert manager.compression == "zstd"
     state = full_state()
-    meta = manager.save(
-        session_id=SESSION,
-        stage="turnitin",
-        state=state,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    meta = save_stage(manager, SESSION, "turnitin", state=state)
     path = directory / f"{SESSION}_turnitin.pkl"
     assert meta.compression == split(path)[0]["compression"] == "zstd"
     assert split(path)[1].startswith(b"\x28\xb5\x2f\xfd")  # a zstd frame
@@ -446,22 +410,10 @@ def test_in_memory_stores_at_the_same_url_never_share_catalog_rows(tmp_path: Pat
     """An in-memory store's etags restart with each instance: a catalog on disk (keyed by
     url and etag) would list one store's checkpoint as another's."""
     first = CheckpointManager(tmp_path / "unused", store=InMemoryBlobStore())
-    first.save(
-        session_id=SESSION,
-        stage="intent",
-        state=state_after("intent"),
-        completed_stages=["intent"],
-        parameters=params(),
-    )
+    save_stage(first, SESSION, "intent")
     assert [r["prompt"] for r in first.list_checkpoints()] == [params().prompt]
     second = CheckpointManager(tmp_path / "unused", store=InMemoryBlobStore())
-    second.save(
-        session_id=SESSION,
-        stage="intent",
-        state=state_after("intent"),
-        completed_stages=["intent"],
-        parameters=RunParameters(prompt="another prompt"),
-    )
+    save_stage(second, SESSION, "intent", parameters=RunParameters(prompt="another prompt"))
     assert [r["prompt"] for r in second.list_checkpoints()] == ["another prompt"]
     assert not (tmp_path / ".cache" / "prowzi").exists()
 
@@ -514,20 +466,8 @@ def test_each_checkpoint_links_to_the_previous_ones_hash(manager: CheckpointMana
 
 def test_the_chain_skips_stages_without_a_checkpoint(manager: CheckpointManager) -> None:
     # checkpoint_interval=2: checkpoints after planning and verification only
-    first = manager.save(
-        session_id=SESSION,
-        stage="planning",
-        state=state_after("planning"),
-        completed_stages=["intent", "planning"],
-        parameters=params(),
-    )
-    second = manager.save(
-        session_id=SESSION,
-        stage="verification",
-        state=state_after("verification"),
-        completed_stages=list(STAGES[:4]),
-        parameters=params(),
-    )
+    first = save_stage(manager, SESSION, "planning")
+    second = save_stage(manager, SESSION, "verification")
     assert second.previous_hash == first.payload_sha256
     manager.verify_chain(SESSION)
 
@@ -535,20 +475,18 @@ def test_the_chain_skips_stages_without_a_checkpoint(manager: CheckpointManager)
 def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
     parent = save_run(manager, SESSION, STAGES[:3])
     fork = "fork-1"
-    first = manager.save(
-        session_id=fork,
-        stage="verification",
-        state=state_after("verification"),
-        completed_stages=list(STAGES[:4]),
+    first = save_stage(
+        manager,
+        fork,
+        "verification",
         parameters=params(relevance_threshold=0.3),
         parent_session_id=SESSION,
         previous_hash=parent[-1].payload_sha256,
     )
-    second = manager.save(
-        session_id=fork,
-        stage="writing",
-        state=state_after("writing"),
-        completed_stages=list(STAGES[:5]),
+    second = save_stage(
+        manager,
+        fork,
+        "writing",
         parameters=params(relevance_threshold=0.3),
         parent_session_id=SESSION,
     )
@@ -562,12 +500,11 @@ def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
         parent[-1].payload_sha256
     )
     # the parent's checkpoint it links to is replaced: the fork's chain is broken
-    manager.save(
-        session_id=SESSION,
-        stage="search",
+    save_stage(
+        manager,
+        SESSION,
+        "search",
         state=state_after("search").model_copy(update={"stage_metrics": {"x": 1}}),
-        completed_stages=list(STAGES[:3]),
-        parameters=params(),
     )
     with pytest.raises(CheckpointIntegrityError, match=f"parent session {SESSION}"):
         manager.verify_chain(fork)
@@ -580,14 +517,7 @@ def test_a_fork_chains_onto_its_parent(manager: CheckpointManager) -> None:
 
 def test_a_malformed_previous_hash_is_refused(manager: CheckpointManager) -> None:
     with pytest.raises(InvalidInputError, match="previous_hash"):
-        manager.save(
-            session_id=SESSION,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-            previous_hash="../../etc",
-        )
+        save_stage(manager, SESSION, "intent", previous_hash="../../etc")
 
 
 def test_verify_chain_detects_a_missing_link(manager: CheckpointManager) -> None:
@@ -682,12 +612,8 @@ def save_states(
     with manager.session_lock(session):
         for i, (stage, state) in enumerate(states.items()):
             saved.append(
-                manager.save(
-                    session_id=session,
-                    stage=stage,
-                    state=state,
-                    completed_stages=list(STAGES[: i + 1]),
-                    parameters=params(),
+                save_stage(
+                    manager, session, stage, state=state, completed_stages=list(STAGES[: i + 1])
                 )
             )
     return saved
@@ -776,20 +702,8 @@ def test_a_resumed_session_s_first_checkpoint_in_a_new_manager_is_full(directory
     assert first[-1].depth == 2
     for manager in (CheckpointManager(directory), CheckpointManager(directory, full_every=1)):
         with manager.session_lock(SESSION):
-            resumed = manager.save(
-                session_id=SESSION,
-                stage="verification",
-                state=state_after("verification"),
-                completed_stages=list(STAGES[:4]),
-                parameters=params(),
-            )
-            after = manager.save(
-                session_id=SESSION,
-                stage="writing",
-                state=state_after("writing"),
-                completed_stages=list(STAGES[:5]),
-                parameters=params(),
-            )
+            resumed = save_stage(manager, SESSION, "verification")
+            after = save_stage(manager, SESSION, "writing")
         assert (resumed.depth, resumed.refs) == (0, {})
         assert resumed.previous_hash == first[-1].payload_sha256  # the chain goes on
         if manager.full_every > 1:  # later ones refer only into the resumed run
@@ -810,25 +724,13 @@ def test_a_ref_whose_part_was_overwritten_by_a_re_run_is_refused_naming_the_part
     assert saved[3].refs["plan"].checkpoint == f"{SESSION}_planning"
     # a re-run of planning that keeps the plan leaves the parts of later checkpoints valid
     same_plan = state_after("planning").model_copy(update={"stage_metrics": {"planning": 2}})
-    manager.save(
-        session_id=SESSION,
-        stage="planning",
-        state=same_plan,
-        completed_stages=list(STAGES[:2]),
-        parameters=params(),
-    )
+    save_stage(manager, SESSION, "planning", state=same_plan)
     verification = f"{SESSION}_verification"
     assert manager.load_checkpoint(verification).to_state() == state_after("verification")
     # one that changes it does not: the plan the verification checkpoint holds is gone
     plan = m.ResearchPlan(title="Another plan", sections=[])
     other_plan = state_after("planning").model_copy(update={"plan": plan})
-    manager.save(
-        session_id=SESSION,
-        stage="planning",
-        state=other_plan,
-        completed_stages=list(STAGES[:2]),
-        parameters=params(),
-    )
+    save_stage(manager, SESSION, "planning", state=other_plan)
     path = manager.checkpoint_dir / f"{SESSION}_verification.pkl"
     with pytest.raises(CheckpointIntegrityError, match="superseded by a re-run") as info:
         manager.load_checkpoint(verification)
@@ -1110,12 +1012,8 @@ def test_a_catalog_symlinked_to_another_store_s_cannot_change_what_is_listed(
     """A planted link to a genuine catalog of other checkpoints (same names, other
     contents) is not followed: its rows are not taken, and it is not written."""
     other = CheckpointManager(tmp_path / "other")
-    other.save(
-        session_id=SESSION,
-        stage="intent",
-        state=state_after("intent"),
-        completed_stages=["intent"],
-        parameters=RunParameters(prompt="the other store's prompt"),
+    save_stage(
+        other, SESSION, "intent", parameters=RunParameters(prompt="the other store's prompt")
     )
     other.list_checkpoints()
     other.close()
@@ -1165,35 +1063,12 @@ def test_hostile_ids_are_refused_before_any_path_is_built(
         lambda: manager.verify_chain(bad),
         lambda: manager.session_lock(bad),
         lambda: manager.is_locked(bad),
-        lambda: manager.save(
-            session_id=bad,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
+        lambda: save_stage(manager, bad, "intent"),
+        lambda: save_stage(
+            manager, SESSION, bad, state=state_after("intent"), completed_stages=["intent"]
         ),
-        lambda: manager.save(
-            session_id=SESSION,
-            stage=bad,
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-        ),
-        lambda: manager.save(
-            session_id=SESSION,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=[bad],
-            parameters=params(),
-        ),
-        lambda: manager.save(
-            session_id=SESSION,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-            parent_session_id=bad,
-        ),
+        lambda: save_stage(manager, SESSION, "intent", completed_stages=[bad]),
+        lambda: save_stage(manager, SESSION, "intent", parent_session_id=bad),
     ]
     for call in calls:
         with pytest.raises(InvalidIdentifierError):
@@ -1242,13 +1117,7 @@ def test_a_holder_killed_with_sigkill_leaves_no_live_holder(manager: CheckpointM
     with manager.session_lock(SESSION, timeout=0):
         assert time.monotonic() - started < manager.leases.ttl / 10  # not after the ttl
         assert lease_token(manager, SESSION) > killed_token
-        meta = manager.save(
-            session_id=SESSION,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-        )
+        meta = save_stage(manager, SESSION, "intent")
     assert meta.lease_token == lease_token(manager, SESSION) > killed_token
 
 
@@ -1265,31 +1134,13 @@ def test_a_writer_whose_lease_was_taken_over_has_its_next_save_refused(
         pytest.raises(LeaseLostError, match=f"taken over by {HOLDER}") as info,
         stalled.session_lock(SESSION),
     ):
-        first = stalled.save(
-            session_id=SESSION,
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-        )
+        first = save_stage(stalled, SESSION, "intent")
         time.sleep(0.3)  # past the ttl: the lease may be taken over
         successor = CheckpointManager(directory)
         with successor.session_lock(SESSION, timeout=0):
-            theirs = successor.save(
-                session_id=SESSION,
-                stage="planning",
-                state=revised,
-                completed_stages=list(STAGES[:2]),
-                parameters=params(),
-            )
+            theirs = save_stage(successor, SESSION, "planning", state=revised)
             assert (theirs.lease_token or 0) > (first.lease_token or 0) > 0
-            stalled.save(
-                session_id=SESSION,
-                stage="planning",
-                state=state_after("planning"),
-                completed_stages=list(STAGES[:2]),
-                parameters=params(),
-            )
+            save_stage(stalled, SESSION, "planning")
     assert isinstance(info.value, SessionLockedError)  # what callers of session_lock catch
     reader = CheckpointManager(directory)
     loaded = reader.load_checkpoint(SESSION)
@@ -1533,13 +1384,7 @@ def test_a_loaded_checkpoint_saved_as_a_state_loads_again(manager: CheckpointMan
     """A WorkflowCheckpoint is a WorkflowState with metadata: only the state is written."""
     save_complete(manager, verified_state())
     loaded = manager.load_checkpoint(SESSION)
-    manager.save(
-        session_id="another-session",
-        stage="turnitin",
-        state=loaded,
-        completed_stages=list(STAGES),
-        parameters=params(),
-    )
+    save_stage(manager, "another-session", "turnitin", state=loaded)
     again = manager.load_checkpoint("another-session")
     assert again.to_state() == verified_state()
     assert again.metadata.session_id == "another-session"

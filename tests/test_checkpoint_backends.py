@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from shared import PROMPT
-from test_checkpoint_support import STAGES, params, save_run, state_after
+from test_checkpoint_support import STAGES, save_run, save_stage, state_after
 
 from prowzi.errors import CheckpointError, CheckpointIntegrityError
 from prowzi.storage.blob import BlobStore
@@ -171,33 +171,15 @@ def test_a_writer_whose_lease_was_taken_over_is_refused(store: BlobStore) -> Non
     stale = CheckpointManager(store=store, lease_ttl=0.5)
     successor = CheckpointManager(store=store)
     with stale.session_lock("fenced"):
-        stale.save(
-            session_id="fenced",
-            stage="intent",
-            state=state_after("intent"),
-            completed_stages=["intent"],
-            parameters=params(),
-        )
+        save_stage(stale, "fenced", "intent")
         held = stale._held["fenced"]
         held._stop.set()  # the writer stalls: its lease is no longer renewed
         held._thread.join()
         time.sleep(0.7)
         with successor.session_lock("fenced"):
-            taken = successor.save(
-                session_id="fenced",
-                stage="planning",
-                state=state_after("planning"),
-                completed_stages=["intent", "planning"],
-                parameters=params(),
-            )
+            taken = save_stage(successor, "fenced", "planning")
             with pytest.raises(LeaseLostError, match="taken over"):
-                stale.save(
-                    session_id="fenced",
-                    stage="planning",
-                    state=state_after("intent"),
-                    completed_stages=["intent", "planning"],
-                    parameters=params(),
-                )
+                save_stage(stale, "fenced", "planning", state=state_after("intent"))
     assert taken.lease_token is not None and taken.lease_token >= 2
     loaded = CheckpointManager(store=store).load_checkpoint("fenced_planning")
     assert loaded.metadata.payload_sha256 == taken.payload_sha256
@@ -208,13 +190,7 @@ def test_a_store_unreachable_during_a_save_fails_clearly_and_keeps_the_previous(
     store: BlobStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     manager = CheckpointManager(store=store)
-    manager.save(
-        session_id="cut",
-        stage="intent",
-        state=state_after("intent"),
-        completed_stages=["intent"],
-        parameters=params(),
-    )
+    save_stage(manager, "cut", "intent")
     if isinstance(store, LocalBlobStore):
         (tmp_path / "gone").write_text("a disk that went away, as far as the writer can tell")
         broken: BlobStore = LocalBlobStore(tmp_path / "gone" / "checkpoints")
@@ -237,13 +213,7 @@ def test_a_store_unreachable_during_a_save_fails_clearly_and_keeps_the_previous(
             broken = open_store(store.url)
     started = time.monotonic()
     with pytest.raises(CheckpointError, match="the previous checkpoint is intact"):
-        CheckpointManager(store=broken).save(
-            session_id="cut",
-            stage="planning",
-            state=state_after("planning"),
-            completed_stages=["intent", "planning"],
-            parameters=params(),
-        )
+        save_stage(CheckpointManager(store=broken), "cut", "planning")
     assert time.monotonic() - started < 60
     assert manager.latest("cut").stage == "intent"  # type: ignore[union-attr]
     assert manager.load_checkpoint("cut").intent == state_after("intent").intent

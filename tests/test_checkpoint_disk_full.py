@@ -18,8 +18,8 @@ from test_checkpoint_support import (
     STAGES,
     full_state,
     in_flight_writes,
-    params,
     save_run,
+    save_stage,
     state_after,
 )
 
@@ -89,13 +89,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
     filler = fill(small_disk, 16 * 1024)
 
     with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint"):
-        manager.save(
-            session_id=SESSION,
-            stage="search",
-            state=big_state(kib=64),
-            completed_stages=list(STAGES[:3]),
-            parameters=params(),
-        )
+        save_stage(manager, SESSION, "search", state=big_state(kib=64))
 
     assert temporaries(directory) == []
     assert not (directory / f"{SESSION}_search.pkl").exists()
@@ -106,13 +100,7 @@ def test_a_save_on_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(
 
     # once space is freed the run resumes and the chain continues unbroken
     filler.unlink()
-    saved = manager.save(
-        session_id=SESSION,
-        stage="search",
-        state=big_state(kib=64),
-        completed_stages=list(STAGES[:3]),
-        parameters=params(),
-    )
+    saved = save_stage(manager, SESSION, "search", state=big_state(kib=64))
     assert saved.payload_size > 32 * 1024  # more than the room the full disk had
     reader = CheckpointManager(directory)
     reader.verify_chain(SESSION)
@@ -126,13 +114,7 @@ def test_overwriting_a_checkpoint_on_a_full_disk_keeps_the_old_version(small_dis
     fill(small_disk, 8 * 1024)
 
     with pytest.raises(CheckpointError, match="No space left on device"):
-        manager.save(
-            session_id=SESSION,
-            stage="intent",
-            state=big_state(kib=64),
-            completed_stages=["intent"],
-            parameters=params(),
-        )
+        save_stage(manager, SESSION, "intent", state=big_state(kib=64))
 
     assert temporaries(directory) == []
     loaded = CheckpointManager(directory).load_checkpoint(f"{SESSION}_intent")
@@ -148,13 +130,7 @@ def test_a_sidecar_the_full_disk_has_no_room_for_does_not_fail_the_save(
     manager = CheckpointManager(directory)
     save_run(manager, SESSION, ("intent",))
     filler = fill(small_disk, os.statvfs(small_disk).f_frsize)  # one block: the .pkl's
-    saved = manager.save(
-        session_id=SESSION,
-        stage="planning",
-        state=state_after("planning"),
-        completed_stages=list(STAGES[:2]),
-        parameters=params(),
-    )
+    saved = save_stage(manager, SESSION, "planning")
     assert "could not write the metadata" in caplog.text
     assert not (directory / f"{SESSION}_planning.json").exists()
     assert temporaries(directory) == []

@@ -30,9 +30,9 @@ from test_checkpoint_support import (
     body_of,
     encode_body,
     full_state,
-    params,
     rewrite,
     save_run,
+    save_stage,
     split,
     state_after,
 )
@@ -346,13 +346,7 @@ def test_a_payload_from_an_earlier_save_breaks_the_chain(manager: CheckpointMana
     old = target.read_bytes()
     revised = state_after("planning").model_copy(update={"stage_metrics": {"planning": 2}})
     for stage, state in (("planning", revised), ("search", state_after("search"))):
-        manager.save(
-            session_id=VICTIM,
-            stage=stage,
-            state=state,
-            completed_stages=list(STAGES[: STAGES.index(stage) + 1]),
-            parameters=params(),
-        )
+        save_stage(manager, VICTIM, stage, state=state)
     target.write_bytes(old)
     with pytest.raises(CheckpointIntegrityError, match="chain"):
         manager.verify_chain(VICTIM)

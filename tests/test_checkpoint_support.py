@@ -102,8 +102,32 @@ def state_after(stage: str) -> m.WorkflowState:
     return m.WorkflowState(**{name: getattr(state, name) for name in fields})
 
 
+def save_stage(
+    manager: CheckpointManager,
+    session_id: str,
+    stage: str,
+    state: m.WorkflowState | None = None,
+    parameters: RunParameters | None = None,
+    completed_stages: list[str] | None = None,
+    **kwargs: Any,
+) -> CheckpointMetadata:
+    """Save the checkpoint after ``stage``, holding ``state`` (by default the state after
+    it), with ``parameters`` (by default ``params()``) and ``completed_stages`` (by default
+    those of STAGES up to ``stage``)."""
+    if completed_stages is None:
+        completed_stages = list(STAGES[: STAGES.index(stage) + 1])
+    return manager.save(
+        session_id=session_id,
+        stage=stage,
+        state=state_after(stage) if state is None else state,
+        completed_stages=completed_stages,
+        parameters=params() if parameters is None else parameters,
+        **kwargs,
+    )
+
+
 def save_run(
-    manager: CheckpointManager, session_id: str, stages: tuple[str, ...] = STAGES, **kwargs: object
+    manager: CheckpointManager, session_id: str, stages: tuple[str, ...] = STAGES, **kwargs: Any
 ) -> list[CheckpointMetadata]:
     """Save a checkpoint after each of ``stages``, as the orchestrator does (holding the
     session's lease)."""
@@ -111,13 +135,8 @@ def save_run(
     with manager.session_lock(session_id):
         for i, stage in enumerate(stages):
             saved.append(
-                manager.save(
-                    session_id=session_id,
-                    stage=stage,
-                    state=state_after(stage),
-                    completed_stages=list(stages[: i + 1]),
-                    parameters=params(),
-                    **kwargs,  # type: ignore[arg-type]
+                save_stage(
+                    manager, session_id, stage, completed_stages=list(stages[: i + 1]), **kwargs
                 )
             )
     return saved
