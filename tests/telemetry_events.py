@@ -50,51 +50,45 @@ class RunScript:
             )
         )
 
+    def _stage_ending(
+        self, stage: str, duration: float, attempt: int, ending: type[ev.Event], **fields: Any
+    ) -> RunScript:
+        """A stage's start, then the event that ends the attempt (``ending``) ``duration``
+        seconds later."""
+        self.begin(stage, attempt)
+        self.now += duration
+        return self._add(
+            ending(
+                session_id=self.session_id,
+                timestamp=self.now,
+                stage=stage,
+                attempt=attempt,
+                duration_seconds=duration,
+                **fields,
+            )
+        )
+
     def stage(
         self, stage: str, duration: float, details: dict[str, Any] | None = None, attempt: int = 1
     ) -> RunScript:
-        self.begin(stage, attempt)
-        self.now += duration
-        return self._add(
-            ev.StageCompleted(
-                session_id=self.session_id,
-                timestamp=self.now,
-                stage=stage,
-                attempt=attempt,
-                duration_seconds=duration,
-                details=details or {},
-            )
+        return self._stage_ending(
+            stage, duration, attempt, ev.StageCompleted, details=details or {}
         )
 
     def retry(self, stage: str, duration: float, error: str, attempt: int = 1) -> RunScript:
-        self.begin(stage, attempt)
-        self.now += duration
-        return self._add(
-            ev.StageRetrying(
-                session_id=self.session_id,
-                timestamp=self.now,
-                stage=stage,
-                attempt=attempt,
-                duration_seconds=duration,
-                error=error,
-                error_type="transient",
-                delay_seconds=0.0,
-            )
+        return self._stage_ending(
+            stage,
+            duration,
+            attempt,
+            ev.StageRetrying,
+            error=error,
+            error_type="transient",
+            delay_seconds=0.0,
         )
 
     def fail_stage(self, stage: str, duration: float, error: str, attempt: int = 1) -> RunScript:
-        self.begin(stage, attempt)
-        self.now += duration
-        return self._add(
-            ev.StageFailed(
-                session_id=self.session_id,
-                timestamp=self.now,
-                stage=stage,
-                attempt=attempt,
-                duration_seconds=duration,
-                error=error,
-                error_type="permanent",
-            )
+        return self._stage_ending(
+            stage, duration, attempt, ev.StageFailed, error=error, error_type="permanent"
         )
 
     def skip(self, stage: str) -> RunScript:
@@ -115,27 +109,22 @@ class RunScript:
             )
         )
 
-    def complete(self, document_path: str | None = "paper.md") -> RunScript:
+    def _run_ending(self, ending: type[ev.Event], **fields: Any) -> RunScript:
+        """The event that ends the run (``ending``), timed from its start."""
         return self._add(
-            ev.WorkflowCompleted(
+            ending(
                 session_id=self.session_id,
                 timestamp=self.now,
                 duration_seconds=self.now - self.t0,
-                document_path=document_path,
+                **fields,
             )
         )
 
+    def complete(self, document_path: str | None = "paper.md") -> RunScript:
+        return self._run_ending(ev.WorkflowCompleted, document_path=document_path)
+
     def failed(self, stage: str, error: str) -> RunScript:
-        return self._add(
-            ev.WorkflowFailed(
-                session_id=self.session_id,
-                timestamp=self.now,
-                duration_seconds=self.now - self.t0,
-                stage=stage,
-                error=error,
-                error_type="permanent",
-            )
-        )
+        return self._run_ending(ev.WorkflowFailed, stage=stage, error=error, error_type="permanent")
 
 
 def doc_example_run(session_id: str = DOC_SESSION, *, finish: bool = True) -> RunScript:
