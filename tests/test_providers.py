@@ -593,6 +593,40 @@ def prowzi_run(server: ProviderServer, tmp_path: Path, *args: str, **env: str) -
     )
 
 
+def reef_run(
+    server: ProviderServer, tmp_path: Path, providers: str, session: str, *args: str, **env: str
+) -> Any:
+    """``prowzi run`` of the coral reef report with ``--providers`` and ``--session-id``."""
+    return prowzi_run(
+        server,
+        tmp_path,
+        "Write a report on coral reef bleaching",
+        "--providers",
+        providers,
+        "--session-id",
+        session,
+        *args,
+        **env,
+    )
+
+
+def arxiv_down(path: str = "") -> dict[str, str]:
+    """The environment of a run whose arXiv is unreachable (a closed port) and whose
+    providers do not retry."""
+    return {
+        "PROWZI_ARXIV_URL": f"http://127.0.0.1:{closed_port()}{path}",
+        "PROWZI_PROVIDER_MAX_RETRIES": "0",
+    }
+
+
+def corpus_of_one(tmp_path: Path, name: str, text: str) -> Path:
+    """A corpus folder holding one note, ``name``."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / name).write_text(text)
+    return corpus
+
+
 def search_details(tmp_path: Path, session: str) -> dict[str, Any]:
     record = json.loads((tmp_path / "telemetry" / f"{session}.json").read_text())
     (stage,) = [
@@ -604,25 +638,16 @@ def search_details(tmp_path: Path, session: str) -> dict[str, Any]:
 def test_prowzi_run_with_providers_cites_their_results_beside_the_corpus(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "thermal.md").write_text(
+    corpus = corpus_of_one(
+        tmp_path,
+        "thermal.md",
         "---\ntitle: Thermal stress and coral reef bleaching events\nauthors: [Ana Costa]\n"
         f"year: 2019\ndoi: {WORKS['w1']['doi']}\n---\n\n"
-        "Marine heatwaves bleach coral reefs; our field notes on coral reef bleaching.\n"
+        "Marine heatwaves bleach coral reefs; our field notes on coral reef bleaching.\n",
     )
-    done = prowzi_run(
-        server,
-        tmp_path,
-        "Write a report on coral reef bleaching",
-        "--corpus",
-        str(corpus),
-        "--providers",
-        "crossref,arxiv,openalex,semanticscholar,pubmed",
-        "--session-id",
-        "reef-1",
-        "--output",
-        "reef.md",
+    every = "crossref,arxiv,openalex,semanticscholar,pubmed"
+    done = reef_run(
+        server, tmp_path, every, "reef-1", "--corpus", str(corpus), "--output", "reef.md"
     )
     assert done.returncode == 0, done.stderr
     document = (tmp_path / "reef.md").read_text()
@@ -643,11 +668,9 @@ def test_prowzi_run_with_providers_cites_their_results_beside_the_corpus(
     # w1 to w8 once each, and the corpus copy instead of w1
     assert details["sources_count"] == 8
 
-    again = prowzi_run(
-        server, tmp_path, "Write a report on coral reef bleaching", "--corpus", str(corpus),
-        "--providers", "crossref,arxiv,openalex,semanticscholar,pubmed",
-        "--session-id", "reef-2", "--output", "reef2.md",
-    )  # fmt: skip
+    again = reef_run(
+        server, tmp_path, every, "reef-2", "--corpus", str(corpus), "--output", "reef2.md"
+    )
     assert again.returncode == 0, again.stderr
     sent = len(server.seen())
     assert all(
@@ -660,18 +683,8 @@ def test_prowzi_run_with_providers_cites_their_results_beside_the_corpus(
 def test_prowzi_run_goes_on_when_a_provider_is_down_and_fails_when_all_are(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    down = f"http://127.0.0.1:{closed_port()}"
-    done = prowzi_run(
-        server,
-        tmp_path,
-        "Write a report on coral reef bleaching",
-        "--providers",
-        "crossref,arxiv",
-        "--session-id",
-        "reef-down",
-        PROWZI_ARXIV_URL=down,
-        PROWZI_PROVIDER_MAX_RETRIES="0",
-    )
+    down = arxiv_down()
+    done = reef_run(server, tmp_path, "crossref,arxiv", "reef-down", **down)
     assert done.returncode == 0, done.stderr
     assert "arxiv failed" in done.stdout
     details = search_details(tmp_path, "reef-down")
@@ -679,18 +692,7 @@ def test_prowzi_run_goes_on_when_a_provider_is_down_and_fails_when_all_are(
     assert details["warnings"] == [f"arxiv failed: {details['providers']['arxiv']['error']}"]
     assert details["providers"]["crossref"]["results"] > 0
 
-    failed = prowzi_run(
-        server,
-        tmp_path,
-        "Write a report on coral reef bleaching",
-        "--providers",
-        "arxiv",
-        "--session-id",
-        "reef-all-down",
-        PROWZI_ARXIV_URL=down,
-        PROWZI_PROVIDER_MAX_RETRIES="0",
-        PROWZI_MAX_RETRIES="0",
-    )
+    failed = reef_run(server, tmp_path, "arxiv", "reef-all-down", **down, PROWZI_MAX_RETRIES="0")
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1].startswith("error:")
     assert "every online provider failed: arxiv: unreachable" in failed.stderr
@@ -750,18 +752,14 @@ def test_a_provider_url_that_is_not_http_is_refused_naming_its_variable() -> Non
 def test_a_resume_searches_the_providers_its_run_was_given(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    down = f"http://127.0.0.1:{closed_port()}/arxiv"
-    failed = prowzi_run(
+    down = arxiv_down("/arxiv")
+    failed = reef_run(
         server,
         tmp_path,
-        "Write a report on coral reef bleaching",
-        "--providers",
         "arxiv",
-        "--enable-checkpoints",
-        "--session-id",
         "reef-resume",
-        PROWZI_ARXIV_URL=down,
-        PROWZI_PROVIDER_MAX_RETRIES="0",
+        "--enable-checkpoints",
+        **down,
         PROWZI_MAX_RETRIES="0",
     )
     assert failed.returncode == 1 and "prowzi resume reef-resume" in failed.stderr
@@ -790,16 +788,8 @@ def test_prowzi_run_fetches_full_text_only_with_the_flag(
 ) -> None:
     server.make_pdfs(tmp_path / "pdfs")
     for session, flag in (("reef-abstracts", ()), ("reef-full", ("--fetch-full-text",))):
-        done = prowzi_run(
-            server,
-            tmp_path,
-            "Write a report on coral reef bleaching",
-            "--providers",
-            "arxiv",
-            "--session-id",
-            session,
-            *flag,
-            PROWZI_PROVIDER_CACHE_TTL_SECONDS="0",
+        done = reef_run(
+            server, tmp_path, "arxiv", session, *flag, PROWZI_PROVIDER_CACHE_TTL_SECONDS="0"
         )
         assert done.returncode == 0, done.stderr
     assert "full_texts" not in search_details(tmp_path, "reef-abstracts")["providers"]["arxiv"]
@@ -811,24 +801,15 @@ def test_prowzi_run_fetches_full_text_only_with_the_flag(
 def test_a_doi_found_in_the_corpus_is_completed_from_crossref_when_providers_are_on(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "recovery.md").write_text(
-        f"---\ntitle: Reef recovery notes\ndoi: {WORKS['w3']['doi']}\n---\n\n"
-        "How coral reefs recover after coral reef bleaching, from our own field notes.\n"
-    )
-    done = prowzi_run(
-        server,
+    corpus = corpus_of_one(
         tmp_path,
-        "Write a report on coral reef bleaching",
-        "--corpus",
-        str(corpus),
-        "--providers",
-        "arxiv",  # not Crossref: the lookup goes to Crossref all the same
-        "--session-id",
-        "reef-doi",
-        "--output",
-        "reef.md",
+        "recovery.md",
+        f"---\ntitle: Reef recovery notes\ndoi: {WORKS['w3']['doi']}\n---\n\n"
+        "How coral reefs recover after coral reef bleaching, from our own field notes.\n",
+    )
+    # not Crossref: the lookup goes to Crossref all the same
+    done = reef_run(
+        server, tmp_path, "arxiv", "reef-doi", "--corpus", str(corpus), "--output", "reef.md"
     )
     assert done.returncode == 0, done.stderr
     references = (tmp_path / "reef.md").read_text().split("## References")[1]
