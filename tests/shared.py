@@ -1,5 +1,6 @@
 """What the tests share: the stages (Prowzi's own table, via prowzi.testing), the design
-document's prompt, and a process that holds a session's lease. This module holds no tests."""
+document's prompt, a process that holds a session's lease and a user's own corpus. This module
+holds no tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prowzi.testing import STAGES
 
@@ -41,4 +43,13 @@ def lease_held_by_a_child(store: str | os.PathLike[str], session: str) -> Iterat
         child.wait(timeout=30)
 
 
-__all__ = ["PROMPT", "STAGES", "lease_held_by_a_child"]
+def write_corpus(folder: Path, files: dict[str, str]) -> Path:
+    """Make the folder ``folder`` holding ``files`` (name to text, written as UTF-8): a user's
+    own corpus. The folder must not exist yet."""
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+__all__ = ["PROMPT", "STAGES", "lease_held_by_a_child", "write_corpus"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from shared import write_corpus
 
 from prowzi.agents import default_agents
 from prowzi.agents._draft import cited_numbers, cited_quotations, quotations
@@ -569,47 +570,42 @@ def test_agents_explain_their_work(tmp_path: Path) -> None:
 
 
 def test_a_users_own_corpus_of_md_json_and_jsonl(tmp_path: Path) -> None:
-    corpus = tmp_path / "reefs"
-    corpus.mkdir()
-    (corpus / "bleaching.md").write_text(
-        "---\nauthors: [R. Coral, S. Diver]\nyear: 2016\nurl: https://example.org/bleach\n---\n"
-        "# Coral Reef Bleaching\n\nMarine heatwaves cause coral reef bleaching when corals "
-        "expel their symbiotic algae. Repeated bleaching leaves reefs little time to recover.\n",
-        encoding="utf-8",
-    )
-    (corpus / "records.json").write_text(
-        json.dumps(
-            {
-                "records": [
-                    {
-                        "title": "Reef Fish Diversity",
-                        "authors": ["F. Fin"],
-                        "year": 2012,
-                        "abstract": "Coral reefs shelter a quarter of marine fish species. "
-                        "Reef structure provides the shelter that many juvenile fish need.",
-                    },
-                ]
-            }
-        ),
-        encoding="utf-8",
-    )
-    (corpus / "more.jsonl").write_text(
-        json.dumps(
-            {
-                "id": "acid",
-                "title": "Ocean Acidification and Reefs",
-                "doi": "10.9/acid",
-                "authors": ["P. H. Low"],
-                "year": 2019,
-                "text": "Ocean acidification slows the growth of coral reef skeletons. "
-                "Lower carbonate saturation makes building reefs harder.",
-            }
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (corpus / "unrelated.txt").write_text(
-        "Sourdough bread needs a lively starter culture.\n", encoding="utf-8"
+    corpus = write_corpus(
+        tmp_path / "reefs",
+        {
+            "bleaching.md": (
+                "---\nauthors: [R. Coral, S. Diver]\nyear: 2016\nurl: https://example.org/bleach\n"
+                "---\n# Coral Reef Bleaching\n\nMarine heatwaves cause coral reef bleaching when "
+                "corals expel their symbiotic algae. Repeated bleaching leaves reefs little time "
+                "to recover.\n"
+            ),
+            "records.json": json.dumps(
+                {
+                    "records": [
+                        {
+                            "title": "Reef Fish Diversity",
+                            "authors": ["F. Fin"],
+                            "year": 2012,
+                            "abstract": "Coral reefs shelter a quarter of marine fish species. "
+                            "Reef structure provides the shelter that many juvenile fish need.",
+                        },
+                    ]
+                }
+            ),
+            "more.jsonl": json.dumps(
+                {
+                    "id": "acid",
+                    "title": "Ocean Acidification and Reefs",
+                    "doi": "10.9/acid",
+                    "authors": ["P. H. Low"],
+                    "year": 2019,
+                    "text": "Ocean acidification slows the growth of coral reef skeletons. "
+                    "Lower carbonate saturation makes building reefs harder.",
+                }
+            )
+            + "\n",
+            "unrelated.txt": "Sourdough bread needs a lively starter culture.\n",
+        },
     )
     state = run_all("Write a report on coral reefs", make_config(tmp_path), corpus_dir=str(corpus))
     assert state.search is not None and state.draft is not None
@@ -776,10 +772,11 @@ def test_the_document_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
 
 
 def test_parameters_win_and_the_configuration_is_the_fallback(tmp_path: Path) -> None:
-    corpus = tmp_path / "own"
-    corpus.mkdir()
-    (corpus / "qubits.md").write_text(
-        "# Qubits\n\nA qubit is a quantum bit of information.\n", encoding="utf-8"
+    corpus = write_corpus(
+        tmp_path / "own",
+        {
+            "qubits.md": "# Qubits\n\nA qubit is a quantum bit of information.\n",
+        },
     )
     config = make_config(tmp_path)
     config.corpus_dir = corpus

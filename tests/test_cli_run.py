@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared import PROMPT
+from shared import PROMPT, write_corpus
 from typer.testing import CliRunner, Result
 
 import prowzi as prowzi_pkg
@@ -106,16 +106,19 @@ def test_ai_safety_document_cites_corpus_records(tmp_path: Path) -> None:
 
 
 def test_run_with_output_and_own_corpus(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.md").write_text(
-        "# Photosynthesis in algae\n\nAlgae convert light into chemical energy through "
-        "photosynthesis, producing oxygen and sugars in their chloroplasts.\n"
-    )
-    (corpus / "b.jsonl").write_text(
-        '{"title": "Algae biofuels", "abstract": "Algae can be grown for biofuel because '
-        'photosynthesis stores energy in lipids.", "authors": ["A. Writer"], "year": 2020, '
-        '"url": "https://example.org/algae"}\n'
+    corpus = write_corpus(
+        tmp_path / "corpus",
+        {
+            "a.md": (
+                "# Photosynthesis in algae\n\nAlgae convert light into chemical energy through "
+                "photosynthesis, producing oxygen and sugars in their chloroplasts.\n"
+            ),
+            "b.jsonl": (
+                '{"title": "Algae biofuels", "abstract": "Algae can be grown for biofuel because '
+                'photosynthesis stores energy in lipids.", "authors": ["A. Writer"], "year": 2020, '
+                '"url": "https://example.org/algae"}\n'
+            ),
+        },
     )
     out = tmp_path / "out" / "paper.md"
     proc = prowzi(

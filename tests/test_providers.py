@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from provider_servers import Fault, ProviderServer, load_works
+from shared import write_corpus
 
 from prowzi.agents.models import CorpusInfo, QueryResult, SearchAgentResult, Source
 from prowzi.config import ProwziConfig, get_config
@@ -619,14 +620,6 @@ def arxiv_down(path: str = "") -> dict[str, str]:
     }
 
 
-def corpus_of_one(tmp_path: Path, name: str, text: str) -> Path:
-    """A corpus folder holding one note, ``name``."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / name).write_text(text)
-    return corpus
-
-
 def search_details(tmp_path: Path, session: str) -> dict[str, Any]:
     record = json.loads((tmp_path / "telemetry" / f"{session}.json").read_text())
     (stage,) = [
@@ -638,12 +631,15 @@ def search_details(tmp_path: Path, session: str) -> dict[str, Any]:
 def test_prowzi_run_with_providers_cites_their_results_beside_the_corpus(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    corpus = corpus_of_one(
-        tmp_path,
-        "thermal.md",
-        "---\ntitle: Thermal stress and coral reef bleaching events\nauthors: [Ana Costa]\n"
-        f"year: 2019\ndoi: {WORKS['w1']['doi']}\n---\n\n"
-        "Marine heatwaves bleach coral reefs; our field notes on coral reef bleaching.\n",
+    corpus = write_corpus(
+        tmp_path / "corpus",
+        {
+            "thermal.md": (
+                "---\ntitle: Thermal stress and coral reef bleaching events\nauthors: [Ana Costa]\n"
+                f"year: 2019\ndoi: {WORKS['w1']['doi']}\n---\n\n"
+                "Marine heatwaves bleach coral reefs; our field notes on coral reef bleaching.\n"
+            ),
+        },
     )
     every = "crossref,arxiv,openalex,semanticscholar,pubmed"
     done = reef_run(
@@ -801,11 +797,14 @@ def test_prowzi_run_fetches_full_text_only_with_the_flag(
 def test_a_doi_found_in_the_corpus_is_completed_from_crossref_when_providers_are_on(
     server: ProviderServer, tmp_path: Path
 ) -> None:
-    corpus = corpus_of_one(
-        tmp_path,
-        "recovery.md",
-        f"---\ntitle: Reef recovery notes\ndoi: {WORKS['w3']['doi']}\n---\n\n"
-        "How coral reefs recover after coral reef bleaching, from our own field notes.\n",
+    corpus = write_corpus(
+        tmp_path / "corpus",
+        {
+            "recovery.md": (
+                f"---\ntitle: Reef recovery notes\ndoi: {WORKS['w3']['doi']}\n---\n\n"
+                "How coral reefs recover after coral reef bleaching, from our own field notes.\n"
+            ),
+        },
     )
     # not Crossref: the lookup goes to Crossref all the same
     done = reef_run(

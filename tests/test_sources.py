@@ -20,6 +20,7 @@ from pathlib import Path
 import pypdf
 import pytest
 from pdf_maker import encrypted_pdf, enscript_pdf, ms_pdf, scanned_pdf
+from shared import write_corpus
 from test_agents_pipeline import QUANTUM, Recorder, make_config, run_all
 
 from prowzi.agents import _draft, _support
@@ -138,27 +139,28 @@ def test_pdfs_are_read_with_honest_metadata_and_pages(pdf_corpus: Path) -> None:
 def test_reading_formats_markdown_rst_html_docx_and_identifiers(tmp_path: Path) -> None:
     import docx
 
-    root = tmp_path / "mixed"
-    root.mkdir()
-    (root / "guide.rst").write_text(
-        "=================\nKelp Forest Guide\n=================\n\n:Author: Sam Holdfast\n\n"
-        "Overview\n--------\n\nKelp forests grow along cold rocky coasts.\n\n"
-        "Urchins\n-------\n\nSea urchins graze kelp holdfasts when otters are absent.\n",
-        encoding="utf-8",
-    )
-    (root / "page.html").write_text(
-        "<html><head><title>Seagrass Meadows</title>"
-        '<meta name="citation_author" content="Eel Grass">'
-        '<meta name="citation_publication_date" content="2011/05/02">'
-        "<style>p { color: red }</style></head><body><nav>Home | About</nav>"
-        "<h2>Carbon</h2><p>Seagrass meadows store carbon in their sediments.</p>"
-        "<script>var x = 'not prose';</script></body></html>",
-        encoding="utf-8",
-    )
-    (root / "preprint.md").write_text(
-        "# Mangrove Roots\n\narXiv:2103.01234 [q-bio]\n\nMangrove roots trap sediment. "
-        "See doi:10.5555/mangrove.42 for the data.\n",
-        encoding="utf-8",
+    root = write_corpus(
+        tmp_path / "mixed",
+        {
+            "guide.rst": (
+                "=================\nKelp Forest Guide\n=================\n\n"
+                ":Author: Sam Holdfast\n\n"
+                "Overview\n--------\n\nKelp forests grow along cold rocky coasts.\n\n"
+                "Urchins\n-------\n\nSea urchins graze kelp holdfasts when otters are absent.\n"
+            ),
+            "page.html": (
+                "<html><head><title>Seagrass Meadows</title>"
+                '<meta name="citation_author" content="Eel Grass">'
+                '<meta name="citation_publication_date" content="2011/05/02">'
+                "<style>p { color: red }</style></head><body><nav>Home | About</nav>"
+                "<h2>Carbon</h2><p>Seagrass meadows store carbon in their sediments.</p>"
+                "<script>var x = 'not prose';</script></body></html>"
+            ),
+            "preprint.md": (
+                "# Mangrove Roots\n\narXiv:2103.01234 [q-bio]\n\nMangrove roots trap sediment. "
+                "See doi:10.5555/mangrove.42 for the data.\n"
+            ),
+        },
     )
     document = docx.Document()
     document.add_paragraph("Salt Marsh Survey", style="Title")
