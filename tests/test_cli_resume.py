@@ -85,14 +85,7 @@ def test_signal_saves_completed_stages_then_resume_finishes(
     # ...but the stages completed before the signal were saved on the way out
     assert latest is not None and latest.completed_stages == done
 
-    resumed = subprocess.run(
-        [PROWZI, "resume", "sig"],
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    resumed = _prowzi(tmp_path, "resume", "sig", timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "sig.md").read_text(encoding="utf-8").count("## References") == 1
     manager.verify_chain("sig")
@@ -146,39 +139,18 @@ def test_cli_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
     orch = ProwziOrchestrator(config=config, tracer=NullTracer())
     asyncio.run(orch.run_research("Write a research paper on AI safety", session_id="plan"))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    proc = subprocess.run(
-        [PROWZI, "resume", "plan", "--dry-run", "--set", "max_results_per_query=4"],
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    proc = _prowzi(tmp_path, "resume", "plan", "--dry-run", "--set", "max_results_per_query=4")
     assert proc.returncode == 0, proc.stderr
     assert "parameter max_results_per_query: 15 -> 4" in proc.stdout
     assert "search: run (parameter max_results_per_query changed)" in proc.stdout
     assert "intent: restored from checkpoint" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
-    bad = subprocess.run(
-        [PROWZI, "resume", "plan", "--set", "max_results_per_query=zero"],
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    bad = _prowzi(tmp_path, "resume", "plan", "--set", "max_results_per_query=zero")
     assert (
         bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     )
-    complete = subprocess.run(
-        [PROWZI, "resume", "plan"],
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    complete = _prowzi(tmp_path, "resume", "plan")
     assert complete.returncode == 0 and "already complete" in complete.stdout
 
 
@@ -197,13 +169,28 @@ def _sessions(tmp_path: Path, *ids: str) -> CheckpointManager:
     return CheckpointManager(tmp_path / "checkpoints")
 
 
-def _prowzi(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _failing(stage: str, marker: Path) -> dict[str, str]:
+    """Settings for a run whose ``stage`` fails at once (no retries) while the file
+    ``marker`` exists; it is made here."""
+    marker.touch()
+    return {
+        "PROWZI_AGENTS": f"{stage}=engine_agents:failing",
+        "PROWZI_TEST_FAIL_MARKER": str(marker),
+        "PROWZI_MAX_RETRIES": "0",
+    }
+
+
+def _prowzi(
+    tmp_path: Path, *args: str, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``prowzi ARGS`` in ``tmp_path`` as a real process with the ``env`` of this module
+    (``extra`` on top), to its end."""
     return subprocess.run(
         [PROWZI, *args],
-        env=env(tmp_path),
+        env=env(tmp_path, **extra),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=tmp_path,
     )
 
@@ -314,29 +301,16 @@ def test_a_forked_resume_uses_one_session_id_throughout(tmp_path: Path) -> None:
 
 def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path) -> None:
     marker = tmp_path / "fail-while-this-exists"
-    marker.touch()
-    failing = env(
+    first = _prowzi(
         tmp_path,
-        PROWZI_AGENTS="writing=engine_agents:failing",
-        PROWZI_TEST_FAIL_MARKER=str(marker),
-        PROWZI_MAX_RETRIES="0",
-    )
-    first = subprocess.run(
-        [
-            PROWZI,
-            "run",
-            "Write about quantum computing",
-            "--enable-checkpoints",
-            "--session-id",
-            "out",
-            "--output",
-            "papers/mine.md",
-        ],
-        env=failing,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+        "run",
+        "Write about quantum computing",
+        "--enable-checkpoints",
+        "--session-id",
+        "out",
+        "--output",
+        "papers/mine.md",
+        **_failing("writing", marker),
     )
     assert first.returncode == 1
     lines = first.stderr.splitlines()
@@ -357,20 +331,15 @@ def test_resume_in_place_writes_where_the_first_run_was_asked_to(tmp_path: Path)
 
 def _failed_at_writing(tmp_path: Path, session: str, *output: str) -> None:
     marker = tmp_path / "fail-while-this-exists"
-    marker.touch()
-    first = subprocess.run(
-        [PROWZI, "run", "Write about quantum computing", "--session-id", session, *output],
-        env=env(
-            tmp_path,
-            PROWZI_AGENTS="writing=engine_agents:failing",
-            PROWZI_TEST_FAIL_MARKER=str(marker),
-            PROWZI_MAX_RETRIES="0",
-            PROWZI_ENABLE_CHECKPOINTING="true",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+    first = _prowzi(
+        tmp_path,
+        "run",
+        "Write about quantum computing",
+        "--session-id",
+        session,
+        *output,
+        **_failing("writing", marker),
+        PROWZI_ENABLE_CHECKPOINTING="true",
     )
     assert first.returncode == 1, first.stderr
     marker.unlink()
@@ -463,20 +432,9 @@ def test_sigterm_does_not_wait_for_an_agent_blocked_in_a_thread(tmp_path: Path) 
 
 
 def test_no_resume_hint_when_nothing_was_saved(tmp_path: Path) -> None:
-    marker = tmp_path / "fail"
-    marker.touch()
-    proc = subprocess.run(
-        [PROWZI, "run", "x", "--enable-checkpoints", "--session-id", "nothing"],
-        env=env(
-            tmp_path,
-            PROWZI_AGENTS="intent=engine_agents:failing",
-            PROWZI_TEST_FAIL_MARKER=str(marker),
-            PROWZI_MAX_RETRIES="0",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+    failing = _failing("intent", tmp_path / "fail")
+    proc = _prowzi(
+        tmp_path, "run", "x", "--enable-checkpoints", "--session-id", "nothing", **failing
     )
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1].startswith("error: stage 'intent' failed")
@@ -494,13 +452,15 @@ def test_resuming_a_complete_session_writes_its_document(tmp_path: Path) -> None
 def test_a_run_whose_saves_fail_says_which_stages_are_not_checkpointed(tmp_path: Path) -> None:
     """The checkpoint directory is replaced by a file during evaluation (a real failure of
     every later save): the run still writes its document, and says what a resume would redo."""
-    proc = subprocess.run(
-        [PROWZI, "run", "x y", "--enable-checkpoints", "--session-id", "lost"],
-        env=env(tmp_path, PROWZI_AGENTS="evaluation=engine_agents:lose_checkpoint_dir"),
-        capture_output=True,
-        text=True,
+    proc = _prowzi(
+        tmp_path,
+        "run",
+        "x y",
+        "--enable-checkpoints",
+        "--session-id",
+        "lost",
         timeout=120,
-        cwd=tmp_path,
+        PROWZI_AGENTS="evaluation=engine_agents:lose_checkpoint_dir",
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "lost.md").is_file()
