@@ -1,6 +1,6 @@
 """What the tests share: the stages (Prowzi's own table, via prowzi.testing), the design
-document's prompt, a process that holds a session's lease and a user's own corpus. This module
-holds no tests."""
+document's prompt, the prowzi command run as a process, a process that holds a session's lease
+and a user's own corpus. This module holds no tests."""
 
 from __future__ import annotations
 
@@ -8,13 +8,31 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from prowzi.testing import STAGES
 
 PROMPT = "Write a research paper on quantum computing"
+
+# The prowzi command as a process of this interpreter.
+PROWZI_CLI = (sys.executable, "-m", "prowzi.cli.main")
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``prowzi ARGS`` in ``cwd`` as a real process, to its end, its output captured as text;
+    ``env`` on top of this process's environment."""
+    return subprocess.run(
+        [*PROWZI_CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        cwd=cwd,
+    )
 
 
 @contextmanager
@@ -52,4 +70,4 @@ def write_corpus(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
-__all__ = ["PROMPT", "STAGES", "lease_held_by_a_child", "write_corpus"]
+__all__ = ["PROMPT", "PROWZI_CLI", "STAGES", "lease_held_by_a_child", "run_cli", "write_corpus"]

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from llm_checks import assert_cites_only_verified
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from shared import PROMPT
+from shared import PROMPT, PROWZI_CLI, run_cli
 
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import WorkflowFailedError
@@ -65,17 +64,6 @@ def stage_details(config: ProwziConfig, session_id: str) -> dict[str, dict[str, 
     return {s["stage"]: s["details"] for s in record["stages"] if s["status"] == "completed"}
 
 
-def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prowzi.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-        cwd=cwd,
-    )
-
-
 def cli_env(srv: ChatServer, **extra: str) -> dict[str, str]:
     return {
         "PROWZI_LLM_BASE_URL": srv.base_url,
@@ -96,8 +84,8 @@ def all_bytes_under(root: Path) -> bytes:
 def test_prowzi_run_llm_writes_a_cited_document_and_counts_every_token(
     server: ChatServer, tmp_path: Path
 ) -> None:
-    proc = cli("run", PROMPT, "--llm", MODEL, "--enable-checkpoints", "--output", "doc.md",
-               env=cli_env(server), cwd=tmp_path)  # fmt: skip
+    proc = run_cli("run", PROMPT, "--llm", MODEL, "--enable-checkpoints", "--output", "doc.md",
+                   env=cli_env(server), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     session = proc.stdout.split("Session: ")[1].split()[0]
     config = get_config(checkpoint_dir=tmp_path / "prowzi_checkpoints")
@@ -124,10 +112,10 @@ def test_prowzi_run_llm_writes_a_cited_document_and_counts_every_token(
     assert details["writing"]["llm_calls"] == len(server.chat_requests("text"))
     assert {"citations_dropped", "quotes_dropped"} <= set(details["writing"])
     # `prowzi show` reports tokens and cost
-    shown = cli("show", session, env={}, cwd=tmp_path)
+    shown = run_cli("show", session, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "tokens" in shown.stdout.lower() and "$" in shown.stdout
-    monitored = cli("monitor", session, env={}, cwd=tmp_path)
+    monitored = run_cli("monitor", session, env={}, cwd=tmp_path)
     assert monitored.returncode == 0, monitored.stderr
     assert "Model usage:" in monitored.stdout and "tokens $" in monitored.stdout
     # the key is nowhere: outputs, checkpoints, cache, telemetry, the document
@@ -164,11 +152,11 @@ def test_a_timeout_is_transient_and_retried(server: ChatServer, tmp_path: Path) 
 
 
 def test_a_budget_without_a_model_or_a_price_is_refused(server: ChatServer, tmp_path: Path) -> None:
-    proc = cli("run", PROMPT, "--max-cost", "1", env={}, cwd=tmp_path)
+    proc = run_cli("run", PROMPT, "--max-cost", "1", env={}, cwd=tmp_path)
     assert proc.returncode == 2 and "needs a model" in proc.stderr
     assert proc.stderr.count("\n") == 1
     unpriced = {**cli_env(server), "PROWZI_LLM_PRICES": "other=1/1"}
-    proc = cli("run", PROMPT, "--llm", MODEL, "--max-cost", "1", env=unpriced, cwd=tmp_path)
+    proc = run_cli("run", PROMPT, "--llm", MODEL, "--max-cost", "1", env=unpriced, cwd=tmp_path)
     assert proc.returncode == 2 and f"needs the price of '{MODEL}'" in proc.stderr
     assert not server.chat_requests()
 
@@ -202,7 +190,7 @@ def test_500s_are_retried_then_exhausted_naming_the_stage_and_cause(
 
 def test_401_is_not_retried_and_the_key_appears_nowhere(server: ChatServer, tmp_path: Path) -> None:
     server.script("IntentAnswer", Fault("401"))
-    proc = cli(
+    proc = run_cli(
         "run", PROMPT, "--llm", MODEL, "--enable-checkpoints", env=cli_env(server), cwd=tmp_path
     )
     assert proc.returncode == 1
@@ -220,18 +208,20 @@ def test_bad_settings_fail_before_the_run_in_one_line(server: ChatServer, tmp_pa
     from emulator_servers import free_port
 
     unreachable = {"PROWZI_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-    proc = cli("run", PROMPT, "--llm", MODEL, env=unreachable, cwd=tmp_path)
+    proc = run_cli("run", PROMPT, "--llm", MODEL, env=unreachable, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "cannot be reached" in proc.stderr
     assert "session:" not in proc.stderr  # nothing started
-    bad_url = cli(
+    bad_url = run_cli(
         "run", PROMPT, "--llm", MODEL, env={"PROWZI_LLM_BASE_URL": "localhost:1"}, cwd=tmp_path
     )
     assert bad_url.returncode == 2 and "PROWZI_LLM_BASE_URL" in bad_url.stderr
-    bad_prices = cli("run", PROMPT, "--llm", MODEL, env={"PROWZI_LLM_PRICES": "x=1"}, cwd=tmp_path)
+    bad_prices = run_cli(
+        "run", PROMPT, "--llm", MODEL, env={"PROWZI_LLM_PRICES": "x=1"}, cwd=tmp_path
+    )
     assert bad_prices.returncode == 2 and "PROWZI_LLM_PRICES" in bad_prices.stderr
     server.models_status = 401
-    refused = cli("run", PROMPT, "--llm", MODEL, env=cli_env(server), cwd=tmp_path)
+    refused = run_cli("run", PROMPT, "--llm", MODEL, env=cli_env(server), cwd=tmp_path)
     assert refused.returncode == 2 and "refused the API key" in refused.stderr
     assert KEY not in refused.stderr
     assert not server.chat_requests()
@@ -345,16 +335,7 @@ def test_kill_9_during_writing_then_resume_repeats_no_completed_call(
     server.delay["text"] = 0.4
     env = cli_env(server, PROWZI_LLM_CONCURRENCY="1")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prowzi.cli.main",
-            "run",
-            PROMPT,
-            "--llm",
-            MODEL,
-            "--enable-checkpoints",
-        ],
+        [*PROWZI_CLI, "run", PROMPT, "--llm", MODEL, "--enable-checkpoints"],
         env={**os.environ, **env},
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -375,7 +356,7 @@ def test_kill_9_during_writing_then_resume_repeats_no_completed_call(
     assert len([r for r in before if r.kind == "text"]) >= 2
     manager = CheckpointManager(tmp_path / "prowzi_checkpoints")
     assert manager.load_checkpoint(session).metadata.completed_stages[-1] == "verification"
-    resumed = cli("resume", session, "--llm", MODEL, env=env, cwd=tmp_path)
+    resumed = run_cli("resume", session, "--llm", MODEL, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     after = server.chat_requests()[len(before) :]
     assert after, "the resume sent nothing"
@@ -384,8 +365,8 @@ def test_kill_9_during_writing_then_resume_repeats_no_completed_call(
     # a fork that changes only evaluation_threshold sends only evaluation's calls
     server.score = 8  # 0.8: passes 0.75, not 0.95 (a revision pass runs)
     sent = len(server.chat_requests())
-    fork = cli("resume", session, "--llm", MODEL, "--set", "evaluation_threshold=0.95",
-               env=env, cwd=tmp_path)  # fmt: skip
+    fork = run_cli("resume", session, "--llm", MODEL, "--set", "evaluation_threshold=0.95",
+                   env=env, cwd=tmp_path)  # fmt: skip
     assert fork.returncode == 0, fork.stderr
     forked = server.chat_requests()[sent:]
     assert forked
@@ -398,8 +379,8 @@ def test_budget_stops_the_run_cleanly_and_a_larger_one_finishes_it(
     server: ChatServer, tmp_path: Path
 ) -> None:
     env = cli_env(server)
-    stopped = cli("run", PROMPT, "--llm", MODEL, "--enable-checkpoints", "--max-tokens", "2500",
-                  env=env, cwd=tmp_path)  # fmt: skip
+    stopped = run_cli("run", PROMPT, "--llm", MODEL, "--enable-checkpoints", "--max-tokens", "2500",
+                      env=env, cwd=tmp_path)  # fmt: skip
     assert stopped.returncode == 1
     assert "budget exceeded" in stopped.stderr and "Traceback" not in stopped.stderr
     session = stopped.stderr.split("session: ")[1].split()[0]
@@ -408,8 +389,8 @@ def test_budget_stops_the_run_cleanly_and_a_larger_one_finishes_it(
     assert completed[:2] == ["intent", "planning"] and "evaluation" not in completed
     used = sum(r.usage.get("total_tokens", 0) for r in server.chat_requests())
     assert used <= 2500
-    finished = cli("resume", session, "--llm", MODEL, "--max-tokens", "1000000",
-                   env=env, cwd=tmp_path)  # fmt: skip
+    finished = run_cli("resume", session, "--llm", MODEL, "--max-tokens", "1000000",
+                       env=env, cwd=tmp_path)  # fmt: skip
     assert finished.returncode == 0, finished.stderr
     total = sum(r.usage.get("total_tokens", 0) for r in server.chat_requests())
     assert total > 2500  # the budget was a fraction of the run
@@ -429,7 +410,9 @@ def test_a_budget_stop_is_its_own_webhook_event(server: ChatServer, tmp_path: Pa
             PROWZI_WEBHOOK_SECRET=SECRET,
             PROWZI_WEBHOOK_ALLOW_PRIVATE="true",
         )
-        stopped = cli("run", PROMPT, "--llm", MODEL, "--max-tokens", "2500", env=env, cwd=tmp_path)
+        stopped = run_cli(
+            "run", PROMPT, "--llm", MODEL, "--max-tokens", "2500", env=env, cwd=tmp_path
+        )
         assert stopped.returncode == 1 and "budget exceeded" in stopped.stderr
 
         def types() -> list[str]:

@@ -11,14 +11,11 @@ llama-cpp-python's server constrains an answer to a JSON schema through ``respon
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from emulator_servers import start_llama_server
 from llm_checks import assert_cites_only_verified
-from shared import PROMPT
+from shared import PROMPT, run_cli
 
 from prowzi.workflows.checkpoint import CheckpointManager
 
@@ -28,7 +25,6 @@ def test_a_real_model_run_cites_only_verified_sources_and_quotes_verbatim(
 ) -> None:
     with start_llama_server(tmp_path) as base_url:
         env = {
-            **os.environ,
             "PROWZI_LLM_BASE_URL": base_url,
             "PROWZI_LLM_RESPONSE_FORMAT": "json_object",
             "PROWZI_LLM_MAX_OUTPUT_TOKENS": "160",  # prose; a typed answer gets its schema's bound
@@ -37,24 +33,17 @@ def test_a_real_model_run_cites_only_verified_sources_and_quotes_verbatim(
             "PROWZI_LLM_TIMEOUT_SECONDS": "300",
             "PROWZI_STAGE_TIMEOUT_SECONDS": "900",
         }
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "prowzi.cli.main",
-                "run",
-                PROMPT,
-                "--llm",
-                "smollm2",
-                "--enable-checkpoints",
-                "--max-results",
-                "5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1200,
+        proc = run_cli(
+            "run",
+            PROMPT,
+            "--llm",
+            "smollm2",
+            "--enable-checkpoints",
+            "--max-results",
+            "5",
             env=env,
             cwd=tmp_path,
+            timeout=1200,
         )
     assert proc.returncode == 0, proc.stderr
     session = proc.stdout.split("Session: ")[1].split()[0]

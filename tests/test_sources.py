@@ -20,7 +20,7 @@ from pathlib import Path
 import pypdf
 import pytest
 from pdf_maker import encrypted_pdf, enscript_pdf, ms_pdf, scanned_pdf
-from shared import write_corpus
+from shared import run_cli, write_corpus
 from test_agents_pipeline import QUANTUM, Recorder, make_config, run_all
 
 from prowzi.agents import _draft, _support
@@ -517,29 +517,14 @@ def test_a_planted_unsupported_citation_lowers_the_score(tmp_path: Path) -> None
 
 
 def test_show_lists_references_with_their_metadata_source(pdf_corpus: Path, tmp_path: Path) -> None:
-    prowzi = str(Path(sys.executable).parent / "prowzi")
-    env = {**os.environ, "COLUMNS": "200"}
-    run = subprocess.run(
-        [prowzi, "run", REEFS, "--corpus", str(pdf_corpus), "--output", "reefs.md"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
+    wide = {"COLUMNS": "200"}
+    run = run_cli(
+        "run", REEFS, "--corpus", str(pdf_corpus), "--output", "reefs.md", env=wide, cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr
     session = re.search(r"Session: (\S+)", run.stdout + run.stderr)
     assert session is not None, run.stdout
-    show = subprocess.run(
-        [prowzi, "show", session.group(1)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    show = run_cli("show", session.group(1), env=wide, cwd=tmp_path, timeout=60)
     assert show.returncode == 0, show.stderr
     out = show.stdout
     references = out.split("References", 1)[1].split("Checkpoints", 1)[0]
