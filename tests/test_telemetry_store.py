@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from shared import run_cli
 from telemetry_events import DOC_SESSION, RunScript, doc_example_run
 from typer.testing import CliRunner
 
@@ -374,27 +375,12 @@ def test_another_process_lists_and_shows_a_session_from_s3(tmp_path: Path, s3_st
         "PROWZI_TELEMETRY_DIR": str(tmp_path / "reader"),
         "PROWZI_TELEMETRY_URL": s3_store.url,
     }
-    prowzi = [sys.executable, "-m", "prowzi.cli.main"]
-    listed = subprocess.run(
-        [*prowzi, "sessions", "--json"],
-        capture_output=True,
-        text=True,
-        env=reader_env,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    listed = run_cli("sessions", "--json", env=reader_env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     (row,) = json.loads(listed.stdout)
     assert (row["session_id"], row["status"], row["prompt"]) == ("on-s3", "failed", "written to S3")
     assert row["failed_stages"] == ["planning"] and row["stages_completed"] == 1
-    shown = subprocess.run(
-        [*prowzi, "show", "on-s3", "--json"],
-        capture_output=True,
-        text=True,
-        env=reader_env,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    shown = run_cli("show", "on-s3", "--json", env=reader_env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     assert data["status"] == "failed" and data["session"]["metadata"]["error"] == "planner down"
