@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -32,44 +33,40 @@ SPAN = "b7ad6b7169203331"
 def run_events(session: str, *, outcome: str = "success", trace_id: str = TRACE) -> list[Event]:
     """The events of one run: a retried search; success, failure at writing or cancellation."""
     now = time.time()
-    events: list[Event] = [WorkflowStarted(session_id=session, timestamp=now, prompt="p")]
+    events: list[Event] = []
+
+    def add(kind: type[Event], **fields: Any) -> None:
+        events.append(kind(session_id=session, timestamp=now, **fields))
+
+    add(WorkflowStarted, prompt="p")
     for stage in STAGE_NAMES:
         if stage == "search":
-            events.append(
-                StageRetrying(
-                    session_id=session,
-                    timestamp=now,
-                    stage=stage,
-                    duration_seconds=0.01,
-                    error="boom",
-                    error_type="transient",
-                    delay_seconds=0.1,
-                    trace_id=trace_id,
-                    span_id=SPAN,
-                )
+            add(
+                StageRetrying,
+                stage=stage,
+                duration_seconds=0.01,
+                error="boom",
+                error_type="transient",
+                delay_seconds=0.1,
+                trace_id=trace_id,
+                span_id=SPAN,
             )
         if stage == "writing" and outcome != "success":
             if outcome == "failure":
-                events.append(
-                    StageFailed(
-                        session_id=session,
-                        timestamp=now,
-                        stage=stage,
-                        duration_seconds=0.2,
-                        error="x",
-                        error_type="permanent",
-                    )
-                )
-            events.append(
-                WorkflowFailed(
-                    session_id=session,
-                    timestamp=now,
-                    duration_seconds=1.0,
+                add(
+                    StageFailed,
                     stage=stage,
+                    duration_seconds=0.2,
                     error="x",
                     error_type="permanent",
-                    cancelled=outcome == "cancelled",
                 )
+            add(
+                WorkflowFailed,
+                duration_seconds=1.0,
+                stage=stage,
+                error="x",
+                error_type="permanent",
+                cancelled=outcome == "cancelled",
             )
             return events
         details: dict[str, object] = {}
@@ -77,30 +74,24 @@ def run_events(session: str, *, outcome: str = "success", trace_id: str = TRACE)
             details = {"initial_score": 0.62, "score": 0.81, "revised": True}
         if stage == "turnitin":
             details = {"similarity": 0.04, "flagged": 1}
-        events.append(
-            StageCompleted(
-                session_id=session,
-                timestamp=now,
-                stage=stage,
-                duration_seconds=0.05,
-                details=details,
-                trace_id=trace_id,
-                span_id=SPAN,
-                attempt=2 if stage == "search" else 1,
-            )
+        add(
+            StageCompleted,
+            stage=stage,
+            duration_seconds=0.05,
+            details=details,
+            trace_id=trace_id,
+            span_id=SPAN,
+            attempt=2 if stage == "search" else 1,
         )
-        events.append(
-            CheckpointSaved(
-                session_id=session,
-                timestamp=now,
-                stage=stage,
-                checkpoint_id=f"{session}_{stage}",
-                path="x",
-                size_bytes=5000,
-                duration_seconds=0.003,
-            )
+        add(
+            CheckpointSaved,
+            stage=stage,
+            checkpoint_id=f"{session}_{stage}",
+            path="x",
+            size_bytes=5000,
+            duration_seconds=0.003,
         )
-    events.append(WorkflowCompleted(session_id=session, timestamp=now, duration_seconds=2.5))
+    add(WorkflowCompleted, duration_seconds=2.5)
     return events
 
 
