@@ -17,6 +17,7 @@ import httpx
 import pytest
 from otlp_receiver import OtlpReceiver
 from test_service import Service, free_port
+from test_service_support import wait_until_ready
 
 from prowzi.events import WEBHOOK_EVENT_TYPES
 from prowzi.testing import STAGES
@@ -98,16 +99,7 @@ class Prometheus:
             stderr=subprocess.STDOUT,
         )
         self.client = httpx.Client(base_url=self.url, timeout=10)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.client.get("/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("prometheus did not start")
-            time.sleep(0.1)
+        wait_until_ready(f"{self.url}/-/ready", self.process, "prometheus", interval=0.1)
 
     def api(self, path: str, **params: Any) -> Any:
         response = self.client.get(f"/api/v1/{path}", params=params)
@@ -126,6 +118,17 @@ class Prometheus:
         while self.value(query) is None:
             assert time.monotonic() < deadline, f"prometheus never had {query}"
             time.sleep(0.2)
+
+    def stage_duration_exemplars(self) -> list[dict[str, str]]:
+        """The labels of the stage-duration exemplars stored in the last five minutes."""
+        now = time.time()
+        exemplar_sets = self.api(
+            "query_exemplars",
+            query="prowzi_stage_duration_seconds_bucket",
+            start=str(now - 300),
+            end=str(now + 5),
+        )
+        return [e["labels"] for s in exemplar_sets for e in s["exemplars"]]
 
     def close(self) -> None:
         self.process.terminate()
@@ -200,14 +203,7 @@ def test_prometheus_scrapes_every_family_and_an_exemplar_links_to_a_trace(
                         assert labels[key] in allowed, (family, labels)
 
         # Exemplars: a stage-duration exemplar carries the trace id of exported spans.
-        now = time.time()
-        exemplar_sets = prometheus.api(
-            "query_exemplars",
-            query="prowzi_stage_duration_seconds_bucket",
-            start=str(now - 300),
-            end=str(now + 5),
-        )
-        trace_ids = {e["labels"]["trace_id"] for s in exemplar_sets for e in s["exemplars"]}
+        trace_ids = {labels["trace_id"] for labels in prometheus.stage_duration_exemplars()}
         assert trace_ids, "no exemplars stored"
         receiver.received.wait(10)
         deadline = time.monotonic() + 10
@@ -300,17 +296,9 @@ def test_prometheus_parses_the_openmetrics_of_serve_metrics_and_keeps_its_exempl
             assert target["health"] == "up" and target["lastError"] == "", target
             assert prometheus.value("prowzi_runs_started_total") == 3
             assert prometheus.value('prowzi_runs_completed_total{outcome="cancelled"}') == 1
-            now = time.time()
-            exemplar_sets = prometheus.api(
-                "query_exemplars",
-                query="prowzi_stage_duration_seconds_bucket",
-                start=str(now - 300),
-                end=str(now + 5),
-            )
             stored = {
-                (e["labels"]["trace_id"], e["labels"]["span_id"])
-                for s in exemplar_sets
-                for e in s["exemplars"]
+                (labels["trace_id"], labels["span_id"])
+                for labels in prometheus.stage_duration_exemplars()
             }
             assert stored and stored == exposed_exemplars(registry)
         finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_service_support import subprocess_env
+from test_service_support import subprocess_env, wait_until_ready
 
 from prowzi.testing import STAGES
 
@@ -61,16 +61,7 @@ class Service:
             stderr=subprocess.STDOUT,
         )
         self.client = httpx.Client(base_url=self.url, timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("prowzi serve did not start:\n" + self.log())
-            time.sleep(0.05)
+        wait_until_ready(f"{self.url}/readyz", self.process, "prowzi serve", self.log_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

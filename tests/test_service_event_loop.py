@@ -36,7 +36,7 @@ from typing import Any, cast
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from test_service_support import subprocess_env
+from test_service_support import subprocess_env, wait_until_ready
 
 from prowzi.agents.base import Agent, StageContext
 from prowzi.config import ProwziConfig
@@ -137,17 +137,8 @@ def start_service(cwd: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return process, url, log_path
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the service did not start:\n" + log_path.read_text())
-        time.sleep(0.05)
+    wait_until_ready(f"{url}/readyz", process, "the service", log_path)
+    return process, url, log_path
 
 
 def poll_health(url: str, stop: threading.Event, samples: list[tuple[float, float]]) -> None:

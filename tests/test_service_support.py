@@ -18,8 +18,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 from pydantic import BaseModel
 
 from prowzi.agents.base import Agent, StageContext
@@ -81,3 +84,26 @@ def run_prowzi(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess
         text=True,
         timeout=120,
     )
+
+
+def wait_until_ready(
+    url: str,
+    process: subprocess.Popen[Any],
+    what: str,
+    log: Path | None = None,
+    interval: float = 0.05,
+) -> None:
+    """Until ``url`` answers 200: a server ``process`` has started. If it exits first, or
+    does not answer within 30 s, it is killed and ``RuntimeError`` says so (with ``log``)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            shown = "" if log is None else ":\n" + log.read_text(errors="replace")
+            raise RuntimeError(f"{what} did not start{shown}")
+        time.sleep(interval)
