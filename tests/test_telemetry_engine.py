@@ -10,14 +10,13 @@ from typing import Any
 
 import jsonschema
 import pytest
-from pydantic import BaseModel
 from shared import STAGES as SHARED_STAGES
+from test_orchestrator import Flaky
 
-from prowzi.agents.base import StageContext
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import PermanentError, TransientError, WorkflowFailedError
 from prowzi.events import Event
-from prowzi.testing import noop_agents, noop_result
+from prowzi.testing import noop_agents
 from prowzi.tracing import NullTracer
 from prowzi.workflows import ProwziOrchestrator
 from prowzi.workflows.eventlog import read_events
@@ -27,17 +26,6 @@ SCHEMA = json.loads(
     (Path(__file__).parent / "schemas" / "telemetry_session.schema.json").read_text()
 )
 STAGES = list(SHARED_STAGES)
-
-
-class FailsFirst:
-    def __init__(self, stage: str, exc: Exception, times: int = 1) -> None:
-        self.stage, self.exc, self.times, self.calls = stage, exc, times, 0
-
-    async def __call__(self, ctx: StageContext) -> BaseModel:
-        self.calls += 1
-        if self.calls <= self.times:
-            raise self.exc
-        return noop_result(self.stage, ctx)
 
 
 async def no_sleep(_: float) -> None:
@@ -78,7 +66,7 @@ def test_a_real_run_writes_a_schema_valid_session_file() -> None:
 
 
 def test_a_retried_stage_has_the_documents_shape_from_the_engine() -> None:
-    flaky = FailsFirst("search", TransientError("Rate limit exceeded"))
+    flaky = Flaky("search", 1, TransientError("Rate limit exceeded"))
     asyncio.run(orchestrator({"search": flaky}).run_research("quantum", session_id="retry-1"))
     data = session_file("retry-1")
     jsonschema.validate(data, SCHEMA)
@@ -90,7 +78,7 @@ def test_a_retried_stage_has_the_documents_shape_from_the_engine() -> None:
 
 
 def test_a_failed_run_is_recorded_as_failed() -> None:
-    broken = FailsFirst("planning", PermanentError("no plan possible"), times=99)
+    broken = Flaky("planning", 99, PermanentError("no plan possible"))
     with pytest.raises(WorkflowFailedError):
         asyncio.run(orchestrator({"planning": broken}).run_research("q", session_id="fail-1"))
     data = session_file("fail-1")
@@ -181,7 +169,7 @@ def test_a_resume_records_its_events_past_a_mistyped_log_line(value: object) -> 
     """Issue 15 item 5: a resumed session whose log has a line of the wrong types (skipped,
     as a line that is not JSON is) records all of the resume's events and ends completed,
     not "interrupted 4/7" forever."""
-    broken = FailsFirst("writing", PermanentError("no words"), times=99)
+    broken = Flaky("writing", 99, PermanentError("no words"))
     with pytest.raises(WorkflowFailedError):
         asyncio.run(
             orchestrator({"writing": broken}, enable_checkpointing=True).run_research(
