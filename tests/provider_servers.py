@@ -175,6 +175,16 @@ class ProviderServer:
     def cap(self, provider: str, wanted: int, maximum: int) -> int:
         return max(0, min(wanted, maximum, self.page_cap.get(provider, maximum)))
 
+    def offset_page(
+        self, provider: str, params: dict[str, str], size_param: str, default: int, most: int
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
+        """A relevance search by ``query`` paged by ``offset`` and ``size_param`` (Crossref's,
+        Semantic Scholar's): the works found, the page asked for, its offset and size."""
+        found = self.search(provider, words(params.get("query", "")), every=False)
+        offset = int(params.get("offset", "0"))
+        size = self.cap(provider, int(params.get(size_param, str(default))), most)
+        return found, found[offset : offset + size], offset, size
+
     def crossref_item(self, work: dict[str, Any]) -> dict[str, Any]:
         y, m, d = (int(x) for x in work["date"].split("-"))
         return {
@@ -207,10 +217,7 @@ class ProviderServer:
             return 404, "text/plain", b"Resource not found."
         if path != "/works":
             return 404, "text/plain", b"Resource not found."
-        found = self.search("crossref", words(params.get("query", "")), every=False)
-        offset = int(params.get("offset", "0"))
-        rows = self.cap("crossref", int(params.get("rows", "20")), 1000)
-        page = found[offset : offset + rows]
+        found, page, offset, rows = self.offset_page("crossref", params, "rows", 20, 1000)
         body = {
             "status": "ok",
             "message-type": "work-list",
@@ -338,10 +345,7 @@ class ProviderServer:
     def semanticscholar(self, path: str, params: dict[str, str]) -> tuple[int, str, bytes]:
         if path != "/paper/search":
             return 404, "application/json", b'{"error": "Not found"}'
-        found = self.search("semanticscholar", words(params.get("query", "")), every=False)
-        offset = int(params.get("offset", "0"))
-        limit = self.cap("semanticscholar", int(params.get("limit", "10")), 100)
-        page = found[offset : offset + limit]
+        found, page, offset, _ = self.offset_page("semanticscholar", params, "limit", 10, 100)
         data = []
         for work in page:
             ids: dict[str, Any] = {"CorpusId": _number(work["key"])}
