@@ -108,6 +108,15 @@ def manager(
     return mgr, made, registry
 
 
+async def started(
+    tmp_path: Path, **kwargs: Any
+) -> tuple[RunManager, list[FakeOrchestrator], CollectorRegistry]:
+    """A :func:`manager` started without resuming interrupted runs."""
+    mgr, made, registry = manager(tmp_path, **kwargs)
+    await mgr.start(resume_interrupted=False)
+    return mgr, made, registry
+
+
 async def settle(mgr: RunManager) -> None:
     while (
         mgr.active
@@ -119,8 +128,7 @@ async def settle(mgr: RunManager) -> None:
 
 def test_runs_beyond_the_slots_wait_and_beyond_the_queue_are_refused(tmp_path: Path) -> None:
     async def main() -> None:
-        mgr, _, registry = manager(tmp_path, max_concurrent=1, max_queue=1)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, registry = await started(tmp_path, max_concurrent=1, max_queue=1)
         first = mgr.submit("s1", "p", 15)
         second = mgr.submit("s2", "p", 15)
         assert (first.state, second.state) == ("running", "queued")
@@ -143,8 +151,7 @@ def test_a_run_cancelled_before_its_task_ran_is_cancelled_and_frees_its_slot(
     tmp_path: Path,
 ) -> None:
     async def main() -> None:
-        mgr, _, _ = manager(tmp_path, max_concurrent=1)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, max_concurrent=1)
         record = mgr.submit("s1", "p", 15)
         mgr.cancel("s1")  # the task exists but has not run a single step
         await settle(mgr)
@@ -160,8 +167,7 @@ def test_shutdown_interrupts_running_and_queued_runs_and_a_restart_recovers_them
     tmp_path: Path,
 ) -> None:
     async def first_life() -> None:
-        mgr, _, _ = manager(tmp_path, delay=5, max_concurrent=1)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, delay=5, max_concurrent=1)
         running = mgr.submit("s1", "alpha", 15)
         queued = mgr.submit("s2", "beta", 3)
         await asyncio.sleep(0.05)
@@ -189,8 +195,7 @@ def test_shutdown_interrupts_running_and_queued_runs_and_a_restart_recovers_them
 
 def test_follow_replays_then_streams_until_the_run_ends(tmp_path: Path) -> None:
     async def main() -> None:
-        mgr, _, _ = manager(tmp_path, delay=0.2)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, delay=0.2)
         record = mgr.submit("s1", "p", 15)
         await asyncio.sleep(0.05)
         seen = [item async for item in mgr.follow(record)]
@@ -208,8 +213,7 @@ def test_finished_runs_beyond_the_limit_leave_memory(
     monkeypatch.setattr(runs, "FINISHED_KEPT", 3)
 
     async def main() -> None:
-        mgr, _, _ = manager(tmp_path, delay=0, max_concurrent=1, max_queue=100)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, delay=0, max_concurrent=1, max_queue=100)
         for i in range(10):
             mgr.submit(f"s{i}", "p", 15)
         await settle(mgr)
@@ -225,8 +229,7 @@ def test_a_recovered_run_that_had_completed_its_stages_is_resumed_to_say_so(
     runs), so its record ends completed rather than stopping at the journal."""
 
     async def first_life() -> None:
-        mgr, _, _ = manager(tmp_path, delay=5, max_concurrent=1)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, delay=5, max_concurrent=1)
         mgr.submit("done-but-unsaid", "alpha", 15)
         await asyncio.sleep(0.05)
         await mgr.close()
@@ -248,8 +251,7 @@ def test_a_recovered_run_that_had_completed_its_stages_is_resumed_to_say_so(
 
 def test_resume_refuses_live_and_complete_sessions(tmp_path: Path) -> None:
     async def main() -> None:
-        mgr, _, _ = manager(tmp_path, delay=0.2)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, delay=0.2)
         mgr.submit("s1", "p", 15)
         with pytest.raises(RunConflictError, match="running"):
             await mgr.resume("s1")
@@ -270,8 +272,7 @@ def test_a_run_interrupted_while_queued_is_run_again_from_the_start_when_resumed
     session without checkpoints that this service never queued is still "no checkpoint"."""
 
     async def first_life() -> None:
-        mgr, _, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
-        await mgr.start(resume_interrupted=False)
+        mgr, _, _ = await started(tmp_path, max_concurrent=1, delay=0.2)
         mgr.submit("s1", "p1", 15)
         assert mgr.submit("s2", "waiting", 7).state == "queued"
         await mgr.close()
@@ -303,16 +304,14 @@ def test_resume_of_a_session_another_process_holds_is_refused_and_records_nothin
     recorded as failed: the record it replaced (here, an interrupted run) is put back."""
 
     async def first_life() -> None:
-        mgr, made, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
-        await mgr.start(resume_interrupted=False)
+        mgr, made, _ = await started(tmp_path, max_concurrent=1, delay=0.2)
         mgr.submit("s1", "p", 15)
         await asyncio.sleep(0.05)
         made[0].checkpointed.add("s1")
         await mgr.close()
 
     async def second_life() -> None:
-        mgr, made, _ = manager(tmp_path, max_concurrent=1, delay=0.2)
-        await mgr.start(resume_interrupted=False)
+        mgr, made, _ = await started(tmp_path, max_concurrent=1, delay=0.2)
         orchestrator = mgr.orchestrator
         made[0].checkpointed.add("s1")
         made[0].checkpoint_manager.held["s1"] = "pid 42 on cli-host"
