@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from prowzi.agents.models import Source
 from prowzi.llm.agents import fit_sources
 from prowzi.llm.gates import SUPPORT_THRESHOLD, gate_section, renumber, support
@@ -16,29 +18,36 @@ QUBITS = Source(
 )
 
 
-def test_unknown_numbers_author_year_inventions_and_reference_lists_are_dropped() -> None:
-    text = (
-        "## A heading\nQuantum computers store information in qubits [1, 7]. "
-        "Smith showed otherwise (Smith, 2019). Lovelace agrees (Lovelace, 2020) [1].\n\n"
-        "References\n[1] Lovelace, Qubits.\n[7] Invented, 2031."
-    )
+@pytest.mark.parametrize(
+    ("text", "kept", "dropped", "count"),
+    [
+        pytest.param(
+            "## A heading\nQuantum computers store information in qubits [1, 7]. "
+            "Smith showed otherwise (Smith, 2019). Lovelace agrees (Lovelace, 2020) [1].\n\n"
+            "References\n[1] Lovelace, Qubits.\n[7] Invented, 2031.",
+            "Quantum computers store information in qubits [1]. Smith showed otherwise. "
+            "Lovelace agrees (Lovelace, 2020) [1].",
+            "citations_dropped",
+            1 + 1 + 2,  # [7], (Smith, 2019), two list entries
+            id="unknown-numbers-author-year-inventions-and-reference-lists",
+        ),
+        pytest.param(
+            'As put, "Decoherence destroys those states within microseconds" [1]. '
+            'Also "qubits never decohere" [1]. '
+            'Uncited, "store information in qubits" is quoted.',
+            'As put, "Decoherence destroys those states within microseconds" [1].',
+            "quotes_dropped",
+            2,
+            id="quotes-not-verbatim-in-a-cited-source",
+        ),
+    ],
+)
+def test_the_gates_drop_what_the_sources_do_not_back(
+    text: str, kept: str, dropped: str, count: int
+) -> None:
     gated, report = gate_section(text, {1: QUBITS})
-    assert gated == (
-        "Quantum computers store information in qubits [1]. Smith showed otherwise. "
-        "Lovelace agrees (Lovelace, 2020) [1]."
-    )
-    assert report.citations_dropped == 1 + 1 + 2  # [7], (Smith, 2019), two list entries
-
-
-def test_quotes_must_be_verbatim_in_a_cited_source() -> None:
-    text = (
-        'As put, "Decoherence destroys those states within microseconds" [1]. '
-        'Also "qubits never decohere" [1]. '
-        'Uncited, "store information in qubits" is quoted.'
-    )
-    gated, report = gate_section(text, {1: QUBITS})
-    assert gated == 'As put, "Decoherence destroys those states within microseconds" [1].'
-    assert report.quotes_dropped == 2
+    assert gated == kept
+    assert getattr(report, dropped) == count
 
 
 def test_support_below_the_threshold_is_reported_not_removed() -> None:
