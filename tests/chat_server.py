@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from shared import LoopbackServer
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -54,7 +56,7 @@ class Fault:
     retry_after: str | None = None
 
 
-class ChatServer:
+class ChatServer(LoopbackServer):
     """``with ChatServer() as server:`` serves on ``server.base_url`` (``.../v1``)."""
 
     def __init__(self) -> None:
@@ -64,19 +66,8 @@ class ChatServer:
         self.score = 9
         self.models_status = 200
         self._lock = threading.Lock()
-        self._server = _Server((LOOPBACK, 0), _handler(self))
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        super().__init__(_handler(self), _Server)
         self.base_url = f"http://{LOOPBACK}:{self.port}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> ChatServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def script(self, kind: str, *faults: Fault) -> None:
         with self._lock:

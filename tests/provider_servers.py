@@ -33,11 +33,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape, quoteattr
+
+from shared import LoopbackServer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "providers"
 PREFIXES = {
@@ -91,7 +93,7 @@ class Fault:
     delay: float = 0.0
 
 
-class ProviderServer:
+class ProviderServer(LoopbackServer):
     """The server; ``url(provider)`` is the base URL to give ``PROWZI_<PROVIDER>_URL``."""
 
     def __init__(self, works: list[dict[str, Any]] | None = None) -> None:
@@ -103,20 +105,9 @@ class ProviderServer:
         self.extra_headers: dict[str, dict[str, str]] = {}
         self.pdfs: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._httpd.daemon_threads = True
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        super().__init__(_handler(self))
 
     # --- control ----------------------------------------------------------------------------
-
-    def __enter__(self) -> ProviderServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
     @property
     def root(self) -> str:

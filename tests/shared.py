@@ -1,6 +1,6 @@
 """What the tests share: the stages (Prowzi's own table, via prowzi.testing), the design
-document's prompt, the prowzi command run as a process, a process that holds a session's lease
-and a user's own corpus. This module holds no tests."""
+document's prompt, the prowzi command run as a process, a process that holds a session's lease,
+a user's own corpus and the base of the fake HTTP servers. This module holds no tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 from prowzi.testing import STAGES
 
@@ -61,6 +64,29 @@ def lease_held_by_a_child(store: str | os.PathLike[str], session: str) -> Iterat
         child.wait(timeout=30)
 
 
+class LoopbackServer:
+    """``with`` it, ``handler`` is served on 127.0.0.1 at ``port`` (a free one) by a threaded
+    HTTP server (``server_class``) from a daemon thread: the base of the tests' fake servers."""
+
+    def __init__(
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer,
+    ) -> None:
+        self._httpd = server_class(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
 def write_corpus(folder: Path, files: dict[str, str]) -> Path:
     """Make the folder ``folder`` holding ``files`` (name to text, written as UTF-8): a user's
     own corpus. The folder must not exist yet."""
@@ -70,4 +96,12 @@ def write_corpus(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
-__all__ = ["PROMPT", "PROWZI_CLI", "STAGES", "lease_held_by_a_child", "run_cli", "write_corpus"]
+__all__ = [
+    "PROMPT",
+    "PROWZI_CLI",
+    "STAGES",
+    "LoopbackServer",
+    "lease_held_by_a_child",
+    "run_cli",
+    "write_corpus",
+]
