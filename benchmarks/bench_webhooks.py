@@ -5,7 +5,8 @@
    it waits for; target: median under 0.5 ms), and over the whole run (runs with and
    without a subscription, alternated, (with - without) / events: this adds the delivery
    threads' share of the CPU). With the outbox's fsyncs on (``PROWZI_CHECKPOINT_FSYNC=true``,
-   the default) and off, beside the floor of one durable put on this disk.
+   the default) and off, beside the floor of one durable put on this disk; and with the
+   outbox on tmpfs (``/dev/shm``), which leaves the sink's own cost without the disk's.
 2. Delivery throughput: 1,000 deliveries queued over 10 sessions, sent by the worker to a
    receiver on loopback; deliveries per second and the latency of each POST.
 
@@ -221,6 +222,13 @@ def main() -> None:
             report(
                 "floor: one durable (fsynced) put on this disk", durable_put_floor(Path(tmp), 200)
             )
+        if Path("/dev/shm").is_dir():  # memory, no disk: what the sink costs besides the put
+            with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+                costs = asyncio.run(sink_cost(Path(tmp), url, True, 300, False))
+                close_all()
+            report("per event on the run's path, outbox on tmpfs, worker idle", costs, "ms")
+            with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+                report("floor: one put on tmpfs", durable_put_floor(Path(tmp), 200))
         for fsync in (True, False):
             with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
                 rate, latencies = throughput(Path(tmp), url, fsync, 1000)
