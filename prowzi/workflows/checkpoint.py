@@ -1011,11 +1011,9 @@ class CheckpointManager:
         interrupted writes are removed too. Returns the deleted (or, with ``dry_run``, the
         deletable) checkpoint ids.
         """
-        if older_than < timedelta(0):
-            raise InvalidInputError("older_than must not be negative")
-        if keep_last < 0:
-            raise InvalidInputError("keep_last must not be negative")
-        cutoff = (datetime.now(UTC) - older_than).timestamp()
+        from prowzi.workflows import retention
+
+        cutoff = retention.cutoff(older_than, keep_last)
         # When a checkpoint was written is its blob's modification time: the listing has it,
         # so no checkpoint is read (a sweep over a large store stays cheap).
         newest: dict[str, float] = {}

@@ -27,12 +27,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prowzi.config import ProwziConfig
-from prowzi.errors import InvalidIdentifierError
+from prowzi.errors import InvalidIdentifierError, InvalidInputError
 from prowzi.ids import validate_session_id
 
 if TYPE_CHECKING:
     from prowzi.workflows.checkpoint import CheckpointManager
     from prowzi.workflows.telemetry import TelemetryCollector
+
+
+def cutoff(older_than: timedelta, keep_last: int = 0) -> float:
+    """When "older than ``older_than``" begins, in seconds since the epoch: what every sweep
+    deletes was last written before it. ``InvalidInputError`` for a negative age or count."""
+    if older_than < timedelta(0):
+        raise InvalidInputError("older_than must not be negative")
+    if keep_last < 0:
+        raise InvalidInputError("keep_last must not be negative")
+    return time.time() - older_than.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ def sweep(
         on_error=failed,
     )
     policy = Policy(
-        cutoff=time.time() - older_than.total_seconds(),
+        cutoff=cutoff(older_than, keep_last),
         keep_last=keep_last,
         dry_run=dry_run,
         running=lambda sid: manager.is_locked(sid) or bool(is_running and is_running(sid)),

@@ -1364,11 +1364,9 @@ class TelemetryCollector:
         what its file, log and lease say, ``is_running`` may know of more. An entry
         that cannot be deleted is reported to ``on_error`` and the rest goes on. Returns the
         deleted (or, with ``dry_run``, the deletable) session ids."""
-        if older_than < timedelta(0):
-            raise InvalidInputError("older_than must not be negative")
-        if keep_last < 0:
-            raise InvalidInputError("keep_last must not be negative")
-        cutoff = time.time() - older_than.total_seconds()
+        from prowzi.workflows import retention
+
+        cutoff = retention.cutoff(older_than, keep_last)
         sessions = self.list_sessions(limit=None)  # newest first
         store = self.store
         # when each session's store copy was written: one listing, not a request per session
