@@ -5,6 +5,7 @@ receivers on loopback (tests/webhook_support.py), which verify every signature w
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from webhook_support import SECRET, Receiver, webhook_env
 from prowzi.config import ProwziConfig, get_config
 from prowzi.errors import ConfigError, InvalidInputError
 from prowzi.observability.metrics import ProwziMetrics
+from prowzi.storage.remote import open_store
 from prowzi.testing import STAGES, noop_agents
 from prowzi.webhooks import Webhooks, close_all, drain, webhooks_for
 from prowzi.webhooks.outbox import Outbox
@@ -525,6 +527,75 @@ def test_a_process_without_the_delivery_lease_waits_for_the_holder_to_deliver(
         assert len(receiver.requests) == len(RUN_EVENTS)  # each sent once, by the holder
     finally:
         other.deliverer.stop()
+
+
+def test_a_run_that_started_before_the_first_subscription_writes_nothing_of_itself(
+    tmp_path: Path,
+) -> None:
+    """One orchestrator for every run (a worker's), no endpoint in the settings. The
+    subscription is stored while the first run is in its first stage: that run writes
+    nothing (not the rest of a run without its run.started); the next one writes every
+    event, in order. Neither starts a delivery worker: that is a delivering process's."""
+    from prowzi.agents.base import StageContext
+    from prowzi.testing import noop_result
+    from prowzi.webhooks import running
+
+    config = get_config(checkpoint_dir=tmp_path / "checkpoints", webhook_allow_private=True)
+    outbox = Outbox(open_store(config.webhook_outbox_location))
+
+    async def subscribe_during_intent(ctx: StageContext) -> Any:
+        if not outbox.stored_subscriptions():
+            create(outbox, "http://127.0.0.1:9/hook", None, allow_private=True)
+        return noop_result("intent", ctx)
+
+    agents = {**noop_agents(), "intent": subscribe_during_intent}
+    orchestrator = ProwziOrchestrator(config=config, agents=agents)
+    for session in ("first", "second"):  # a failed run would raise
+        asyncio.run(orchestrator.run_research("Write a report", session_id=session))
+    written = outbox.records()
+    assert {r["session_id"] for r in written} == {"second"}
+    assert [r["type"] for r in written if r["type"] != "checkpoint.saved"] == RUN_EVENTS
+    assert {r["outcome"] for r in written} == {"pending"}
+    assert running(config) is None
+
+
+def test_a_process_without_the_webhooks_extra_still_writes_for_stored_subscriptions(
+    tmp_path: Path,
+) -> None:
+    """Writing the outbox needs neither httpx nor standardwebhooks (sending does): a run in
+    a process that cannot import them writes its deliveries and no sink fails."""
+    outbox = tmp_path / "outbox"
+    create(Outbox(open_store(outbox)), "http://127.0.0.1:9/hook", None, allow_private=True)
+    script = f"""
+import asyncio, importlib.abc, sys
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("httpx", "standardwebhooks"):
+            raise ModuleNotFoundError(name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+from prowzi.config import get_config
+from prowzi.testing import noop_agents
+from prowzi.workflows import ProwziOrchestrator
+
+errors = []
+config = get_config(webhook_outbox={str(outbox)!r}, checkpoint_dir={str(tmp_path / "cp")!r})
+orchestrator = ProwziOrchestrator(
+    config=config, agents=noop_agents(), on_sink_error=lambda name, exc: errors.append(exc)
+)
+asyncio.run(orchestrator.run_research("Write a report", session_id="no-extra"))
+assert not errors, errors
+assert "httpx" not in sys.modules and "standardwebhooks" not in sys.modules
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROWZI_", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    written = Outbox(open_store(outbox)).records(session_id="no-extra")
+    assert [r["type"] for r in written if r["type"] != "checkpoint.saved"] == RUN_EVENTS
 
 
 def _by_session(receiver: Receiver) -> dict[str, list[str]]:

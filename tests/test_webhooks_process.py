@@ -96,11 +96,13 @@ def test_a_receiver_down_for_the_whole_run_gets_every_event_from_a_later_process
         receiver.stop()
 
 
-def test_a_cli_run_delivers_to_a_subscription_made_through_the_api(
+def test_a_cli_run_writes_deliveries_for_api_subscriptions_that_a_delivering_process_sends(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    """No endpoint in the settings: the run finds the stored subscription in the outbox at
-    its start, and every event reaches it signed with the secret the API showed once."""
+    """No endpoint in the settings: the run finds the stored subscription at its start and
+    writes every event to the outbox; sending is a delivering process's business (here
+    `prowzi webhooks deliver`), and each arrives once, signed with the secret the API
+    showed once."""
     from prowzi.storage.remote import open_store
     from prowzi.webhooks.outbox import Outbox
     from prowzi.webhooks.subscriptions import create
@@ -110,9 +112,16 @@ def test_a_cli_run_delivers_to_a_subscription_made_through_the_api(
     env = webhook_env("", str(outbox))
     del env["PROWZI_WEBHOOK_URL"], env["PROWZI_WEBHOOK_SECRET"]
     _prowzi(env, "run", "Write a report on webhooks", "--session-id", "stored-sub", cwd=tmp_path)
+    pending = _log(env, tmp_path)
+    assert {r["outcome"] for r in pending} == {"pending"}
+    assert [r["type"] for r in pending if r["type"] != "checkpoint.saved"] == RUN_EVENTS
+    assert receiver.delivered() == []  # the run only wrote them
+
+    sent = _prowzi(env, "webhooks", "deliver", "--wait", "30", cwd=tmp_path)
+    assert f"{len(pending)} delivered or given up, 0 pending" in sent.stdout
     verifier = Webhook(secret)
     received = [verifier.verify(r.body, r.headers) for r in receiver.delivered()]
-    assert [p["type"] for p in received if p["type"] != "checkpoint.saved"] == RUN_EVENTS
+    assert [p["type"] for p in received] == [r["type"] for r in pending]
     assert {p["data"]["session_id"] for p in received} == {"stored-sub"}
     assert len({r.id for r in receiver.delivered()}) == len(received)  # each once
 
@@ -295,38 +304,43 @@ def test_service_subscriptions_api_shows_a_secret_once_and_signs_with_it(
         svc.stop()
 
 
-def test_a_service_delivers_to_a_subscription_another_process_made_and_counts_it(
+def test_a_subscription_made_on_one_service_gets_the_runs_of_another_sharing_its_outbox(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    """Started with an empty outbox, the service learns of a subscription stored later (by
-    another service sharing the outbox) at its next run's start, and its metrics watch the
-    deliveries from then on."""
-    from prowzi.storage.remote import open_store
-    from prowzi.webhooks.outbox import Outbox
-    from prowzi.webhooks.subscriptions import create
-
-    svc = Service(
-        tmp_path, PROWZI_WEBHOOK_ALLOW_PRIVATE="true", PROWZI_AGENTS=noop_agents_setting()
-    )
+    """Two services, one outbox. The second started before the subscription existed: its
+    runs find it at their start and write their deliveries; the first, whose API made it,
+    sends them (with its own settings) and counts them in its metrics."""
+    outbox = str(tmp_path / "shared-outbox")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    settings = {"PROWZI_AGENTS": noop_agents_setting(), "PROWZI_WEBHOOK_OUTBOX": outbox}
+    first = Service(tmp_path / "a", PROWZI_WEBHOOK_ALLOW_PRIVATE="true", **settings)
+    second = Service(tmp_path / "b", **settings)  # private addresses not allowed here
     try:
-        outbox = Outbox(open_store(tmp_path / "prowzi_webhooks"))
-        _, secret = create(outbox, receiver.url, ["run.completed"], allow_private=True)
-        first = svc.client.post("/runs", json={"prompt": "Write a report on webhooks"}).json()
+        created = first.client.post(
+            "/webhooks/subscriptions", json={"url": receiver.url, "events": ["run.completed"]}
+        )
+        assert created.status_code == 201, created.text
+        run = second.client.post("/runs", json={"prompt": "Write a report on webhooks"}).json()
         assert receiver.wait_for(lambda r: len(r.delivered()) == 1, timeout=30)
-        svc.client.get("/metrics")
-        svc.client.post("/runs", json={"prompt": "Write a report on more webhooks"})
-        assert receiver.wait_for(lambda r: len(r.delivered()) == 2, timeout=30)
-        payloads = [Webhook(secret).verify(r.body, r.headers) for r in receiver.delivered()]
-        assert payloads[0]["data"]["session_id"] == first["session_id"]
+        time.sleep(0.5)  # a duplicate would arrive now
+        (request,) = receiver.delivered()
+        payload = Webhook(created.json()["secret"]).verify(request.body, request.headers)
+        assert (payload["type"], payload["data"]["session_id"]) == (
+            "run.completed",
+            run["session_id"],
+        )
         counted = (
             'prowzi_webhook_deliveries_total{event_type="run.completed",outcome="delivered"} 1.0'
         )
         deadline = time.monotonic() + 20  # counted once logged, just after the answer
-        while counted not in svc.client.get("/metrics").text:
-            assert time.monotonic() < deadline, svc.client.get("/metrics").text
+        while counted not in first.client.get("/metrics").text:
+            assert time.monotonic() < deadline, first.client.get("/metrics").text
             time.sleep(0.05)
+        assert counted.replace("1.0", "0.0") in second.client.get("/metrics").text  # sent none
     finally:
-        svc.stop()
+        first.stop()
+        second.stop()
 
 
 def test_the_service_refuses_a_private_subscription_without_the_allow_setting(

@@ -436,14 +436,14 @@ def test_a_subscription_made_through_the_service_gets_the_events_of_runs_on_work
 ) -> None:
     """The subscription lives in the outbox the service and the workers share (beside the
     checkpoints); a worker started before it existed finds it at its next run's start and
-    every event of that run arrives once, in order, signed with the secret shown at
-    creation."""
+    writes the run's deliveries, which the service sends with its own settings (only it
+    allows private addresses here): every event arrives once, in order, signed with the
+    secret shown at creation."""
     from standardwebhooks.webhooks import Webhook
     from test_service import Service
     from webhook_support import Receiver
 
     receiver = Receiver().start()
-    fleet.extra_env["PROWZI_WEBHOOK_ALLOW_PRIVATE"] = "true"
     fleet.start(1)
     service_machine = tmp_path / "service-machine"
     service_machine.mkdir()

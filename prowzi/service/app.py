@@ -617,12 +617,6 @@ def create_app(
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics; OpenMetrics (with exemplars) when the scraper asks for it."""
-        from prowzi.webhooks import running
-
-        if not hub and running(config) is not None:
-            # A run started them (it found subscriptions another service made): watched from
-            # this scrape on, the counters start here, as a new series does.
-            webhooks()
         body, content_type = render(metrics.registry, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 

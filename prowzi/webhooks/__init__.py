@@ -21,6 +21,7 @@ from prowzi.webhooks.subscriptions import Subscription, from_settings, from_stor
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.storage.blob import BlobStore
+    from prowzi.webhooks.outbox import Entry
 
 __all__ = [
     "Subscription",
@@ -38,15 +39,6 @@ class Webhooks:
     """One outbox, its subscriptions and its delivery worker."""
 
     def __init__(self, config: ProwziConfig, store: BlobStore | None = None) -> None:
-        import importlib.util
-
-        from prowzi.errors import ConfigError
-
-        missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(
-                f"webhooks need {' and '.join(missing)}: pip install 'prowzi[webhooks]'"
-            )
         from prowzi.storage.remote import open_store
 
         self.outbox = Outbox(
@@ -85,8 +77,30 @@ class Webhooks:
         return [s for s in self.subscriptions().values() if s.wants(event_type)]
 
     def start(self) -> Webhooks:
+        """Start the delivery worker (sending needs the ``webhooks`` extra; writing the
+        outbox does not)."""
+        import importlib.util
+
+        from prowzi.errors import ConfigError
+
+        missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"webhooks need {' and '.join(missing)}: pip install 'prowzi[webhooks]'"
+            )
         self.deliverer.start()
         return self
+
+    def write(self, endpoints: list[str], session_id: str, event_type: str, body: str) -> None:
+        """Put one event's deliveries in the outbox, durably (blocking); this process's
+        delivery worker, when it runs, is told of them at once."""
+        entries: list[Entry] = []
+        try:
+            for endpoint in endpoints:
+                entries.append(self.outbox.enqueue(endpoint, session_id, event_type, body))
+        finally:
+            if self.deliverer.running:
+                self.deliverer.added(entries)
 
 
 log = logging.getLogger("prowzi.webhooks")
@@ -117,15 +131,15 @@ def webhooks_for(config: ProwziConfig) -> Webhooks:
     with _REGISTRY_LOCK:
         found = _REGISTRY.get(key)
         if found is None:
-            found = _REGISTRY[key] = Webhooks(config)
+            found = _REGISTRY[key] = Webhooks(config).start()
             if len(_REGISTRY) == 1:
                 atexit.register(close_all)
     return found.start()
 
 
 def running(config: ProwziConfig) -> Webhooks | None:
-    """This process's :class:`Webhooks` for the config if something started them, else
-    ``None`` (starts nothing, reads nothing)."""
+    """This process's delivering :class:`Webhooks` for the config if something started
+    them (:func:`webhooks_for`), else ``None`` (starts nothing, reads nothing)."""
     with _REGISTRY_LOCK:
         return _REGISTRY.get(_key(config))
 

@@ -242,6 +242,12 @@ class Deliverer:
             self._thread = threading.Thread(target=self._run, name="prowzi-webhooks", daemon=True)
             self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread was started (and not stopped)."""
+        with self._cond:
+            return self._thread is not None and not self._stopping
+
     def added(self, entries: Iterable[Entry]) -> None:
         """Entries this process just wrote: queue them and wake the worker."""
         with self._cond:

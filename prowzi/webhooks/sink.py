@@ -19,7 +19,6 @@ from prowzi.webhooks.payload import build_payload, encode_payload
 if TYPE_CHECKING:
     from prowzi.config import ProwziConfig
     from prowzi.webhooks import Webhooks
-    from prowzi.webhooks.outbox import Entry
 
 
 class WebhookSink:
@@ -32,13 +31,13 @@ class WebhookSink:
         deliveries = self._deliveries(event)
         if deliveries is None:
             return None
-        return asyncio.to_thread(self._write, *deliveries)
+        return asyncio.to_thread(self.webhooks.write, *deliveries)
 
     def write(self, event: Event) -> None:
         """:meth:`handle` in the calling thread (blocking)."""
         deliveries = self._deliveries(event)
         if deliveries is not None:
-            self._write(*deliveries)
+            self.webhooks.write(*deliveries)
 
     def _deliveries(self, event: Event) -> tuple[list[str], str, str, str] | None:
         """(endpoints, session id, event type, body) of the deliveries ``event`` makes."""
@@ -51,48 +50,54 @@ class WebhookSink:
         body = encode_payload(build_payload(event, event_type, link_base=self.webhooks.link_base))
         return [s.id for s in subscriptions], event.session_id, event_type, body
 
-    def _write(self, endpoints: list[str], session_id: str, event_type: str, body: str) -> None:
-        entries: list[Entry] = []
-        try:
-            for endpoint in endpoints:
-                entries.append(self.webhooks.outbox.enqueue(endpoint, session_id, event_type, body))
-        finally:
-            self.webhooks.deliverer.added(entries)
+
+_RUN_ENDS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.budget_exceeded"})
 
 
-class LateWebhookSink:
+class StoredSubscriptionsSink:
     """The webhook sink of a process whose settings name no endpoint (a CLI run, a worker,
-    the service): subscriptions made later through the service's API, which live in the
-    outbox, still get every run's events.
+    the service before its first subscription): the subscriptions made through the
+    service's API live in the outbox, and get the events of every run that shares it.
 
-    Until this process's webhooks run it passes events by, with two looks: at each event,
-    whether something in the process started them (the service's API, at its first
-    subscription); at each run's start, whether the outbox holds subscriptions or pending
-    deliveries (:func:`~prowzi.webhooks.wanted`, one listing in a worker thread) - if so,
-    it starts them. From then on it is a :class:`WebhookSink`."""
+    At each run's start it reads them (one listing, in a worker thread, while the run
+    waits); a run that starts with none sends nothing, else each of its events is written
+    to the outbox, in order. The sending is left to a process that delivers, with its own
+    settings (addresses allowed, retry schedule): this one if its webhooks run (the
+    service's, once it has subscriptions), else the service that made the subscription,
+    whose worker reads the shared outbox every second. A process that only writes needs
+    neither the delivery worker nor the ``webhooks`` extra."""
 
     name = "webhook"
 
     def __init__(self, config: ProwziConfig) -> None:
         self.config = config
-        self._sink: WebhookSink | None = None
+        self._writer: Webhooks | None = None
+        self._runs: dict[str, WebhookSink] = {}
+        """Session -> its sink, for the runs that started with subscriptions."""
 
     def handle(self, event: Event) -> Awaitable[None] | None:
-        if self._sink is None:
-            from prowzi.webhooks import running
+        event_type = webhook_type(event)
+        if event_type == "run.started":
+            return asyncio.to_thread(self._start, event)
+        sink = self._runs.get(event.session_id)
+        if sink is None:
+            return None
+        if event_type in _RUN_ENDS:
+            del self._runs[event.session_id]
+        return sink.handle(event)
 
-            found = running(self.config)
-            if found is None:
-                if webhook_type(event) != "run.started":
-                    return None
-                return asyncio.to_thread(self._start_if_wanted, event)
-            self._sink = WebhookSink(found)
-        return self._sink.handle(event)
+    def _start(self, event: Event) -> None:
+        from prowzi.webhooks import Webhooks, running
 
-    def _start_if_wanted(self, event: Event) -> None:
-        from prowzi.webhooks import wanted, webhooks_for
-
-        if self._sink is None and wanted(self.config):
-            self._sink = WebhookSink(webhooks_for(self.config))
-        if self._sink is not None:
-            self._sink.write(event)
+        webhooks = running(self.config)  # a delivering process: it reads them every second
+        if webhooks is None:
+            if self._writer is None:
+                self._writer = Webhooks(self.config)
+            webhooks = self._writer
+            webhooks.reload()
+        if not webhooks.subscriptions():
+            return
+        sink = WebhookSink(webhooks)
+        sink.write(event)
+        # Known only once its start is in the outbox: nothing of the run goes before it.
+        self._runs[event.session_id] = sink

@@ -114,8 +114,8 @@ def _offline_defaults(config: ProwziConfig) -> dict[str, Agent]:
 def build_sinks(config: ProwziConfig) -> list[EventSink]:
     """The sinks every run of this config feeds: the JSON telemetry and its event log, and
     with a broker (``PROWZI_BROKER_URL``) the run's Redis event stream; the webhook outbox
-    (at once when the settings name an endpoint, else from the first run that finds
-    subscriptions made through the service's API)."""
+    (for the settings' endpoints, or for the subscriptions made through the service's API
+    that a run finds at its start)."""
     sinks: list[EventSink] = []
     if config.enable_telemetry:
         from prowzi.workflows.telemetry import TelemetryCollector
@@ -131,9 +131,9 @@ def build_sinks(config: ProwziConfig) -> list[EventSink]:
     if config.webhooks_configured:
         sinks.append(build_webhook_sink(config))
     else:
-        from prowzi.webhooks.sink import LateWebhookSink
+        from prowzi.webhooks.sink import StoredSubscriptionsSink
 
-        sinks.append(LateWebhookSink(config))
+        sinks.append(StoredSubscriptionsSink(config))
     return sinks
 
 
