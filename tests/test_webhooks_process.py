@@ -159,6 +159,7 @@ def test_cleanup_sweeps_old_delivery_logs_and_never_a_pending_delivery(tmp_path:
     assert done.stdout.count("deleted webhook delivery log of") == 1
     assert "deleted webhook delivery log of old" in done.stdout
     assert "deleted the webhook delivery log of 1 session(s)" in done.stderr
+    assert "kept session held: it is running" in done.stderr
     after = _log(env, tmp_path)
     assert after == [r for r in before if r["session_id"] != "old"]
     assert {r["session_id"] for r in after} == {"held", "new", "waiting"}

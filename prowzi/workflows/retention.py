@@ -119,16 +119,24 @@ def sweep(
         on_running=swept.running.add,
         on_error=failed,
     )
+
+    def running(session_id: str) -> bool:
+        """Whether the session runs (kept, and reported as kept)."""
+        if manager.is_locked(session_id) or (is_running is not None and is_running(session_id)):
+            swept.running.add(session_id)
+            return True
+        return False
+
     policy = Policy(
         cutoff=cutoff(older_than, keep_last),
         keep_last=keep_last,
         dry_run=dry_run,
-        running=lambda sid: manager.is_locked(sid) or bool(is_running and is_running(sid)),
+        running=running,
         failed=failed,
     )
     swept.webhook_logs = _sweep_webhook_log(config, policy)
     if documents_dir is not None:
-        swept.documents = _sweep_documents(documents_dir, policy, swept)
+        swept.documents = _sweep_documents(documents_dir, policy)
     return swept
 
 
@@ -145,7 +153,7 @@ def _sweep_webhook_log(config: ProwziConfig, policy: Policy) -> list[str]:
         return []
 
 
-def _sweep_documents(directory: Path, policy: Policy, swept: Swept) -> list[str]:
+def _sweep_documents(directory: Path, policy: Policy) -> list[str]:
     """Delete ``<session>.md`` files in ``directory`` last written before the cutoff."""
     try:
         entries = list(os.scandir(directory))
@@ -169,7 +177,6 @@ def _sweep_documents(directory: Path, policy: Policy, swept: Swept) -> list[str]
         if modified >= policy.cutoff:
             continue
         if policy.running(session_id):
-            swept.running.add(session_id)
             continue
         deleted.append(session_id)
         if not policy.dry_run:
