@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import shutil
 import signal
 import socket
@@ -74,10 +75,31 @@ class AzureEmulator:
         return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
 
 
+def _unassigned_ports() -> range:
+    """Ports the kernel never hands out on its own: below (or above) the ephemeral range
+    that connections' local ports come from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(10000, low) if low > 11000 else range(high + 1, 65536)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a server a test starts. Binding port 0 would
+    give one from the ephemeral range, where another process's connection can take it
+    before the server binds it; this one is from outside that range, at random (parallel
+    test processes rarely pick the same), and checked free."""
+    ports = _unassigned_ports()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port")
 
 
 def _answers(port: int) -> bool:

@@ -223,12 +223,9 @@ class socket_closed:
     """A loopback port nothing listens on (bound, then closed)."""
 
     def __enter__(self) -> int:
-        import socket
+        from emulator_servers import free_port
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        return port
+        return free_port()
 
     def __exit__(self, *exc: object) -> None:
         return None

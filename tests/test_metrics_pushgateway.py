@@ -15,16 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from emulator_servers import free_port
 from test_service_support import subprocess_env
 
 PUSHGATEWAY = shutil.which("prometheus-pushgateway")
 pytestmark = pytest.mark.skipif(PUSHGATEWAY is None, reason="prometheus-pushgateway missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import email.utils
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from emulator_servers import free_port
 from prometheus_client import CollectorRegistry
 from provider_servers import Fault, ProviderServer, load_works
 from shared import write_corpus
@@ -65,9 +65,7 @@ def search(config: ProwziConfig, providers: list[str], limit: int = 10, **kw: An
 
 def closed_port() -> int:
     """A loopback port nothing listens on: a provider that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def by_title(result: Any, origin: str) -> dict[str, ProviderRecord]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from emulator_servers import free_port
 from test_service_support import subprocess_env, wait_until_ready
 
 from prowzi.testing import STAGES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:

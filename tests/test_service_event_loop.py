@@ -25,7 +25,6 @@ import gc
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from emulator_servers import free_port
 from prometheus_client import CollectorRegistry
 from test_service_support import subprocess_env, wait_until_ready
 
@@ -112,12 +112,6 @@ def serve(port: int) -> None:
 
 
 # --- the test's side ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_service(cwd: Path) -> tuple[subprocess.Popen[bytes], str, Path]:

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from emulator_servers import RedisServer
+from emulator_servers import RedisServer, free_port
 from otlp_receiver import OtlpReceiver
 from shared import STAGES
 from test_stack_support import (
@@ -43,7 +43,6 @@ from test_stack_support import (
     alert_rules,
     dashboards,
     expand_tags,
-    free_port,
     grafana_to_promql,
     metric_names,
     prometheus_queries,

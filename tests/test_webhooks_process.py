@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from emulator_servers import free_port
 from standardwebhooks.webhooks import Webhook
 from test_service import Service
 from webhook_support import SECRET, Receiver, noop_agents_setting, webhook_env
@@ -49,12 +49,6 @@ def _log(env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in out.splitlines()]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _by_session(receiver: Receiver) -> dict[str, list[tuple[str, str]]]:
     """Session -> its (webhook-id, type) in arrival order, duplicates (by id) dropped, as
     a receiver that deduplicates sees them; every signature verified."""
@@ -73,7 +67,7 @@ def _by_session(receiver: Receiver) -> dict[str, list[tuple[str, str]]]:
 def test_a_receiver_down_for_the_whole_run_gets_every_event_from_a_later_process(
     tmp_path: Path,
 ) -> None:
-    port = _free_port()  # nothing listens there during the run
+    port = free_port()  # nothing listens there during the run
     env = webhook_env(
         f"http://127.0.0.1:{port}/hook",
         str(tmp_path / "outbox"),
