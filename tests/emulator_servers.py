@@ -82,7 +82,10 @@ def _unassigned_ports() -> range:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
         low, high = 32768, 60999
-    return range(10000, low) if low > 11000 else range(high + 1, 65536)
+    ports = max(range(10000, low), range(high + 1, 65536), key=len)  # clear of fixed ones
+    if len(ports) < 1000:
+        raise RuntimeError(f"the ephemeral port range {low}-{high} leaves no room for tests")
+    return ports
 
 
 def free_port() -> int:

@@ -559,6 +559,95 @@ def test_a_run_that_started_before_the_first_subscription_writes_nothing_of_itse
     assert running(config) is None
 
 
+def test_a_subscription_made_mid_run_gets_nothing_of_that_run(tmp_path: Path) -> None:
+    """With the webhooks running here (as in the service, whose worker reloads the
+    subscriptions every second), a second subscription made while a run is in its first
+    stage gets nothing of that run; the first gets all of it."""
+    from prowzi.agents.base import StageContext
+    from prowzi.testing import noop_result
+
+    config = get_config(
+        checkpoint_dir=tmp_path / "checkpoints",
+        webhook_allow_private=True,
+        webhook_retry_schedule="1h",
+    )
+    hub = webhooks_for(config)
+    hub.deliverer.stop()  # only the reload matters here; nothing is sent
+    first, _ = create(hub.outbox, "http://127.0.0.1:9/first", None, allow_private=True)
+    hub.reload()
+
+    async def subscribe_during_intent(ctx: StageContext) -> Any:
+        create(hub.outbox, "http://127.0.0.1:9/second", None, allow_private=True)
+        hub.reload()  # what the worker's scan does within a second
+        return noop_result("intent", ctx)
+
+    agents = {**noop_agents(), "intent": subscribe_during_intent}
+    asyncio.run(
+        ProwziOrchestrator(config=config, agents=agents).run_research(
+            "Write a report", session_id="mid"
+        )
+    )
+    by_endpoint: dict[str, list[str]] = {}
+    for record in hub.outbox.records(session_id="mid"):
+        by_endpoint.setdefault(record["endpoint"], []).append(record["type"])
+    assert list(by_endpoint) == [first.id]
+    assert [t for t in by_endpoint[first.id] if t != "checkpoint.saved"] == RUN_EVENTS
+
+
+def test_a_run_whose_start_timed_out_writes_no_half_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox answers too slowly at a run's start (longer than the sink timeout): the
+    run goes on, and none of its later events is written without its start; the next run,
+    with the outbox quick again, writes all of itself."""
+    from prowzi.agents.base import StageContext
+    from prowzi.testing import noop_result
+
+    config = get_config(checkpoint_dir=tmp_path / "checkpoints", webhook_allow_private=True)
+    outbox = Outbox(open_store(config.webhook_outbox_location))
+    create(outbox, "http://127.0.0.1:9/hook", None, allow_private=True)
+    quick = Webhooks.reload
+
+    def slow(self: Webhooks) -> None:
+        time.sleep(0.6)
+        quick(self)
+
+    async def a_while(ctx: StageContext) -> Any:
+        await asyncio.sleep(0.15)  # the run is still going when the abandoned start ends
+        return noop_result(ctx.stage, ctx)
+
+    monkeypatch.setattr(Webhooks, "reload", slow)
+    agents = {stage: a_while for stage in STAGES}
+    orchestrator = ProwziOrchestrator(config=config, agents=agents, sink_timeout=0.2)
+    asyncio.run(orchestrator.run_research("Write a report", session_id="slow"))
+    monkeypatch.setattr(Webhooks, "reload", quick)
+    asyncio.run(orchestrator.run_research("Write a report", session_id="quick"))
+    slow_types = [r["type"] for r in outbox.records(session_id="slow")]
+    assert slow_types in ([], ["run.started"])
+    quick_types = [r["type"] for r in outbox.records(session_id="quick")]
+    assert [t for t in quick_types if t != "checkpoint.saved"] == RUN_EVENTS
+
+
+_WITHOUT_THE_EXTRA = """
+import sys
+
+sys.modules.update(httpx=None, standardwebhooks=None)
+"""
+"""Python that runs as if the ``webhooks`` extra were not installed (a module set to None
+in sys.modules is one that import and find_spec do not find)."""
+
+
+def _without_the_extra(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PROWZI_", "OTEL_"))}
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_EXTRA + script],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_a_process_without_the_webhooks_extra_still_writes_for_stored_subscriptions(
     tmp_path: Path,
 ) -> None:
@@ -567,15 +656,7 @@ def test_a_process_without_the_webhooks_extra_still_writes_for_stored_subscripti
     outbox = tmp_path / "outbox"
     create(Outbox(open_store(outbox)), "http://127.0.0.1:9/hook", None, allow_private=True)
     script = f"""
-import asyncio, importlib.abc, sys
-
-class Missing(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("httpx", "standardwebhooks"):
-            raise ModuleNotFoundError(name)
-        return None
-
-sys.meta_path.insert(0, Missing())
+import asyncio
 from prowzi.config import get_config
 from prowzi.testing import noop_agents
 from prowzi.workflows import ProwziOrchestrator
@@ -587,15 +668,31 @@ orchestrator = ProwziOrchestrator(
 )
 asyncio.run(orchestrator.run_research("Write a report", session_id="no-extra"))
 assert not errors, errors
-assert "httpx" not in sys.modules and "standardwebhooks" not in sys.modules
+assert sys.modules["httpx"] is None and sys.modules["standardwebhooks"] is None
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROWZI_", "OTEL_"))}
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
-    )
+    done = _without_the_extra(script)
     assert done.returncode == 0, done.stderr
     written = Outbox(open_store(outbox)).records(session_id="no-extra")
     assert [r["type"] for r in written if r["type"] != "checkpoint.saved"] == RUN_EVENTS
+
+
+def test_prowzi_webhooks_test_without_the_extra_says_what_to_install(tmp_path: Path) -> None:
+    script = """
+import runpy
+sys.argv = ["prowzi", "webhooks", "test"]
+runpy.run_module("prowzi.cli.main", run_name="__main__")
+"""
+    done = _without_the_extra(
+        script,
+        PROWZI_WEBHOOK_URL="http://127.0.0.1:9/hook",
+        PROWZI_WEBHOOK_SECRET=SECRET,
+        PROWZI_WEBHOOK_ALLOW_PRIVATE="true",
+        PROWZI_WEBHOOK_OUTBOX=str(tmp_path / "outbox"),
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "pip install 'prowzi[webhooks]'" in line
 
 
 def _by_session(receiver: Receiver) -> dict[str, list[str]]:

@@ -187,8 +187,9 @@ def check_output(path: Path) -> Path:
 
 
 def drain_webhooks(config: ProwziConfig) -> None:
-    """Wait a bounded time for this run's webhook deliveries (to the settings' endpoints or
-    to subscriptions the run found in the outbox); leave the rest in the outbox."""
+    """Wait a bounded time for this run's webhook deliveries to the settings' endpoints;
+    leave the rest in the outbox. (What a run writes for the service's subscriptions, the
+    service sends.)"""
     from prowzi.webhooks import drain
 
     pending = drain(config)

@@ -188,11 +188,12 @@ def test(
     """Send a signed `webhook.test` event to each subscribed endpoint now, and say how it went."""
     config = load_config()
     with user_errors():
-        from prowzi.webhooks import Webhooks
+        from prowzi.webhooks import Webhooks, require_sending
         from prowzi.webhooks.delivery import new_client, send
         from prowzi.webhooks.outbox import new_message_id
         from prowzi.webhooks.payload import encode_payload, test_payload
 
+        require_sending()
         subscriptions = Webhooks(config).subscriptions()
         if endpoint is not None:
             subscriptions = {k: v for k, v in subscriptions.items() if k == endpoint}

@@ -312,6 +312,21 @@ def create_app(
         finally:
             thread.shutdown(wait=False, cancel_futures=True)
 
+    async def look_for_webhooks() -> None:
+        """Start the webhooks once there is anyone to deliver to or anything to deliver
+        (subscriptions another service made, what earlier processes left, an outbox that
+        could not be read): looked for every few seconds until then."""
+        from prowzi.webhooks import wanted
+
+        while not hub:
+            await asyncio.sleep(_WEBHOOKS_LOOK_SECONDS)
+            try:
+                if await asyncio.to_thread(wanted, config):
+                    await asyncio.to_thread(webhooks)
+            except Exception as exc:  # the extra is missing, say: said once, not again
+                log.warning("webhooks: cannot start: %s", exc)
+                return
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from prowzi.webhooks import wanted
@@ -319,6 +334,7 @@ def create_app(
         if await asyncio.to_thread(wanted, config):
             # Started with the service: it delivers what earlier processes left.
             await asyncio.to_thread(webhooks)
+        looking = None if hub else asyncio.create_task(look_for_webhooks(), name="prowzi-webhooks")
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
         if interrupted:
             log.warning(
@@ -337,10 +353,11 @@ def create_app(
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, looking):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await manager.close()
             if remote is not None:
                 await remote.close()
@@ -639,6 +656,9 @@ def create_app(
 
     return app
 
+
+_WEBHOOKS_LOOK_SECONDS = 5.0
+"""How often a service without webhooks looks whether the outbox now wants them."""
 
 _EVENT_ID_DIGITS = 18
 """A Last-Event-ID longer than this is no id the service sent (ids count a run's events)."""

@@ -29,10 +29,23 @@ __all__ = [
     "close_all",
     "drain",
     "release",
+    "require_sending",
     "running",
     "wanted",
     "webhooks_for",
 ]
+
+
+def require_sending() -> None:
+    """``ConfigError`` unless the ``webhooks`` extra (what sending needs; writing the outbox
+    does not) is installed."""
+    import importlib.util
+
+    from prowzi.errors import ConfigError
+
+    missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"webhooks need {' and '.join(missing)}: pip install 'prowzi[webhooks]'")
 
 
 class Webhooks:
@@ -77,17 +90,8 @@ class Webhooks:
         return [s for s in self.subscriptions().values() if s.wants(event_type)]
 
     def start(self) -> Webhooks:
-        """Start the delivery worker (sending needs the ``webhooks`` extra; writing the
-        outbox does not)."""
-        import importlib.util
-
-        from prowzi.errors import ConfigError
-
-        missing = [m for m in ("standardwebhooks", "httpx") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(
-                f"webhooks need {' and '.join(missing)}: pip install 'prowzi[webhooks]'"
-            )
+        """Start the delivery worker."""
+        require_sending()
         self.deliverer.start()
         return self
 
@@ -156,7 +160,7 @@ def wanted(config: ProwziConfig) -> bool:
     store = open_store(config.webhook_outbox_location)
     try:
         return bool(store.list(SUBSCRIPTIONS) or store.list(OUTBOX))
-    except OSError as exc:  # the store is down: the webhooks start once it answers
+    except OSError as exc:  # the store is down: the service looks again a little later
         log.warning("cannot read the webhook outbox at %s: %s", store.url, exc)
         return False
 

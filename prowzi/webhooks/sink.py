@@ -10,6 +10,7 @@ receiver never slows the run.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,14 @@ if TYPE_CHECKING:
 
 
 class WebhookSink:
+    """A run's deliveries to ``webhooks``' subscriptions (only those in ``only``, when
+    given)."""
+
     name = "webhook"
 
-    def __init__(self, webhooks: Webhooks) -> None:
+    def __init__(self, webhooks: Webhooks, only: frozenset[str] | None = None) -> None:
         self.webhooks = webhooks
+        self.only = only
 
     def handle(self, event: Event) -> Awaitable[None] | None:
         deliveries = self._deliveries(event)
@@ -44,28 +49,34 @@ class WebhookSink:
         event_type = webhook_type(event)
         if event_type is None:
             return None
-        subscriptions = self.webhooks.subscribed(event_type)
+        subscriptions = [
+            s
+            for s in self.webhooks.subscribed(event_type)
+            if self.only is None or s.id in self.only
+        ]
         if not subscriptions:
             return None
         body = encode_payload(build_payload(event, event_type, link_base=self.webhooks.link_base))
         return [s.id for s in subscriptions], event.session_id, event_type, body
 
 
+log = logging.getLogger("prowzi.webhooks")
+
 _RUN_ENDS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.budget_exceeded"})
 
 
 class StoredSubscriptionsSink:
     """The webhook sink of a process whose settings name no endpoint (a CLI run, a worker,
-    the service before its first subscription): the subscriptions made through the
-    service's API live in the outbox, and get the events of every run that shares it.
+    the service): the subscriptions made through the service's API live in the outbox, and
+    get the events of every run that shares it and starts after them.
 
     At each run's start it reads them (one listing, in a worker thread, while the run
     waits); a run that starts with none sends nothing, else each of its events is written
-    to the outbox, in order. The sending is left to a process that delivers, with its own
-    settings (addresses allowed, retry schedule): this one if its webhooks run (the
-    service's, once it has subscriptions), else the service that made the subscription,
-    whose worker reads the shared outbox every second. A process that only writes needs
-    neither the delivery worker nor the ``webhooks`` extra."""
+    to the outbox for the subscriptions it started with, in order. The sending is left to
+    a process that delivers, with its own settings (addresses allowed, retry schedule):
+    this one if its webhooks run (the service's), else the service, whose worker reads the
+    shared outbox every second. Writing needs neither the delivery worker nor the
+    ``webhooks`` extra."""
 
     name = "webhook"
 
@@ -73,12 +84,14 @@ class StoredSubscriptionsSink:
         self.config = config
         self._writer: Webhooks | None = None
         self._runs: dict[str, WebhookSink] = {}
-        """Session -> its sink, for the runs that started with subscriptions."""
+        """Session -> its sink, for the runs that started with subscriptions (touched on
+        the event loop only)."""
 
     def handle(self, event: Event) -> Awaitable[None] | None:
         event_type = webhook_type(event)
         if event_type == "run.started":
-            return asyncio.to_thread(self._start, event)
+            self._runs.pop(event.session_id, None)  # a resume starts over
+            return self._started(event)
         sink = self._runs.get(event.session_id)
         if sink is None:
             return None
@@ -86,7 +99,14 @@ class StoredSubscriptionsSink:
             del self._runs[event.session_id]
         return sink.handle(event)
 
-    def _start(self, event: Event) -> None:
+    async def _started(self, event: Event) -> None:
+        sink = await asyncio.to_thread(self._start, event)
+        # Known only once its start is in the outbox (a start that timed out or was
+        # cancelled registers nothing): nothing of the run goes before it.
+        if sink is not None:
+            self._runs[event.session_id] = sink
+
+    def _start(self, event: Event) -> WebhookSink | None:
         from prowzi.webhooks import Webhooks, running
 
         webhooks = running(self.config)  # a delivering process: it reads them every second
@@ -94,10 +114,16 @@ class StoredSubscriptionsSink:
             if self._writer is None:
                 self._writer = Webhooks(self.config)
             webhooks = self._writer
-            webhooks.reload()
-        if not webhooks.subscriptions():
-            return
-        sink = WebhookSink(webhooks)
-        sink.write(event)
-        # Known only once its start is in the outbox: nothing of the run goes before it.
-        self._runs[event.session_id] = sink
+            try:
+                webhooks.reload()
+            except OSError as exc:  # the outbox cannot be read: this run sends nothing
+                log.warning(
+                    "webhooks: cannot read the outbox at %s: %s", webhooks.outbox.store.url, exc
+                )
+                return None
+        subscribed = frozenset(webhooks.subscriptions())
+        if not subscribed:
+            return None
+        sink = WebhookSink(webhooks, only=subscribed)
+        sink.write(event)  # a failed write is the run's sink error, as for the settings'
+        return sink
