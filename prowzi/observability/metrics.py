@@ -15,6 +15,7 @@ makes exemplars visible), :func:`serve_metrics` (``/metrics`` for ``prowzi run
 from __future__ import annotations
 
 import functools
+import gzip
 import itertools
 import logging
 import platform
@@ -29,7 +30,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.exposition import choose_encoder, pushadd_to_gateway
@@ -541,17 +541,25 @@ class _Collected(Collector):
         )
 
 
-def _metrics_path_only(app: WSGIApplication) -> WSGIApplication:
-    """prometheus_client's WSGI app answers every path with the metrics; ``/metrics`` (and
-    ``/``) is all this endpoint serves, so that a mistyped path is a 404, not a scrape."""
+def _metrics_app(registry: Collector) -> WSGIApplication:
+    """The WSGI app of :class:`MetricsServer`: ``/metrics`` (and ``/``) answers with
+    :func:`render`'s exposition, as the service's does (prometheus_client's own app would
+    skip its cheaper escaping), gzipped when the scraper accepts it (Prometheus does); any
+    other path is a 404, not a scrape."""
 
-    def only_metrics(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "") not in ("/metrics", "/"):
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"only /metrics is served here\n"]
-        return app(environ, start_response)
+        body, content_type = render(registry, environ.get("HTTP_ACCEPT"))
+        headers = [("Content-Type", content_type)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
 
-    return only_metrics
+    return app
 
 
 class MetricsServer:
@@ -561,7 +569,7 @@ class MetricsServer:
     def __init__(self, registry: Collector, port: int, host: str = "127.0.0.1") -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         # Set before anyone is told the port: only /metrics is served.
-        self._server.set_app(_metrics_path_only(make_wsgi_app(registry)))
+        self._server.set_app(_metrics_app(registry))
         self.host = host
         self.port: int = self._server.server_address[1]
         self._closed = False
