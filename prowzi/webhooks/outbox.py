@@ -235,21 +235,14 @@ class Outbox:
                 continue
             newest[parsed[1]] = max(newest.get(parsed[1], info.modified), info.modified)
             names.setdefault(parsed[1], []).append(info.name)
-        kept = set(sorted(newest, key=newest.__getitem__, reverse=True)[: policy.keep_last])
-        deleted: list[str] = []
-        for session, stamp in sorted(newest.items()):
-            if session in kept or session in pending or stamp >= policy.cutoff:
-                continue
-            if policy.running(session):
-                continue
-            deleted.append(session)
-            if policy.dry_run:
-                continue
-            for name in names[session]:
-                try:
-                    self.store.delete(name)
-                except OSError as exc:
-                    policy.failed(self.store.describe(name), exc)
+        deleted = policy.old(newest, keep=pending)
+        if not policy.dry_run:
+            for session in deleted:
+                for name in names[session]:
+                    try:
+                        self.store.delete(name)
+                    except OSError as exc:
+                        policy.failed(self.store.describe(name), exc)
         return deleted
 
     def find(self, message_id: str) -> list[dict[str, Any]]:

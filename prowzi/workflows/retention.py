@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -56,6 +56,17 @@ class Policy:
     dry_run: bool
     running: Callable[[str], bool]
     failed: Callable[[str, OSError], None]
+
+    def old(self, written: Mapping[str, float], keep: Container[str] = ()) -> list[str]:
+        """The sessions that go, newest first, of those last written at ``written[session]``
+        (seconds since the epoch): written before the cutoff, not among the ``keep_last``
+        newest, not in ``keep``, not running."""
+        newest_first = sorted(written, key=written.__getitem__, reverse=True)
+        return [
+            session
+            for session in newest_first[self.keep_last :]
+            if written[session] < self.cutoff and session not in keep and not self.running(session)
+        ]
 
 
 @dataclass
@@ -162,26 +173,22 @@ def _sweep_documents(directory: Path, policy: Policy) -> list[str]:
     except OSError as exc:
         policy.failed(str(directory), exc)
         return []
-    documents: list[tuple[float, str, Path]] = []
+    documents: dict[str, Path] = {}
+    written: dict[str, float] = {}
     for entry in entries:
         if not entry.name.endswith(".md"):
             continue
         try:
             session_id = validate_session_id(entry.name[:-3])
-            documents.append((entry.stat(follow_symlinks=False).st_mtime, session_id, Path(entry)))
+            written[session_id] = entry.stat(follow_symlinks=False).st_mtime
+            documents[session_id] = Path(entry)
         except (InvalidIdentifierError, OSError):
             continue  # not one of ours, or gone since the listing
-    documents.sort(reverse=True)
-    deleted: list[str] = []
-    for modified, session_id, path in documents[policy.keep_last :]:
-        if modified >= policy.cutoff:
-            continue
-        if policy.running(session_id):
-            continue
-        deleted.append(session_id)
-        if not policy.dry_run:
+    deleted = policy.old(written)
+    if not policy.dry_run:
+        for session_id in deleted:
             try:
-                path.unlink(missing_ok=True)
+                documents[session_id].unlink(missing_ok=True)
             except OSError as exc:
-                policy.failed(str(path), exc)
+                policy.failed(str(documents[session_id]), exc)
     return deleted
