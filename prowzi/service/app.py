@@ -312,28 +312,28 @@ def create_app(
         finally:
             thread.shutdown(wait=False, cancel_futures=True)
 
-    async def look_for_webhooks() -> None:
-        """Start the webhooks once there is anyone to deliver to or anything to deliver
-        (subscriptions another service made, what earlier processes left, an outbox that
-        could not be read): looked for every few seconds until then."""
+    async def start_webhooks_if_wanted() -> None:
+        """Start the webhooks if there is anyone to deliver to or anything to deliver."""
         from prowzi.webhooks import wanted
 
+        if await asyncio.to_thread(wanted, config):
+            await asyncio.to_thread(webhooks)
+
+    async def look_for_webhooks() -> None:
+        """Until the webhooks run, look every few seconds whether they are wanted now
+        (subscriptions another service made, an outbox that could not be read)."""
         while not hub:
             await asyncio.sleep(_WEBHOOKS_LOOK_SECONDS)
             try:
-                if await asyncio.to_thread(wanted, config):
-                    await asyncio.to_thread(webhooks)
+                await start_webhooks_if_wanted()
             except Exception as exc:  # the extra is missing, say: said once, not again
                 log.warning("webhooks: cannot start: %s", exc)
                 return
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from prowzi.webhooks import wanted
-
-        if await asyncio.to_thread(wanted, config):
-            # Started with the service: it delivers what earlier processes left.
-            await asyncio.to_thread(webhooks)
+        # Started with the service when wanted: it delivers what earlier processes left.
+        await start_webhooks_if_wanted()
         looking = None if hub else asyncio.create_task(look_for_webhooks(), name="prowzi-webhooks")
         interrupted = await manager.start(resume_interrupted=settings.resume_interrupted)
         if interrupted:

@@ -138,7 +138,7 @@ def webhooks_for(config: ProwziConfig) -> Webhooks:
             found = _REGISTRY[key] = Webhooks(config).start()
             if len(_REGISTRY) == 1:
                 atexit.register(close_all)
-    return found.start()
+    return found
 
 
 def running(config: ProwziConfig) -> Webhooks | None:
