@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from emulator_servers import free_port
 from otlp_receiver import OtlpReceiver
-from test_service import Service, free_port
+from test_service import Service
 from test_service_support import wait_until_ready
 
 from prowzi.events import WEBHOOK_EVENT_TYPES

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service import Service, free_port
+from emulator_servers import free_port
+from test_service import Service
 from test_service_support import run_prowzi, subprocess_env
 
 from prowzi.service.app import MAX_BODY_BYTES

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import BaseModel
+from shared import PROWZI_CLI
 
 from prowzi.agents.base import Agent, StageContext
 from prowzi.config import ProwziConfig
@@ -77,7 +77,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_prowzi(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``prowzi ARGS`` in ``cwd`` as a real process with these agents, to its end."""
     return subprocess.run(
-        [sys.executable, "-m", "prowzi.cli.main", *args],
+        [*PROWZI_CLI, *args],
         cwd=cwd,
         env=subprocess_env(**env),
         capture_output=True,
